@@ -1,0 +1,81 @@
+"""Tiny ORIGINAL (GQA) checkpoints built inside the tests: random Llama-3 (with llama3 rope
+scaling) and Qwen3 (with q_norm/k_norm) models, saved as a normal transformers folder with the
+tokenizer of ../shared/models/llama3-small. They are the independent reference that converted
+checkpoints are checked against, and small enough that `vllm serve` on them takes seconds.
+
+The random weights are scaled so that attention is far from uniform (otherwise an exactness test
+could pass with a broken rope), and the per-head norm weights are non-trivial.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("CARE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+TOKENIZER_SRC = SHARED / "models" / "llama3-small"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+}
+
+
+def require_shared(path: Path) -> Path:
+    """Skip (with the missing path named) where ../shared is absent; CI always has it."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"CI needs {path} (../shared beside the checkout)")
+        pytest.skip(f"missing {path} (../shared is not beside this checkout)")
+    return path
+
+
+def _common(num_layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    return dict(
+        vocab_size=16384, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None,
+        attention_bias=False,
+    )
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norm weights: around 1 but not 1
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(2.5)  # sharp attention: scores of O(1..10)
+
+
+def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, hidden: int = 64,
+                       heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0) -> Path:
+    """Write a random tiny Llama-3 (`arch="llama"`) or Qwen3 (`arch="qwen3"`) checkpoint to `out`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    require_shared(TOKENIZER_SRC)
+    kw = _common(num_layers, hidden, heads, kv_heads, head_dim)
+    if arch == "llama":
+        cfg = LlamaConfig(**kw, rope_parameters=dict(LLAMA3_ROPE))
+        model = LlamaForCausalLM(cfg)
+    elif arch == "qwen3":
+        cfg = Qwen3Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        model = Qwen3ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    _randomize(model, seed)
+    out = Path(out)
+    model.save_pretrained(out)
+    for f in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_SRC / f, out / f)
+    return out
