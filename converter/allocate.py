@@ -1,0 +1,90 @@
+"""Rank allocation: how many latent dims each layer gets for K and for V.
+
+Budget: the per-token KV cache summed over layers, `sum_l (r_K[l] + r_V[l] + d_r)`, equals the budget
+exactly. The rope key costs d_r per layer; what remains is split between K and V in proportion to
+their full (lossless) widths, so that parity (kv_ratio 1.0) is exactly lossless.
+
+  uniform  : every layer gets the same rank (remainders go one each to the first layers).
+  adjusted : greedy water-filling (the paper's Eq. 1), separately for K and V: start every layer at
+             its minimum, then repeatedly give +1 to the layer with the largest
+             s_l(r) = sigma_{r+1}^2 / sum_{m>r} sigma_m^2 until the budget is spent. Per-layer min/max
+             are fractions of the uniform rank (paper code: 1/2 and 2x), capped at the full width.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+
+from .errors import ConversionError
+
+POLICIES = ("uniform", "adjusted")
+
+
+def split_budget(latent_total: int, full_k: list[int], full_v: list[int]) -> tuple[int, int]:
+    """Split the latent budget between K and V proportionally to their full widths."""
+    fk, fv = sum(full_k), sum(full_v)
+    if latent_total > fk + fv:
+        raise ConversionError(f"budget of {latent_total} latent values exceeds the lossless width {fk + fv}")
+    k_total = min(fk, round(latent_total * fk / (fk + fv))) if fk else 0
+    v_total = latent_total - k_total
+    if v_total > fv:
+        k_total, v_total = latent_total - fv, fv
+    return k_total, v_total
+
+
+def uniform_ranks(total: int, full: list[int]) -> list[int]:
+    n = len(full)
+    base, extra = divmod(total, n)
+    ranks = [base + (1 if i < extra else 0) for i in range(n)]
+    if any(r > f for r, f in zip(ranks, full)):
+        raise ConversionError(f"uniform ranks {ranks} exceed the per-layer maximum {full}")
+    return ranks
+
+
+def _score(sig2: torch.Tensor, tails: torch.Tensor, r: int) -> float:
+    if r >= len(sig2) or tails[r] <= 0:
+        return 0.0
+    return float(sig2[r] / tails[r])
+
+
+def adjusted_ranks(total: int, sigmas: list[torch.Tensor], full: list[int], min_frac: float = 0.5,
+                   max_frac: float = 2.0, min_rank: int = 0) -> list[int]:
+    """Greedy water-filling of `total` ranks over layers (ties go to the lower layer index)."""
+    n = len(sigmas)
+    base = total / n
+    lo = [min(f, max(min_rank, math.floor(min_frac * base))) for f in full]
+    hi = [min(f, max(lo_i, math.ceil(max_frac * base))) for f, lo_i in zip(full, lo)]
+    if sum(lo) > total or sum(hi) < total:
+        raise ConversionError(f"cannot spend {total} ranks within per-layer bounds [{sum(lo)}, {sum(hi)}]; "
+                              f"adjust --min-rank-frac/--max-rank-frac")
+    ranks = list(lo)
+    sig2 = [s.double() ** 2 for s in sigmas]
+    tails = [torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0]) for s in sig2]
+    heap = [(-_score(sig2[l], tails[l], ranks[l]), l) for l in range(n) if ranks[l] < hi[l]]
+    heapq.heapify(heap)
+    for _ in range(total - sum(lo)):
+        _, l = heapq.heappop(heap)
+        ranks[l] += 1
+        if ranks[l] < hi[l]:
+            heapq.heappush(heap, (-_score(sig2[l], tails[l], ranks[l]), l))
+    return ranks
+
+
+def plan_ranks(policy: str, cache_budget: int, rope_dim: int, full_k: list[int], full_v: list[int],
+               sig_k: list[torch.Tensor], sig_v: list[torch.Tensor], min_frac: float = 0.5,
+               max_frac: float = 2.0) -> tuple[list[int], list[int]]:
+    """Per-layer (k_ranks, v_ranks) whose cache sum_l (k+v+rope_dim) equals `cache_budget` exactly."""
+    n = len(full_k)
+    latent = cache_budget - n * rope_dim
+    if latent < n:
+        raise ConversionError(f"KV budget of {cache_budget} values/token leaves {latent} for the latents of "
+                              f"{n} layers after the rope keys ({rope_dim} each); raise the budget or lower --rope-dim")
+    k_total, v_total = split_budget(latent, full_k, full_v)
+    if policy == "uniform":
+        return uniform_ranks(k_total, full_k), uniform_ranks(v_total, full_v)
+    if policy == "adjusted":
+        return (adjusted_ranks(k_total, sig_k, full_k, min_frac, max_frac, 0),
+                adjusted_ranks(v_total, sig_v, full_v, min_frac, max_frac, 1))
+    raise ConversionError(f"unknown rank policy {policy!r} (choose from {', '.join(POLICIES)})")

@@ -1,0 +1,55 @@
+"""Build one converted layer's attention tensors (docs/FORMAT.md) from the original weights.
+
+Inputs per layer: the original q/k/v/o weights (and Qwen3's q_norm/k_norm), the RoRoPE map, and the
+K/V factors truncated to the layer's ranks. Everything is computed in fp64 and cast at the end.
+
+K (nope part): Llama  y = Q_N W_K x           -> c_K = down_K x,   k'_N ~ up_K c_K
+               Qwen3  y = Q_N k_norm(W_K x)   -> c_K = down_K k̂,  k'_N ~ up_K c_K
+V:                    y = W_V x               -> c_V = down_V x,   v ~ up_V c_V
+Head h (KV group a): k_nope_h = Q_N[:, a]^T up_K c_K, v_h = up_V[a rows] c_V, q_pe_h = Q_S[:, a] q_h.
+"""
+from __future__ import annotations
+
+import torch
+
+from .factorize import Factor
+from .rope_map import RopeMap
+
+
+def attention_tensors(*, arch: str, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+                      q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, rope: RopeMap,
+                      k_factor: Factor, v_factor: Factor, k_rank: int, v_rank: int,
+                      num_heads: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Return {name-under-self_attn: tensor} for one layer (o_proj is copied by the caller)."""
+    d = head_dim
+    group = num_heads // num_kv_heads
+    d_r = rope.q_s.shape[0]
+    wq, wk, wv = wq.double(), wk.double(), wv.double()
+    down_k, up_k = k_factor.truncate(k_rank)
+    down_v, up_v = v_factor.truncate(v_rank)
+    r = k_rank + v_rank
+
+    kv_b = torch.zeros(num_heads, 2 * d, r, dtype=torch.float64)
+    q_maps = []  # per head [d_r, d_h]
+    for h in range(num_heads):
+        a = h // group
+        kv_b[h, :d, :k_rank] = rope.group_block(rope.q_n, a, d).T @ up_k
+        kv_b[h, d:, k_rank:] = up_v[a * d:(a + 1) * d]
+        q_maps.append(rope.group_block(rope.q_s, a, d))
+    out = {"kv_b_proj.weight": kv_b.reshape(num_heads * 2 * d, r)}
+
+    if arch == "llama":
+        wq_h = wq.view(num_heads, d, -1)
+        q_pe = torch.stack([q_maps[h] @ wq_h[h] for h in range(num_heads)])  # [n_h, d_r, D]
+        out["q_proj.weight"] = torch.cat([wq_h, q_pe], dim=1).reshape(num_heads * (d + d_r), -1)
+        out["kv_a_proj_with_mqa.weight"] = torch.cat([down_k, down_v, rope.q_s @ wk])
+    else:
+        out["q_proj.weight"] = wq
+        out["q_norm.weight"] = q_norm
+        out["q_rope_proj.weight"] = torch.cat(q_maps)
+        out["k_proj.weight"] = wk
+        out["k_norm.weight"] = k_norm
+        out["k_latent_proj.weight"] = torch.cat([down_k, rope.q_s])
+        out["v_latent_proj.weight"] = down_v
+    return {k: v.to(dtype).contiguous() for k, v in out.items()}

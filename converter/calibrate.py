@@ -1,0 +1,91 @@
+"""Calibration: per-layer second moments of the attention input, propagated layer by layer.
+
+For every decoder layer we accumulate, in fp64:
+  * `cx`  = sum over tokens of x^T x, x = the attention input after input RMSNorm (weight included);
+  * `ax`  = sum over tokens of |x| (ASVD's input scaling);
+  * `ck`  = sum of k^T k of the k_norm'd keys (Qwen3 only: its keys are a nonlinear function of x, so
+            the RoRoPE PCA and the K latent are fitted on the real post-norm keys).
+For Llama, the key statistics follow exactly from `cx` (k = W_K x), so nothing more is stored.
+
+Propagation runs through the ORIGINAL layers, one layer on the device at a time; the statistics are
+therefore independent of method/ranks/ratio, which lets one calibration serve many conversions
+(`stats_cache`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class LayerStats:
+    cx: torch.Tensor                 # [D, D] fp64
+    ax: torch.Tensor                 # [D] fp64
+    ck: torch.Tensor | None = None   # [g*d_h, g*d_h] fp64 (Qwen3)
+
+
+@dataclass
+class CalibStats:
+    layers: list[LayerStats]
+    tokens: int
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "meta": self.meta,
+                "layers": [{"cx": s.cx, "ax": s.ax, "ck": s.ck} for s in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibStats":
+        return cls([LayerStats(**s) for s in d["layers"]], d["tokens"], d.get("meta", {}))
+
+
+@torch.no_grad()
+def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", batch_size: int = 8,
+                  dtype: torch.dtype = torch.float32) -> CalibStats:
+    """Run `windows` [N, T] through `model` layer by layer and return per-layer statistics."""
+    inner = model.model
+    n, t = windows.shape
+    pos = torch.arange(t, device=device).unsqueeze(0)
+    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    embed = inner.embed_tokens.to(device)
+    hidden = [embed(windows[b].to(device)).to(dtype).cpu() for b in batches]
+    embed.cpu()
+    rotary = inner.rotary_emb.to(device)
+
+    stats: list[LayerStats] = []
+    for layer in tqdm(inner.layers, desc="calibrate", unit="layer"):
+        layer.to(device=device, dtype=dtype)
+        d = layer.input_layernorm.weight.shape[0]
+        acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
+               "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None}
+
+        def on_norm(_m, _i, out):
+            x = out.reshape(-1, out.shape[-1]).double()
+            acc["cx"].addmm_(x.T, x)
+            acc["ax"].add_(x.abs().sum(0))
+
+        def on_knorm(_m, _i, out):  # [B, T, g, d_h] post-norm keys, before RoPE
+            k = out.reshape(out.shape[0] * out.shape[1], -1).double()
+            acc["ck"] = k.T @ k if acc["ck"] is None else acc["ck"].addmm_(k.T, k)
+
+        hooks = [layer.input_layernorm.register_forward_hook(on_norm)]
+        if arch == "qwen3":
+            hooks.append(layer.self_attn.k_norm.register_forward_hook(on_knorm))
+        try:
+            for i, h in enumerate(hidden):
+                h = h.to(device)
+                cos_sin = rotary(h, pos.expand(h.shape[0], -1))
+                out = layer(h, attention_mask=None, position_ids=pos.expand(h.shape[0], -1),
+                            position_embeddings=cos_sin)
+                out = out[0] if isinstance(out, tuple) else out
+                hidden[i] = out.cpu()
+        finally:
+            for hk in hooks:
+                hk.remove()
+            layer.cpu()
+        stats.append(LayerStats(acc["cx"].cpu(), acc["ax"].cpu(),
+                                None if acc["ck"] is None else acc["ck"].cpu()))
+    rotary.cpu()
+    return CalibStats(stats, n * t)

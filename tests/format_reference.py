@@ -1,0 +1,82 @@
+"""A deliberately naive forward pass of a care_mla checkpoint, written straight from docs/FORMAT.md
+(per-head loops, explicit softmax, no caching), reading the files directly.
+
+It shares no code with model_defs/ or care_vllm/, so agreement between it, model_defs and vLLM is
+evidence that all three implement the format, not the same bug.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update({k: v.double() for k, v in load_file(str(f)).items()})
+    return cfg, tensors
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    ang = (pos.float()[:, None] * inv_freq.float()[None, :]).double()  # [T, half]
+    cos, sin = ang.cos(), ang.sin()
+    if x.ndim == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+@torch.no_grad()
+def logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
+    """Logits [T, V] (fp64) of one sequence."""
+    cfg, t = load_checkpoint(folder)
+    n_h, d_h, d_r = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
+    g, eps = cfg["original_num_key_value_heads"], cfg["rms_norm_eps"]
+    inv_freq = torch.tensor(cfg["rope_inv_freq"], dtype=torch.float32)
+    ids = torch.tensor(input_ids)
+    T = len(input_ids)
+    pos = torch.arange(T)
+    h = t["model.embed_tokens.weight"][ids]
+    for l in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{l}."
+        r_k, r_v = cfg["k_ranks"][l], cfg["v_ranks"][l]
+        x = _rms(h, t[p + "input_layernorm.weight"], eps)
+        if cfg["use_qk_norm"]:
+            q = (x @ t[p + "self_attn.q_proj.weight"].T).view(T, n_h, d_h)
+            q_nope = _rms(q, t[p + "self_attn.q_norm.weight"], eps)
+            wqr = t[p + "self_attn.q_rope_proj.weight"].view(n_h, d_r, d_h)
+            q_pe = torch.stack([q_nope[:, hh] @ wqr[hh].T for hh in range(n_h)], 1)
+            k = _rms((x @ t[p + "self_attn.k_proj.weight"].T).view(T, g, d_h),
+                     t[p + "self_attn.k_norm.weight"], eps).reshape(T, g * d_h)
+            kl = k @ t[p + "self_attn.k_latent_proj.weight"].T
+            c = torch.cat([kl[:, :r_k], x @ t[p + "self_attn.v_latent_proj.weight"].T], -1)
+            k_pe = kl[:, r_k:]
+        else:
+            q = (x @ t[p + "self_attn.q_proj.weight"].T).view(T, n_h, d_h + d_r)
+            q_nope, q_pe = q[..., :d_h], q[..., d_h:]
+            a = x @ t[p + "self_attn.kv_a_proj_with_mqa.weight"].T
+            c, k_pe = a[:, :r_k + r_v], a[:, r_k + r_v:]
+        q_pe, k_pe = _rope(q_pe, pos, inv_freq), _rope(k_pe, pos, inv_freq)
+        kv = (c @ t[p + "self_attn.kv_b_proj.weight"].T).view(T, n_h, 2 * d_h)
+        outs = []
+        for hh in range(n_h):
+            s = cfg["softmax_scale"] * (q_nope[:, hh] @ kv[:, hh, :d_h].T + q_pe[:, hh] @ k_pe.T)
+            s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+            outs.append(torch.softmax(s, -1) @ kv[:, hh, d_h:])
+        h = h + torch.cat(outs, -1) @ t[p + "self_attn.o_proj.weight"].T
+        x = _rms(h, t[p + "post_attention_layernorm.weight"], eps)
+        gate = x @ t[p + "mlp.gate_proj.weight"].T
+        h = h + (torch.nn.functional.silu(gate) * (x @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
+    h = _rms(h, t["model.norm.weight"], eps)
+    head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
+    return h @ head.T
