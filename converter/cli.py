@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV cache budget as a fraction of the original per-token cache (default 1.0 = parity)")
     budget.add_argument("--kv-width", type=int, default=None,
                         help="KV cache budget in values per token per layer, on average")
-    p.add_argument("--rope-dim", type=int, default=None, help="decoupled rope key width (even; default min(64, head_dim))")
+    p.add_argument("--rope-dim", type=int, default=None, help="decoupled rope key width (even; default min(64, head_dim), at most half the per-layer budget)")
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="output dtype")

@@ -89,6 +89,14 @@ def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int
     return min(parity, math.floor(ratio * parity + 1e-9))
 
 
+def default_rope_dim(head_dim: int, per_layer_budget: int) -> int:
+    """min(64, head_dim), shrunk (even) to at most half the per-layer budget so latents keep room."""
+    d_r = min(64, head_dim)
+    if per_layer_budget - d_r < d_r:
+        d_r = max(2, (per_layer_budget // 2) // 2 * 2)
+    return d_r
+
+
 def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Options, meta: dict) -> calibrate.CalibStats:
     path = Path(opts.stats_cache) if opts.stats_cache else None
     if path is not None and path.is_file():
@@ -116,10 +124,10 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    d_r = opts.rope_dim if opts.rope_dim is not None else min(64, d_h)
-    rope_map.check_rope_dim(d_r, g, d_h)
     per_layer_orig = 2 * g * d_h
     budget = cache_budget(opts, n_layers, per_layer_orig)
+    d_r = opts.rope_dim if opts.rope_dim is not None else default_rope_dim(d_h, budget // n_layers)
+    rope_map.check_rope_dim(d_r, g, d_h)
 
     with timer.stage("calibrate"):
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)

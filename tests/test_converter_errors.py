@@ -1,0 +1,130 @@
+"""Bad input -> one clear line naming the problem, exit code 2, and no OUT on disk.
+
+Runs the real `care-convert` entry point (python -m converter.cli) as a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.tiny_models import make_tiny_original
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    src = make_tiny_original(root / "orig", "llama", num_layers=2)
+    calib = root / "calib.txt"
+    calib.write_text("a few words of calibration text, repeated. " * 200)
+    return root, src, calib
+
+
+def run_convert(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "converter.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_refused(proc, out: Path, *needles: str):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("care-convert: error:"), proc.stderr[-2000:]
+    for n in needles:
+        assert n in last, last
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary folder left behind"
+
+
+def test_unsupported_architecture(tiny, tmp_path):
+    _, src, calib = tiny
+    bad = tmp_path / "gpt2"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib), out, "unsupported architecture", "GPT2LMHeadModel")
+
+
+def test_missing_tensor(tiny, tmp_path):
+    _, src, calib = tiny
+    bad = tmp_path / "missing"
+    shutil.copytree(src, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib), out, "missing tensor",
+                   "model.layers.1.self_attn.v_proj.weight")
+
+
+def test_wrong_shape(tiny, tmp_path):
+    _, src, calib = tiny
+    bad = tmp_path / "shape"
+    shutil.copytree(src, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:-1]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib), out, "model.layers.0.self_attn.k_proj.weight", "shape")
+
+
+@pytest.mark.parametrize("content", ["", "   \n\n  "])
+def test_empty_calibration_text(tiny, tmp_path, content):
+    _, src, _ = tiny
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content)
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", empty), out, "calibration text is empty")
+
+
+def test_missing_calibration_file(tiny, tmp_path):
+    _, src, _ = tiny
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", tmp_path / "nope.txt"), out, "not found", "nope.txt")
+
+
+@pytest.mark.parametrize("flags,needle", [(["--kv-ratio", "1.5"], "above parity"),
+                                          (["--kv-width", "129"], "above parity")])
+def test_budget_above_parity(tiny, tmp_path, flags, needle):
+    _, src, calib = tiny  # the original caches 2 x 2 kv heads x 16 = 64 values/token/layer
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, *flags), out, needle)
+
+
+def test_odd_rope_dim(tiny, tmp_path):
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, "--rope-dim", "7"), out, "--rope-dim", "even")
+
+
+def test_existing_out_needs_overwrite(tiny, tmp_path):
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_convert(src, out, "--calib", calib)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    proc = run_convert(src, out, "--calib", calib, "--overwrite", "--calib-samples", "4", "--calib-seqlen", "32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_same_inputs_give_identical_checkpoint(tiny, tmp_path):
+    _, src, calib = tiny
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for o in outs:
+        proc = run_convert(src, o, "--calib", calib, "--kv-ratio", "0.5", "--calib-samples", "4",
+                           "--calib-seqlen", "32")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+    assert (outs[0] / "config.json").read_text() == (outs[1] / "config.json").read_text()

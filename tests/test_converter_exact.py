@@ -1,0 +1,91 @@
+"""A conversion that drops nothing (full ranks, RoPE kept on every key dim) must reproduce the
+original model: the original transformers logits are the independent reference.
+
+Checked three ways: the naive FORMAT.md forward (tests/format_reference.py, fp64), and model_defs
+in both attention paths (plain and absorbed), fp32, to 1e-4.
+Also checks that partial RoPE keeps the llama3-scaled frequencies exactly.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from converter.pipeline import convert
+from tests import format_reference
+from tests.tiny_models import make_tiny_original
+
+PROMPT_IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 43, 600, 7000, 2, 31, 88,
+               1024, 64, 16383, 500, 501, 502, 99, 100, 4096, 17]]
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    words = ("the model cache attention key value rope layer latent rank token query head "
+             "of and to in a is that for it as was with be by on not this are or from").split()
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(" ".join(rng.choice(words) for _ in range(6000)))
+    return p
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def exact_pair(request, tmp_path_factory, calib_file):
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"exact_{arch}")
+    src = make_tiny_original(root / "orig", arch, num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    out = root / "mla"
+    report = convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=2 * 16,
+                     calib_samples=8, calib_seqlen=64, ranks="uniform")
+    return arch, src, out, report
+
+
+def _original_logits(src, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    with torch.no_grad():
+        return model(torch.tensor(PROMPT_IDS)).logits[0]
+
+
+def test_full_rank_full_rope_matches_format_reference(exact_pair):
+    _, src, out, report = exact_pair
+    assert report["cache_values_per_token"] == report["original_cache_values_per_token"]
+    ref = _original_logits(src, torch.float64)
+    got = format_reference.logits(out, PROMPT_IDS[0])
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("path", ["plain", "absorbed"])
+def test_full_rank_full_rope_matches_original_in_model_defs(exact_pair, path):
+    import model_defs  # noqa: F401  (registers care_mla with transformers)
+    from transformers import AutoModelForCausalLM
+
+    arch, src, out, _ = exact_pair
+    ref = _original_logits(src, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    model.set_attention_path(path)
+    with torch.no_grad():
+        got = model(torch.tensor(PROMPT_IDS)).logits[0]
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4, f"{arch}/{path}: max |logit diff| {err}"
+
+
+def test_llama3_scaled_frequencies_are_kept_exactly(tmp_path, calib_file):
+    """Partial RoPE: every rope pair's frequency is one of the source's llama3-scaled inv_freq, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=2, head_dim=16)
+    convert(src, tmp_path / "mla", calib_files=[calib_file], kv_ratio=0.75, rope_dim=8,
+            calib_samples=4, calib_seqlen=32)
+    cfg = json.loads((tmp_path / "mla" / "config.json").read_text())
+    orig = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).model.rotary_emb.inv_freq
+    kept = torch.tensor(cfg["rope_inv_freq"], dtype=torch.float32)
+    assert len(kept) == 4
+    default = 500000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    assert not torch.equal(orig, default), "the tiny model must actually exercise llama3 scaling"
+    for f in kept:
+        assert (orig == f).any(), f"rope frequency {f} is not one of the source's {orig.tolist()}"
