@@ -78,6 +78,25 @@ class ExactRope(nn.Module):
         return self._apply(q_pe, cos, sin), self._apply(k_pe, cos, sin)
 
 
+class HeadShardedWeight(nn.Module):
+    """Qwen3's q_rope_proj: [n_h*d_r, d_h], one [d_r, d_h] map per query head, applied with an
+    einsum (not a Linear: vLLM's CPU linear layers repack/free `.weight`). Sharded by heads like
+    q_proj under tensor parallelism."""
+
+    def __init__(self, total_heads: int, rows_per_head: int, cols: int):
+        super().__init__()
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        tp = get_tensor_model_parallel_world_size()
+        self.rank = get_tensor_model_parallel_rank()
+        self.local_rows = total_heads // tp * rows_per_head
+        self.weight = nn.Parameter(torch.empty(self.local_rows, cols), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded.narrow(0, self.rank * self.local_rows, self.local_rows))
+
+
 def _prefill_backend_cls(vllm_config: VllmConfig):
     """vLLM's MLA prefill backend if one takes these (P, R, V) dims; on GPU, where the whitelists
     are narrow (e.g. FA: (128,64,128), (192,64,128), ...), fall back to the dense torch one."""
@@ -124,9 +143,7 @@ class CareLatentAttention(nn.Module):
             self.q_proj = ColumnParallelLinear(D, n_h * d_orig, bias=False, quant_config=quant_config,
                                                prefix=f"{prefix}.q_proj")
             self.q_norm = RMSNorm(d_orig, eps=eps)
-            # [n_h*d_r, d_h]: only a per-head weight holder (sharded by heads like q_proj).
-            self.q_rope_proj = ColumnParallelLinear(d_orig, n_h * d_r, bias=False, quant_config=None,
-                                                    prefix=f"{prefix}.q_rope_proj")
+            self.q_rope_proj = HeadShardedWeight(n_h, d_r, d_orig)
             self.k_proj = ReplicatedLinear(D, g * d_orig, bias=False, quant_config=quant_config,
                                            prefix=f"{prefix}.k_proj")
             self.k_norm = RMSNorm(d_orig, eps=eps)
