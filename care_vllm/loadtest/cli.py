@@ -1,0 +1,126 @@
+"""`care-bench ORIGINAL CONVERTED OUT`: the same `vllm bench serve` workload against the GQA original
+and the converted checkpoint, at several concurrencies, plus quality (perplexity, greedy agreement).
+
+Servers are started here one after the other (fair on a small machine: never two at once), or taken
+as running OpenAI-compatible base URLs (--original-url/--converted-url). Output folder: report.json
+(every number, every command line), throughput.png, latency.png, kv_usage.png, summary.md, raw/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from . import quality, report as report_mod
+from .server import VllmServer, fetch, kv_cache_tokens
+from .workload import Workload, run_level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="care-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("original", help="GQA original checkpoint folder (tokenizer, perplexity)")
+    p.add_argument("converted", help="converted care_mla checkpoint folder")
+    p.add_argument("out", help="report folder (created; existing files are overwritten)")
+    p.add_argument("--original-url", help="use this running server for the original (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--converted-url", help="use this running server for the converted model")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="max concurrency levels")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--request-rate", default="inf")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="--dtype for the servers started here")
+    p.add_argument("--kv-cache-memory-bytes", default="1G", help="same KV budget for both servers")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model's own")
+    p.add_argument("--serve-args", default="", help="extra `vllm serve` arguments for both (one string)")
+    p.add_argument("--ppl-text", nargs="*", default=[], help="held-out text files for perplexity")
+    p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    p.add_argument("--agreement-tokens", type=int, default=32)
+    return p
+
+
+def _served_name(base_url: str) -> str:
+    return json.loads(fetch(f"{base_url}/v1/models"))["data"][0]["id"]
+
+
+def _cache_values(path: Path) -> int | None:
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type") == "care_mla":
+        return sum(k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"]))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim
+
+
+def _label(path: Path) -> str:
+    rep = path / "care_report.json"
+    if rep.is_file():
+        r = json.loads(rep.read_text())
+        return f"care_mla, {r['method']} {r['rank_policy']}, KV {r['kv_ratio']:.2f}x"
+    return "GQA original"
+
+
+def bench_model(role: str, path: Path, url: str | None, args, wl: Workload, out: Path) -> dict:
+    serve_args = ["--dtype", args.dtype, "--kv-cache-memory-bytes", args.kv_cache_memory_bytes,
+                  *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
+                  *shlex.split(args.serve_args)]
+    ctx = nullcontext() if url else VllmServer(path, out / "raw" / f"{role}_server.log", serve_args,
+                                               served_name=role)
+    t0 = time.time()
+    with ctx as srv:
+        base = url or srv.base_url
+        name = _served_name(base)
+        kv_tokens = kv_cache_tokens(base)
+        levels = []
+        for c in args.concurrency:
+            print(f"[care-bench] {role}: concurrency {c}", file=sys.stderr)
+            levels.append(run_level(base, name, str(path), wl, c, out / "raw", role))
+        completions = quality.greedy_completions(base, name, args.agreement_tokens)
+    return {"path": str(path), "label": _label(path), "server": None if url else srv.args,
+            "base_url": url, "kv_cache_tokens": kv_tokens, "cache_values_per_token": _cache_values(path),
+            "levels": levels, "greedy_completions": completions, "seconds": round(time.time() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    for p in (args.original, args.converted):
+        if not (Path(p) / "config.json").is_file():
+            print(f"care-bench: error: {p} is not a checkpoint folder (no config.json)", file=sys.stderr)
+            return 2
+    out.mkdir(parents=True, exist_ok=True)
+    wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed)
+    rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
+           "machine": {"platform": platform.platform(), "python": platform.python_version()},
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}
+    rep["models"]["original"] = bench_model("original", Path(args.original), args.original_url, args, wl, out)
+    rep["models"]["converted"] = bench_model("converted", Path(args.converted), args.converted_url, args, wl, out)
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.original)
+    rep["quality"] = {"agreement_max_tokens": args.agreement_tokens,
+                      "greedy_agreement": quality.agreement(tok, rep["models"]["original"]["greedy_completions"],
+                                                            rep["models"]["converted"]["greedy_completions"])}
+    if args.ppl_text:
+        from converter.calib_data import read_texts
+
+        rep["quality"]["perplexity"] = quality.perplexities(
+            {"original": args.original, "converted": args.converted}, read_texts(args.ppl_text),
+            args.ppl_seqlen, args.ppl_tokens)
+        rep["quality"]["perplexity_text"] = args.ppl_text
+    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    rep["plots"] = report_mod.plot_all(rep, out)
+    (out / "summary.md").write_text(report_mod.summary_markdown(rep))
+    (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    print((out / "summary.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""One load level = one `vllm bench serve` run, with /metrics scraped in the background.
+
+We do not write a client: vLLM's own benchmark sends the requests and computes throughput, TTFT,
+TPOT and ITL; we only add a timeline of the server's KV-cache usage and queue lengths, which
+`vllm bench serve` does not record.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .server import scrape_metrics, vllm_command
+
+SCRAPED = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+@dataclass
+class Workload:
+    num_prompts: int = 32
+    input_len: int = 256
+    output_len: int = 64
+    request_rate: str = "inf"
+    seed: int = 0
+
+
+class MetricsScraper(threading.Thread):
+    """Poll /metrics every `interval` s until stopped; samples are (seconds since start, {metric: v})."""
+
+    def __init__(self, base_url: str, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.base_url, self.interval = base_url, interval
+        self.samples: list[dict] = []
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop_evt.is_set():
+            try:
+                m = scrape_metrics(self.base_url)
+                self.samples.append({"t": round(time.monotonic() - t0, 3),
+                                     **{k: m.get(k) for k in SCRAPED}})
+            except OSError:
+                pass
+            self._stop_evt.wait(self.interval)
+
+    def stop(self) -> list[dict]:
+        """Stop and return the samples of the busy span only (`vllm bench serve` spends its first
+        seconds importing vLLM: that idle lead-in would dwarf a short run in the plots)."""
+        self._stop_evt.set()
+        self.join(timeout=10)
+        busy = [i for i, s in enumerate(self.samples)
+                if (s.get("vllm:num_requests_running") or 0) + (s.get("vllm:num_requests_waiting") or 0) > 0]
+        if not busy:
+            return self.samples
+        lo, hi = max(0, busy[0] - 1), min(len(self.samples), busy[-1] + 2)
+        t0 = self.samples[lo]["t"]
+        return [{**s, "t": round(s["t"] - t0, 3)} for s in self.samples[lo:hi]]
+
+
+def bench_command(base_url: str, served_name: str, tokenizer: str, wl: Workload, concurrency: int,
+                  result_dir: Path, result_file: str) -> list[str]:
+    return [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base_url,
+            "--endpoint", "/v1/completions", "--model", served_name, "--tokenizer", tokenizer,
+            "--dataset-name", "random", "--random-input-len", str(wl.input_len),
+            "--random-output-len", str(wl.output_len), "--num-prompts", str(wl.num_prompts),
+            "--request-rate", wl.request_rate, "--max-concurrency", str(concurrency), "--seed", str(wl.seed),
+            "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+            "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file, "--disable-tqdm"]
+
+
+def run_level(base_url: str, served_name: str, tokenizer: str, wl: Workload, concurrency: int,
+              result_dir: Path, tag: str, timeout: float = 3600) -> dict:
+    """Run one `vllm bench serve` level; returns its saved JSON plus the scraped timeline."""
+    result_dir.mkdir(parents=True, exist_ok=True)
+    fname = f"{tag}_c{concurrency}.json"
+    cmd = bench_command(base_url, served_name, tokenizer, wl, concurrency, result_dir, fname)
+    scraper = MetricsScraper(base_url)
+    scraper.start()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    finally:
+        timeline = scraper.stop()
+    (result_dir / f"{tag}_c{concurrency}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    result = json.loads((result_dir / fname).read_text())
+    if result.get("completed") != wl.num_prompts:
+        raise RuntimeError(f"vllm bench serve: only {result.get('completed')} of {wl.num_prompts} requests "
+                           f"completed at concurrency {concurrency} (see the server log)")
+    return {"concurrency": concurrency, "command": cmd, "result": result, "metrics_timeline": timeline}
