@@ -19,6 +19,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -44,6 +45,22 @@ from vllm.sequence import IntermediateTensors
 
 from .backends import choose_backend
 from .config import layer_widths
+
+
+logger = init_logger(__name__)
+
+
+class CareMLAAttention(MLAAttention):
+    """vLLM's MLAAttention, plus one log line per layer with the KV cache tensor it is given
+    (what the engine actually allocated for this layer's width)."""
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        super().bind_kv_cache(kv_cache)
+        if self.kv_cache.numel():
+            logger.info("care_mla KV cache %s: shape %s, %d values/token, %d bytes/token, backend %s",
+                        self.layer_name, tuple(self.kv_cache.shape), self.kv_cache.shape[-1],
+                        self.kv_cache.shape[-1] * self.kv_cache.element_size(),
+                        self.attn_backend.__name__)
 
 
 class CareWeightError(ValueError):
@@ -166,7 +183,7 @@ class CareLatentAttention(nn.Module):
         assert len(config.rope_inv_freq) * 2 == d_r, "rope_inv_freq must have qk_rope_head_dim/2 entries"
 
         backend = choose_backend(layer_widths(config), d_r)
-        self.mla_attn = MLAAttention(
+        self.mla_attn = CareMLAAttention(
             num_heads=self.num_heads,
             scale=float(config.softmax_scale),
             qk_nope_head_dim=d_h,

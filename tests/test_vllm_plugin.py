@@ -1,0 +1,124 @@
+"""Fast checks of the vLLM plugin pieces (no server): version gate, registration, the PyTorch
+paged latent decode and the GPU gather fallback against naive references, and the explicit
+checkpoint name/shape table against a real conversion."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", "0.26.0+cu128", "not-a-version"])
+def test_version_check_rejects_unsupported(version):
+    from care_vllm import UnsupportedVLLMVersion, check_vllm_version
+
+    with pytest.raises(UnsupportedVLLMVersion) as e:
+        check_vllm_version(version)
+    msg = str(e.value)
+    assert version in msg and ">=0.32.0" in msg and "<0.33" in msg, msg
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.1", "0.32.2rc1.dev7+gabc"])
+def test_version_check_accepts_supported(version):
+    from care_vllm import check_vllm_version
+
+    assert check_vllm_version(version) == version
+
+
+def test_installed_vllm_is_supported():
+    from care_vllm import check_vllm_version
+
+    check_vllm_version()
+
+
+def test_register_is_idempotent_and_registers_everything():
+    import care_vllm
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.transformers_utils.model_arch_config_convertor import MODEL_ARCH_CONFIG_CONVERTORS
+
+    care_vllm.register()
+    care_vllm.register()
+    assert "care_mla" in MODEL_ARCH_CONFIG_CONVERTORS
+    assert {"CareLlamaForCausalLM", "CareQwen3ForCausalLM"} <= set(ModelRegistry.get_supported_archs())
+    cfg = AutoConfig.for_model("care_mla", qk_rope_head_dim=8, k_ranks=[8, 16], v_ranks=[24, 8],
+                               num_hidden_layers=2, original_head_dim=16)
+    conv = MODEL_ARCH_CONFIG_CONVERTORS["care_mla"](cfg, cfg)
+    # widest layer: 8 + 24 latent + 8 rope
+    assert conv.is_deepseek_mla() and conv.get_head_size() == 40 and conv.get_total_num_kv_heads() == 1
+
+
+def _dense_latent_attention(q, rows, scale, r):
+    s = (q.double() @ rows.double().T) * scale            # [N, T]
+    return torch.softmax(s, -1) @ rows[:, :r].double()    # [N, r]
+
+
+@pytest.mark.parametrize("width,rope,block", [(27, 8, 16), (53, 8, 16), (100, 36, 5)])
+def test_paged_latent_decode_matches_dense(width, rope, block):
+    from care_vllm.backends.cpu import paged_latent_decode
+
+    g = torch.Generator().manual_seed(width)
+    r = width - rope
+    num_blocks, B, N = 40, 3, 4
+    cache = torch.randn(num_blocks, block, width, generator=g)
+    seq_lens = torch.tensor([1, 2 * block + 3, 5 * block])
+    max_blocks = (int(seq_lens.max()) + block - 1) // block
+    block_table = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(B)]).int()
+    q = torch.randn(B, N, width, generator=g)
+    out = paged_latent_decode(q, cache, block_table, seq_lens.int(), 0.3, r)
+    assert out.shape == (B, N, r)
+    for b in range(B):
+        pos = torch.arange(int(seq_lens[b]))
+        rows = cache[block_table[b, pos // block].long(), pos % block]
+        ref = _dense_latent_attention(q[b], rows, 0.3, r)
+        assert (out[b].double() - ref).abs().max() < 1e-5
+
+
+def test_gpu_backend_module_imports_and_torch_gather_is_exact():
+    """The GPU module must import on CPU builds; its torch gather fallback is checked on CPU."""
+    from care_vllm.backends import gpu
+
+    assert issubclass(gpu.CareTritonMLABackend.get_builder_cls(), gpu.CareTritonMLAMetadataBuilder)
+    g = torch.Generator().manual_seed(0)
+    bs, width = 16, 72
+    cache = torch.randn(30, bs, width, generator=g)
+    block_table = torch.stack([torch.randperm(30, generator=g)[:6] for _ in range(2)]).int()
+    lens, starts = [20, 33], [16, 5]
+    cu = torch.tensor([0, lens[0], lens[0] + lens[1]], dtype=torch.int32)
+    dst = torch.zeros(60, width)
+    gpu.torch_gather_cache(cache, dst, block_table, cu, torch.tensor(starts, dtype=torch.int32), sum(lens))
+    row = 0
+    for b in range(2):
+        for j in range(lens[b]):
+            p = starts[b] + j
+            assert torch.equal(dst[row], cache[block_table[b, p // bs], p % bs])
+            row += 1
+
+
+def test_expected_checkpoint_shapes_match_a_conversion(tmp_path):
+    """The plugin's explicit name/shape table equals what the converter writes (both variants)."""
+    from safetensors import safe_open
+
+    from care_vllm.config import register_config
+    from care_vllm.models import expected_checkpoint_shapes
+    from converter.pipeline import convert
+    from tests.tiny_models import make_tiny_original
+    from transformers import AutoConfig
+
+    register_config()
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the latent cache of a key and a value"] * 300))
+    for arch in ("llama", "qwen3"):
+        src = make_tiny_original(tmp_path / f"o_{arch}", arch, num_layers=2)
+        out = tmp_path / f"m_{arch}"
+        convert(src, out, calib_files=[calib], kv_ratio=0.75, rope_dim=8, calib_samples=4, calib_seqlen=32)
+        found = {}
+        for f in out.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as sf:
+                found.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+        cfg = AutoConfig.from_pretrained(out)
+        assert json.loads((out / "config.json").read_text())["model_type"] == "care_mla"
+        assert expected_checkpoint_shapes(cfg) == found
