@@ -319,13 +319,19 @@ def save_checkpoint(work: Path, model, optimizer, scheduler, state: dict) -> Non
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, model) -> dict:
+def load_trainer_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
+    except Exception as e:  # truncated / foreign checkpoint
+        raise HealError(f"cannot resume from {ckpt}: {e}") from None
+
+
+def load_checkpoint_weights(ckpt: Path, model) -> None:
     from safetensors.torch import load_model
 
     try:
-        load_model(model, str(ckpt / "model.safetensors"))
-        return torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
-    except Exception as e:  # truncated / foreign checkpoint
+        load_model(model, str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
+    except Exception as e:
         raise HealError(f"cannot resume from {ckpt}: {e}") from None
 
 
@@ -376,6 +382,14 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                    "text": [str(Path(f).resolve()) for f in text_files], "windows": int(len(windows)),
                    **{k: getattr(opts, k) for k in FINGERPRINT_KEYS}}
 
+    state = None
+    if opts.resume:
+        state = load_trainer_state(ckpt)
+        diff = [k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k]]
+        if diff:
+            raise HealError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)}); "
+                            f"use the same arguments, or --overwrite to start over")
+
     # ---- models
     from .load import load_source
 
@@ -416,16 +430,13 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
            "resumed_at_steps": []}
     step = 0
     if opts.resume:
-        state = load_checkpoint(ckpt, student)
-        diff = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
-        if diff:
-            raise HealError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)}); "
-                            f"use the same arguments or --overwrite to start over")
+        load_checkpoint_weights(ckpt, student)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step = state["step"]
         log = state["log"]
+        state = None
         log["resumed_at_steps"].append(step)
         log["args"].update(save_every=opts.save_every, stop_after=opts.stop_after, resume=True)
     work.mkdir(exist_ok=True)

@@ -1,0 +1,256 @@
+"""care-heal on a tiny converted Llama (CPU, a few optimizer steps each):
+
+* the healing loss (CE + beta*tau^2*KD to the original) goes down, both along the run and on a
+  fixed batch re-evaluated with the converted vs the healed weights;
+* OUT keeps the converted layout: config.json verbatim (same k_ranks/v_ranks/rope dim, so the same
+  KV cache width per token), same tensor names/shapes/dtypes, tied embeddings still tied; it loads
+  in model_defs and its KV cache holds exactly r_K + r_V + d_r values per token per layer;
+* `--train attention` leaves every non-attention tensor bit-identical;
+* a run stopped at a checkpoint and resumed equals the uninterrupted run, bit for bit;
+* bad input exits 2 with one line and leaves neither OUT nor OUT.partial behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from converter import heal as heal_mod
+from converter.pipeline import convert
+from tests.tiny_models import make_tiny_original
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HELD = ("A quiet letter arrived at the station before noon. The clerk read it twice, folded it, and "
+        "walked to the harbour where the ships were loading grain for the winter. ") * 6
+
+TEXT = " ".join(
+    f"The {a} {n} of the {b} garden {v} every morning, and the {n}s near river {i} {v} too."
+    for i, (a, n, b, v) in enumerate(
+        [("small", "bird", "old", "sings"), ("green", "tree", "quiet", "grows"),
+         ("red", "fox", "north", "runs"), ("tall", "house", "east", "stands"),
+         ("blue", "boat", "west", "floats"), ("young", "cat", "south", "sleeps")] * 12))
+
+STEPS = 8
+SEQLEN, BATCH, ACCUM = 32, 2, 2
+TOKENS = STEPS * SEQLEN * BATCH * ACCUM
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is several times faster than two on a shared CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("heal")
+    orig = make_tiny_original(root / "orig", "llama", num_layers=2)
+    calib = root / "calib.txt"
+    calib.write_text(TEXT)
+    conv = root / "conv"
+    convert(orig, conv, calib_files=[calib], method="care", ranks="adjusted", kv_ratio=0.5,
+            calib_samples=8, calib_seqlen=64, seed=0)
+    train = root / "train.txt"
+    train.write_text(TEXT)
+    held = root / "held.jsonl"
+    held.write_text("\n".join(json.dumps({"text": HELD[i:]}) for i in (0, 40)) + "\n")
+    return root, orig, conv, train, held
+
+
+def heal_args(tiny, out, *extra):
+    root, orig, conv, train, held = tiny
+    return [str(conv), str(out), "--teacher", str(orig), "--text", str(train), "--tokens", str(TOKENS),
+            "--seqlen", str(SEQLEN), "--batch-size", str(BATCH), "--grad-accum", str(ACCUM),
+            "--lr", "2e-3", "--warmup-ratio", "0", "--eval-text", str(held), "--eval-every", "4",
+            "--eval-tokens", "128", "--no-progress", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def healed(tiny):
+    """The uninterrupted reference run (train all)."""
+    out = tiny[0] / "healed"
+    assert heal_mod.main(heal_args(tiny, out, "--eval-teacher")) == 0
+    return out
+
+
+def _load(path):
+    import model_defs  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_loss_goes_down(tiny, healed):
+    log = json.loads((healed / "heal_log.json").read_text())
+    losses = [s["loss"] for s in log["steps"]]
+    assert len(losses) == STEPS and log["tokens_seen"] == TOKENS
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    for s in log["steps"]:
+        assert abs(s["loss"] - (s["ce"] + s["kd"])) < 1e-4 * max(1.0, s["loss"])   # beta = tau = 1
+    # the same batch, converted vs healed weights, against the frozen original
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, orig, conv, train, _ = tiny
+    tok = AutoTokenizer.from_pretrained(conv)
+    x = heal_mod.pack_windows(tok, [TEXT], SEQLEN)[:4]
+    teacher = AutoModelForCausalLM.from_pretrained(orig, dtype=torch.float32).eval()
+    with torch.no_grad():
+        t = teacher(input_ids=x).logits
+        before = sum(heal_mod.heal_losses(_load(conv)(input_ids=x).logits, t, x, 1.0))
+        after = sum(heal_mod.heal_losses(_load(healed)(input_ids=x).logits, t, x, 1.0))
+    assert after < before, (before, after)
+    # held-out perplexity measured at step 0 and at every eval step; the teacher's too
+    assert [e["step"] for e in log["eval"]] == [0, 4, 8]
+    assert log["eval"][-1]["ppl"] < log["eval"][0]["ppl"]
+    assert log["teacher_ppl"] is not None and log["teacher_ppl"] > 0
+    assert (healed / "heal_curve.png").stat().st_size > 1000
+
+
+def test_output_keeps_converted_layout(tiny, healed):
+    _, _, conv, _, _ = tiny
+    assert (healed / "config.json").read_bytes() == (conv / "config.json").read_bytes()
+    assert heal_mod.tensor_shapes(healed) == heal_mod.tensor_shapes(conv)
+    assert "lm_head.weight" not in heal_mod.tensor_shapes(healed)      # still tied
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "care_report.json"):
+        assert (healed / f).read_bytes() == (conv / f).read_bytes(), f
+    assert not (healed.parent / "healed.partial").exists()
+    assert not list(healed.parent.glob(".healed.tmp-*"))
+
+    model = _load(healed)
+    cfg = json.loads((conv / "config.json").read_text())
+    assert model.config.model_type == "care_mla"
+    assert type(model).__name__ == cfg["architectures"][0]
+    assert list(model.config.k_ranks) == cfg["k_ranks"] and list(model.config.v_ranks) == cfg["v_ranks"]
+    assert model.config.qk_rope_head_dim == cfg["qk_rope_head_dim"]
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # the KV cache it builds: per layer, latent r_K + r_V and rope key d_r values per token
+    x = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.no_grad():
+        cache = model(input_ids=x, use_cache=True).past_key_values
+    for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"])):
+        c, k_pe = cache.layers[l].keys, cache.layers[l].values
+        assert c.shape == (1, 1, x.shape[1], k + v), (l, c.shape)
+        assert k_pe.shape == (1, 1, x.shape[1], cfg["qk_rope_head_dim"]), (l, k_pe.shape)
+    # and it did change (the attention weights moved)
+    a, b = load_file(conv / "model.safetensors"), load_file(healed / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.self_attn.kv_b_proj.weight"], b["model.layers.0.self_attn.kv_b_proj.weight"])
+
+
+def test_train_attention_only_touches_attention(tiny):
+    _, _, conv, _, _ = tiny
+    out = tiny[0] / "healed_attn"
+    args = heal_args(tiny, out, "--train", "attention", "--gradient-checkpointing")
+    args[args.index("--tokens") + 1] = str(TOKENS // 4)         # 2 steps are enough here
+    assert heal_mod.main(args) == 0
+    a, b = load_file(conv / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(".self_attn." in k for k in changed), changed
+    assert {k for k in a if ".self_attn." not in k}.isdisjoint(changed)
+    log = json.loads((out / "heal_log.json").read_text())
+    n_attn = sum(t.numel() for k, t in a.items() if ".self_attn." in k)
+    assert log["trainable_parameters"] == n_attn
+
+
+def test_resume_equals_uninterrupted(tiny, healed):
+    out = tiny[0] / "resumed"
+    partial = tiny[0] / "resumed.partial"
+    assert heal_mod.main(heal_args(tiny, out, "--eval-teacher", "--save-every", "3", "--stop-after", "5")) == 0
+    assert not out.exists()
+    state = torch.load(partial / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 5 and state["samples_seen"] == 5 * BATCH * ACCUM
+    # a plain re-run refuses to clobber the interrupted run; other settings refuse to resume
+    assert heal_mod.main(heal_args(tiny, out)) == 2
+    assert heal_mod.main(heal_args(tiny, out, "--resume", "--tau", "2")) == 2
+    assert partial.is_dir() and not out.exists()
+    assert heal_mod.main(heal_args(tiny, out, "--eval-teacher", "--resume")) == 0
+    assert not partial.exists()
+    a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la, lb = (json.loads((p / "heal_log.json").read_text()) for p in (healed, out))
+    assert la["steps"] == lb["steps"]
+    assert la["eval"] == lb["eval"] and la["teacher_ppl"] == lb["teacher_ppl"]
+    assert lb["resumed_at_steps"] == [5]
+
+
+def _refused(capsys, rc, out: Path, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert err and err[-1].startswith("care-heal: error:"), err
+    for n in needles:
+        assert n in err[-1], err[-1]
+    assert not out.exists() and not (out.parent / f"{out.name}.partial").exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
+    root, orig, conv, train, held = tiny
+    out = tmp_path / "out"
+
+    def run(*args):
+        return heal_mod.main(heal_args(tiny, out, *args))
+
+    a = heal_args(tiny, out)
+    a[0] = str(tmp_path / "missing")
+    _refused(capsys, heal_mod.main(a), out, "not found")
+    a[0] = str(orig)                                    # an original is not a care_mla checkpoint
+    _refused(capsys, heal_mod.main(a), out, "care_mla")
+
+    bad_teacher = tmp_path / "teacher"
+    shutil.copytree(orig, bad_teacher)
+    cfg = json.loads((bad_teacher / "config.json").read_text())
+    cfg["vocab_size"] += 64
+    (bad_teacher / "config.json").write_text(json.dumps(cfg))
+    a = heal_args(tiny, out)
+    a[a.index("--teacher") + 1] = str(bad_teacher)
+    _refused(capsys, heal_mod.main(a), out, "vocab_size")
+    a[a.index("--teacher") + 1] = str(conv)             # the teacher must be the original
+    _refused(capsys, heal_mod.main(a), out, "ORIGINAL")
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    a = heal_args(tiny, out)
+    a[a.index("--text") + 1] = str(empty)
+    _refused(capsys, heal_mod.main(a), out, "empty")
+    a[a.index("--text") + 1] = str(tmp_path / "nope.txt")
+    _refused(capsys, heal_mod.main(a), out, "not found")
+
+    _refused(capsys, run("--resume"), out, "no checkpoint")
+
+    out.mkdir()                                          # an existing OUT is kept untouched
+    (out / "keep").write_text("x")
+    assert run() == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep").read_text() == "x"
+
+
+def test_cli_entry_point_refuses_bad_input(tiny, tmp_path):
+    out = tmp_path / "out"
+    args = heal_args(tiny, out)
+    args[args.index("--tokens") + 1] = "0"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "converter.heal", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("care-heal: error: --tokens")
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_parse_tokens():
+    assert heal_mod.parse_tokens("50k") == 50_000
+    assert heal_mod.parse_tokens("1.5M") == 1_500_000
+    assert heal_mod.parse_tokens("2B") == 2_000_000_000
+    assert heal_mod.parse_tokens("1234") == 1234
