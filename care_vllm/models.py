@@ -47,7 +47,7 @@ from .backends import choose_backend
 from .config import layer_widths
 
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.care_vllm")  # under "vllm": uses vLLM's handlers and level
 
 
 class CareMLAAttention(MLAAttention):
