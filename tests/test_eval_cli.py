@@ -1,0 +1,155 @@
+"""care-eval ppl: the printed perplexity equals exp(mean CE) computed here independently with the
+plain transformers model, for original and converted (care_mla) folders; bad inputs exit 2 with a
+message and no traceback."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from converter.eval_cli import main, perplexity
+from tests.tiny_models import TOKENIZER_FILES, TOKENIZER_SRC, make_tiny_original, require_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the model cache attention key value rope layer latent rank token query head of and to in a "
+         "is that for it as was with be by on not this are or from").split()
+
+
+def _prose(seed: int, n: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> Path:
+    return make_tiny_original(tmp_path_factory.mktemp("eval") / "orig", "llama", num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("texts")
+    (d / "a.txt").write_text(_prose(0, 400))
+    (d / "b.jsonl").write_text("\n".join(json.dumps({"text": _prose(s, 60)}) for s in (1, 2)) + "\n")
+    (d / "empty.txt").write_text("  \n")
+    (d / "bad.jsonl").write_text('{"body": "no text field"}\n')
+    return {p.stem if p.suffix == ".txt" else p.name: p for p in d.iterdir()}
+
+
+def independent_ppl(folder: Path, docs: list[str], seqlen: int, max_tokens: int | None) -> tuple[float, int]:
+    """exp(mean CE) with the plain transformers model, windows built by hand."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    ids = ids[:max_tokens] if max_tokens else ids
+    n = max(1, len(ids) // seqlen)
+    windows = [ids[i * seqlen:(i + 1) * seqlen] for i in range(n)]
+    losses = []
+    with torch.no_grad():
+        for w in windows:
+            x = torch.tensor([w])
+            losses.append(F.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="none"))
+    return math.exp(torch.cat(losses).mean().item()), n
+
+
+def run_main(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_ppl_of_original_model_matches_independent_computation(original, texts, capsys):
+    code, res, _ = run_main(capsys, "ppl", str(original), "--text", str(texts["a"]), "--seqlen", "64",
+                            "--max-tokens", "300", "--batch-size", "2")
+    assert code == 0
+    ref, n = independent_ppl(original, [texts["a"].read_text()], 64, 300)
+    assert res["windows"] == n == 300 // 64 and res["seqlen"] == 64 and res["tokens"] == n * 64
+    assert res["model"] == str(original)
+    assert math.isclose(res["ppl"], ref, rel_tol=1e-5)
+
+
+def test_txt_and_jsonl_documents_are_joined(original, texts, capsys):
+    code, res, _ = run_main(capsys, "ppl", str(original), "--text", str(texts["a"]), str(texts["b.jsonl"]),
+                            "--seqlen", "128")
+    assert code == 0
+    docs = [texts["a"].read_text()] + [json.loads(l)["text"] for l in texts["b.jsonl"].read_text().splitlines()]
+    ref, n = independent_ppl(original, docs, 128, None)
+    assert res["windows"] == n and math.isclose(res["ppl"], ref, rel_tol=1e-5)
+
+
+def test_short_text_is_one_partial_window(original, texts, capsys):
+    code, res, _ = run_main(capsys, "ppl", str(original), "--text", str(texts["a"]), "--seqlen", "1024",
+                            "--max-tokens", "50")
+    assert code == 0 and res["windows"] == 1 and res["tokens"] == 50
+    ref, _ = independent_ppl(original, [texts["a"].read_text()], 1024, 50)
+    assert math.isclose(res["ppl"], ref, rel_tol=1e-5)
+
+
+def test_converted_care_mla_folder_and_python_api(tmp_path, texts):
+    """A care_mla folder resolves through model_defs; perplexity() agrees with a hand computation."""
+    from tests.test_model_defs import tiny_model
+
+    require_shared(TOKENIZER_SRC)
+    model = tiny_model("qwen3", seed=2, vocab_size=16384)
+    model.save_pretrained(tmp_path / "mla")
+    for f in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_SRC / f, tmp_path / "mla" / f)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "mla")
+    res = perplexity(model, tok, [texts["a"].read_text()], seqlen=32, max_tokens=100, device="cpu", batch_size=3)
+    ref, n = independent_ppl(tmp_path / "mla", [texts["a"].read_text()], 32, 100)
+    assert res["windows"] == n == 3 and math.isclose(res["ppl"], ref, rel_tol=1e-5)
+
+
+def test_console_script_prints_only_json_on_stdout(original, texts):
+    res = subprocess.run([sys.executable, "-m", "converter.eval_cli", "ppl", str(original), "--text",
+                          str(texts["a"]), "--seqlen", "32", "--max-tokens", "96"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert set(out) >= {"ppl", "tokens", "seqlen", "windows", "model"} and out["windows"] == 3
+
+
+def _unknown_model(tmp_path: Path) -> Path:
+    d = tmp_path / "weird"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "no_such_model_type"}))
+    return d
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing_text", "text file not found"),
+    ("empty_text", "no text"),
+    ("bad_jsonl", "\"text\" field"),
+    ("missing_model", "no config.json"),
+    ("missing_gguf", "GGUF file not found"),
+    ("unknown_model_type", "no_such_model_type"),
+])
+def test_errors_exit_2_with_a_message(case, needle, original, texts, tmp_path, capsys):
+    model, text = str(original), str(texts["a"])
+    if case == "missing_text":
+        text = str(tmp_path / "nope.txt")
+    elif case == "empty_text":
+        text = str(texts["empty"])
+    elif case == "bad_jsonl":
+        text = str(texts["bad.jsonl"])
+    elif case == "missing_model":
+        model = str(tmp_path / "no_model")
+    elif case == "missing_gguf":
+        model = str(tmp_path / "m.Q8_0.gguf")
+    elif case == "unknown_model_type":
+        model = str(_unknown_model(tmp_path))
+    code, _, err = run_main(capsys, "ppl", model, "--text", text)
+    assert code == 2
+    assert needle in err and "Traceback" not in err
