@@ -4,7 +4,7 @@ For every model: the original's perplexity, then {svd, asvd, care} x {uniform, a
 each converted with converter.pipeline.convert (calibration statistics computed once per model and
 reused through a stats cache) and evaluated with converter.eval_cli.perplexity on the corpus TEST split.
 
-    .venv/bin/python benchmarks/oneshot.py                      # full table (~35 min on 2 cores)
+    .venv/bin/python benchmarks/oneshot.py                      # full table (~55 min on 2 busy cores)
     .venv/bin/python benchmarks/oneshot.py --models qwen3-small --ratios 0.5 --methods care,svd
 
 Calibration: the first --calib-chars characters of each data/corpus/{austen,linux61_docs,perl536_docs,
@@ -53,12 +53,12 @@ def build_parser():
     p.add_argument("--methods", default="svd,asvd,care")
     p.add_argument("--policies", "--ranks", dest="policies", default="uniform,adjusted")
     p.add_argument("--ratios", default="1.0,0.75,0.5,0.25")
-    p.add_argument("--eval-tokens", default="smollm2-135m=4096,8192",
+    p.add_argument("--eval-tokens", default="smollm2-135m=2048,4096",
                    help="test tokens per model, split equally over the 4 test files: N or "
-                        "'model=N,...,N' (default smollm2-135m=4096,8192)")
+                        "'model=N,...,N' (default smollm2-135m=2048,4096)")
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=4)
-    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--calib-chars", type=int, default=512_000,
                    help="characters taken from the start of each *.train.txt for calibration")

