@@ -76,7 +76,7 @@ def parse_variant(v: str) -> dict:
         method, policy, ratio = parts
     else:
         raise SystemExit(f"bad variant {v!r}: use original, care-0.5 or care-adjusted-0.5")
-    return {"name": f"{method}-{policy}-{float(ratio):g}", "method": method, "policy": policy, "kv_ratio": float(ratio)}
+    return {"name": f"{method}-{policy}-{float(ratio)}", "method": method, "policy": policy, "kv_ratio": float(ratio)}
 
 
 def free_port() -> int:
