@@ -125,10 +125,9 @@ def _prefill_backend_cls(vllm_config: VllmConfig):
     except ValueError:
         if current_platform.is_cpu():
             raise
-        from vllm.logger import init_logger
         from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
 
-        init_logger(__name__).warning_once(
+        logger.warning_once(
             "care_vllm: no MLA prefill backend supports these head dims; using the dense PyTorch "
             "prefill (CPU_SDPA_MLA) on %s.", current_platform.device_name)
         return CPUSDPAMLAPrefillBackend
