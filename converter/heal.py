@@ -495,7 +495,8 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                 if log["eval"]:
                     bar.set_postfix(loss=f"{loss_m:.4f}", ppl=f"{log['eval'][-1]['ppl']:.3f}", lr=f"{lr:.2e}")
             stop_now = opts.stop_after is not None and step >= opts.stop_after and step < total_steps
-            if step < total_steps and ((opts.save_every and step % opts.save_every == 0) or stop_now):
+            periodic = bool(opts.save_every) and step % opts.save_every == 0
+            if (step < total_steps and (periodic or stop_now)) or (step == total_steps and opts.keep_checkpoint):
                 log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
                 save_checkpoint(work, student, optimizer, scheduler,
                                 {"step": step, "samples_seen": step * per_step, "fingerprint": fingerprint,
@@ -641,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None,
                    help="save a checkpoint and stop after this many steps (continue later with --resume)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial/checkpoint/")
-    p.add_argument("--keep-checkpoint", action="store_true", help="keep the last checkpoint as OUT/checkpoint/")
+    p.add_argument("--keep-checkpoint", action="store_true", help="also save the final trainer state (model, optimizer, scheduler, ...) as OUT/checkpoint/")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard an interrupted run)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
     return p

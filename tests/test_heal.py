@@ -150,7 +150,7 @@ def test_output_keeps_converted_layout(tiny, healed):
 def test_train_attention_only_touches_attention(tiny):
     _, _, conv, _, _ = tiny
     out = tiny[0] / "healed_attn"
-    args = heal_args(tiny, out, "--train", "attention", "--gradient-checkpointing")
+    args = heal_args(tiny, out, "--train", "attention", "--gradient-checkpointing", "--keep-checkpoint")
     args[args.index("--tokens") + 1] = str(TOKENS // 4)         # 2 steps are enough here
     assert heal_mod.main(args) == 0
     a, b = load_file(conv / "model.safetensors"), load_file(out / "model.safetensors")
@@ -161,6 +161,8 @@ def test_train_attention_only_touches_attention(tiny):
     log = json.loads((out / "heal_log.json").read_text())
     n_attn = sum(t.numel() for k, t in a.items() if ".self_attn." in k)
     assert log["trainable_parameters"] == n_attn
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == log["total_steps"] == 2
 
 
 def test_resume_equals_uninterrupted(tiny, healed):
@@ -254,3 +256,33 @@ def test_parse_tokens():
     assert heal_mod.parse_tokens("1.5M") == 1_500_000
     assert heal_mod.parse_tokens("2B") == 2_000_000_000
     assert heal_mod.parse_tokens("1234") == 1234
+
+
+@pytest.mark.slow
+def test_vllm_serves_healed_checkpoint_with_the_same_kv_width(healed):
+    """`vllm serve OUT` (care_vllm plugin) on the healed model: a completion works and the KV cache
+    vLLM binds per layer is r_K + r_V + d_r wide, so per token it is exactly the config's width."""
+    import re
+
+    pytest.importorskip("vllm")
+    openai = pytest.importorskip("openai")
+    from tests.vllm_server import VLLMServer
+
+    kv_bytes = 16 << 20
+    cfg = json.loads((healed / "config.json").read_text())
+    widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
+    with VLLMServer(healed, "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes",
+                    str(kv_bytes), "--max-num-seqs", "4", "--enforce-eager",
+                    log_path=healed.parent / "healed.serve.log") as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
+        name = client.models.list().data[0].id
+        r = client.completions.create(model=name, prompt="The small bird", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text and r.usage.completion_tokens == 8
+        log = server.log_text()
+        shapes = {int(m.group(1)): eval(m.group(2)) for m in re.finditer(
+            r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: shape (\([\d, ]+\))", log)}
+        assert sorted(shapes) == list(range(cfg["num_hidden_layers"])), log[-3000:]
+        assert [shapes[l][-1] for l in range(len(widths))] == widths
+        block_size = shapes[0][1]
+        assert server.kv_cache_tokens() == (kv_bytes // (block_size * sum(widths) * 4)) * block_size
