@@ -193,25 +193,31 @@ def read_docs(files: list, what: str) -> list[str]:
 
 
 def pack_windows(tokenizer, docs: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Documents joined by EOS, packed into [N, seqlen] windows (BOS first when the tokenizer has one)."""
+    """Documents joined by EOS, packed into [N, seqlen] windows (BOS first when the tokenizer has one).
+
+    Tokenized in chunks into an int32 stream (a large corpus does not become a list of Python ints);
+    the windows stay int32 and are made long per batch."""
     eos = tokenizer.eos_token_id
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seqlen - 1 if bos is not None else seqlen
-    stream: list[int] = []
-    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
-        if max_windows is not None and len(stream) >= max_windows * body:
+    parts: list[torch.Tensor] = []
+    have = 0
+    for i in range(0, len(docs), 256):
+        for ids in tokenizer(docs[i:i + 256], add_special_tokens=False)["input_ids"]:
+            if eos is not None:
+                ids = ids + [eos]
+            parts.append(torch.tensor(ids, dtype=torch.int32))
+            have += len(ids)
+        if max_windows is not None and have >= max_windows * body:
             break
-    n = len(stream) // body
+    n = have // body
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise HealError(f"text has only {len(stream)} tokens; one window needs {body} (--seqlen {seqlen})")
-    w = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+        raise HealError(f"text has only {have} tokens; one window needs {body} (--seqlen {seqlen})")
+    w = torch.cat(parts)[: n * body].view(n, body)
     if bos is not None:
-        w = torch.cat([torch.full((n, 1), bos, dtype=torch.long), w], 1)
+        w = torch.cat([torch.full((n, 1), bos, dtype=torch.int32), w], 1)
     return w
 
 
@@ -248,7 +254,7 @@ def local_perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_
     windows = pack_windows(tokenizer, texts, seqlen, max_windows=max(1, max_tokens // seqlen))
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].to(device)
+        x = windows[i:i + batch_size].long().to(device)
         with _autocast(device):
             logits = model(input_ids=x, use_cache=False).logits.float()
         V = logits.shape[-1]
@@ -467,7 +473,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
             lr = scheduler.get_last_lr()[0]
             for micro in range(opts.grad_accum):
                 first = (step * opts.grad_accum + micro) * opts.batch_size
-                x = windows[[order(first + j) for j in range(opts.batch_size)]].to(device)
+                x = windows[[order(first + j) for j in range(opts.batch_size)]].long().to(device)
                 with _autocast(device):
                     with torch.no_grad():
                         t_logits = teacher_model(input_ids=x, use_cache=False).logits

@@ -103,7 +103,7 @@ def test_loss_goes_down(tiny, healed):
 
     _, orig, conv, train, _ = tiny
     tok = AutoTokenizer.from_pretrained(conv)
-    x = heal_mod.pack_windows(tok, [TEXT], SEQLEN)[:4]
+    x = heal_mod.pack_windows(tok, [TEXT], SEQLEN)[:4].long()
     teacher = AutoModelForCausalLM.from_pretrained(orig, dtype=torch.float32).eval()
     with torch.no_grad():
         t = teacher(input_ids=x).logits
