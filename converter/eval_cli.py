@@ -23,7 +23,7 @@ from typing import Any, Sequence
 EXIT_USAGE = 2
 
 
-class EvalError(Exception):
+class EvalError(ValueError):
     """A user-facing problem (bad path, empty text, unsupported model): message, exit code 2."""
 
 
@@ -69,8 +69,10 @@ def perplexity(model, tokenizer, texts: Sequence[str], seqlen: int = 1024, max_t
                device: str | None = None, batch_size: int = 1) -> dict[str, Any]:
     """Perplexity of `model` on `texts` under the protocol of this module.
 
-    Returns {"ppl", "nll" (mean), "tokens" (tokens fed), "predicted_tokens", "seqlen", "windows"}.
-    `device` defaults to the model's device; the model is not moved if it is already there.
+    Returns {"ppl", "nll" (mean), "tokens", "input_tokens", "seqlen", "windows"}. "tokens" counts
+    the scored (predicted) tokens, i.e. the NLL terms, so that results over several texts pool
+    exactly when weighted by it; "input_tokens" counts the tokens fed (windows x their length).
+    `device` defaults to the model's device; the model itself is not moved.
     """
     import torch
     import torch.nn.functional as F
@@ -94,8 +96,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], seqlen: int = 1024, max_t
             nll_sum += nll.item()
             count += x[:, 1:].numel()
     mean = nll_sum / count
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": sum(map(len, windows)),
-            "predicted_tokens": count, "seqlen": seqlen, "windows": len(windows)}
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "input_tokens": sum(map(len, windows)),
+            "seqlen": seqlen, "windows": len(windows)}
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):

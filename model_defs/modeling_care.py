@@ -198,6 +198,9 @@ class CareMLAAttention(nn.Module):
 
 
 class CareMLADecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block as in Llama; a GradientCheckpointingLayer so healing can trade compute
+    for memory (it also switches the cache off while checkpointing)."""
+
     def __init__(self, config: CareMLAConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = CareMLAAttention(config, layer_idx)

@@ -73,7 +73,8 @@ def test_ppl_of_original_model_matches_independent_computation(original, texts, 
                             "--max-tokens", "300", "--batch-size", "2")
     assert code == 0
     ref, n = independent_ppl(original, [texts["a"].read_text()], 64, 300)
-    assert res["windows"] == n == 300 // 64 and res["seqlen"] == 64 and res["tokens"] == n * 64
+    assert res["windows"] == n == 300 // 64 and res["seqlen"] == 64
+    assert res["input_tokens"] == n * 64 and res["tokens"] == n * 63  # tokens = scored tokens
     assert res["model"] == str(original)
     assert math.isclose(res["ppl"], ref, rel_tol=1e-5)
 
@@ -90,7 +91,7 @@ def test_txt_and_jsonl_documents_are_joined(original, texts, capsys):
 def test_short_text_is_one_partial_window(original, texts, capsys):
     code, res, _ = run_main(capsys, "ppl", str(original), "--text", str(texts["a"]), "--seqlen", "1024",
                             "--max-tokens", "50")
-    assert code == 0 and res["windows"] == 1 and res["tokens"] == 50
+    assert code == 0 and res["windows"] == 1 and res["tokens"] == 49
     ref, _ = independent_ppl(original, [texts["a"].read_text()], 1024, 50)
     assert math.isclose(res["ppl"], ref, rel_tol=1e-5)
 
@@ -153,3 +154,58 @@ def test_errors_exit_2_with_a_message(case, needle, original, texts, tmp_path, c
     code, _, err = run_main(capsys, "ppl", model, "--text", text)
     assert code == 2
     assert needle in err and "Traceback" not in err
+
+
+def write_gguf(src: Path, path: Path) -> None:
+    """An F32 GGUF of a tiny Qwen3 folder (llama.cpp's tensor names via the gguf package; the
+    llama3 BPE tokenizer stored as "gpt2"/"llama-bpe"), so the GGUF loading path is exercised on a
+    file whose correct perplexity is known: the source folder's."""
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    tj = json.loads((src / "tokenizer.json").read_text())
+    V = cfg["vocab_size"]
+    tokens, types = [f"<unused{i}>" for i in range(V)], [5] * V
+    for t, i in tj["model"]["vocab"].items():
+        if i < V:
+            tokens[i], types[i] = t, 1
+    for a in tj.get("added_tokens", []):
+        if a["id"] < V:
+            tokens[a["id"]], types[a["id"]] = a["content"], 3
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, cfg["num_hidden_layers"])
+    for k, v in load_file(str(src / "model.safetensors")).items():
+        w.add_tensor(names.get_name(k, try_suffixes=(".weight",)), v.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_gives_the_same_ppl_as_its_source(tmp_path, texts, capsys):
+    # head_dim 128: transformers' Qwen3 GGUF reader does not read head_dim and assumes Qwen3's 128
+    src = make_tiny_original(tmp_path / "orig", "qwen3", num_layers=2, hidden=64, heads=2, kv_heads=1, head_dim=128)
+    write_gguf(src, tmp_path / "tiny.F32.gguf")
+    args = ["--text", str(texts["a"]), "--seqlen", "48", "--max-tokens", "150"]
+    code, from_gguf, err = run_main(capsys, "ppl", str(tmp_path / "tiny.F32.gguf"), *args)
+    assert code == 0, err
+    code, from_folder, _ = run_main(capsys, "ppl", str(src), *args)
+    assert code == 0
+    assert from_gguf["windows"] == from_folder["windows"] == 3
+    assert math.isclose(from_gguf["nll"], from_folder["nll"], rel_tol=1e-5)
