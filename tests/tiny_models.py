@@ -51,7 +51,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             if p.ndim == 1:  # norm weights: around 1 but not 1
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))  # logits of O(1..10), like a real LM
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             if name.endswith(("q_proj.weight", "k_proj.weight")):
