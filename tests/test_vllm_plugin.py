@@ -122,3 +122,73 @@ def test_expected_checkpoint_shapes_match_a_conversion(tmp_path):
         cfg = AutoConfig.from_pretrained(out)
         assert json.loads((out / "config.json").read_text())["model_type"] == "care_mla"
         assert expected_checkpoint_shapes(cfg) == found
+
+
+def _bare_model(cfg):
+    """A CareXForCausalLM whose parameters are plain tensors named as in the real model (no engine):
+    enough to run its load_weights (name mapping, shape checks, gate/up fusion)."""
+    from torch.nn import Parameter
+
+    from care_vllm.models import CareLlamaForCausalLM, CareQwen3ForCausalLM, expected_checkpoint_shapes
+
+    cls = CareQwen3ForCausalLM if cfg.use_qk_norm else CareLlamaForCausalLM
+    m = cls.__new__(cls)
+    torch.nn.Module.__init__(m)
+    m.config = cfg
+    params = {}
+
+    def fused_loader(p, w, shard):
+        p.data.narrow(0, shard * w.shape[0], w.shape[0]).copy_(w)
+
+    for name, shape in expected_checkpoint_shapes(cfg).items():
+        if ".mlp.up_proj." in name:
+            continue
+        if ".mlp.gate_proj." in name:
+            p = Parameter(torch.full((2 * shape[0], shape[1]), float("nan")), requires_grad=False)
+            p.weight_loader = fused_loader
+            params[name.replace(".mlp.gate_proj.", ".mlp.gate_up_proj.")] = p
+        else:
+            params[name] = Parameter(torch.full(shape, float("nan")), requires_grad=False)
+    m.named_parameters = lambda: iter(params.items())
+    return m, params
+
+
+def test_load_weights_maps_every_tensor_and_names_bad_ones(tmp_path):
+    from safetensors.torch import load_file
+
+    from care_vllm.config import register_config
+    from care_vllm.models import CareWeightError
+    from converter.pipeline import convert
+    from tests.tiny_models import make_tiny_original
+    from transformers import AutoConfig
+
+    register_config()
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["the latent cache of a key and a value"] * 300))
+    src = make_tiny_original(tmp_path / "o", "qwen3", num_layers=2)
+    out = tmp_path / "m"
+    convert(src, out, calib_files=[calib], kv_ratio=0.75, rope_dim=8, calib_samples=4, calib_seqlen=32)
+    cfg = AutoConfig.from_pretrained(out)
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+
+    m, params = _bare_model(cfg)
+    loaded = m.load_weights(iter(tensors.items()))
+    assert loaded == set(params)
+    assert all(not p.isnan().any() for p in params.values())
+    gu = params["model.layers.1.mlp.gate_up_proj.weight"]
+    I = tensors["model.layers.1.mlp.gate_proj.weight"].shape[0]
+    assert torch.equal(gu[:I], tensors["model.layers.1.mlp.gate_proj.weight"])
+    assert torch.equal(gu[I:], tensors["model.layers.1.mlp.up_proj.weight"])
+
+    bad_name = "model.layers.1.self_attn.k_latent_proj.weight"
+    missing = {k: v for k, v in tensors.items() if k != bad_name}
+    with pytest.raises(CareWeightError, match=r"missing.*k_latent_proj"):
+        _bare_model(cfg)[0].load_weights(iter(missing.items()))
+    extra = {**tensors, "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": torch.zeros(3, 3)}
+    with pytest.raises(CareWeightError, match=r"unexpected.*kv_a_proj_with_mqa"):
+        _bare_model(cfg)[0].load_weights(iter(extra.items()))
+    wrong = {**tensors, bad_name: tensors[bad_name][:-1]}
+    with pytest.raises(CareWeightError, match=r"k_latent_proj.*shape"):
+        _bare_model(cfg)[0].load_weights(iter(wrong.items()))
