@@ -66,6 +66,7 @@ def build_parser():
     p.add_argument("--work-dir", default=None, help="converted checkpoints + stats caches (default DATA/bench/oneshot)")
     p.add_argument("--out", default=str(common.RESULTS / "oneshot"), help="output path stem (.json/.md)")
     p.add_argument("--resume", action="store_true", help="keep rows of an existing OUT.json with the same settings")
+    p.add_argument("--render-only", action="store_true", help="only rewrite OUT.md from OUT.json")
     return p
 
 
@@ -87,6 +88,14 @@ def evaluate(model, tok, texts: dict, per_file: int, args, ppl_fn) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render_only:
+        res = json.loads(Path(args.out + ".json").read_text())
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        Path(args.out + ".md").write_text(render_md(
+            res, names, [m.strip() for m in args.methods.split(",")], [m.strip() for m in args.policies.split(",")],
+            [float(r) for r in args.ratios.split(",")]))
+        print(Path(args.out + ".md").read_text())
+        return 0
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -207,6 +216,10 @@ def _mean(xs):
     return round(statistics.fmean(xs), 6) if xs else None
 
 
+def _ratio(q):
+    return f"x{q:.2f}" if q < 10 else f"x{q:.0f}"
+
+
 def _fmt(x, nd=2):
     if x is None:
         return "—"
@@ -245,7 +258,7 @@ def render_md(res: dict, models, methods, policies, ratios) -> str:
                 f"`{minfo.get('path')}`, {minfo.get('params', 0) / 1e6:.1f}M params; "
                 f"eval tokens N = {minfo.get('eval_tokens_requested')} requested, {orig['tokens']} scored; "
                 f"original ppl **{orig['ppl']:.3f}**", ""]
-        header = ["method", "ranks"] + [f"KV {r:g}" for r in ratios]
+        header = ["method", "ranks"] + [f"KV {r}" for r in ratios]
         trs = [["original", "—"] + [f"{orig['ppl']:.2f}" for _ in ratios]]
         cache_row = None
         for method in methods:
@@ -256,7 +269,7 @@ def render_md(res: dict, models, methods, policies, ratios) -> str:
                     if row is None:
                         cells.append("—")
                     else:
-                        cells.append(f"{_fmt(row['ppl'])} (x{row['ppl'] / orig['ppl']:.2f})")
+                        cells.append(f"{_fmt(row['ppl'])} ({_ratio(row['ppl'] / orig['ppl'])})")
                         if cache_row is None:
                             cache_row = {}
                         cache_row[r] = f"{row['cache_values_per_token']}/{row['original_cache_values_per_token']}"
@@ -271,8 +284,12 @@ def render_md(res: dict, models, methods, policies, ratios) -> str:
                 v = {mth: rows.get(row_key(name, mth, policy, r)) for mth in ("care", "asvd", "svd")}
                 if all(v.values()):
                     c, a, sv = (v[k]["ppl"] for k in ("care", "asvd", "svd"))
+                    if max(c, a, sv) <= min(c, a, sv) * (1 + 1e-3):
+                        checks.append(f"{policy} KV {r}: care {c:.2f} = asvd {a:.2f} = svd {sv:.2f} → tie "
+                                      f"(at parity every method keeps full rank: identical checkpoints up to rounding)")
+                        continue
                     ok = c < a < sv
-                    checks.append(f"{policy} KV {r:g}: care {c:.2f} {'<' if c < a else '≥'} asvd {a:.2f} "
+                    checks.append(f"{policy} KV {r}: care {_fmt(c)} {'<' if c < a else '≥'} asvd {_fmt(a)} "
                                   f"{'<' if a < sv else '≥'} svd {_fmt(sv)} → {'yes' if ok else 'NO'}")
         if checks:
             out += ["care < asvd < svd:", ""] + [f"- {c}" for c in checks] + [""]
@@ -287,7 +304,7 @@ def render_md(res: dict, models, methods, policies, ratios) -> str:
         conv = [row for k, row in rows.items() if row["model"] == name and row["method"] != "original"]
         if conv:
             stages = sorted({st for row in conv for st in row["convert_seconds"] if st != "total"})
-            first = [row for row in conv if row["convert_seconds"].get("calibrate", 0) > 5]
+            first = conv[:1]  # rows are stored in run order: the model's first conversion collected the statistics
             med = {st: statistics.median(row["convert_seconds"].get(st, 0.0) for row in conv) for st in stages}
             line = (f"Conversion seconds per stage (median over {len(conv)} conversions; calibration statistics are "
                     f"computed by the first conversion and then read from the stats cache): "
