@@ -207,6 +207,8 @@ def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, referenc
             entry = plp[i][str(ids[i])]
             lp = entry["logprob"] if isinstance(entry, dict) else entry.logprob
             worst = max(worst, abs(lp - ref[i - 1, ids[i]].item()))
+    print(f"[{served[0]}] greedy tokens identical on {len(prompt_ids)} concurrent prompts x {n_new}; "
+          f"{len(distinct)} distinct tokens; max |logprob diff| prompt {worst:.2e}, generated {worst_decode:.2e}")
     assert worst < 1e-3, f"max |prompt logprob diff| {worst}"
     assert worst_decode < 1e-3, f"max |generated-token logprob diff| {worst_decode}"
     assert len(distinct) >= 24, f"degenerate generations, the comparison would be weak: {distinct}"
@@ -243,3 +245,6 @@ def test_kv_cache_per_token_is_the_sum_of_layer_widths(served):
     assert care_tokens > orig_tokens
     assert KV_BYTES / orig_tokens >= orig_per_token * 0.99   # the original really pays its full K+V
     assert per_token_bytes < orig_per_token
+    print(f"[{served[0]}] layer widths {widths} (block {block_size}, {next(iter(num_blocks))} blocks): "
+          f"{per_token_bytes} B/token, {care_tokens} tokens in {KV_BYTES} B; original (stock vLLM) "
+          f"{orig_per_token} B/token, {orig_tokens} tokens")
