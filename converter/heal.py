@@ -585,12 +585,16 @@ def plot_curve(log: dict, path: Path) -> None:
                              squeeze=False)
     ax = axes[0][0]
     tok = [s["tokens"] for s in log["steps"]]
-    for key, color in (("loss", "#222222"), ("ce", "#3b6ea5"), ("kd", "#e08a3c")):
+    for key, color in (("loss", "#222222"), ("ce", "#3b6ea5")):
         ax.plot(tok, [s[key] for s in log["steps"]], color=color, lw=1.2, label=key)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss, CE")
     ax.set_title(f"care-heal: L = CE + {log['args']['beta']}·τ²·KD (τ={log['args']['tau']})", fontsize=9)
-    ax.legend(fontsize=8)
+    kd_ax = ax.twinx()   # KD is much smaller than CE: its own axis
+    kd_ax.plot(tok, [s["kd"] for s in log["steps"]], color="#e08a3c", lw=1.2, label="kd (right axis)")
+    kd_ax.set_ylabel("KD  KL(teacher‖student)", color="#e08a3c")
+    lines = ax.get_lines() + kd_ax.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=8)
     if has_eval:
         ax = axes[0][1]
         ax.plot([e["tokens"] for e in log["eval"]], [e["ppl"] for e in log["eval"]], "o-", color="#3b6ea5",
@@ -604,6 +608,10 @@ def plot_curve(log: dict, path: Path) -> None:
         ax.set_ylabel("held-out perplexity")
         ax.set_title("held-out perplexity", fontsize=9)
         ax.legend(fontsize=8)
+    from matplotlib.ticker import EngFormatter
+
+    for a in axes[0]:
+        a.xaxis.set_major_formatter(EngFormatter())
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
