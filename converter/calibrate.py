@@ -4,8 +4,9 @@ For every decoder layer we accumulate, in fp64:
   * `cx`  = sum over tokens of x^T x, x = the attention input after input RMSNorm (weight included);
   * `ax`  = sum over tokens of |x| (ASVD's input scaling);
   * `ck`  = sum of k^T k of the k_norm'd keys (Qwen3 only: its keys are a nonlinear function of x, so
-            the RoRoPE PCA and the K latent are fitted on the real post-norm keys).
-For Llama, the key statistics follow exactly from `cx` (k = W_K x), so nothing more is stored.
+            the RoRoPE PCA and the K latent are fitted on the real post-norm keys);
+  * `qd`  = per-dim sum of squares of the q_norm'd queries (Qwen3 only; used to choose the rope dims).
+For Llama, key and query statistics follow exactly from `cx` (k = W_K x, q = W_Q x): nothing more is stored.
 
 Propagation runs through the ORIGINAL layers, one layer on the device at a time; the statistics are
 therefore independent of method/ranks/ratio, which lets one calibration serve many conversions
@@ -24,6 +25,7 @@ class LayerStats:
     cx: torch.Tensor                 # [D, D] fp64
     ax: torch.Tensor                 # [D] fp64
     ck: torch.Tensor | None = None   # [g*d_h, g*d_h] fp64 (Qwen3)
+    qd: torch.Tensor | None = None   # [n_h, d_h] fp64: sum of squares of each pre-RoPE query dim
 
 
 @dataclass
@@ -34,7 +36,7 @@ class CalibStats:
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "meta": self.meta,
-                "layers": [{"cx": s.cx, "ax": s.ax, "ck": s.ck} for s in self.layers]}
+                "layers": [{"cx": s.cx, "ax": s.ax, "ck": s.ck, "qd": s.qd} for s in self.layers]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibStats":
@@ -59,7 +61,7 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
         layer.to(device=device, dtype=dtype)
         d = layer.input_layernorm.weight.shape[0]
         acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
-               "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None}
+               "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qd": None}
 
         def on_norm(_m, _i, out):
             x = out.reshape(-1, out.shape[-1]).double()
@@ -70,9 +72,14 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
             k = out.reshape(out.shape[0] * out.shape[1], -1).double()
             acc["ck"] = k.T @ k if acc["ck"] is None else acc["ck"].addmm_(k.T, k)
 
+        def on_qnorm(_m, _i, out):  # [B, T, n_h, d_h] post-norm queries, before RoPE
+            q2 = out.double().pow(2).sum((0, 1))
+            acc["qd"] = q2 if acc["qd"] is None else acc["qd"].add_(q2)
+
         hooks = [layer.input_layernorm.register_forward_hook(on_norm)]
         if arch == "qwen3":
             hooks.append(layer.self_attn.k_norm.register_forward_hook(on_knorm))
+            hooks.append(layer.self_attn.q_norm.register_forward_hook(on_qnorm))
         try:
             for i, h in enumerate(hidden):
                 h = h.to(device)
@@ -86,6 +93,7 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
                 hk.remove()
             layer.cpu()
         stats.append(LayerStats(acc["cx"].cpu(), acc["ax"].cpu(),
-                                None if acc["ck"] is None else acc["ck"].cpu()))
+                                None if acc["ck"] is None else acc["ck"].cpu(),
+                                None if acc["qd"] is None else acc["qd"].cpu()))
     rotary.cpu()
     return CalibStats(stats, n * t)

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--kv-width", type=int, default=None,
                         help="KV cache budget in values per token per layer, on average")
     p.add_argument("--rope-dim", type=int, default=None, help="decoupled rope key width (even; default min(64, head_dim), at most half the per-layer budget)")
+    p.add_argument("--rope-select", default="qk", choices=["qk", "key"],
+                   help="which key components keep RoPE: qk = largest expected logit error if dropped "
+                        "(key x query energy x rotation over --rope-distance; default), key = largest key energy (RoRoPE as published)")
+    p.add_argument("--rope-distance", type=float, default=1024.0,
+                   help="token distance over which rotation matters for --rope-select qk (default 1024)")
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="output dtype")

@@ -39,6 +39,8 @@ class Options:
     max_rank_frac: float = 2.0
     overwrite: bool = False
     stats_cache: str | None = None
+    rope_select: str = "qk"
+    rope_distance: float = 1024.0
     max_shard_size: str = "2GB"
 
     def validate(self) -> None:
@@ -53,6 +55,8 @@ class Options:
                                   f"(got {self.kv_ratio})")
         if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
+        if self.rope_select not in ("qk", "key"):
+            raise ConversionError(f"unknown --rope-select {self.rope_select!r} (choose from qk, key)")
         if self.dtype not in DTYPES:
             raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -131,7 +135,7 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
 
     with timer.stage("calibrate"):
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
-        meta = {"source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
+        meta = {"stats_version": 2, "source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
                 "seed": opts.seed, "files": [str(f) for f in calib_files]}
         stats = _load_or_collect_stats(source, windows, opts, meta)
 
@@ -151,8 +155,14 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
             else:
                 key_moments.append(wk @ stats.layers[l].cx @ wk.T)
         pcas = [rope_map.frequency_pca(m, g, d_h) for m in key_moments]
-        counts = rope_map.shared_pair_counts([e for e, _ in pcas], d_r)
-        maps = [rope_map.build_map(e, u, counts, inv_freq, g, d_h) for e, u in pcas]
+        if opts.rope_select == "qk":
+            ranked = [rope_map.reorder_components(
+                rope_map.logit_scores(e, u, _query_diag(source.arch, stats.layers[l], w[l][0], n_heads, d_h),
+                                      inv_freq, opts.rope_distance), e, u) for l, (e, u) in enumerate(pcas)]
+        else:
+            ranked = [(e, e, u) for e, u in pcas]
+        counts = rope_map.shared_pair_counts([sc for sc, _, _ in ranked], d_r)
+        maps = [rope_map.build_map(e, u, counts, inv_freq, g, d_h) for _, e, u in ranked]
 
     with timer.stage("factorize"):
         k_factors, v_factors = [], []
@@ -201,7 +211,7 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
         "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
         "method": opts.method, "rank_policy": opts.ranks,
         "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
-        "rope_pairs_per_frequency": counts,
+        "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select, "rope_distance": opts.rope_distance,
         "cache_values_per_token": cache,
         "original_cache_values_per_token": n_layers * per_layer_orig,
         "layers": layer_reports,
@@ -224,6 +234,15 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     report["seconds"] = dict(timer.seconds, total=round(sum(timer.seconds.values()), 3))
     write.save_json(report, out / "care_report.json")
     return report
+
+
+def _query_diag(arch: str, st, wq: torch.Tensor, n_heads: int, d_h: int) -> torch.Tensor:
+    """Second moment of each pre-RoPE query dim [n_h, d_h] (exact from C_x for Llama, collected for Qwen3)."""
+    if arch == "qwen3":
+        if st.qd is None:
+            raise ConversionError("calibration statistics lack query moments (an old --stats-cache file?); delete it")
+        return st.qd
+    return torch.einsum("oi,ij,oj->o", wq, st.cx, wq).view(n_heads, d_h)
 
 
 def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:

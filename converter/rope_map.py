@@ -6,7 +6,9 @@ g x g mixing U_j across the KV heads, applied identically to both components, co
 rotation. U_j = eigenvectors of M_j = E[k_.j k_.j^T] summed over both components (PCA within the
 frequency), so component c of frequency j carries energy lambda_{j,c}.
 
-The d_r/2 (c, j) components with the largest energy (summed over layers, see shared_pair_counts) keep RoPE (with their exact frequency inv_freq[j],
+The d_r/2 (c, j) components whose RoPE matters most (logit_scores: key energy x query energy x how
+much the frequency rotates over `distance` tokens; or key energy alone, `--rope-select key`; summed
+over layers, see shared_pair_counts) keep RoPE (with their exact frequency inv_freq[j],
 llama3 scaling included, since it is taken from the source's own inv_freq); all others become NoPE
 dims and go into the K latent. With d_r = g*d_h every component keeps RoPE and the map is exact.
 
@@ -60,6 +62,37 @@ def frequency_pca(key_moment: torch.Tensor, num_kv_heads: int, head_dim: int
         lams.append(lam)
         us.append(u * torch.where(s == 0, torch.ones_like(s), s))
     return torch.stack(lams), torch.stack(us)
+
+
+def logit_scores(energy: torch.Tensor, mixing: torch.Tensor, query_diag: torch.Tensor, inv_freq: torch.Tensor,
+                 distance: float) -> torch.Tensor:
+    """How much attention-logit error dropping RoPE on each (frequency j, component c) would cause.
+
+    Why not key energy alone: low frequencies barely rotate over the distances that matter, so
+    dropping their RoPE costs little however large their keys are (and trained models put much key
+    energy there). Score = key energy x energy of the matching query component (summed over the
+    query heads, through the same mixing) x (1 - sinc(theta_j * distance)), the mean of
+    1 - cos(theta_j * delta) for delta uniform in [0, distance].
+    `query_diag` [n_h, d_h]: second moment of each pre-RoPE query dim.
+    """
+    half, g = energy.shape
+    n_h = query_diag.shape[0]
+    group = n_h // g
+    qpair = query_diag[:, :half] + query_diag[:, half:]               # [n_h, half]
+    kv_of_head = torch.arange(n_h) // group
+    # query energy of component c at freq j: sum_h U_j[a(h), c]^2 * qpair[h, j]
+    qe = torch.einsum("hj,jhc->jc", qpair.double(), mixing.double()[:, kv_of_head, :] ** 2)
+    x = inv_freq.double() * distance
+    w = 1.0 - torch.where(x > 1e-8, torch.sin(x) / x.clamp_min(1e-8), torch.ones_like(x))
+    return energy * qe * w[:, None]
+
+
+def reorder_components(score: torch.Tensor, energy: torch.Tensor, mixing: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort each frequency's components by `score` (descending): RoPE is then kept on the first ones."""
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    return (torch.gather(score, 1, order), torch.gather(energy, 1, order),
+            torch.gather(mixing, 2, order[:, None, :].expand_as(mixing)))
 
 
 def shared_pair_counts(energies: list[torch.Tensor], rope_dim: int) -> list[int]:
