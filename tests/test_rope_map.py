@@ -20,7 +20,7 @@ def test_mixing_commutes_with_rope_and_keeps_scores():
     rotated component, q.k scores of every query head are unchanged at any pair of positions."""
     torch.manual_seed(0)
     g, d, n_h, T = 3, 8, 6, 7
-    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    inv_freq = (10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)).float().double()  # kept as fp32
     a = torch.randn(g * d, g * d, dtype=torch.float64)
     energy, mixing = rope_map.frequency_pca(a @ a.T, g, d)
     rm = rope_map.build_map(energy, mixing, [g] * (d // 2), inv_freq, g, d)  # everything keeps RoPE
