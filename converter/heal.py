@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConversionError
+from .write import replace_dir
 
 PROG = "care-heal"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
@@ -317,12 +317,7 @@ def save_checkpoint(work: Path, model, optimizer, scheduler, state: dict) -> Non
     save_model(model, str(tmp / "model.safetensors"))
     torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state()}, tmp / "trainer_state.pt")
-    final, old = work / "checkpoint", work / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, work / "checkpoint")
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -542,13 +537,7 @@ def _write_output(student, converted: Path, out: Path, work: Path, log: dict, op
         plot_curve(log, tmp / "heal_curve.png")
         if opts.keep_checkpoint and (work / "checkpoint").is_dir():
             shutil.move(work / "checkpoint", tmp / "checkpoint")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
