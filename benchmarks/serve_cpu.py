@@ -63,6 +63,7 @@ def build_parser():
     p.add_argument("--bench-timeout", type=float, default=1800)
     p.add_argument("--out", default=str(common.RESULTS / "serve_cpu"), help="output path stem (.json/.md, raw/ dir)")
     p.add_argument("--no-nice", action="store_true", help="do not run servers and the client under `nice`")
+    p.add_argument("--render-only", action="store_true", help="only rewrite OUT.md from OUT.json")
     return p
 
 
@@ -213,7 +214,7 @@ def care_log_lines(log: Path) -> list[str]:
     """Lines the care_vllm plugin logs (per-layer KV tensors etc.), for the record."""
     out = []
     for line in log.read_text(errors="replace").splitlines():
-        if "care" in line.lower() and ("kv" in line.lower() or "mla" in line.lower()) and "non-default args" not in line:
+        if "care_mla" in line and "non-default args" not in line and "Initializing" not in line:
             out.append(re.sub(r"^\(\w+ pid=\d+\) ", "", line)[:300])
     return out[:20]
 
@@ -254,6 +255,12 @@ def rel(p: Path) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render_only:
+        res = json.loads(Path(args.out + ".json").read_text())
+        for v in res["variants"].values():
+            v["care_log"] = [x for x in v.get("care_log", []) if "care_mla" in x and "Initializing" not in x]
+        Path(args.out + ".md").write_text(render_md(res, list(res["variants"])))
+        return 0
     data = common.data_dir(args.data_dir)
     src = common.model_path(args.model, data)
     variants = [parse_variant(v.strip()) for v in args.variants.split(",") if v.strip()]
@@ -366,7 +373,7 @@ def render_md(res: dict, order: list[str]) -> str:
         b = v.get("bench") or {}
         care = v.get("care") or {}
         cache = (f"{care.get('cache_values_per_token')}/{care.get('original_cache_values_per_token')}"
-                 if care else "original")
+                 if care else "11520/11520 (GQA)" if res.get("source", "").endswith("smollm2-135m") else "original")
         if not v.get("ok"):
             rows.append([n, cache, v.get("kv_cache_tokens", "—"), "FAILED", "—", "—", "—", "—", "—"])
             continue
