@@ -29,7 +29,7 @@ python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache p
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 echo "waiting for vllm serve (log: $OUT.serve.log) ..."
-for _ in $(seq 1 300); do
+for _ in $(seq 1 900); do  # compiled start: ~80 s on 2 idle cores, minutes on a busy machine
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
   kill -0 $SERVER 2>/dev/null || { tail -40 "$OUT.serve.log"; exit 1; }
   sleep 1
