@@ -172,6 +172,7 @@ def main(argv=None) -> int:
                     if key in results["rows"]:
                         continue
                     ckpt = mdir / "ckpt"
+                    cache_existed = stats_cache.is_file()
                     t0 = time.perf_counter()
                     rep = convert(str(src), str(ckpt), calib_files=[str(c) for c in calib], method=method,
                                   ranks=policy, kv_ratio=ratio, calib_samples=args.calib_samples,
@@ -193,6 +194,7 @@ def main(argv=None) -> int:
                            "mean_k_rel_error": _mean([l.get("k_rel_error") for l in layers]),
                            "mean_v_rel_error": _mean([l.get("v_rel_error") for l in layers]),
                            "calibration_tokens": rep.get("calibration", {}).get("tokens"),
+                           "stats_cache_existed": cache_existed,
                            "convert_seconds": rep.get("seconds", {}), "convert_wall_seconds": round(conv_s, 2)}
                     results["rows"][key] = row
                     orig = results["rows"][row_key(name, "original", "-", 1.0)]["ppl"]
@@ -310,7 +312,12 @@ def render_md(res: dict, models, methods, policies, ratios) -> str:
                     f"computed by the first conversion and then read from the stats cache): "
                     + ", ".join(f"{st} {med[st]:.2f}" for st in stages))
             if first:
-                line += (f"; first conversion (collects statistics over {first[0].get('calibration_tokens')} tokens): "
+                how = {True: "statistics read from an existing stats cache",
+                       False: f"collects the statistics over {first[0].get('calibration_tokens')} tokens"}.get(
+                    first[0].get("stats_cache_existed"),
+                    f"computes the statistics over {first[0].get('calibration_tokens')} tokens unless the stats "
+                    f"cache file already existed")
+                line += (f"; first conversion of the run ({how}): "
                          + ", ".join(f"{st} {first[0]['convert_seconds'].get(st, 0):.1f}" for st in stages))
             evs = [row["eval_seconds"] for row in conv]
             line += (f". Eval seconds per row: median {statistics.median(evs):.1f} "
