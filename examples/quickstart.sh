@@ -24,10 +24,11 @@ fi
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache per token: {r['cache_values_per_token']} values (original {r['original_cache_values_per_token']})\")" "$OUT/care_report.json"
 
 # 3. Serve with stock `vllm serve` (the plugin registers itself), in the background.
-.venv/bin/vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2-care \
+setsid .venv/bin/vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2-care \
     --dtype float32 > "$OUT.serve.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+# its own process group: stopping it also stops the engine processes it started
+trap 'kill -- -$SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 echo "waiting for vllm serve (log: $OUT.serve.log) ..."
 for _ in $(seq 1 900); do  # compiled start: ~80 s on 2 idle cores, minutes on a busy machine
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
