@@ -93,6 +93,12 @@ class VLLMServer:
             raise ServerError(f"no 'KV cache size' line in the log of {self.model}")
         return int(m[-1].replace(",", ""))
 
+    def kv_layer_shapes(self) -> dict[int, tuple[int, ...]]:
+        """{layer index: KV tensor shape} from the lines care_vllm logs as the engine binds each layer's cache."""
+        return {int(m.group(1)): tuple(int(x) for x in m.group(2).split(",") if x.strip())
+                for m in re.finditer(r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: shape \(([\d, ]+)\)",
+                                     self.log_text())}
+
     def stop(self, grace: float = 20.0) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
