@@ -4,7 +4,9 @@ Budget: the per-token KV cache summed over layers, `sum_l (r_K[l] + r_V[l] + d_r
 exactly. The rope key costs d_r per layer; what remains is split between K and V in proportion to
 their full (lossless) widths, so that parity (kv_ratio 1.0) is exactly lossless.
 
-  uniform  : every layer gets the same rank (remainders go one each to the first layers).
+  uniform  : every layer gets the same cache width (remainders go one each to the first layers), split
+             between K and V within the layer, so a budget that divides evenly gives every layer the
+             same width (e.g. 576 = 512 + 64 everywhere: vLLM's stock MLA kernels take it).
   adjusted : greedy water-filling (the paper's Eq. 1), separately for K and V: start every layer at
              its minimum, then repeatedly give +1 to the layer with the largest
              s_l(r) = sigma_{r+1}^2 / sum_{m>r} sigma_m^2 until the budget is spent. Per-layer min/max
@@ -81,9 +83,11 @@ def plan_ranks(policy: str, cache_budget: int, rope_dim: int, full_k: list[int],
     if latent < n:
         raise ConversionError(f"KV budget of {cache_budget} values/token leaves {latent} for the latents of "
                               f"{n} layers after the rope keys ({rope_dim} each); raise the budget or lower --rope-dim")
-    k_total, v_total = split_budget(latent, full_k, full_v)
     if policy == "uniform":
-        return uniform_ranks(k_total, full_k), uniform_ranks(v_total, full_v)
+        per_layer = uniform_ranks(latent, [fk + fv for fk, fv in zip(full_k, full_v)])
+        split = [split_budget(lat, [fk], [fv]) for lat, fk, fv in zip(per_layer, full_k, full_v)]
+        return [k for k, _ in split], [v for _, v in split]
+    k_total, v_total = split_budget(latent, full_k, full_v)
     if policy == "adjusted":
         return (adjusted_ranks(k_total, sig_k, full_k, min_frac, max_frac, 0),
                 adjusted_ranks(v_total, sig_v, full_v, min_frac, max_frac, 1))

@@ -10,10 +10,15 @@ For Llama, key and query statistics follow exactly from `cx` (k = W_K x, q = W_Q
 
 Propagation runs through the ORIGINAL layers, one layer on the device at a time; the statistics are
 therefore independent of method/ranks/ratio, which lets one calibration serve many conversions
-(`stats_cache`).
+(`stats_cache`). On CUDA the hidden states stay on the device when they fit in a quarter of its free
+memory (a round trip to host RAM per layer costs more than the layer's forward for 8B shapes), and
+fp32 layer forwards use TF32 matmuls (the statistics are accumulated in fp64 from the fp32 outputs
+either way); `dtype=torch.bfloat16` runs the layers in bf16 instead.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +48,37 @@ class CalibStats:
         return cls([LayerStats(**s) for s in d["layers"]], d["tokens"], d.get("meta", {}))
 
 
+def _hidden_home(device: str, nbytes: int) -> str:
+    """Where the propagated hidden states wait between layers: the device if they fit comfortably."""
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if nbytes < free // 4:
+            return device
+    return "cpu"
+
+
+def _working_copy(layer: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The layer itself moved to `device` (lossless), or a cast copy when `dtype` differs: the source
+    weights must stay untouched, the factorization reads them afterwards."""
+    if all(p.dtype == dtype for p in layer.parameters()):
+        return layer.to(device)
+    return copy.deepcopy(layer).to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _matmul_precision(device: str):
+    """TF32 matmuls for fp32 layer forwards on CUDA (8B shapes: ~4x faster); CPU unchanged."""
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @torch.no_grad()
 def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", batch_size: int = 8,
                   dtype: torch.dtype = torch.float32) -> CalibStats:
@@ -51,14 +87,15 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
     n, t = windows.shape
     pos = torch.arange(t, device=device).unsqueeze(0)
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    park = _hidden_home(device, n * t * inner.config.hidden_size * torch.finfo(dtype).bits // 8)
     embed = inner.embed_tokens.to(device)
-    hidden = [embed(windows[b].to(device)).to(dtype).cpu() for b in batches]
+    hidden = [embed(windows[b].to(device)).to(dtype).to(park) for b in batches]
     embed.cpu()
     rotary = inner.rotary_emb.to(device)
 
     stats: list[LayerStats] = []
-    for layer in tqdm(inner.layers, desc="calibrate", unit="layer"):
-        layer.to(device=device, dtype=dtype)
+    for src_layer in tqdm(inner.layers, desc="calibrate", unit="layer"):
+        layer = _working_copy(src_layer, device, dtype)
         d = layer.input_layernorm.weight.shape[0]
         acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
                "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qd": None}
@@ -84,14 +121,17 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
             for i, h in enumerate(hidden):
                 h = h.to(device)
                 cos_sin = rotary(h, pos.expand(h.shape[0], -1))
-                out = layer(h, attention_mask=None, position_ids=pos.expand(h.shape[0], -1),
-                            position_embeddings=cos_sin)
+                with _matmul_precision(device):
+                    out = layer(h, attention_mask=None, position_ids=pos.expand(h.shape[0], -1),
+                                position_embeddings=cos_sin)
                 out = out[0] if isinstance(out, tuple) else out
-                hidden[i] = out.cpu()
+                hidden[i] = out.to(park)
         finally:
             for hk in hooks:
                 hk.remove()
-            layer.cpu()
+            if layer is src_layer:
+                layer.cpu()
+            del layer
         stats.append(LayerStats(acc["cx"].cpu(), acc["ax"].cpu(),
                                 None if acc["ck"] is None else acc["ck"].cpu(),
                                 None if acc["qd"] is None else acc["qd"].cpu()))

@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="output dtype")
-    p.add_argument("--device", default="cpu", help="cpu or cuda for calibration (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda: where calibration and the fp64 factorization run (default cpu)")
+    p.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the calibration forward (statistics are fp64 either way; default float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-cache", default=None, metavar="PT",
                    help="reuse/save calibration statistics here (they do not depend on method or budget)")

@@ -35,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class Source:
     """A loaded source model plus what the writer needs to reproduce its non-weight files."""
     model: torch.nn.Module          # HF *ForCausalLM, eval mode, on CPU
-    tokenizer: object
+    tokenizer: object | None
     arch: str                       # "llama" | "qwen3"
     name: str                       # what the user passed (recorded in the output config)
     src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
@@ -50,7 +50,7 @@ class Source:
             for f in TOKENIZER_FILES:
                 if (self.src_dir / f).is_file():
                     shutil.copy(self.src_dir / f, out / f)
-        else:
+        elif self.tokenizer is not None:  # (None: an in-memory benchmark model without a tokenizer)
             self.tokenizer.save_pretrained(out)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(out)

@@ -39,6 +39,7 @@ class Options:
     max_rank_frac: float = 2.0
     overwrite: bool = False
     stats_cache: str | None = None
+    calib_dtype: str = "float32"
     rope_select: str = "qk"
     rope_distance: float = 1024.0
     max_shard_size: str = "2GB"
@@ -57,6 +58,8 @@ class Options:
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
         if self.rope_select not in ("qk", "key"):
             raise ConversionError(f"unknown --rope-select {self.rope_select!r} (choose from qk, key)")
+        if self.calib_dtype not in ("float32", "bfloat16"):
+            raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from float32, bfloat16)")
         if self.dtype not in DTYPES:
             raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -108,7 +111,8 @@ def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Option
         if stats.meta == meta:
             return stats
         raise ConversionError(f"stats cache {path} was made for other inputs ({stats.meta}); delete it")
-    stats = calibrate.collect_stats(src.model, windows, src.arch, opts.device, opts.calib_batch)
+    stats = calibrate.collect_stats(src.model, windows, src.arch, opts.device, opts.calib_batch,
+                                    dtype=DTYPES[opts.calib_dtype])
     stats.meta = meta
     if path is not None:
         torch.save(stats.to_dict(), path)
@@ -125,6 +129,26 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     with timer.stage("load"):
         docs = calib_data.read_texts(list(calib_files))
         source = load.load_source(src)
+    with timer.stage("calibrate"):  # tokenization counts as calibration
+        windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
+    meta = {"stats_version": 2, "source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
+            "seed": opts.seed, "files": [str(f) for f in calib_files]}
+    if opts.calib_dtype != "float32":
+        meta["calib_dtype"] = opts.calib_dtype
+    return convert_source(source, windows, out, opts, timer=timer, stats_meta=meta,
+                          calib_files=[str(f) for f in calib_files])
+
+
+def convert_source(source: load.Source, windows: torch.Tensor, out: Path, opts: Options, *,
+                   timer: Timer | None = None, stats_meta: dict | None = None,
+                   calib_files: list[str] | None = None) -> dict:
+    """Convert an already loaded source with calibration token windows [N, T] (the benchmarks call
+    this directly with random-weight models); `convert()` is the file-based entry point."""
+    opts.validate()
+    out = Path(out)
+    write.prepare_out(out, opts.overwrite)
+    timer = timer or Timer()
+    src = source.name
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -134,31 +158,40 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     rope_map.check_rope_dim(d_r, g, d_h)
 
     with timer.stage("calibrate"):
-        windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
-        meta = {"stats_version": 2, "source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
-                "seed": opts.seed, "files": [str(f) for f in calib_files]}
-        stats = _load_or_collect_stats(source, windows, opts, meta)
+        stats = _load_or_collect_stats(source, windows, opts, stats_meta or {"source": str(src)})
 
     layers = source.model.model.layers
     attn = [layer.self_attn for layer in layers]
-    w = [(a.q_proj.weight.detach().double(), a.k_proj.weight.detach().double(),
-          a.v_proj.weight.detach().double()) for a in attn]
+    la = opts.device  # where the fp64 linear algebra runs (results come back to the CPU)
+
+    def weights(l: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = attn[l]
+        return tuple(m.weight.detach().to(device, torch.float64) for m in (a.q_proj, a.k_proj, a.v_proj))
+
+    def on(t: torch.Tensor) -> torch.Tensor:
+        return t.to(la, torch.float64)
+
     inv_freq = source.model.model.rotary_emb.inv_freq.detach().float().cpu()
     if float(getattr(source.model.model.rotary_emb, "attention_scaling", 1.0)) != 1.0:
         raise ConversionError("rope attention scaling != 1 is not supported")
 
     with timer.stage("rope_map"):
-        key_moments = []
-        for l, (_, wk, _) in enumerate(w):
+        pcas, query_diags = [], []
+        for l in range(n_layers):
+            st = stats.layers[l]
             if source.arch == "qwen3":
-                key_moments.append(stats.layers[l].ck)
+                key_moment, query_diag = st.ck, _query_diag(source.arch, st, None, n_heads, d_h)
             else:
-                key_moments.append(wk @ stats.layers[l].cx @ wk.T)
-        pcas = [rope_map.frequency_pca(m, g, d_h) for m in key_moments]
+                wq, wk, _ = weights(l, la)
+                cx = on(st.cx)
+                key_moment = (wk @ cx @ wk.T).cpu()
+                query_diag = _query_diag(source.arch, st, wq, n_heads, d_h, cx).cpu()
+            pcas.append(rope_map.frequency_pca(key_moment, g, d_h))
+            query_diags.append(query_diag)
         if opts.rope_select == "qk":
             ranked = [rope_map.reorder_components(
-                rope_map.logit_scores(e, u, _query_diag(source.arch, stats.layers[l], w[l][0], n_heads, d_h),
-                                      inv_freq, opts.rope_distance), e, u) for l, (e, u) in enumerate(pcas)]
+                rope_map.logit_scores(e, u, query_diags[l], inv_freq, opts.rope_distance), e, u)
+                for l, (e, u) in enumerate(pcas)]
         else:
             ranked = [(e, e, u) for e, u in pcas]
         counts = rope_map.shared_pair_counts([sc for sc, _, _ in ranked], d_r)
@@ -167,16 +200,19 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     with timer.stage("factorize"):
         k_factors, v_factors = [], []
         for l in tqdm(range(n_layers), desc="factorize", unit="layer"):
-            st, (_, wk, wv), rm = stats.layers[l], w[l], maps[l]
+            st, rm = stats.layers[l], maps[l]
+            _, wk, wv = weights(l, la)
+            cx, ax, q_n = on(st.cx), on(st.ax), on(rm.q_n)
             if source.arch == "llama":
-                k_factors.append(factorize.factorize(rm.q_n @ wk, st.cx, st.ax, opts.method))
+                kf = factorize.factorize(q_n @ wk, cx, ax, opts.method)
             elif opts.method == "care":   # activation-optimal on the real post-norm keys
-                k_factors.append(factorize.factorize(rm.q_n, st.ck, None, "care"))
+                kf = factorize.factorize(q_n, on(st.ck), None, "care")
             else:                          # weight-based baselines see only the (linearized) weights
-                gamma = attn[l].k_norm.weight.detach().double().repeat(g)
-                lin = factorize.factorize(rm.q_n @ (gamma[:, None] * wk), st.cx, st.ax, opts.method)
-                k_factors.append(factorize.projection_factor(rm.q_n, lin))
-            v_factors.append(factorize.factorize(wv, st.cx, st.ax, opts.method))
+                gamma = on(attn[l].k_norm.weight.detach()).repeat(g)
+                kf = factorize.projection_factor(q_n, factorize.factorize(q_n @ (gamma[:, None] * wk), cx, ax,
+                                                                          opts.method))
+            k_factors.append(kf.to("cpu"))
+            v_factors.append(factorize.factorize(wv, cx, ax, opts.method).to("cpu"))
 
     with timer.stage("allocate"):
         full_k = [min(f.down.shape[0], g * d_h - d_r) for f in k_factors]
@@ -191,8 +227,9 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
         layer_reports = []
         for l in range(n_layers):
             a = attn[l]
+            wq, wk, wv = weights(l)
             tensors = assemble.attention_tensors(
-                arch=source.arch, wq=w[l][0], wk=w[l][1], wv=w[l][2],
+                arch=source.arch, wq=wq, wk=wk, wv=wv,
                 q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
                 k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
                 rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
@@ -201,12 +238,15 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
             for name, t in tensors.items():
                 state[f"model.layers.{l}.self_attn.{name}"] = t
             state[f"model.layers.{l}.self_attn.o_proj.weight"] = a.o_proj.weight.detach().to(dtype).contiguous()
-            layer_reports.append(_layer_report(l, source.arch, stats.layers[l], w[l], maps[l], k_factors[l],
-                                               v_factors[l], k_ranks[l], v_ranks[l], g, d_h))
+    with timer.stage("report"):
+        for l in range(n_layers):
+            layer_reports.append(_layer_report(l, source.arch, stats.layers[l], weights(l, la), maps[l],
+                                               k_factors[l], v_factors[l], k_ranks[l], v_ranks[l], g, d_h, on))
 
     cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
     assert cache == budget, (cache, budget)
     config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
+    calib_files = calib_files or []
     report = {
         "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
         "method": opts.method, "rank_policy": opts.ranks,
@@ -215,9 +255,9 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
         "cache_values_per_token": cache,
         "original_cache_values_per_token": n_layers * per_layer_orig,
         "layers": layer_reports,
-        "calibration": {"files": [str(f) for f in calib_files], "samples": opts.calib_samples,
-                        "seqlen": opts.calib_seqlen, "tokens": stats.tokens, "seed": opts.seed,
-                        "device": opts.device},
+        "calibration": {"files": calib_files, "samples": int(windows.shape[0]),
+                        "seqlen": int(windows.shape[1]), "tokens": stats.tokens, "seed": opts.seed,
+                        "device": opts.device, "dtype": opts.calib_dtype},
         "options": {"damping": factorize.DAMPING, "asvd_alpha": factorize.ASVD_ALPHA,
                     "min_rank_frac": opts.min_rank_frac, "max_rank_frac": opts.max_rank_frac,
                     "dtype": opts.dtype},
@@ -236,13 +276,15 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     return report
 
 
-def _query_diag(arch: str, st, wq: torch.Tensor, n_heads: int, d_h: int) -> torch.Tensor:
+def _query_diag(arch: str, st, wq: torch.Tensor | None, n_heads: int, d_h: int,
+                cx: torch.Tensor | None = None) -> torch.Tensor:
     """Second moment of each pre-RoPE query dim [n_h, d_h] (exact from C_x for Llama, collected for Qwen3)."""
     if arch == "qwen3":
         if st.qd is None:
             raise ConversionError("calibration statistics lack query moments (an old --stats-cache file?); delete it")
         return st.qd
-    return torch.einsum("oi,ij,oj->o", wq, st.cx, wq).view(n_heads, d_h)
+    cx = st.cx if cx is None else cx
+    return ((wq @ cx) * wq).sum(1).view(n_heads, d_h)
 
 
 def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:
@@ -255,16 +297,19 @@ def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _layer_report(l, arch, st, weights, rm, kf, vf, k_rank, v_rank, g, d_h) -> dict:
-    """Relative K/V activation errors on the calibration data (K: whole key incl. the exact rope part)."""
+def _layer_report(l, arch, st, weights, rm, kf, vf, k_rank, v_rank, g, d_h, on=lambda t: t) -> dict:
+    """Relative K/V activation errors on the calibration data (K: whole key incl. the exact rope part);
+    `on` moves a tensor to where the fp64 products run."""
     _, wk, wv = weights
+    cx, q_n = on(st.cx), on(rm.q_n)
     if arch == "llama":
-        key_total = torch.einsum("oi,ij,oj->", wk, st.cx, wk).item()
-        k_err = factorize.relative_error(rm.q_n @ wk, kf.approx(k_rank), st.cx, key_total)
+        key_total = ((wk @ cx) * wk).sum().item()
+        k_err = factorize.relative_error(q_n @ wk, on(kf.approx(k_rank)), cx, key_total)
     else:
-        key_total = st.ck.diagonal().sum().item()
-        k_err = factorize.relative_error(rm.q_n, kf.approx(k_rank), st.ck, key_total)
-    v_err = factorize.relative_error(wv, vf.approx(v_rank), st.cx)
+        ck = on(st.ck)
+        key_total = ck.diagonal().sum().item()
+        k_err = factorize.relative_error(q_n, on(kf.approx(k_rank)), ck, key_total)
+    v_err = factorize.relative_error(wv, on(vf.approx(v_rank)), cx)
     return {"layer": l, "k_rank": k_rank, "v_rank": v_rank, "rope_dim": rm.q_s.shape[0],
             "k_rel_error": round(k_err, 6), "v_rel_error": round(v_err, 6),
             "rope_energy_fraction": round(rm.energy_kept, 6)}

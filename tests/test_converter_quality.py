@@ -90,3 +90,16 @@ def test_budget_is_spent_exactly(tmp_path, policy, ratio):
                 "calibration", "seconds"):
         assert key in report
     assert (tmp_path / "out" / "care_ranks.png").stat().st_size > 1000
+
+
+def test_uniform_policy_gives_every_layer_the_same_width():
+    """A budget that divides evenly must give one width everywhere (576 = 512 + 64 is what vLLM's
+    stock MLA kernels take), even when K and V have different lossless widths."""
+    from converter.allocate import plan_ranks
+
+    n, d_r = 32, 64
+    full_k, full_v = [1024 - d_r] * n, [1024] * n       # Llama-8B shapes
+    k, v = plan_ranks("uniform", 576 * n, d_r, full_k, full_v, [], [])
+    assert {a + b + d_r for a, b in zip(k, v)} == {576}
+    assert sum(k) + sum(v) + n * d_r == 576 * n
+    assert all(a <= b for a, b in zip(k, v))            # K (960 wide) gets no more than V (1024)

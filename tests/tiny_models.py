@@ -34,11 +34,12 @@ def require_shared(path: Path) -> Path:
     return path
 
 
-def _common(num_layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+def _common(num_layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+            max_positions: int = 1024) -> dict:
     return dict(
         vocab_size=16384, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=head_dim, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        head_dim=head_dim, max_position_embeddings=max_positions, rms_norm_eps=1e-6,
         tie_word_embeddings=True, eos_token_id=2, pad_token_id=0, bos_token_id=None,
         attention_bias=False,
     )
@@ -59,12 +60,13 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, hidden: int = 64,
-                       heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0) -> Path:
+                       heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
+                       max_positions: int = 1024) -> Path:
     """Write a random tiny Llama-3 (`arch="llama"`) or Qwen3 (`arch="qwen3"`) checkpoint to `out`."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     require_shared(TOKENIZER_SRC)
-    kw = _common(num_layers, hidden, heads, kv_heads, head_dim)
+    kw = _common(num_layers, hidden, heads, kv_heads, head_dim, max_positions)
     if arch == "llama":
         cfg = LlamaConfig(**kw, rope_parameters=dict(LLAMA3_ROPE))
         model = LlamaForCausalLM(cfg)
