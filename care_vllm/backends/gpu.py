@@ -5,11 +5,15 @@
   the global head-size whitelist {320, 512, 576} (see common.py). Layers of different widths get
   different KV specs, hence different attention groups and builders (one workspace each).
 * the chunked-context gather: `ops.gather_and_maybe_dequant_cache` (CUDA) only instantiates
-  entry widths 320 and 576. `install_gather_fallback()` wraps it so other widths go through
+  entry widths 320, 512 and 576. `install_gather_fallback()` wraps it so other widths go through
   `ops.cp_gather_cache` (any entry size, no dequantisation) for unquantised caches, or a PyTorch
-  gather + per-tensor dequantisation for fp8 caches. Widths 320/576 still use the original kernel.
+  gather + per-tensor dequantisation for fp8 caches. Widths 320/512/576 still use the original kernel.
 
-Untested on a device in this repository (no GPU here); it imports on CPU builds.
+Not yet run on a GPU (no session so far was lent one; benchmarks/gpu/README.md is the plan); it
+imports on CPU builds. What is verified without a GPU: the Triton decode kernel at care widths, in
+Triton's interpreter (tests/test_triton_decode_interpreted.py); `cp_gather_cache`'s CUDA source
+(vLLM 0.32.0 csrc/cache_kernels.cu) copies `entry_size * element_size` bytes per token for any entry
+size; `torch_gather_cache` against a reference (tests/test_vllm_plugin.py).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from vllm.v1.attention.backends.mla.triton_mla import TritonMLABackend, TritonML
 
 from .common import RelaxedHeadSizeBuilderMixin
 
-_GATHER_KERNEL_WIDTHS = (320, 576)
+_GATHER_KERNEL_WIDTHS = (320, 512, 576)  # csrc/cache_kernels.cu instantiates exactly these
 
 
 class CareTritonMLAMetadataBuilder(RelaxedHeadSizeBuilderMixin, TritonMLAMetadataBuilder):
