@@ -134,7 +134,13 @@ def _check_tensors(src: Path, cfg) -> None:
 
 
 def load_source(src: str | Path) -> Source:
-    """Load and validate a source checkpoint (fp32, CPU)."""
+    """Load and validate a source checkpoint on the CPU, in the dtype it is stored in.
+
+    Why not fp32: an 8B bf16 checkpoint is 16 GB as stored and 32 GB in fp32. Nothing is lost by
+    keeping it as stored: calibration runs each layer on an fp32 copy (converter/calibrate.py), the
+    factorization upcasts each weight to fp64, and bf16 -> fp32 -> fp64 is exact. The rotary
+    inverse frequencies are recomputed in fp32 (a bf16 buffer would round them). GGUF sources are
+    dequantized to fp32."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = str(src)
@@ -170,6 +176,17 @@ def load_source(src: str | Path) -> Source:
     cfg = AutoConfig.from_pretrained(src)
     arch = _check_config(cfg, str(src))
     _check_tensors(src, cfg)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        model = model.float()
+    _fp32_rotary(model)
     tok = AutoTokenizer.from_pretrained(src)
     return Source(model.eval(), tok, arch, name, src)
+
+
+def _fp32_rotary(model) -> None:
+    """Make sure the rotary inverse frequencies are the fp32 values transformers computes."""
+    rot = model.model.rotary_emb
+    if rot.inv_freq.dtype != torch.float32:
+        with torch.device("cpu"):
+            model.model.rotary_emb = type(rot)(config=model.config)

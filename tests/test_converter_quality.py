@@ -103,3 +103,27 @@ def test_uniform_policy_gives_every_layer_the_same_width():
     assert {a + b + d_r for a, b in zip(k, v)} == {576}
     assert sum(k) + sum(v) + n * d_r == 576 * n
     assert all(a <= b for a, b in zip(k, v))            # K (960 wide) gets no more than V (1024)
+
+
+def test_bf16_source_stays_bf16_in_memory_and_converts_bit_identically(tmp_path):
+    """The source is kept in its stored dtype (half the RAM of fp32 for an 8B model); since every
+    computation upcasts per layer, the checkpoint must equal the one made from an fp32 load."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from converter.pipeline import Options, convert_source
+
+    src = require_shared(SHARED / "models" / "qwen3-small")
+    stored = load.load_source(src)
+    assert stored.model.dtype == torch.bfloat16
+    assert stored.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    fp32 = load.Source(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), stored.tokenizer,
+                       stored.arch, str(src), stored.src_dir)
+    assert torch.equal(stored.model.model.rotary_emb.inv_freq, fp32.model.model.rotary_emb.inv_freq)
+    windows = torch.randint(3, 16000, (4, 64), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for source, tag in ((stored, "stored"), (fp32, "fp32")):
+        convert_source(source, windows, tmp_path / tag, Options(kv_ratio=0.5, calib_samples=4, calib_seqlen=64))
+        outs.append(load_file(str(tmp_path / tag / "model.safetensors")))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
