@@ -22,19 +22,15 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # noqa: E402  (also puts the repo root on sys.path)
+from care_vllm.loadtest.server import VllmServer, cache_config_info, fetch, vllm_command  # noqa: E402
 
-KV_LINE = re.compile(r"(\w+(?: \+ host)?) KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) "
-                     r"tokens per request: ([\d.]+)x")
 PROMPT = "The three most important ideas in operating system design are"
 
 
@@ -80,24 +76,6 @@ def parse_variant(v: str) -> dict:
     return {"name": f"{method}-{policy}-{float(ratio)}", "method": method, "policy": policy, "kv_ratio": float(ratio)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vllm_exe() -> str:
-    exe = Path(sys.executable).with_name("vllm")
-    return str(exe) if exe.exists() else "vllm"
-
-
-def http(url: str, body: dict | None = None, timeout: float = 5.0) -> str:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback)
-        return r.read().decode()
-
-
 def ensure_checkpoint(var: dict, src: Path, data: Path, args) -> Path:
     out = data / "bench" / "serve" / var["name"]
     rep_path = out / "care_report.json"
@@ -122,92 +100,42 @@ def ensure_checkpoint(var: dict, src: Path, data: Path, args) -> Path:
     return out
 
 
-class Server:
-    def __init__(self, model: Path, name: str, log: Path, args):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.cmd = [vllm_exe(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                    "--served-model-name", name, "--dtype", args.dtype,
-                    "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--max-model-len", str(args.max_model_len),
-                    "--seed", str(args.seed), "--disable-log-stats"]
-        if args.max_num_seqs:
-            self.cmd += ["--max-num-seqs", str(args.max_num_seqs)]
-        if not args.no_enforce_eager:
-            self.cmd += ["--enforce-eager"]
-        if not args.no_nice:
-            self.cmd = ["nice", *self.cmd]
-        self.timeout = args.startup_timeout
-        self.proc = None
-
-    def __enter__(self):
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.log, "w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=common.REPO)
-        while time.perf_counter() - t0 < self.timeout:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; log tail:\n{self.tail()}")
-            try:
-                http(f"{self.base}/health", timeout=2)
-                self.startup_seconds = round(time.perf_counter() - t0, 1)
-                return self
-            except OSError:
-                time.sleep(2)
-        self.stop()
-        raise TimeoutError(f"vllm serve not healthy after {self.timeout:.0f}s; log tail:\n{self.tail()}")
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        if getattr(self, "_f", None):
-            self._f.close()
-
-    def tail(self, n=40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+def server(model: Path, name: str, log: Path, args) -> VllmServer:
+    """The variant's `vllm serve`, identical engine flags for every variant (care_vllm.loadtest.server
+    starts it in its own process group and always stops it, SIGTERM then SIGKILL)."""
+    extra = ["--dtype", args.dtype, "--kv-cache-memory-bytes", str(args.kv_cache_bytes),
+             "--max-model-len", str(args.max_model_len), "--seed", str(args.seed), "--disable-log-stats"]
+    if args.max_num_seqs:
+        extra += ["--max-num-seqs", str(args.max_num_seqs)]
+    if not args.no_enforce_eager:
+        extra += ["--enforce-eager"]
+    return VllmServer(model, log, extra, served_name=name, startup_timeout=args.startup_timeout,
+                      env={"TRANSFORMERS_OFFLINE": "1"}, cwd=common.REPO, prefix=[] if args.no_nice else ["nice"],
+                      poll_interval=2.0, stop_grace=60.0)
 
 
-def kv_from_log(log: Path) -> dict:
-    text = log.read_text(errors="replace")
-    m = None
-    for m in KV_LINE.finditer(text):
-        pass
-    if m is None:
+def kv_from_log(srv: VllmServer) -> dict:
+    kv = srv.kv_cache_log()
+    if kv is None:
         return {}
-    return {"kv_cache_tokens": int(m.group(2).replace(",", "")), "kv_pool": m.group(1),
-            "max_concurrency_at_max_model_len": float(m.group(4)), "kv_log_line": m.group(0)}
+    return {"kv_cache_tokens": kv["tokens"], "kv_pool": kv["pool"],
+            "max_concurrency_at_max_model_len": kv["max_concurrency"], "kv_log_line": kv["line"]}
 
 
 def kv_from_metrics(base: str) -> dict:
     try:
-        text = http(f"{base}/metrics", timeout=10)
-    except OSError as e:
+        labels = cache_config_info(base, timeout=10)
+    except (OSError, ValueError) as e:  # unreachable or unparsable /metrics: recorded, not fatal
         return {"metrics_error": str(e)}
-    for line in text.splitlines():
-        if line.startswith("vllm:cache_config_info{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            out = {"cache_config_info": {k: labels[k] for k in ("num_gpu_blocks", "block_size", "cache_dtype",
-                                                                "kv_cache_memory_bytes") if k in labels}}
-            try:
-                out["kv_cache_tokens_from_metrics"] = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
-            except (KeyError, ValueError):
-                pass
-            return out
-    return {}
+    if labels is None:
+        return {}
+    out = {"cache_config_info": {k: labels[k] for k in ("num_gpu_blocks", "block_size", "cache_dtype",
+                                                        "kv_cache_memory_bytes") if k in labels}}
+    try:
+        out["kv_cache_tokens_from_metrics"] = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+    except (KeyError, ValueError):
+        pass
+    return out
 
 
 def care_log_lines(log: Path) -> list[str]:
@@ -227,7 +155,7 @@ METRICS = ["output_throughput", "total_token_throughput", "request_throughput", 
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
     raw_dir.mkdir(parents=True, exist_ok=True)
     fname = f"{var_name}.json"
-    cmd = [vllm_exe(), "bench", "serve", "--backend", "vllm", "--base-url", base, "--model", served,
+    cmd = [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base, "--model", served,
            "--tokenizer", str(tokenizer), "--dataset-name", "random",
            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
            "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate),
@@ -312,20 +240,21 @@ def main(argv=None) -> int:
             served = f"{args.model}-{name}"
             log = logs / f"{name}.log"
             print(f"[serve_cpu] {name}: starting vllm serve {model_dir}", flush=True)
-            with Server(model_dir, served, log, args) as srv:
-                rec["server_command"] = " ".join(shlex.quote(c) for c in srv.cmd).replace(
+            with server(model_dir, served, log, args) as srv:
+                rec["server_command"] = " ".join(shlex.quote(c) for c in srv.args).replace(
                     f"--port {srv.port}", "--port PORT")
                 rec["startup_seconds"] = srv.startup_seconds
-                rec.update(kv_from_log(log))
-                rec.update(kv_from_metrics(srv.base))
+                rec.update(kv_from_log(srv))
+                rec.update(kv_from_metrics(srv.base_url))
                 rec["care_log"] = care_log_lines(log) if var["method"] else []
-                comp = json.loads(http(f"{srv.base}/v1/completions", {
+                comp = json.loads(fetch(f"{srv.base_url}/v1/completions", {
                     "model": served, "prompt": PROMPT, "max_tokens": 24, "temperature": 0.0}, timeout=300))
                 rec["greedy_sample"] = {"prompt": PROMPT, "completion": comp["choices"][0]["text"]}
                 print(f"[serve_cpu] {name}: up in {srv.startup_seconds}s, KV {rec.get('kv_cache_tokens')} tokens; "
                       f"sample: {comp['choices'][0]['text']!r}", flush=True)
-                metrics, bcmd = run_bench(name, served, src, srv.base, raw_dir, args)
-                rec["bench_command"] = " ".join(shlex.quote(c) for c in bcmd).replace(srv.base, "http://127.0.0.1:PORT")
+                metrics, bcmd = run_bench(name, served, src, srv.base_url, raw_dir, args)
+                rec["bench_command"] = " ".join(shlex.quote(c) for c in bcmd).replace(srv.base_url,
+                                                                                      "http://127.0.0.1:PORT")
                 rec["bench"] = metrics
                 rec["raw_result"] = rel(raw_dir / f"{name}.json")
                 rec["ok"] = True

@@ -20,18 +20,6 @@ PROMPT_IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 4
                1024, 64, 16383, 500, 501, 502, 99, 100, 4096, 17]]
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    words = ("the model cache attention key value rope layer latent rank token query head "
-             "of and to in a is that for it as was with be by on not this are or from").split()
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(" ".join(rng.choice(words) for _ in range(6000)))
-    return p
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def exact_pair(request, tmp_path_factory, calib_file):
     arch = request.param

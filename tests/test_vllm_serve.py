@@ -12,7 +12,6 @@ bytes and is below the original's.
 from __future__ import annotations
 
 import json
-import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,8 +35,6 @@ PROMPTS = [
     "Attention is all you need, said the",
     "1, 2, 3, 4, 5,",
 ]
-WORDS = ("the model cache attention key value rope layer latent rank token query head of and to in a "
-         "is that for it as was with be by on not this are or from once upon time village sea").split()
 
 
 def _serve_args(extra=()):
@@ -59,14 +56,6 @@ def _varied_original(path: Path, arch: str) -> Path:
             tensors[name] = tensors[name] * 4.0
     save_file(tensors, str(f), metadata={"format": "pt"})
     return src
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    rng = random.Random(0)
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(" ".join(rng.choice(WORDS) for _ in range(6000)))
-    return p
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])

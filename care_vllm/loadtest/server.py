@@ -1,11 +1,21 @@
-"""Start and stop a real `vllm serve` subprocess on loopback, and read facts from its /metrics.
+"""Start and stop a real `vllm serve` subprocess on loopback, and read facts from its log and /metrics.
 
-Why a context manager: a benchmark must never leave a server running (SIGTERM, then SIGKILL after
-a grace period), and must fail with the server's own log tail when it does not come up.
+The one launcher of `vllm serve` in this repo: `care-bench` (this package), the tests
+(tests/vllm_server.py, a thin layer that adds the repo root to PYTHONPATH and the offline
+variables) and benchmarks/serve_cpu.py all start their servers through `VllmServer`.
+
+Why a context manager (and `stop()` on every path): a benchmark or a test must never leave a server
+running. The server runs in its own process group (vLLM forks an engine core and workers), stopped
+with SIGTERM, then SIGKILL after a grace period; `stop()` is also registered with atexit for callers
+that use start()/stop() by hand (module-scoped fixtures) and die in between. A server that exits or
+does not come up fails with the server's own log tail, so the reason is in the error.
 """
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,31 +24,51 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+# vLLM's capacity line, logged once when the engine allocates the KV cache, e.g.
+# "CPU KV cache size: 11,648 tokens, Maximum concurrency for 2,048 tokens per request: 5.69x".
+KV_LINE = re.compile(r"(?:(\w+(?: \+ host)?) )?KV cache size: ([\d,]+) tokens"
+                     r"(?:, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x)?")
+# The line care_vllm logs as the engine binds each layer's KV tensor (care_vllm/backends).
+CARE_KV_LAYER = re.compile(r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: shape \(([\d, ]+)\)")
+
+
+class ServerError(RuntimeError):
+    """`vllm serve` exited during start-up, or its log lacks what was asked of it."""
+
+
+class ServerTimeout(ServerError, TimeoutError):
+    """`vllm serve` did not answer /health within the start-up timeout."""
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def vllm_command() -> list[str]:
-    """The `vllm` CLI of the running interpreter's environment."""
+    """The `vllm` CLI of the running interpreter's environment (the venv's entry point, so the
+    care_vllm plugin is loaded through its `vllm.general_plugins` entry point)."""
     exe = Path(sys.executable).with_name("vllm")
     return [str(exe)] if exe.exists() else [shutil.which("vllm") or "vllm"]
 
 
-def fetch(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (loopback only)
+def fetch(url: str, body: dict | None = None, timeout: float = 5.0) -> str:
+    """GET `url`, or POST `body` as JSON; the response text."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback only)
         return r.read().decode()
 
 
-def scrape_metrics(base_url: str) -> dict[str, float | dict]:
+def scrape_metrics(base_url: str, timeout: float = 5.0) -> dict[str, float | dict]:
     """Prometheus text -> {sample name: value}; `vllm:cache_config_info` keeps its labels."""
     out: dict[str, float | dict] = {}
-    for fam in text_string_to_metric_families(fetch(f"{base_url}/metrics")):
+    for fam in text_string_to_metric_families(fetch(f"{base_url}/metrics", timeout=timeout)):
         for s in fam.samples:
             if s.name == "vllm:cache_config_info":
                 out[s.name] = dict(s.labels)
@@ -47,10 +77,16 @@ def scrape_metrics(base_url: str) -> dict[str, float | dict]:
     return out
 
 
-def kv_cache_tokens(base_url: str) -> int | None:
+def cache_config_info(base_url: str, timeout: float = 5.0) -> dict[str, str] | None:
+    """The labels of /metrics `vllm:cache_config_info` (num_gpu_blocks, block_size, cache_dtype, ...)."""
+    info = scrape_metrics(base_url, timeout).get("vllm:cache_config_info")
+    return info if isinstance(info, dict) else None
+
+
+def kv_cache_tokens(base_url: str, timeout: float = 5.0) -> int | None:
     """Tokens the engine's KV cache holds: num_gpu_blocks x block_size from cache_config_info."""
-    info = scrape_metrics(base_url).get("vllm:cache_config_info")
-    if not isinstance(info, dict):
+    info = cache_config_info(base_url, timeout)
+    if info is None:
         return None
     try:
         return int(info["num_gpu_blocks"]) * int(info["block_size"])
@@ -58,55 +94,135 @@ def kv_cache_tokens(base_url: str) -> int | None:
         return None
 
 
-class VllmServer:
-    """`with VllmServer(model, log, extra_args) as srv:` -> srv.base_url ("http://127.0.0.1:PORT")."""
+def parse_kv_line(text: str) -> dict | None:
+    """The last KV-capacity line of a vLLM log: {tokens, pool, max_model_len, max_concurrency, line}."""
+    m = None
+    for m in KV_LINE.finditer(text):
+        pass
+    if m is None:
+        return None
+    return {"tokens": int(m.group(2).replace(",", "")), "pool": m.group(1),
+            "max_model_len": int(m.group(3).replace(",", "")) if m.group(3) else None,
+            "max_concurrency": float(m.group(4)) if m.group(4) else None, "line": m.group(0)}
 
-    def __init__(self, model: str | Path, log_path: Path, extra_args: list[str] | None = None,
-                 served_name: str | None = None, startup_timeout: float = 600.0, env: dict | None = None):
-        self.model, self.log_path = str(model), Path(log_path)
-        self.served_name = served_name or Path(self.model).name
+
+class VllmServer:
+    """`with VllmServer(model, log, extra_args) as srv:` -> srv.base_url ("http://127.0.0.1:PORT").
+
+    Or by hand: `srv.start()` ... `srv.wait_ready()` ... `srv.stop()` (start two, wait for each).
+    `args` is the full command line (recorded by the benchmarks); `extra_args` go after
+    `vllm serve MODEL --host --port [--served-model-name]`. `served_name=None` leaves vLLM's default
+    (the model path). `env` is added to os.environ (with HF_HUB_OFFLINE=1), `cwd` is the server's
+    working directory, `prefix` wraps the command (e.g. ["nice"]).
+    """
+
+    def __init__(self, model: str | Path, log_path: str | Path | None = None, extra_args: Sequence[str] = (),
+                 served_name: str | None = None, startup_timeout: float = 600.0, env: dict | None = None,
+                 cwd: str | Path | None = None, prefix: Sequence[str] = (), poll_interval: float = 1.0,
+                 stop_grace: float = 30.0):
+        self.model = str(model)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.args = [*vllm_command(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-                     "--served-model-name", self.served_name, *(extra_args or [])]
+        # default: beside the model folder, one file per port (several servers of one model may run)
+        self.log_path = Path(log_path) if log_path else Path(self.model).with_name(
+            Path(self.model).name + f".serve.{self.port}.log")
+        self.served_name = served_name
+        self.extra_args = list(extra_args)
+        self.args = [*prefix, *vllm_command(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+                     *(["--served-model-name", served_name] if served_name else []), *self.extra_args]
         self.startup_timeout = startup_timeout
+        self.poll_interval = poll_interval
+        self.stop_grace = stop_grace
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.cwd = str(cwd) if cwd is not None else None
         self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+        self._log = None
+        self._t0 = 0.0
 
-    def __enter__(self) -> "VllmServer":
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> "VllmServer":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "wb")
+        self._t0 = time.monotonic()
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
+                                     cwd=self.cwd, start_new_session=True)
+        atexit.register(self.stop)
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> "VllmServer":
+        """Poll /health until it answers; on exit or timeout stop the group and raise with the log tail."""
+        if self.proc is None:
+            raise ServerError(f"vllm serve {self.model}: wait_ready() before start()")
+        timeout = self.startup_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._stop()
-                raise RuntimeError(f"vllm serve {self.model} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            rc = self.proc.poll()
+            if rc is not None:
+                self.stop()
+                raise ServerError(f"vllm serve {self.model} exited with {rc}:\n{self.log_tail()}")
             try:
                 fetch(f"{self.base_url}/health", timeout=2)
+                self.startup_seconds = round(time.monotonic() - self._t0, 1)
                 return self
             except OSError:
-                time.sleep(1.0)
-        self._stop()
-        raise TimeoutError(f"vllm serve {self.model} not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+                time.sleep(self.poll_interval)
+        self.stop()
+        raise ServerTimeout(f"vllm serve {self.model} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM to the process group, SIGKILL after `grace` s; idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=self.stop_grace if grace is None else grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=30)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "VllmServer":
+        return self.start().wait_ready()
 
     def __exit__(self, *exc) -> None:
-        self._stop()
+        self.stop()
 
-    def _stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def log_tail(self, n: int = 40) -> str:
+    # -- what the server says -----------------------------------------------------------------
+    def log_text(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
-            return "(no log)"
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:]) or "(no log)"
+
+    def kv_cache_log(self) -> dict | None:
+        """vLLM's KV-capacity line from the log (see parse_kv_line), None before the cache exists."""
+        return parse_kv_line(self.log_text())
+
+    def kv_cache_tokens_from_log(self) -> int:
+        """The token capacity vLLM reports when it allocates the KV cache ("KV cache size: N tokens")."""
+        kv = self.kv_cache_log()
+        if kv is None:
+            raise ServerError(f"no 'KV cache size' line in the log of {self.model}")
+        return kv["tokens"]
+
+    def kv_cache_tokens_from_metrics(self) -> int | None:
+        """num_gpu_blocks x block_size from /metrics (None where the server does not export it)."""
+        return kv_cache_tokens(self.base_url)
+
+    def kv_layer_shapes(self) -> dict[int, tuple[int, ...]]:
+        """{layer index: KV tensor shape} from the lines care_vllm logs as the engine binds each layer's cache."""
+        return {int(m.group(1)): tuple(int(x) for x in m.group(2).split(",") if x.strip())
+                for m in CARE_KV_LAYER.finditer(self.log_text())}
