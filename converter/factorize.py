@@ -47,7 +47,7 @@ class Factor:
 def _canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fix SVD sign ambiguity (largest |entry| of each right vector positive): reproducible output."""
     idx = vh.abs().argmax(dim=1)
-    s = torch.sign(vh[torch.arange(vh.shape[0]), idx])
+    s = torch.sign(vh[torch.arange(vh.shape[0], device=vh.device), idx])
     s[s == 0] = 1
     return u * s, vh * s[:, None]
 

@@ -5,6 +5,7 @@
 # the CPU too with DEVICE=cpu (small TOKENS) as a dry run.
 #   DEVICE (cuda)  CORPUS (/tmp/care/corpus)  WORK (/tmp/care/heal)  EVALS (10)  EVAL_TOKENS (131072)
 #   BATCH (32) ACCUM (2) SEQLEN (512): 64 windows x 512 tokens per update, the care-heal default
+#   CALIB ("--calib-samples 256 --calib-seqlen 256"): care-convert calibration arguments
 #   EXTRA: more care-heal arguments
 set -euo pipefail
 NAME=${1:?NAME}; SRC=${2:?SOURCE}; TOKENS=${3:?TOKENS}
@@ -15,7 +16,7 @@ mkdir -p "$WORK"
 CONV=$WORK/$NAME-kv0.5
 if [ ! -f "$CONV/config.json" ]; then
   $PY -m converter.cli "$SRC" "$CONV" --calib "$CORPUS"/*.train.txt --kv-ratio 0.5 --ranks uniform \
-      --calib-samples 256 --calib-seqlen 256 --device "$DEVICE" --overwrite
+      ${CALIB:---calib-samples 256 --calib-seqlen 256} --device "$DEVICE" --overwrite
 fi
 steps=$($PY -c "import sys; from converter.heal import parse_tokens; t=parse_tokens('$TOKENS'); print(max(1, -(-t // ($BATCH*$ACCUM*$SEQLEN))))")
 every=$(( steps / EVALS > 0 ? steps / EVALS : 1 ))

@@ -16,41 +16,43 @@ set -uo pipefail
 STEP=${1:?usage: step.sh v1|v2|perf|serve|h1|h2}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
-OUT=${OUT:-/tmp/care-out}
-mkdir -p "$OUT" /tmp/parts /tmp/care
+W=${CARE_TMP:-/tmp/care}            # work folder on the device (kept while the machine is warm)
+DEVICE=${DEVICE:-cuda}              # DRY=1 DEVICE=cpu CARE_TMP=... : CPU dry run (no vLLM install, toy sizes)
+OUT=${OUT:-$W-out}
+mkdir -p "$OUT" "$W/parts"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
        VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} CARE_SHARED=/tmp/care/shared
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} CARE_SHARED=$W/shared DEVICE CORPUS=$W/corpus WORK=$W/heal
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 die() { echo "step $STEP: $*" >&2; exit 2; }
 
-stash() {  # copy what this call carried into /tmp/parts (kept while the machine is warm)
+stash() {  # copy what this call carried into $W/parts (kept while the machine is warm)
   [ -d ".gpu/$1" ] || die ".gpu/$1 was not carried (name it in carry)"
-  cp -r ".gpu/$1/." /tmp/parts/
+  cp -r ".gpu/$1/." $W/parts/
 }
 install_repo() {  # the plugin's entry point must be registered for vllm to load it
-  [ -f /tmp/care/.repo_installed ] && return 0
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/care/pip.log 2>&1 \
-    || { tail -20 /tmp/care/pip.log; die "pip install -e . failed"; }
-  touch /tmp/care/.repo_installed
+  [ -f $W/.repo_installed ] || [ -n "${DRY:-}" ] && return 0
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >$W/pip.log 2>&1 \
+    || { tail -20 $W/pip.log; die "pip install -e . failed"; }
+  touch $W/.repo_installed
 }
 need_vllm() {
   python3 -c "import vllm" 2>/dev/null || die "vLLM is not installed on this machine: run steps v1 and v2 first (back to back)"
 }
-tok_dir() { [ -f /tmp/care/tok/tokenizer.json ] || die "tokenizer missing: run step v1 first"; echo /tmp/care/tok; }
+tok_dir() { [ -f $W/tok/tokenizer.json ] || die "tokenizer missing: run step v1 first"; echo $W/tok; }
 smollm2_gguf() {  # join the 4 pieces once all have arrived
-  local g=/tmp/care/SmolLM2-135M-Instruct.Q4_1.gguf
+  local g=$W/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ ! -f "$g" ]; then
-    for i in 0 1 2 3; do [ -f /tmp/parts/smollm2.gguf.part$i ] || die "SmolLM2 piece $i missing (steps v2, h1, h2 carry them)"; done
-    cat /tmp/parts/smollm2.gguf.part{0,1,2,3} > "$g.tmp"
-    [ "$(sha256sum "$g.tmp" | cut -d' ' -f1)" = "$(cat /tmp/parts/smollm2.gguf.sha256)" ] || die "SmolLM2 GGUF sha256 mismatch"
+    for i in 0 1 2 3; do [ -f $W/parts/smollm2.gguf.part$i ] || die "SmolLM2 piece $i missing (steps v2, h1, h2 carry them)"; done
+    cat $W/parts/smollm2.gguf.part{0,1,2,3} > "$g.tmp"
+    [ "$(sha256sum "$g.tmp" | cut -d' ' -f1)" = "$(cat $W/parts/smollm2.gguf.sha256)" ] || die "SmolLM2 GGUF sha256 mismatch"
     mv "$g.tmp" "$g"
   fi
   echo "$g"
 }
 pack_logs() {  # one tarball of the step's logs (files under $OUT must stay <= 8)
-  tar -czf "$OUT/$STEP-logs.tar.gz" -C /tmp/care --exclude='*.safetensors' --exclude='*.gguf' --exclude='site*' \
+  tar -czf "$OUT/$STEP-logs.tar.gz" -C $W --exclude='*.safetensors' --exclude='*.gguf' --exclude='site*' \
       --exclude='*.pt' "$@" 2>/dev/null
   ls -la "$OUT"
 }
@@ -59,59 +61,61 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 case "$STEP" in
 v1)
   stash v1
-  mkdir -p /tmp/care/tok /tmp/care/shared/models && cp /tmp/parts/tok/* /tmp/care/tok/
-  ln -sfn /tmp/care/tok /tmp/care/shared/models/llama3-small   # tests/tiny_models.py reads its tokenizer there
-  [ -d /tmp/care/corpus ] || xz -dc /tmp/parts/corpus.tar.xz | tar -xf - -C /tmp/care
+  mkdir -p $W/tok $W/shared/models && cp $W/parts/tok/* $W/tok/
+  ln -sfn $W/tok $W/shared/models/llama3-small   # tests/tiny_models.py reads its tokenizer there
+  [ -d $W/corpus ] || xz -dc $W/parts/corpus.tar.xz | tar -xf - -C $W
   install_repo
-  python3 benchmarks/convert_speed.py --shape llama3-8b --device cuda --out-json "$OUT/convert_speed_llama3-8b_gpu.json" 2>&1 | tee /tmp/care/convert_speed_8b.log | grep -v "it/s\]" | tail -25
+  python3 benchmarks/convert_speed.py --shape llama3-8b --device "$DEVICE" ${SPEED_ARGS:-} --out-json "$OUT/convert_speed_llama3-8b_gpu.json" 2>&1 | tee $W/convert_speed_8b.log | grep -v "it/s\]" | tail -25
   if [ "$(elapsed)" -lt 330 ]; then
-    python3 benchmarks/convert_speed.py --shape qwen3-4b --device cuda --out-json "$OUT/convert_speed_qwen3-4b_gpu.json" 2>&1 | tee /tmp/care/convert_speed_4b.log | grep -v "it/s\]" | tail -25
+    python3 benchmarks/convert_speed.py --shape qwen3-4b --device "$DEVICE" ${SPEED_ARGS:-} --out-json "$OUT/convert_speed_qwen3-4b_gpu.json" 2>&1 | tee $W/convert_speed_4b.log | grep -v "it/s\]" | tail -25
   fi
   pack_logs convert_speed_8b.log convert_speed_4b.log
   ;;
 v2)
   stash v2
-  (cd /tmp/parts && VERIFY=0 DEST=/tmp/site bash install.sh) > /tmp/care/install.log 2>&1 || { tail -20 /tmp/care/install.log; die "vLLM install failed"; }
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/parts/gguf-*.whl >/dev/null 2>&1 || true
+  if [ -z "${DRY:-}" ]; then
+    (cd $W/parts && VERIFY=0 DEST=/tmp/site bash install.sh) > $W/install.log 2>&1 || { tail -20 $W/install.log; die "vLLM install failed"; }
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site $W/parts/gguf-*.whl >/dev/null 2>&1 || true
+  fi
   install_repo
   need_vllm
-  python3 benchmarks/gpu/correctness.py --work /tmp/care/corr --out-json "$OUT/correctness.json" 2>&1 | tee /tmp/care/correctness.log | grep -E "^\{|pass|FAILED|Error|error" | cut -c1-400
+  python3 benchmarks/gpu/correctness.py --work $W/corr --device "$DEVICE" ${CORR_ARGS:-} --out-json "$OUT/correctness.json" 2>&1 | tee $W/correctness.log | grep -E "^\{|pass|FAILED|Error|error" | cut -c1-400
   left=$(( ${BUDGET_S:-560} - $(elapsed) ))
-  python3 benchmarks/gpu/perf.py --tokenizer "$(tok_dir)" --work /tmp/care/perf --out-json "$OUT/perf_throughput.json" \
-      --plan "${PLAN:-llama3-8b:gqa,care576,mixed,mla576,parity@16384}" --budget-s "$(( left > 60 ? left - 60 : 0 ))" 2>&1 | tee /tmp/care/perf_v2.log | grep -E "^\{|budget" | cut -c1-400
+  python3 benchmarks/gpu/perf.py --tokenizer "$(tok_dir)" --work $W/perf --out-json "$OUT/perf_throughput.json" \
+      --plan "${PLAN:-llama3-8b:gqa,care576,mixed,mla576,parity@16384}" --budget-s "$(( left > 60 ? left - 60 : 0 ))" ${PERF_ARGS:-} 2>&1 | tee $W/perf_v2.log | grep -E "^\{|budget" | cut -c1-400
   pack_logs correctness.log perf_v2.log corr perf
   ;;
 perf)
   need_vllm
-  python3 benchmarks/gpu/perf.py --tokenizer "$(tok_dir)" --work /tmp/care/perf --out-json "$OUT/perf_throughput.json" \
+  python3 benchmarks/gpu/perf.py --tokenizer "$(tok_dir)" --work $W/perf --out-json "$OUT/perf_throughput.json" \
       --plan "${PLAN:-llama3-8b:gqa,care576,mla576,mixed@8192,1024;qwen3-4b:gqa,care576,mixed@16384}" \
-      --budget-s "${BUDGET_S:-480}" 2>&1 | tee /tmp/care/perf_more.log | grep -E "^\{|budget" | cut -c1-400
+      --budget-s "${BUDGET_S:-480}" ${PERF_ARGS:-} 2>&1 | tee $W/perf_more.log | grep -E "^\{|budget" | cut -c1-400
   pack_logs perf_more.log perf
   ;;
 serve)
   need_vllm
-  python3 benchmarks/gpu/perf.py --mode serve --tokenizer "$(tok_dir)" --work /tmp/care/perf --out-json "$OUT/perf_serve.json" \
+  python3 benchmarks/gpu/perf.py --mode serve --tokenizer "$(tok_dir)" --work $W/perf --out-json "$OUT/perf_serve.json" \
       --plan "${PLAN:-llama3-8b:gqa,care576,mixed@1024,8192,16384}" --num-prompts "${NUM_PROMPTS:-64}" \
-      --budget-s "${BUDGET_S:-420}" 2>&1 | tee /tmp/care/perf_serve.log | grep -E "^\{|budget" | cut -c1-400
+      --budget-s "${BUDGET_S:-420}" ${PERF_ARGS:-} 2>&1 | tee $W/perf_serve.log | grep -E "^\{|budget" | cut -c1-400
   pack_logs perf_serve.log perf
   ;;
 h1)
   stash h1
   install_repo
-  [ -d /tmp/care/corpus ] || die "corpus missing: run step v1 first"
-  bash benchmarks/gpu/heal_run.sh qwen3-small /tmp/parts/qwen3-small "${TOKENS_QWEN:-20M}" 2>&1 | tee /tmp/care/heal_qwen3.log | grep -v "it/s\]" | tail -30
-  cp /tmp/care/heal/qwen3-small-healed/heal_log.json "$OUT/heal_qwen3-small.json" 2>/dev/null
-  cp /tmp/care/heal/qwen3-small-healed/heal_curve.png "$OUT/heal_qwen3-small.png" 2>/dev/null
+  [ -d $W/corpus ] || die "corpus missing: run step v1 first"
+  bash benchmarks/gpu/heal_run.sh qwen3-small $W/parts/qwen3-small "${TOKENS_QWEN:-20M}" 2>&1 | tee $W/heal_qwen3.log | grep -v "it/s\]" | tail -30
+  cp $W/heal/qwen3-small-healed/heal_log.json "$OUT/heal_qwen3-small.json" 2>/dev/null
+  cp $W/heal/qwen3-small-healed/heal_curve.png "$OUT/heal_qwen3-small.png" 2>/dev/null
   pack_logs heal_qwen3.log
   ;;
 h2)
   stash h2
   install_repo
-  [ -d /tmp/care/corpus ] || die "corpus missing: run step v1 first"
+  [ -d $W/corpus ] || die "corpus missing: run step v1 first"
   python3 -c "import gguf" 2>/dev/null || die "gguf missing: run step v2 first (it installs the wheel)"
-  bash benchmarks/gpu/heal_run.sh smollm2-135m "$(smollm2_gguf)" "${TOKENS:-20M}" 2>&1 | tee /tmp/care/heal_smollm2.log | grep -v "it/s\]" | tail -30
-  cp /tmp/care/heal/smollm2-135m-healed/heal_log.json "$OUT/heal_smollm2-135m.json" 2>/dev/null
-  cp /tmp/care/heal/smollm2-135m-healed/heal_curve.png "$OUT/heal_smollm2-135m.png" 2>/dev/null
+  bash benchmarks/gpu/heal_run.sh smollm2-135m "$(smollm2_gguf)" "${TOKENS:-20M}" 2>&1 | tee $W/heal_smollm2.log | grep -v "it/s\]" | tail -30
+  cp $W/heal/smollm2-135m-healed/heal_log.json "$OUT/heal_smollm2-135m.json" 2>/dev/null
+  cp $W/heal/smollm2-135m-healed/heal_curve.png "$OUT/heal_smollm2-135m.png" 2>/dev/null
   pack_logs heal_smollm2.log
   ;;
 *) die "unknown step (v1|v2|perf|serve|h1|h2)";;
