@@ -54,7 +54,11 @@ def vllm_command() -> list[str]:
     """The `vllm` CLI of the running interpreter's environment (the venv's entry point, so the
     care_vllm plugin is loaded through its `vllm.general_plugins` entry point)."""
     exe = Path(sys.executable).with_name("vllm")
-    return [str(exe)] if exe.exists() else [shutil.which("vllm") or "vllm"]
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("vllm")
+    # no console script (e.g. vLLM unpacked onto PYTHONPATH): the module behind it
+    return [found] if found else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 def fetch(url: str, body: dict | None = None, timeout: float = 5.0) -> str:
