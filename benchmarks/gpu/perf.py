@@ -108,7 +108,8 @@ def log_facts(text: str) -> dict:
         facts.update(requests_per_s=float(m.group(1)), total_tok_s=float(m.group(2)), output_tok_s=float(m.group(3)))
     facts["backends"] = sorted(set(re.findall(r"care_mla KV cache .*?backend (\w+)", text))
                                | set(re.findall(r"Using (\w+) (?:attention )?backend", text)))
-    errs = [ln for ln in text.splitlines() if re.search(r"Error|error:|Traceback", ln)][-5:]
+    errs = [ln for ln in text.splitlines()
+            if re.search(r"Traceback|\b[A-Za-z]*Error\b:| ERROR ", ln) and " WARNING " not in ln][-5:]
     if errs:
         facts["errors"] = errs
     return facts
