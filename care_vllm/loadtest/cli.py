@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="--dtype for the servers started here")
     p.add_argument("--kv-cache-memory-bytes", default="1G", help="same KV budget for both servers")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model's own")
-    p.add_argument("--serve-args", default="", help="extra `vllm serve` arguments for both (one string)")
+    p.add_argument("--serve-args", default="",
+                   help="extra `vllm serve` arguments for both, one string; write it as --serve-args='--enforce-eager ...' "
+                        "(with '=': argparse takes a separate value that starts with '--' for an option)")
     p.add_argument("--ppl-text", nargs="*", default=[], help="held-out text files for perplexity")
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--ppl-seqlen", type=int, default=512)

@@ -175,9 +175,15 @@ class VllmServer:
         raise ServerTimeout(f"vllm serve {self.model} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, grace: float | None = None) -> None:
-        """SIGTERM to the process group, SIGKILL after `grace` s; idempotent."""
+        """SIGTERM to the process group, SIGKILL after `grace` s; idempotent. The group is signalled
+        even when `vllm serve` itself already exited: its engine-core child may still hold the port."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.poll() is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # leftover children of a dead server
+            except (ProcessLookupError, PermissionError):
+                pass
+        elif proc is not None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
