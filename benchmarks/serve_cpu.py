@@ -104,7 +104,7 @@ def server(model: Path, name: str, log: Path, args) -> VllmServer:
     """The variant's `vllm serve`, identical engine flags for every variant (care_vllm.loadtest.server
     starts it in its own process group and always stops it, SIGTERM then SIGKILL)."""
     extra = ["--dtype", args.dtype, "--kv-cache-memory-bytes", str(args.kv_cache_bytes),
-             "--max-model-len", str(args.max_model_len), "--seed", str(args.seed), "--disable-log-stats"]
+             "--max-model-len", str(args.max_model_len), "--seed", str(args.seed)]  # stats on: /metrics carries cache_config_info (the KV cross-check)
     if args.max_num_seqs:
         extra += ["--max-num-seqs", str(args.max_num_seqs)]
     if not args.no_enforce_eager:
