@@ -253,7 +253,11 @@ def main(argv=None) -> int:
                         failed.append(v["tag"])
                 report["models"][f"{arch}-{v['tag'].split('-', 1)[1]}"] = m
                 print(json.dumps({k: m[k] for k in m if k != "per_prompt"}), flush=True)
+                if args.out_json:  # after every model: a call killed at its time limit keeps what finished
+                    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
     report["failed"] = failed
+    report["complete"] = True
     report["total_s"] = round(time.time() - t0, 1)
     if args.out_json:
         Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)

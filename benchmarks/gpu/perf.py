@@ -115,6 +115,22 @@ def log_facts(text: str) -> dict:
     return facts
 
 
+def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
+    """Run `cmd` in its own process group with output to `log`; past `timeout` the whole group is
+    killed (vLLM's engine-core child must not keep the GPU for the next run). rc -9 = timed out."""
+    import signal
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=bench_env(), start_new_session=True)
+        try:
+            return proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            f.write(f"\nKILLED by perf.py after {timeout:.0f} s\n")
+            return -9
+
+
 def vllm_cli() -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
@@ -127,9 +143,7 @@ def run_throughput(model_dir: Path, n_in: int, args, log: Path, out_json: Path) 
            "--gpu-memory-utilization", str(args.gpu_mem), "--output-json", str(out_json), "--seed", "0",
            *(["--dtype", args.dtype] if args.dtype else []), *args.extra]
     t0 = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=bench_env(),
-                            timeout=args.run_timeout).returncode
+    rc = run_logged(cmd, log, min(args.run_timeout, args.deadline - time.time()))
     facts = log_facts(log.read_text(errors="replace"))
     return {"rc": rc, "wall_s": round(time.time() - t0, 1), "num_prompts": n, "command": " ".join(cmd[2:]), **facts}
 
@@ -149,7 +163,7 @@ def run_serve(model_dir: Path, lens: list[int], args, work: Path, tag: str) -> d
     extra = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len),
              "--gpu-memory-utilization", str(args.gpu_mem), *(["--dtype", args.dtype] if args.dtype else [])]
     with VllmServer(model_dir, work / f"{tag}.serve.log", extra_args=extra, served_name=tag, env=bench_env(),
-                    startup_timeout=args.run_timeout) as srv:
+                    startup_timeout=min(args.run_timeout, args.deadline - time.time())) as srv:
         for n_in in lens:
             n = args.num_prompts or PROMPTS.get(n_in, 128)
             out = work / f"{tag}_{n_in}.serve.json"
@@ -160,9 +174,7 @@ def run_serve(model_dir: Path, lens: list[int], args, work: Path, tag: str) -> d
                    "--result-dir", str(work), "--result-filename", out.name]
             t0 = time.time()
             log = work / f"{tag}_{n_in}.bench_serve.log"
-            with open(log, "w") as f:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=bench_env(),
-                                    timeout=args.run_timeout).returncode
+            rc = run_logged(cmd, log, min(args.run_timeout, args.deadline - time.time()))
             r = json.loads(out.read_text()) if out.is_file() else {}
             res[n_in] = {"rc": rc, "wall_s": round(time.time() - t0, 1), "num_prompts": n,
                          **{k: r.get(k) for k in ("output_throughput", "total_token_throughput", "mean_ttft_ms",
@@ -180,7 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", required=True)
     ap.add_argument("--mode", choices=["throughput", "serve"], default="throughput")
     ap.add_argument("--budget-s", type=float, default=540.0, help="start no new run after this many seconds")
-    ap.add_argument("--run-timeout", type=float, default=600.0)
+    ap.add_argument("--run-timeout", type=float, default=600.0, help="kill one run after this many seconds")
+    ap.add_argument("--hard-stop-s", type=float, default=None,
+                    help="kill a run still going this many seconds after the start (default: budget + 150)")
     ap.add_argument("--gpu-mem", type=float, default=0.90)
     ap.add_argument("--max-model-len", type=int, default=16384 + OUTPUT_LEN + 64)
     ap.add_argument("--output-len", type=int, default=OUTPUT_LEN)
@@ -192,6 +206,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     t_start = time.time()
+    args.deadline = t_start + (args.hard_stop_s if args.hard_stop_s is not None else args.budget_s + 150)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out_json = Path(args.out_json)
@@ -210,6 +225,12 @@ def main(argv=None) -> int:
             shapes.write_model_dir(d, cfg, Path(args.tokenizer))
         return d
 
+    def save() -> None:  # after every run: a call killed at its time limit still brings back what finished
+        results["runs"] = list(done.values())
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=1))
+        done_file.write_text(json.dumps(done, indent=1))
+
     runs = parse_plan(args.plan)
     if args.mode == "throughput":
         for shape, name, n_in in runs:
@@ -225,7 +246,7 @@ def main(argv=None) -> int:
             r.update(key=key, shape=shape, model=name, input_len=n_in, output_len=args.output_len,
                      kv_values_per_token=kv_values_per_token(cfg))
             done[key] = r
-            done_file.write_text(json.dumps(done, indent=1))
+            save()
             print(json.dumps({k: r.get(k) for k in ("key", "rc", "wall_s", "kv_cache_tokens", "output_tok_s",
                                                     "total_tok_s", "backends", "errors")}), flush=True)
     else:
@@ -249,10 +270,8 @@ def main(argv=None) -> int:
                 done[key] = r
                 print(json.dumps({k: r.get(k) for k in ("key", "rc", "output_throughput", "mean_ttft_ms",
                                                         "mean_tpot_ms", "errors")}), flush=True)
-            done_file.write_text(json.dumps(done, indent=1))
-    results["runs"] = list(done.values())
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results, indent=1))
+            save()
+    save()
     return 0
 
 

@@ -82,21 +82,21 @@ v2)
   python3 benchmarks/gpu/correctness.py --work $W/corr --device "$DEVICE" ${CORR_ARGS:-} --out-json "$OUT/correctness.json" 2>&1 | tee $W/correctness.log | grep -E "^\{|pass|FAILED|Error|error" | cut -c1-400
   left=$(( ${BUDGET_S:-560} - $(elapsed) ))
   python3 benchmarks/gpu/perf.py --tokenizer "$(tok_dir)" --work $W/perf --out-json "$OUT/perf_throughput.json" \
-      --plan "${PLAN:-llama3-8b:gqa,care576,mixed,mla576,parity@16384}" --budget-s "$(( left > 60 ? left - 60 : 0 ))" ${PERF_ARGS:-} 2>&1 | tee $W/perf_v2.log | grep -E "^\{|budget" | cut -c1-400
+      --plan "${PLAN:-llama3-8b:gqa,care576,mixed,mla576,parity@16384}" --budget-s "$(( left > 60 ? left - 60 : 0 ))" --hard-stop-s "$(( ${HARD_S:-580} - $(elapsed) ))" ${PERF_ARGS:-} 2>&1 | tee $W/perf_v2.log | grep -E "^\{|budget" | cut -c1-400
   pack_logs correctness.log perf_v2.log corr perf
   ;;
 perf)
   need_vllm
   python3 benchmarks/gpu/perf.py --tokenizer "$(tok_dir)" --work $W/perf --out-json "$OUT/perf_throughput.json" \
       --plan "${PLAN:-llama3-8b:gqa,care576,mla576,mixed@8192,1024;qwen3-4b:gqa,care576,mixed@16384}" \
-      --budget-s "${BUDGET_S:-480}" ${PERF_ARGS:-} 2>&1 | tee $W/perf_more.log | grep -E "^\{|budget" | cut -c1-400
+      --budget-s "${BUDGET_S:-480}" --hard-stop-s "$(( ${HARD_S:-580} - $(elapsed) ))" ${PERF_ARGS:-} 2>&1 | tee $W/perf_more.log | grep -E "^\{|budget" | cut -c1-400
   pack_logs perf_more.log perf
   ;;
 serve)
   need_vllm
   python3 benchmarks/gpu/perf.py --mode serve --tokenizer "$(tok_dir)" --work $W/perf --out-json "$OUT/perf_serve.json" \
       --plan "${PLAN:-llama3-8b:gqa,care576,mixed@1024,8192,16384}" --num-prompts "${NUM_PROMPTS:-64}" \
-      --budget-s "${BUDGET_S:-420}" ${PERF_ARGS:-} 2>&1 | tee $W/perf_serve.log | grep -E "^\{|budget" | cut -c1-400
+      --budget-s "${BUDGET_S:-420}" --hard-stop-s "$(( ${HARD_S:-580} - $(elapsed) ))" ${PERF_ARGS:-} 2>&1 | tee $W/perf_serve.log | grep -E "^\{|budget" | cut -c1-400
   pack_logs perf_serve.log perf
   ;;
 h1)
