@@ -13,7 +13,6 @@ Writes benchmarks/results/convert_speed_<tag>.{json,md} (or --out-json).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile

@@ -135,19 +135,21 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
             "seed": opts.seed, "files": [str(f) for f in calib_files]}
     if opts.calib_dtype != "float32":
         meta["calib_dtype"] = opts.calib_dtype
-    return convert_source(source, windows, out, opts, timer=timer, stats_meta=meta,
-                          calib_files=[str(f) for f in calib_files])
+    return _convert_loaded(source, windows, out, opts, timer, meta, [str(f) for f in calib_files])
 
 
-def convert_source(source: load.Source, windows: torch.Tensor, out: Path, opts: Options, *,
-                   timer: Timer | None = None, stats_meta: dict | None = None,
-                   calib_files: list[str] | None = None) -> dict:
+def convert_source(source: load.Source, windows: torch.Tensor, out: str | Path, opts: Options) -> dict:
     """Convert an already loaded source with calibration token windows [N, T] (the benchmarks call
     this directly with random-weight models); `convert()` is the file-based entry point."""
     opts.validate()
     out = Path(out)
     write.prepare_out(out, opts.overwrite)
-    timer = timer or Timer()
+    return _convert_loaded(source, windows, out, opts, Timer(), {"source": source.name}, [])
+
+
+def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts: Options, timer: Timer,
+                    stats_meta: dict, calib_files: list[str]) -> dict:
+    """Everything after loading and tokenizing; the options and OUT were checked by the caller."""
     src = source.name
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -158,15 +160,17 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: Path, opts: 
     rope_map.check_rope_dim(d_r, g, d_h)
 
     with timer.stage("calibrate"):
-        stats = _load_or_collect_stats(source, windows, opts, stats_meta or {"source": str(src)})
+        stats = _load_or_collect_stats(source, windows, opts, stats_meta)
 
     layers = source.model.model.layers
     attn = [layer.self_attn for layer in layers]
     la = opts.device  # where the fp64 linear algebra runs (results come back to the CPU)
 
-    def weights(l: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weights(l: int, device: str = "cpu", names: str = "qkv") -> tuple[torch.Tensor, ...]:
+        """fp64 copies of layer l's q/k/v weights on `device`, only those named (each pass moves
+        to the GPU just what it multiplies)."""
         a = attn[l]
-        return tuple(m.weight.detach().to(device, torch.float64) for m in (a.q_proj, a.k_proj, a.v_proj))
+        return tuple(getattr(a, f"{n}_proj").weight.detach().to(device, torch.float64) for n in names)
 
     def on(t: torch.Tensor) -> torch.Tensor:
         return t.to(la, torch.float64)
@@ -180,12 +184,12 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: Path, opts: 
         for l in range(n_layers):
             st = stats.layers[l]
             if source.arch == "qwen3":
-                key_moment, query_diag = st.ck, _query_diag(source.arch, st, None, n_heads, d_h)
+                key_moment, query_diag = st.ck, _query_diag(source.arch, st, None, None, n_heads, d_h)
             else:
-                wq, wk, _ = weights(l, la)
+                wq, wk = weights(l, la, "qk")
                 cx = on(st.cx)
                 key_moment = (wk @ cx @ wk.T).cpu()
-                query_diag = _query_diag(source.arch, st, wq, n_heads, d_h, cx).cpu()
+                query_diag = _query_diag(source.arch, st, wq, cx, n_heads, d_h).cpu()
             pcas.append(rope_map.frequency_pca(key_moment, g, d_h))
             query_diags.append(query_diag)
         if opts.rope_select == "qk":
@@ -201,7 +205,7 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: Path, opts: 
         k_factors, v_factors = [], []
         for l in tqdm(range(n_layers), desc="factorize", unit="layer"):
             st, rm = stats.layers[l], maps[l]
-            _, wk, wv = weights(l, la)
+            wk, wv = weights(l, la, "kv")
             cx, ax, q_n = on(st.cx), on(st.ax), on(rm.q_n)
             if source.arch == "llama":
                 kf = factorize.factorize(q_n @ wk, cx, ax, opts.method)
@@ -240,13 +244,12 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: Path, opts: 
             state[f"model.layers.{l}.self_attn.o_proj.weight"] = a.o_proj.weight.detach().to(dtype).contiguous()
     with timer.stage("report"):
         for l in range(n_layers):
-            layer_reports.append(_layer_report(l, source.arch, stats.layers[l], weights(l, la), maps[l],
+            layer_reports.append(_layer_report(l, source.arch, stats.layers[l], weights(l, la, "kv"), maps[l],
                                                k_factors[l], v_factors[l], k_ranks[l], v_ranks[l], g, d_h, on))
 
     cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
     assert cache == budget, (cache, budget)
     config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
-    calib_files = calib_files or []
     report = {
         "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
         "method": opts.method, "rank_policy": opts.ranks,
@@ -276,14 +279,13 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: Path, opts: 
     return report
 
 
-def _query_diag(arch: str, st, wq: torch.Tensor | None, n_heads: int, d_h: int,
-                cx: torch.Tensor | None = None) -> torch.Tensor:
+def _query_diag(arch: str, st, wq: torch.Tensor | None, cx: torch.Tensor | None, n_heads: int,
+                d_h: int) -> torch.Tensor:
     """Second moment of each pre-RoPE query dim [n_h, d_h] (exact from C_x for Llama, collected for Qwen3)."""
     if arch == "qwen3":
         if st.qd is None:
             raise ConversionError("calibration statistics lack query moments (an old --stats-cache file?); delete it")
         return st.qd
-    cx = st.cx if cx is None else cx
     return ((wq @ cx) * wq).sum(1).view(n_heads, d_h)
 
 
@@ -297,10 +299,10 @@ def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _layer_report(l, arch, st, weights, rm, kf, vf, k_rank, v_rank, g, d_h, on=lambda t: t) -> dict:
+def _layer_report(l, arch, st, weights, rm, kf, vf, k_rank, v_rank, g, d_h, on) -> dict:
     """Relative K/V activation errors on the calibration data (K: whole key incl. the exact rope part);
-    `on` moves a tensor to where the fp64 products run."""
-    _, wk, wv = weights
+    `on` moves a tensor to where the fp64 products run; `weights` = (W_K, W_V) there."""
+    wk, wv = weights
     cx, q_n = on(st.cx), on(rm.q_n)
     if arch == "llama":
         key_total = ((wk @ cx) * wk).sum().item()

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,8 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf import run_logged  # noqa: E402  (same env, own process group: no engine core left on the GPU)
 
 GEN_TOKENS = 32
+WORKER_TIMEOUT_S = 3600   # far beyond a device call; the timeout only guarantees the group is killed
 SHORT_LENS = (40, 77, 128, 150, 211, 300)
 LONG_LEN, SHARED_PREFIX = 9000, 8192
 
@@ -99,12 +100,8 @@ def run_vllm(model: Path, prompts_: list[list[int]], work: Path, args, compiled:
             "prompts": prompts_, "out": str(work / f"{tag}.vllm.json")}
     (work / f"{tag}.spec.json").write_text(json.dumps(spec))
     log = work / f"{tag}.vllm.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, __file__, "--worker", str(work / f"{tag}.spec.json")],
-                            stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    rc = run_logged([sys.executable, __file__, "--worker", str(work / f"{tag}.spec.json")], log, WORKER_TIMEOUT_S)
     text = log.read_text(errors="replace")
     if rc != 0:
         raise RuntimeError(f"vLLM worker for {tag} failed (rc {rc}):\n" + "\n".join(text.splitlines()[-40:]))

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -50,8 +49,9 @@ def mixed_ranks(cfg: dict, rope_dim: int = 64) -> tuple[list[int], list[int]]:
     return k, [x - kk for x, kk in zip(lat, k)]
 
 
-def model_configs(shape: str) -> dict[str, dict]:
-    src = shapes.source_config(shape)
+def model_configs(shape: str, layers: int | None = None, hidden: int | None = None) -> dict[str, dict]:
+    """Every benchmarked model kind for a shape (fewer layers / narrower for CPU dry runs)."""
+    src = shapes.source_config(shape, layers, hidden)
     n = src["num_hidden_layers"]
     d = 2 * src["num_key_value_heads"] * src["head_dim"]       # 2048 for both shapes
     out = {"gqa": src,
@@ -218,11 +218,7 @@ def main(argv=None) -> int:
     def model_dir(shape: str, name: str) -> Path:
         d = work / f"{shape}-{name}"
         if not (d / "config.json").is_file():
-            cfgs = model_configs(shape)
-            cfg = cfgs[name]
-            if args.layers or args.hidden:
-                cfg = _shrink(cfg, args.layers, args.hidden)
-            shapes.write_model_dir(d, cfg, Path(args.tokenizer))
+            shapes.write_model_dir(d, model_configs(shape, args.layers, args.hidden)[name], Path(args.tokenizer))
         return d
 
     def save() -> None:  # after every run: a call killed at its time limit still brings back what finished
@@ -273,25 +269,6 @@ def main(argv=None) -> int:
             save()
     save()
     return 0
-
-
-def _shrink(cfg: dict, layers: int | None, hidden: int | None) -> dict:
-    """CPU dry runs: the same model kinds at toy size (ranks rescaled to stay within parity)."""
-    cfg = dict(cfg)
-    n_old = cfg["num_hidden_layers"]
-    n = layers or n_old
-    if hidden:
-        cfg["intermediate_size"] = int(cfg["intermediate_size"] * hidden / cfg["hidden_size"]) // 64 * 64
-        cfg["hidden_size"] = hidden
-    cfg["num_hidden_layers"] = n
-    for key in ("k_ranks", "v_ranks"):
-        if key in cfg:
-            cfg[key] = [cfg[key][int(i * n_old / n)] for i in range(n)]
-    if "kv_lora_rank" in cfg and cfg.get("model_type") == "care_mla":
-        cfg["kv_lora_rank"] = max(k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"]))
-    if cfg.get("model_type") == "deepseek_v2":
-        cfg["first_k_dense_replace"] = n
-    return cfg
 
 
 if __name__ == "__main__":

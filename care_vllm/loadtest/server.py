@@ -98,6 +98,14 @@ def kv_cache_tokens(base_url: str, timeout: float = 5.0) -> int | None:
         return None
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the process group `pid` leads; a group that is already gone is fine."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def parse_kv_line(text: str) -> dict | None:
     """The last KV-capacity line of a vLLM log: {tokens, pool, max_model_len, max_concurrency, line}."""
     m = None
@@ -179,22 +187,13 @@ class VllmServer:
         even when `vllm serve` itself already exited: its engine-core child may still hold the port."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)   # leftover children of a dead server
-            except (ProcessLookupError, PermissionError):
-                pass
+            _signal_group(proc.pid, signal.SIGKILL)   # leftover children of a dead server
         elif proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=self.stop_grace if grace is None else grace)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
         if self._log is not None:
             self._log.close()
