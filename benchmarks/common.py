@@ -91,6 +91,14 @@ def machine() -> dict:
     return info
 
 
+def machine_line(m: dict) -> str:
+    """One markdown line from machine(): CPU, load at start, library versions, git revision."""
+    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, shared with other jobs "
+            f"(load avg at start {', '.join(f'{x:.1f}' for x in m.get('loadavg_at_start', []))}); "
+            f"torch {m.get('torch')} ({m.get('torch_threads')} threads), transformers {m.get('transformers')}, "
+            f"git {m.get('git')}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Corpus slices
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import statistics
 import sys
 import time
@@ -237,10 +236,7 @@ def render_md(res: dict, models, methods, policies, ratios) -> str:
     out = ["# One-shot perplexity: original vs. converted (no healing)", "",
            f"- command: `{res['command']}`",
            f"- date: {res['started']} → {res.get('finished', '?')} (wall {res.get('wall_seconds', '?')} s)",
-           f"- machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, shared with other jobs "
-           f"(load avg at start {', '.join(f'{x:.1f}' for x in m.get('loadavg_at_start', []))}); "
-           f"torch {m.get('torch')} ({m.get('torch_threads')} threads), transformers {m.get('transformers')}, "
-           f"git {m.get('git')}",
+           f"- machine: {common.machine_line(m)}",
            f"- calibration (TRAIN split): {s['calib_samples']} windows x {s['calib_seqlen']} tokens, seed {s['seed']}, "
            f"drawn from the first {s['calib_chars_per_file']} characters of each of "
            + ", ".join(f"`{f}`" for f in res["calibration_files"])

@@ -2,7 +2,11 @@
 
 Budget: the per-token KV cache summed over layers, `sum_l (r_K[l] + r_V[l] + d_r)`, equals the budget
 exactly. The rope key costs d_r per layer; what remains is split between K and V in proportion to
-their full (lossless) widths, so that parity (kv_ratio 1.0) is exactly lossless.
+their full (lossless) widths, so that parity (kv_ratio 1.0) is exactly lossless, unless `k_share`
+(--k-share) fixes the fraction of the latent that goes to K. After RoRoPE has moved the key's
+dominant energy into the rope key, the position-free rest of K often needs less than its width share:
+on SmolLM2 at KV 0.5 a K share of 0.25 instead of the default 0.4 lowers one-shot perplexity
+34.95 -> 32.28, on qwen3-small it is neutral (benchmarks/results/kshare.md).
 
   uniform  : every layer gets the same cache width (remainders go one each to the first layers), split
              between K and V within the layer, so a budget that divides evenly gives every layer the
@@ -24,12 +28,15 @@ from .errors import ConversionError
 POLICIES = ("uniform", "adjusted")
 
 
-def split_budget(latent_total: int, full_k: list[int], full_v: list[int]) -> tuple[int, int]:
-    """Split the latent budget between K and V proportionally to their full widths."""
+def split_budget(latent_total: int, full_k: list[int], full_v: list[int],
+                 k_share: float | None = None) -> tuple[int, int]:
+    """Split the latent budget between K and V: a `k_share` fraction to K (default: proportionally
+    to their full widths), clamped so that neither exceeds its lossless width."""
     fk, fv = sum(full_k), sum(full_v)
     if latent_total > fk + fv:
         raise ConversionError(f"budget of {latent_total} latent values exceeds the lossless width {fk + fv}")
-    k_total = min(fk, round(latent_total * fk / (fk + fv))) if fk else 0
+    share = fk / (fk + fv) if k_share is None else k_share
+    k_total = min(fk, round(latent_total * share)) if fk else 0
     v_total = latent_total - k_total
     if v_total > fv:
         k_total, v_total = latent_total - fv, fv
@@ -76,7 +83,7 @@ def adjusted_ranks(total: int, sigmas: list[torch.Tensor], full: list[int], min_
 
 def plan_ranks(policy: str, cache_budget: int, rope_dim: int, full_k: list[int], full_v: list[int],
                sig_k: list[torch.Tensor], sig_v: list[torch.Tensor], min_frac: float = 0.5,
-               max_frac: float = 2.0) -> tuple[list[int], list[int]]:
+               max_frac: float = 2.0, k_share: float | None = None) -> tuple[list[int], list[int]]:
     """Per-layer (k_ranks, v_ranks) whose cache sum_l (k+v+rope_dim) equals `cache_budget` exactly."""
     n = len(full_k)
     latent = cache_budget - n * rope_dim
@@ -85,9 +92,9 @@ def plan_ranks(policy: str, cache_budget: int, rope_dim: int, full_k: list[int],
                               f"{n} layers after the rope keys ({rope_dim} each); raise the budget or lower --rope-dim")
     if policy == "uniform":
         per_layer = uniform_ranks(latent, [fk + fv for fk, fv in zip(full_k, full_v)])
-        split = [split_budget(lat, [fk], [fv]) for lat, fk, fv in zip(per_layer, full_k, full_v)]
+        split = [split_budget(lat, [fk], [fv], k_share) for lat, fk, fv in zip(per_layer, full_k, full_v)]
         return [k for k, _ in split], [v for _, v in split]
-    k_total, v_total = split_budget(latent, full_k, full_v)
+    k_total, v_total = split_budget(latent, full_k, full_v, k_share)
     if policy == "adjusted":
         return (adjusted_ranks(k_total, sig_k, full_k, min_frac, max_frac, 0),
                 adjusted_ranks(v_total, sig_v, full_v, min_frac, max_frac, 1))

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token distance over which rotation matters for --rope-select qk (default 1024)")
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
+    p.add_argument("--k-share", type=float, default=None, metavar="F",
+                   help="fraction of the latent (budget minus rope keys) given to K, in (0, 1) "
+                        "(default: proportional to the lossless K and V widths)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="output dtype")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where calibration and the fp64 factorization run (default cpu)")

@@ -37,6 +37,7 @@ class Options:
     dtype: str = "float32"
     min_rank_frac: float = 0.5
     max_rank_frac: float = 2.0
+    k_share: float | None = None
     overwrite: bool = False
     stats_cache: str | None = None
     calib_dtype: str = "float32"
@@ -54,6 +55,9 @@ class Options:
         if self.kv_ratio is not None and not (0 < self.kv_ratio <= 1.0):
             raise ConversionError(f"--kv-ratio must be in (0, 1]: a budget above parity (1.0) is refused "
                                   f"(got {self.kv_ratio})")
+        if self.k_share is not None and not (0 < self.k_share < 1):
+            raise ConversionError(f"--k-share must be in (0, 1): the fraction of the latent given to K "
+                                  f"(got {self.k_share})")
         if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
         if self.rope_select not in ("qk", "key"):
@@ -223,7 +227,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         full_v = [min(f.down.shape[0], g * d_h) for f in v_factors]
         k_ranks, v_ranks = allocate.plan_ranks(
             opts.ranks, budget, d_r, full_k, full_v, [f.sigma for f in k_factors],
-            [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac)
+            [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, opts.k_share)
 
     with timer.stage("assemble"):
         dtype = DTYPES[opts.dtype]
@@ -263,6 +267,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                         "device": opts.device, "dtype": opts.calib_dtype},
         "options": {"damping": factorize.DAMPING, "asvd_alpha": factorize.ASVD_ALPHA,
                     "min_rank_frac": opts.min_rank_frac, "max_rank_frac": opts.max_rank_frac,
+                    "k_share": opts.k_share,
                     "dtype": opts.dtype},
         "seconds": timer.seconds,
     }

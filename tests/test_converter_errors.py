@@ -106,6 +106,13 @@ def test_odd_rope_dim(tiny, tmp_path):
     assert_refused(run_convert(src, out, "--calib", calib, "--rope-dim", "7"), out, "--rope-dim", "even")
 
 
+@pytest.mark.parametrize("share", ["0", "1", "1.2"])
+def test_k_share_outside_unit_interval(tiny, tmp_path, share):
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, "--k-share", share), out, "--k-share", "(0, 1)")
+
+
 def test_existing_out_needs_overwrite(tiny, tmp_path):
     _, src, calib = tiny
     out = tmp_path / "out"

@@ -105,6 +105,27 @@ def test_uniform_policy_gives_every_layer_the_same_width():
     assert all(a <= b for a, b in zip(k, v))            # K (960 wide) gets no more than V (1024)
 
 
+@pytest.mark.parametrize("policy", ["uniform", "adjusted"])
+@pytest.mark.parametrize("share", [0.25, 0.6])
+def test_k_share_sets_the_k_part_of_the_latent(policy, share):
+    """--k-share moves latent from V to K (or back) without changing any layer's total for uniform,
+    nor the total budget; the default splits in proportion to the lossless widths."""
+    from converter.allocate import plan_ranks
+
+    n, d_r = 8, 64
+    full_k, full_v = [1024 - d_r] * n, [1024] * n
+    sig = [torch.linspace(10, 0.1, 1024) * (1 + l) for l in range(n)]
+    budget = 576 * n
+    k0, v0 = plan_ranks(policy, budget, d_r, full_k, full_v, sig, sig)
+    k, v = plan_ranks(policy, budget, d_r, full_k, full_v, sig, sig, k_share=share)
+    latent = budget - n * d_r
+    assert sum(k) + sum(v) == sum(k0) + sum(v0) == latent
+    assert abs(sum(k) - latent * share) <= (n if policy == "uniform" else 1)   # uniform rounds per layer
+    assert abs(sum(k0) / latent - 960 / 1984) < 1e-2
+    if policy == "uniform":
+        assert [a + b for a, b in zip(k, v)] == [a + b for a, b in zip(k0, v0)] == [512] * n
+
+
 def test_bf16_source_stays_bf16_in_memory_and_converts_bit_identically(tmp_path):
     """The source is kept in its stored dtype (half the RAM of fp32 for an 8B model); since every
     computation upcasts per layer, the checkpoint must equal the one made from an fp32 load."""

@@ -12,13 +12,10 @@ bytes and is below the original's.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-import torch
 
-from tests.tiny_models import make_tiny_original
+from tests.served_reference import compare_concurrent, reference_model, varied_original
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -42,22 +39,6 @@ def _serve_args(extra=()):
             "--max-num-seqs", "8", *extra]
 
 
-def _varied_original(path: Path, arch: str) -> Path:
-    """A tiny random original whose greedy continuations vary (a plain random model with tied
-    embeddings mostly repeats its last token, which would make the greedy comparison weak): the
-    attention and MLP outputs are scaled up so that the context, not the current token, decides."""
-    from safetensors.torch import load_file, save_file
-
-    src = make_tiny_original(path, arch, num_layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, seed=1)
-    f = next(src.glob("*.safetensors"))
-    tensors = load_file(str(f))
-    for name in tensors:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            tensors[name] = tensors[name] * 4.0
-    save_file(tensors, str(f), metadata={"format": "pt"})
-    return src
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def served(request, tmp_path_factory, calib_file):
     """(arch, out_dir, report, care_server, original_kv_tokens)."""
@@ -65,7 +46,7 @@ def served(request, tmp_path_factory, calib_file):
 
     arch = request.param
     root = tmp_path_factory.mktemp(f"serve_{arch}")
-    src = _varied_original(root / "orig", arch)
+    src = varied_original(root / "orig", arch)
     out = root / "mla"
     report = convert(src, out, calib_files=[calib_file], method="care", ranks="adjusted", kv_ratio=0.75,
                      rope_dim=8, calib_samples=16, calib_seqlen=64, seed=0)
@@ -101,23 +82,7 @@ def _model_name(client):
 @pytest.fixture(scope="module")
 def reference(served):
     """model_defs (transformers) on the same checkpoint, fp32."""
-    import model_defs  # noqa: F401  (registers care_mla with transformers)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _, out, *_ = served
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(out)
-    return model, tok
-
-
-def _greedy(model, ids, n):
-    ids = list(ids)
-    new = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids + new])).logits[0, -1]
-            new.append(int(logits.argmax()))
-    return new
+    return reference_model(served[1])
 
 
 def test_completions_text(served):
@@ -157,50 +122,16 @@ def test_streaming_matches_non_streaming(served):
 
 
 def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, reference):
-    server = served[3]
     model, tok = reference
-    client = _client(server)
-    name = _model_name(client)
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
     n_new = 32
-
-    def ask(ids):
-        return client.completions.create(model=name, prompt=ids, max_tokens=n_new, temperature=0,
-                                         logprobs=0, extra_body={"ignore_eos": True, "prompt_logprobs": 0,
-                                                                 "return_token_ids": True})
-
-    with ThreadPoolExecutor(len(prompt_ids)) as ex:
-        results = list(ex.map(ask, prompt_ids))
-
-    worst = worst_decode = 0.0
-    distinct = set()
-    for ids, r in zip(prompt_ids, results):
-        choice = r.choices[0]
-        got = list(choice.token_ids)
-        assert len(got) == n_new
-        want = _greedy(model, ids, n_new)
-        assert got == want, f"prompt {ids}: vLLM {got} != model_defs {want}"
-        distinct.update(got)
-
-        # every decode step's logprob (paged latent decode) against model_defs on the full sequence
-        with torch.no_grad():
-            full = torch.log_softmax(model(torch.tensor([ids + got])).logits[0].double(), -1)
-        for j, lp in enumerate(choice.logprobs.token_logprobs):
-            worst_decode = max(worst_decode, abs(lp - full[len(ids) - 1 + j, got[j]].item()))
-
-        plp = getattr(choice, "prompt_logprobs", None) or (choice.model_extra or {}).get("prompt_logprobs")
-        assert plp is not None and len(plp) == len(ids) and plp[0] is None
-        with torch.no_grad():
-            ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
-        for i in range(1, len(ids)):
-            entry = plp[i][str(ids[i])]
-            lp = entry["logprob"] if isinstance(entry, dict) else entry.logprob
-            worst = max(worst, abs(lp - ref[i - 1, ids[i]].item()))
+    diff = compare_concurrent(_client(served[3]), model, prompt_ids, n_new)
     print(f"[{served[0]}] greedy tokens identical on {len(prompt_ids)} concurrent prompts x {n_new}; "
-          f"{len(distinct)} distinct tokens; max |logprob diff| prompt {worst:.2e}, generated {worst_decode:.2e}")
-    assert worst < 1e-3, f"max |prompt logprob diff| {worst}"
-    assert worst_decode < 1e-3, f"max |generated-token logprob diff| {worst_decode}"
-    assert len(distinct) >= 24, f"degenerate generations, the comparison would be weak: {distinct}"
+          f"{len(diff['distinct'])} distinct tokens; max |logprob diff| prompt {diff['prompt']:.2e}, "
+          f"generated {diff['generated']:.2e}")
+    assert diff["prompt"] < 1e-3, f"max |prompt logprob diff| {diff['prompt']}"
+    assert diff["generated"] < 1e-3, f"max |generated-token logprob diff| {diff['generated']}"
+    assert len(diff["distinct"]) >= 24, f"degenerate generations, the comparison would be weak: {diff['distinct']}"
 
 
 def test_kv_cache_per_token_is_the_sum_of_layer_widths(served):

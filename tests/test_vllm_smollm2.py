@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from converter.pipeline import convert
-from tests.test_vllm_serve import _greedy, _serve_args
+from tests.served_reference import greedy
+from tests.test_vllm_serve import _serve_args
 from tests.vllm_server import VLLMServer
 
 PROMPTS = ["The Linux kernel is", "def fibonacci(n):", "It is a truth universally acknowledged that",
@@ -45,4 +46,4 @@ def test_smollm2_parity_served_greedy_matches_model_defs(tmp_path):
             results = list(ex.map(ask, prompt_ids))
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     for ids, r in zip(prompt_ids, results):
-        assert list(r.choices[0].token_ids) == _greedy(model, ids, 32)
+        assert list(r.choices[0].token_ids) == greedy(model, ids, 32)

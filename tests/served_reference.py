@@ -1,0 +1,84 @@
+"""What the serving tests compare a running `vllm serve` against: model_defs (transformers, fp32) on
+the same checkpoint. One place for the greedy reference, the concurrent greedy + logprob comparison,
+and the tiny original whose continuations are worth comparing."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from tests.tiny_models import make_tiny_original
+
+
+def varied_original(path: Path, arch: str) -> Path:
+    """A tiny random original whose greedy continuations vary (a plain random model with tied
+    embeddings mostly repeats its last token, which would make the greedy comparison weak): the
+    attention and MLP outputs are scaled up so that the context, not the current token, decides."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_original(path, arch, num_layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, seed=1)
+    f = next(src.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    for name in tensors:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensors[name] = tensors[name] * 4.0
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    return src
+
+
+def greedy(model, ids, n: int) -> list[int]:
+    """n greedy tokens by full recomputation (no cache): the reference for vLLM's paged decode."""
+    ids = list(ids)
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + new])).logits[0, -1]
+            new.append(int(logits.argmax()))
+    return new
+
+
+def reference_model(out: Path):
+    """model_defs on a converted checkpoint, fp32, with its tokenizer."""
+    import model_defs  # noqa: F401  (registers care_mla with transformers)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
+
+
+def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int) -> dict:
+    """Send all prompts at once (greedy, ignore_eos, prompt + generated logprobs) and compare with
+    model_defs: asserts identical greedy tokens; returns the worst |logprob| differences (prompt
+    tokens; generated tokens = vLLM's paged decode) and the distinct generated tokens."""
+    name = client.models.list().data[0].id
+
+    def ask(ids):
+        return client.completions.create(model=name, prompt=ids, max_tokens=n_new, temperature=0,
+                                         logprobs=0, extra_body={"ignore_eos": True, "prompt_logprobs": 0,
+                                                                 "return_token_ids": True})
+
+    with ThreadPoolExecutor(len(prompt_ids)) as ex:
+        results = list(ex.map(ask, prompt_ids))
+
+    worst = worst_decode = 0.0
+    distinct = set()
+    for ids, r in zip(prompt_ids, results):
+        choice = r.choices[0]
+        got = list(choice.token_ids)
+        assert len(got) == n_new
+        want = greedy(model, ids, n_new)
+        assert got == want, f"prompt {ids}: vLLM {got} != model_defs {want}"
+        distinct.update(got)
+
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([ids + got])).logits[0].double(), -1)
+        for j, lp in enumerate(choice.logprobs.token_logprobs):
+            worst_decode = max(worst_decode, abs(lp - full[len(ids) - 1 + j, got[j]].item()))
+
+        plp = getattr(choice, "prompt_logprobs", None) or (choice.model_extra or {}).get("prompt_logprobs")
+        assert plp is not None and len(plp) == len(ids) and plp[0] is None
+        for i in range(1, len(ids)):
+            entry = plp[i][str(ids[i])]
+            lp = entry["logprob"] if isinstance(entry, dict) else entry.logprob
+            worst = max(worst, abs(lp - full[i - 1, ids[i]].item()))
+    return {"prompt": worst, "generated": worst_decode, "distinct": distinct}
