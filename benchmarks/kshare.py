@@ -77,7 +77,7 @@ def render_md(res: dict) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import model_defs  # noqa: F401  (registers care_mla with transformers)
     from converter.pipeline import convert
@@ -110,14 +110,8 @@ def main(argv=None) -> int:
         out_md.write_text(render_md(res))
 
     for name in models:
-        src = common.model_path(name, data)
-        n_tok = eval_tokens.get(name, eval_tokens.get("*", 8192))
-        per_file = n_tok // len(common.DOMAINS)
-        tok = AutoTokenizer.from_pretrained(src)
-        texts = common.eval_texts(data, tok, per_file)
-        mdir = work / name
-        mdir.mkdir(parents=True, exist_ok=True)
-        stats_cache = mdir / f"stats_{args.calib_samples}x{args.calib_seqlen}_seed{args.seed}_c{args.calib_chars}.pt"
+        src, tok, texts, n_tok, per_file, mdir, stats_cache = oneshot.model_inputs(name, data, work, eval_tokens,
+                                                                                   args)
         minfo = res["models"].setdefault(name, {"path": str(src), "eval_tokens": n_tok})
         if "original_ppl" not in minfo:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

@@ -73,6 +73,23 @@ def row_key(model, method, policy, ratio):
     return f"{model}|{method}|{policy}|{ratio}"
 
 
+def model_inputs(name: str, data: Path, work: Path, eval_tokens: dict, args):
+    """Per model: (source path, tokenizer, test texts, eval tokens, tokens per file, work folder,
+    stats-cache path). The stats cache is keyed by the calibration settings, so every benchmark that
+    calibrates the same way (oneshot.py, kshare.py) shares it."""
+    from transformers import AutoTokenizer
+
+    src = common.model_path(name, data)
+    n_tok = eval_tokens.get(name, eval_tokens.get("*", 8192))
+    per_file = n_tok // len(common.DOMAINS)
+    tok = AutoTokenizer.from_pretrained(src)
+    texts = common.eval_texts(data, tok, per_file)
+    mdir = work / name
+    mdir.mkdir(parents=True, exist_ok=True)
+    stats_cache = mdir / f"stats_{args.calib_samples}x{args.calib_seqlen}_seed{args.seed}_c{args.calib_chars}.pt"
+    return src, tok, texts, n_tok, per_file, mdir, stats_cache
+
+
 def evaluate(model, tok, texts: dict, per_file: int, args, ppl_fn) -> dict:
     parts = {}
     t0 = time.perf_counter()
@@ -96,7 +113,7 @@ def main(argv=None) -> int:
         print(Path(args.out + ".md").read_text())
         return 0
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     data = common.data_dir(args.data_dir)
     work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
@@ -140,14 +157,7 @@ def main(argv=None) -> int:
     from converter.pipeline import convert
 
     for name in models:
-        src = common.model_path(name, data)
-        n_tok = eval_tokens.get(name, eval_tokens.get("*", 8192))
-        per_file = n_tok // len(common.DOMAINS)
-        tok = AutoTokenizer.from_pretrained(src)
-        texts = common.eval_texts(data, tok, per_file)
-        mdir = work / name
-        mdir.mkdir(parents=True, exist_ok=True)
-        stats_cache = mdir / f"stats_{args.calib_samples}x{args.calib_seqlen}_seed{args.seed}_c{args.calib_chars}.pt"
+        src, tok, texts, n_tok, per_file, mdir, stats_cache = model_inputs(name, data, work, eval_tokens, args)
         minfo = results["models"].setdefault(name, {})
         minfo.update({"path": str(src), "eval_tokens_requested": n_tok, "stats_cache": str(stats_cache)})
 
