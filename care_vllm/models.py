@@ -181,7 +181,8 @@ class CareLatentAttention(nn.Module):
         self.rotary_emb = ExactRope(config.rope_inv_freq)
         assert len(config.rope_inv_freq) * 2 == d_r, "rope_inv_freq must have qk_rope_head_dim/2 entries"
 
-        backend = choose_backend(layer_widths(config), d_r)
+        backend = choose_backend(layer_widths(config), d_r,
+                                 cache_config.cache_dtype if cache_config is not None else "auto")
         self.mla_attn = CareMLAAttention(
             num_heads=self.num_heads,
             scale=float(config.softmax_scale),

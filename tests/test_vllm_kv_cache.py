@@ -99,3 +99,19 @@ def test_engine_kv_cache_config_has_one_width_per_layer(converted, tmp_path):
     per_token = sum(layers[n]["page_size_bytes"] for n in names) / block
     assert per_token == sum(widths) * 4 == report["cache_values_per_token"] * 4
     assert info["num_blocks"] == KV_BYTES // (per_token * block)
+
+
+def test_unsupported_kv_cache_dtype_is_refused_at_start(converted, tmp_path):
+    """The plugin picks its backend itself, bypassing vLLM's selector and its cache-dtype check; the
+    CPU latent backend stores only the model dtype. Before the check, `--kv-cache-dtype fp8` started
+    and generated token 0 forever; now `vllm serve` stops at start-up naming the problem."""
+    from tests.vllm_server import ServerError, VLLMServer
+
+    out, _ = converted
+    server = VLLMServer(out, "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+                        "--kv-cache-memory-bytes", str(KV_BYTES), "--kv-cache-dtype", "fp8",
+                        log_path=tmp_path / "fp8.log")
+    with pytest.raises(ServerError) as e:
+        server.start().wait_ready(timeout=300)
+    assert "care_vllm: --kv-cache-dtype fp8 is not supported by the CPU_MLA latent-attention backend" in \
+        (tmp_path / "fp8.log").read_text(), e.value

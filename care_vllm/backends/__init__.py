@@ -1,7 +1,10 @@
 """Attention backends for care_mla layers (each layer caches its own width r_K + r_V + d_r).
 
 `choose_backend` is called once per layer by the model; it returns the backend class to pass to
-`MLAAttention(attn_backend=...)`, or None to let vLLM select a stock backend.
+`MLAAttention(attn_backend=...)`, or None to let vLLM select a stock backend. Because an explicit
+backend bypasses vLLM's selector, the KV-cache dtype check the selector would make is made here:
+CPU_MLA (which ours extends) stores only the model dtype, and an fp8 cache would otherwise be
+accepted and decoded as garbage.
 """
 from __future__ import annotations
 
@@ -10,21 +13,31 @@ from __future__ import annotations
 _STOCK_GPU_WIDTHS = {64: (320, 576)}
 
 
-def choose_backend(widths: list[int], rope_dim: int):
-    """Backend for a model whose layers cache `widths` values per token."""
+def choose_backend(widths: list[int], rope_dim: int, kv_cache_dtype: str | None = "auto"):
+    """Backend for a model whose layers cache `widths` values per token in `kv_cache_dtype`
+    (vLLM's --kv-cache-dtype)."""
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         from .cpu import CareCPUMLABackend
 
-        return CareCPUMLABackend
+        return _check_cache_dtype(CareCPUMLABackend, kv_cache_dtype)
     if current_platform.is_cuda_alike():
         distinct = set(widths)
         if len(distinct) == 1 and next(iter(distinct)) in _STOCK_GPU_WIDTHS.get(rope_dim, ()):
             return None  # homogeneous DeepSeek-like width: vLLM's own selection (FA-MLA, FlashMLA, ...)
         from .gpu import CareTritonMLABackend
 
-        return CareTritonMLABackend
+        return _check_cache_dtype(CareTritonMLABackend, kv_cache_dtype)
     raise NotImplementedError(
         f"care_vllm: no latent-attention backend for platform {current_platform.device_name!r} "
         "(supported: CPU, CUDA/ROCm)")
+
+
+def _check_cache_dtype(backend, kv_cache_dtype: str | None):
+    if not backend.supports_kv_cache_dtype(kv_cache_dtype):
+        raise ValueError(
+            f"care_vllm: --kv-cache-dtype {kv_cache_dtype} is not supported by the {backend.get_name()} "
+            f"latent-attention backend of this platform (supported: "
+            f"{', '.join(backend.supported_kv_cache_dtypes)})")
+    return backend
