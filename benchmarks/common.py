@@ -91,6 +91,12 @@ def machine() -> dict:
     return info
 
 
+def run_lines(res: dict) -> list[str]:
+    """The markdown lines every benchmark report starts with: the exact command and when it ran."""
+    return [f"- command: `{res['command']}`",
+            f"- date: {res['started']} → {res.get('finished', '?')} (wall {res.get('wall_seconds', '?')} s)"]
+
+
 def machine_line(m: dict) -> str:
     """One markdown line from machine(): CPU, load at start, library versions, git revision."""
     return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, shared with other jobs "

@@ -50,8 +50,7 @@ def build_parser():
 def render_md(res: dict) -> str:
     s = res["settings"]
     lines = ["# K/V split of the latent (`--k-share`): one-shot perplexity", "",
-             f"- command: `{res['command']}`",
-             f"- date: {res['started']} → {res.get('finished', '')} (wall {res.get('wall_seconds', 0)} s)",
+             *common.run_lines(res),
              f"- machine: {common.machine_line(res['machine'])}",
              f"- every conversion: care, KV {s['ratio']}, calibration {s['calib_samples']} x {s['calib_seqlen']} "
              f"tokens (train split, as oneshot.py), perplexity on the test split ({s['eval_seqlen']}-token windows), "
@@ -60,7 +59,7 @@ def render_md(res: dict) -> str:
     for model, minfo in res["models"].items():
         orig = minfo.get("original_ppl")
         lines += [f"## {model}", "", f"original ppl **{orig:.3f}**, eval tokens {minfo.get('eval_tokens')}", ""]
-        shares = [sh for sh in res["settings"]["shares"]]
+        shares = res["settings"]["shares"]
         header = ["ranks"] + [f"k-share {sh}" for sh in shares]
         rows = []
         for policy in res["settings"]["policies"]:
@@ -132,15 +131,13 @@ def main(argv=None) -> int:
                 r = oneshot.evaluate(model, tok, texts, per_file, args, ppl_fn)
                 del model
                 gc.collect()
-                k = sum(l["k_rank"] for l in rep["layers"])
-                v = sum(l["v_rank"] for l in rep["layers"])
+                k_ranks = [l["k_rank"] for l in rep["layers"]]
+                v_ranks = [l["v_rank"] for l in rep["layers"]]
+                actual = sum(k_ranks) / (sum(k_ranks) + sum(v_ranks))
                 res["rows"][key] = {"model": name, "policy": policy, "k_share": sh, "ppl": r["ppl"],
-                                    "tokens": r["tokens"], "k_share_actual": k / (k + v),
-                                    "k_ranks": [l["k_rank"] for l in rep["layers"]],
-                                    "v_ranks": [l["v_rank"] for l in rep["layers"]],
-                                    "cache_values_per_token": rep["cache_values_per_token"]}
-                print(f"{name:14s} {policy:9s} k-share {sh:8s} (actual {k / (k + v):.3f}) ppl {r['ppl']:.3f}",
-                      flush=True)
+                                    "tokens": r["tokens"], "k_share_actual": actual, "k_ranks": k_ranks,
+                                    "v_ranks": v_ranks, "cache_values_per_token": rep["cache_values_per_token"]}
+                print(f"{name:14s} {policy:9s} k-share {sh:8s} (actual {actual:.3f}) ppl {r['ppl']:.3f}", flush=True)
                 save()
     save()
     print(out_md.read_text())

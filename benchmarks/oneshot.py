@@ -244,8 +244,7 @@ def render_md(res: dict, models, methods, policies, ratios) -> str:
     s = res["settings"]
     m = res["machine"]
     out = ["# One-shot perplexity: original vs. converted (no healing)", "",
-           f"- command: `{res['command']}`",
-           f"- date: {res['started']} → {res.get('finished', '?')} (wall {res.get('wall_seconds', '?')} s)",
+           *common.run_lines(res),
            f"- machine: {common.machine_line(m)}",
            f"- calibration (TRAIN split): {s['calib_samples']} windows x {s['calib_seqlen']} tokens, seed {s['seed']}, "
            f"drawn from the first {s['calib_chars_per_file']} characters of each of "

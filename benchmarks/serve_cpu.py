@@ -278,8 +278,7 @@ def render_md(res: dict, order: list[str]) -> str:
     s, m = res["settings"], res["machine"]
     names = [n for n in order if n in res["variants"]] + [n for n in res["variants"] if n not in order]
     out = ["# CPU serving: original vs. CARE-converted SmolLM2-135M (vLLM CPU)", "",
-           f"- command: `{res['command']}`",
-           f"- date: {res['started']} → {res.get('finished', '?')} (wall {res.get('wall_seconds', '?')} s)",
+           *common.run_lines(res),
            f"- machine: {m.get('cpu')}, {m.get('cores')} cores (vLLM binds its worker to 1 core and reserves the "
            f"other), {m.get('mem_gib')} GiB, shared with other jobs (load avg at start "
            f"{', '.join(f'{x:.1f}' for x in m.get('loadavg_at_start', []))}, at end "

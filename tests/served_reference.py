@@ -10,6 +10,21 @@ import torch
 
 from tests.tiny_models import make_tiny_original
 
+KV_BYTES = 32 << 20          # --kv-cache-memory-bytes of every tiny-model server (one budget for all)
+MAX_LEN = 512
+PROMPTS = [
+    "The latent cache of every layer",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Attention is all you need, said the",
+    "1, 2, 3, 4, 5,",
+]
+
+
+def serve_args(*extra: str) -> list[str]:
+    """The `vllm serve` flags the serving tests share (fp32: compared with model_defs to 1e-3)."""
+    return ["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--kv-cache-memory-bytes", str(KV_BYTES),
+            "--max-num-seqs", "8", *extra]
+
 
 def varied_original(path: Path, arch: str) -> Path:
     """A tiny random original whose greedy continuations vary (a plain random model with tied

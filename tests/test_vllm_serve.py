@@ -15,7 +15,8 @@ import json
 
 import pytest
 
-from tests.served_reference import compare_concurrent, reference_model, varied_original
+from tests.served_reference import (KV_BYTES, PROMPTS, compare_concurrent, reference_model, serve_args,
+                                     varied_original)
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -23,20 +24,7 @@ openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow
 
-KV_BYTES = 32 << 20          # --kv-cache-memory-bytes for both servers (same budget)
-MAX_LEN = 512
 FP32 = 4
-PROMPTS = [
-    "The latent cache of every layer",
-    "Once upon a time, in a small village by the sea, there lived",
-    "Attention is all you need, said the",
-    "1, 2, 3, 4, 5,",
-]
-
-
-def _serve_args(extra=()):
-    return ["--dtype", "float32", "--max-model-len", str(MAX_LEN), "--kv-cache-memory-bytes", str(KV_BYTES),
-            "--max-num-seqs", "8", *extra]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -55,9 +43,9 @@ def served(request, tmp_path_factory, calib_file):
     assert len(set(widths)) > 1, f"the test needs layers of different ranks, got {widths}"
 
     # The llama server runs compiled (vLLM's default), the qwen3 one eager: both paths are covered.
-    care = VLLMServer(out, *_serve_args([] if arch == "llama" else ["--enforce-eager"]),
+    care = VLLMServer(out, *serve_args(*([] if arch == "llama" else ["--enforce-eager"])),
                       log_path=root / "care.log")
-    orig = VLLMServer(src, *_serve_args(["--enforce-eager"]), log_path=root / "orig.log")
+    orig = VLLMServer(src, *serve_args("--enforce-eager"), log_path=root / "orig.log")
     care.start()
     orig.start()
     try:

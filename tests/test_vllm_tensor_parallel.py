@@ -15,8 +15,7 @@ import re
 
 import pytest
 
-from tests.served_reference import compare_concurrent, reference_model, varied_original
-from tests.test_vllm_serve import PROMPTS, _serve_args
+from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args, varied_original
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -50,7 +49,7 @@ def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
 
     model, tok = reference_model(out)
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
-    with VLLMServer(out, *_serve_args(["--enforce-eager", "--tensor-parallel-size", "2"]),
+    with VLLMServer(out, *serve_args("--enforce-eager", "--tensor-parallel-size", "2"),
                     log_path=tmp_path / "tp2.log", env=_bind_one_core_per_rank()) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
         diff = compare_concurrent(client, model, prompt_ids, 24)

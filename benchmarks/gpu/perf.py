@@ -120,12 +120,14 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
     killed (vLLM's engine-core child must not keep the GPU for the next run). rc -9 = timed out."""
     import signal
 
+    from care_vllm.loadtest.server import signal_group
+
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=bench_env(), start_new_session=True)
         try:
             return proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
             f.write(f"\nKILLED by perf.py after {timeout:.0f} s\n")
             return -9

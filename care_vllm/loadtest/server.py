@@ -98,7 +98,7 @@ def kv_cache_tokens(base_url: str, timeout: float = 5.0) -> int | None:
         return None
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
     """Signal the process group `pid` leads; a group that is already gone is fine."""
     try:
         os.killpg(pid, sig)
@@ -187,13 +187,13 @@ class VllmServer:
         even when `vllm serve` itself already exited: its engine-core child may still hold the port."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is not None:
-            _signal_group(proc.pid, signal.SIGKILL)   # leftover children of a dead server
+            signal_group(proc.pid, signal.SIGKILL)   # leftover children of a dead server
         elif proc is not None:
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=self.stop_grace if grace is None else grace)
             except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
         if self._log is not None:
             self._log.close()
