@@ -19,10 +19,13 @@ What runs (issue 4, "Correctness in bf16 on GPU"):
   * the reference is model_defs (converted) / transformers (original) in fp32 on the same device,
     teacher-forced on exactly the tokens vLLM saw and produced.
 Reported per model: max/mean |prompt logprob diff|, |generated-token logprob diff|, greedy exact
-match and "greedy-consistent" (vLLM's token is within 0.05 nats of the reference's best at every
-step, i.e. differences are bf16 near-ties), the backend each layer got. The bf16 noise floor is
-the ORIGINAL model's own vLLM-vs-transformers difference: a converted model passes when its mean
-prompt-logprob diff is at most 3x its original's + 0.01 and every step is greedy-consistent.
+match, "worst gap" (how far below the reference's best token vLLM's greedy pick scores, over all
+steps: 0 when greedy is identical, small for bf16 near-ties), the backend each layer got. The bf16
+noise floor is the ORIGINAL model's own vLLM-vs-transformers difference: a converted model passes
+when its mean prompt-logprob diff is at most 3x its original's + 0.01 and its worst gap at most 2x
+its original's + 0.05. (An absolute gap limit does not work: random bf16 models have many near-ties,
+and on CPU the GQA original itself picks tokens up to 0.9 nats below fp32's best,
+benchmarks/results/correctness_cpu_bf16.json.)
 Exit code 1 when a model fails.
 """
 from __future__ import annotations
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
     vocab = 16384
     ps = prompts(vocab, args.long)
     for arch, group in models.items():
-        floor = None
+        floor = floor_gap = None
         for name, path in group.items():
             for compiled in ([False, True] if f"{arch}-{name}" in args.compiled.split(",") else [False]):
                 v = run_vllm(path, ps, work, args, compiled)
@@ -236,12 +239,13 @@ def main(argv=None) -> int:
                 m.update(backends=v["backends"], layer_widths=v["layer_widths"], vllm_wall_s=v["wall_s"],
                          generate_s=round(v["seconds"], 2))
                 if name == "orig":
-                    floor = m["prompt_logprob_mean_diff"]
+                    floor, floor_gap = m["prompt_logprob_mean_diff"], m["worst_gap"]
                     m["role"] = "bf16 noise floor (GQA original on stock vLLM vs transformers fp32)"
                 else:
                     limit = 3 * (floor or 0.0) + 0.01
-                    m["limit_prompt_mean"] = round(limit, 5)
-                    m["pass"] = bool(m["prompt_logprob_mean_diff"] <= limit and m["greedy_all_consistent"])
+                    gap_limit = 2 * (floor_gap or 0.0) + 0.05
+                    m["limit_prompt_mean"], m["limit_worst_gap"] = round(limit, 5), round(gap_limit, 4)
+                    m["pass"] = bool(m["prompt_logprob_mean_diff"] <= limit and m["worst_gap"] <= gap_limit)
                 if args.long:   # the second long prompt must really have been served from the prefix cache
                     m["prefix_cache_hit_tokens"] = m["per_prompt"][-1]["cached_tokens"]
                     if name != "orig" and not (m["prefix_cache_hit_tokens"] or 0) >= SHARED_PREFIX // 2:
