@@ -49,10 +49,14 @@ def command_line() -> str:
 
 
 def git_rev() -> str:
+    """Short HEAD revision, with "+dirty" when tracked files differ from it (the numbers then come
+    from code that no commit holds)."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
-        return rev
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
     except Exception:  # noqa: BLE001
         return "unknown"
 

@@ -1,9 +1,18 @@
 """Calibration text -> fixed token windows.
 
-Text comes only from local files (`.txt` whole-file documents, `.jsonl` with a "text" field per
-line). Documents are joined with blank lines and tokenized once; `samples` windows of `seqlen`
-tokens are drawn at seeded random offsets, so the same inputs always give the same windows (and
-therefore the same checkpoint).
+Text comes only from local files: `.txt` (the whole file is one document) and `.jsonl`, one JSON
+object per line with either a "text" string or a "messages" list of chat turns
+(`{"role": ..., "content": ...}`, the OpenAI / transformers chat format). A conversation is rendered
+with the model's own chat template (`tokenizer.apply_chat_template`), i.e. exactly the string a chat
+request to the served model becomes, special tokens included. Why this matters: CARE fits the latent
+to the activations it sees. Calibrated on prose only, SmolLM2-Instruct at KV 0.5 (adjusted ranks)
+answers 47 of 48 held-out chat prompts with an immediate end-of-turn token (an empty reply);
+calibrated on the same corpus wrapped as conversations, 1 of 48, with prose perplexity 12 % higher
+(benchmarks/results/chat_calib.md): calibrate on what will be served.
+
+Documents are joined with blank lines and tokenized once; `samples` windows of `seqlen` tokens are
+drawn at seeded random offsets (every file contributes in proportion to its token count), so the
+same inputs always give the same windows (and therefore the same checkpoint).
 """
 from __future__ import annotations
 
@@ -15,15 +24,30 @@ import torch
 from .errors import ConversionError
 
 
-def read_texts(files: list[str | Path]) -> list[str]:
-    """Read documents from .txt / .jsonl files; raise ConversionError naming a bad file."""
+Conversation = list  # [{"role": str, "content": str}, ...]
+
+
+def _conversation(rec: dict, where: str) -> Conversation:
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise ConversionError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    for j, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ConversionError(f'{where}: message {j} needs string "role" and "content" fields')
+    return msgs
+
+
+def read_texts(files: list[str | Path], what: str = "calibration text") -> list[str | Conversation]:
+    """Read documents from .txt / .jsonl files: plain strings, and conversations (lists of
+    messages) from "messages" records. Raise ConversionError naming a bad file or line (`what`
+    names the text in the messages)."""
     if not files:
-        raise ConversionError("no calibration text given (--calib FILE...)")
+        raise ConversionError(f"no {what} given")
     docs: list[str] = []
     for f in files:
         p = Path(f)
         if not p.is_file():
-            raise ConversionError(f"calibration file not found: {p}")
+            raise ConversionError(f"{what} file not found: {p}")
         if p.suffix == ".jsonl":
             for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines()):
                 if not line.strip():
@@ -32,22 +56,39 @@ def read_texts(files: list[str | Path]) -> list[str]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConversionError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+                if isinstance(rec, dict) and "messages" in rec:
+                    docs.append(_conversation(rec, f"{p}:{i + 1}"))
+                    continue
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ConversionError(f'{p}:{i + 1}: a .jsonl line needs a string "text" field')
+                    raise ConversionError(f'{p}:{i + 1}: a .jsonl line needs a string "text" field '
+                                          f'or a "messages" list')
                 docs.append(rec["text"])
         else:
             docs.append(p.read_text(encoding="utf-8", errors="replace"))
-    docs = [d for d in docs if d.strip()]
+    docs = [d for d in docs if not isinstance(d, str) or d.strip()]
     if not docs:
-        raise ConversionError(f"calibration text is empty: {', '.join(str(f) for f in files)}")
+        raise ConversionError(f"{what} is empty: {', '.join(str(f) for f in files)}")
     return docs
 
 
-def token_windows(tokenizer, docs: list[str], samples: int, seqlen: int, seed: int) -> torch.Tensor:
+def render(tokenizer, docs: list[str | Conversation]) -> list[str]:
+    """Plain documents unchanged; conversations through the tokenizer's chat template (the text of
+    the whole exchange, no generation prompt). The special tokens in the result are tokenized as
+    such by the caller's `tokenizer(text)` (transformers parses added special tokens in text)."""
+    if all(isinstance(d, str) for d in docs):
+        return list(docs)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConversionError('the text has chat "messages" records but the model\'s tokenizer has no chat '
+                              'template to render them with; give plain "text" records instead')
+    return [d if isinstance(d, str) else tokenizer.apply_chat_template(d, tokenize=False) for d in docs]
+
+
+def token_windows(tokenizer, docs: list[str | Conversation], samples: int, seqlen: int,
+                  seed: int) -> torch.Tensor:
     """Return a [samples, seqlen] LongTensor of token windows (BOS first when the tokenizer has one)."""
     if samples < 1 or seqlen < 2:
         raise ConversionError(f"--calib-samples must be >= 1 and --calib-seqlen >= 2 (got {samples}, {seqlen})")
-    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    ids = tokenizer("\n\n".join(render(tokenizer, docs)), add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seqlen - 1 if bos is not None else seqlen
     if len(ids) < body:

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import ConversionError
+
 EXIT_USAGE = 2
 
 
@@ -27,29 +29,16 @@ class EvalError(ValueError):
     """A user-facing problem (bad path, empty text, unsupported model): message, exit code 2."""
 
 
-def read_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Documents from `.jsonl` files (one JSON object with a "text" field per line) or any other
-    file taken whole as plain text (`.txt`)."""
-    texts: list[str] = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise EvalError(f"text file not found: {p}")
-        if p.suffix == ".jsonl":
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise EvalError(f"{p}:{n}: expected a JSON object with a \"text\" field") from None
-                if not isinstance(text, str):
-                    raise EvalError(f"{p}:{n}: \"text\" must be a string")
-                texts.append(text)
-        else:
-            texts.append(p.read_text(encoding="utf-8"))
-    if not any(t.strip() for t in texts):
-        raise EvalError(f"no text in {', '.join(map(str, paths))}")
-    return texts
+def read_texts(paths: Sequence[str | os.PathLike]) -> list:
+    """Documents from `.txt` (whole file) and `.jsonl` files ("text" records, or "messages"
+    conversations that `perplexity` renders with the model's chat template): the converter's reader
+    (converter.calib_data.read_texts), its errors as EvalError."""
+    from .calib_data import read_texts as read_documents
+
+    try:
+        return read_documents(list(paths), what="text")
+    except ConversionError as e:
+        raise EvalError(str(e)) from None
 
 
 def make_windows(token_ids: Sequence[int], seqlen: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -65,7 +54,7 @@ def make_windows(token_ids: Sequence[int], seqlen: int, max_tokens: int | None =
     return [ids[i:i + seqlen] for i in range(0, len(ids) - seqlen + 1, seqlen)]
 
 
-def perplexity(model, tokenizer, texts: Sequence[str], seqlen: int = 1024, max_tokens: int | None = None,
+def perplexity(model, tokenizer, texts: Sequence, seqlen: int = 1024, max_tokens: int | None = None,
                device: str | None = None, batch_size: int = 1) -> dict[str, Any]:
     """Perplexity of `model` on `texts` under the protocol of this module.
 
@@ -78,6 +67,12 @@ def perplexity(model, tokenizer, texts: Sequence[str], seqlen: int = 1024, max_t
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from .calib_data import render
+
+    try:
+        texts = render(tokenizer, texts)   # conversations -> the model's chat template
+    except ConversionError as e:
+        raise EvalError(str(e)) from None
     text = "\n\n".join(texts)
     if not text.strip():
         raise EvalError("empty text")

@@ -26,7 +26,9 @@ Defaults and why:
 * --train all (the paper trains the full model); --train attention trains only the MLA layers'
   self_attn parameters and leaves every other tensor bit-identical.
 
-Data: .txt / .jsonl files (converter.calib_data.read_texts), tokenized once, documents joined by
+Data: .txt / .jsonl files (converter.calib_data.read_texts: "text" records, or "messages"
+conversations rendered with the model's chat template, which is how an instruct model keeps its
+chat behaviour through healing), tokenized once, documents joined by
 EOS, packed into non-overlapping seqlen windows (BOS first when the tokenizer has one), visited in
 a seeded random order (a new permutation per epoch); training stops after --tokens tokens
 (rounded up to whole updates).
@@ -178,7 +180,8 @@ def check_teacher(teacher: str) -> dict | None:
     return None
 
 
-def read_docs(files: list, what: str) -> list[str]:
+def read_docs(files: list, what: str) -> list:
+    """Plain documents and chat conversations (converter.calib_data.read_texts) from --text files."""
     from .calib_data import read_texts
 
     if not files:
@@ -192,11 +195,18 @@ def read_docs(files: list, what: str) -> list[str]:
         raise HealError(f"{what}: {str(e).replace('calibration text', 'text')}") from None
 
 
-def pack_windows(tokenizer, docs: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+def pack_windows(tokenizer, docs: list, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Documents joined by EOS, packed into [N, seqlen] windows (BOS first when the tokenizer has one).
+    Conversations are rendered with the model's chat template first (calib_data.render).
 
     Tokenized in chunks into an int32 stream (a large corpus does not become a list of Python ints);
     the windows stay int32 and are made long per batch."""
+    from .calib_data import render
+
+    try:
+        docs = render(tokenizer, docs)
+    except ConversionError as e:
+        raise HealError(str(e)) from None
     eos = tokenizer.eos_token_id
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seqlen - 1 if bos is not None else seqlen

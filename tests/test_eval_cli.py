@@ -131,7 +131,7 @@ def _unknown_model(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case, needle", [
     ("missing_text", "text file not found"),
-    ("empty_text", "no text"),
+    ("empty_text", "text is empty"),
     ("bad_jsonl", "\"text\" field"),
     ("missing_model", "no config.json"),
     ("missing_gguf", "GGUF file not found"),
