@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,8 +127,7 @@ def main(argv=None) -> int:
 
     data = common.data_dir(args.data_dir)
     work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    sets = [c.strip() for c in args.calib_sets.split(",") if c.strip()]
+    policies, sets = common.csv_list(args.policies), common.csv_list(args.calib_sets)
     ppl_fn, ppl_name = common.perplexity_fn()
     src, tok, texts, n_tok, per_file, mdir, prose_stats = oneshot.model_inputs(
         args.model, data, work, oneshot.parse_eval_tokens(args.eval_tokens), args)
@@ -138,18 +136,11 @@ def main(argv=None) -> int:
     tag = f"{args.calib_samples}x{args.calib_seqlen}_seed{args.seed}"
     calib = {"prose": (prose, prose_stats), "chat": ([chat], mdir / f"stats_chat_{tag}.pt"),
              "prose+chat": (prose + [chat], mdir / f"stats_prosechat_{tag}_c{args.calib_chars}.pt")}
-    out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "data_dir")},
            "perplexity": ppl_name, "prose_tokens": n_tok,
            "calibration_files": {k: v[0] for k, v in calib.items() if k in sets}, "rows": {}}
-    t_start = time.perf_counter()
-
-    def save():
-        res["finished"] = common.now_utc()
-        res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        common.write_json(out_json, res)
-        out_md.write_text(render_md(res))
+    save = common.report_saver(res, args.out, render_md)
 
     prompts = chat_prompts(tok, data)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -183,7 +174,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             save()
     save()
-    print(out_md.read_text())
+    print(Path(args.out + ".md").read_text())
     return 0
 
 

@@ -207,6 +207,30 @@ def combine_ppl(parts: dict[str, dict]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 
+def csv_list(spec: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: the comma-list options of every benchmark."""
+    return [x.strip() for x in spec.split(",") if x.strip()]
+
+
+def report_saver(res: dict, stem: str | Path, render, extra=None):
+    """save() for a benchmark that writes STEM.json and STEM.md after every row: stamps the finish
+    time and wall seconds since this call, writes the JSON atomically, re-renders the markdown
+    (`render(res)`); `extra(res)` may add fields first."""
+    import time
+
+    t_start = time.perf_counter()
+    out_json, out_md = Path(f"{stem}.json"), Path(f"{stem}.md")
+
+    def save() -> None:
+        res["finished"] = now_utc()
+        res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        if extra is not None:
+            extra(res)
+        write_json(out_json, res)
+        out_md.write_text(render(res))
+    return save
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,13 +82,11 @@ def main(argv=None) -> int:
 
     data = common.data_dir(args.data_dir)
     work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    policies = [m.strip() for m in args.policies.split(",") if m.strip()]
-    shares = [m.strip() for m in args.shares.split(",") if m.strip()]
+    models, policies, shares = (common.csv_list(x) for x in (args.models, args.policies, args.shares))
     eval_tokens = oneshot.parse_eval_tokens(args.eval_tokens)
     calib = common.calib_subset(data, args.calib_chars)
     ppl_fn, ppl_name = common.perplexity_fn()
-    out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
+    out_json = Path(args.out + ".json")
     settings = {"ratio": args.ratio, "policies": policies, "shares": shares, "eval_seqlen": args.eval_seqlen,
                 "eval_batch": args.eval_batch, "calib_samples": args.calib_samples,
                 "calib_seqlen": args.calib_seqlen, "calib_chars_per_file": args.calib_chars, "seed": args.seed,
@@ -100,13 +97,7 @@ def main(argv=None) -> int:
         old = json.loads(out_json.read_text())
         if old.get("settings") == settings:
             res["rows"], res["models"] = old["rows"], old["models"]
-    t_start = time.perf_counter()
-
-    def save():
-        res["finished"] = common.now_utc()
-        res["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        common.write_json(out_json, res)
-        out_md.write_text(render_md(res))
+    save = common.report_saver(res, args.out, render_md)
 
     for name in models:
         src, tok, texts, n_tok, per_file, mdir, stats_cache = oneshot.model_inputs(name, data, work, eval_tokens,
@@ -140,7 +131,7 @@ def main(argv=None) -> int:
                 print(f"{name:14s} {policy:9s} k-share {sh:8s} (actual {actual:.3f}) ppl {r['ppl']:.3f}", flush=True)
                 save()
     save()
-    print(out_md.read_text())
+    print(Path(args.out + ".md").read_text())
     return 0
 
 

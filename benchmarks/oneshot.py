@@ -117,9 +117,7 @@ def main(argv=None) -> int:
 
     data = common.data_dir(args.data_dir)
     work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    policies = [m.strip() for m in args.policies.split(",") if m.strip()]
+    models, methods, policies = (common.csv_list(x) for x in (args.models, args.methods, args.policies))
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     eval_tokens = parse_eval_tokens(args.eval_tokens)
     calib = common.calib_subset(data, args.calib_chars)
@@ -145,14 +143,9 @@ def main(argv=None) -> int:
             print(f"resume: {len(results['rows'])} rows kept from {out_json}", flush=True)
         else:
             print("resume: settings differ, starting over", flush=True)
-    t_start = time.perf_counter()
-
-    def save():
-        results["finished"] = common.now_utc()
-        results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        results["machine"]["loadavg_now"] = list(__import__("os").getloadavg())
-        common.write_json(out_json, results)
-        out_md.write_text(render_md(results, models, methods, policies, ratios))
+    save = common.report_saver(
+        results, args.out, lambda r: render_md(r, models, methods, policies, ratios),
+        extra=lambda r: r["machine"].update(loadavg_now=list(__import__("os").getloadavg())))
 
     from converter.pipeline import convert
 
