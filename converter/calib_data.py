@@ -43,7 +43,7 @@ def read_texts(files: list[str | Path], what: str = "calibration text") -> list[
     names the text in the messages)."""
     if not files:
         raise ConversionError(f"no {what} given")
-    docs: list[str] = []
+    docs: list[str | Conversation] = []
     for f in files:
         p = Path(f)
         if not p.is_file():

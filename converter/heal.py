@@ -184,15 +184,7 @@ def read_docs(files: list, what: str) -> list:
     """Plain documents and chat conversations (converter.calib_data.read_texts) from --text files."""
     from .calib_data import read_texts
 
-    if not files:
-        raise HealError(f"no {what} given")
-    for f in files:
-        if not Path(f).is_file():
-            raise HealError(f"{what} file not found: {f}")
-    try:
-        return read_texts(list(files))
-    except ConversionError as e:
-        raise HealError(f"{what}: {str(e).replace('calibration text', 'text')}") from None
+    return read_texts(list(files or []), what=what)  # its errors name `what` ("--text file not found: ...")
 
 
 def pack_windows(tokenizer, docs: list, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -203,10 +195,7 @@ def pack_windows(tokenizer, docs: list, seqlen: int, max_windows: int | None = N
     the windows stay int32 and are made long per batch."""
     from .calib_data import render
 
-    try:
-        docs = render(tokenizer, docs)
-    except ConversionError as e:
-        raise HealError(str(e)) from None
+    docs = render(tokenizer, docs)  # its ConversionError reaches main() like every other bad input
     eos = tokenizer.eos_token_id
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seqlen - 1 if bos is not None else seqlen
