@@ -14,7 +14,6 @@ rows already there with identical settings).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from pathlib import Path
@@ -74,12 +73,6 @@ def render_md(res: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import model_defs  # noqa: F401  (registers care_mla with transformers)
-    from converter.pipeline import convert
-
     data = common.data_dir(args.data_dir)
     work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
     models, policies, shares = (common.csv_list(x) for x in (args.models, args.policies, args.shares))
@@ -104,24 +97,16 @@ def main(argv=None) -> int:
                                                                                    args)
         minfo = res["models"].setdefault(name, {"path": str(src), "eval_tokens": n_tok})
         if "original_ppl" not in minfo:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-            minfo["original_ppl"] = oneshot.evaluate(model, tok, texts, per_file, args, ppl_fn)["ppl"]
-            del model
+            minfo["original_ppl"] = oneshot.original_ppl(src, tok, texts, per_file, args, ppl_fn)
             save()
         for policy in policies:
             for sh in shares:
                 key = f"{name}|{policy}|{sh}"
                 if key in res["rows"]:
                     continue
-                ckpt = mdir / "ckpt_kshare"
-                rep = convert(str(src), str(ckpt), calib_files=[str(c) for c in calib], method="care", ranks=policy,
-                              kv_ratio=args.ratio, k_share=None if sh == "default" else float(sh),
-                              calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                              overwrite=True, stats_cache=str(stats_cache))
-                model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-                r = oneshot.evaluate(model, tok, texts, per_file, args, ppl_fn)
-                del model
-                gc.collect()
+                rep, r = oneshot.convert_and_evaluate(
+                    src, mdir / "ckpt_kshare", calib, tok, texts, per_file, stats_cache, args, ppl_fn,
+                    method="care", ranks=policy, kv_ratio=args.ratio, k_share=None if sh == "default" else float(sh))
                 k_ranks = [l["k_rank"] for l in rep["layers"]]
                 v_ranks = [l["v_rank"] for l in rep["layers"]]
                 actual = sum(k_ranks) / (sum(k_ranks) + sum(v_ranks))

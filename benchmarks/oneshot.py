@@ -102,6 +102,38 @@ def evaluate(model, tok, texts: dict, per_file: int, args, ppl_fn) -> dict:
             "eval_seconds": round(time.perf_counter() - t0, 2)}
 
 
+def original_ppl(src, tok, texts: dict, per_file: int, args, ppl_fn) -> float:
+    """Perplexity of the unconverted source on the test texts (as `evaluate`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ppl = evaluate(model, tok, texts, per_file, args, ppl_fn)["ppl"]
+    del model
+    gc.collect()
+    return ppl
+
+
+def convert_and_evaluate(src, ckpt: Path, calib: list, tok, texts: dict, per_file: int, stats_cache: Path, args,
+                         ppl_fn, **convert_kw) -> tuple[dict, dict]:
+    """Convert `src` into `ckpt` (calibration settings from `args`, the rest from `convert_kw`) and
+    evaluate it: (care_report, evaluate() result). Used by the sweeps (kshare.py, objective.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import model_defs  # noqa: F401,PLC0415  (registers care_mla with transformers)
+    from converter.pipeline import convert
+
+    rep = convert(str(src), str(ckpt), calib_files=[str(c) for c in calib], calib_samples=args.calib_samples,
+                  calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats_cache),
+                  **convert_kw)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    r = evaluate(model, tok, texts, per_file, args, ppl_fn)
+    del model
+    gc.collect()
+    return rep, r
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.render_only:

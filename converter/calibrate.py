@@ -5,7 +5,8 @@ For every decoder layer we accumulate, in fp64:
   * `ax`  = sum over tokens of |x| (ASVD's input scaling);
   * `ck`  = sum of k^T k of the k_norm'd keys (Qwen3 only: its keys are a nonlinear function of x, so
             the RoRoPE PCA and the K latent are fitted on the real post-norm keys);
-  * `qd`  = per-dim sum of squares of the q_norm'd queries (Qwen3 only; used to choose the rope dims).
+  * `qc`  = per-head sum of q^T q of the q_norm'd queries (Qwen3 only; `--objective attention` weights
+            the K latent by it) and `qd` its diagonal (used to choose the rope dims).
 For Llama, key and query statistics follow exactly from `cx` (k = W_K x, q = W_Q x): nothing more is stored.
 
 Propagation runs through the ORIGINAL layers, one layer on the device at a time; the statistics are
@@ -31,6 +32,7 @@ class LayerStats:
     ax: torch.Tensor                 # [D] fp64
     ck: torch.Tensor | None = None   # [g*d_h, g*d_h] fp64 (Qwen3)
     qd: torch.Tensor | None = None   # [n_h, d_h] fp64: sum of squares of each pre-RoPE query dim
+    qc: torch.Tensor | None = None   # [n_h, d_h, d_h] fp64: per-head sum of q q^T (None in older stats caches)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class CalibStats:
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "meta": self.meta,
-                "layers": [{"cx": s.cx, "ax": s.ax, "ck": s.ck, "qd": s.qd} for s in self.layers]}
+                "layers": [{"cx": s.cx, "ax": s.ax, "ck": s.ck, "qd": s.qd, "qc": s.qc} for s in self.layers]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibStats":
@@ -98,7 +100,7 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
         layer = _working_copy(src_layer, device, dtype)
         d = layer.input_layernorm.weight.shape[0]
         acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
-               "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qd": None}
+               "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qc": None}
 
         def on_norm(_m, _i, out):
             x = out.reshape(-1, out.shape[-1]).double()
@@ -110,8 +112,9 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
             acc["ck"] = k.T @ k if acc["ck"] is None else acc["ck"].addmm_(k.T, k)
 
         def on_qnorm(_m, _i, out):  # [B, T, n_h, d_h] post-norm queries, before RoPE
-            q2 = out.double().pow(2).sum((0, 1))
-            acc["qd"] = q2 if acc["qd"] is None else acc["qd"].add_(q2)
+            q = out.double()
+            qq = torch.einsum("bthd,bthe->hde", q, q)
+            acc["qc"] = qq if acc["qc"] is None else acc["qc"].add_(qq)
 
         hooks = [layer.input_layernorm.register_forward_hook(on_norm)]
         if arch == "qwen3":
@@ -132,8 +135,9 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
             if layer is src_layer:
                 layer.cpu()
             del layer
+        qc = None if acc["qc"] is None else acc["qc"].cpu()
         stats.append(LayerStats(acc["cx"].cpu(), acc["ax"].cpu(),
                                 None if acc["ck"] is None else acc["ck"].cpu(),
-                                None if acc["qd"] is None else acc["qd"].cpu()))
+                                None if qc is None else qc.diagonal(dim1=1, dim2=2).contiguous(), qc))
     rotary.cpu()
     return CalibStats(stats, n * t)

@@ -64,14 +64,35 @@ def _gram_eig(a: torch.Tensor, c: torch.Tensor, alpha: float) -> tuple[torch.Ten
     return vh, lam.sqrt()
 
 
+def _sqrt_and_inverse(m: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """M_d^{1/2} and M_d^{-1/2} of a PSD matrix, damped like C: M_d = M + alpha*mean(diag M)*I."""
+    m = 0.5 * (m + m.T)
+    damp = alpha * m.diagonal().mean().clamp_min(1e-30)
+    lam, u = torch.linalg.eigh(m + damp * torch.eye(m.shape[0], dtype=m.dtype, device=m.device))
+    root = lam.clamp_min(damp).sqrt()
+    return (u * root) @ u.T, (u / root) @ u.T
+
+
 def factorize(a: torch.Tensor, c: torch.Tensor | None, abs_mean: torch.Tensor | None, method: str,
-              alpha: float = DAMPING) -> Factor:
-    """Full-rank factorization of target A [out, in] with input second moment C [in, in]."""
+              alpha: float = DAMPING, out_weight: torch.Tensor | None = None) -> Factor:
+    """Full-rank factorization of target A [out, in] with input second moment C [in, in].
+
+    `out_weight` M [out, out] (care only): minimize tr(M (A - Â) C (A - Â)^T) instead, i.e. the error
+    as something downstream that reads y through M's square root sees it (the queries reading the
+    keys, o_proj reading the values; see converter/attention_weights.py). Solved exactly the same
+    way on the whitened target M_d^{1/2} A, then mapped back: up = M_d^{-1/2} V, down = V^T M_d^{1/2} A.
+    """
     a = a.double()
     if a.shape[0] == 0:  # nothing left to compress (e.g. every key dim keeps RoPE)
         return Factor(down=a.new_zeros(0, a.shape[1]), up=a.new_zeros(0, 0), sigma=a.new_zeros(0))
     w = a.T  # [in, out], the paper's orientation
+    if out_weight is not None and method != "care":
+        raise ValueError(f"an output weighting needs method 'care' (got {method!r})")
     if method == "care":
+        if out_weight is not None:
+            root, inv_root = _sqrt_and_inverse(out_weight.to(a.device, torch.float64), alpha)
+            vh, sig = _gram_eig(root @ a, c.to(a.device, torch.float64), alpha)
+            return Factor(down=(vh @ root @ a).contiguous(), up=(inv_root @ vh.T).contiguous(), sigma=sig)
         vh, sig = _gram_eig(a, c.to(a.device, torch.float64), alpha)
         return Factor(down=(vh @ a).contiguous(), up=vh.T.contiguous(), sigma=sig)
     if method == "svd":

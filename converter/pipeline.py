@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import allocate, assemble, calib_data, calibrate, factorize, load, rope_map, write
+from . import allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, rope_map, write
 from .errors import ConversionError
 from .plot import plot_ranks
 
 MODEL_TYPE = "care_mla"
 ARCHITECTURES = {"llama": "CareLlamaForCausalLM", "qwen3": "CareQwen3ForCausalLM"}
+OBJECTIVES = ("kv", "attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,6 +44,7 @@ class Options:
     calib_dtype: str = "float32"
     rope_select: str = "qk"
     rope_distance: float = 1024.0
+    objective: str = "kv"
     max_shard_size: str = "2GB"
 
     def validate(self) -> None:
@@ -62,6 +64,10 @@ class Options:
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
         if self.rope_select not in ("qk", "key"):
             raise ConversionError(f"unknown --rope-select {self.rope_select!r} (choose from qk, key)")
+        if self.objective not in OBJECTIVES:
+            raise ConversionError(f"unknown --objective {self.objective!r} (choose from {', '.join(OBJECTIVES)})")
+        if self.objective != "kv" and self.method != "care":
+            raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from float32, bfloat16)")
         if self.dtype not in DTYPES:
@@ -211,16 +217,17 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             st, rm = stats.layers[l], maps[l]
             wk, wv = weights(l, la, "kv")
             cx, ax, q_n = on(st.cx), on(st.ax), on(rm.q_n)
+            mk, mv = _attention_weights(opts, source.arch, st, attn[l], q_n, cx, n_heads, g, on)
             if source.arch == "llama":
-                kf = factorize.factorize(q_n @ wk, cx, ax, opts.method)
+                kf = factorize.factorize(q_n @ wk, cx, ax, opts.method, out_weight=mk)
             elif opts.method == "care":   # activation-optimal on the real post-norm keys
-                kf = factorize.factorize(q_n, on(st.ck), None, "care")
+                kf = factorize.factorize(q_n, on(st.ck), None, "care", out_weight=mk)
             else:                          # weight-based baselines see only the (linearized) weights
                 gamma = on(attn[l].k_norm.weight.detach()).repeat(g)
                 kf = factorize.projection_factor(q_n, factorize.factorize(q_n @ (gamma[:, None] * wk), cx, ax,
                                                                           opts.method))
             k_factors.append(kf.to("cpu"))
-            v_factors.append(factorize.factorize(wv, cx, ax, opts.method).to("cpu"))
+            v_factors.append(factorize.factorize(wv, cx, ax, opts.method, out_weight=mv).to("cpu"))
 
     with timer.stage("allocate"):
         full_k = [min(f.down.shape[0], g * d_h - d_r) for f in k_factors]
@@ -256,7 +263,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
     report = {
         "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
-        "method": opts.method, "rank_policy": opts.ranks,
+        "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
         "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
         "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select, "rope_distance": opts.rope_distance,
         "cache_values_per_token": cache,
@@ -282,6 +289,22 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     report["seconds"] = dict(timer.seconds, total=round(sum(timer.seconds.values()), 3))
     write.save_json(report, out / "care_report.json")
     return report
+
+
+def _attention_weights(opts: Options, arch: str, st, attn, q_n: torch.Tensor, cx: torch.Tensor, n_heads: int,
+                       g: int, on) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(M_K, M_V) for --objective attention (converter/attention_weights.py), (None, None) for kv."""
+    if opts.objective == "kv":
+        return None, None
+    if arch == "llama":
+        query_cov = attention_weights.llama_query_cov(on(attn.q_proj.weight.detach()), cx, n_heads)
+    else:
+        if st.qc is None:
+            raise ConversionError("calibration statistics lack query covariances (an old --stats-cache file?); "
+                                  "delete it")
+        query_cov = on(st.qc)
+    return (attention_weights.key_weight(query_cov, q_n, g),
+            attention_weights.value_weight(on(attn.o_proj.weight.detach()), n_heads, g))
 
 
 def _query_diag(arch: str, st, wq: torch.Tensor | None, cx: torch.Tensor | None, n_heads: int,
@@ -346,7 +369,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "source_rope_parameters": dict(getattr(cfg, "rope_parameters", None) or {}),
         "source_model": src_name,
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,
-        "care": {"method": opts.method, "rank_policy": opts.ranks,
+        "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)
                                    / (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d_h), 6),
                  "rope_dim": d_r},
