@@ -46,6 +46,7 @@ def build_parser():
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--policies", default="adjusted,uniform")
     p.add_argument("--calib-sets", default=",".join(CALIB_SETS))
+    p.add_argument("--objective", default="kv", choices=["kv", "attention"], help="care-convert --objective")
     p.add_argument("--answer-tokens", type=int, default=48)
     p.add_argument("--eval-tokens", default="smollm2-135m=2048,4096", help="prose tokens, as in oneshot.py")
     p.add_argument("--eval-seqlen", type=int, default=512)
@@ -104,8 +105,9 @@ def render_md(res: dict) -> str:
     lines = ["# Calibration text for an instruct model: prose vs conversations (one-shot, no healing)", "",
              *common.run_lines(res),
              f"- machine: {common.machine_line(res['machine'])}",
-             f"- model: {s['model']}, care, KV {s['ratio']}, calibration {s['calib_samples']} x {s['calib_seqlen']} "
-             "tokens from the set named in the row (benchmarks/chat_calib.py docstring)",
+             f"- model: {s['model']}, care (objective {s.get('objective', 'kv')}), KV {s['ratio']}, "
+             f"calibration {s['calib_samples']} x {s['calib_seqlen']} tokens from the set named in the row "
+             "(benchmarks/chat_calib.py docstring)",
              f"- chat: {orig['prompts']} held-out prompts, reference = the original's greedy answer "
              f"({s['answer_tokens']} tokens); the original itself ends {orig['empty_replies']} of them at once",
              f"- prose ppl: test split, {res['prose_tokens']} tokens; original {orig['prose_ppl']:.2f}", ""]
@@ -162,8 +164,8 @@ def main(argv=None) -> int:
         for policy in policies:
             ckpt = mdir / "ckpt_chat_calib"
             convert(str(src), str(ckpt), calib_files=files, method="care", ranks=policy, kv_ratio=args.ratio,
-                    calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                    overwrite=True, stats_cache=str(stats))
+                    objective=args.objective, calib_samples=args.calib_samples,
+                    calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats))
             model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
             row = {"policy": policy, "calib": calib_name,
                    **chat_fidelity(ref, answer_logprobs(model, seqs, starts), answers, tok.eos_token_id),

@@ -135,3 +135,31 @@ def test_same_inputs_give_identical_checkpoint(tiny, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
     assert (outs[0] / "config.json").read_text() == (outs[1] / "config.json").read_text()
+
+
+def test_attention_objective_needs_care(tiny, tmp_path):
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, "--objective", "attention", "--method", "svd"), out,
+                   "--objective attention", "--method care")
+
+
+def test_qwen3_stats_cache_without_query_moments(tmp_path):
+    """A Qwen3 stats cache written before the per-head query moments were collected: plain CARE still
+    uses it, --objective attention says what is missing instead of failing inside the factorization."""
+    import torch
+
+    src = make_tiny_original(tmp_path / "qwen3", "qwen3", num_layers=2)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a few words of calibration text, repeated. " * 200)
+    cache = tmp_path / "stats.pt"
+    small = ("--calib-samples", "4", "--calib-seqlen", "32", "--stats-cache", cache)
+    assert run_convert(src, tmp_path / "first", "--calib", calib, *small).returncode == 0
+    stats = torch.load(cache, weights_only=False)
+    for layer in stats["layers"]:
+        layer.pop("qc")
+    torch.save(stats, cache)
+    assert run_convert(src, tmp_path / "kv", "--calib", calib, *small).returncode == 0
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, *small, "--objective", "attention"), out,
+                   "query covariances", "delete it")
