@@ -11,10 +11,10 @@ E||k - k̂||^2 and E||v - v̂||^2. But no one reads k and v directly:
 * a value is only read through o_proj: head h's output error is W_O,h (attention-weighted e_a(h)).
   The heads of one KV group read the same values; taking their attention patterns as alike (and
   the groups' errors as unrelated) gives M_V = blockdiag_a(Wbar_a^T Wbar_a), Wbar_a = sum_{h in a} W_O,h.
-  Measured (benchmarks/results/objective.md and the README): this beat both treating every head as
-  unrelated (blockdiag of sum_h W_O,h^T W_O,h) and all heads as alike (Wbar^T Wbar over all groups)
-  in being never worse than the plain objective; the all-alike form was a little better on some
-  models and worse on SmolLM2 at KV 0.25.
+  Of the three forms tried (README, "Fitting objective"), it is the one never worse than the plain
+  objective: every head unrelated (blockdiag of sum_h W_O,h^T W_O,h) was worse than it wherever
+  tried, all heads alike (Wbar^T Wbar over all groups) better in some cases but worse than plain
+  CARE on SmolLM2 at KV 0.25.
 
 `factorize.factorize(..., out_weight=M)` then minimizes tr(M (A - Â) C (A - Â)^T), the same
 closed-form problem after whitening by M^{1/2}. Everything here is fp64 on the device of the inputs.
