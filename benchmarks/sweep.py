@@ -1,0 +1,77 @@
+"""The loop behind the one-shot sweeps (kshare.py, objective.py): one care-convert option varied,
+each cell converted and evaluated with oneshot.py's calibration, test text and stats caches.
+
+A sweep gives its own settings, the cells of each model (row key -> convert keyword arguments) and
+how a row is recorded; this module does the rest: the originals' perplexity, --resume, saving the
+JSON/markdown after every row.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import common
+import oneshot
+
+
+def add_common_args(p, out_stem: str) -> None:
+    """Arguments every sweep shares with oneshot.py (same defaults, so their cells are comparable)."""
+    p.add_argument("--data-dir", default=None, help="DATA_DIR of scripts/get_data.sh (default data/)")
+    p.add_argument("--policies", default="uniform,adjusted")
+    p.add_argument("--eval-tokens", default="smollm2-135m=2048,4096", help="as in oneshot.py")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-batch", type=int, default=4)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--calib-chars", type=int, default=512_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=None, help="checkpoints + stats caches (default DATA/bench/oneshot, "
+                                                     "shared with oneshot.py)")
+    p.add_argument("--out", default=str(common.RESULTS / out_stem), help="output path stem (.json/.md)")
+    p.add_argument("--resume", action="store_true", help="keep rows of an existing OUT.json with the same settings")
+
+
+def run(args, own_settings: dict, models: list[str], cells: Callable[[str], Iterable[tuple[str, dict, dict]]],
+        render_md: Callable[[dict], str], ckpt_name: str, extra: Callable[[dict], dict] | None = None) -> int:
+    """cells(model) -> (row key, row fields naming the cell, care-convert kwargs) triples. Each row stores
+    the model, those fields, ppl, tokens, per-layer ranks, the cache size and `extra(care_report)`."""
+    data = common.data_dir(args.data_dir)
+    work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
+    eval_tokens = oneshot.parse_eval_tokens(args.eval_tokens)
+    calib = common.calib_subset(data, args.calib_chars)
+    ppl_fn, ppl_name = common.perplexity_fn()
+    out_json = Path(args.out + ".json")
+    settings = {**own_settings, "eval_seqlen": args.eval_seqlen, "eval_batch": args.eval_batch,
+                "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
+                "calib_chars_per_file": args.calib_chars, "seed": args.seed, "perplexity": ppl_name}
+    res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
+           "settings": settings, "models": {}, "rows": {}}
+    if args.resume and out_json.is_file():
+        old = json.loads(out_json.read_text())
+        if old.get("settings") == settings:
+            res["rows"], res["models"] = old["rows"], old["models"]
+    save = common.report_saver(res, args.out, render_md)
+
+    for name in models:
+        src, tok, texts, n_tok, per_file, mdir, stats_cache = oneshot.model_inputs(name, data, work, eval_tokens,
+                                                                                   args)
+        minfo = res["models"].setdefault(name, {"path": str(src), "eval_tokens": n_tok})
+        if "original_ppl" not in minfo:
+            minfo["original_ppl"] = oneshot.original_ppl(src, tok, texts, per_file, args, ppl_fn)
+            save()
+        for key, fields, kw in cells(name):
+            if key in res["rows"]:
+                continue
+            rep, r = oneshot.convert_and_evaluate(src, mdir / ckpt_name, calib, tok, texts, per_file, stats_cache,
+                                                  args, ppl_fn, method="care", **kw)
+            res["rows"][key] = {"model": name, **fields, "ppl": r["ppl"], "tokens": r["tokens"],
+                                "k_ranks": [l["k_rank"] for l in rep["layers"]],
+                                "v_ranks": [l["v_rank"] for l in rep["layers"]],
+                                "cache_values_per_token": rep["cache_values_per_token"],
+                                **(extra(rep) if extra else {})}
+            print(f"{key}: ppl {r['ppl']:.3f}", flush=True)
+            save()
+    save()
+    print(Path(args.out + ".md").read_text())
+    return 0
