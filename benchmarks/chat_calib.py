@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import oneshot  # noqa: E402
+import sweep  # noqa: E402
 
 GENERIC_QUESTIONS = ("What is a Python dictionary?", "How do I read a file line by line in Perl?",
                      "Who is Elizabeth Bennet?", "What does the Linux kernel scheduler do?",
@@ -48,13 +49,7 @@ def build_parser():
     p.add_argument("--calib-sets", default=",".join(CALIB_SETS))
     p.add_argument("--objective", default="kv", choices=["kv", "attention"], help="care-convert --objective")
     p.add_argument("--answer-tokens", type=int, default=48)
-    p.add_argument("--eval-tokens", default="smollm2-135m=2048,4096", help="prose tokens, as in oneshot.py")
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--eval-batch", type=int, default=4)
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--calib-seqlen", type=int, default=256)
-    p.add_argument("--calib-chars", type=int, default=512_000)
-    p.add_argument("--seed", type=int, default=0)
+    sweep.add_eval_calib_args(p)   # --eval-tokens: prose tokens
     p.add_argument("--work-dir", default=None, help="checkpoints + stats caches (default DATA/bench/oneshot)")
     p.add_argument("--out", default=str(common.RESULTS / "chat_calib"), help="output path stem (.json/.md)")
     return p

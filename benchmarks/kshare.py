@@ -34,13 +34,8 @@ def build_parser():
 
 def render_md(res: dict) -> str:
     s = res["settings"]
-    lines = ["# K/V split of the latent (`--k-share`): one-shot perplexity", "",
-             *common.run_lines(res),
-             f"- machine: {common.machine_line(res['machine'])}",
-             f"- every conversion: care, KV {s['ratio']}, calibration {s['calib_samples']} x {s['calib_seqlen']} "
-             f"tokens (train split, as oneshot.py), perplexity on the test split ({s['eval_seqlen']}-token windows), "
-             "fp32, no healing",
-             "- cells: perplexity (K share of the latent actually given; ratio to the original)", ""]
+    lines = sweep.md_header(res, "K/V split of the latent (`--k-share`): one-shot perplexity", f"care, KV {s['ratio']}",
+                            "perplexity (K share of the latent actually given; ratio to the original)")
     for model, minfo in res["models"].items():
         orig = minfo.get("original_ppl")
         lines += [f"## {model}", "", f"original ppl **{orig:.3f}**, eval tokens {minfo.get('eval_tokens')}", ""]

@@ -35,12 +35,8 @@ def build_parser():
 
 def render_md(res: dict) -> str:
     s = res["settings"]
-    lines = ["# Fitting objective of the latents (`--objective`): one-shot perplexity", "",
-             *common.run_lines(res),
-             f"- machine: {common.machine_line(res['machine'])}",
-             f"- every conversion: care, calibration {s['calib_samples']} x {s['calib_seqlen']} tokens (train split, "
-             f"as oneshot.py), perplexity on the test split ({s['eval_seqlen']}-token windows), fp32, no healing",
-             "- cells: perplexity (ratio to the original); last column: attention vs kv", ""]
+    lines = sweep.md_header(res, "Fitting objective of the latents (`--objective`): one-shot perplexity", "care",
+                            "perplexity (ratio to the original); last column: attention vs kv")
     header = ["model (original ppl)", "ranks", "KV ratio", "kv (paper)", "attention", "change"]
     rows = []
     for model, minfo in res["models"].items():

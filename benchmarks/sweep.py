@@ -15,10 +15,8 @@ import common
 import oneshot
 
 
-def add_common_args(p, out_stem: str) -> None:
-    """Arguments every sweep shares with oneshot.py (same defaults, so their cells are comparable)."""
-    p.add_argument("--data-dir", default=None, help="DATA_DIR of scripts/get_data.sh (default data/)")
-    p.add_argument("--policies", default="uniform,adjusted")
+def add_eval_calib_args(p) -> None:
+    """Test-text and calibration arguments with oneshot.py's defaults (so results are comparable)."""
     p.add_argument("--eval-tokens", default="smollm2-135m=2048,4096", help="as in oneshot.py")
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=4)
@@ -26,10 +24,26 @@ def add_common_args(p, out_stem: str) -> None:
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--calib-chars", type=int, default=512_000)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_common_args(p, out_stem: str) -> None:
+    """Arguments every sweep shares with oneshot.py (same defaults, so their cells are comparable)."""
+    p.add_argument("--data-dir", default=None, help="DATA_DIR of scripts/get_data.sh (default data/)")
+    p.add_argument("--policies", default="uniform,adjusted")
+    add_eval_calib_args(p)
     p.add_argument("--work-dir", default=None, help="checkpoints + stats caches (default DATA/bench/oneshot, "
                                                      "shared with oneshot.py)")
     p.add_argument("--out", default=str(common.RESULTS / out_stem), help="output path stem (.json/.md)")
     p.add_argument("--resume", action="store_true", help="keep rows of an existing OUT.json with the same settings")
+
+
+def md_header(res: dict, title: str, conversion: str, cells: str) -> list[str]:
+    """The first lines of a sweep's markdown: title, command, machine, what every conversion shares."""
+    s = res["settings"]
+    return [f"# {title}", "", *common.run_lines(res), f"- machine: {common.machine_line(res['machine'])}",
+            f"- every conversion: {conversion}, calibration {s['calib_samples']} x {s['calib_seqlen']} tokens "
+            f"(train split, as oneshot.py), perplexity on the test split ({s['eval_seqlen']}-token windows), "
+            "fp32, no healing", f"- cells: {cells}", ""]
 
 
 def run(args, own_settings: dict, models: list[str], cells: Callable[[str], Iterable[tuple[str, dict, dict]]],
