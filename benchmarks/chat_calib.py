@@ -97,9 +97,8 @@ def chat_fidelity(ref, got, answers: list[list[int]], eos: int) -> dict:
 def render_md(res: dict) -> str:
     s = res["settings"]
     orig = res["original"]
-    lines = ["# Calibration text for an instruct model: prose vs conversations (one-shot, no healing)", "",
-             *common.run_lines(res),
-             f"- machine: {common.machine_line(res['machine'])}",
+    lines = [*common.report_head(res, "Calibration text for an instruct model: prose vs conversations "
+                                      "(one-shot, no healing)"),
              f"- model: {s['model']}, care (objective {s.get('objective', 'kv')}), KV {s['ratio']}, "
              f"calibration {s['calib_samples']} x {s['calib_seqlen']} tokens from the set named in the row "
              "(benchmarks/chat_calib.py docstring)",

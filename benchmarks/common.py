@@ -101,6 +101,12 @@ def run_lines(res: dict) -> list[str]:
             f"- date: {res['started']} → {res.get('finished', '?')} (wall {res.get('wall_seconds', '?')} s)"]
 
 
+def report_head(res: dict, title: str) -> list[str]:
+    """Title, command/date lines and the machine line: how the one-shot reports (oneshot.py, the
+    sweeps, chat_calib.py) start."""
+    return [f"# {title}", "", *run_lines(res), f"- machine: {machine_line(res['machine'])}"]
+
+
 def machine_line(m: dict) -> str:
     """One markdown line from machine(): CPU, load at start, library versions, git revision."""
     return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, shared with other jobs "

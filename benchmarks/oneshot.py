@@ -267,10 +267,7 @@ def _fmt(x, nd=2):
 def render_md(res: dict, models, methods, policies, ratios) -> str:
     rows = res["rows"]
     s = res["settings"]
-    m = res["machine"]
-    out = ["# One-shot perplexity: original vs. converted (no healing)", "",
-           *common.run_lines(res),
-           f"- machine: {common.machine_line(m)}",
+    out = [*common.report_head(res, "One-shot perplexity: original vs. converted (no healing)"),
            f"- calibration (TRAIN split): {s['calib_samples']} windows x {s['calib_seqlen']} tokens, seed {s['seed']}, "
            f"drawn from the first {s['calib_chars_per_file']} characters of each of "
            + ", ".join(f"`{f}`" for f in res["calibration_files"])

@@ -40,7 +40,7 @@ def add_common_args(p, out_stem: str) -> None:
 def md_header(res: dict, title: str, conversion: str, cells: str) -> list[str]:
     """The first lines of a sweep's markdown: title, command, machine, what every conversion shares."""
     s = res["settings"]
-    return [f"# {title}", "", *common.run_lines(res), f"- machine: {common.machine_line(res['machine'])}",
+    return [*common.report_head(res, title),
             f"- every conversion: {conversion}, calibration {s['calib_samples']} x {s['calib_seqlen']} tokens "
             f"(train split, as oneshot.py), perplexity on the test split ({s['eval_seqlen']}-token windows), "
             "fp32, no healing", f"- cells: {cells}", ""]

@@ -91,8 +91,9 @@ def factorize(a: torch.Tensor, c: torch.Tensor | None, abs_mean: torch.Tensor | 
     if method == "care":
         if out_weight is not None:
             root, inv_root = _sqrt_and_inverse(out_weight.to(a.device, torch.float64), alpha)
-            vh, sig = _gram_eig(root @ a, c.to(a.device, torch.float64), alpha)
-            return Factor(down=(vh @ root @ a).contiguous(), up=(inv_root @ vh.T).contiguous(), sigma=sig)
+            whitened = root @ a
+            vh, sig = _gram_eig(whitened, c.to(a.device, torch.float64), alpha)
+            return Factor(down=(vh @ whitened).contiguous(), up=(inv_root @ vh.T).contiguous(), sigma=sig)
         vh, sig = _gram_eig(a, c.to(a.device, torch.float64), alpha)
         return Factor(down=(vh @ a).contiguous(), up=vh.T.contiguous(), sigma=sig)
     if method == "svd":

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from converter import attention_weights, calib_data, calibrate, factorize, load
 from converter.pipeline import convert
-from tests.test_converter_quality import CALIB, HELD_OUT
+from tests.license_texts import CALIB, HELD_OUT, require_license_texts
 from tests.tiny_models import SHARED, make_tiny_original, require_shared
 
 
@@ -130,8 +130,7 @@ def test_attention_objective_is_closer_to_the_original_on_held_out_text(name, tm
     import model_defs  # noqa: F401  (registers care_mla with transformers)
 
     src = require_shared(SHARED / "models" / name)
-    for f in CALIB + HELD_OUT:
-        require_shared(f)
+    require_license_texts()
     source = load.load_source(src)
     cache = tmp_path / "stats.pt"
     kl = {}

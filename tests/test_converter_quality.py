@@ -8,18 +8,14 @@ from different local files:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from converter import calib_data, calibrate, factorize, load, rope_map
 from converter.pipeline import convert
+from tests.license_texts import CALIB, HELD_OUT, require_license_texts
 from tests.tiny_models import SHARED, require_shared
-
-LICENSES = Path("/usr/share/common-licenses")
-CALIB = [LICENSES / "GPL-3", LICENSES / "LGPL-2.1"]
-HELD_OUT = [LICENSES / "Apache-2.0", LICENSES / "MPL-2.0"]
 
 
 def _stats(source, files, samples, seqlen, seed):
@@ -30,9 +26,7 @@ def _stats(source, files, samples, seqlen, seed):
 @pytest.fixture(scope="module", params=["llama3-small", "qwen3-small"])
 def model_stats(request):
     src = require_shared(SHARED / "models" / request.param)
-    for f in CALIB + HELD_OUT:
-        if not f.is_file():
-            pytest.skip(f"missing {f}")
+    require_license_texts()
     source = load.load_source(src)
     return source, _stats(source, CALIB, 32, 256, 0), _stats(source, HELD_OUT, 32, 256, 1)
 
