@@ -28,14 +28,15 @@ import shapes  # noqa: E402
 from converter import load, pipeline  # noqa: E402
 
 
-def random_model(cfg: dict, seed: int):
-    """A transformers *ForCausalLM with the source shapes and random fp32 weights, built fast
-    (meta init, then one randn per tensor) instead of transformers' per-module init."""
+def random_model(cfg: dict, seed: int, dtype: torch.dtype = torch.float32):
+    """A transformers *ForCausalLM with the source shapes and random weights in `dtype`, built fast
+    (meta init, then one randn per tensor) instead of transformers' per-module init. The rotary
+    inverse frequencies are fp32 whatever `dtype` is, as loading a checkpoint gives them."""
     from transformers import AutoModelForCausalLM
 
     hf = shapes.hf_config(cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -126,7 +126,7 @@ def convert_and_evaluate(src, ckpt: Path, calib: list, tok, texts: dict, per_fil
 
     rep = convert(str(src), str(ckpt), calib_files=[str(c) for c in calib], calib_samples=args.calib_samples,
                   calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats_cache),
-                  **convert_kw)
+                  **{"dtype": "float32", **convert_kw})
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     r = evaluate(model, tok, texts, per_file, args, ppl_fn)
     del model
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
                     rep = convert(str(src), str(ckpt), calib_files=[str(c) for c in calib], method=method,
                                   ranks=policy, kv_ratio=ratio, calib_samples=args.calib_samples,
                                   calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True,
-                                  stats_cache=str(stats_cache))
+                                  stats_cache=str(stats_cache), dtype="float32")
                     conv_s = time.perf_counter() - t0
                     import model_defs  # noqa: F401,PLC0415  (registers care_mla with transformers)
                     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()

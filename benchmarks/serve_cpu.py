@@ -96,7 +96,7 @@ def ensure_checkpoint(var: dict, src: Path, data: Path, args) -> Path:
     print(f"[serve_cpu] converting {src} -> {out}", flush=True)
     convert(str(src), str(out), calib_files=[str(c) for c in calib], method=var["method"], ranks=var["policy"],
             kv_ratio=var["kv_ratio"], calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=0,
-            overwrite=True, stats_cache=str(stats))
+            overwrite=True, stats_cache=str(stats), dtype="float32")
     return out
 
 

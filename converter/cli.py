@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-share", type=float, default=None, metavar="F",
                    help="fraction of the latent (budget minus rope keys) given to K, in (0, 1) "
                         "(default: proportional to the lossless K and V widths)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="output dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="output dtype (default auto: the dtype the source is stored in; fp32 for a .gguf source)")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where calibration and the fp64 factorization run (default cpu)")
     p.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"],

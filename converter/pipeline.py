@@ -5,6 +5,7 @@ happens before it is loaded; nothing is written to OUT until the whole checkpoin
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class Options:
     calib_batch: int = 8
     device: str = "cpu"
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"
     min_rank_frac: float = 0.5
     max_rank_frac: float = 2.0
     k_share: float | None = None
@@ -70,8 +71,8 @@ class Options:
             raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from float32, bfloat16)")
-        if self.dtype not in DTYPES:
-            raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from auto, {', '.join(DTYPES)})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConversionError("--device cuda requested but no CUDA device is available")
 
@@ -90,6 +91,17 @@ class Timer:
             def __exit__(self, *exc):
                 timer.seconds[name] = round(timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0, 3)
         return _Stage()
+
+
+def output_dtype(opts: Options, model: torch.nn.Module) -> str:
+    """The checkpoint's dtype: --dtype, or with `auto` the dtype the source is stored in (as transformers'
+    dtype="auto"). Why not always fp32: an 8B bf16 source would become a 32 GB checkpoint, and the
+    fp32 copies of its MLP and embedding weights alone need ~27 GB of RAM on top of the 16 GB source.
+    GGUF sources are dequantized to fp32, so they stay fp32."""
+    if opts.dtype != "auto":
+        return opts.dtype
+    names = {v: k for k, v in DTYPES.items()}
+    return names.get(next(model.parameters()).dtype, "float32")
 
 
 def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int:
@@ -160,6 +172,7 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: str | Path, 
 def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts: Options, timer: Timer,
                     stats_meta: dict, calib_files: list[str]) -> dict:
     """Everything after loading and tokenizing; the options and OUT were checked by the caller."""
+    opts = dataclasses.replace(opts, dtype=output_dtype(opts, source.model))
     src = source.name
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads

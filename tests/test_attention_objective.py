@@ -137,7 +137,7 @@ def test_attention_objective_is_closer_to_the_original_on_held_out_text(name, tm
     for objective in ("kv", "attention"):
         out = tmp_path / objective
         convert(str(src), str(out), calib_files=CALIB, kv_ratio=0.25, ranks="uniform", calib_samples=32,
-                calib_seqlen=256, stats_cache=str(cache), objective=objective)
+                calib_seqlen=256, stats_cache=str(cache), objective=objective, dtype="float32")
         converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         kl[objective] = _held_out_kl(source.model, converted, source.tokenizer)
     print(f"{name}: held-out KL to the original {kl}")

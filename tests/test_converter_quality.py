@@ -122,7 +122,10 @@ def test_k_share_sets_the_k_part_of_the_latent(policy, share):
 
 def test_bf16_source_stays_bf16_in_memory_and_converts_bit_identically(tmp_path):
     """The source is kept in its stored dtype (half the RAM of fp32 for an 8B model); since every
-    computation upcasts per layer, the checkpoint must equal the one made from an fp32 load."""
+    computation upcasts per layer, the checkpoint must equal the one made from an fp32 load. With the
+    default --dtype auto a bf16 source gives a bf16 checkpoint: exactly the fp32 one rounded to bf16."""
+    import json
+
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -136,9 +139,16 @@ def test_bf16_source_stays_bf16_in_memory_and_converts_bit_identically(tmp_path)
                        stored.arch, str(src), stored.src_dir)
     assert torch.equal(stored.model.model.rotary_emb.inv_freq, fp32.model.model.rotary_emb.inv_freq)
     windows = torch.randint(3, 16000, (4, 64), generator=torch.Generator().manual_seed(0))
-    outs = []
-    for source, tag in ((stored, "stored"), (fp32, "fp32")):
-        convert_source(source, windows, tmp_path / tag, Options(kv_ratio=0.5, calib_samples=4, calib_seqlen=64))
-        outs.append(load_file(str(tmp_path / tag / "model.safetensors")))
-    assert outs[0].keys() == outs[1].keys()
-    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    outs, dtypes = {}, {}
+    for source, tag, dtype in ((stored, "stored", "float32"), (fp32, "fp32", "float32"),
+                               (stored, "stored_auto", None), (fp32, "fp32_auto", None)):  # None: the default
+        kw = {} if dtype is None else {"dtype": dtype}
+        convert_source(source, windows, tmp_path / tag, Options(kv_ratio=0.5, calib_samples=4, calib_seqlen=64, **kw))
+        outs[tag] = load_file(str(tmp_path / tag / "model.safetensors"))
+        dtypes[tag] = json.loads((tmp_path / tag / "config.json").read_text())["dtype"]
+    assert outs["stored"].keys() == outs["fp32"].keys() == outs["stored_auto"].keys()
+    assert all(torch.equal(outs["stored"][k], outs["fp32"][k]) for k in outs["stored"])
+    assert dtypes == {"stored": "float32", "fp32": "float32", "stored_auto": "bfloat16", "fp32_auto": "float32"}
+    assert all(t.dtype == torch.bfloat16 for t in outs["stored_auto"].values())
+    assert all(torch.equal(outs["stored_auto"][k], outs["fp32"][k].to(torch.bfloat16)) for k in outs["fp32"])
+    assert all(torch.equal(outs["fp32_auto"][k], outs["fp32"][k]) for k in outs["fp32"])

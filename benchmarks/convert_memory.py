@@ -1,0 +1,144 @@
+"""Host memory and disk of `care-convert` on a checkpoint of real shapes, per output `--dtype`.
+
+    python benchmarks/convert_memory.py                                  # Llama-3.1-8B shapes, auto and float32
+    python benchmarks/convert_memory.py --layers 8 --dtypes auto,float32  # quicker, same per-layer picture
+
+What a user converting a real 8B model meets first is RAM and disk, not seconds: the source is a
+bf16 checkpoint, and what the converter keeps in memory and writes depends on the output dtype.
+This writes a random-weight bf16 source folder of the shape (convert_speed.random_model, saved with
+transformers' save_pretrained, tokenizer of ../shared/models/llama3-small), then runs the real CLI
+(`python -m converter.cli`, i.e. `care-convert`: load from disk, calibrate, factorize, write) once per
+--dtypes entry in a fresh process, and records that process's peak resident memory (ru_maxrss),
+the checkpoint's size on disk, the exit code and care_report.json's seconds per stage. A run the
+kernel kills for memory is recorded as such (exit -9), not retried.
+Writes benchmarks/results/convert_memory_<tag>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "gpu"))
+import common  # noqa: E402
+import convert_speed  # noqa: E402
+import shapes  # noqa: E402
+from correctness import calibration_text  # noqa: E402  (seeded pseudo-text, the same on every machine)
+
+# runs argv in a child and prints the child's peak RSS in KiB (Linux ru_maxrss) as the last line
+MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc & 0xFF)")
+
+
+def write_source(cfg: dict, folder: Path, tokenizer_dir: Path) -> int:
+    """Random bf16 source checkpoint (as real Llama/Qwen3 checkpoints are stored); returns #params."""
+    model = convert_speed.random_model(cfg, seed=0, dtype=torch.bfloat16)
+    n_params = sum(t.numel() for t in model.parameters())
+    model.save_pretrained(folder, max_shard_size="5GB")
+    del model
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (tokenizer_dir / f).is_file():
+            shutil.copy(tokenizer_dir / f, folder / f)
+    return n_params
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def convert_once(src: Path, out: Path, calib: Path, dtype: str, args) -> dict:
+    cmd = [sys.executable, "-m", "converter.cli", str(src), str(out), "--calib", str(calib),
+           "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
+           "--kv-ratio", str(args.kv_ratio), "--ranks", args.ranks, "--dtype", dtype, "--overwrite"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=common.REPO, stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    lines = proc.stdout.strip().splitlines()
+    rc = proc.returncode if proc.returncode < 128 else proc.returncode - 256  # 137 -> -9 (killed)
+    row = {"dtype": dtype, "exit": rc, "peak_rss_gib": round(int(lines[-1]) / 2**20, 2), "wall_s": round(wall, 1),
+           "command": " ".join(cmd)}
+    if rc == 0:
+        report = json.loads((out / "care_report.json").read_text())
+        config = json.loads((out / "config.json").read_text())
+        row.update(checkpoint_gb=round(folder_bytes(out) / 1e9, 2), written_dtype=config["dtype"],
+                   seconds=report["seconds"], cache_values_per_token=report["cache_values_per_token"])
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def render_md(res: dict) -> str:
+    s = res["settings"]
+    lines = [*common.report_head(res, f"care-convert host memory and disk: {s['shape']} shapes, "
+                                      f"{s['layers']} layers, bf16 source"),
+             f"- source: random weights, {s['params'] / 1e9:.2f} B params, bf16 safetensors "
+             f"({s['source_gb']:.2f} GB on disk), written by transformers' save_pretrained",
+             f"- every conversion: the real CLI in a fresh process, calibration {s['calib_samples']} x "
+             f"{s['calib_seqlen']} tokens, KV ratio {s['kv_ratio']} {s['ranks']}, --device cpu",
+             "- peak RSS: the conversion process's ru_maxrss (includes the memory-mapped source pages it touched)",
+             ""]
+    header = ["--dtype", "written as", "exit", "peak RSS (GiB)", "checkpoint (GB)", "wall (s)", "seconds per stage"]
+    rows = []
+    for r in res["rows"]:
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items() if k != "total")
+        rows.append([r["dtype"], r.get("written_dtype", "—"), r["exit"], f"{r['peak_rss_gib']:.2f}",
+                     f"{r['checkpoint_gb']:.2f}" if "checkpoint_gb" in r else "—", f"{r['wall_s']:.0f}",
+                     stages or "—"])
+    lines += [common.md_table(header, rows), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(shapes.SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape has")
+    p.add_argument("--dtypes", default="auto,float32", help="care-convert --dtype values, one conversion each")
+    p.add_argument("--calib-samples", type=int, default=4)
+    p.add_argument("--calib-seqlen", type=int, default=128)
+    p.add_argument("--kv-ratio", type=float, default=0.5)
+    p.add_argument("--ranks", default="uniform", choices=["uniform", "adjusted"])
+    p.add_argument("--work", default=None, help="source + outputs (default DATA/bench/convert_memory)")
+    p.add_argument("--tag", default=None, help="results file suffix (default: shape and layers)")
+    args = p.parse_args(argv)
+
+    tokenizer_dir = common.shared_dir() / "models" / "llama3-small"
+    if not tokenizer_dir.is_dir():
+        raise SystemExit(f"needs the tokenizer in {tokenizer_dir}")
+    cfg = shapes.source_config(args.shape, args.layers)
+    work = Path(args.work) if args.work else common.data_dir() / "bench" / "convert_memory"
+    src = work / f"{args.shape}-{cfg['num_hidden_layers']}l-bf16"
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    calib = calibration_text(work / "calib.txt")
+    tag = args.tag or f"{args.shape}-{cfg['num_hidden_layers']}layers"
+    stem = common.RESULTS / f"convert_memory_{tag}"
+    res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
+           "settings": {"shape": args.shape, "layers": cfg["num_hidden_layers"], "calib_samples": args.calib_samples,
+                        "calib_seqlen": args.calib_seqlen, "kv_ratio": args.kv_ratio, "ranks": args.ranks},
+           "rows": []}
+    save = common.report_saver(res, stem, render_md)
+    try:
+        print(f"[convert_memory] writing the bf16 source to {src}", flush=True)
+        res["settings"]["params"] = write_source(cfg, src, tokenizer_dir)
+        res["settings"]["source_gb"] = round(folder_bytes(src) / 1e9, 2)
+        for dtype in common.csv_list(args.dtypes):
+            print(f"[convert_memory] care-convert --dtype {dtype}", flush=True)
+            res["rows"].append(convert_once(src, work / f"out-{dtype}", calib, dtype, args))
+            save()
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    save()
+    print(Path(f"{stem}.md").read_text())
+    return 0 if all(r["exit"] == 0 for r in res["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

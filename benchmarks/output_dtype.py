@@ -1,0 +1,72 @@
+"""What writing the checkpoint in bf16 (care-convert --dtype, `auto` for a bf16 source) costs in one-shot perplexity.
+
+The factorization runs in fp64 either way; only the written factors are rounded. Every checkpoint
+is evaluated in fp32 (upcast on load), so the columns differ by the rounding of the weights alone.
+Same calibration, evaluation and stats caches as benchmarks/oneshot.py.
+
+    .venv/bin/python benchmarks/output_dtype.py                  # 3 models x KV 0.5, 0.25, uniform, --objective attention
+
+Writes benchmarks/results/output_dtype.json and output_dtype.md (--resume skips rows already there).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import oneshot  # noqa: E402
+import sweep  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=oneshot.DEFAULT_MODELS)
+    p.add_argument("--ratios", default="0.5,0.25")
+    p.add_argument("--objective", default="attention", choices=["kv", "attention"])
+    sweep.add_common_args(p, "output_dtype")
+    p.set_defaults(policies="uniform")
+    return p
+
+
+def render_md(res: dict) -> str:
+    s = res["settings"]
+    lines = sweep.md_header(res, "Checkpoint dtype (`--dtype`): one-shot perplexity, fp32 vs bf16 weights",
+                            f"care, --objective {s['objective']}",
+                            "perplexity (ratio to the original), bf16 weights upcast to fp32 on load; "
+                            "last column: bf16 vs fp32")
+    header = ["model (original ppl)", "ranks", "KV ratio", "fp32 weights", "bf16 weights", "change"]
+    rows = []
+    for model, minfo in res["models"].items():
+        orig = minfo.get("original_ppl")
+        for policy in s["policies"]:
+            for ratio in s["ratios"]:
+                got = [res["rows"].get(f"{model}|{policy}|{ratio}|{d}") for d in DTYPES]
+                cells = [f"{model} ({orig:.2f})", policy, str(ratio)]
+                cells += ["—" if r is None else f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" for r in got]
+                cells.append("—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.2f} %")
+                rows.append(cells)
+    lines += [common.md_table(header, rows), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    policies, ratios = common.csv_list(args.policies), [float(r) for r in common.csv_list(args.ratios)]
+
+    def cells(name):
+        for policy in policies:
+            for ratio in ratios:
+                for dtype in DTYPES:
+                    yield (f"{name}|{policy}|{ratio}|{dtype}", {"policy": policy, "kv_ratio": ratio, "dtype": dtype},
+                           {"ranks": policy, "kv_ratio": ratio, "objective": args.objective, "dtype": dtype})
+
+    return sweep.run(args, {"ratios": ratios, "policies": policies, "objective": args.objective},
+                     common.csv_list(args.models), cells, render_md, "ckpt_output_dtype")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
