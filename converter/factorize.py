@@ -36,6 +36,12 @@ class Factor:
     def truncate(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.down[:r], self.up[:, :r]
 
+    def keep(self, r: int) -> "Factor":
+        """The first r latent dims as a Factor owning just them (sigma kept whole: it is only read);
+        truncate() returns views that would keep the full factor's memory alive."""
+        down, up = self.truncate(r)
+        return Factor(down.clone(), up.clone(), self.sigma)
+
     def to(self, device) -> "Factor":
         return Factor(self.down.to(device), self.up.to(device), self.sigma.to(device))
 
