@@ -8,15 +8,20 @@ bf16 checkpoint, and what the converter keeps in memory and writes depends on th
 This writes a random-weight bf16 source folder of the shape (convert_speed.random_model, saved with
 transformers' save_pretrained, tokenizer of ../shared/models/llama3-small), then runs the real CLI
 (`python -m converter.cli`, i.e. `care-convert`: load from disk, calibrate, factorize, write) once per
---dtypes entry in a fresh process, and records that process's peak resident memory (ru_maxrss),
-the checkpoint's size on disk, the exit code and care_report.json's seconds per stage. A run the
-kernel kills for memory is recorded as such (exit -9), not retried.
+--dtypes entry in a fresh process, and records that process's peak resident memory: in total
+(ru_maxrss) and its anonymous part (RssAnon, sampled every 50 ms). The difference is mostly the
+memory-mapped source's pages: clean file pages the kernel can drop and re-read under memory pressure,
+so the anonymous peak is what must fit in RAM. Also recorded: the checkpoint's size on disk, the exit
+code and care_report.json's seconds per stage. A run the kernel kills for memory is recorded as such
+(exit -9), not retried.
 Writes benchmarks/results/convert_memory_<tag>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,9 +38,24 @@ import convert_speed  # noqa: E402
 import shapes  # noqa: E402
 from correctness import calibration_text  # noqa: E402  (seeded pseudo-text, the same on every machine)
 
-# runs argv in a child and prints the child's peak RSS in KiB (Linux ru_maxrss) as the last line
-MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc & 0xFF)")
+
+
+def run_measured(cmd: list[str]) -> tuple[int, float, float]:
+    """Run cmd; (exit code, peak RSS GiB from wait4's ru_maxrss, peak RssAnon GiB sampled every 50 ms)."""
+    proc = subprocess.Popen(cmd, cwd=common.REPO)
+    peak_anon_kib = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            text = Path(f"/proc/{proc.pid}/status").read_text()
+            peak_anon_kib = max(peak_anon_kib, int(re.search(r"RssAnon:\s+(\d+)", text).group(1)))
+        except (OSError, AttributeError):
+            pass
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 2**20, peak_anon_kib / 2**20
 
 
 def write_source(cfg: dict, folder: Path, tokenizer_dir: Path) -> int:
@@ -59,12 +79,10 @@ def convert_once(src: Path, out: Path, calib: Path, dtype: str, args) -> dict:
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
            "--kv-ratio", str(args.kv_ratio), "--ranks", args.ranks, "--dtype", dtype, "--overwrite"]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=common.REPO, stdout=subprocess.PIPE, text=True)
+    rc, peak_rss, peak_anon = run_measured(cmd)  # rc -9: killed (e.g. by the OOM killer)
     wall = time.perf_counter() - t0
-    lines = proc.stdout.strip().splitlines()
-    rc = proc.returncode if proc.returncode < 128 else proc.returncode - 256  # 137 -> -9 (killed)
-    row = {"dtype": dtype, "exit": rc, "peak_rss_gib": round(int(lines[-1]) / 2**20, 2), "wall_s": round(wall, 1),
-           "command": " ".join(cmd)}
+    row = {"dtype": dtype, "exit": rc, "peak_rss_gib": round(peak_rss, 2), "peak_anon_gib": round(peak_anon, 2),
+           "wall_s": round(wall, 1), "command": " ".join(cmd)}
     if rc == 0:
         report = json.loads((out / "care_report.json").read_text())
         config = json.loads((out / "config.json").read_text())
@@ -82,13 +100,16 @@ def render_md(res: dict) -> str:
              f"({s['source_gb']:.2f} GB on disk), written by transformers' save_pretrained",
              f"- every conversion: the real CLI in a fresh process, calibration {s['calib_samples']} x "
              f"{s['calib_seqlen']} tokens, KV ratio {s['kv_ratio']} {s['ranks']}, --device cpu",
-             "- peak RSS: the conversion process's ru_maxrss (includes the memory-mapped source pages it touched)",
+             "- peak RSS: the conversion process's ru_maxrss, which includes the memory-mapped source pages it "
+             "touched; anonymous: its peak RssAnon (sampled every 50 ms), the part that must fit in RAM",
              ""]
-    header = ["--dtype", "written as", "exit", "peak RSS (GiB)", "checkpoint (GB)", "wall (s)", "seconds per stage"]
+    header = ["--dtype", "written as", "exit", "peak RSS (GiB)", "peak anonymous (GiB)", "checkpoint (GB)", "wall (s)",
+              "seconds per stage"]
     rows = []
     for r in res["rows"]:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items() if k != "total")
         rows.append([r["dtype"], r.get("written_dtype", "—"), r["exit"], f"{r['peak_rss_gib']:.2f}",
+                     f"{r['peak_anon_gib']:.2f}",
                      f"{r['checkpoint_gb']:.2f}" if "checkpoint_gb" in r else "—", f"{r['wall_s']:.0f}",
                      stages or "—"])
     lines += [common.md_table(header, rows), ""]

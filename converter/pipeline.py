@@ -204,7 +204,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
 
     with timer.stage("rope_map"):
         pcas, query_diags = [], []
-        for l in range(n_layers):
+        for l in tqdm(range(n_layers), desc="rope map", unit="layer"):
             st = stats.layers[l]
             if source.arch == "qwen3":
                 key_moment, query_diag = st.ck, _query_diag(source.arch, st, None, None, n_heads, d_h)
@@ -257,7 +257,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     with timer.stage("assemble"):
         state = _non_attention_tensors(source.model, dtype)
     layer_reports = []
-    for l in range(n_layers):
+    for l in tqdm(range(n_layers), desc="assemble", unit="layer"):
         # assemble and report one layer, then free its calibration statistics and factors (fp64, the
         # bulk of the converter's own memory): the peak stays that of the end of factorization
         with timer.stage("assemble"):
