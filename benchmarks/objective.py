@@ -34,21 +34,9 @@ def build_parser():
 
 
 def render_md(res: dict) -> str:
-    s = res["settings"]
     lines = sweep.md_header(res, "Fitting objective of the latents (`--objective`): one-shot perplexity", "care",
                             "perplexity (ratio to the original); last column: attention vs kv")
-    header = ["model (original ppl)", "ranks", "KV ratio", "kv (paper)", "attention", "change"]
-    rows = []
-    for model, minfo in res["models"].items():
-        orig = minfo.get("original_ppl")
-        for policy in s["policies"]:
-            for ratio in s["ratios"]:
-                cells = [f"{model} ({orig:.2f})", policy, str(ratio)]
-                got = [res["rows"].get(f"{model}|{policy}|{ratio}|{o}") for o in OBJECTIVES]
-                cells += ["—" if r is None else f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" for r in got]
-                cells.append("—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.1f} %")
-                rows.append(cells)
-    lines += [common.md_table(header, rows), ""]
+    lines += [sweep.pair_table(res, OBJECTIVES, ["kv (paper)", "attention"]), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -57,12 +45,7 @@ def main(argv=None) -> int:
     policies, ratios = common.csv_list(args.policies), [float(r) for r in common.csv_list(args.ratios)]
 
     def cells(name):
-        for policy in policies:
-            for ratio in ratios:
-                for objective in OBJECTIVES:
-                    yield (f"{name}|{policy}|{ratio}|{objective}",
-                           {"policy": policy, "kv_ratio": ratio, "objective": objective},
-                           {"ranks": policy, "kv_ratio": ratio, "objective": objective})
+        return sweep.pair_cells(name, "objective", OBJECTIVES, policies, ratios)
 
     return sweep.run(args, {"ratios": ratios, "policies": policies}, common.csv_list(args.models), cells,
                      render_md, "ckpt_objective")

@@ -38,18 +38,7 @@ def render_md(res: dict) -> str:
                             f"care, --objective {s['objective']}",
                             "perplexity (ratio to the original), bf16 weights upcast to fp32 on load; "
                             "last column: bf16 vs fp32")
-    header = ["model (original ppl)", "ranks", "KV ratio", "fp32 weights", "bf16 weights", "change"]
-    rows = []
-    for model, minfo in res["models"].items():
-        orig = minfo.get("original_ppl")
-        for policy in s["policies"]:
-            for ratio in s["ratios"]:
-                got = [res["rows"].get(f"{model}|{policy}|{ratio}|{d}") for d in DTYPES]
-                cells = [f"{model} ({orig:.2f})", policy, str(ratio)]
-                cells += ["—" if r is None else f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" for r in got]
-                cells.append("—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.2f} %")
-                rows.append(cells)
-    lines += [common.md_table(header, rows), ""]
+    lines += [sweep.pair_table(res, DTYPES, ["fp32 weights", "bf16 weights"], change_digits=2), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -58,11 +47,7 @@ def main(argv=None) -> int:
     policies, ratios = common.csv_list(args.policies), [float(r) for r in common.csv_list(args.ratios)]
 
     def cells(name):
-        for policy in policies:
-            for ratio in ratios:
-                for dtype in DTYPES:
-                    yield (f"{name}|{policy}|{ratio}|{dtype}", {"policy": policy, "kv_ratio": ratio, "dtype": dtype},
-                           {"ranks": policy, "kv_ratio": ratio, "objective": args.objective, "dtype": dtype})
+        return sweep.pair_cells(name, "dtype", DTYPES, policies, ratios, objective=args.objective)
 
     return sweep.run(args, {"ratios": ratios, "policies": policies, "objective": args.objective},
                      common.csv_list(args.models), cells, render_md, "ckpt_output_dtype")

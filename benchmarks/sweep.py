@@ -89,3 +89,31 @@ def run(args, own_settings: dict, models: list[str], cells: Callable[[str], Iter
     save()
     print(Path(args.out + ".md").read_text())
     return 0
+
+
+def pair_cells(name: str, field: str, values: tuple, policies: list[str], ratios: list[float], **convert_kw):
+    """Cells of a two-way sweep (objective.py, output_dtype.py): model x policy x ratio x `field` in
+    `values`, keyed "model|policy|ratio|value"; `convert_kw` are the care-convert options all share."""
+    for policy in policies:
+        for ratio in ratios:
+            for value in values:
+                yield (f"{name}|{policy}|{ratio}|{value}", {"policy": policy, "kv_ratio": ratio, field: value},
+                       {"ranks": policy, "kv_ratio": ratio, field: value, **convert_kw})
+
+
+def pair_table(res: dict, values: tuple, labels: list[str], change_digits: int = 1) -> str:
+    """Markdown table of a two-way sweep: one row per model x policy x ratio, the perplexity for both
+    `values` (column headings `labels`) and the relative change of the second vs the first."""
+    s = res["settings"]
+    rows = []
+    for model, minfo in res["models"].items():
+        orig = minfo.get("original_ppl")
+        for policy in s["policies"]:
+            for ratio in s["ratios"]:
+                got = [res["rows"].get(f"{model}|{policy}|{ratio}|{v}") for v in values]
+                cells = [f"{model} ({orig:.2f})", policy, str(ratio)]
+                cells += ["—" if r is None else f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" for r in got]
+                cells.append("—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.{change_digits}f} %")
+                rows.append(cells)
+    return common.md_table(["model (original ppl)", "ranks", "KV ratio", *labels, "change"], rows)
+

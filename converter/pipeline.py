@@ -203,16 +203,22 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         raise ConversionError("rope attention scaling != 1 is not supported")
 
     with timer.stage("rope_map"):
-        pcas, query_diags = [], []
+        pcas, query_diags, query_covs = [], [], []   # query_covs: Llama's, kept for --objective attention
         for l in tqdm(range(n_layers), desc="rope map", unit="layer"):
             st = stats.layers[l]
             if source.arch == "qwen3":
-                key_moment, query_diag = st.ck, _query_diag(source.arch, st, None, None, n_heads, d_h)
+                if st.qd is None:
+                    raise ConversionError("calibration statistics lack query moments (an old --stats-cache "
+                                          "file?); delete it")
+                key_moment, query_diag = st.ck, st.qd
             else:
                 wq, wk = weights(l, la, "qk")
                 cx = on(st.cx)
                 key_moment = (wk @ cx @ wk.T).cpu()
-                query_diag = _query_diag(source.arch, st, wq, cx, n_heads, d_h).cpu()
+                query_diag, query_cov = attention_weights.llama_query_moments(wq, cx, n_heads)
+                query_diag = query_diag.cpu()
+                if opts.objective == "attention":
+                    query_covs.append(query_cov.cpu())
             pcas.append(rope_map.frequency_pca(key_moment, g, d_h))
             query_diags.append(query_diag)
         if opts.rope_select == "qk":
@@ -230,7 +236,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             st, rm = stats.layers[l], maps[l]
             wk, wv = weights(l, la, "kv")
             cx, ax, q_n = on(st.cx), on(st.ax), on(rm.q_n)
-            mk, mv = _attention_weights(opts, source.arch, st, attn[l], q_n, cx, n_heads, g, on)
+            mk, mv = _attention_weights(opts, st, query_covs[l] if query_covs else None, attn[l], q_n, n_heads, g, on)
             if source.arch == "llama":
                 kf = factorize.factorize(q_n @ wk, cx, ax, opts.method, out_weight=mk)
             elif opts.method == "care":   # activation-optimal on the real post-norm keys
@@ -311,13 +317,14 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     return report
 
 
-def _attention_weights(opts: Options, arch: str, st, attn, q_n: torch.Tensor, cx: torch.Tensor, n_heads: int,
-                       g: int, on) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(M_K, M_V) for --objective attention (converter/attention_weights.py), (None, None) for kv."""
+def _attention_weights(opts: Options, st, llama_query_cov: torch.Tensor | None, attn, q_n: torch.Tensor,
+                       n_heads: int, g: int, on) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(M_K, M_V) for --objective attention (converter/attention_weights.py), (None, None) for kv.
+    Query covariances: Llama's computed by the rope stage from C_x, Qwen3's collected by calibration."""
     if opts.objective == "kv":
         return None, None
-    if arch == "llama":
-        query_cov = attention_weights.llama_query_cov(on(attn.q_proj.weight.detach()), cx, n_heads)
+    if llama_query_cov is not None:
+        query_cov = on(llama_query_cov)
     else:
         if st.qc is None:
             raise ConversionError("calibration statistics lack query covariances (an old --stats-cache file?); "
@@ -325,16 +332,6 @@ def _attention_weights(opts: Options, arch: str, st, attn, q_n: torch.Tensor, cx
         query_cov = on(st.qc)
     return (attention_weights.key_weight(query_cov, q_n, g),
             attention_weights.value_weight(on(attn.o_proj.weight.detach()), n_heads, g))
-
-
-def _query_diag(arch: str, st, wq: torch.Tensor | None, cx: torch.Tensor | None, n_heads: int,
-                d_h: int) -> torch.Tensor:
-    """Second moment of each pre-RoPE query dim [n_h, d_h] (exact from C_x for Llama, collected for Qwen3)."""
-    if arch == "qwen3":
-        if st.qd is None:
-            raise ConversionError("calibration statistics lack query moments (an old --stats-cache file?); delete it")
-        return st.qd
-    return ((wq @ cx) * wq).sum(1).view(n_heads, d_h)
 
 
 def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:

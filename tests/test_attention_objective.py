@@ -90,8 +90,9 @@ def test_llama_query_moments_are_those_of_explicit_queries():
     wq = torch.randn(n_h * d_h, hidden, generator=g, dtype=torch.float64)
     x = torch.randn(40, hidden, generator=g, dtype=torch.float64)
     q = (x @ wq.T).view(40, n_h, d_h)
-    torch.testing.assert_close(attention_weights.llama_query_cov(wq, x.T @ x, n_h),
-                               torch.einsum("thd,the->hde", q, q), rtol=1e-10, atol=1e-9)
+    diag, cov = attention_weights.llama_query_moments(wq, x.T @ x, n_h)
+    torch.testing.assert_close(cov, torch.einsum("thd,the->hde", q, q), rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(diag, (q * q).sum(0), rtol=1e-10, atol=1e-9)
 
 
 def test_qwen3_query_moments_match_a_whole_model_forward(tmp_path):
