@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import oneshot  # noqa: E402
 import sweep  # noqa: E402
 
 OBJECTIVES = ("kv", "attention")
@@ -27,9 +26,7 @@ OBJECTIVES = ("kv", "attention")
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=oneshot.DEFAULT_MODELS)
-    p.add_argument("--ratios", default="0.5,0.25")
-    sweep.add_common_args(p, "objective")
+    sweep.add_pair_args(p, "objective")
     return p
 
 

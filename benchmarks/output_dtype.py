@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-import oneshot  # noqa: E402
 import sweep  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -24,10 +23,8 @@ DTYPES = ("float32", "bfloat16")
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=oneshot.DEFAULT_MODELS)
-    p.add_argument("--ratios", default="0.5,0.25")
     p.add_argument("--objective", default="attention", choices=["kv", "attention"])
-    sweep.add_common_args(p, "output_dtype")
+    sweep.add_pair_args(p, "output_dtype")
     p.set_defaults(policies="uniform")
     return p
 

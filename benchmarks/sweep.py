@@ -37,6 +37,13 @@ def add_common_args(p, out_stem: str) -> None:
     p.add_argument("--resume", action="store_true", help="keep rows of an existing OUT.json with the same settings")
 
 
+def add_pair_args(p, out_stem: str) -> None:
+    """Arguments of the two-way sweeps (objective.py, output_dtype.py): models, KV ratios, the rest."""
+    p.add_argument("--models", default=oneshot.DEFAULT_MODELS)
+    p.add_argument("--ratios", default="0.5,0.25")
+    add_common_args(p, out_stem)
+
+
 def md_header(res: dict, title: str, conversion: str, cells: str) -> list[str]:
     """The first lines of a sweep's markdown: title, command, machine, what every conversion shares."""
     s = res["settings"]
