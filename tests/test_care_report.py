@@ -1,0 +1,63 @@
+"""care_report.json's per-layer value errors, checked against a forward pass of the original model.
+
+The report tells a user how much each layer lost: `v_rel_error` = ||V - V_hat|| / ||V|| over the
+calibration tokens. Reference, sharing nothing with the converter's statistics: run the ORIGINAL
+transformers model (fp64) on the same calibration windows, capture every layer's attention input (the
+output of its input_layernorm), and compare the original values X W_V^T with the values the WRITTEN
+checkpoint produces (value latent, then kv_b's value rows of one head of each KV group; docs/FORMAT.md).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converter import calib_data
+from converter.pipeline import convert
+from tests import format_reference
+from tests.tiny_models import make_tiny_original
+
+
+def _attention_inputs(src, windows: torch.Tensor) -> tuple[object, list[torch.Tensor]]:
+    """The fp64 original model and each layer's attention input [tokens, D] on `windows`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64).eval()
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.input_layernorm.register_forward_hook(
+        lambda _m, _i, out, l=l: captured.__setitem__(l, out.reshape(-1, out.shape[-1])))
+        for l, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(windows)
+    for h in hooks:
+        h.remove()
+    return model, [captured[l] for l in range(len(model.model.layers))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_reported_value_errors_are_those_of_the_written_checkpoint(arch, tmp_path, calib_file):
+    from transformers import AutoTokenizer
+
+    src = make_tiny_original(tmp_path / "orig", arch, num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    samples, seqlen = 8, 64
+    report = convert(src, tmp_path / "mla", calib_files=[calib_file], kv_ratio=0.5, ranks="adjusted",
+                     calib_samples=samples, calib_seqlen=seqlen)
+    windows = calib_data.token_windows(AutoTokenizer.from_pretrained(src), calib_data.read_texts([calib_file]),
+                                       samples, seqlen, seed=0)
+    model, inputs = _attention_inputs(src, windows)
+    cfg, t = format_reference.load_checkpoint(tmp_path / "mla")
+    n_h, d_h, g = cfg["num_attention_heads"], cfg["v_head_dim"], cfg["original_num_key_value_heads"]
+    errors = []
+    for l, x in enumerate(inputs):
+        r_k, r_v = cfg["k_ranks"][l], cfg["v_ranks"][l]
+        p = f"model.layers.{l}.self_attn."
+        if cfg["use_qk_norm"]:
+            c_v = x @ t[p + "v_latent_proj.weight"].T
+        else:
+            c_v = (x @ t[p + "kv_a_proj_with_mqa.weight"].T)[:, r_k:r_k + r_v]
+        kv_b = t[p + "kv_b_proj.weight"].view(n_h, 2 * d_h, r_k + r_v)
+        v_hat = torch.cat([c_v @ kv_b[a * (n_h // g), d_h:, r_k:].T for a in range(g)], -1)
+        v = x @ model.model.layers[l].self_attn.v_proj.weight.T
+        errors.append(((v - v_hat).norm() / v.norm()).item())
+    reported = [layer["v_rel_error"] for layer in report["layers"]]
+    assert min(errors) > 0.01, errors  # KV 0.5 really drops something in every layer
+    assert errors == pytest.approx(reported, rel=1e-3), (errors, reported)
