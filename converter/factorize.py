@@ -126,6 +126,39 @@ def projection_factor(a_in: torch.Tensor, basis_source: Factor) -> Factor:
     return Factor(down=(up.T @ a_in.double()).contiguous(), up=up, sigma=basis_source.sigma)
 
 
+@dataclass
+class ErrorTable:
+    """The activation error of a factor's rank-r truncation for any r, without the input covariance.
+
+    With W = down, U = up and target T: tr((T - U_r W_r) C (T - U_r W_r)^T) = tr(T C T^T)
+    - 2 tr(U_r (W C T^T)_r) + tr(U_r (W C W^T)_rr U_r^T), so an [R, out] and an [R, R] product stand in
+    for C [in, in]: the pipeline frees each layer's covariances as soon as it is factorized, before
+    rank allocation has chosen r (for 8B shapes C_x is 134 MB a layer, the table 16 MB)."""
+    target_energy: float    # tr(T C T^T)
+    total: float            # what the error is relative to
+    wct: torch.Tensor       # W C T^T [R, out]
+    wcw: torch.Tensor       # W C W^T [R, R]
+
+    def relative_error(self, up: torch.Tensor, r: int) -> float:
+        u = up[:, :r].double()
+        num = (self.target_energy - 2 * (u * self.wct[:r].T).sum().item()
+               + ((u @ self.wcw[:r, :r]) * u).sum().item())
+        return (max(num, 0.0) / self.total) ** 0.5 if self.total > 0 else 0.0
+
+    def keep(self, r: int) -> "ErrorTable":
+        return ErrorTable(self.target_energy, self.total, self.wct[:r].clone(), self.wcw[:r, :r].clone())
+
+
+def error_table(target: torch.Tensor, factor: Factor, c: torch.Tensor, total: float | None = None) -> ErrorTable:
+    """ErrorTable of `factor` for target T [out, in] with input second moment C; `total` defaults to
+    tr(T C T^T). The products run where the inputs are; the table comes back to the CPU."""
+    t, w = target.double(), factor.down.to(target.device, torch.float64)
+    c = c.to(target.device, torch.float64)
+    wc = w @ c
+    energy = ((t @ c) * t).sum().item()
+    return ErrorTable(energy, energy if total is None else total, (wc @ t.T).cpu(), (wc @ w.T).cpu())
+
+
 def relative_error(a: torch.Tensor, a_hat: torch.Tensor, c: torch.Tensor, total: float | None = None) -> float:
     """sqrt( tr((A-Â) C (A-Â)^T) / total ), total defaulting to tr(A C A^T): relative activation error."""
     d = (a.double() - a_hat.double())

@@ -231,22 +231,33 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         maps = [rope_map.build_map(e, u, counts, inv_freq, g, d_h) for _, e, u in ranked]
 
     with timer.stage("factorize"):
-        k_factors, v_factors = [], []
+        k_factors, v_factors, k_tables, v_tables = [], [], [], []
         for l in tqdm(range(n_layers), desc="factorize", unit="layer"):
             st, rm = stats.layers[l], maps[l]
             wk, wv = weights(l, la, "kv")
             cx, ax, q_n = on(st.cx), on(st.ax), on(rm.q_n)
             mk, mv = _attention_weights(opts, st, query_covs[l] if query_covs else None, attn[l], q_n, n_heads, g, on)
             if source.arch == "llama":
-                kf = factorize.factorize(q_n @ wk, cx, ax, opts.method, out_weight=mk)
-            elif opts.method == "care":   # activation-optimal on the real post-norm keys
-                kf = factorize.factorize(q_n, on(st.ck), None, "care", out_weight=mk)
-            else:                          # weight-based baselines see only the (linearized) weights
-                gamma = on(attn[l].k_norm.weight.detach()).repeat(g)
-                kf = factorize.projection_factor(q_n, factorize.factorize(q_n @ (gamma[:, None] * wk), cx, ax,
-                                                                          opts.method))
+                k_target, k_cov = q_n @ wk, cx
+                key_total = ((wk @ cx) * wk).sum().item()  # the whole key's energy, exact rope part included
+                kf = factorize.factorize(k_target, cx, ax, opts.method, out_weight=mk)
+            else:
+                k_target, k_cov = q_n, on(st.ck)
+                key_total = k_cov.diagonal().sum().item()
+                if opts.method == "care":   # activation-optimal on the real post-norm keys
+                    kf = factorize.factorize(q_n, k_cov, None, "care", out_weight=mk)
+                else:                        # weight-based baselines see only the (linearized) weights
+                    gamma = on(attn[l].k_norm.weight.detach()).repeat(g)
+                    kf = factorize.projection_factor(q_n, factorize.factorize(q_n @ (gamma[:, None] * wk), cx, ax,
+                                                                              opts.method))
+            vf = factorize.factorize(wv, cx, ax, opts.method, out_weight=mv)
+            # what the report needs of this layer's covariances, so that they can go now (fp64: the bulk
+            # of the converter's own memory, 4.3 GB for 8B shapes)
+            k_tables.append(factorize.error_table(k_target, kf, k_cov, key_total))
+            v_tables.append(factorize.error_table(wv, vf, cx))
             k_factors.append(kf.to("cpu"))
-            v_factors.append(factorize.factorize(wv, cx, ax, opts.method, out_weight=mv).to("cpu"))
+            v_factors.append(vf.to("cpu"))
+            stats.layers[l] = None
 
     with timer.stage("allocate"):
         full_k = [min(f.down.shape[0], g * d_h - d_r) for f in k_factors]
@@ -258,14 +269,15 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         # shapes at KV 0.5)
         k_factors = [f.keep(r) for f, r in zip(k_factors, k_ranks)]
         v_factors = [f.keep(r) for f, r in zip(v_factors, v_ranks)]
+        k_tables = [t.keep(r) for t, r in zip(k_tables, k_ranks)]
+        v_tables = [t.keep(r) for t, r in zip(v_tables, v_ranks)]
 
     dtype = DTYPES[opts.dtype]
     with timer.stage("assemble"):
         state = _non_attention_tensors(source.model, dtype)
     layer_reports = []
     for l in tqdm(range(n_layers), desc="assemble", unit="layer"):
-        # assemble and report one layer, then free its calibration statistics and factors (fp64, the
-        # bulk of the converter's own memory): the peak stays that of the end of factorization
+        # assemble and report one layer, then free its factors
         with timer.stage("assemble"):
             a = attn[l]
             wq, wk, wv = weights(l)
@@ -280,9 +292,9 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                 state[f"model.layers.{l}.self_attn.{name}"] = t
             state[f"model.layers.{l}.self_attn.o_proj.weight"] = a.o_proj.weight.detach().to(dtype).contiguous()
         with timer.stage("report"):
-            layer_reports.append(_layer_report(l, source.arch, stats.layers[l], weights(l, la, "kv"), maps[l],
-                                               k_factors[l], v_factors[l], k_ranks[l], v_ranks[l], g, d_h, on))
-        stats.layers[l] = k_factors[l] = v_factors[l] = None
+            layer_reports.append(_layer_report(l, maps[l], k_factors[l], v_factors[l], k_tables[l], v_tables[l],
+                                               k_ranks[l], v_ranks[l]))
+        k_factors[l] = v_factors[l] = k_tables[l] = v_tables[l] = None
 
     cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
     assert cache == budget, (cache, budget)
@@ -344,19 +356,11 @@ def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _layer_report(l, arch, st, weights, rm, kf, vf, k_rank, v_rank, g, d_h, on) -> dict:
-    """Relative K/V activation errors on the calibration data (K: whole key incl. the exact rope part);
-    `on` moves a tensor to where the fp64 products run; `weights` = (W_K, W_V) there."""
-    wk, wv = weights
-    cx, q_n = on(st.cx), on(rm.q_n)
-    if arch == "llama":
-        key_total = ((wk @ cx) * wk).sum().item()
-        k_err = factorize.relative_error(q_n @ wk, on(kf.approx(k_rank)), cx, key_total)
-    else:
-        ck = on(st.ck)
-        key_total = ck.diagonal().sum().item()
-        k_err = factorize.relative_error(q_n, on(kf.approx(k_rank)), ck, key_total)
-    v_err = factorize.relative_error(wv, on(vf.approx(v_rank)), cx)
+def _layer_report(l, rm, kf, vf, k_table, v_table, k_rank, v_rank) -> dict:
+    """Relative K/V activation errors on the calibration data (K: relative to the whole key, exact rope
+    part included), from the error tables the factorize stage left (factorize.ErrorTable)."""
+    k_err = k_table.relative_error(kf.up, k_rank)
+    v_err = v_table.relative_error(vf.up, v_rank)
     return {"layer": l, "k_rank": k_rank, "v_rank": v_rank, "rope_dim": rm.q_s.shape[0],
             "k_rel_error": round(k_err, 6), "v_rel_error": round(v_err, 6),
             "rope_energy_fraction": round(rm.energy_kept, 6)}

@@ -61,3 +61,26 @@ def test_reported_value_errors_are_those_of_the_written_checkpoint(arch, tmp_pat
     reported = [layer["v_rel_error"] for layer in report["layers"]]
     assert min(errors) > 0.01, errors  # KV 0.5 really drops something in every layer
     assert errors == pytest.approx(reported, rel=1e-3), (errors, reported)
+
+
+@pytest.mark.parametrize("method,weighted", [("care", False), ("care", True), ("svd", False), ("asvd", False)])
+def test_error_table_equals_the_direct_error_at_every_rank(method, weighted):
+    """The report's errors come from ErrorTable (so the covariances can be freed before the ranks are
+    known); at every rank it must equal tr((A - Â) C (A - Â)^T) computed directly."""
+    from converter import factorize
+
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 20, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 20, dtype=torch.float64)
+    c = x.T @ x
+    m = None
+    if weighted:
+        b = torch.randn(12, 12, generator=g, dtype=torch.float64)
+        m = b @ b.T
+    f = factorize.factorize(a, c, x.abs().mean(0), method, out_weight=m)
+    table = factorize.error_table(a, f, c, total=123.0)
+    for r in range(0, 13):
+        direct = factorize.relative_error(a, f.approx(r), c, 123.0)
+        assert table.relative_error(f.up, r) == pytest.approx(direct, rel=1e-9, abs=1e-9), r
+        kept = max(r, 1)
+        assert table.keep(kept).relative_error(f.keep(kept).up, r) == pytest.approx(direct, rel=1e-9, abs=1e-9)
