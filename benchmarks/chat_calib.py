@@ -159,7 +159,8 @@ def main(argv=None) -> int:
             ckpt = mdir / "ckpt_chat_calib"
             convert(str(src), str(ckpt), calib_files=files, method="care", ranks=policy, kv_ratio=args.ratio,
                     objective=args.objective, calib_samples=args.calib_samples,
-                    calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats), dtype="float32")
+                    calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats),
+                    dtype="float32")
             model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
             row = {"policy": policy, "calib": calib_name,
                    **chat_fidelity(ref, answer_logprobs(model, seqs, starts), answers, tok.eos_token_id),

@@ -39,7 +39,6 @@ import shapes  # noqa: E402
 from correctness import calibration_text  # noqa: E402  (seeded pseudo-text, the same on every machine)
 
 
-
 def run_measured(cmd: list[str]) -> tuple[int, float, float]:
     """Run cmd; (exit code, peak RSS GiB from wait4's ru_maxrss, peak RssAnon GiB sampled every 50 ms)."""
     proc = subprocess.Popen(cmd, cwd=common.REPO)

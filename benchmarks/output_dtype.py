@@ -4,7 +4,7 @@ The factorization runs in fp64 either way; only the written factors are rounded.
 is evaluated in fp32 (upcast on load), so the columns differ by the rounding of the weights alone.
 Same calibration, evaluation and stats caches as benchmarks/oneshot.py.
 
-    .venv/bin/python benchmarks/output_dtype.py                  # 3 models x KV 0.5, 0.25, uniform, --objective attention
+    .venv/bin/python benchmarks/output_dtype.py     # 3 models x KV 0.5, 0.25, uniform, --objective attention
 
 Writes benchmarks/results/output_dtype.json and output_dtype.md (--resume skips rows already there).
 """

@@ -120,7 +120,6 @@ def pair_table(res: dict, values: tuple, labels: list[str], change_digits: int =
                 got = [res["rows"].get(f"{model}|{policy}|{ratio}|{v}") for v in values]
                 cells = [f"{model} ({orig:.2f})", policy, str(ratio)]
                 cells += ["—" if r is None else f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" for r in got]
-                cells.append("—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.{change_digits}f} %")
-                rows.append(cells)
+                change = "—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.{change_digits}f} %"
+                rows.append(cells + [change])
     return common.md_table(["model (original ppl)", "ranks", "KV ratio", *labels, "change"], rows)
-

@@ -204,6 +204,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
 
     with timer.stage("rope_map"):
         pcas, query_diags, query_covs = [], [], []   # query_covs: Llama's, kept for --objective attention
+        key_totals = []                               # tr(key moment): the whole key's energy, for the report
         for l in tqdm(range(n_layers), desc="rope map", unit="layer"):
             st = stats.layers[l]
             if source.arch == "qwen3":
@@ -221,6 +222,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                     query_covs.append(query_cov.cpu())
             pcas.append(rope_map.frequency_pca(key_moment, g, d_h))
             query_diags.append(query_diag)
+            key_totals.append(key_moment.diagonal().sum().item())
         if opts.rope_select == "qk":
             ranked = [rope_map.reorder_components(
                 rope_map.logit_scores(e, u, query_diags[l], inv_freq, opts.rope_distance), e, u)
@@ -236,14 +238,13 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             st, rm = stats.layers[l], maps[l]
             wk, wv = weights(l, la, "kv")
             cx, ax, q_n = on(st.cx), on(st.ax), on(rm.q_n)
-            mk, mv = _attention_weights(opts, st, query_covs[l] if query_covs else None, attn[l], q_n, n_heads, g, on)
+            mk, mv = _attention_weights(opts, st, query_covs[l] if query_covs else None, attn[l], q_n, n_heads, g,
+                                        on)
             if source.arch == "llama":
                 k_target, k_cov = q_n @ wk, cx
-                key_total = ((wk @ cx) * wk).sum().item()  # the whole key's energy, exact rope part included
                 kf = factorize.factorize(k_target, cx, ax, opts.method, out_weight=mk)
             else:
                 k_target, k_cov = q_n, on(st.ck)
-                key_total = k_cov.diagonal().sum().item()
                 if opts.method == "care":   # activation-optimal on the real post-norm keys
                     kf = factorize.factorize(q_n, k_cov, None, "care", out_weight=mk)
                 else:                        # weight-based baselines see only the (linearized) weights
@@ -253,7 +254,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             vf = factorize.factorize(wv, cx, ax, opts.method, out_weight=mv)
             # what the report needs of this layer's covariances, so that they can go now (fp64: the bulk
             # of the converter's own memory, 4.3 GB for 8B shapes)
-            k_tables.append(factorize.error_table(k_target, kf, k_cov, key_total))
+            k_tables.append(factorize.error_table(k_target, kf, k_cov, key_totals[l]))
             v_tables.append(factorize.error_table(wv, vf, cx))
             k_factors.append(kf.to("cpu"))
             v_factors.append(vf.to("cpu"))

@@ -124,8 +124,6 @@ def test_bf16_source_stays_bf16_in_memory_and_converts_bit_identically(tmp_path)
     """The source is kept in its stored dtype (half the RAM of fp32 for an 8B model); since every
     computation upcasts per layer, the checkpoint must equal the one made from an fp32 load. With the
     default --dtype auto a bf16 source gives a bf16 checkpoint: exactly the fp32 one rounded to bf16."""
-    import json
-
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
