@@ -34,14 +34,12 @@ def key_weight(query_cov: torch.Tensor, q_n: torch.Tensor, num_kv_heads: int) ->
     return torch.einsum("nad,ade,mae->nm", blocks, per_group.to(q_n.dtype), blocks)
 
 
-def llama_query_moments(wq: torch.Tensor, cx: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Second moments of linear queries (summed over tokens), from one W_Q C_x product (the costly
-    part: 69 GFLOP in fp64 for an 8B layer): the per-dim diagonal [n_h, d_h] that the rope selection
-    ranks by, and the per-head covariances E[q_h q_h^T] = W_Q,h C_x W_Q,h^T [n_h, d_h, d_h] of M_K."""
-    wq_cx = wq @ cx
-    diag = (wq_cx * wq).sum(1).view(num_heads, -1)
+def llama_query_cov(wq: torch.Tensor, cx: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Per-head second moments of linear queries (summed over tokens), E[q_h q_h^T] = W_Q,h C_x W_Q,h^T
+    [n_h, d_h, d_h]: M_K's query side, and through its diagonal what the rope selection ranks by. One
+    W_Q C_x product (the costly part: 69 GFLOP in fp64 for an 8B layer)."""
     wq_h = wq.view(num_heads, -1, wq.shape[-1])
-    return diag, torch.bmm(wq_cx.view_as(wq_h), wq_h.transpose(1, 2))
+    return torch.bmm((wq @ cx).view_as(wq_h), wq_h.transpose(1, 2))
 
 
 def value_weight(wo: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:

@@ -1,20 +1,27 @@
 """Calibration: per-layer second moments of the attention input, propagated layer by layer.
 
-For every decoder layer we accumulate, in fp64:
-  * `cx`  = sum over tokens of x^T x, x = the attention input after input RMSNorm (weight included);
-  * `ax`  = sum over tokens of |x| (ASVD's input scaling);
-  * `ck`  = sum of k^T k of the k_norm'd keys (Qwen3 only: its keys are a nonlinear function of x, so
-            the RoRoPE PCA and the K latent are fitted on the real post-norm keys);
-  * `qc`  = per-head sum of q^T q of the q_norm'd queries (Qwen3 only; `--objective attention` weights
-            the K latent by it) and `qd` its diagonal (used to choose the rope dims).
-For Llama, key and query statistics follow exactly from `cx` (k = W_K x, q = W_Q x): nothing more is stored.
+For every decoder layer we accumulate, in fp64, C_x = sum over tokens of x^T x (x = the attention
+input after input RMSNorm, weight included) and sum |x| (ASVD's input scaling). Qwen3's keys and
+queries are nonlinear in x (per-head k_norm/q_norm), so for it we also accumulate the moments of the
+real post-norm keys (sum k^T k) and per-head queries (sum q_h^T q_h), before RoPE.
+
+As soon as a layer is done, its [D, D] C_x is reduced to what the conversion reads, all small
+[out, out] moments in the attention's own output space (converter/factorize.py: every factor's
+latent is a map of its target's outputs, so the whole factorization and its error need only those):
+  * `ck` = key moment [g*d_h, g*d_h]: W_K C_x W_K^T (Llama) or the post-k_norm keys' (Qwen3);
+  * `cv` = value moment W_V C_x W_V^T [g*d_h, g*d_h];
+  * `qc` = per-head query moments [n_h, d_h, d_h]: W_Q,h C_x W_Q,h^T (Llama) or post-q_norm (Qwen3);
+  * `ax` = sum |x| [D], `x_scale` = mean(diag C_x) (the damping's scale).
+Why: C_x is hidden^2 x 8 bytes per layer (134 MB for Llama-3-8B, 537 MB for 70B: 43 GB over 80 layers
+if all were kept until the rope map, which needs every layer's key moment); the reduced statistics are
+~20 MB a layer for either, so one C_x at a time is all the converter ever holds.
 
 Propagation runs through the ORIGINAL layers, one layer on the device at a time; the statistics are
-therefore independent of method/ranks/ratio, which lets one calibration serve many conversions
-(`stats_cache`). On CUDA the hidden states stay on the device when they fit in a quarter of its free
-memory (a round trip to host RAM per layer costs more than the layer's forward for 8B shapes), and
-fp32 layer forwards use TF32 matmuls (the statistics are accumulated in fp64 from the fp32 outputs
-either way); `dtype=torch.bfloat16` runs the layers in bf16 instead.
+therefore independent of method/ranks/ratio/objective, which lets one calibration serve many
+conversions (`stats_cache`). On CUDA the hidden states stay on the device when they fit in a quarter
+of its free memory (a round trip to host RAM per layer costs more than the layer's forward for 8B
+shapes), and fp32 layer forwards use TF32 matmuls (the statistics are accumulated in fp64 from the
+fp32 outputs either way); `dtype=torch.bfloat16` runs the layers in bf16 instead.
 """
 from __future__ import annotations
 
@@ -25,14 +32,23 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .attention_weights import llama_query_cov
+
+STATS_VERSION = 3   # 3: output-space moments (2 held the whole C_x of every layer)
+
 
 @dataclass
 class LayerStats:
-    cx: torch.Tensor                 # [D, D] fp64
-    ax: torch.Tensor                 # [D] fp64
-    ck: torch.Tensor | None = None   # [g*d_h, g*d_h] fp64 (Qwen3)
-    qd: torch.Tensor | None = None   # [n_h, d_h] fp64: sum of squares of each pre-RoPE query dim
-    qc: torch.Tensor | None = None   # [n_h, d_h, d_h] fp64: per-head sum of q q^T (None in older stats caches)
+    ck: torch.Tensor    # [g*d_h, g*d_h] fp64 key moment (pre-RoPE)
+    cv: torch.Tensor    # [g*d_h, g*d_h] fp64 value moment
+    qc: torch.Tensor    # [n_h, d_h, d_h] fp64 per-head query moments (pre-RoPE)
+    ax: torch.Tensor    # [D] fp64 sum of |x|
+    x_scale: float      # mean(diag C_x)
+
+    @property
+    def qd(self) -> torch.Tensor:
+        """[n_h, d_h]: sum of squares of each pre-RoPE query dim (what the rope selection ranks by)."""
+        return self.qc.diagonal(dim1=1, dim2=2)
 
 
 @dataclass
@@ -42,12 +58,29 @@ class CalibStats:
     meta: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "meta": self.meta,
-                "layers": [{"cx": s.cx, "ax": s.ax, "ck": s.ck, "qd": s.qd, "qc": s.qc} for s in self.layers]}
+        return {"tokens": self.tokens, "meta": self.meta, "layers": [vars(s) for s in self.layers]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibStats":
         return cls([LayerStats(**s) for s in d["layers"]], d["tokens"], d.get("meta", {}))
+
+
+def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_heads: int,
+                 ck: torch.Tensor | None = None, qc: torch.Tensor | None = None) -> LayerStats:
+    """One layer's C_x reduced to output space (on C_x's device; the result on the CPU). `attn` is the
+    source's attention module (its stored weights, exact in fp64); `ck`/`qc` are Qwen3's post-norm
+    moments, computed from C_x and the linear maps when not given (Llama)."""
+    def w(name):
+        return getattr(attn, name).weight.detach().to(cx.device, torch.float64)
+
+    wv = w("v_proj")
+    cv = wv @ cx @ wv.T
+    if ck is None:
+        wk = w("k_proj")
+        ck = wk @ cx @ wk.T
+    if qc is None:
+        qc = llama_query_cov(w("q_proj"), cx, num_heads)
+    return LayerStats(ck=ck.cpu(), cv=cv.cpu(), qc=qc.cpu(), ax=ax.cpu(), x_scale=cx.diagonal().mean().item())
 
 
 def _hidden_home(device: str, nbytes: int) -> str:
@@ -135,9 +168,8 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
             if layer is src_layer:
                 layer.cpu()
             del layer
-        qc = None if acc["qc"] is None else acc["qc"].cpu()
-        stats.append(LayerStats(acc["cx"].cpu(), acc["ax"].cpu(),
-                                None if acc["ck"] is None else acc["ck"].cpu(),
-                                None if qc is None else qc.diagonal(dim1=1, dim2=2).contiguous(), qc))
+        stats.append(reduce_layer(acc["cx"], acc["ax"], src_layer.self_attn, model.config.num_attention_heads,
+                                  acc["ck"], acc["qc"]))
+        del acc
     rotary.cpu()
     return CalibStats(stats, n * t)

@@ -3,6 +3,10 @@
 `A` is [out, in] (torch orientation), `u` the target's input with second moment `C` (sum u u^T).
 Each method returns the FULL factorization, ordered by energy; truncating to the first r latent dims
 is the method's rank-r solution (nested property), so ranks are allocated after factorizing once.
+Every method's latent is a map of the target's own outputs, down = B A (B [R, out], `Factor.basis`),
+so all that the factorization and its error need of C is the output moment A C A^T and mean(diag C)
+(`Moment`): the converter never holds more than one layer's [in, in] input covariance (calibration
+reduces each layer's to output space at once; converter/calibrate.py).
 
   care : SVD of C_d^{1/2} A^T (C_d = C + alpha*mean(diag C)*I, alpha = 0.01 relative, as the paper
          states), W_a = C_d^{-1/2} U S, W_b = V^T. Minimizes the activation error ||C^{1/2}(A - Â)^T||.
@@ -28,10 +32,25 @@ ASVD_ALPHA = 0.5
 
 
 @dataclass
+class Moment:
+    """What a factorization of target A [out, in] needs of its input's second moment C [in, in]:
+    the output moment A C A^T [out, out] and mean(diag C) (the damping's scale)."""
+    gram: torch.Tensor
+    scale: float
+
+    @classmethod
+    def of(cls, a: torch.Tensor, c: torch.Tensor) -> "Moment":
+        """From the whole input covariance (tests, and anything holding C)."""
+        a, c = a.double(), c.to(a.device, torch.float64)
+        return cls(a @ c @ a.T, c.diagonal().mean().item())
+
+
+@dataclass
 class Factor:
     down: torch.Tensor   # [R, in]
     up: torch.Tensor     # [out, R]
     sigma: torch.Tensor  # [R] singular values, descending (what rank allocation ranks by)
+    basis: torch.Tensor  # [R, out]: down = basis @ A (what error_table needs)
 
     def truncate(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.down[:r], self.up[:, :r]
@@ -40,10 +59,10 @@ class Factor:
         """The first r latent dims as a Factor owning just them (sigma kept whole: it is only read);
         truncate() returns views that would keep the full factor's memory alive."""
         down, up = self.truncate(r)
-        return Factor(down.clone(), up.clone(), self.sigma)
+        return Factor(down.clone(), up.clone(), self.sigma, self.basis[:r].clone())
 
     def to(self, device) -> "Factor":
-        return Factor(self.down.to(device), self.up.to(device), self.sigma.to(device))
+        return Factor(self.down.to(device), self.up.to(device), self.sigma.to(device), self.basis.to(device))
 
     def approx(self, r: int) -> torch.Tensor:
         down, up = self.truncate(r)
@@ -58,11 +77,14 @@ def _canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, t
     return u * s, vh * s[:, None]
 
 
-def _gram_eig(a: torch.Tensor, c: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top min(out, in) eigenvectors (rows, sign-fixed) and sqrt-eigenvalues of A C_d A^T, descending."""
-    c = 0.5 * (c + c.T)
-    damp = alpha * c.diagonal().mean().clamp_min(1e-30)
-    gram = a @ c @ a.T + damp * (a @ a.T)              # = A C_d A^T without forming C_d
+def _gram_eig(a: torch.Tensor, m: Moment, alpha: float, w: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top min(out, in) eigenvectors (rows, sign-fixed) and sqrt-eigenvalues of W A C_d A^T W^T
+    (W = I unless an output whitening `w` is given), descending."""
+    damp = alpha * max(m.scale, 1e-30)
+    gram = m.gram.to(a.device, torch.float64) + damp * (a @ a.T)   # = A C_d A^T without forming C_d
+    if w is not None:
+        gram = w @ gram @ w.T
     lam, v = torch.linalg.eigh(0.5 * (gram + gram.T))
     r = min(a.shape)
     lam, v = lam.flip(0)[:r].clamp_min(0), v.flip(1)[:, :r]
@@ -79,9 +101,10 @@ def _sqrt_and_inverse(m: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torc
     return (u * root) @ u.T, (u / root) @ u.T
 
 
-def factorize(a: torch.Tensor, c: torch.Tensor | None, abs_mean: torch.Tensor | None, method: str,
+def factorize(a: torch.Tensor, c: Moment | torch.Tensor | None, abs_mean: torch.Tensor | None, method: str,
               alpha: float = DAMPING, out_weight: torch.Tensor | None = None) -> Factor:
-    """Full-rank factorization of target A [out, in] with input second moment C [in, in].
+    """Full-rank factorization of target A [out, in] with input second moment C [in, in], given as its
+    `Moment` for A or whole (care only; svd and asvd read the weights and `abs_mean` alone).
 
     `out_weight` M [out, out] (care only): minimize tr(M (A - Â) C (A - Â)^T) instead, i.e. the error
     as something downstream that reads y through M's square root sees it (the queries reading the
@@ -90,30 +113,34 @@ def factorize(a: torch.Tensor, c: torch.Tensor | None, abs_mean: torch.Tensor | 
     """
     a = a.double()
     if a.shape[0] == 0:  # nothing left to compress (e.g. every key dim keeps RoPE)
-        return Factor(down=a.new_zeros(0, a.shape[1]), up=a.new_zeros(0, 0), sigma=a.new_zeros(0))
+        return Factor(down=a.new_zeros(0, a.shape[1]), up=a.new_zeros(0, 0), sigma=a.new_zeros(0),
+                      basis=a.new_zeros(0, 0))
     w = a.T  # [in, out], the paper's orientation
     if out_weight is not None and method != "care":
         raise ValueError(f"an output weighting needs method 'care' (got {method!r})")
     if method == "care":
+        m = c if isinstance(c, Moment) else Moment.of(a, c)
         if out_weight is not None:
             root, inv_root = _sqrt_and_inverse(out_weight.to(a.device, torch.float64), alpha)
-            whitened = root @ a
-            vh, sig = _gram_eig(whitened, c.to(a.device, torch.float64), alpha)
-            return Factor(down=(vh @ whitened).contiguous(), up=(inv_root @ vh.T).contiguous(), sigma=sig)
-        vh, sig = _gram_eig(a, c.to(a.device, torch.float64), alpha)
-        return Factor(down=(vh @ a).contiguous(), up=vh.T.contiguous(), sigma=sig)
+            vh, sig = _gram_eig(a, m, alpha, root)
+            return _factor(a, vh @ root, inv_root @ vh.T, sig)
+        vh, sig = _gram_eig(a, m, alpha)
+        return _factor(a, vh, vh.T, sig)
     if method == "svd":
+        # A^T = U S V^T, W_a = U S = A^T V: the latent is V^T A
         u, sig, vh = torch.linalg.svd(w, full_matrices=False)
-        u, vh = _canonical_signs(u, vh)
-        w_a = u * sig
     elif method == "asvd":
+        # diag(s) A^T = U S V^T, W_a = diag(s)^-1 U S = A^T V: again V^T A
         s = abs_mean.double().clamp_min(1e-12) ** ASVD_ALPHA
         u, sig, vh = torch.linalg.svd(s[:, None] * w, full_matrices=False)
-        u, vh = _canonical_signs(u, vh)
-        w_a = (u * sig) / s[:, None]
     else:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    return Factor(down=w_a.T.contiguous(), up=vh.T.contiguous(), sigma=sig)
+    _, vh = _canonical_signs(u, vh)
+    return _factor(a, vh, vh.T, sig)
+
+
+def _factor(a: torch.Tensor, basis: torch.Tensor, up: torch.Tensor, sigma: torch.Tensor) -> Factor:
+    return Factor(down=(basis @ a).contiguous(), up=up.contiguous(), sigma=sigma, basis=basis.contiguous())
 
 
 def projection_factor(a_in: torch.Tensor, basis_source: Factor) -> Factor:
@@ -123,7 +150,7 @@ def projection_factor(a_in: torch.Tensor, basis_source: Factor) -> Factor:
     with the same output space); the latent is c = up^T A_in u and y ~ up c.
     """
     up = basis_source.up
-    return Factor(down=(up.T @ a_in.double()).contiguous(), up=up, sigma=basis_source.sigma)
+    return _factor(a_in.double(), up.T, up, basis_source.sigma)
 
 
 @dataclass
@@ -132,8 +159,9 @@ class ErrorTable:
 
     With W = down, U = up and target T: tr((T - U_r W_r) C (T - U_r W_r)^T) = tr(T C T^T)
     - 2 tr(U_r (W C T^T)_r) + tr(U_r (W C W^T)_rr U_r^T), so an [R, out] and an [R, R] product stand in
-    for C [in, in]: the pipeline frees each layer's covariances as soon as it is factorized, before
-    rank allocation has chosen r (for 8B shapes C_x is 134 MB a layer, the table 16 MB)."""
+    for C [in, in], and since W = B T (Factor.basis) they follow from the output moment G = T C T^T:
+    W C T^T = B G, W C W^T = B G B^T. The pipeline keeps these tables from factorization until rank
+    allocation has chosen r, and frees each layer's statistics as soon as it is factorized."""
     target_energy: float    # tr(T C T^T)
     total: float            # what the error is relative to
     wct: torch.Tensor       # W C T^T [R, out]
@@ -149,14 +177,16 @@ class ErrorTable:
         return ErrorTable(self.target_energy, self.total, self.wct[:r].clone(), self.wcw[:r, :r].clone())
 
 
-def error_table(target: torch.Tensor, factor: Factor, c: torch.Tensor, total: float | None = None) -> ErrorTable:
-    """ErrorTable of `factor` for target T [out, in] with input second moment C; `total` defaults to
-    tr(T C T^T). The products run where the inputs are; the table comes back to the CPU."""
-    t, w = target.double(), factor.down.to(target.device, torch.float64)
-    c = c.to(target.device, torch.float64)
-    wc = w @ c
-    energy = ((t @ c) * t).sum().item()
-    return ErrorTable(energy, energy if total is None else total, (wc @ t.T).cpu(), (wc @ w.T).cpu())
+def error_table(target: torch.Tensor, factor: Factor, c: Moment | torch.Tensor, total: float | None = None
+                ) -> ErrorTable:
+    """ErrorTable of `factor` for target T [out, in] with input second moment C (its `Moment` for T, or
+    whole); `total` defaults to tr(T C T^T). The products run where the factor is; the table comes back
+    to the CPU."""
+    m = c if isinstance(c, Moment) else Moment.of(target, c)
+    b = factor.basis.double()
+    bg = b @ m.gram.to(b.device, torch.float64)
+    energy = m.gram.diagonal().sum().item()
+    return ErrorTable(energy, energy if total is None else total, bg.cpu(), (bg @ b.T).cpu())
 
 
 def relative_error(a: torch.Tensor, a_hat: torch.Tensor, c: torch.Tensor, total: float | None = None) -> float:

@@ -129,7 +129,12 @@ def default_rope_dim(head_dim: int, per_layer_budget: int) -> int:
 def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Options, meta: dict) -> calibrate.CalibStats:
     path = Path(opts.stats_cache) if opts.stats_cache else None
     if path is not None and path.is_file():
-        stats = calibrate.CalibStats.from_dict(torch.load(path, weights_only=False))
+        saved = torch.load(path, weights_only=False)
+        version = saved.get("meta", {}).get("stats_version")
+        if version != calibrate.STATS_VERSION:
+            raise ConversionError(f"stats cache {path} was written by an older care-convert (statistics version "
+                                  f"{version}, this one reads {calibrate.STATS_VERSION}); delete it")
+        stats = calibrate.CalibStats.from_dict(saved)
         if stats.meta == meta:
             return stats
         raise ConversionError(f"stats cache {path} was made for other inputs ({stats.meta}); delete it")
@@ -153,7 +158,7 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
         source = load.load_source(src)
     with timer.stage("calibrate"):  # tokenization counts as calibration
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
-    meta = {"stats_version": 2, "source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
+    meta = {"stats_version": calibrate.STATS_VERSION, "source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
             "seed": opts.seed, "files": [str(f) for f in calib_files]}
     if opts.calib_dtype != "float32":
         meta["calib_dtype"] = opts.calib_dtype
@@ -166,7 +171,8 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: str | Path, 
     opts.validate()
     out = Path(out)
     write.prepare_out(out, opts.overwrite)
-    return _convert_loaded(source, windows, out, opts, Timer(), {"source": source.name}, [])
+    return _convert_loaded(source, windows, out, opts, Timer(),
+                           {"stats_version": calibrate.STATS_VERSION, "source": source.name}, [])
 
 
 def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts: Options, timer: Timer,
@@ -203,29 +209,11 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         raise ConversionError("rope attention scaling != 1 is not supported")
 
     with timer.stage("rope_map"):
-        pcas, query_diags, query_covs = [], [], []   # query_covs: Llama's, kept for --objective attention
-        key_totals = []                               # tr(key moment): the whole key's energy, for the report
-        for l in tqdm(range(n_layers), desc="rope map", unit="layer"):
-            st = stats.layers[l]
-            if source.arch == "qwen3":
-                if st.qd is None:
-                    raise ConversionError("calibration statistics lack query moments (an old --stats-cache "
-                                          "file?); delete it")
-                key_moment, query_diag = st.ck, st.qd
-            else:
-                wq, wk = weights(l, la, "qk")
-                cx = on(st.cx)
-                key_moment = (wk @ cx @ wk.T).cpu()
-                query_diag, query_cov = attention_weights.llama_query_moments(wq, cx, n_heads)
-                query_diag = query_diag.cpu()
-                if opts.objective == "attention":
-                    query_covs.append(query_cov.cpu())
-            pcas.append(rope_map.frequency_pca(key_moment, g, d_h))
-            query_diags.append(query_diag)
-            key_totals.append(key_moment.diagonal().sum().item())
+        pcas = [rope_map.frequency_pca(st.ck, g, d_h)
+                for st in tqdm(stats.layers, desc="rope map", unit="layer")]
         if opts.rope_select == "qk":
             ranked = [rope_map.reorder_components(
-                rope_map.logit_scores(e, u, query_diags[l], inv_freq, opts.rope_distance), e, u)
+                rope_map.logit_scores(e, u, stats.layers[l].qd, inv_freq, opts.rope_distance), e, u)
                 for l, (e, u) in enumerate(pcas)]
         else:
             ranked = [(e, e, u) for e, u in pcas]
@@ -237,25 +225,25 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         for l in tqdm(range(n_layers), desc="factorize", unit="layer"):
             st, rm = stats.layers[l], maps[l]
             wk, wv = weights(l, la, "kv")
-            cx, ax, q_n = on(st.cx), on(st.ax), on(rm.q_n)
-            mk, mv = _attention_weights(opts, st, query_covs[l] if query_covs else None, attn[l], q_n, n_heads, g,
-                                        on)
-            if source.arch == "llama":
-                k_target, k_cov = q_n @ wk, cx
-                kf = factorize.factorize(k_target, cx, ax, opts.method, out_weight=mk)
-            else:
-                k_target, k_cov = q_n, on(st.ck)
+            ck, ax, q_n = on(st.ck), on(st.ax), on(rm.q_n)
+            mk, mv = _attention_weights(opts, st.qc, attn[l], q_n, n_heads, g, on)
+            # the whole key's energy (exact rope part included): what the report's K error is relative to
+            key_total = ck.diagonal().sum().item()
+            if source.arch == "llama":   # K target q_n W_K, input x
+                k_target, k_moment = q_n @ wk, factorize.Moment(q_n @ ck @ q_n.T, st.x_scale)
+                kf = factorize.factorize(k_target, k_moment, ax, opts.method, out_weight=mk)
+            else:                        # K target q_n, input the post-k_norm key
+                k_target, k_moment = q_n, factorize.Moment(q_n @ ck @ q_n.T, ck.diagonal().mean().item())
                 if opts.method == "care":   # activation-optimal on the real post-norm keys
-                    kf = factorize.factorize(q_n, k_cov, None, "care", out_weight=mk)
+                    kf = factorize.factorize(q_n, k_moment, None, "care", out_weight=mk)
                 else:                        # weight-based baselines see only the (linearized) weights
                     gamma = on(attn[l].k_norm.weight.detach()).repeat(g)
-                    kf = factorize.projection_factor(q_n, factorize.factorize(q_n @ (gamma[:, None] * wk), cx, ax,
+                    kf = factorize.projection_factor(q_n, factorize.factorize(q_n @ (gamma[:, None] * wk), None, ax,
                                                                               opts.method))
-            vf = factorize.factorize(wv, cx, ax, opts.method, out_weight=mv)
-            # what the report needs of this layer's covariances, so that they can go now (fp64: the bulk
-            # of the converter's own memory, 4.3 GB for 8B shapes)
-            k_tables.append(factorize.error_table(k_target, kf, k_cov, key_totals[l]))
-            v_tables.append(factorize.error_table(wv, vf, cx))
+            v_moment = factorize.Moment(on(st.cv), st.x_scale)
+            vf = factorize.factorize(wv, v_moment, ax, opts.method, out_weight=mv)
+            k_tables.append(factorize.error_table(k_target, kf, k_moment, key_total))
+            v_tables.append(factorize.error_table(wv, vf, v_moment))
             k_factors.append(kf.to("cpu"))
             v_factors.append(vf.to("cpu"))
             stats.layers[l] = None
@@ -330,20 +318,13 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     return report
 
 
-def _attention_weights(opts: Options, st, llama_query_cov: torch.Tensor | None, attn, q_n: torch.Tensor,
-                       n_heads: int, g: int, on) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(M_K, M_V) for --objective attention (converter/attention_weights.py), (None, None) for kv.
-    Query covariances: Llama's computed by the rope stage from C_x, Qwen3's collected by calibration."""
+def _attention_weights(opts: Options, query_cov: torch.Tensor, attn, q_n: torch.Tensor, n_heads: int, g: int,
+                       on) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(M_K, M_V) for --objective attention (converter/attention_weights.py), (None, None) for kv;
+    `query_cov` [n_h, d_h, d_h]: the per-head pre-RoPE query moments of calibration."""
     if opts.objective == "kv":
         return None, None
-    if llama_query_cov is not None:
-        query_cov = on(llama_query_cov)
-    else:
-        if st.qc is None:
-            raise ConversionError("calibration statistics lack query covariances (an old --stats-cache file?); "
-                                  "delete it")
-        query_cov = on(st.qc)
-    return (attention_weights.key_weight(query_cov, q_n, g),
+    return (attention_weights.key_weight(on(query_cov), q_n, g),
             attention_weights.value_weight(on(attn.o_proj.weight.detach()), n_heads, g))
 
 

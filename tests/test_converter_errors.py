@@ -144,9 +144,9 @@ def test_attention_objective_needs_care(tiny, tmp_path):
                    "--objective attention", "--method care")
 
 
-def test_qwen3_stats_cache_without_query_moments(tmp_path):
-    """A Qwen3 stats cache written before the per-head query moments were collected: plain CARE still
-    uses it, --objective attention says what is missing instead of failing inside the factorization."""
+def test_stats_cache_of_an_older_version_is_refused(tmp_path):
+    """A stats cache from before the statistics were reduced to output space (version 2: every layer's
+    whole input covariance) says what it is and what to do, instead of failing inside the pipeline."""
     import torch
 
     src = make_tiny_original(tmp_path / "qwen3", "qwen3", num_layers=2)
@@ -155,11 +155,12 @@ def test_qwen3_stats_cache_without_query_moments(tmp_path):
     cache = tmp_path / "stats.pt"
     small = ("--calib-samples", "4", "--calib-seqlen", "32", "--stats-cache", cache)
     assert run_convert(src, tmp_path / "first", "--calib", calib, *small).returncode == 0
+    assert run_convert(src, tmp_path / "again", "--calib", calib, *small).returncode == 0   # reused as is
     stats = torch.load(cache, weights_only=False)
-    for layer in stats["layers"]:
-        layer.pop("qc")
+    stats["meta"]["stats_version"] = 2
+    stats["layers"] = [{"cx": torch.eye(64, dtype=torch.float64), "ax": layer["ax"], "ck": layer["ck"],
+                        "qd": layer["qc"].diagonal(dim1=1, dim2=2), "qc": layer["qc"]} for layer in stats["layers"]]
     torch.save(stats, cache)
-    assert run_convert(src, tmp_path / "kv", "--calib", calib, *small).returncode == 0
     out = tmp_path / "out"
-    assert_refused(run_convert(src, out, "--calib", calib, *small, "--objective", "attention"), out,
-                   "query covariances", "delete it")
+    assert_refused(run_convert(src, out, "--calib", calib, *small), out, str(cache), "older care-convert",
+                   "delete it")

@@ -7,6 +7,7 @@ from different local files:
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -18,9 +19,33 @@ from tests.license_texts import CALIB, HELD_OUT, require_license_texts
 from tests.tiny_models import SHARED, require_shared
 
 
-def _stats(source, files, samples, seqlen, seed):
-    windows = calib_data.token_windows(source.tokenizer, calib_data.read_texts(files), samples, seqlen, seed)
-    return calibrate.collect_stats(source.model, windows, source.arch)
+def _windows(source, files, samples, seqlen, seed):
+    return calib_data.token_windows(source.tokenizer, calib_data.read_texts(files), samples, seqlen, seed)
+
+
+def _forward_moments(source, windows) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Reference statistics from a plain forward pass of the original model (hooks; shares nothing with
+    converter.calibrate): per layer the whole attention-input covariance C_x and, for Qwen3, the
+    post-k_norm keys' moment. Run in fp32 (the source may be stored in bf16)."""
+    model = copy.deepcopy(source.model).float()
+    layers = model.model.layers
+    seen = [[None, None] for _ in layers]
+
+    def add(l, i, t):
+        t = t.reshape(-1, t.shape[-1] if i == 0 else t.shape[-2] * t.shape[-1]).double()
+        seen[l][i] = t.T @ t if seen[l][i] is None else seen[l][i] + t.T @ t
+
+    hooks = [layer.input_layernorm.register_forward_hook(lambda _m, _i, out, l=l: add(l, 0, out))
+             for l, layer in enumerate(layers)]
+    if source.arch == "qwen3":
+        hooks += [layer.self_attn.k_norm.register_forward_hook(lambda _m, _i, out, l=l: add(l, 1, out))
+                  for l, layer in enumerate(layers)]
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 8):
+            model(windows[i:i + 8])
+    for h in hooks:
+        h.remove()
+    return [tuple(s) for s in seen]
 
 
 @pytest.fixture(scope="module", params=["llama3-small", "qwen3-small"])
@@ -28,35 +53,39 @@ def model_stats(request):
     src = require_shared(SHARED / "models" / request.param)
     require_license_texts()
     source = load.load_source(src)
-    return source, _stats(source, CALIB, 32, 256, 0), _stats(source, HELD_OUT, 32, 256, 1)
+    calibration = calibrate.collect_stats(source.model, _windows(source, CALIB, 32, 256, 0), source.arch)
+    return source, calibration, _forward_moments(source, _windows(source, HELD_OUT, 32, 256, 1))
 
 
 def test_care_beats_svd_on_held_out_text_at_every_rank(model_stats):
-    source, cal, test = model_stats
+    """Fitted on the converter's calibration statistics, scored on covariances of held-out text taken
+    from the original model's forward pass."""
+    source, cal, held_out = model_stats
     cfg = source.config
     g, d_h = cfg.num_key_value_heads, cfg.head_dim
     d_r = 32
     for l, layer in enumerate(source.model.model.layers):
         a = layer.self_attn
         wk, wv = a.k_proj.weight.detach().double(), a.v_proj.weight.detach().double()
-        cs, ts = cal.layers[l], test.layers[l]
-        moment = cs.ck if source.arch == "qwen3" else wk @ cs.cx @ wk.T
-        energy, mixing = rope_map.frequency_pca(moment, g, d_h)
+        cs, (held_x, held_k) = cal.layers[l], held_out[l]
+        energy, mixing = rope_map.frequency_pca(cs.ck, g, d_h)
         rm = rope_map.build_map(energy, mixing, rope_map.shared_pair_counts([energy], d_r),
                                 torch.ones(d_h // 2), g, d_h)
+        key_moment = factorize.Moment(rm.q_n @ cs.ck @ rm.q_n.T, cs.x_scale)
         if source.arch == "qwen3":
             gamma = a.k_norm.weight.detach().double().repeat(g)
-            k_target, k_cov = rm.q_n, ts.ck
-            care_k = factorize.factorize(rm.q_n, cs.ck, None, "care")
+            k_target, k_cov = rm.q_n, held_k
+            key_moment.scale = cs.ck.diagonal().mean().item()
+            care_k = factorize.factorize(rm.q_n, key_moment, None, "care")
             svd_k = factorize.projection_factor(rm.q_n, factorize.factorize(rm.q_n @ (gamma[:, None] * wk),
-                                                                            cs.cx, cs.ax, "svd"))
+                                                                            None, cs.ax, "svd"))
         else:
-            k_target, k_cov = rm.q_n @ wk, ts.cx
-            care_k = factorize.factorize(k_target, cs.cx, cs.ax, "care")
-            svd_k = factorize.factorize(k_target, cs.cx, cs.ax, "svd")
-        care_v = factorize.factorize(wv, cs.cx, cs.ax, "care")
-        svd_v = factorize.factorize(wv, cs.cx, cs.ax, "svd")
-        for name, target, cov, fc, fs in (("K", k_target, k_cov, care_k, svd_k), ("V", wv, ts.cx, care_v, svd_v)):
+            k_target, k_cov = rm.q_n @ wk, held_x
+            care_k = factorize.factorize(k_target, key_moment, cs.ax, "care")
+            svd_k = factorize.factorize(k_target, None, cs.ax, "svd")
+        care_v = factorize.factorize(wv, factorize.Moment(cs.cv, cs.x_scale), cs.ax, "care")
+        svd_v = factorize.factorize(wv, None, cs.ax, "svd")
+        for name, target, cov, fc, fs in (("K", k_target, k_cov, care_k, svd_k), ("V", wv, held_x, care_v, svd_v)):
             full = target.shape[0]
             for r in range(1, full):  # at full rank both are exact
                 e_care = factorize.relative_error(target, fc.approx(r), cov)

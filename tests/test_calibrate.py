@@ -1,0 +1,73 @@
+"""converter.calibrate's statistics equal the moments of a plain forward pass of the original model.
+
+Calibration keeps, per layer, only output-space moments (keys, values, per-head queries, all before
+RoPE), ASVD's sum |x| and the damping's scale mean(diag C_x); each layer's [D, D] input covariance is
+reduced as soon as the layer is done. The reference shares nothing with it: one whole-model forward of
+the transformers original with hooks on the attention's projections (and Qwen3's k_norm/q_norm), and
+the outer products of what they output summed directly.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converter import calibrate, load
+from tests.tiny_models import make_tiny_original
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_statistics_are_those_of_a_forward_pass(arch, tmp_path):
+    src = load.load_source(make_tiny_original(tmp_path / arch, arch, num_layers=2))
+    windows = torch.randint(0, 16384, (3, 24), generator=torch.Generator().manual_seed(5))
+    stats = calibrate.collect_stats(src.model, windows, arch, batch_size=2)
+    cfg = src.model.config
+    n_h, d_h = cfg.num_attention_heads, cfg.head_dim
+    seen = [{} for _ in src.model.model.layers]
+
+    def record(l, name):
+        def hook(_module, _inputs, out):
+            seen[l].setdefault(name, []).append(out.double())
+        return hook
+
+    hooks = []
+    for l, layer in enumerate(src.model.model.layers):
+        a = layer.self_attn
+        hooks.append(layer.input_layernorm.register_forward_hook(record(l, "x")))
+        hooks.append(a.v_proj.register_forward_hook(record(l, "v")))
+        # Qwen3's keys/queries as attention uses them: after the per-head norms, before RoPE
+        hooks.append((a.k_norm if arch == "qwen3" else a.k_proj).register_forward_hook(record(l, "k")))
+        hooks.append((a.q_norm if arch == "qwen3" else a.q_proj).register_forward_hook(record(l, "q")))
+    with torch.no_grad():
+        src.model(windows)
+    for h in hooks:
+        h.remove()
+
+    assert stats.tokens == windows.numel()
+    for l, s in enumerate(stats.layers):
+        x, k, v, q = (torch.cat([t.reshape(windows.numel(), -1) for t in seen[l][n]]) for n in "xkvq")
+        q = q.view(-1, n_h, d_h)
+        close = dict(rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(s.ck, k.T @ k, **close)
+        torch.testing.assert_close(s.cv, v.T @ v, **close)
+        torch.testing.assert_close(s.qc, torch.einsum("thd,the->hde", q, q), **close)
+        torch.testing.assert_close(s.qd, (q * q).sum(0), **close)
+        torch.testing.assert_close(s.ax, x.abs().sum(0), **close)
+        assert s.x_scale == pytest.approx((x * x).sum().item() / x.shape[1], rel=1e-5)
+        assert s.ck.dtype == s.cv.dtype == s.qc.dtype == torch.float64
+
+
+def test_a_stats_cache_holds_no_input_covariance(tmp_path):
+    """What --stats-cache writes is the reduced statistics: per layer nothing of size hidden^2."""
+    from converter.pipeline import convert
+
+    src = make_tiny_original(tmp_path / "llama", "llama", num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a few words of calibration text, repeated. " * 200)
+    cache = tmp_path / "stats.pt"
+    convert(src, tmp_path / "out", calib_files=[calib], calib_samples=4, calib_seqlen=32, stats_cache=str(cache))
+    saved = torch.load(cache, weights_only=False)
+    assert saved["meta"]["stats_version"] == calibrate.STATS_VERSION
+    for layer in saved["layers"]:
+        assert sorted(layer) == ["ax", "ck", "cv", "qc", "x_scale"]
+        assert layer["ck"].shape == layer["cv"].shape == (2 * 16, 2 * 16)
+        assert layer["qc"].shape == (4, 16, 16) and layer["ax"].shape == (64,)
