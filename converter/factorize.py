@@ -47,10 +47,10 @@ class Moment:
 
 @dataclass
 class Factor:
-    down: torch.Tensor   # [R, in]
-    up: torch.Tensor     # [out, R]
-    sigma: torch.Tensor  # [R] singular values, descending (what rank allocation ranks by)
-    basis: torch.Tensor  # [R, out]: down = basis @ A (what error_table needs)
+    down: torch.Tensor | None  # [R, in] = basis @ A (None in a light() factor)
+    up: torch.Tensor           # [out, R]
+    sigma: torch.Tensor        # [R] singular values, descending (what rank allocation ranks by)
+    basis: torch.Tensor        # [R, out]: the latent as a map of the target's outputs
 
     def truncate(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.down[:r], self.up[:, :r]
@@ -58,11 +58,23 @@ class Factor:
     def keep(self, r: int) -> "Factor":
         """The first r latent dims as a Factor owning just them (sigma kept whole: it is only read);
         truncate() returns views that would keep the full factor's memory alive."""
-        down, up = self.truncate(r)
-        return Factor(down.clone(), up.clone(), self.sigma, self.basis[:r].clone())
+        down = None if self.down is None else self.down[:r].clone()
+        return Factor(down, self.up[:, :r].clone(), self.sigma, self.basis[:r].clone())
+
+    def light(self) -> "Factor":
+        """This factor without `down`, its bulk ([R, in]: 33 MB per K or V factor of an 8B layer, 67 MB
+        of 70B): what the pipeline holds for every layer until rank allocation has chosen r;
+        `materialize` then rebuilds the rows it needs from the target."""
+        return Factor(None, self.up, self.sigma, self.basis)
+
+    def materialize(self, a: torch.Tensor, r: int) -> "Factor":
+        """The first r latent dims with `down` = basis[:r] @ A for target A [out, in]."""
+        basis = self.basis[:r].to(a.device, torch.float64)
+        return Factor((basis @ a.double()).contiguous(), self.up[:, :r].to(a.device), self.sigma, basis)
 
     def to(self, device) -> "Factor":
-        return Factor(self.down.to(device), self.up.to(device), self.sigma.to(device), self.basis.to(device))
+        return Factor(None if self.down is None else self.down.to(device), self.up.to(device),
+                      self.sigma.to(device), self.basis.to(device))
 
     def approx(self, r: int) -> torch.Tensor:
         down, up = self.truncate(r)
@@ -153,40 +165,29 @@ def projection_factor(a_in: torch.Tensor, basis_source: Factor) -> Factor:
     return _factor(a_in.double(), up.T, up, basis_source.sigma)
 
 
-@dataclass
-class ErrorTable:
-    """The activation error of a factor's rank-r truncation for any r, without the input covariance.
+def error_curve(target: torch.Tensor, factor: Factor, c: Moment | torch.Tensor, total: float | None = None
+                ) -> torch.Tensor:
+    """Relative activation error of `factor`'s rank-r truncation for every r = 0..R, [R+1] fp64 on the
+    CPU: sqrt(tr((T - U_r W_r) C (T - U_r W_r)^T) / total), `total` defaulting to tr(T C T^T).
 
-    With W = down, U = up and target T: tr((T - U_r W_r) C (T - U_r W_r)^T) = tr(T C T^T)
-    - 2 tr(U_r (W C T^T)_r) + tr(U_r (W C W^T)_rr U_r^T), so an [R, out] and an [R, R] product stand in
-    for C [in, in], and since W = B T (Factor.basis) they follow from the output moment G = T C T^T:
-    W C T^T = B G, W C W^T = B G B^T. The pipeline keeps these tables from factorization until rank
-    allocation has chosen r, and frees each layer's statistics as soon as it is factorized."""
-    target_energy: float    # tr(T C T^T)
-    total: float            # what the error is relative to
-    wct: torch.Tensor       # W C T^T [R, out]
-    wcw: torch.Tensor       # W C W^T [R, R]
-
-    def relative_error(self, up: torch.Tensor, r: int) -> float:
-        u = up[:, :r].double()
-        num = (self.target_energy - 2 * (u * self.wct[:r].T).sum().item()
-               + ((u @ self.wcw[:r, :r]) * u).sum().item())
-        return (max(num, 0.0) / self.total) ** 0.5 if self.total > 0 else 0.0
-
-    def keep(self, r: int) -> "ErrorTable":
-        return ErrorTable(self.target_energy, self.total, self.wct[:r].clone(), self.wcw[:r, :r].clone())
-
-
-def error_table(target: torch.Tensor, factor: Factor, c: Moment | torch.Tensor, total: float | None = None
-                ) -> ErrorTable:
-    """ErrorTable of `factor` for target T [out, in] with input second moment C (its `Moment` for T, or
-    whole); `total` defaults to tr(T C T^T). The products run where the factor is; the table comes back
-    to the CPU."""
+    Why a curve: the report needs the error at the rank allocation will choose, and the pipeline frees
+    each layer's statistics as soon as it is factorized. With W = down = B T (Factor.basis), U = up and
+    G = T C T^T (the `Moment`), the error is tr(G) - 2 sum_{i<r} u_i . (B G)_i + sum_{i,j<r} (U^T U)_ij
+    (B G B^T)_ij: prefix sums over i (and over the leading r x r block), all r at once in O(R^2 out)."""
     m = c if isinstance(c, Moment) else Moment.of(target, c)
     b = factor.basis.double()
+    u = factor.up.to(b.device, torch.float64)
     bg = b @ m.gram.to(b.device, torch.float64)
     energy = m.gram.diagonal().sum().item()
-    return ErrorTable(energy, energy if total is None else total, bg.cpu(), (bg @ b.T).cpu())
+    total = energy if total is None else total
+    linear = (u * bg.T).sum(0)                                    # u_i . (B G)_i
+    h = (u.T @ u) * (bg @ b.T)                                    # symmetric [R, R]
+    quadratic = 2 * h.tril(-1).sum(1) + h.diagonal()              # what row/column i adds to the block sum
+    zero = linear.new_zeros(1)
+    num = energy - 2 * torch.cat([zero, linear.cumsum(0)]) + torch.cat([zero, quadratic.cumsum(0)])
+    if total <= 0:
+        return torch.zeros_like(num).cpu()
+    return (num.clamp_min(0) / total).sqrt().cpu()
 
 
 def relative_error(a: torch.Tensor, a_hat: torch.Tensor, c: torch.Tensor, total: float | None = None) -> float:

@@ -221,7 +221,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         maps = [rope_map.build_map(e, u, counts, inv_freq, g, d_h) for _, e, u in ranked]
 
     with timer.stage("factorize"):
-        k_factors, v_factors, k_tables, v_tables = [], [], [], []
+        k_factors, v_factors, k_errors, v_errors = [], [], [], []
         for l in tqdm(range(n_layers), desc="factorize", unit="layer"):
             st, rm = stats.layers[l], maps[l]
             wk, wv = weights(l, la, "kv")
@@ -242,24 +242,23 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                                                                               opts.method))
             v_moment = factorize.Moment(on(st.cv), st.x_scale)
             vf = factorize.factorize(wv, v_moment, ax, opts.method, out_weight=mv)
-            k_tables.append(factorize.error_table(k_target, kf, k_moment, key_total))
-            v_tables.append(factorize.error_table(wv, vf, v_moment))
-            k_factors.append(kf.to("cpu"))
-            v_factors.append(vf.to("cpu"))
+            # all that is kept of the layer until rank allocation: each factor without its [R, in] latent
+            # map (rebuilt for the chosen rank when assembling) and its error at every rank (the report)
+            k_errors.append(factorize.error_curve(k_target, kf, k_moment, key_total))
+            v_errors.append(factorize.error_curve(wv, vf, v_moment))
+            k_factors.append(kf.light().to("cpu"))
+            v_factors.append(vf.light().to("cpu"))
             stats.layers[l] = None
 
     with timer.stage("allocate"):
-        full_k = [min(f.down.shape[0], g * d_h - d_r) for f in k_factors]
-        full_v = [min(f.down.shape[0], g * d_h) for f in v_factors]
+        full_k = [min(f.basis.shape[0], g * d_h - d_r) for f in k_factors]
+        full_v = [min(f.basis.shape[0], g * d_h) for f in v_factors]
         k_ranks, v_ranks = allocate.plan_ranks(
             opts.ranks, budget, d_r, full_k, full_v, [f.sigma for f in k_factors],
             [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, opts.k_share)
-        # only the allocated ranks are used from here on: drop the rest of the fp64 factors (~1.3 GB for 8B
-        # shapes at KV 0.5)
+        # only the allocated ranks are used from here on
         k_factors = [f.keep(r) for f, r in zip(k_factors, k_ranks)]
         v_factors = [f.keep(r) for f, r in zip(v_factors, v_ranks)]
-        k_tables = [t.keep(r) for t, r in zip(k_tables, k_ranks)]
-        v_tables = [t.keep(r) for t, r in zip(v_tables, v_ranks)]
 
     dtype = DTYPES[opts.dtype]
     with timer.stage("assemble"):
@@ -270,6 +269,9 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         with timer.stage("assemble"):
             a = attn[l]
             wq, wk, wv = weights(l)
+            k_target = maps[l].q_n @ wk if source.arch == "llama" else maps[l].q_n   # as factorized
+            k_factors[l] = k_factors[l].materialize(k_target, k_ranks[l])
+            v_factors[l] = v_factors[l].materialize(wv, v_ranks[l])
             tensors = assemble.attention_tensors(
                 arch=source.arch, wq=wq, wk=wk, wv=wv,
                 q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
@@ -281,9 +283,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                 state[f"model.layers.{l}.self_attn.{name}"] = t
             state[f"model.layers.{l}.self_attn.o_proj.weight"] = a.o_proj.weight.detach().to(dtype).contiguous()
         with timer.stage("report"):
-            layer_reports.append(_layer_report(l, maps[l], k_factors[l], v_factors[l], k_tables[l], v_tables[l],
-                                               k_ranks[l], v_ranks[l]))
-        k_factors[l] = v_factors[l] = k_tables[l] = v_tables[l] = None
+            layer_reports.append(_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]))
+        k_factors[l] = v_factors[l] = None
 
     cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
     assert cache == budget, (cache, budget)
@@ -338,13 +339,11 @@ def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:
     return keep
 
 
-def _layer_report(l, rm, kf, vf, k_table, v_table, k_rank, v_rank) -> dict:
+def _layer_report(l, rm, k_errors, v_errors, k_rank, v_rank) -> dict:
     """Relative K/V activation errors on the calibration data (K: relative to the whole key, exact rope
-    part included), from the error tables the factorize stage left (factorize.ErrorTable)."""
-    k_err = k_table.relative_error(kf.up, k_rank)
-    v_err = v_table.relative_error(vf.up, v_rank)
+    part included), read off the error curves the factorize stage left (factorize.error_curve)."""
     return {"layer": l, "k_rank": k_rank, "v_rank": v_rank, "rope_dim": rm.q_s.shape[0],
-            "k_rel_error": round(k_err, 6), "v_rel_error": round(v_err, 6),
+            "k_rel_error": round(k_errors[k_rank].item(), 6), "v_rel_error": round(v_errors[v_rank].item(), 6),
             "rope_energy_fraction": round(rm.energy_kept, 6)}
 
 

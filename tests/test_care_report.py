@@ -64,9 +64,10 @@ def test_reported_value_errors_are_those_of_the_written_checkpoint(arch, tmp_pat
 
 
 @pytest.mark.parametrize("method,weighted", [("care", False), ("care", True), ("svd", False), ("asvd", False)])
-def test_error_table_equals_the_direct_error_at_every_rank(method, weighted):
-    """The report's errors come from ErrorTable (so the covariances can be freed before the ranks are
-    known); at every rank it must equal tr((A - Â) C (A - Â)^T) computed directly."""
+def test_error_curve_equals_the_direct_error_at_every_rank(method, weighted):
+    """The report's errors come from factorize.error_curve (so the covariances can be freed before the
+    ranks are known); at every rank it must equal tr((A - Â) C (A - Â)^T) computed directly. Also: a
+    light() factor materialized at rank r is the rank-r truncation of the full one."""
     from converter import factorize
 
     g = torch.Generator().manual_seed(7)
@@ -78,9 +79,10 @@ def test_error_table_equals_the_direct_error_at_every_rank(method, weighted):
         b = torch.randn(12, 12, generator=g, dtype=torch.float64)
         m = b @ b.T
     f = factorize.factorize(a, c, x.abs().mean(0), method, out_weight=m)
-    table = factorize.error_table(a, f, c, total=123.0)
+    curve = factorize.error_curve(a, f, c, total=123.0)
+    assert curve.shape == (13,)
     for r in range(0, 13):
         direct = factorize.relative_error(a, f.approx(r), c, 123.0)
-        assert table.relative_error(f.up, r) == pytest.approx(direct, rel=1e-9, abs=1e-9), r
-        kept = max(r, 1)
-        assert table.keep(kept).relative_error(f.keep(kept).up, r) == pytest.approx(direct, rel=1e-9, abs=1e-9)
+        assert curve[r].item() == pytest.approx(direct, rel=1e-9, abs=1e-9), r
+        rebuilt = f.light().keep(r).materialize(a, r)
+        torch.testing.assert_close(rebuilt.approx(r), f.approx(r), rtol=0, atol=1e-12)
