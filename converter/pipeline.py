@@ -73,6 +73,13 @@ class Options:
             raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from float32, bfloat16)")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from auto, {', '.join(DTYPES)})")
+        try:
+            from huggingface_hub.serialization._base import parse_size_to_int
+            if parse_size_to_int(self.max_shard_size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ConversionError(f"--max-shard-size must be a positive size such as 2GB or 500MB "
+                                  f"(got {self.max_shard_size!r})") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConversionError("--device cuda requested but no CUDA device is available")
 
@@ -260,59 +267,78 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         k_factors = [f.keep(r) for f, r in zip(k_factors, k_ranks)]
         v_factors = [f.keep(r) for f, r in zip(v_factors, v_ranks)]
 
-    dtype = DTYPES[opts.dtype]
-    with timer.stage("assemble"):
-        state = _non_attention_tensors(source.model, dtype)
-    layer_reports = []
-    for l in tqdm(range(n_layers), desc="assemble", unit="layer"):
-        # assemble and report one layer, then free its factors
-        with timer.stage("assemble"):
-            a = attn[l]
-            wq, wk, wv = weights(l)
-            k_target = maps[l].q_n @ wk if source.arch == "llama" else maps[l].q_n   # as factorized
-            k_factors[l] = k_factors[l].materialize(k_target, k_ranks[l])
-            v_factors[l] = v_factors[l].materialize(wv, v_ranks[l])
-            tensors = assemble.attention_tensors(
-                arch=source.arch, wq=wq, wk=wk, wv=wv,
-                q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
-                k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
-                rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
-                k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
-                dtype=dtype)
-            for name, t in tensors.items():
-                state[f"model.layers.{l}.self_attn.{name}"] = t
-            state[f"model.layers.{l}.self_attn.o_proj.weight"] = a.o_proj.weight.detach().to(dtype).contiguous()
-        with timer.stage("report"):
-            layer_reports.append(_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]))
-        k_factors[l] = v_factors[l] = None
-
     cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
     assert cache == budget, (cache, budget)
-    config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
-    report = {
-        "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
-        "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
-        "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
-        "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select, "rope_distance": opts.rope_distance,
-        "cache_values_per_token": cache,
-        "original_cache_values_per_token": n_layers * per_layer_orig,
-        "layers": layer_reports,
-        "calibration": {"files": calib_files, "samples": int(windows.shape[0]),
-                        "seqlen": int(windows.shape[1]), "tokens": stats.tokens, "seed": opts.seed,
-                        "device": opts.device, "dtype": opts.calib_dtype},
-        "options": {"damping": factorize.DAMPING, "asvd_alpha": factorize.ASVD_ALPHA,
-                    "min_rank_frac": opts.min_rank_frac, "max_rank_frac": opts.max_rank_frac,
-                    "k_share": opts.k_share,
-                    "dtype": opts.dtype},
-        "seconds": timer.seconds,
-    }
-    with timer.stage("write"), write.atomic_dir(out, opts.overwrite) as tmp:
-        write.save_weights(state, tmp, opts.max_shard_size)
-        write.save_json(config, tmp / "config.json")
-        source.save_side_files(tmp)
-        plot_ranks(k_ranks, v_ranks, d_r, f"{Path(str(src)).name}: {opts.method}, {opts.ranks}, "
-                   f"KV {report['kv_ratio']:.2f} of original", tmp / "care_ranks.png")
-        write.save_json(report, tmp / "care_report.json")
+    dtype = DTYPES[opts.dtype]
+    passthrough = _non_attention_tensors(source.model)
+    layer_reports = []
+    with write.atomic_dir(out, opts.overwrite) as tmp:
+        shards = write.ShardWriter(tmp, opts.max_shard_size)
+
+        def emit(names_tensors) -> None:
+            """Hand finished tensors to the writer, which writes a shard whenever one is full."""
+            with timer.stage("write"):
+                for name, t in names_tensors:
+                    shards.add(name, t)
+
+        def copied(prefix: str):
+            """The source's tensors under `prefix` that the conversion does not change, in `dtype`."""
+            return [(n, t.detach().to(dtype).contiguous()) for n, t in passthrough.items() if n.startswith(prefix)]
+
+        for l in tqdm(range(n_layers), desc="assemble", unit="layer"):
+            # assemble, report and write one layer, then free its factors
+            with timer.stage("assemble"):
+                a = attn[l]
+                wq, wk, wv = weights(l)
+                k_target = maps[l].q_n @ wk if source.arch == "llama" else maps[l].q_n   # as factorized
+                k_factors[l] = k_factors[l].materialize(k_target, k_ranks[l])
+                v_factors[l] = v_factors[l].materialize(wv, v_ranks[l])
+                tensors = assemble.attention_tensors(
+                    arch=source.arch, wq=wq, wk=wk, wv=wv,
+                    q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
+                    k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
+                    rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
+                    k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
+                    dtype=dtype)
+                prefix = f"model.layers.{l}."
+                layer_tensors = [(f"{prefix}self_attn.{name}", t) for name, t in tensors.items()]
+                layer_tensors.append((f"{prefix}self_attn.o_proj.weight", a.o_proj.weight.detach().to(dtype).contiguous()))
+                layer_tensors += copied(prefix)
+            emit(layer_tensors)
+            with timer.stage("report"):
+                layer_reports.append(_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]))
+            k_factors[l] = v_factors[l] = tensors = layer_tensors = None
+        with timer.stage("assemble"):
+            rest = [(n, t.detach().to(dtype).contiguous()) for n, t in passthrough.items()
+                    if not n.startswith("model.layers.")]
+        emit(rest)
+
+        config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
+        report = {
+            "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
+            "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
+            "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
+            "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select,
+            "rope_distance": opts.rope_distance,
+            "cache_values_per_token": cache,
+            "original_cache_values_per_token": n_layers * per_layer_orig,
+            "layers": layer_reports,
+            "calibration": {"files": calib_files, "samples": int(windows.shape[0]),
+                            "seqlen": int(windows.shape[1]), "tokens": stats.tokens, "seed": opts.seed,
+                            "device": opts.device, "dtype": opts.calib_dtype},
+            "options": {"damping": factorize.DAMPING, "asvd_alpha": factorize.ASVD_ALPHA,
+                        "min_rank_frac": opts.min_rank_frac, "max_rank_frac": opts.max_rank_frac,
+                        "k_share": opts.k_share,
+                        "dtype": opts.dtype},
+            "seconds": timer.seconds,
+        }
+        with timer.stage("write"):
+            shards.close()
+            write.save_json(config, tmp / "config.json")
+            source.save_side_files(tmp)
+            plot_ranks(k_ranks, v_ranks, d_r, f"{Path(str(src)).name}: {opts.method}, {opts.ranks}, "
+                       f"KV {report['kv_ratio']:.2f} of original", tmp / "care_ranks.png")
+            write.save_json(report, tmp / "care_report.json")
     # the report inside OUT was written before the write stage ended: complete its timings in place
     report["seconds"] = dict(timer.seconds, total=round(sum(timer.seconds.values()), 3))
     write.save_json(report, out / "care_report.json")
@@ -329,13 +355,16 @@ def _attention_weights(opts: Options, query_cov: torch.Tensor, attn, q_n: torch.
             attention_weights.value_weight(on(attn.o_proj.weight.detach()), n_heads, g))
 
 
-def _non_attention_tensors(model, dtype) -> dict[str, torch.Tensor]:
+def _non_attention_tensors(model) -> dict[str, torch.Tensor]:
+    """The source's tensors that the conversion copies unchanged (all but attention's; a tied LM head
+    and the rotary buffers are not saved), as stored: each is cast to the output dtype only when its
+    layer is written."""
     keep = {}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict().items():
         if ".self_attn." in name or (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq"):
             continue
-        keep[name] = t.detach().to(dtype).contiguous()
+        keep[name] = t
     return keep
 
 

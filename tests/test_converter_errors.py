@@ -164,3 +164,11 @@ def test_stats_cache_of_an_older_version_is_refused(tmp_path):
     out = tmp_path / "out"
     assert_refused(run_convert(src, out, "--calib", calib, *small), out, str(cache), "older care-convert",
                    "delete it")
+
+
+@pytest.mark.parametrize("size", ["abc", "0GB"])
+def test_bad_max_shard_size(tiny, tmp_path, size):
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, "--max-shard-size", size), out, "--max-shard-size",
+                   repr(size))
