@@ -29,16 +29,6 @@ SHAPES = {
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                       attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       torch_dtype="bfloat16"),
-    # Llama-3.1-70B: 80 layers, 64 query / 8 KV heads of 128 (host-memory benchmark of the converter)
-    "llama3-70b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB,
-                       hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       rope_theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                       attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                       torch_dtype="bfloat16"),
     # Qwen3-4B: 36 layers, 32 query / 8 KV heads of 128, q_norm/k_norm, tied embeddings
     "qwen3-4b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=VOCAB,
                      hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -47,6 +37,9 @@ SHAPES = {
                      rope_theta=1000000.0, attention_bias=False, bos_token_id=1, eos_token_id=2,
                      pad_token_id=0, torch_dtype="bfloat16"),
 }
+# Llama-3.1-70B: 80 layers, 64 query / 8 KV heads of 128, the 8B's rope (the converter's host-memory benchmark)
+SHAPES["llama3-70b"] = dict(SHAPES["llama3-8b"], hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                            num_attention_heads=64)
 
 
 def source_config(shape: str, layers: int | None = None, hidden: int | None = None) -> dict:
