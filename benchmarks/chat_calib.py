@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     prose = [str(p) for p in common.calib_subset(data, args.calib_chars)]
     chat = str(data / "corpus" / "chat.train.jsonl")
     tag = f"{args.calib_samples}x{args.calib_seqlen}_seed{args.seed}"
-    calib = {"prose": (prose, prose_stats), "chat": ([chat], mdir / f"stats_chat_{tag}.pt"),
-             "prose+chat": (prose + [chat], mdir / f"stats_prosechat_{tag}_c{args.calib_chars}.pt")}
+    calib = {"prose": (prose, prose_stats), "chat": ([chat], common.stats_cache(mdir, f"chat_{tag}")),
+             "prose+chat": (prose + [chat], common.stats_cache(mdir, f"prosechat_{tag}_c{args.calib_chars}"))}
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "data_dir")},
            "perplexity": ppl_name, "prose_tokens": n_tok,

@@ -40,6 +40,14 @@ def model_path(name: str, data: Path) -> Path:
     return shared_dir() / "models" / name
 
 
+def stats_cache(folder: Path, tag: str) -> Path:
+    """A converter --stats-cache path in `folder`, keyed by `tag` (the calibration settings) and by the
+    statistics version: a cache an older converter wrote is then simply not found, rather than refused."""
+    from converter.calibrate import STATS_VERSION  # noqa: PLC0415
+
+    return folder / f"stats_v{STATS_VERSION}_{tag}.pt"
+
+
 def now_utc() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 

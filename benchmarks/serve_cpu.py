@@ -90,8 +90,8 @@ def ensure_checkpoint(var: dict, src: Path, data: Path, args) -> Path:
             return out
     from converter.pipeline import convert  # noqa: PLC0415
     calib = common.calib_subset(data, args.calib_chars)
-    stats = (data / "bench" / "oneshot" / args.model /
-             f"stats_{args.calib_samples}x{args.calib_seqlen}_seed0_c{args.calib_chars}.pt")
+    stats = common.stats_cache(data / "bench" / "oneshot" / args.model,   # oneshot.py's, shared
+                               f"{args.calib_samples}x{args.calib_seqlen}_seed0_c{args.calib_chars}")
     stats.parent.mkdir(parents=True, exist_ok=True)
     print(f"[serve_cpu] converting {src} -> {out}", flush=True)
     convert(str(src), str(out), calib_files=[str(c) for c in calib], method=var["method"], ranks=var["policy"],
