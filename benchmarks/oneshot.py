@@ -86,7 +86,8 @@ def model_inputs(name: str, data: Path, work: Path, eval_tokens: dict, args):
     texts = common.eval_texts(data, tok, per_file)
     mdir = work / name
     mdir.mkdir(parents=True, exist_ok=True)
-    stats_cache = common.stats_cache(mdir, f"{args.calib_samples}x{args.calib_seqlen}_seed{args.seed}_c{args.calib_chars}")
+    tag = f"{args.calib_samples}x{args.calib_seqlen}_seed{args.seed}_c{args.calib_chars}"
+    stats_cache = common.stats_cache(mdir, tag)
     return src, tok, texts, n_tok, per_file, mdir, stats_cache
 
 

@@ -170,6 +170,6 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
             del layer
         stats.append(reduce_layer(acc["cx"], acc["ax"], src_layer.self_attn, model.config.num_attention_heads,
                                   acc["ck"], acc["qc"]))
-        del acc
+        acc.clear()   # this layer's C_x goes now
     rotary.cpu()
     return CalibStats(stats, n * t)

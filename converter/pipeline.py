@@ -171,8 +171,8 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
         source = load.load_source(src)
     with timer.stage("calibrate"):  # tokenization counts as calibration
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
-    meta = {"stats_version": calibrate.STATS_VERSION, "source": str(src), "samples": opts.calib_samples, "seqlen": opts.calib_seqlen,
-            "seed": opts.seed, "files": [str(f) for f in calib_files]}
+    meta = {"stats_version": calibrate.STATS_VERSION, "source": str(src), "samples": opts.calib_samples,
+            "seqlen": opts.calib_seqlen, "seed": opts.seed, "files": [str(f) for f in calib_files]}
     if opts.calib_dtype != "float32":
         meta["calib_dtype"] = opts.calib_dtype
     return _convert_loaded(source, windows, out, opts, timer, meta, [str(f) for f in calib_files])
@@ -222,16 +222,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         raise ConversionError("rope attention scaling != 1 is not supported")
 
     with timer.stage("rope_map"):
-        pcas = [rope_map.frequency_pca(st.ck, g, d_h)
-                for st in tqdm(stats.layers, desc="rope map", unit="layer")]
-        if opts.rope_select == "qk":
-            ranked = [rope_map.reorder_components(
-                rope_map.logit_scores(e, u, stats.layers[l].qd, inv_freq, opts.rope_distance), e, u)
-                for l, (e, u) in enumerate(pcas)]
-        else:
-            ranked = [(e, e, u) for e, u in pcas]
-        counts = rope_map.shared_pair_counts([sc for sc, _, _ in ranked], d_r)
-        maps = [rope_map.build_map(e, u, counts, inv_freq, g, d_h) for _, e, u in ranked]
+        counts, maps = _rope_maps(stats, opts, inv_freq, d_r, g, d_h)
 
     with timer.stage("factorize"):
         k_factors, v_factors, k_errors, v_errors = [], [], [], []
@@ -308,7 +299,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                     dtype=dtype)
                 prefix = f"model.layers.{l}."
                 layer_tensors = [(f"{prefix}self_attn.{name}", t) for name, t in tensors.items()]
-                layer_tensors.append((f"{prefix}self_attn.o_proj.weight", a.o_proj.weight.detach().to(dtype).contiguous()))
+                layer_tensors.append((f"{prefix}self_attn.o_proj.weight",
+                                      a.o_proj.weight.detach().to(dtype).contiguous()))
                 layer_tensors += copied(prefix)
             emit(layer_tensors)
             with timer.stage("report"):
@@ -349,6 +341,21 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     report["seconds"] = dict(timer.seconds, total=round(sum(timer.seconds.values()), 3))
     write.save_json(report, out / "care_report.json")
     return report
+
+
+def _rope_maps(stats: calibrate.CalibStats, opts: Options, inv_freq: torch.Tensor, d_r: int, g: int, d_h: int
+               ) -> tuple[list[int], list[rope_map.RopeMap]]:
+    """Every layer's RoRoPE map from its key and query moments, with the rope pairs per frequency that
+    all layers share (rope_map.shared_pair_counts)."""
+    pcas = [rope_map.frequency_pca(st.ck, g, d_h) for st in tqdm(stats.layers, desc="rope map", unit="layer")]
+    if opts.rope_select == "qk":
+        ranked = [rope_map.reorder_components(
+            rope_map.logit_scores(e, u, stats.layers[l].qd, inv_freq, opts.rope_distance), e, u)
+            for l, (e, u) in enumerate(pcas)]
+    else:
+        ranked = [(e, e, u) for e, u in pcas]
+    counts = rope_map.shared_pair_counts([sc for sc, _, _ in ranked], d_r)
+    return counts, [rope_map.build_map(e, u, counts, inv_freq, g, d_h) for _, e, u in ranked]
 
 
 def _attention_weights(opts: Options, query_cov: torch.Tensor, attn, q_n: torch.Tensor, n_heads: int, g: int,

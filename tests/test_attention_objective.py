@@ -5,7 +5,7 @@ Each piece against an independent reference:
   singular values of M^{1/2} A C^{1/2}, from torch.linalg.svd), and identity M is plain CARE;
 * M_K is the summed squared logit error of explicit queries against an explicit key error, M_V the
   squared o_proj output error of an explicit value error, the Llama query moments those of explicit
-  queries, and Qwen3's calibrated per-head query moments those of a whole-model transformers forward;
+  queries (calibration's per-head query moments, both architectures: tests/test_calibrate.py);
 * on the two small trained models at KV 0.25 the converted model is closer to the original on
   held-out text (KL of next-token distributions) than with the paper's objective.
 """
@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from converter import attention_weights, calib_data, calibrate, factorize, load
+from converter import attention_weights, calib_data, factorize, load
 from converter.pipeline import convert
 from tests.license_texts import CALIB, HELD_OUT, require_license_texts
-from tests.tiny_models import SHARED, make_tiny_original, require_shared
+from tests.tiny_models import SHARED, require_shared
 
 
 def _sqrtm(m: torch.Tensor) -> torch.Tensor:
