@@ -233,11 +233,12 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             mk, mv = _attention_weights(opts, st.qc, attn[l], q_n, n_heads, g, on)
             # the whole key's energy (exact rope part included): what the report's K error is relative to
             key_total = ck.diagonal().sum().item()
-            if source.arch == "llama":   # K target q_n W_K, input x
-                k_target, k_moment = q_n @ wk, factorize.Moment(q_n @ ck @ q_n.T, st.x_scale)
+            k_target = _k_target(source.arch, q_n, wk)
+            if source.arch == "llama":   # input x
+                k_moment = factorize.Moment(q_n @ ck @ q_n.T, st.x_scale)
                 kf = factorize.factorize(k_target, k_moment, ax, opts.method, out_weight=mk)
-            else:                        # K target q_n, input the post-k_norm key
-                k_target, k_moment = q_n, factorize.Moment(q_n @ ck @ q_n.T, ck.diagonal().mean().item())
+            else:                        # input the post-k_norm key
+                k_moment = factorize.Moment(q_n @ ck @ q_n.T, ck.diagonal().mean().item())
                 if opts.method == "care":   # activation-optimal on the real post-norm keys
                     kf = factorize.factorize(q_n, k_moment, None, "care", out_weight=mk)
                 else:                        # weight-based baselines see only the (linearized) weights
@@ -267,28 +268,26 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
     assert cache == budget, (cache, budget)
     dtype = DTYPES[opts.dtype]
-    passthrough = _non_attention_tensors(source.model)
+    copied = _copied_tensors(source.model)
     layer_reports = []
     with write.atomic_dir(out, opts.overwrite) as tmp:
         shards = write.ShardWriter(tmp, opts.max_shard_size)
 
         def emit(names_tensors) -> None:
-            """Hand finished tensors to the writer, which writes a shard whenever one is full."""
+            """Cast finished tensors to `dtype` and hand them to the writer, which writes a shard whenever
+            one is full (the cast counts as assembly)."""
+            with timer.stage("assemble"):
+                cast = [(name, t.detach().to(dtype).contiguous()) for name, t in names_tensors]
             with timer.stage("write"):
-                for name, t in names_tensors:
+                for name, t in cast:
                     shards.add(name, t)
-
-        def copied(prefix: str):
-            """The source's tensors under `prefix` that the conversion does not change, in `dtype`."""
-            return [(n, t.detach().to(dtype).contiguous()) for n, t in passthrough.items() if n.startswith(prefix)]
 
         for l in tqdm(range(n_layers), desc="assemble", unit="layer"):
             # assemble, report and write one layer, then free its factors
             with timer.stage("assemble"):
                 a = attn[l]
                 wq, wk, wv = weights(l)
-                k_target = maps[l].q_n @ wk if source.arch == "llama" else maps[l].q_n   # as factorized
-                k_factors[l] = k_factors[l].materialize(k_target, k_ranks[l])
+                k_factors[l] = k_factors[l].materialize(_k_target(source.arch, maps[l].q_n, wk), k_ranks[l])
                 v_factors[l] = v_factors[l].materialize(wv, v_ranks[l])
                 tensors = assemble.attention_tensors(
                     arch=source.arch, wq=wq, wk=wk, wv=wv,
@@ -297,19 +296,11 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                     rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
                     k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
                     dtype=dtype)
-                prefix = f"model.layers.{l}."
-                layer_tensors = [(f"{prefix}self_attn.{name}", t) for name, t in tensors.items()]
-                layer_tensors.append((f"{prefix}self_attn.o_proj.weight",
-                                      a.o_proj.weight.detach().to(dtype).contiguous()))
-                layer_tensors += copied(prefix)
-            emit(layer_tensors)
+            emit([(f"model.layers.{l}.self_attn.{name}", t) for name, t in tensors.items()] + copied.pop(l))
             with timer.stage("report"):
                 layer_reports.append(_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]))
-            k_factors[l] = v_factors[l] = tensors = layer_tensors = None
-        with timer.stage("assemble"):
-            rest = [(n, t.detach().to(dtype).contiguous()) for n, t in passthrough.items()
-                    if not n.startswith("model.layers.")]
-        emit(rest)
+            k_factors[l] = v_factors[l] = tensors = None
+        emit(copied.pop(None))
 
         config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
         report = {
@@ -368,17 +359,26 @@ def _attention_weights(opts: Options, query_cov: torch.Tensor, attn, q_n: torch.
             attention_weights.value_weight(on(attn.o_proj.weight.detach()), n_heads, g))
 
 
-def _non_attention_tensors(model) -> dict[str, torch.Tensor]:
-    """The source's tensors that the conversion copies unchanged (all but attention's; a tied LM head
-    and the rotary buffers are not saved), as stored: each is cast to the output dtype only when its
-    layer is written."""
-    keep = {}
+def _k_target(arch: str, q_n: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+    """The map the K latent approximates: the RoRoPE NoPE rows of the key, Q_N W_K of x for Llama, Q_N
+    of the post-k_norm key for Qwen3 (the factorize stage and assembly must use the same one)."""
+    return q_n @ wk if arch == "llama" else q_n
+
+
+def _copied_tensors(model) -> dict[int | None, list[tuple[str, torch.Tensor]]]:
+    """The source's tensors the conversion copies unchanged, by decoder layer (None: embedding, final
+    norm, LM head), as stored: each is cast to the output dtype only when its layer is written. All
+    attention tensors but o_proj are rebuilt by assemble; a tied LM head and rotary buffers are not saved."""
+    out: dict[int | None, list] = {l: [] for l in range(len(model.model.layers))}
+    out[None] = []
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict().items():
-        if ".self_attn." in name or (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq"):
+        if ((".self_attn." in name and not name.endswith(".self_attn.o_proj.weight"))
+                or (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")):
             continue
-        keep[name] = t
-    return keep
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        out[layer].append((name, t))
+    return out
 
 
 def _layer_report(l, rm, k_errors, v_errors, k_rank, v_rank) -> dict:
