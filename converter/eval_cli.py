@@ -1,7 +1,7 @@
 """`care-eval`: perplexity of an original, converted (care_mla) or GGUF model on local text.
 
     care-eval ppl MODEL --text FILE [FILE...] [--seqlen 1024] [--max-tokens N]
-                        [--device cpu|cuda] [--dtype float32|bfloat16] [--batch-size B]
+                        [--device cpu|cuda] [--dtype float32|bfloat16] [--batch-size B] [--revision REV]
 
 Prints one JSON object on stdout (progress goes to stderr), so scripts and benchmarks can parse it.
 The protocol is deliberately simple and identical for every model kind, because its purpose is to
@@ -95,10 +95,13 @@ def perplexity(model, tokenizer, texts: Sequence, seqlen: int = 1024, max_tokens
             "seqlen": seqlen, "windows": len(windows)}
 
 
-def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) from a local transformers folder (original or care_mla) or a `.gguf` file.
-    Only local paths: a typo must not turn into a hub download."""
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None):
+    """(model, tokenizer) from a transformers folder (original or care_mla), the Hub repo id of one
+    (local Hugging Face cache first: converter/hub.py), or a `.gguf` file. A missing path that is not
+    of the form `namespace/name` is reported as missing, without any network call."""
     import torch
+
+    from . import hub
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -110,8 +113,13 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
             raise EvalError(f"GGUF file not found: {path}")
         folder, kwargs["gguf_file"] = str(path.parent.resolve()), path.name
     else:
+        if not path.exists() and hub.looks_like_repo_id(spec) or revision is not None:
+            try:
+                path = hub.resolve(spec, revision).path
+            except hub.HubError as e:
+                raise EvalError(str(e)) from None
         if not (path / "config.json").is_file():
-            raise EvalError(f"not a model folder (no config.json) or .gguf file: {path}")
+            raise EvalError(f"not a model folder (no config.json) or .gguf file: {spec}")
         folder = str(path)
 
     import model_defs  # noqa: F401  (registers care_mla so converted folders resolve)
@@ -138,13 +146,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="care-eval", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("ppl", help="perplexity on local text files; JSON on stdout")
-    ppl.add_argument("model", help="original or care_mla model folder, or a .gguf file")
+    ppl.add_argument("model", help="original or care_mla model folder, its Hub repo id, or a .gguf file")
     ppl.add_argument("--text", nargs="+", required=True, metavar="FILE", help=".txt (whole file) or .jsonl (\"text\" field)")
     ppl.add_argument("--seqlen", type=int, default=1024)
     ppl.add_argument("--max-tokens", type=int, default=None)
     ppl.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id")
     return p
 
 
@@ -156,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_tokens is not None and args.max_tokens < 2:
             raise EvalError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         texts = read_texts(args.text)  # before loading: a bad path fails in milliseconds
-        model, tokenizer = load_model(args.model, args.device, args.dtype)
+        model, tokenizer = load_model(args.model, args.device, args.dtype, args.revision)
         result = perplexity(model, tokenizer, texts, args.seqlen, args.max_tokens, args.device, args.batch_size)
     except EvalError as e:
         print(f"care-eval: error: {e}", file=sys.stderr)

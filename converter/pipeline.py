@@ -53,6 +53,7 @@ class Options:
     rope_distance: float = 1024.0
     objective: str = "kv"
     max_shard_size: str = "2GB"
+    revision: str | None = None   # Hub revision when the source is a repo id
 
     def validate(self) -> None:
         if self.method not in factorize.METHODS:
@@ -168,13 +169,15 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     timer = Timer()
     with timer.stage("load"):
         docs = calib_data.read_texts(list(calib_files))
-        source = load.load_source(src)
+        source = load.load_source(src, opts.revision)
     with timer.stage("calibrate"):  # tokenization counts as calibration
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
     meta = {"stats_version": calibrate.STATS_VERSION, "source": str(src), "samples": opts.calib_samples,
             "seqlen": opts.calib_seqlen, "seed": opts.seed, "files": [str(f) for f in calib_files]}
     if opts.calib_dtype != "float32":
         meta["calib_dtype"] = opts.calib_dtype
+    if source.revision is not None:
+        meta["revision"] = source.revision
     return _convert_loaded(source, windows, out, opts, timer, meta, [str(f) for f in calib_files])
 
 
@@ -304,7 +307,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
 
         config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
         report = {
-            "source": str(src), "source_architecture": cfg.architectures[0] if cfg.architectures else None,
+            "source": str(src), "source_revision": source.revision,
+            "source_architecture": cfg.architectures[0] if cfg.architectures else None,
             "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
             "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
             "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select,
@@ -412,6 +416,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "softmax_scale": d_h ** -0.5,
         "source_rope_parameters": dict(getattr(cfg, "rope_parameters", None) or {}),
         "source_model": src_name,
+        "source_revision": source.revision,
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)

@@ -71,6 +71,7 @@ class CareMLAConfig(PretrainedConfig):
     softmax_scale: float | None = None
     source_rope_parameters: dict | None = None
     source_model: str | None = None
+    source_revision: str | None = None
     source_architecture: str | None = None
     care: dict | None = None
     care_attention_path: str = "plain"

@@ -1,0 +1,76 @@
+"""Resolve a model argument that is not a local path as a Hugging Face Hub repo id.
+
+Why: vLLM users name models by repo id (`vllm serve meta-llama/Llama-3.1-8B-Instruct`), and the
+weights they serve are usually already in the local Hugging Face cache (vLLM downloaded them there).
+`care-convert`, `care-eval` and `care-heal --teacher` accept the same ids and read the same cache
+through huggingface_hub (`HF_HOME` / `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1`, `HF_TOKEN`), downloading
+only what a conversion reads (configs, tokenizer and chat-template files, safetensors weights).
+
+An existing local path always wins. A missing path that is not of the form `namespace/name` is
+reported as a missing path without any network call, so a mistyped `./out` stays a local error.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# What a conversion (and care-eval) reads from a repo: not `original/*.pth`, not GGUF/pickle weights.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+IGNORE_PATTERNS = ["original/*"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubError(ValueError):
+    """A model argument that is neither a local path nor a resolvable Hub repo (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    path: Path              # local folder or file to load
+    repo_id: str | None     # set when `path` is a Hub snapshot
+    commit: str | None      # the snapshot's commit hash (recorded for provenance)
+
+
+def looks_like_repo_id(spec: str) -> bool:
+    return bool(_REPO_ID.match(spec)) and not spec.endswith((".gguf", ".safetensors", ".json"))
+
+
+def resolve(spec: str | Path, revision: str | None = None) -> Resolved:
+    """`spec` as a local path if it exists, else as a Hub repo id (cache first, as huggingface_hub
+    does; downloads unless HF_HUB_OFFLINE=1)."""
+    path = Path(spec)
+    if path.exists():
+        if revision is not None:
+            raise HubError(f"--revision {revision} was given but {spec} is a local path, not a Hub repo id")
+        return Resolved(path, None, None)
+    text = str(spec)
+    if not looks_like_repo_id(text):
+        raise HubError(f"{text}: no such file or folder")
+    return _snapshot(text, revision)
+
+
+def _snapshot(repo_id: str, revision: str | None) -> Resolved:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hf
+
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                        ignore_patterns=IGNORE_PATTERNS))
+    except hf.GatedRepoError:
+        raise HubError(f"{where}: the Hub repo is gated; accept its licence on huggingface.co and set "
+                       "HF_TOKEN (or run `hf auth login`)") from None
+    except hf.RepositoryNotFoundError:
+        raise HubError(f"{where}: no such local path, and no Hub repo of that name (or it is private: "
+                       "set HF_TOKEN)") from None
+    except hf.RevisionNotFoundError:
+        raise HubError(f"{where}: the Hub repo has no revision {revision!r}") from None
+    except hf.LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached")
+        raise HubError(f"{where}: no such local path, and the Hub repo is not in the local Hugging Face "
+                       f"cache ({constants.HF_HUB_CACHE}) while {why}") from None
+    except (hf.HfHubHTTPError, OSError) as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise HubError(f"{where}: cannot fetch from the Hub: {first.strip()}") from None
+    return Resolved(folder, repo_id, folder.name)
