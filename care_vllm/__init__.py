@@ -8,7 +8,7 @@ What it registers:
   * the transformers config `CareMLAConfig` (model_type "care_mla") with AutoConfig,
   * a model-arch config convertor for "care_mla", so that vLLM treats the model as MLA
     (use_mla, one KV head, head size = max cache width kv_lora_rank + qk_rope_head_dim),
-  * `CareLlamaForCausalLM` / `CareQwen3ForCausalLM` with vLLM's ModelRegistry.
+  * `CareLlamaForCausalLM` / `CareQwen3ForCausalLM` / `CareQwen3MoeForCausalLM` with vLLM's ModelRegistry.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ _MAX_EXCL = (0, 33, 0)
 ARCHITECTURES = {
     "CareLlamaForCausalLM": "care_vllm.models:CareLlamaForCausalLM",
     "CareQwen3ForCausalLM": "care_vllm.models:CareQwen3ForCausalLM",
+    "CareQwen3MoeForCausalLM": "care_vllm.models:CareQwen3MoeForCausalLM",
 }
 
 _registered = False

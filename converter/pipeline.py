@@ -25,7 +25,11 @@ from .errors import ConversionError
 from .plot import plot_ranks
 
 MODEL_TYPE = "care_mla"
-ARCHITECTURES = {"llama": "CareLlamaForCausalLM", "qwen3": "CareQwen3ForCausalLM"}
+ARCHITECTURES = {("llama", False): "CareLlamaForCausalLM", ("qwen3", False): "CareQwen3ForCausalLM",
+                 ("qwen3", True): "CareQwen3MoeForCausalLM"}
+# Qwen3-MoE config fields carried over unchanged (the sparse MLP is copied as it is)
+MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                   "decoder_sparse_step", "mlp_only_layers")
 OBJECTIVES = ("kv", "attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -398,7 +402,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
     gen_ids = {k: getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return {
         "model_type": MODEL_TYPE,
-        "architectures": [ARCHITECTURES[source.arch]],
+        "architectures": [ARCHITECTURES[source.arch, source.num_experts > 0]],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads, "hidden_act": cfg.hidden_act,
@@ -418,6 +422,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "source_model": src_name,
         "source_revision": source.revision,
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,
+        **({k: getattr(cfg, k) for k in MOE_CONFIG_KEYS} if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)
                                    / (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d_h), 6),

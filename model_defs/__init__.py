@@ -16,7 +16,7 @@ from __future__ import annotations
 from .configuration_care import ATTENTION_PATHS, CareMLAConfig
 
 _MODELING_NAMES = ("CareMLAPreTrainedModel", "CareMLAModel", "CareMLAForCausalLM",
-                   "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareMLAAttention")
+                   "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareQwen3MoeForCausalLM", "CareMLAAttention")
 
 
 def _modeling():

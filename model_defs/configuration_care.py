@@ -76,6 +76,15 @@ class CareMLAConfig(PretrainedConfig):
     care: dict | None = None
     care_attention_path: str = "plain"
 
+    # Mixture-of-experts MLP (Qwen3-MoE sources; copied unchanged, same meaning as Qwen3MoeConfig).
+    # num_experts = 0: every layer has the dense MLP of size intermediate_size.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] | None = None
+
     def __post_init__(self, **kwargs: Any) -> None:
         for key in _FORBIDDEN_KEYS:
             kwargs.pop(key, None)  # never let GQA keys leak in (they would be saved and misread)
@@ -125,11 +134,22 @@ class CareMLAConfig(PretrainedConfig):
             raise ValueError("q_lora_rank is not supported (queries are not compressed): must be null")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu', got {self.hidden_act!r}")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                                 f"got {self.num_experts_per_tok}")
+            if self.moe_intermediate_size < 1 or self.decoder_sparse_step < 1:
+                raise ValueError("moe_intermediate_size and decoder_sparse_step must be >= 1 for an MoE config")
         if self.care_attention_path not in ATTENTION_PATHS:
             raise ValueError(f"care_attention_path must be one of {ATTENTION_PATHS}, got {self.care_attention_path!r}")
         for key in _FORBIDDEN_KEYS:
             if key in self.__dict__:
                 raise ValueError(f"care_mla configs must not carry a top-level {key!r}")
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has the mixture-of-experts MLP (Qwen3-MoE's rule)."""
+        return (self.num_experts > 0 and layer not in (self.mlp_only_layers or [])
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def layer_rank(self, layer: int) -> tuple[int, int]:
         """(r_K, r_V) of layer `layer`."""

@@ -102,6 +102,15 @@ class CareMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def moe_block(config: CareMLAConfig) -> nn.Module:
+    """Qwen3-MoE's sparse MLP (router + experts), transformers' own module: the conversion copies
+    it unchanged, so the reference reuses the original's implementation (same parameter names:
+    mlp.gate.weight [E, D], mlp.experts.gate_up_proj [E, 2I, D], mlp.experts.down_proj [E, D, I])."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    return Qwen3MoeSparseMoeBlock(config)
+
+
 class CareMLAAttention(nn.Module):
     """One MLA layer with its own latent ranks (r_K, r_V); Llama (all linear) or Qwen3 (exact
     q_norm/k_norm kept, hence the extra projections) front-ends, shared latent back-end."""
@@ -204,7 +213,7 @@ class CareMLADecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: CareMLAConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = CareMLAAttention(config, layer_idx)
-        self.mlp = CareMLP(config)
+        self.mlp = moe_block(config) if config.is_sparse_layer(layer_idx) else CareMLP(config)
         self.input_layernorm = CareRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = CareRMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -262,6 +271,13 @@ class CareMLAPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CareRope):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+        std = self.config.initializer_range
+        for name in ("gate_up_proj", "down_proj"):   # MoE experts: 3-D parameters, not nn.Linear
+            p = getattr(module, name, None)
+            if isinstance(p, nn.Parameter) and p.ndim == 3:
+                init.normal_(p, mean=0.0, std=std)
+        if type(module).__name__ == "Qwen3MoeTopKRouter":
+            init.normal_(module.weight, mean=0.0, std=std)
 
     def set_attention_path(self, path: str) -> None:
         """Switch every layer between "plain" and "absorbed" attention (same numbers)."""
@@ -334,8 +350,8 @@ class CareMLAModel(CareMLAPreTrainedModel):
 class CareMLAForCausalLM(CareMLAPreTrainedModel, GenerationMixin):
     """Causal LM over `CareMLAModel`.
 
-    Instantiating this class gives a `CareLlamaForCausalLM` or `CareQwen3ForCausalLM` (chosen by
-    config.use_qk_norm): save_pretrained writes the class name into config.architectures and
+    Instantiating this class gives a `CareLlamaForCausalLM`, `CareQwen3ForCausalLM` or
+    `CareQwen3MoeForCausalLM` (chosen by config.use_qk_norm and config.num_experts): save_pretrained writes the class name into config.architectures and
     vLLM dispatches on that name, so a healed model must keep the variant name.
     """
 
@@ -344,7 +360,8 @@ class CareMLAForCausalLM(CareMLAPreTrainedModel, GenerationMixin):
     def __new__(cls, *args, **kwargs):
         config = args[0] if args else kwargs.get("config")
         if cls is CareMLAForCausalLM and isinstance(config, CareMLAConfig):
-            cls = CareQwen3ForCausalLM if config.use_qk_norm else CareLlamaForCausalLM
+            cls = (CareLlamaForCausalLM if not config.use_qk_norm
+                   else CareQwen3MoeForCausalLM if config.num_experts else CareQwen3ForCausalLM)
         return super().__new__(cls)
 
     def __init__(self, config: CareMLAConfig) -> None:
@@ -388,9 +405,14 @@ class CareQwen3ForCausalLM(CareMLAForCausalLM):
     """Converted from a Qwen3 source (use_qk_norm = true, exact per-head norms kept)."""
 
 
+class CareQwen3MoeForCausalLM(CareMLAForCausalLM):
+    """Converted from a Qwen3-MoE source (as Qwen3, with the sparse MLP copied unchanged)."""
+
+
 __all__ = [
     "CareMLAPreTrainedModel", "CareMLAModel", "CareMLAForCausalLM",
-    "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareMLAAttention", "build_attention_mask",
+    "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareQwen3MoeForCausalLM", "CareMLAAttention",
+    "build_attention_mask",
 ]
 
 

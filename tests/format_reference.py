@@ -36,6 +36,23 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.T
     return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
 
 
+def _moe(x: torch.Tensor, t: dict, p: str, cfg: dict) -> torch.Tensor:
+    """Qwen3-MoE sparse MLP, token by token: softmax router, top-k experts (renormalized when
+    norm_topk_prob), each expert a SwiGLU with gate/up stacked in gate_up_proj [E, 2I, D]."""
+    probs = torch.softmax(x @ t[p + "gate.weight"].T, -1)
+    gate_up, down = t[p + "experts.gate_up_proj"], t[p + "experts.down_proj"]
+    inter = gate_up.shape[1] // 2
+    out = torch.zeros_like(x)
+    for i in range(x.shape[0]):
+        w, experts = probs[i].topk(cfg["num_experts_per_tok"])
+        if cfg["norm_topk_prob"]:
+            w = w / w.sum()
+        for wi, e in zip(w, experts.tolist()):
+            gu = gate_up[e] @ x[i]
+            out[i] += wi * (down[e] @ (torch.nn.functional.silu(gu[:inter]) * gu[inter:]))
+    return out
+
+
 @torch.no_grad()
 def logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
     """Logits [T, V] (fp64) of one sequence."""
@@ -75,8 +92,11 @@ def logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
             outs.append(torch.softmax(s, -1) @ kv[:, hh, d_h:])
         h = h + torch.cat(outs, -1) @ t[p + "self_attn.o_proj.weight"].T
         x = _rms(h, t[p + "post_attention_layernorm.weight"], eps)
-        gate = x @ t[p + "mlp.gate_proj.weight"].T
-        h = h + (torch.nn.functional.silu(gate) * (x @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
+        if p + "mlp.gate.weight" in t:
+            h = h + _moe(x, t, p + "mlp.", cfg)
+        else:
+            gate = x @ t[p + "mlp.gate_proj.weight"].T
+            h = h + (torch.nn.functional.silu(gate) * (x @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
     h = _rms(h, t["model.norm.weight"], eps)
     head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
     return h @ head.T

@@ -15,9 +15,10 @@ from converter import calibrate, load
 from tests.tiny_models import make_tiny_original
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_statistics_are_those_of_a_forward_pass(arch, tmp_path):
-    src = load.load_source(make_tiny_original(tmp_path / arch, arch, num_layers=2))
+@pytest.mark.parametrize("source", ["llama", "qwen3", "qwen3_moe"])
+def test_statistics_are_those_of_a_forward_pass(source, tmp_path):
+    src = load.load_source(make_tiny_original(tmp_path / source, source, num_layers=2))
+    arch = src.arch          # attention family: qwen3_moe has Qwen3's attention
     windows = torch.randint(0, 16384, (3, 24), generator=torch.Generator().manual_seed(5))
     stats = calibrate.collect_stats(src.model, windows, arch, batch_size=2)
     cfg = src.model.config

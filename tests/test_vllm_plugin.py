@@ -111,7 +111,7 @@ def test_expected_checkpoint_shapes_match_a_conversion(tmp_path):
     register_config()
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(["the latent cache of a key and a value"] * 300))
-    for arch in ("llama", "qwen3"):
+    for arch in ("llama", "qwen3", "qwen3_moe"):
         src = make_tiny_original(tmp_path / f"o_{arch}", arch, num_layers=2)
         out = tmp_path / f"m_{arch}"
         convert(src, out, calib_files=[calib], kv_ratio=0.75, rope_dim=8, calib_samples=4, calib_seqlen=32)

@@ -1,5 +1,5 @@
 """End to end: `vllm serve OUT` (care_vllm plugin, CPU vLLM) on real conversions of tiny random
-Llama-3 and Qwen3 originals whose layers get DIFFERENT latent ranks.
+Llama-3, Qwen3 and Qwen3-MoE originals whose layers get DIFFERENT latent ranks.
 
 One care server per variant (module-scoped fixture), plus the GQA original served by stock vLLM
 with the same KV-cache budget, started alongside and stopped once its KV cache is allocated.
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 FP32 = 4
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen3_moe"])
 def served(request, tmp_path_factory, calib_file):
     """(arch, out_dir, report, care_server, original_kv_tokens)."""
     from converter.pipeline import convert
@@ -42,8 +42,9 @@ def served(request, tmp_path_factory, calib_file):
     widths = [k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
     assert len(set(widths)) > 1, f"the test needs layers of different ranks, got {widths}"
 
-    # The llama server runs compiled (vLLM's default), the qwen3 one eager: both paths are covered.
-    care = VLLMServer(out, *serve_args(*([] if arch == "llama" else ["--enforce-eager"])),
+    # The llama and qwen3_moe servers run compiled (vLLM's default), the qwen3 one eager: both paths
+    # are covered.
+    care = VLLMServer(out, *serve_args(*(["--enforce-eager"] if arch == "qwen3" else [])),
                       log_path=root / "care.log")
     orig = VLLMServer(src, *serve_args("--enforce-eager"), log_path=root / "orig.log")
     care.start()

@@ -1,5 +1,6 @@
 """Tensor parallelism: `vllm serve OUT --tensor-parallel-size 2` (two CPU workers, gloo) on
-converted tiny Llama-3 and Qwen3 models with per-layer ranks.
+converted tiny Llama-3, Qwen3 and Qwen3-MoE models with per-layer ranks (the MoE experts are
+sharded by vLLM's FusedMoE, as for a stock Qwen3-MoE).
 
 Under TP the query heads, kv_b_proj (the absorbed up-projections) and o_proj are split by heads and
 the latent projections are replicated (MLA keeps one latent per token, not per head), so every rank
@@ -35,7 +36,7 @@ def _bind_one_core_per_rank() -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": f"{first}|{second}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
     from converter.pipeline import convert
 

@@ -54,7 +54,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             elif "embed_tokens" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))  # logits of O(1..10), like a real LM
             else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)  # fan-in (3-D: MoE experts)
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(2.5)  # sharp attention: scores of O(1..10)
 
@@ -62,8 +62,11 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, hidden: int = 64,
                        heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
                        max_positions: int = 1024) -> Path:
-    """Write a random tiny Llama-3 (`arch="llama"`) or Qwen3 (`arch="qwen3"`) checkpoint to `out`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """Write a random tiny Llama-3 (`arch="llama"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
+    (`arch="qwen3_moe"`: 4 experts, top-2, normalized; the last layer dense when there are 2+)
+    checkpoint to `out`."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     require_shared(TOKENIZER_SRC)
     kw = _common(num_layers, hidden, heads, kv_heads, head_dim, max_positions)
@@ -73,6 +76,12 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
     elif arch == "qwen3":
         cfg = Qwen3Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
         model = Qwen3ForCausalLM(cfg)
+    elif arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                             norm_topk_prob=True, decoder_sparse_step=1,
+                             mlp_only_layers=[num_layers - 1] if num_layers > 1 else [])
+        model = Qwen3MoeForCausalLM(cfg)
     else:
         raise ValueError(arch)
     _randomize(model, seed)
