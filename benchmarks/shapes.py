@@ -101,7 +101,8 @@ def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int
         "softmax_scale": d_h ** -0.5,
         "source_rope_parameters": dict(cfg.get("rope_scaling") or {"rope_type": "default"},
                                        rope_theta=cfg["rope_theta"]),
-        "source_model": f"random {cfg['model_type']} shape", "source_architecture": cfg["architectures"][0],
+        "source_model": f"random {cfg['model_type']} shape", "source_revision": None,
+        "source_architecture": cfg["architectures"][0],
         "care": {"method": "care", "objective": "kv", "rank_policy": "given", "kv_ratio": round(total / parity, 6),
                  "rope_dim": rope_dim},
     }
