@@ -113,7 +113,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
             raise EvalError(f"GGUF file not found: {path}")
         folder, kwargs["gguf_file"] = str(path.parent.resolve()), path.name
     else:
-        if not path.exists() and hub.looks_like_repo_id(spec) or revision is not None:
+        if (not path.exists() and hub.looks_like_repo_id(spec)) or revision is not None:
             try:
                 path = hub.resolve(spec, revision).path
             except hub.HubError as e:

