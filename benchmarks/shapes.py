@@ -1,5 +1,5 @@
-"""Model shapes for the benchmarks: Llama-3.1-8B, Llama-3.1-70B and Qwen3-4B attention/MLP shapes, random
-weights.
+"""Model shapes for the benchmarks: Llama-3.1-8B, Llama-3.1-70B, Qwen3-4B and Qwen3-30B-A3B (MoE)
+attention/MLP shapes, random weights.
 
 Why config-only: vLLM's `--load-format dummy` fills random weights itself, so a perf run needs only
 config.json (+ a tokenizer); the conversion-speed benchmark builds the same shapes in memory.
@@ -37,6 +37,12 @@ SHAPES = {
                      rope_theta=1000000.0, attention_bias=False, bos_token_id=1, eos_token_id=2,
                      pad_token_id=0, torch_dtype="bfloat16"),
 }
+# Qwen3-30B-A3B: 48 layers, 32 query / 4 KV heads of 128, 128 experts (top 8) of 768 in every layer
+SHAPES["qwen3-30b-a3b"] = dict(SHAPES["qwen3-4b"], architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                               hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                               num_key_value_heads=4, tie_word_embeddings=False, num_experts=128,
+                               num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                               decoder_sparse_step=1, mlp_only_layers=[])
 # Llama-3.1-70B: 80 layers, 64 query / 8 KV heads of 128, the 8B's rope (the converter's host-memory benchmark)
 SHAPES["llama3-70b"] = dict(SHAPES["llama3-8b"], hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                             num_attention_heads=64)
