@@ -28,8 +28,7 @@ class HubError(ValueError):
 @dataclass(frozen=True)
 class Resolved:
     path: Path              # local folder or file to load
-    repo_id: str | None     # set when `path` is a Hub snapshot
-    commit: str | None      # the snapshot's commit hash (recorded for provenance)
+    commit: str | None      # the Hub snapshot's commit hash (recorded for provenance); None: a local path
 
 
 def looks_like_repo_id(spec: str) -> bool:
@@ -43,7 +42,7 @@ def resolve(spec: str | Path, revision: str | None = None) -> Resolved:
     if path.exists():
         if revision is not None:
             raise HubError(f"--revision {revision} was given but {spec} is a local path, not a Hub repo id")
-        return Resolved(path, None, None)
+        return Resolved(path, None)
     text = str(spec)
     if not looks_like_repo_id(text):
         raise HubError(f"{text}: no such file or folder")
@@ -73,4 +72,4 @@ def _snapshot(repo_id: str, revision: str | None) -> Resolved:
     except (hf.HfHubHTTPError, OSError) as e:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise HubError(f"{where}: cannot fetch from the Hub: {first.strip()}") from None
-    return Resolved(folder, repo_id, folder.name)
+    return Resolved(folder, folder.name)

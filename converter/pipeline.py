@@ -85,9 +85,7 @@ class Options:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from auto, {', '.join(DTYPES)})")
         try:
-            from huggingface_hub.serialization._base import parse_size_to_int
-            if parse_size_to_int(self.max_shard_size) <= 0:
-                raise ValueError
+            write.parse_shard_size(self.max_shard_size)
         except ValueError:
             raise ConversionError(f"--max-shard-size must be a positive size such as 2GB or 500MB "
                                   f"(got {self.max_shard_size!r})") from None

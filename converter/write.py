@@ -54,6 +54,16 @@ def replace_dir(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+def parse_shard_size(size: int | str) -> int:
+    """Bytes of a shard size such as "2GB" or "500MB" (huggingface_hub's units); ValueError unless positive."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    nbytes = parse_size_to_int(size) if isinstance(size, str) else int(size)
+    if nbytes <= 0:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return nbytes
+
+
 class ShardWriter:
     """Write tensors as they are produced, in shards of at most `max_shard_size` bytes (a tensor larger
     than that gets a shard of its own), each written and released as soon as it is full.
@@ -67,10 +77,8 @@ class ShardWriter:
     """
 
     def __init__(self, folder: Path, max_shard_size: int | str = "2GB"):
-        from huggingface_hub.serialization._base import parse_size_to_int
-
         self.folder = Path(folder)
-        self.max_bytes = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+        self.max_bytes = parse_shard_size(max_shard_size)
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []     # tensor names of each written shard

@@ -25,6 +25,8 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (Qwen3MoeExperts, Qwen3MoeSparseMoeBlock,
+                                                              Qwen3MoeTopKRouter)
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -106,8 +108,6 @@ def moe_block(config: CareMLAConfig) -> nn.Module:
     """Qwen3-MoE's sparse MLP (router + experts), transformers' own module: the conversion copies
     it unchanged, so the reference reuses the original's implementation (same parameter names:
     mlp.gate.weight [E, D], mlp.experts.gate_up_proj [E, 2I, D], mlp.experts.down_proj [E, D, I])."""
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
     return Qwen3MoeSparseMoeBlock(config)
 
 
@@ -272,11 +272,10 @@ class CareMLAPreTrainedModel(PreTrainedModel):
         if isinstance(module, CareRope):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
         std = self.config.initializer_range
-        for name in ("gate_up_proj", "down_proj"):   # MoE experts: 3-D parameters, not nn.Linear
-            p = getattr(module, name, None)
-            if isinstance(p, nn.Parameter) and p.ndim == 3:
-                init.normal_(p, mean=0.0, std=std)
-        if type(module).__name__ == "Qwen3MoeTopKRouter":
+        if isinstance(module, Qwen3MoeExperts):      # MoE experts: 3-D parameters, not nn.Linear
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Qwen3MoeTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
 
     def set_attention_path(self, path: str) -> None:
