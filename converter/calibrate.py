@@ -116,8 +116,10 @@ def _matmul_precision(device: str):
 
 @torch.no_grad()
 def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", batch_size: int = 8,
-                  dtype: torch.dtype = torch.float32) -> CalibStats:
-    """Run `windows` [N, T] through `model` layer by layer and return per-layer statistics."""
+                  dtype: torch.dtype = torch.float32, layer_in_memory=None) -> CalibStats:
+    """Run `windows` [N, T] through `model` layer by layer and return per-layer statistics.
+    `layer_in_memory(l)`: a context manager during which layer l holds all its weights (load.Source's:
+    a Qwen3-MoE source loaded without its experts reads them in for the layer's forward)."""
     inner = model.model
     n, t = windows.shape
     pos = torch.arange(t, device=device).unsqueeze(0)
@@ -129,47 +131,56 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
     rotary = inner.rotary_emb.to(device)
 
     stats: list[LayerStats] = []
-    for src_layer in tqdm(inner.layers, desc="calibrate", unit="layer"):
-        layer = _working_copy(src_layer, device, dtype)
-        d = layer.input_layernorm.weight.shape[0]
-        acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
-               "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qc": None}
-
-        def on_norm(_m, _i, out):
-            x = out.reshape(-1, out.shape[-1]).double()
-            acc["cx"].addmm_(x.T, x)
-            acc["ax"].add_(x.abs().sum(0))
-
-        def on_knorm(_m, _i, out):  # [B, T, g, d_h] post-norm keys, before RoPE
-            k = out.reshape(out.shape[0] * out.shape[1], -1).double()
-            acc["ck"] = k.T @ k if acc["ck"] is None else acc["ck"].addmm_(k.T, k)
-
-        def on_qnorm(_m, _i, out):  # [B, T, n_h, d_h] post-norm queries, before RoPE
-            q = out.double()
-            qq = torch.einsum("bthd,bthe->hde", q, q)
-            acc["qc"] = qq if acc["qc"] is None else acc["qc"].add_(qq)
-
-        hooks = [layer.input_layernorm.register_forward_hook(on_norm)]
-        if arch == "qwen3":
-            hooks.append(layer.self_attn.k_norm.register_forward_hook(on_knorm))
-            hooks.append(layer.self_attn.q_norm.register_forward_hook(on_qnorm))
-        try:
-            for i, h in enumerate(hidden):
-                h = h.to(device)
-                cos_sin = rotary(h, pos.expand(h.shape[0], -1))
-                with _matmul_precision(device):
-                    out = layer(h, attention_mask=None, position_ids=pos.expand(h.shape[0], -1),
-                                position_embeddings=cos_sin)
-                out = out[0] if isinstance(out, tuple) else out
-                hidden[i] = out.to(park)
-        finally:
-            for hk in hooks:
-                hk.remove()
-            if layer is src_layer:
-                layer.cpu()
-            del layer
+    for l, src_layer in enumerate(tqdm(inner.layers, desc="calibrate", unit="layer")):
+        with layer_in_memory(l) if layer_in_memory else contextlib.nullcontext():
+            acc = _propagate(src_layer, hidden, arch, device, dtype, park, rotary, pos)
         stats.append(reduce_layer(acc["cx"], acc["ax"], src_layer.self_attn, model.config.num_attention_heads,
                                   acc["ck"], acc["qc"]))
         acc.clear()   # this layer's C_x goes now
     rotary.cpu()
     return CalibStats(stats, n * t)
+
+
+def _propagate(src_layer, hidden: list, arch: str, device: str, dtype: torch.dtype, park: str, rotary,
+               pos: torch.Tensor) -> dict:
+    """Run every batch of `hidden` through one layer (replacing them by its outputs) and return the
+    layer's accumulated moments {cx, ax, ck, qc}."""
+    layer = _working_copy(src_layer, device, dtype)
+    d = layer.input_layernorm.weight.shape[0]
+    acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
+           "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qc": None}
+
+    def on_norm(_m, _i, out):
+        x = out.reshape(-1, out.shape[-1]).double()
+        acc["cx"].addmm_(x.T, x)
+        acc["ax"].add_(x.abs().sum(0))
+
+    def on_knorm(_m, _i, out):  # [B, T, g, d_h] post-norm keys, before RoPE
+        k = out.reshape(out.shape[0] * out.shape[1], -1).double()
+        acc["ck"] = k.T @ k if acc["ck"] is None else acc["ck"].addmm_(k.T, k)
+
+    def on_qnorm(_m, _i, out):  # [B, T, n_h, d_h] post-norm queries, before RoPE
+        q = out.double()
+        qq = torch.einsum("bthd,bthe->hde", q, q)
+        acc["qc"] = qq if acc["qc"] is None else acc["qc"].add_(qq)
+
+    hooks = [layer.input_layernorm.register_forward_hook(on_norm)]
+    if arch == "qwen3":
+        hooks.append(layer.self_attn.k_norm.register_forward_hook(on_knorm))
+        hooks.append(layer.self_attn.q_norm.register_forward_hook(on_qnorm))
+    try:
+        for i, h in enumerate(hidden):
+            h = h.to(device)
+            cos_sin = rotary(h, pos.expand(h.shape[0], -1))
+            with _matmul_precision(device):
+                out = layer(h, attention_mask=None, position_ids=pos.expand(h.shape[0], -1),
+                            position_embeddings=cos_sin)
+            out = out[0] if isinstance(out, tuple) else out
+            hidden[i] = out.to(park)
+    finally:
+        for hk in hooks:
+            hk.remove()
+        if layer is src_layer:
+            layer.cpu()
+        del layer
+    return acc

@@ -11,6 +11,7 @@ name here instead of transformers silently initializing it at random.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+from .experts import ExpertStore, load_without_experts
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
@@ -42,10 +44,23 @@ class Source:
     name: str                       # what the user passed (recorded in the output config)
     src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
     revision: str | None = None     # Hub commit hash when `name` is a repo id
+    experts: ExpertStore | None = None  # set when the model was loaded without its experts (meta)
 
     @property
     def config(self):
         return self.model.config
+
+    def layer_in_memory(self, layer: int):
+        """Context manager: decoder layer `layer` with all its weights present (a MoE layer's experts are
+        read in when the source was loaded without them, load_source(stream_experts=True))."""
+        module = self.model.model.layers[layer]
+        return self.experts.attached(layer, module) if self.experts else contextlib.nullcontext(module)
+
+    def streamed_tensors(self, layer: int) -> list[tuple[str, torch.Tensor]]:
+        """The tensors of `layer` that the model does not hold (its experts, when streamed), as stored."""
+        if self.experts is None or layer not in self.experts.layers:
+            return []
+        return list(self.experts.tensors(layer).items())
 
     @property
     def num_experts(self) -> int:
@@ -98,7 +113,8 @@ def _check_config(cfg, where: str) -> str:
     return SUPPORTED[arch_name]
 
 
-def _safetensors_shapes(src: Path) -> dict[str, tuple[int, ...]]:
+def _safetensors_entries(src: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Every tensor of the folder's safetensors files: name -> (file, shape, stored dtype)."""
     from safetensors import safe_open
 
     files = sorted(src.glob("*.safetensors"))
@@ -111,18 +127,19 @@ def _safetensors_shapes(src: Path) -> dict[str, tuple[int, ...]]:
         for f in files:
             if not f.is_file():
                 raise ConversionError(f"{src}: shard {f.name} listed in model.safetensors.index.json is missing")
-    shapes: dict[str, tuple[int, ...]] = {}
+    entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
-                    shapes[k] = tuple(fh.get_slice(k).get_shape())
+                    sl = fh.get_slice(k)
+                    entries[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
         except Exception as e:  # corrupt/truncated file
             raise ConversionError(f"{f}: cannot read safetensors file ({e})") from None
-    return shapes
+    return entries
 
 
-def _check_tensors(src: Path, cfg) -> None:
+def _check_tensors(src: Path, cfg) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     """Compare the files' tensors with what the architecture needs (built on the meta device)."""
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +148,8 @@ def _check_tensors(src: Path, cfg) -> None:
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     if getattr(cfg, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
-    have = _safetensors_shapes(src)
+    entries = _safetensors_entries(src)
+    have = {k: shape for k, (_, shape, _) in entries.items()}
     _expand_fused_experts(expected, have)
     missing = sorted(k for k in expected if k not in have)
     if missing:
@@ -140,6 +158,7 @@ def _check_tensors(src: Path, cfg) -> None:
     for k, shape in expected.items():
         if have[k] != shape:
             raise ConversionError(f"{src}: tensor {k} has shape {list(have[k])}, expected {list(shape)}")
+    return entries
 
 
 def _expand_fused_experts(expected: dict, have: dict) -> None:
@@ -161,14 +180,18 @@ def _expand_fused_experts(expected: dict, have: dict) -> None:
                 expected[f"{prefix}.{e}.down_proj.weight"] = (rows, cols)
 
 
-def load_source(src: str | Path, revision: str | None = None) -> Source:
+def load_source(src: str | Path, revision: str | None = None, stream_experts: bool = False) -> Source:
     """Load and validate a source checkpoint on the CPU, in the dtype it is stored in.
 
     Why not fp32: an 8B bf16 checkpoint is 16 GB as stored and 32 GB in fp32. Nothing is lost by
     keeping it as stored: calibration runs each layer on an fp32 copy (converter/calibrate.py), the
     factorization upcasts each weight to fp64, and bf16 -> fp32 -> fp64 is exact. The rotary
     inverse frequencies are recomputed in fp32 (a bf16 buffer would round them). GGUF sources are
-    dequantized to fp32. `revision`: the Hub revision when `src` is a repo id."""
+    dequantized to fp32. `revision`: the Hub revision when `src` is a repo id.
+
+    `stream_experts`: a Qwen3-MoE folder is loaded without its experts, which `Source.layer_in_memory` and
+    `Source.streamed_tensors` read one layer at a time (converter/experts.py: what makes a Qwen3-30B-A3B
+    conversion fit in RAM). The converter streams; a model that must run whole (the healing teacher) not."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from . import hub
@@ -207,13 +230,34 @@ def load_source(src: str | Path, revision: str | None = None) -> Source:
                               f"{', '.join(SUPPORTED)}")
     cfg = AutoConfig.from_pretrained(src)
     arch = _check_config(cfg, str(src))
-    _check_tensors(src, cfg)
+    entries = _check_tensors(src, cfg)
+    tok = AutoTokenizer.from_pretrained(src)
+    if stream_experts and int(getattr(cfg, "num_experts", 0) or 0):
+        dtype = _auto_dtype(cfg, entries)
+        files = {k: f for k, (f, _, _) in entries.items()}
+        model = load_without_experts(cfg, files, dtype)
+        return Source(model, tok, arch, name, src, resolved.commit, ExpertStore(files, cfg.num_experts, dtype))
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    if model.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if model.dtype not in LOAD_DTYPES:
         model = model.float()
     _fp32_rotary(model)
-    tok = AutoTokenizer.from_pretrained(src)
     return Source(model.eval(), tok, arch, name, src, resolved.commit)
+
+
+LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _auto_dtype(cfg, entries: dict) -> torch.dtype:
+    """What transformers' dtype="auto" picks (the config's dtype, else the first floating tensor's),
+    limited to fp32/bf16/fp16 as load_source keeps models."""
+    dtype = getattr(cfg, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        stored = [_SAFETENSORS_DTYPES.get(d) for _, _, d in entries.values()]
+        dtype = next((d for d in stored if d is not None), torch.float32)
+    return dtype if dtype in LOAD_DTYPES else torch.float32
 
 
 def _fp32_rotary(model) -> None:

@@ -4,7 +4,8 @@
 happens before it is loaded; nothing is written to OUT until the whole checkpoint is ready (it is
 streamed into a temporary folder beside OUT, layer by layer, and renamed at the end).
 
-Host memory, besides the memory-mapped source: one layer's input covariance at a time during
+Host memory, besides the memory-mapped source: a Qwen3-MoE's experts one layer at a time
+(converter/experts.py), one layer's input covariance at a time during
 calibration (reduced at once to small output-space moments), then per layer only what rank allocation
 needs (each factor without its [R, in] latent map, rebuilt once the rank is chosen), then one shard of
 output tensors at a time. benchmarks/convert_memory.py measures it on 8B shapes.
@@ -155,7 +156,7 @@ def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Option
             return stats
         raise ConversionError(f"stats cache {path} was made for other inputs ({stats.meta}); delete it")
     stats = calibrate.collect_stats(src.model, windows, src.arch, opts.device, opts.calib_batch,
-                                    dtype=DTYPES[opts.calib_dtype])
+                                    dtype=DTYPES[opts.calib_dtype], layer_in_memory=src.layer_in_memory)
     stats.meta = meta
     if path is not None:
         torch.save(stats.to_dict(), path)
@@ -171,7 +172,7 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     timer = Timer()
     with timer.stage("load"):
         docs = calib_data.read_texts(list(calib_files))
-        source = load.load_source(src, opts.revision)
+        source = load.load_source(src, opts.revision, stream_experts=True)
     with timer.stage("calibrate"):  # tokenization counts as calibration
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
     meta = {"stats_version": calibrate.STATS_VERSION, "source": str(src), "samples": opts.calib_samples,
@@ -301,7 +302,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                     rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
                     k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
                     dtype=dtype)
-            emit([(f"model.layers.{l}.self_attn.{name}", t) for name, t in tensors.items()] + copied.pop(l))
+            emit([(f"model.layers.{l}.self_attn.{name}", t) for name, t in tensors.items()] + copied.pop(l)
+                 + source.streamed_tensors(l))
             with timer.stage("report"):
                 layer_reports.append(_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]))
             k_factors[l] = v_factors[l] = tensors = None
@@ -374,13 +376,14 @@ def _k_target(arch: str, q_n: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
 def _copied_tensors(model) -> dict[int | None, list[tuple[str, torch.Tensor]]]:
     """The source's tensors the conversion copies unchanged, by decoder layer (None: embedding, final
     norm, LM head), as stored: each is cast to the output dtype only when its layer is written. All
-    attention tensors but o_proj are rebuilt by assemble; a tied LM head and rotary buffers are not saved."""
+    attention tensors but o_proj are rebuilt by assemble; a tied LM head and rotary buffers are not saved,
+    nor what the model does not hold (meta: Qwen3-MoE experts, which load.Source.streamed_tensors reads)."""
     out: dict[int | None, list] = {l: [] for l in range(len(model.model.layers))}
     out[None] = []
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict().items():
         if ((".self_attn." in name and not name.endswith(".self_attn.o_proj.weight"))
-                or (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq")):
+                or (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq") or t.is_meta):
             continue
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
         out[layer].append((name, t))

@@ -1,0 +1,118 @@
+"""Qwen3-MoE experts read from the source's safetensors one decoder layer at a time.
+
+Why: the experts are ~95 % of a Qwen3-MoE (Qwen3-30B-A3B: 29 of 30.5 B parameters), and transformers
+fuses a checkpoint's per-expert tensors (mlp.experts.{e}.gate_proj/up_proj/down_proj.weight, what the
+Hub stores) into 3-D tensors while loading: new memory, not the memory-mapped file, so the whole
+model sits in RAM (measured: 12.1 GiB anonymous for 8 of Qwen3-30B-A3B's 48 layers). The conversion
+only touches a layer's experts twice: calibration propagates the hidden states through the layer, and
+the writer copies them unchanged. So the converter loads the source without them (meta tensors,
+`load_without_experts`) and an `ExpertStore` reads one layer's experts from the memory-mapped files
+when it is needed: `attached()` for the calibration forward, `tensors()` for the writer.
+
+The fused layout is transformers' own (conversion_mapping "qwen2_moe": stack over experts, gate rows
+then up rows): gate_up_proj [E, 2I, D] = [gate_e; up_e] per expert, down_proj [E, D, I]. A checkpoint
+that already stores the fused tensors is read as it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+FUSED = ("gate_up_proj", "down_proj")
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.")
+
+
+def is_expert_key(name: str) -> bool:
+    """A tensor of some layer's experts, in the per-expert or the fused form."""
+    return _EXPERT_KEY.match(name) is not None
+
+
+class ExpertStore:
+    """Where each sparse layer's experts live in the source files, and how to assemble them."""
+
+    def __init__(self, files: dict[str, Path], num_experts: int, dtype: torch.dtype):
+        """`files`: every tensor name of the source -> the safetensors file that holds it."""
+        self.files = files
+        self.num_experts = num_experts
+        self.dtype = dtype
+        self.layers = sorted({int(m.group(1)) for m in map(_EXPERT_KEY.match, files) if m})
+
+    def _read(self, names: list[str]) -> list[torch.Tensor]:
+        """The named tensors, memory-mapped (safetensors >= 0.4 maps rather than copies)."""
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        got = {}
+        for f, keys in by_file.items():
+            with safe_open(str(f), framework="pt") as fh:
+                for k in keys:
+                    got[k] = fh.get_tensor(k)
+        return [got[n] for n in names]
+
+    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer `layer`'s fused experts {name: tensor} in the model's dtype, as transformers holds them."""
+        prefix = f"model.layers.{layer}.mlp.experts"
+        out = {}
+        for fused in FUSED:
+            name = f"{prefix}.{fused}"
+            if name in self.files:          # stored fused already
+                (t,) = self._read([name])
+            elif fused == "gate_up_proj":   # [E, I, D] gates then [E, I, D] ups, along the rows
+                gate = torch.stack(self._read([f"{prefix}.{e}.gate_proj.weight" for e in range(self.num_experts)]))
+                up = torch.stack(self._read([f"{prefix}.{e}.up_proj.weight" for e in range(self.num_experts)]))
+                t = torch.cat([gate, up], dim=1)
+                del gate, up
+            else:
+                t = torch.stack(self._read([f"{prefix}.{e}.down_proj.weight" for e in range(self.num_experts)]))
+            out[name] = t.to(self.dtype)
+        return out
+
+    @contextlib.contextmanager
+    def attached(self, layer: int, module: torch.nn.Module):
+        """Decoder layer `layer` (`module`) with its experts in place for a forward pass; meta again after,
+        so only one layer's experts are ever in memory. A dense layer is left as it is."""
+        if layer not in self.layers:
+            yield module
+            return
+        experts = module.mlp.experts
+        saved = {n: getattr(experts, n) for n in FUSED}
+        for name, t in self.tensors(layer).items():
+            setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
+        try:
+            yield module
+        finally:
+            for n, p in saved.items():
+                setattr(experts, n, p)
+
+
+def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype) -> torch.nn.Module:
+    """The *ForCausalLM of `cfg` with every tensor but the experts read from the (memory-mapped) files
+    and cast to `dtype`; the experts stay on the meta device (read them with an ExpertStore). The
+    files were checked against the architecture before (load._check_tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    wanted = [n for n in model.state_dict() if not is_expert_key(n) and n in files]
+    by_file: dict[Path, list[str]] = {}
+    for n in wanted:
+        by_file.setdefault(files[n], []).append(n)
+    state = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as fh:
+            for k in keys:
+                state[k] = fh.get_tensor(k).to(dtype)   # no copy when stored in `dtype`
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    rot = model.model.rotary_emb   # non-persistent buffers: computed, never stored
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(rot)(config=model.config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and not is_expert_key(n)]
+    if left:  # a tensor the architecture has but neither the files nor the model's init provide
+        raise RuntimeError(f"not loaded: {', '.join(left[:5])}")
+    return model.eval()
