@@ -61,14 +61,25 @@ class ExpertStore:
             name = f"{prefix}.{fused}"
             if name in self.files:          # stored fused already
                 (t,) = self._read([name])
-            elif fused == "gate_up_proj":   # [E, I, D] gates then [E, I, D] ups, along the rows
-                gate = torch.stack(self._read([f"{prefix}.{e}.gate_proj.weight" for e in range(self.num_experts)]))
-                up = torch.stack(self._read([f"{prefix}.{e}.up_proj.weight" for e in range(self.num_experts)]))
-                t = torch.cat([gate, up], dim=1)
-                del gate, up
+            elif fused == "gate_up_proj":   # expert e: its gate rows, then its up rows
+                t = self._stacked(prefix, ("gate_proj", "up_proj"))
             else:
-                t = torch.stack(self._read([f"{prefix}.{e}.down_proj.weight" for e in range(self.num_experts)]))
+                t = self._stacked(prefix, ("down_proj",))
             out[name] = t.to(self.dtype)
+        return out
+
+    def _stacked(self, prefix: str, parts: tuple[str, ...]) -> torch.Tensor:
+        """[E, sum of the parts' rows, cols]: expert e's `parts` one under the other, copied from the mapped
+        files straight into one tensor in the model's dtype (no stack/cat intermediates)."""
+        names = [f"{prefix}.{e}.{part}.weight" for e in range(self.num_experts) for part in parts]
+        mapped = self._read(names)
+        rows = sum(t.shape[0] for t in mapped[:len(parts)])
+        out = torch.empty(self.num_experts, rows, mapped[0].shape[1], dtype=self.dtype)
+        for e in range(self.num_experts):
+            row = 0
+            for t in mapped[e * len(parts):(e + 1) * len(parts)]:
+                out[e, row:row + t.shape[0]].copy_(t)
+                row += t.shape[0]
         return out
 
     @contextlib.contextmanager
