@@ -31,6 +31,20 @@ def is_expert_key(name: str) -> bool:
     return _EXPERT_KEY.match(name) is not None
 
 
+def read_mapped(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors {name: tensor}, memory-mapped from their files (safetensors >= 0.4 maps rather
+    than copies: clean file pages, not RAM the process owns), each file opened once."""
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(files[n], []).append(n)
+    got = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as fh:
+            for k in keys:
+                got[k] = fh.get_tensor(k)
+    return got
+
+
 class ExpertStore:
     """Where each sparse layer's experts live in the source files, and how to assemble them."""
 
@@ -42,15 +56,7 @@ class ExpertStore:
         self.layers = sorted({int(m.group(1)) for m in map(_EXPERT_KEY.match, files) if m})
 
     def _read(self, names: list[str]) -> list[torch.Tensor]:
-        """The named tensors, memory-mapped (safetensors >= 0.4 maps rather than copies)."""
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.files[n], []).append(n)
-        got = {}
-        for f, keys in by_file.items():
-            with safe_open(str(f), framework="pt") as fh:
-                for k in keys:
-                    got[k] = fh.get_tensor(k)
+        got = read_mapped(self.files, names)
         return [got[n] for n in names]
 
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
@@ -109,14 +115,8 @@ def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype) -> tor
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     wanted = [n for n in model.state_dict() if not is_expert_key(n) and n in files]
-    by_file: dict[Path, list[str]] = {}
-    for n in wanted:
-        by_file.setdefault(files[n], []).append(n)
-    state = {}
-    for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt") as fh:
-            for k in keys:
-                state[k] = fh.get_tensor(k).to(dtype)   # no copy when stored in `dtype`
+    # cast as transformers' loading does; no copy when stored in `dtype`
+    state = {k: t.to(dtype) for k, t in read_mapped(files, wanted).items()}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
