@@ -5,8 +5,8 @@
 
 What a user converting a real 8B model meets first is RAM and disk, not seconds: the source is a
 bf16 checkpoint, and what the converter keeps in memory and writes depends on the output dtype.
-This writes a random-weight bf16 source folder of the shape (convert_speed.random_model, saved with
-transformers' save_pretrained, tokenizer of ../shared/models/llama3-small), then runs the real CLI
+This writes a random-weight bf16 source folder of the shape (write_source: tensor by tensor, in the
+layout transformers' save_pretrained writes, tokenizer of ../shared/models/llama3-small), then runs the real CLI
 (`python -m converter.cli`, i.e. `care-convert`: load from disk, calibrate, factorize, write) once per
 --dtypes entry in a fresh process, and records that process's peak resident memory: in total
 (ru_maxrss) and its anonymous part (RssAnon, sampled every 50 ms). The difference is mostly the
@@ -34,7 +34,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "gpu"))
 import common  # noqa: E402
-import convert_speed  # noqa: E402
 import shapes  # noqa: E402
 from correctness import calibration_text  # noqa: E402  (seeded pseudo-text, the same on every machine)
 
@@ -57,12 +56,63 @@ def run_measured(cmd: list[str]) -> tuple[int, float, float]:
     return proc.returncode, usage.ru_maxrss / 2**20, peak_anon_kib / 2**20
 
 
-def write_source(cfg: dict, folder: Path, tokenizer_dir: Path) -> int:
-    """Random bf16 source checkpoint (as real Llama/Qwen3 checkpoints are stored); returns #params."""
-    model = convert_speed.random_model(cfg, seed=0, dtype=torch.bfloat16)
-    n_params = sum(t.numel() for t in model.parameters())
-    model.save_pretrained(folder, max_shard_size="5GB")
-    del model
+def write_source(cfg: dict, folder: Path, tokenizer_dir: Path, shard_bytes: int = 5 * 10**9) -> int:
+    """Random bf16 source checkpoint (as real Llama/Qwen3 checkpoints are stored); returns #params.
+
+    Written tensor by tensor into <= 5 GB shards, never as a whole model in RAM (a 24-layer
+    Qwen3-30B-A3B is 30 GB): shapes from the architecture built on the meta device, RMSNorm weights 1,
+    the rest N(0, 0.02) (convert_speed.random_model's init), MoE experts under the Hub's per-expert names
+    (mlp.experts.{e}.gate_proj/up_proj/down_proj.weight, what transformers' save_pretrained writes too)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    hf = shapes.hf_config(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
+    names = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    if hf.tie_word_embeddings:
+        names.pop("lm_head.weight", None)
+    gen = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+    n_params = 0
+
+    def flush():
+        if shard:
+            files.append(f"part-{len(files) + 1:05d}.safetensors")
+            save_file(shard, str(folder / files[-1]), metadata={"format": "pt"})
+            weight_map.update({k: files[-1] for k in shard})
+            shard.clear()
+
+    for name, shape in names.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        n_params += t.numel()
+        if name.endswith(".mlp.experts.gate_up_proj"):      # [E, 2I, D] -> per expert gate | up
+            prefix, half = name[:-len("gate_up_proj")], shape[1] // 2
+            pieces = {f"{prefix}{e}.{part}.weight": t[e, i * half:(i + 1) * half].clone()
+                      for e in range(shape[0]) for i, part in enumerate(("gate_proj", "up_proj"))}
+        elif name.endswith(".mlp.experts.down_proj"):       # [E, D, I] -> per expert
+            prefix = name[:-len("down_proj")]
+            pieces = {f"{prefix}{e}.down_proj.weight": t[e].clone() for e in range(shape[0])}
+        else:
+            pieces = {name: t}
+        del t
+        if sum(x.numel() * 2 for x in shard.values()) + sum(x.numel() * 2 for x in pieces.values()) > shard_bytes:
+            flush()
+        shard.update(pieces)
+    flush()
+    final = {}
+    for i, f in enumerate(files):   # transformers' shard names
+        final[f] = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        (folder / f).rename(folder / final[f])
+    index = {"metadata": {"total_size": 2 * n_params}, "weight_map": {k: final[f] for k, f in weight_map.items()}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf.dtype = torch.bfloat16
+    hf.save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (tokenizer_dir / f).is_file():
             shutil.copy(tokenizer_dir / f, folder / f)
@@ -96,7 +146,7 @@ def render_md(res: dict) -> str:
     lines = [*common.report_head(res, f"care-convert host memory and disk: {s['shape']} shapes, "
                                       f"{s['layers']} layers, bf16 source"),
              f"- source: random weights, {s['params'] / 1e9:.2f} B params, bf16 safetensors "
-             f"({s['source_gb']:.2f} GB on disk), written by transformers' save_pretrained",
+             f"({s['source_gb']:.2f} GB on disk; MoE experts stored per expert, as on the Hub)",
              f"- every conversion: the real CLI in a fresh process, calibration {s['calib_samples']} x "
              f"{s['calib_seqlen']} tokens, KV ratio {s['kv_ratio']} {s['ranks']}, --device cpu",
              "- peak RSS: the conversion process's ru_maxrss, which includes the memory-mapped source pages it "

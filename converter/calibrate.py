@@ -94,10 +94,14 @@ def _hidden_home(device: str, nbytes: int) -> str:
 
 def _working_copy(layer: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The layer itself moved to `device` (lossless), or a cast copy when `dtype` differs: the source
-    weights must stay untouched, the factorization reads them afterwards."""
+    weights must stay untouched, the factorization reads them afterwards. Parameters already in `dtype`
+    on `device` (streamed MoE experts) are shared with the copy, not copied."""
     if all(p.dtype == dtype for p in layer.parameters()):
         return layer.to(device)
-    return copy.deepcopy(layer).to(device=device, dtype=dtype)
+    target = torch.device(device)
+    ready = {id(p): p for p in layer.parameters() if p.dtype == dtype and p.device.type == target.type
+             and target.index in (None, p.device.index)}
+    return copy.deepcopy(layer, memo=ready).to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -118,8 +122,9 @@ def _matmul_precision(device: str):
 def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", batch_size: int = 8,
                   dtype: torch.dtype = torch.float32, layer_in_memory=None) -> CalibStats:
     """Run `windows` [N, T] through `model` layer by layer and return per-layer statistics.
-    `layer_in_memory(l)`: a context manager during which layer l holds all its weights (load.Source's:
-    a Qwen3-MoE source loaded without its experts reads them in for the layer's forward)."""
+    `layer_in_memory(l, dtype, device)`: a context manager during which layer l holds all its weights
+    (load.Source's: a Qwen3-MoE source loaded without its experts reads them in for the layer's forward,
+    directly in the working dtype on the device)."""
     inner = model.model
     n, t = windows.shape
     pos = torch.arange(t, device=device).unsqueeze(0)
@@ -132,7 +137,7 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
 
     stats: list[LayerStats] = []
     for l, src_layer in enumerate(tqdm(inner.layers, desc="calibrate", unit="layer")):
-        with layer_in_memory(l) if layer_in_memory else contextlib.nullcontext():
+        with layer_in_memory(l, dtype, device) if layer_in_memory else contextlib.nullcontext():
             acc = _propagate(src_layer, hidden, arch, device, dtype, park, rotary, pos)
         stats.append(reduce_layer(acc["cx"], acc["ax"], src_layer.self_attn, model.config.num_attention_heads,
                                   acc["ck"], acc["qc"]))

@@ -59,28 +59,31 @@ class ExpertStore:
         got = read_mapped(self.files, names)
         return [got[n] for n in names]
 
-    def tensors(self, layer: int) -> dict[str, torch.Tensor]:
-        """Layer `layer`'s fused experts {name: tensor} in the model's dtype, as transformers holds them."""
+    def tensors(self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+                ) -> dict[str, torch.Tensor]:
+        """Layer `layer`'s fused experts {name: tensor} as transformers holds them, in `dtype` (default: the
+        model's) on `device`, built there directly from the mapped files."""
+        dtype = dtype or self.dtype
         prefix = f"model.layers.{layer}.mlp.experts"
         out = {}
         for fused in FUSED:
             name = f"{prefix}.{fused}"
             if name in self.files:          # stored fused already
                 (t,) = self._read([name])
+                out[name] = t.to(device=device, dtype=dtype)
             elif fused == "gate_up_proj":   # expert e: its gate rows, then its up rows
-                t = self._stacked(prefix, ("gate_proj", "up_proj"))
+                out[name] = self._stacked(prefix, ("gate_proj", "up_proj"), dtype, device)
             else:
-                t = self._stacked(prefix, ("down_proj",))
-            out[name] = t.to(self.dtype)
+                out[name] = self._stacked(prefix, ("down_proj",), dtype, device)
         return out
 
-    def _stacked(self, prefix: str, parts: tuple[str, ...]) -> torch.Tensor:
+    def _stacked(self, prefix: str, parts: tuple[str, ...], dtype: torch.dtype, device) -> torch.Tensor:
         """[E, sum of the parts' rows, cols]: expert e's `parts` one under the other, copied from the mapped
-        files straight into one tensor in the model's dtype (no stack/cat intermediates)."""
+        files straight into one tensor of `dtype` on `device` (no stack/cat/cast intermediates)."""
         names = [f"{prefix}.{e}.{part}.weight" for e in range(self.num_experts) for part in parts]
         mapped = self._read(names)
         rows = sum(t.shape[0] for t in mapped[:len(parts)])
-        out = torch.empty(self.num_experts, rows, mapped[0].shape[1], dtype=self.dtype)
+        out = torch.empty(self.num_experts, rows, mapped[0].shape[1], dtype=dtype, device=device)
         for e in range(self.num_experts):
             row = 0
             for t in mapped[e * len(parts):(e + 1) * len(parts)]:
@@ -89,15 +92,17 @@ class ExpertStore:
         return out
 
     @contextlib.contextmanager
-    def attached(self, layer: int, module: torch.nn.Module):
-        """Decoder layer `layer` (`module`) with its experts in place for a forward pass; meta again after,
-        so only one layer's experts are ever in memory. A dense layer is left as it is."""
+    def attached(self, layer: int, module: torch.nn.Module, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu"):
+        """Decoder layer `layer` (`module`) with its experts in place for a forward pass, in `dtype` on
+        `device` (where calibration runs the layer: no second copy for its working copy); meta again
+        after, so only one layer's experts are ever in memory. A dense layer is left as it is."""
         if layer not in self.layers:
             yield module
             return
         experts = module.mlp.experts
         saved = {n: getattr(experts, n) for n in FUSED}
-        for name, t in self.tensors(layer).items():
+        for name, t in self.tensors(layer, dtype, device).items():
             setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
         try:
             yield module

@@ -50,11 +50,14 @@ class Source:
     def config(self):
         return self.model.config
 
-    def layer_in_memory(self, layer: int):
+    def layer_in_memory(self, layer: int, dtype: torch.dtype | None = None, device: str = "cpu"):
         """Context manager: decoder layer `layer` with all its weights present (a MoE layer's experts are
-        read in when the source was loaded without them, load_source(stream_experts=True))."""
+        read in, in `dtype` on `device`, when the source was loaded without them:
+        load_source(stream_experts=True))."""
         module = self.model.model.layers[layer]
-        return self.experts.attached(layer, module) if self.experts else contextlib.nullcontext(module)
+        if self.experts is None:
+            return contextlib.nullcontext(module)
+        return self.experts.attached(layer, module, dtype, device)
 
     def streamed_tensors(self, layer: int) -> list[tuple[str, torch.Tensor]]:
         """The tensors of `layer` that the model does not hold (its experts, when streamed), as stored."""

@@ -251,6 +251,35 @@ def test_cli_entry_point_refuses_bad_input(tiny, tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_heal_qwen3_moe_keeps_the_sparse_layout(tmp_path):
+    """A Qwen3-MoE conversion heals like a dense one: the teacher (the original, loaded whole with its
+    experts) runs, the loss is finite, and OUT keeps the converted tensors: router and fused 3-D experts
+    included, untouched under `--train attention`, trained (same shapes) under `--train all`."""
+    orig = make_tiny_original(tmp_path / "orig", "qwen3_moe", num_layers=2)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    conv = tmp_path / "conv"
+    convert(orig, conv, calib_files=[calib], kv_ratio=0.5, calib_samples=8, calib_seqlen=64)
+    before = load_file(conv / "model.safetensors")
+    assert before["model.layers.0.mlp.experts.gate_up_proj"].ndim == 3
+    for train in ("attention", "all"):
+        out = tmp_path / f"healed_{train}"
+        args = [str(conv), str(out), "--teacher", str(orig), "--text", str(calib), "--tokens",
+                str(2 * SEQLEN * BATCH), "--seqlen", str(SEQLEN), "--batch-size", str(BATCH), "--lr", "2e-3",
+                "--warmup-ratio", "0", "--train", train, "--no-progress"]
+        assert heal_mod.main(args) == 0
+        log = json.loads((out / "heal_log.json").read_text())
+        assert len(log["steps"]) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in log["steps"])
+        assert (out / "config.json").read_bytes() == (conv / "config.json").read_bytes()
+        after = load_file(out / "model.safetensors")
+        assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+        moe = [k for k in before if ".mlp.experts." in k or ".mlp.gate." in k]
+        assert len(moe) == 3   # layer 0 sparse (router, gate_up, down), layer 1 dense
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert any(".self_attn." in k for k in changed)
+        assert changed.isdisjoint(moe) if train == "attention" else set(moe) <= changed, (train, changed)
+
+
 def test_parse_tokens():
     assert heal_mod.parse_tokens("50k") == 50_000
     assert heal_mod.parse_tokens("1.5M") == 1_500_000

@@ -98,3 +98,24 @@ def _tensors(folder):
         with safe_open(str(f), "pt") as fh:
             out.update({k: fh.get_tensor(k) for k in fh.keys()})
     return out
+
+
+def test_calibration_reads_experts_in_the_working_dtype_without_a_second_copy(tmp_path):
+    """A bf16 source calibrated in fp32: the layer's experts are read in fp32 and the working copy shares
+    them (no bf16 read plus fp32 copy); the statistics equal calibrating transformers' whole model."""
+    from converter import calibrate
+
+    src = _source(tmp_path, "per_expert", torch.bfloat16)
+    streamed, whole = load.load_source(src, stream_experts=True), load.load_source(src)
+    with streamed.layer_in_memory(0, torch.float32) as layer:
+        experts = layer.mlp.experts.gate_up_proj
+        assert experts.dtype == torch.float32 and layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+        copy = calibrate._working_copy(layer, "cpu", torch.float32)
+        assert copy.mlp.experts.gate_up_proj is experts
+        assert copy.self_attn.q_proj.weight.dtype == torch.float32
+    windows = torch.randint(0, 16384, (4, 32), generator=torch.Generator().manual_seed(0))
+    got = calibrate.collect_stats(streamed.model, windows, "qwen3", layer_in_memory=streamed.layer_in_memory)
+    want = calibrate.collect_stats(whole.model, windows, "qwen3")
+    for a, b in zip(got.layers, want.layers):
+        for name in ("ck", "cv", "qc", "ax"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
