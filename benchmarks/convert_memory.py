@@ -126,7 +126,8 @@ def folder_bytes(folder: Path) -> int:
 def convert_once(src: Path, out: Path, calib: Path, dtype: str, args) -> dict:
     cmd = [sys.executable, "-m", "converter.cli", str(src), str(out), "--calib", str(calib),
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
-           "--kv-ratio", str(args.kv_ratio), "--ranks", args.ranks, "--dtype", dtype, "--overwrite"]
+           "--kv-ratio", str(args.kv_ratio), "--ranks", args.ranks, "--dtype", dtype,
+           "--calib-dtype", args.calib_dtype, "--overwrite"]
     t0 = time.perf_counter()
     rc, peak_rss, peak_anon = run_measured(cmd)  # rc -9: killed (e.g. by the OOM killer)
     wall = time.perf_counter() - t0
@@ -148,7 +149,8 @@ def render_md(res: dict) -> str:
              f"- source: random weights, {s['params'] / 1e9:.2f} B params, bf16 safetensors "
              f"({s['source_gb']:.2f} GB on disk; MoE experts stored per expert, as on the Hub)",
              f"- every conversion: the real CLI in a fresh process, calibration {s['calib_samples']} x "
-             f"{s['calib_seqlen']} tokens, KV ratio {s['kv_ratio']} {s['ranks']}, --device cpu",
+             f"{s['calib_seqlen']} tokens (layers run in {s.get('calib_dtype', 'float32')}), KV ratio "
+             f"{s['kv_ratio']} {s['ranks']}, --device cpu",
              "- peak RSS: the conversion process's ru_maxrss, which includes the memory-mapped source pages it "
              "touched; anonymous: its peak RssAnon (sampled every 50 ms), the part that must fit in RAM",
              ""]
@@ -172,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="auto,float32", help="care-convert --dtype values, one conversion each")
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--calib-seqlen", type=int, default=128)
+    p.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="care-convert --calib-dtype (bfloat16: no fp32 working copy of a bf16 layer)")
     p.add_argument("--kv-ratio", type=float, default=0.5)
     p.add_argument("--ranks", default="uniform", choices=["uniform", "adjusted"])
     p.add_argument("--work", default=None, help="source + outputs (default DATA/bench/convert_memory)")
@@ -192,7 +196,8 @@ def main(argv=None) -> int:
     stem = common.RESULTS / f"convert_memory_{tag}"
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
            "settings": {"shape": args.shape, "layers": cfg["num_hidden_layers"], "calib_samples": args.calib_samples,
-                        "calib_seqlen": args.calib_seqlen, "kv_ratio": args.kv_ratio, "ranks": args.ranks},
+                        "calib_seqlen": args.calib_seqlen, "calib_dtype": args.calib_dtype,
+                        "kv_ratio": args.kv_ratio, "ranks": args.ranks},
            "rows": []}
     save = common.report_saver(res, stem, render_md)
     try:
