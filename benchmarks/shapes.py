@@ -17,6 +17,10 @@ import shutil
 from pathlib import Path
 
 VOCAB = 16384
+# the Qwen3-MoE keys a converted config carries over (converter/pipeline.py MOE_CONFIG_KEYS; not imported:
+# the GPU runbook imports this file on a machine that may not have the converter's dependencies)
+MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                   "decoder_sparse_step", "mlp_only_layers")
 
 SHAPES = {
     # Llama-3.1-8B: 32 layers, 32 query / 8 KV heads of 128, llama3 rope scaling
@@ -91,7 +95,8 @@ def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int
     total = sum(k_ranks) + sum(v_ranks) + n * rope_dim
     parity = n * 2 * cfg["num_key_value_heads"] * d_h
     assert total <= parity, (total, parity)
-    arch = {"llama": "CareLlamaForCausalLM", "qwen3": "CareQwen3ForCausalLM"}[cfg["model_type"]]
+    arch = {"llama": "CareLlamaForCausalLM", "qwen3": "CareQwen3ForCausalLM",
+            "qwen3_moe": "CareQwen3MoeForCausalLM"}[cfg["model_type"]]
     return {
         "model_type": "care_mla", "architectures": [arch],
         **{k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -102,13 +107,14 @@ def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int
         "qk_nope_head_dim": d_h, "qk_rope_head_dim": rope_dim, "v_head_dim": d_h,
         "k_ranks": list(k_ranks), "v_ranks": list(v_ranks),
         "kv_lora_rank": max(k + v for k, v in zip(k_ranks, v_ranks)), "q_lora_rank": None,
-        "use_qk_norm": cfg["model_type"] == "qwen3",
+        "use_qk_norm": cfg["model_type"] in ("qwen3", "qwen3_moe"),
         "rope_inv_freq": [float(x) for x in freqs.tolist()],
         "softmax_scale": d_h ** -0.5,
         "source_rope_parameters": dict(cfg.get("rope_scaling") or {"rope_type": "default"},
                                        rope_theta=cfg["rope_theta"]),
         "source_model": f"random {cfg['model_type']} shape", "source_revision": None,
         "source_architecture": cfg["architectures"][0],
+        **{k: cfg[k] for k in MOE_CONFIG_KEYS if "num_experts" in cfg},
         "care": {"method": "care", "objective": "kv", "rank_policy": "given", "kv_ratio": round(total / parity, 6),
                  "rope_dim": rope_dim},
     }

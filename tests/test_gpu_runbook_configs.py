@@ -62,17 +62,33 @@ def test_perf_configs_build_in_model_defs_and_match_the_plugin_shapes(shape):
         assert params == expected_checkpoint_shapes(cfg), f"{shape}/{name}"
 
 
-def test_runbook_config_keys_equal_a_converted_config(tmp_path):
-    """shapes.care_config() must write what care-convert writes (no missing or extra keys)."""
-    from converter.pipeline import convert
+@pytest.mark.parametrize("arch,shape", [("llama", "llama3-8b"), ("qwen3_moe", "qwen3-30b-a3b")])
+def test_runbook_config_keys_equal_a_converted_config(tmp_path, arch, shape):
+    """shapes.care_config() must write what care-convert writes (no missing or extra keys, the same
+    carried-over MoE values), and a MoE shape's config must build in model_defs with the plugin's shapes."""
+    import model_defs  # noqa: F401  (registers care_mla)
+    from care_vllm.models import expected_checkpoint_shapes
+    from converter.pipeline import MOE_CONFIG_KEYS, convert
+    from model_defs.modeling_care import CareMLAForCausalLM
     from tests.tiny_models import make_tiny_original
+    from transformers import AutoConfig
 
-    orig = make_tiny_original(tmp_path / "orig", "llama", num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32)
+    orig = make_tiny_original(tmp_path / "orig", arch, num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32)
     (tmp_path / "calib.txt").write_text(" ".join(f"word{i % 97} and text {i}" for i in range(3000)))
     convert(orig, tmp_path / "conv", calib_files=[tmp_path / "calib.txt"], kv_ratio=0.5, calib_samples=4,
             calib_seqlen=64, rope_dim=16)
     written = json.loads((tmp_path / "conv" / "config.json").read_text())
-    src = shapes.source_config("llama3-8b", layers=2)
+    src = shapes.source_config(shape, layers=2)
     made = shapes.care_config(src, *shapes.uniform_ranks(src, 576))
     assert set(made) == set(written)
     assert set(made["care"]) == set(written["care"])
+    assert made["architectures"] == written["architectures"]
+    assert made["use_qk_norm"] == written["use_qk_norm"]
+    assert shapes.MOE_CONFIG_KEYS == MOE_CONFIG_KEYS
+    cfg = AutoConfig.for_model("care_mla", **{k: v for k, v in made.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = CareMLAForCausalLM(cfg)
+    params = {k: tuple(t.shape) for k, t in model.state_dict().items() if not k.endswith("inv_freq")}
+    assert params == expected_checkpoint_shapes(cfg)
+    if arch == "qwen3_moe":
+        assert params["model.layers.1.mlp.experts.gate_up_proj"] == (128, 2 * 768, 2048)
