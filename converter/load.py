@@ -60,7 +60,8 @@ class Source:
         return self.experts.attached(layer, module, dtype, device)
 
     def streamed_tensors(self, layer: int) -> list[tuple[str, torch.Tensor]]:
-        """The tensors of `layer` that the model does not hold (its experts, when streamed), as stored."""
+        """The tensors of `layer` that the model does not hold (its experts, when streamed), in the model's
+        dtype, ready for the writer."""
         if self.experts is None or layer not in self.experts.layers:
             return []
         return list(self.experts.tensors(layer).items())
