@@ -66,6 +66,8 @@ def write_source(cfg: dict, folder: Path, tokenizer_dir: Path, shard_bytes: int 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    from converter.experts import PARTS, is_expert_key
+
     hf = shapes.hf_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, dtype=torch.bfloat16)
@@ -76,7 +78,7 @@ def write_source(cfg: dict, folder: Path, tokenizer_dir: Path, shard_bytes: int 
     shard: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
     files: list[str] = []
-    n_params = 0
+    n_params = shard_size = 0
 
     def flush():
         if shard:
@@ -91,19 +93,21 @@ def write_source(cfg: dict, folder: Path, tokenizer_dir: Path, shard_bytes: int 
         else:
             t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
         n_params += t.numel()
-        if name.endswith(".mlp.experts.gate_up_proj"):      # [E, 2I, D] -> per expert gate | up
-            prefix, half = name[:-len("gate_up_proj")], shape[1] // 2
-            pieces = {f"{prefix}{e}.{part}.weight": t[e, i * half:(i + 1) * half].clone()
-                      for e in range(shape[0]) for i, part in enumerate(("gate_proj", "up_proj"))}
-        elif name.endswith(".mlp.experts.down_proj"):       # [E, D, I] -> per expert
-            prefix = name[:-len("down_proj")]
-            pieces = {f"{prefix}{e}.down_proj.weight": t[e].clone() for e in range(shape[0])}
+        prefix, leaf = name.rsplit(".", 1)
+        if is_expert_key(name):   # fused [E, rows, cols] -> each expert's parts, one under the other
+            parts = PARTS[leaf]
+            rows = shape[1] // len(parts)
+            pieces = {f"{prefix}.{e}.{part}.weight": t[e, i * rows:(i + 1) * rows].clone()
+                      for e in range(shape[0]) for i, part in enumerate(parts)}
         else:
             pieces = {name: t}
         del t
-        if sum(x.numel() * 2 for x in shard.values()) + sum(x.numel() * 2 for x in pieces.values()) > shard_bytes:
+        size = sum(x.numel() * 2 for x in pieces.values())
+        if shard_size + size > shard_bytes:
             flush()
+            shard_size = 0
         shard.update(pieces)
+        shard_size += size
     flush()
     final = {}
     for i, f in enumerate(files):   # transformers' shard names

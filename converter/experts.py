@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-FUSED = ("gate_up_proj", "down_proj")
+# fused tensor -> the per-expert tensors stacked into it, one under the other (rows), in this order
+PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.")
 
 
@@ -62,19 +63,19 @@ class ExpertStore:
     def tensors(self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
                 ) -> dict[str, torch.Tensor]:
         """Layer `layer`'s fused experts {name: tensor} as transformers holds them, in `dtype` (default: the
-        model's) on `device`, built there directly from the mapped files."""
+        model's) on `device`, built there directly from the mapped files; {} for a dense layer."""
+        if layer not in self.layers:
+            return {}
         dtype = dtype or self.dtype
         prefix = f"model.layers.{layer}.mlp.experts"
         out = {}
-        for fused in FUSED:
+        for fused, parts in PARTS.items():
             name = f"{prefix}.{fused}"
             if name in self.files:          # stored fused already
                 (t,) = self._read([name])
                 out[name] = t.to(device=device, dtype=dtype)
-            elif fused == "gate_up_proj":   # expert e: its gate rows, then its up rows
-                out[name] = self._stacked(prefix, ("gate_proj", "up_proj"), dtype, device)
             else:
-                out[name] = self._stacked(prefix, ("down_proj",), dtype, device)
+                out[name] = self._stacked(prefix, parts, dtype, device)
         return out
 
     def _stacked(self, prefix: str, parts: tuple[str, ...], dtype: torch.dtype, device) -> torch.Tensor:
@@ -97,13 +98,15 @@ class ExpertStore:
         """Decoder layer `layer` (`module`) with its experts in place for a forward pass, in `dtype` on
         `device` (where calibration runs the layer: no second copy for its working copy); meta again
         after, so only one layer's experts are ever in memory. A dense layer is left as it is."""
-        if layer not in self.layers:
+        tensors = self.tensors(layer, dtype, device)
+        if not tensors:
             yield module
             return
         experts = module.mlp.experts
-        saved = {n: getattr(experts, n) for n in FUSED}
-        for name, t in self.tensors(layer, dtype, device).items():
+        saved = {n: getattr(experts, n) for n in PARTS}
+        for name, t in tensors.items():
             setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
+        del tensors
         try:
             yield module
         finally:
@@ -112,9 +115,10 @@ class ExpertStore:
 
 
 def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype) -> torch.nn.Module:
-    """The *ForCausalLM of `cfg` with every tensor but the experts read from the (memory-mapped) files
-    and cast to `dtype`; the experts stay on the meta device (read them with an ExpertStore). The
-    files were checked against the architecture before (load._check_tensors)."""
+    """The *ForCausalLM of `cfg` with every parameter but the experts read from the (memory-mapped) files
+    and cast to `dtype`; the experts stay on the meta device (read them with an ExpertStore), and so do
+    the computed, never stored, rotary buffers (load._fp32_rotary builds them). The files were checked
+    against the architecture before (load._check_tensors)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -125,10 +129,7 @@ def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype) -> tor
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
-    rot = model.model.rotary_emb   # non-persistent buffers: computed, never stored
-    with torch.device("cpu"):
-        model.model.rotary_emb = type(rot)(config=model.config)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and not is_expert_key(n)]
-    if left:  # a tensor the architecture has but neither the files nor the model's init provide
+    left = [n for n, t in model.named_parameters() if t.is_meta and not is_expert_key(n)]
+    if left:  # a parameter the architecture has but the files do not provide
         raise RuntimeError(f"not loaded: {', '.join(left[:5])}")
     return model.eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
-from .experts import ExpertStore, load_without_experts
+from .experts import PARTS, ExpertStore, load_without_experts
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
@@ -62,14 +62,12 @@ class Source:
     def streamed_tensors(self, layer: int) -> list[tuple[str, torch.Tensor]]:
         """The tensors of `layer` that the model does not hold (its experts, when streamed), in the model's
         dtype, ready for the writer."""
-        if self.experts is None or layer not in self.experts.layers:
-            return []
-        return list(self.experts.tensors(layer).items())
+        return [] if self.experts is None else list(self.experts.tensors(layer).items())
 
     @property
     def num_experts(self) -> int:
         """Experts per sparse MLP layer (0: a dense model)."""
-        return int(getattr(self.config, "num_experts", 0) or 0)
+        return num_experts(self.config)
 
     def save_side_files(self, out: Path) -> None:
         """Copy tokenizer/generation/chat-template files, or re-save them for a GGUF source."""
@@ -81,6 +79,11 @@ class Source:
             self.tokenizer.save_pretrained(out)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(out)
+
+
+def num_experts(cfg) -> int:
+    """Experts per sparse MLP layer of a source config (0: a dense model)."""
+    return int(getattr(cfg, "num_experts", 0) or 0)
 
 
 def smollm2_gguf_path() -> Path:
@@ -170,18 +173,14 @@ def _expand_fused_experts(expected: dict, have: dict) -> None:
     mlp.experts.down_proj [E, D, I]); checkpoints on the Hub store them per expert
     (mlp.experts.{e}.gate_proj/up_proj/down_proj.weight), which transformers fuses at load. Expect
     whichever form the files use."""
-    for key in [k for k in expected if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]:
+    for key in [k for k in expected if k.endswith(tuple(f".mlp.experts.{f}" for f in PARTS))]:
         if key in have:
             continue
-        shape = expected.pop(key)
-        prefix = key.rsplit(".", 1)[0]
-        n, rows, cols = shape
+        n, rows, cols = expected.pop(key)
+        prefix, fused = key.rsplit(".", 1)
         for e in range(n):
-            if key.endswith("gate_up_proj"):
-                expected[f"{prefix}.{e}.gate_proj.weight"] = (rows // 2, cols)
-                expected[f"{prefix}.{e}.up_proj.weight"] = (rows // 2, cols)
-            else:
-                expected[f"{prefix}.{e}.down_proj.weight"] = (rows, cols)
+            for part in PARTS[fused]:
+                expected[f"{prefix}.{e}.{part}.weight"] = (rows // len(PARTS[fused]), cols)
 
 
 def load_source(src: str | Path, revision: str | None = None, stream_experts: bool = False) -> Source:
@@ -236,16 +235,18 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
     arch = _check_config(cfg, str(src))
     entries = _check_tensors(src, cfg)
     tok = AutoTokenizer.from_pretrained(src)
-    if stream_experts and int(getattr(cfg, "num_experts", 0) or 0):
+    store = None
+    if stream_experts and num_experts(cfg):
         dtype = _auto_dtype(cfg, entries)
         files = {k: f for k, (f, _, _) in entries.items()}
         model = load_without_experts(cfg, files, dtype)
-        return Source(model, tok, arch, name, src, resolved.commit, ExpertStore(files, cfg.num_experts, dtype))
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    if model.dtype not in LOAD_DTYPES:
-        model = model.float()
+        store = ExpertStore(files, num_experts(cfg), dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        if model.dtype not in LOAD_DTYPES:
+            model = model.float()
     _fp32_rotary(model)
-    return Source(model.eval(), tok, arch, name, src, resolved.commit)
+    return Source(model.eval(), tok, arch, name, src, resolved.commit, store)
 
 
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -265,8 +266,9 @@ def _auto_dtype(cfg, entries: dict) -> torch.dtype:
 
 
 def _fp32_rotary(model) -> None:
-    """Make sure the rotary inverse frequencies are the fp32 values transformers computes."""
+    """Make sure the rotary inverse frequencies are the fp32 values transformers computes (also when
+    the model was built on the meta device: they are computed, never stored)."""
     rot = model.model.rotary_emb
-    if rot.inv_freq.dtype != torch.float32:
+    if rot.inv_freq.dtype != torch.float32 or rot.inv_freq.is_meta:
         with torch.device("cpu"):
             model.model.rotary_emb = type(rot)(config=model.config)
