@@ -44,34 +44,37 @@ def test_perf_models_have_the_widths_and_budgets_the_targets_assume(shape):
         assert all(k <= 8 * 128 - 64 and v <= 8 * 128 for k, v in zip(c["k_ranks"], c["v_ranks"]))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_perf_configs_build_in_model_defs_and_match_the_plugin_shapes(shape):
+def _model_defs_and_plugin_shapes(raw: dict) -> tuple[dict, dict]:
+    """(model_defs' parameter shapes built on meta from care_mla config dict `raw`, the plugin's
+    expected checkpoint shapes for it): a config the runbook writes must give equal ones."""
     import model_defs  # noqa: F401  (registers care_mla)
     from care_vllm.models import expected_checkpoint_shapes
     from model_defs.modeling_care import CareMLAForCausalLM
     from transformers import AutoConfig
 
+    cfg = AutoConfig.for_model("care_mla", **{k: v for k, v in raw.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = CareMLAForCausalLM(cfg)
+    params = {k: tuple(t.shape) for k, t in model.state_dict().items()
+              if not k.endswith("inv_freq") and not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    return params, expected_checkpoint_shapes(cfg)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_perf_configs_build_in_model_defs_and_match_the_plugin_shapes(shape):
     for name, raw in perf.model_configs(shape).items():
         if raw.get("model_type") != "care_mla":
             continue
-        cfg = AutoConfig.for_model("care_mla", **{k: v for k, v in raw.items() if k != "model_type"})
-        with torch.device("meta"):
-            model = CareMLAForCausalLM(cfg)
-        params = {k: tuple(t.shape) for k, t in model.state_dict().items()
-                  if not k.endswith("inv_freq") and not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        assert params == expected_checkpoint_shapes(cfg), f"{shape}/{name}"
+        params, expected = _model_defs_and_plugin_shapes(raw)
+        assert params == expected, f"{shape}/{name}"
 
 
 @pytest.mark.parametrize("arch,shape", [("llama", "llama3-8b"), ("qwen3_moe", "qwen3-30b-a3b")])
 def test_runbook_config_keys_equal_a_converted_config(tmp_path, arch, shape):
     """shapes.care_config() must write what care-convert writes (no missing or extra keys, the same
     carried-over MoE values), and a MoE shape's config must build in model_defs with the plugin's shapes."""
-    import model_defs  # noqa: F401  (registers care_mla)
-    from care_vllm.models import expected_checkpoint_shapes
     from converter.pipeline import MOE_CONFIG_KEYS, convert
-    from model_defs.modeling_care import CareMLAForCausalLM
     from tests.tiny_models import make_tiny_original
-    from transformers import AutoConfig
 
     orig = make_tiny_original(tmp_path / "orig", arch, num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32)
     (tmp_path / "calib.txt").write_text(" ".join(f"word{i % 97} and text {i}" for i in range(3000)))
@@ -85,10 +88,7 @@ def test_runbook_config_keys_equal_a_converted_config(tmp_path, arch, shape):
     assert made["architectures"] == written["architectures"]
     assert made["use_qk_norm"] == written["use_qk_norm"]
     assert shapes.MOE_CONFIG_KEYS == MOE_CONFIG_KEYS
-    cfg = AutoConfig.for_model("care_mla", **{k: v for k, v in made.items() if k != "model_type"})
-    with torch.device("meta"):
-        model = CareMLAForCausalLM(cfg)
-    params = {k: tuple(t.shape) for k, t in model.state_dict().items() if not k.endswith("inv_freq")}
-    assert params == expected_checkpoint_shapes(cfg)
+    params, expected = _model_defs_and_plugin_shapes(made)
+    assert params == expected
     if arch == "qwen3_moe":
         assert params["model.layers.1.mlp.experts.gate_up_proj"] == (128, 2 * 768, 2048)
