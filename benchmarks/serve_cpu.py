@@ -10,7 +10,12 @@ fixed max concurrency, --ignore-eos so every request decodes exactly --output-le
 
 Variants: `original` (DATA/smollm2-135m) and `care-<ratio>` / `<method>-<policy>-<ratio>` (converted with
 converter.pipeline.convert into DATA/bench/serve/<variant>/; reused when its care_report.json matches).
-Reports output tokens/s, TTFT/TPOT/ITL/E2EL (mean, median, p99) from the bench JSON, and the KV cache
+`--dataset prefix_repetition` sends prompts of `--prefix-len` shared tokens (one of `--num-prefixes`)
+plus `--input-len` own tokens instead, to measure prefix caching; `--serve-args` adds engine flags to
+every server (e.g. "--no-enable-prefix-caching --no-enable-chunked-prefill", what vLLM forces for MLA
+models on CPUs without AMX and care_vllm/cpu_scheduling.py undoes for care_mla checkpoints).
+Reports output tokens/s, TTFT/TPOT/ITL/E2EL (mean, median, p99) from the bench JSON, the prefix-cache
+hit rate during the bench (/metrics vllm:prefix_cache_hits_total / queries_total), and the KV cache
 capacity in tokens from the server log line "CPU KV cache size: N tokens" (also cross-checked against
 /metrics vllm:cache_config_info num_gpu_blocks x block_size).
 Writes benchmarks/results/serve_cpu.json, serve_cpu.md and the raw bench JSONs in results/serve_cpu/.
@@ -29,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repo root on sys.path)
-from care_vllm.loadtest.server import VllmServer, cache_config_info, fetch, vllm_command  # noqa: E402
+from care_vllm.loadtest.server import (VllmServer, cache_config_info, fetch, prefix_cache_counters,  # noqa: E402
+                                       vllm_command)  # noqa: E402
 
 PROMPT = "The three most important ideas in operating system design are"
 
@@ -47,7 +53,12 @@ def build_parser():
     p.add_argument("--no-enforce-eager", action="store_true",
                    help="let vLLM compile (minutes of inductor warm-up per server on 2 cores; default is eager)")
     p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--dataset", choices=("random", "prefix_repetition"), default="random",
+                   help="vllm bench serve dataset (prefix_repetition: --prefix-len shared + --input-len own tokens)")
+    p.add_argument("--prefix-len", type=int, default=512, help="prefix_repetition: shared prefix tokens")
+    p.add_argument("--num-prefixes", type=int, default=4, help="prefix_repetition: distinct prefixes")
+    p.add_argument("--serve-args", default="", help="extra `vllm serve` flags for every variant (one string)")
+    p.add_argument("--input-len", type=int, default=256, help="random: prompt tokens; prefix_repetition: suffix tokens")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-concurrency", type=int, default=4)
     p.add_argument("--request-rate", default="inf")
@@ -109,6 +120,7 @@ def server(model: Path, name: str, log: Path, args) -> VllmServer:
         extra += ["--max-num-seqs", str(args.max_num_seqs)]
     if not args.no_enforce_eager:
         extra += ["--enforce-eager"]
+    extra += shlex.split(args.serve_args)
     return VllmServer(model, log, extra, served_name=name, startup_timeout=args.startup_timeout,
                       env={"TRANSFORMERS_OFFLINE": "1"}, cwd=common.REPO, prefix=[] if args.no_nice else ["nice"],
                       poll_interval=2.0, stop_grace=60.0)
@@ -152,12 +164,21 @@ METRICS = ["output_throughput", "total_token_throughput", "request_throughput", 
     f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")]
 
 
+def dataset_args(args) -> list[str]:
+    if args.dataset == "random":
+        return ["--dataset-name", "random", "--random-input-len", str(args.input_len),
+                "--random-output-len", str(args.output_len)]
+    return ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(args.prefix_len),
+            "--prefix-repetition-suffix-len", str(args.input_len),
+            "--prefix-repetition-num-prefixes", str(args.num_prefixes),
+            "--prefix-repetition-output-len", str(args.output_len)]
+
+
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
     raw_dir.mkdir(parents=True, exist_ok=True)
     fname = f"{var_name}.json"
     cmd = [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base, "--model", served,
-           "--tokenizer", str(tokenizer), "--dataset-name", "random",
-           "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+           "--tokenizer", str(tokenizer), *dataset_args(args),
            "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate),
            "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--ignore-eos",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
@@ -198,7 +219,10 @@ def main(argv=None) -> int:
     results = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
                "settings": {k: getattr(args, k) for k in ("dtype", "kv_cache_bytes", "max_model_len", "max_num_seqs",
                                                           "num_prompts", "input_len", "output_len",
-                                                          "max_concurrency", "request_rate", "seed")}
+                                                          "max_concurrency", "request_rate", "seed", "dataset",
+                                                          "serve_args")}
+               | ({"prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
+                  if args.dataset == "prefix_repetition" else {})
                | {"enforce_eager": not args.no_enforce_eager, "nice": not args.no_nice,
                   "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE",
                                                          "OMP_NUM_THREADS") if os.environ.get(k)}},
@@ -252,7 +276,12 @@ def main(argv=None) -> int:
                 rec["greedy_sample"] = {"prompt": PROMPT, "completion": comp["choices"][0]["text"]}
                 print(f"[serve_cpu] {name}: up in {srv.startup_seconds}s, KV {rec.get('kv_cache_tokens')} tokens; "
                       f"sample: {comp['choices'][0]['text']!r}", flush=True)
+                before = prefix_cache_counters(srv.base_url)
                 metrics, bcmd = run_bench(name, served, src, srv.base_url, raw_dir, args)
+                after = prefix_cache_counters(srv.base_url)
+                queried = after["queries"] - before["queries"]
+                rec["prefix_cache"] = {"queried_tokens": queried, "hit_tokens": after["hits"] - before["hits"],
+                                       "hit_rate": (after["hits"] - before["hits"]) / queried if queried else None}
                 rec["bench_command"] = " ".join(shlex.quote(c) for c in bcmd).replace(srv.base_url,
                                                                                       "http://127.0.0.1:PORT")
                 rec["bench"] = metrics
@@ -270,8 +299,20 @@ def main(argv=None) -> int:
     return 0 if all(results["variants"][v["name"]].get("ok") for v in variants) else 1
 
 
+def hit_rate(v: dict) -> str:
+    rate = (v.get("prefix_cache") or {}).get("hit_rate")
+    return "—" if rate is None else f"{100 * rate:.0f} %"
+
+
 def _f(x, nd=1):
     return "—" if x is None else f"{x:.{nd}f}"
+
+
+def workload(s: dict) -> str:
+    if s.get("dataset", "random") == "random":
+        return f"random dataset, input {s['input_len']} tokens"
+    return (f"prefix_repetition dataset, input {s['prefix_len']} shared (one of {s['num_prefixes']} prefixes) "
+            f"+ {s['input_len']} own tokens")
 
 
 def render_md(res: dict, order: list[str]) -> str:
@@ -287,14 +328,16 @@ def render_md(res: dict, order: list[str]) -> str:
            f"- engine (identical for all): dtype {s['dtype']}, --kv-cache-memory-bytes {s['kv_cache_bytes']} "
            f"({s['kv_cache_bytes'] / 2**20:.0f} MiB), --max-model-len {s['max_model_len']}, "
            f"{'--enforce-eager' if s['enforce_eager'] else 'compiled'}"
-           + (f", --max-num-seqs {s['max_num_seqs']}" if s['max_num_seqs'] else "") + ", 127.0.0.1, free port",
-           f"- workload (`vllm bench serve`): random dataset, seed {s['seed']}, {s['num_prompts']} prompts, "
-           f"input {s['input_len']} / output {s['output_len']} tokens (--ignore-eos), request rate {s['request_rate']}, "
+           + (f", --max-num-seqs {s['max_num_seqs']}" if s['max_num_seqs'] else "")
+           + (f", {s['serve_args']}" if s.get("serve_args") else "") + ", 127.0.0.1, free port",
+           f"- workload (`vllm bench serve`): {workload(s)}, seed {s['seed']}, {s['num_prompts']} prompts, "
+           f"output {s['output_len']} tokens (--ignore-eos), request rate {s['request_rate']}, "
            f"max concurrency {s['max_concurrency']}",
            "- variants are served one after another; absolute numbers on this shared 2-core machine are noisy "
            "(other jobs' load changes between runs), compare them with that in mind", ""]
     hdr = ["variant", "cache values/token", "KV cache tokens", "out tok/s", "TTFT mean / median / p99 (ms)",
-           "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "failed", "startup s"]
+           "TPOT mean / median / p99 (ms)", "ITL mean / median / p99 (ms)", "prefix-cache hits", "failed",
+           "startup s"]
     rows = []
     for n in names:
         v = res["variants"][n]
@@ -303,13 +346,13 @@ def render_md(res: dict, order: list[str]) -> str:
         cache = (f"{care.get('cache_values_per_token')}/{care.get('original_cache_values_per_token')}"
                  if care else "11520/11520 (GQA)" if res.get("source", "").endswith("smollm2-135m") else "original")
         if not v.get("ok"):
-            rows.append([n, cache, v.get("kv_cache_tokens", "—"), "FAILED", "—", "—", "—", "—", "—"])
+            rows.append([n, cache, v.get("kv_cache_tokens", "—"), "FAILED", "—", "—", "—", "—", "—", "—"])
             continue
         rows.append([n, cache, f"{v.get('kv_cache_tokens', 0):,}", _f(b.get("output_throughput"), 2),
                      " / ".join(_f(b.get(f"{st}_ttft_ms"), 0) for st in ("mean", "median", "p99")),
                      " / ".join(_f(b.get(f"{st}_tpot_ms"), 1) for st in ("mean", "median", "p99")),
                      " / ".join(_f(b.get(f"{st}_itl_ms"), 1) for st in ("mean", "median", "p99")),
-                     b.get("failed"), v.get("startup_seconds")])
+                     hit_rate(v), b.get("failed"), v.get("startup_seconds")])
     out += [common.md_table(hdr, rows), ""]
     for n in names:
         v = res["variants"][n]

@@ -8,7 +8,9 @@ What it registers:
   * the transformers config `CareMLAConfig` (model_type "care_mla") with AutoConfig,
   * a model-arch config convertor for "care_mla", so that vLLM treats the model as MLA
     (use_mla, one KV head, head size = max cache width kv_lora_rank + qk_rope_head_dim),
-  * `CareLlamaForCausalLM` / `CareQwen3ForCausalLM` / `CareQwen3MoeForCausalLM` with vLLM's ModelRegistry.
+  * `CareLlamaForCausalLM` / `CareQwen3ForCausalLM` / `CareQwen3MoeForCausalLM` with vLLM's ModelRegistry,
+  * on CPU, a wrapper of the platform's config hook that keeps chunked prefill and prefix caching
+    on for care_mla models (cpu_scheduling.py: vLLM turns them off for MLA on CPUs without AMX).
 """
 from __future__ import annotations
 
@@ -67,6 +69,10 @@ def register() -> None:
 
     register_config()
     register_convertor()
+
+    from .cpu_scheduling import install as keep_cpu_prefix_caching
+
+    keep_cpu_prefix_caching()
 
     from vllm import ModelRegistry
 

@@ -61,16 +61,19 @@ def reference_model(out: Path):
     return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
 
 
-def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int) -> dict:
-    """Send all prompts at once (greedy, ignore_eos, prompt + generated logprobs) and compare with
-    model_defs: asserts identical greedy tokens; returns the worst |logprob| differences (prompt
-    tokens; generated tokens = vLLM's paged decode) and the distinct generated tokens."""
+def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int,
+                       prompt_logprobs: bool = True) -> dict:
+    """Send all prompts at once (greedy, ignore_eos, generated-token logprobs, and prompt logprobs
+    unless `prompt_logprobs` is False) and compare with model_defs: asserts identical greedy tokens;
+    returns the worst |logprob| differences (prompt tokens, 0.0 when not asked; generated tokens =
+    vLLM's paged decode) and the distinct generated tokens. vLLM never reads the prefix cache for a
+    request that asks for prompt logprobs: prefix-cache tests pass False."""
     name = client.models.list().data[0].id
+    extra = {"ignore_eos": True, "return_token_ids": True, **({"prompt_logprobs": 0} if prompt_logprobs else {})}
 
     def ask(ids):
         return client.completions.create(model=name, prompt=ids, max_tokens=n_new, temperature=0,
-                                         logprobs=0, extra_body={"ignore_eos": True, "prompt_logprobs": 0,
-                                                                 "return_token_ids": True})
+                                         logprobs=0, extra_body=extra)
 
     with ThreadPoolExecutor(len(prompt_ids)) as ex:
         results = list(ex.map(ask, prompt_ids))
@@ -90,6 +93,8 @@ def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int) -
         for j, lp in enumerate(choice.logprobs.token_logprobs):
             worst_decode = max(worst_decode, abs(lp - full[len(ids) - 1 + j, got[j]].item()))
 
+        if not prompt_logprobs:
+            continue
         plp = getattr(choice, "prompt_logprobs", None) or (choice.model_extra or {}).get("prompt_logprobs")
         assert plp is not None and len(plp) == len(ids) and plp[0] is None
         for i in range(1, len(ids)):

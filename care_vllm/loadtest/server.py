@@ -81,6 +81,13 @@ def scrape_metrics(base_url: str, timeout: float = 5.0) -> dict[str, float | dic
     return out
 
 
+def prefix_cache_counters(base_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Prompt tokens looked up in the prefix cache and those found there so far (vLLM's
+    `vllm:prefix_cache_{queries,hits}_total` counters): take the difference around a workload."""
+    m = scrape_metrics(base_url, timeout)
+    return {key: float(m.get(f"vllm:prefix_cache_{key}_total", 0.0)) for key in ("queries", "hits")}
+
+
 def cache_config_info(base_url: str, timeout: float = 5.0) -> dict[str, str] | None:
     """The labels of /metrics `vllm:cache_config_info` (num_gpu_blocks, block_size, cache_dtype, ...)."""
     info = scrape_metrics(base_url, timeout).get("vllm:cache_config_info")
