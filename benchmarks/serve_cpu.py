@@ -35,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repo root on sys.path)
 from care_vllm.loadtest.server import (VllmServer, cache_config_info, fetch, prefix_cache_counters,  # noqa: E402
-                                       vllm_command)  # noqa: E402
+                                       vllm_command)
+from care_vllm.loadtest.workload import Workload  # noqa: E402
 
 PROMPT = "The three most important ideas in operating system design are"
 
@@ -164,21 +165,17 @@ METRICS = ["output_throughput", "total_token_throughput", "request_throughput", 
     f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "p99")]
 
 
-def dataset_args(args) -> list[str]:
-    if args.dataset == "random":
-        return ["--dataset-name", "random", "--random-input-len", str(args.input_len),
-                "--random-output-len", str(args.output_len)]
-    return ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(args.prefix_len),
-            "--prefix-repetition-suffix-len", str(args.input_len),
-            "--prefix-repetition-num-prefixes", str(args.num_prefixes),
-            "--prefix-repetition-output-len", str(args.output_len)]
+def workload(args) -> Workload:
+    """The `vllm bench serve` workload (care-bench's: one place for the dataset flags)."""
+    return Workload(args.num_prompts, args.input_len, args.output_len, str(args.request_rate), args.seed,
+                    args.prefix_len if args.dataset == "prefix_repetition" else 0, args.num_prefixes)
 
 
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
     raw_dir.mkdir(parents=True, exist_ok=True)
     fname = f"{var_name}.json"
     cmd = [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base, "--model", served,
-           "--tokenizer", str(tokenizer), *dataset_args(args),
+           "--tokenizer", str(tokenizer), *workload(args).dataset_args(),
            "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate),
            "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--ignore-eos",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
@@ -308,11 +305,9 @@ def _f(x, nd=1):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
-def workload(s: dict) -> str:
-    if s.get("dataset", "random") == "random":
-        return f"random dataset, input {s['input_len']} tokens"
-    return (f"prefix_repetition dataset, input {s['prefix_len']} shared (one of {s['num_prefixes']} prefixes) "
-            f"+ {s['input_len']} own tokens")
+def described(s: dict) -> str:
+    return Workload(s["num_prompts"], s["input_len"], s["output_len"],
+                    prefix_len=s.get("prefix_len", 0), num_prefixes=s.get("num_prefixes", 1)).describe()
 
 
 def render_md(res: dict, order: list[str]) -> str:
@@ -330,8 +325,8 @@ def render_md(res: dict, order: list[str]) -> str:
            f"{'--enforce-eager' if s['enforce_eager'] else 'compiled'}"
            + (f", --max-num-seqs {s['max_num_seqs']}" if s['max_num_seqs'] else "")
            + (f", {s['serve_args']}" if s.get("serve_args") else "") + ", 127.0.0.1, free port",
-           f"- workload (`vllm bench serve`): {workload(s)}, seed {s['seed']}, {s['num_prompts']} prompts, "
-           f"output {s['output_len']} tokens (--ignore-eos), request rate {s['request_rate']}, "
+           f"- workload (`vllm bench serve`): {described(s)} (--ignore-eos), seed {s['seed']}, "
+           f"{s['num_prompts']} prompts, request rate {s['request_rate']}, "
            f"max concurrency {s['max_concurrency']}",
            "- variants are served one after another; absolute numbers on this shared 2-core machine are noisy "
            "(other jobs' load changes between runs), compare them with that in mind", ""]

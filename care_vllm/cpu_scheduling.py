@@ -16,7 +16,7 @@ hook overrides (`enable_chunked_prefill`, `enable_prefix_caching`, `max_num_batc
 what the engine arguments had resolved them to before it, so vLLM's defaults (both on) and the
 user's flags (`--no-enable-prefix-caching`, `--max-num-batched-tokens`, ...) apply as for any
 other model. Everything else the hook does (block size 16, memory, threads) is kept.
-Checked end to end by tests/test_vllm_prefix_caching.py (greedy output and logprobs equal to
+Checked end to end by tests/test_vllm_serve.py (greedy output and logprobs equal to
 model_defs with cache hits and prefills split into chunks).
 """
 from __future__ import annotations

@@ -26,13 +26,15 @@ def serve_args(*extra: str) -> list[str]:
             "--max-num-seqs", "8", *extra]
 
 
-def varied_original(path: Path, arch: str) -> Path:
+def varied_original(path: Path, arch: str, head_dim: int = 16) -> Path:
     """A tiny random original whose greedy continuations vary (a plain random model with tied
     embeddings mostly repeats its last token, which would make the greedy comparison weak): the
-    attention and MLP outputs are scaled up so that the context, not the current token, decides."""
+    attention and MLP outputs are scaled up so that the context, not the current token, decides.
+    Stock vLLM's CPU attention runs head_dim 32 and up (16 only allocates its cache: enough for
+    comparing KV sizes, not for serving the original)."""
     from safetensors.torch import load_file, save_file
 
-    src = make_tiny_original(path, arch, num_layers=4, hidden=64, heads=4, kv_heads=2, head_dim=16, seed=1)
+    src = make_tiny_original(path, arch, num_layers=4, hidden=64, heads=4, kv_heads=2, head_dim=head_dim, seed=1)
     f = next(src.glob("*.safetensors"))
     tensors = load_file(str(f))
     for name in tensors:

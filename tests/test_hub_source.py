@@ -35,8 +35,13 @@ NEW = "89abcdef0123456789abcdef0123456789abcdef"
 CONVERT_FLAGS = ["--kv-ratio", "0.5", "--rope-dim", "8", "--calib-samples", "4", "--calib-seqlen", "32"]
 
 
+def _repo_folder(cache: Path) -> Path:
+    """huggingface_hub's cache folder of REPO: models--NS--NAME."""
+    return cache / f"models--{REPO.replace('/', '--')}"
+
+
 def _snapshot(cache: Path, folder: Path, commit: str) -> Path:
-    snap = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / commit
+    snap = _repo_folder(cache) / "snapshots" / commit
     shutil.copytree(folder, snap)
     return snap
 
@@ -51,7 +56,7 @@ def hub(tmp_path_factory):
     cfg = json.loads((new / "config.json").read_text())
     cfg["vocab_size"] += 1
     (new / "config.json").write_text(json.dumps(cfg))
-    refs = cache / f"models--{REPO.replace('/', '--')}" / "refs"
+    refs = _repo_folder(cache) / "refs"
     refs.mkdir()
     (refs / "main").write_text(NEW)
     calib = root / "calib.txt"

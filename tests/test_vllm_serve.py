@@ -8,13 +8,23 @@ concurrent requests; greedy tokens identical to model_defs (transformers) for 32
 concurrent prompts; prompt logprobs within 1e-3 (fp32); the KV cache vLLM allocates per token
 (from the engine's own per-layer lines and its capacity line) equals sum_l (r_K + r_V + d_r) * 4
 bytes and is below the original's.
+
+The care servers run with `--max-num-batched-tokens 48` and vLLM's defaults otherwise, i.e. prefix
+caching and chunked prefill on (which vLLM 0.32 turns off for MLA models on CPUs without AMX and the
+plugin keeps on for care_mla, care_vllm/cpu_scheduling.py): ~250-token prompts sharing a prefix are
+prefilled in chunks and read the prefix from the cache, both through vLLM's MLA "prefill with
+context" path at our per-layer widths (cached latent rows gathered, up-projected by each layer's
+kv_b_proj, attended, merged with the new tokens' attention). Checked: /metrics count the cache hits,
+greedy tokens and generated-token logprobs (the first comes from that prefill) equal model_defs.
 """
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from care_vllm.loadtest.server import prefix_cache_counters
 from tests.served_reference import (KV_BYTES, PROMPTS, compare_concurrent, reference_model, serve_args,
                                      varied_original)
 from tests.vllm_server import VLLMServer
@@ -25,6 +35,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 FP32 = 4
+CHUNK = 48  # --max-num-batched-tokens of the care servers: longer prompts are prefilled in chunks
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "qwen3_moe"])
@@ -44,7 +55,8 @@ def served(request, tmp_path_factory, calib_file):
 
     # The llama and qwen3_moe servers run compiled (vLLM's default), the qwen3 one eager: both paths
     # are covered.
-    care = VLLMServer(out, *serve_args(*(["--enforce-eager"] if arch == "qwen3" else [])),
+    care = VLLMServer(out, *serve_args("--max-num-batched-tokens", str(CHUNK),
+                                       *(["--enforce-eager"] if arch == "qwen3" else [])),
                       log_path=root / "care.log")
     orig = VLLMServer(src, *serve_args("--enforce-eager"), log_path=root / "orig.log")
     care.start()
@@ -153,3 +165,29 @@ def test_kv_cache_per_token_is_the_sum_of_layer_widths(served):
     print(f"[{served[0]}] layer widths {widths} (block {block_size}, {next(iter(num_blocks))} blocks): "
           f"{per_token_bytes} B/token, {care_tokens} tokens in {KV_BYTES} B; original (stock vLLM) "
           f"{orig_per_token} B/token, {orig_tokens} tokens")
+
+
+def test_prefix_cache_hits_and_chunked_prefill_match_model_defs(served, reference):
+    arch, _, _, server, _ = served
+    model, tok = reference
+    client = _client(server)
+    settings = re.search(r"enable_prefix_caching=(\w+), enable_chunked_prefill=(\w+)", server.log_text())
+    assert settings and settings.groups() == ("True", "True"), server.log_tail()
+
+    prefix = tok(" ".join(f"Item {i} of the list is a word about caching latent rows." for i in range(16)))["input_ids"]
+    assert len(prefix) > 3 * CHUNK, len(prefix)
+    suffixes = [" The first", " Then the second one", " And finally", " Counting again: 1, 2,"]
+    prompt_ids = [prefix + tok(s, add_special_tokens=False)["input_ids"] for s in suffixes]
+
+    hits_before = prefix_cache_counters(server.base_url)["hits"]
+    first = compare_concurrent(client, model, prompt_ids[:1], 8, prompt_logprobs=False)   # fills the cache
+    rest = compare_concurrent(client, model, prompt_ids[1:], 24, prompt_logprobs=False)   # reads it
+    hits = prefix_cache_counters(server.base_url)["hits"] - hits_before
+    worst = max(first["generated"], rest["generated"])
+    print(f"[{arch}] prompts of {[len(p) for p in prompt_ids]} tokens, prefill chunks of {CHUNK}: "
+          f"{hits:.0f} prefix-cache hit tokens; greedy tokens identical to model_defs; "
+          f"max |generated-token logprob diff| {worst:.2e}")
+    block = 16  # vLLM's CPU platform hook sets block size 16 for MLA models
+    assert hits >= 3 * (len(prefix) // block - 1) * block, f"too few prefix-cache hits: {hits}"
+    assert worst < 1e-3, f"max |generated-token logprob diff| {worst}"
+    assert len(rest["distinct"]) >= 6, f"degenerate generations (the comparison would be weak): {rest['distinct']}"

@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--converted-url", help="use this running server for the converted model")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="max concurrency levels")
     p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (with --prefix-len: after the prefix)")
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="shared prompt prefix tokens (vLLM's prefix_repetition dataset; prefix caching); 0: none")
+    p.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes with --prefix-len")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--request-rate", default="inf")
     p.add_argument("--seed", type=int, default=0)
@@ -95,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(p) / "config.json").is_file():
             print(f"care-bench: error: {p} is not a checkpoint folder (no config.json)", file=sys.stderr)
             return 2
+    if args.prefix_len < 0 or args.num_prefixes < 1 or args.num_prompts < args.num_prefixes:
+        print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
+              f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed)
+    wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
+                  args.prefix_len, args.num_prefixes)
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .workload import Workload
+
 COLORS = {"original": "#777777", "converted": "#2b7bba"}
 PCTS = (50, 90, 99)
 
@@ -84,6 +86,12 @@ def plot_all(report: dict, out: Path) -> list[str]:
     return files
 
 
+def _hit_rate(level: dict) -> str:
+    """Share of the level's prompt tokens found in the prefix cache ('n/a' for reports without it)."""
+    pc = level.get("prefix_cache") or {}
+    return f"{100 * pc['hit_tokens'] / pc['queried_tokens']:.0f} %" if pc.get("queried_tokens") else "n/a"
+
+
 def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
@@ -95,25 +103,25 @@ def summary_markdown(report: dict) -> str:
         "# care-bench report", "",
         f"- original: `{o['path']}` ({o['label']})",
         f"- converted: `{c['path']}` ({c['label']})",
-        f"- workload: `vllm bench serve`, random dataset, {wl['num_prompts']} prompts, "
-        f"{wl['input_len']} in / {wl['output_len']} out tokens, request rate {wl['request_rate']}, seed {wl['seed']}",
+        f"- workload: `vllm bench serve`, {Workload(**wl).describe()}, "
+        f"{wl['num_prompts']} prompts, request rate {wl['request_rate']}, seed {wl['seed']}",
         f"- KV cache tokens: original {o.get('kv_cache_tokens')}, converted {c.get('kv_cache_tokens')} "
         f"({_ratio(c.get('kv_cache_tokens'), o.get('kv_cache_tokens'))})",
         f"- KV values per token (all layers): original {o.get('cache_values_per_token')}, "
         f"converted {c.get('cache_values_per_token')}",
-        "", "| concurrency | model | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) |",
-        "|---|---|---|---|---|",
+        "", "| concurrency | model | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | prefix-cache hits |",
+        "|---|---|---|---|---|---|",
     ]
     for lo, lc in zip(_levels(o), _levels(c)):
         for name, lv in (("original", lo), ("converted", lc)):
             r = lv["result"]
             lines.append(f"| {lv['concurrency']} | {name} | {r['output_throughput']:.1f} | "
                          f"{r.get('p50_ttft_ms', 0):.1f} / {r.get('p99_ttft_ms', 0):.1f} | "
-                         f"{r.get('p50_tpot_ms', 0):.1f} / {r.get('p99_tpot_ms', 0):.1f} |")
+                         f"{r.get('p50_tpot_ms', 0):.1f} / {r.get('p99_tpot_ms', 0):.1f} | {_hit_rate(lv)} |")
         lines.append(f"| {lo['concurrency']} | **converted / original** | "
                      f"{_ratio(lc['result']['output_throughput'], lo['result']['output_throughput'])} | "
                      f"{_ratio(lc['result'].get('p50_ttft_ms'), lo['result'].get('p50_ttft_ms'))} | "
-                     f"{_ratio(lc['result'].get('p50_tpot_ms'), lo['result'].get('p50_tpot_ms'))} |")
+                     f"{_ratio(lc['result'].get('p50_tpot_ms'), lo['result'].get('p50_tpot_ms'))} | |")
     q = report.get("quality") or {}
     if q:
         lines += ["", "## Quality", ""]

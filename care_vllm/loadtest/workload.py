@@ -13,18 +13,41 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import scrape_metrics, vllm_command
+from .server import prefix_cache_counters, scrape_metrics, vllm_command
 
 SCRAPED = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 @dataclass
 class Workload:
+    """`prefix_len` 0: vLLM's random dataset, `input_len` tokens a prompt. `prefix_len` > 0: its
+    prefix_repetition dataset, each prompt = one of `num_prefixes` shared prefixes of `prefix_len`
+    tokens + `input_len` tokens of its own (a system prompt / few-shot header: prefix caching)."""
     num_prompts: int = 32
     input_len: int = 256
     output_len: int = 64
     request_rate: str = "inf"
     seed: int = 0
+    prefix_len: int = 0
+    num_prefixes: int = 1
+
+    def dataset_args(self) -> list[str]:
+        """The `vllm bench serve` dataset flags of this workload."""
+        if not self.prefix_len:
+            return ["--dataset-name", "random", "--random-input-len", str(self.input_len),
+                    "--random-output-len", str(self.output_len)]
+        return ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(self.prefix_len),
+                "--prefix-repetition-suffix-len", str(self.input_len),
+                "--prefix-repetition-num-prefixes", str(self.num_prefixes),
+                "--prefix-repetition-output-len", str(self.output_len)]
+
+    def describe(self) -> str:
+        """E.g. 'random dataset, 256 in / 64 out tokens'."""
+        tokens = f"{self.input_len} in / {self.output_len} out tokens"
+        if not self.prefix_len:
+            return f"random dataset, {tokens}"
+        return (f"prefix_repetition dataset, {self.prefix_len} shared (one of {self.num_prefixes} prefixes) "
+                f"+ {tokens}")
 
 
 class MetricsScraper(threading.Thread):
@@ -65,8 +88,7 @@ def bench_command(base_url: str, served_name: str, tokenizer: str, wl: Workload,
                   result_dir: Path, result_file: str) -> list[str]:
     return [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base_url,
             "--endpoint", "/v1/completions", "--model", served_name, "--tokenizer", tokenizer,
-            "--dataset-name", "random", "--random-input-len", str(wl.input_len),
-            "--random-output-len", str(wl.output_len), "--num-prompts", str(wl.num_prompts),
+            *wl.dataset_args(), "--num-prompts", str(wl.num_prompts),
             "--request-rate", wl.request_rate, "--max-concurrency", str(concurrency), "--seed", str(wl.seed),
             "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
             "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file, "--disable-tqdm"]
@@ -74,10 +96,12 @@ def bench_command(base_url: str, served_name: str, tokenizer: str, wl: Workload,
 
 def run_level(base_url: str, served_name: str, tokenizer: str, wl: Workload, concurrency: int,
               result_dir: Path, tag: str, timeout: float = 3600) -> dict:
-    """Run one `vllm bench serve` level; returns its saved JSON plus the scraped timeline."""
+    """Run one `vllm bench serve` level; returns its saved JSON, the scraped timeline and the
+    prefix-cache lookups during the level (tokens queried, found)."""
     result_dir.mkdir(parents=True, exist_ok=True)
     fname = f"{tag}_c{concurrency}.json"
     cmd = bench_command(base_url, served_name, tokenizer, wl, concurrency, result_dir, fname)
+    cached_before = prefix_cache_counters(base_url)
     scraper = MetricsScraper(base_url)
     scraper.start()
     try:
@@ -87,8 +111,10 @@ def run_level(base_url: str, served_name: str, tokenizer: str, wl: Workload, con
     (result_dir / f"{tag}_c{concurrency}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    cached = {k: v - cached_before[k] for k, v in prefix_cache_counters(base_url).items()}
     result = json.loads((result_dir / fname).read_text())
     if result.get("completed") != wl.num_prompts:
         raise RuntimeError(f"vllm bench serve: only {result.get('completed')} of {wl.num_prompts} requests "
                            f"completed at concurrency {concurrency} (see the server log)")
-    return {"concurrency": concurrency, "command": cmd, "result": result, "metrics_timeline": timeline}
+    return {"concurrency": concurrency, "command": cmd, "result": result, "metrics_timeline": timeline,
+            "prefix_cache": {"queried_tokens": cached["queries"], "hit_tokens": cached["hits"]}}

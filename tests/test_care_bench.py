@@ -1,0 +1,105 @@
+"""End to end: `care-bench ORIGINAL CONVERTED OUT` (care_vllm/loadtest) as a user runs it: it starts
+stock `vllm serve` on a tiny GQA original and the plugin's on its conversion, one after the other,
+drives both with `vllm bench serve` on a shared-prefix workload (`--prefix-len`), and writes the
+report.
+
+The conversion drops nothing (KV parity, RoPE on every key dim: equal to the original's logits,
+tests/test_converter_exact.py), so the original is the reference for the report's quality half:
+greedy agreement must be exact and held-out perplexity equal. Also checked: every request completed
+at every level, both servers found the shared prefix in their prefix cache (for the converted model
+that needs care_vllm/cpu_scheduling.py), the KV-cache tokens the report gives are the budget over
+the bytes a token takes, and the summary, plots and raw `vllm bench serve` results are written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.served_reference import KV_BYTES, MAX_LEN, varied_original
+from tests.vllm_server import ROOT
+
+pytest.importorskip("vllm")
+pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+
+PREFIX, OWN, PROMPTS = 256, 16, 8
+HEAD_DIM = 32
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, calib_file):
+    from converter.pipeline import convert
+
+    root = tmp_path_factory.mktemp("care_bench")
+    src = varied_original(root / "orig", "llama", head_dim=HEAD_DIM)   # stock vLLM on CPU: head_dim >= 32
+    out = root / "mla"
+    convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=2 * HEAD_DIM, calib_samples=8,
+            calib_seqlen=64, ranks="uniform")
+    report = root / "report"
+    cmd = [sys.executable, "-m", "care_vllm.loadtest.cli", str(src), str(out), str(report),
+           "--concurrency", "2", "--num-prompts", str(PROMPTS), "--prefix-len", str(PREFIX),
+           "--input-len", str(OWN), "--output-len", "8", "--kv-cache-memory-bytes", str(KV_BYTES),
+           "--max-model-len", str(MAX_LEN), "--serve-args=--enforce-eager", "--agreement-tokens", "8",
+           "--ppl-text", str(calib_file), "--ppl-tokens", "1024", "--ppl-seqlen", "64"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return report, json.loads((report / "report.json").read_text()), r.stdout
+
+
+def test_every_request_completed_and_both_hit_the_prefix_cache(bench):
+    _, rep, summary = bench
+    print(summary)
+    assert rep["workload"]["prefix_len"] == PREFIX
+    for role in ("original", "converted"):
+        (level,) = rep["models"][role]["levels"]
+        res = level["result"]
+        assert res["completed"] == PROMPTS and res["failed"] == 0, (role, res)
+        assert "prefix_repetition" in level["command"]
+        pc = level["prefix_cache"]
+        # all prompts share one prefix: all but the first two (sent together) can read it from the cache
+        assert pc["hit_tokens"] >= (PROMPTS - 2) * (PREFIX // 2), (role, pc)
+        assert pc["hit_tokens"] <= pc["queried_tokens"] <= PROMPTS * (PREFIX + OWN + 8), (role, pc)
+
+
+def test_quality_of_an_exact_conversion_is_the_originals(bench):
+    _, rep, _ = bench
+    q = rep["quality"]
+    assert q["greedy_agreement"]["prompts"] == 16
+    assert q["greedy_agreement"]["exact_match_rate"] == 1.0, q["greedy_agreement"]
+    po, pc = q["perplexity"]["original"], q["perplexity"]["converted"]
+    assert po["tokens"] == pc["tokens"] > 0
+    assert abs(pc["ppl"] / po["ppl"] - 1) < 1e-3, (po, pc)
+
+
+def test_report_files_and_kv_tokens(bench):
+    report, rep, _ = bench
+    o, c = rep["models"]["original"], rep["models"]["converted"]
+    assert c["cache_values_per_token"] == o["cache_values_per_token"]     # KV parity
+    fp32_bytes = 4 * c["cache_values_per_token"]
+    for m in (o, c):   # the KV budget over the bytes a token takes, down to whole blocks (16 or 128)
+        assert KV_BYTES // fp32_bytes - 128 < m["kv_cache_tokens"] <= KV_BYTES // fp32_bytes, m
+        assert m["levels"][0]["metrics_timeline"], "no /metrics samples during the level"
+    summary = (report / "summary.md").read_text()
+    assert "prefix_repetition dataset, 256 shared (one of 1 prefixes) + 16 in / 8 out tokens" in summary and "prefix-cache hits" in summary
+    for name in ("throughput.png", "latency.png", "kv_usage.png", "raw/original_c2.json", "raw/converted_c2.json"):
+        assert (report / name).is_file(), name
+
+
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts"])
+def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
+    from care_vllm.loadtest.cli import main
+
+    orig = varied_original(tmp_path / "orig", "llama")
+    args = {"not_a_checkpoint": [str(orig), str(calib_file.parent)],
+            "negative_prefix": [str(orig), str(orig), "--prefix-len", "-1"],
+            "more_prefixes_than_prompts": [str(orig), str(orig), "--prefix-len", "64", "--num-prefixes", "9",
+                                           "--num-prompts", "8"]}[case]
+    out = tmp_path / "report"
+    assert main([*args[:2], str(out), *args[2:]]) == 2
+    assert not out.exists()
