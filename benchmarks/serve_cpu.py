@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repo root on sys.path)
 from care_vllm.loadtest.server import (VllmServer, cache_config_info, fetch, prefix_cache_counters,  # noqa: E402
-                                       vllm_command)
+                                       prefix_cache_use, vllm_command)
 from care_vllm.loadtest.workload import Workload  # noqa: E402
 
 PROMPT = "The three most important ideas in operating system design are"
@@ -275,10 +275,7 @@ def main(argv=None) -> int:
                       f"sample: {comp['choices'][0]['text']!r}", flush=True)
                 before = prefix_cache_counters(srv.base_url)
                 metrics, bcmd = run_bench(name, served, src, srv.base_url, raw_dir, args)
-                after = prefix_cache_counters(srv.base_url)
-                queried = after["queries"] - before["queries"]
-                rec["prefix_cache"] = {"queried_tokens": queried, "hit_tokens": after["hits"] - before["hits"],
-                                       "hit_rate": (after["hits"] - before["hits"]) / queried if queried else None}
+                rec["prefix_cache"] = prefix_cache_use(before, prefix_cache_counters(srv.base_url))
                 rec["bench_command"] = " ".join(shlex.quote(c) for c in bcmd).replace(srv.base_url,
                                                                                       "http://127.0.0.1:PORT")
                 rec["bench"] = metrics

@@ -88,8 +88,8 @@ def plot_all(report: dict, out: Path) -> list[str]:
 
 def _hit_rate(level: dict) -> str:
     """Share of the level's prompt tokens found in the prefix cache ('n/a' for reports without it)."""
-    pc = level.get("prefix_cache") or {}
-    return f"{100 * pc['hit_tokens'] / pc['queried_tokens']:.0f} %" if pc.get("queried_tokens") else "n/a"
+    rate = (level.get("prefix_cache") or {}).get("hit_rate")
+    return "n/a" if rate is None else f"{100 * rate:.0f} %"
 
 
 def _ratio(a, b) -> str:

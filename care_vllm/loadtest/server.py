@@ -88,6 +88,13 @@ def prefix_cache_counters(base_url: str, timeout: float = 5.0) -> dict[str, floa
     return {key: float(m.get(f"vllm:prefix_cache_{key}_total", 0.0)) for key in ("queries", "hits")}
 
 
+def prefix_cache_use(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The prefix-cache lookups between two `prefix_cache_counters` readings: prompt tokens queried,
+    tokens found, and their ratio (None when nothing was looked up, e.g. prefix caching off)."""
+    queried, hits = after["queries"] - before["queries"], after["hits"] - before["hits"]
+    return {"queried_tokens": queried, "hit_tokens": hits, "hit_rate": hits / queried if queried else None}
+
+
 def cache_config_info(base_url: str, timeout: float = 5.0) -> dict[str, str] | None:
     """The labels of /metrics `vllm:cache_config_info` (num_gpu_blocks, block_size, cache_dtype, ...)."""
     info = scrape_metrics(base_url, timeout).get("vllm:cache_config_info")

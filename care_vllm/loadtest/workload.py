@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import prefix_cache_counters, scrape_metrics, vllm_command
+from .server import prefix_cache_counters, prefix_cache_use, scrape_metrics, vllm_command
 
 SCRAPED = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
 
@@ -111,10 +111,9 @@ def run_level(base_url: str, served_name: str, tokenizer: str, wl: Workload, con
     (result_dir / f"{tag}_c{concurrency}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    cached = {k: v - cached_before[k] for k, v in prefix_cache_counters(base_url).items()}
     result = json.loads((result_dir / fname).read_text())
     if result.get("completed") != wl.num_prompts:
         raise RuntimeError(f"vllm bench serve: only {result.get('completed')} of {wl.num_prompts} requests "
                            f"completed at concurrency {concurrency} (see the server log)")
     return {"concurrency": concurrency, "command": cmd, "result": result, "metrics_timeline": timeline,
-            "prefix_cache": {"queried_tokens": cached["queries"], "hit_tokens": cached["hits"]}}
+            "prefix_cache": prefix_cache_use(cached_before, prefix_cache_counters(base_url))}
