@@ -43,7 +43,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .backends import choose_backend
+from .backends import choose_backend, use_key_value_split
 from .config import layer_widths
 
 
@@ -51,16 +51,28 @@ logger = init_logger("vllm.care_vllm")  # under "vllm": uses vLLM's handlers and
 
 
 class CareMLAAttention(MLAAttention):
-    """vLLM's MLAAttention, plus one log line per layer with the KV cache tensor it is given
-    (what the engine actually allocated for this layer's width)."""
+    """vLLM's MLAAttention over a [c_K (k_rank) | c_V] latent, plus: after loading, the backend may
+    split the absorbed decode into key and value parts (care_vllm.backends.use_key_value_split);
+    one log line per layer with the KV cache tensor it is given (what the engine actually allocated
+    for this layer's width) and the decode form."""
+
+    def __init__(self, *args, k_rank: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k_rank = k_rank
+        self.decode_form = "joint latent"
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype):
+        super().process_weights_after_loading(act_dtype)
+        if use_key_value_split(self, self.k_rank):
+            self.decode_form = f"key/value split {self.k_rank}+{self.kv_lora_rank - self.k_rank}"
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
         super().bind_kv_cache(kv_cache)
         if self.kv_cache.numel():
-            logger.info("care_mla KV cache %s: shape %s, %d values/token, %d bytes/token, backend %s",
-                        self.layer_name, tuple(self.kv_cache.shape), self.kv_cache.shape[-1],
+            logger.info("care_mla KV cache %s: shape %s, %d values/token, %d bytes/token, backend %s, "
+                        "decode %s", self.layer_name, tuple(self.kv_cache.shape), self.kv_cache.shape[-1],
                         self.kv_cache.shape[-1] * self.kv_cache.element_size(),
-                        self.attn_backend.__name__)
+                        self.attn_backend.__name__, self.decode_form)
 
 
 class CareWeightError(ValueError):
@@ -115,22 +127,27 @@ class HeadShardedWeight(nn.Module):
 
 
 def _prefill_backend_cls(vllm_config: VllmConfig):
-    """vLLM's MLA prefill backend if one takes these (P, R, V) dims; on GPU, where the whitelists
+    """vLLM's MLA prefill backend if one takes these (P, R, V) dims; on CPU its dense CPU_SDPA_MLA is
+    replaced by the flash-kernel subclass (backends/cpu_prefill.py); on GPU, where the whitelists
     are narrow (e.g. FA: (128,64,128), (192,64,128), ...), fall back to the dense torch one."""
     from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
     from vllm.v1.attention.backends.mla.prefill.selector import get_mla_prefill_backend
 
     try:
-        return get_mla_prefill_backend(vllm_config)
+        chosen = get_mla_prefill_backend(vllm_config)
     except ValueError:
         if current_platform.is_cpu():
             raise
-        from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
-
         logger.warning_once(
             "care_vllm: no MLA prefill backend supports these head dims; using the dense PyTorch "
             "prefill (CPU_SDPA_MLA) on %s.", current_platform.device_name)
         return CPUSDPAMLAPrefillBackend
+    if current_platform.is_cpu() and chosen is CPUSDPAMLAPrefillBackend:
+        from .backends.cpu_prefill import CareCPUFlashPrefillBackend
+
+        return CareCPUFlashPrefillBackend
+    return chosen
 
 
 class CareLatentAttention(nn.Module):
@@ -185,6 +202,7 @@ class CareLatentAttention(nn.Module):
                                  cache_config.cache_dtype if cache_config is not None else "auto")
         self.mla_attn = CareMLAAttention(
             num_heads=self.num_heads,
+            k_rank=self.r_k,
             scale=float(config.softmax_scale),
             qk_nope_head_dim=d_h,
             qk_rope_head_dim=d_r,

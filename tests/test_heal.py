@@ -289,15 +289,24 @@ def test_parse_tokens():
 
 @pytest.mark.slow
 def test_vllm_serves_healed_checkpoint_with_the_same_kv_width(healed):
-    """`vllm serve OUT` (care_vllm plugin) on the healed model: a completion works and the KV cache
-    vLLM binds per layer is r_K + r_V + d_r wide, so per token it is exactly the config's width."""
+    """`vllm serve OUT` (care_vllm plugin) on the healed model: healing filled kv_b_proj's zero
+    blocks, so every layer decodes with the joint latent; greedy tokens equal model_defs' and
+    logprobs agree to 1e-3; the KV cache vLLM binds per layer is r_K + r_V + d_r wide, so per token
+    it is exactly the config's width."""
     import openai
+    from transformers import AutoTokenizer
 
+    from tests.served_reference import compare_concurrent, decode_forms
     from tests.vllm_server import VLLMServer
 
     kv_bytes = 16 << 20
     cfg = json.loads((healed / "config.json").read_text())
     widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
+    weights = load_file(healed / "model.safetensors")
+    for l, k in enumerate(cfg["k_ranks"]):
+        kv_b = weights[f"model.layers.{l}.self_attn.kv_b_proj.weight"]
+        kv_b = kv_b.view(cfg["num_attention_heads"], 2, -1, kv_b.shape[-1])   # [head, (k_nope, v), d_h, latent]
+        assert kv_b[:, 0, :, k:].any() and kv_b[:, 1, :, :k].any(), "healing left kv_b_proj block-diagonal"
     with VLLMServer(healed, "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes",
                     str(kv_bytes), "--max-num-seqs", "4", "--enforce-eager",
                     log_path=healed.parent / "healed.serve.log") as server:
@@ -306,6 +315,11 @@ def test_vllm_serves_healed_checkpoint_with_the_same_kv_width(healed):
         r = client.completions.create(model=name, prompt="The small bird", max_tokens=8, temperature=0,
                                       extra_body={"ignore_eos": True})
         assert r.choices[0].text and r.usage.completion_tokens == 8
+        assert decode_forms(server.log_text()) == {l: "joint latent" for l in range(cfg["num_hidden_layers"])}
+        tok = AutoTokenizer.from_pretrained(healed)
+        prompts = [tok(p)["input_ids"] for p in ("The small bird", TEXT[:90])]
+        diff = compare_concurrent(client, _load(healed), prompts, 16)
+        assert diff["prompt"] < 1e-3 and diff["generated"] < 1e-3, diff
         shapes = server.kv_layer_shapes()
         assert sorted(shapes) == list(range(cfg["num_hidden_layers"])), server.log_tail()
         assert [shapes[l][-1] for l in range(len(widths))] == widths

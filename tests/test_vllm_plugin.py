@@ -1,6 +1,7 @@
 """Fast checks of the vLLM plugin pieces (no server): version gate, registration, the PyTorch
-paged latent decode and the GPU gather fallback against naive references, and the explicit
-checkpoint name/shape table against a real conversion."""
+paged latent decode (joint and key/value split) and the GPU gather fallback against naive
+references, the CPU flash prefill and KV write against vLLM's own CPU_SDPA_MLA / CPU_MLA code, and
+the explicit checkpoint name/shape table against a real conversion."""
 from __future__ import annotations
 
 import json
@@ -75,6 +76,74 @@ def test_paged_latent_decode_matches_dense(width, rope, block):
         rows = cache[block_table[b, pos // block].long(), pos % block]
         ref = _dense_latent_attention(q[b], rows, 0.3, r)
         assert (out[b].double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("k_rank,v_rank,rope,block", [(5, 14, 8, 16), (20, 7, 36, 5)])
+def test_paged_latent_decode_key_value_split_matches_dense(k_rank, v_rank, rope, block):
+    """The split decode (scores over [c_K | k_pe], values c_V) equals the joint one with a query
+    that is zero on c_V; its output is zero on c_K."""
+    from care_vllm.backends.cpu import paged_latent_decode
+
+    g = torch.Generator().manual_seed(k_rank)
+    r = k_rank + v_rank
+    num_blocks, B, N = 30, 3, 4
+    cache = torch.randn(num_blocks, block, r + rope, generator=g)
+    seq_lens = torch.tensor([3 * block + 1, 1, 4 * block])
+    max_blocks = (int(seq_lens.max()) + block - 1) // block
+    block_table = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(B)]).int()
+    q_k, q_pe = torch.randn(B, N, k_rank, generator=g), torch.randn(B, N, rope, generator=g)
+    out = paged_latent_decode(torch.cat([q_k, q_pe], -1), cache, block_table, seq_lens.int(), 0.3, r,
+                              k_rank=k_rank)
+    assert out.shape == (B, N, r) and not out[..., :k_rank].any()
+    q_joint = torch.cat([q_k, torch.zeros(B, N, v_rank), q_pe], -1)
+    for b in range(B):
+        pos = torch.arange(int(seq_lens[b]))
+        rows = cache[block_table[b, pos // block].long(), pos % block]
+        ref = _dense_latent_attention(q_joint[b], rows, 0.3, r)
+        assert (out[b, :, k_rank:].double() - ref[:, k_rank:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d_qk,d_v", [(24, 16), (16, 16), (8, 12)])
+def test_flash_prefill_matches_vllm_cpu_sdpa_prefill(causal, d_qk, d_v):
+    """care_vllm's CPU MLA prefill kernel (PyTorch's flash attention) against vLLM's own dense
+    CPU_SDPA_MLA on ragged requests: outputs and the log-sum-exp the context merge uses."""
+    from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
+
+    from care_vllm.backends.cpu_prefill import ragged_flash_attention
+
+    g = torch.Generator().manual_seed(d_qk + d_v)
+    q_lens = [5, 1, 37]
+    kv_lens = q_lens if causal else [9, 40, 3]
+    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    N = 3
+    q = torch.randn(sum(q_lens), N, d_qk, generator=g)
+    k = torch.randn(sum(kv_lens), N, d_qk, generator=g)
+    v = torch.randn(sum(kv_lens), N, d_v, generator=g)
+    stock = object.__new__(CPUSDPAMLAPrefillBackend)   # _ragged_sdpa reads only .scale
+    stock.scale = 0.37
+    want_out, want_lse = stock._ragged_sdpa(q, k, v, cu(q_lens), cu(kv_lens), causal, True)
+    got_out, got_lse = ragged_flash_attention(q, k, v, cu(q_lens), cu(kv_lens), 0.37, causal, True)
+    assert got_out.shape == want_out.shape == (sum(q_lens), N, d_v) and got_lse.shape == want_lse.shape
+    assert (got_out - want_out).abs().max() < 1e-5 and (got_lse - want_lse).abs().max() < 1e-5
+    only_out = ragged_flash_attention(q, k, v, cu(q_lens), cu(kv_lens), 0.37, causal, False)
+    assert torch.equal(only_out, got_out)
+
+
+def test_kv_cache_write_matches_vllm_cpu_mla():
+    """care_vllm's single-copy KV write equals CPU_MLA's, padding slots (-1) skipped."""
+    from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
+
+    from care_vllm.backends.cpu import CareCPUMLAImpl
+
+    g = torch.Generator().manual_seed(0)
+    r, rope, T = 19, 8, 6
+    kv_c, k_pe = torch.randn(T, r, generator=g), torch.randn(T, 1, rope, generator=g)
+    slots = torch.tensor([3, 40, -1, 17, 0, -1])
+    ours, stock = torch.zeros(4, 16, r + rope), torch.zeros(4, 16, r + rope)
+    CareCPUMLAImpl.do_kv_cache_update(object.__new__(CareCPUMLAImpl), kv_c, k_pe, ours, slots, "auto", None)
+    CPUMLAImpl.do_kv_cache_update(object.__new__(CPUMLAImpl), kv_c, k_pe, stock, slots, "auto", None)
+    assert torch.equal(ours, stock) and int((ours.abs().sum(-1) > 0).sum()) == 4
 
 
 def test_gpu_backend_module_imports_and_torch_gather_is_exact():

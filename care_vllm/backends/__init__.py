@@ -34,6 +34,19 @@ def choose_backend(widths: list[int], rope_dim: int, kv_cache_dtype: str | None 
         "(supported: CPU, CUDA/ROCm)")
 
 
+def use_key_value_split(layer, k_rank: int) -> bool:
+    """Called by each care_mla attention layer after loading: let its backend decode the key and
+    value parts of the latent separately when kv_b_proj is block-diagonal (CPU backend only;
+    backends/cpu.py). Returns whether it does."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from .cpu import use_key_value_split as split
+
+    return split(layer, k_rank)
+
+
 def _check_cache_dtype(backend, kv_cache_dtype: str | None):
     if not backend.supports_kv_cache_dtype(kv_cache_dtype):
         raise ValueError(
