@@ -3,7 +3,6 @@ the same checkpoint. One place for the greedy reference, the concurrent greedy +
 and the tiny original whose continuations are worth comparing."""
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,14 +42,6 @@ def varied_original(path: Path, arch: str, head_dim: int = 16) -> Path:
             tensors[name] = tensors[name] * 4.0
     save_file(tensors, str(f), metadata={"format": "pt"})
     return src
-
-
-DECODE_FORM = re.compile(r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: .*, decode (.+)$", re.M)
-
-
-def decode_forms(log_text: str) -> dict[int, str]:
-    """{layer: the decode form care_vllm logged for it ("key/value split 5+9" or "joint latent")}."""
-    return {int(m.group(1)): m.group(2).strip() for m in DECODE_FORM.finditer(log_text)}
 
 
 def greedy(model, ids, n: int) -> list[int]:

@@ -296,7 +296,7 @@ def test_vllm_serves_healed_checkpoint_with_the_same_kv_width(healed):
     import openai
     from transformers import AutoTokenizer
 
-    from tests.served_reference import compare_concurrent, decode_forms
+    from tests.served_reference import compare_concurrent
     from tests.vllm_server import VLLMServer
 
     kv_bytes = 16 << 20
@@ -315,7 +315,7 @@ def test_vllm_serves_healed_checkpoint_with_the_same_kv_width(healed):
         r = client.completions.create(model=name, prompt="The small bird", max_tokens=8, temperature=0,
                                       extra_body={"ignore_eos": True})
         assert r.choices[0].text and r.usage.completion_tokens == 8
-        assert decode_forms(server.log_text()) == {l: "joint latent" for l in range(cfg["num_hidden_layers"])}
+        assert server.kv_layer_decode_forms() == {l: "joint latent" for l in range(cfg["num_hidden_layers"])}
         tok = AutoTokenizer.from_pretrained(healed)
         prompts = [tok(p)["input_ids"] for p in ("The small bird", TEXT[:90])]
         diff = compare_concurrent(client, _load(healed), prompts, 16)

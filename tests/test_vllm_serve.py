@@ -25,8 +25,8 @@ import re
 import pytest
 
 from care_vllm.loadtest.server import prefix_cache_counters
-from tests.served_reference import (KV_BYTES, PROMPTS, compare_concurrent, decode_forms, reference_model,
-                                     serve_args, varied_original)
+from tests.served_reference import (KV_BYTES, PROMPTS, compare_concurrent, reference_model, serve_args,
+                                     varied_original)
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -127,7 +127,7 @@ def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, referenc
     (scores over [c_K | k_pe], values over c_V); the healed-checkpoint test covers the joint form."""
     model, tok = reference
     cfg = json.loads((served[1] / "config.json").read_text())
-    assert decode_forms(served[3].log_text()) == {
+    assert served[3].kv_layer_decode_forms() == {
         l: f"key/value split {k}+{v}" for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"]))}
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
     n_new = 32

@@ -37,12 +37,12 @@ def ragged_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
         q, k, v_in = F.pad(q, (0, d_v - d_qk)), F.pad(k, (0, d_v - d_qk)), v
     else:
         v_in = v
+    def heads_first(x, lo, hi):  # rows [lo, hi) of [T, N, D] -> [1, N, S, D] fp32
+        return x[lo:hi].transpose(0, 1).unsqueeze(0).float()
+
     q_cu, kv_cu = q_cu_seq_lens.tolist(), kv_cu_seq_lens.tolist()
     outs, lses = [], []
     for i in range(len(q_cu) - 1):
-        def heads_first(x, lo, hi):  # [S, N, D] rows of request i -> [1, N, S, D] fp32
-            return x[lo:hi].transpose(0, 1).unsqueeze(0).float()
-
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             heads_first(q, q_cu[i], q_cu[i + 1]), heads_first(k, kv_cu[i], kv_cu[i + 1]),
             heads_first(v_in, kv_cu[i], kv_cu[i + 1]), 0.0, causal, scale=scale)

@@ -32,8 +32,10 @@ from prometheus_client.parser import text_string_to_metric_families
 # "CPU KV cache size: 11,648 tokens, Maximum concurrency for 2,048 tokens per request: 5.69x".
 KV_LINE = re.compile(r"(?:(\w+(?: \+ host)?) )?KV cache size: ([\d,]+) tokens"
                      r"(?:, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x)?")
-# The line care_vllm logs as the engine binds each layer's KV tensor (care_vllm/backends).
-CARE_KV_LAYER = re.compile(r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: shape \(([\d, ]+)\)")
+# The line care_vllm logs as the engine binds each layer's KV tensor (care_vllm/models.py): its shape
+# and, since the key/value split decode, the layer's decode form ("key/value split 25+38", "joint latent").
+CARE_KV_LAYER = re.compile(r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: shape \(([\d, ]+)\)"
+                           r"(?:.*, decode (.+))?")
 
 
 class ServerError(RuntimeError):
@@ -249,3 +251,7 @@ class VllmServer:
         """{layer index: KV tensor shape} from the lines care_vllm logs as the engine binds each layer's cache."""
         return {int(m.group(1)): tuple(int(x) for x in m.group(2).split(",") if x.strip())
                 for m in CARE_KV_LAYER.finditer(self.log_text())}
+
+    def kv_layer_decode_forms(self) -> dict[int, str]:
+        """{layer index: the decode form care_vllm logged for it ("key/value split 5+9" or "joint latent")}."""
+        return {int(m.group(1)): m.group(3).strip() for m in CARE_KV_LAYER.finditer(self.log_text()) if m.group(3)}
