@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf import run_logged  # noqa: E402  (same env, own process group: no engine core left on the GPU)
+from perf import device_name, run_logged  # noqa: E402  (same env, own process group: no engine core left on the GPU)
 
 GEN_TOKENS = 32
 WORKER_TIMEOUT_S = 3600   # far beyond a device call; the timeout only guarantees the group is killed
@@ -242,7 +242,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     models = build_models(work, args)
-    report = {"dtype": args.dtype, "device": args.device, "models": {}, "build_s": round(time.time() - t0, 1)}
+    report = {"dtype": args.dtype, "device": args.device, "device_name": device_name() if args.device != "cpu" else "cpu",
+              "archs": args.archs, "models": {}, "build_s": round(time.time() - t0, 1)}
     failed = []
     vocab = 16384
     ps = prompts(vocab, args.long)

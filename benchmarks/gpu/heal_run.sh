@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # heal_run.sh NAME SOURCE TOKENS -- convert SOURCE at KV 0.5 (care, uniform ranks) and heal it for
 # TOKENS on the Debian corpus train split, evaluating held-out perplexity on the test split
-# (step 0 = unhealed; the teacher = the original). Used by step.sh h1/h2 on the GPU machine; runs on
+# (step 0 = unhealed; the teacher = the original). Used by step.sh h1/h3 on the GPU machine; runs on
 # the CPU too with DEVICE=cpu (small TOKENS) as a dry run.
 #   DEVICE (cuda)  CORPUS (/tmp/care/corpus)  WORK (/tmp/care/heal)  EVALS (10)  EVAL_TOKENS (131072)
 #   BATCH (32) ACCUM (2) SEQLEN (512): 64 windows x 512 tokens per update, the care-heal default

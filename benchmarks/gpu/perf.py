@@ -133,6 +133,16 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
             return -9
 
 
+def device_name() -> str:
+    """The accelerator the numbers were measured on (the lent kind has changed between sessions)."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001  (a name is a label, never a reason to fail a run)
+        return "unknown"
+
+
 def vllm_cli() -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
@@ -140,7 +150,8 @@ def vllm_cli() -> list[str]:
 def run_throughput(model_dir: Path, n_in: int, args, log: Path, out_json: Path) -> dict:
     n = args.num_prompts or PROMPTS.get(n_in, 128)
     cmd = [*vllm_cli(), "bench", "throughput", "--model", str(model_dir), "--load-format", "dummy",
-           "--dataset-name", "random", "--random-input-len", str(n_in), "--random-output-len", str(args.output_len),
+           "--dataset-name", "random", "--random-input-len", str(n_in // args.len_divisor),
+           "--random-output-len", str(args.output_len),
            "--num-prompts", str(n), "--max-model-len", str(args.max_model_len),
            "--gpu-memory-utilization", str(args.gpu_mem), "--output-json", str(out_json), "--seed", "0",
            *(["--dtype", args.dtype] if args.dtype else []), *args.extra]
@@ -162,23 +173,25 @@ def run_serve(model_dir: Path, lens: list[int], args, work: Path, tag: str) -> d
     from care_vllm.loadtest.server import VllmServer
 
     res = {}
+    t_start = time.time()
     extra = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len),
              "--gpu-memory-utilization", str(args.gpu_mem), *(["--dtype", args.dtype] if args.dtype else [])]
     with VllmServer(model_dir, work / f"{tag}.serve.log", extra_args=extra, served_name=tag, env=bench_env(),
                     startup_timeout=min(args.run_timeout, args.deadline - time.time())) as srv:
+        start_s = round(time.time() - t_start, 1)
         for n_in in lens:
             n = args.num_prompts or PROMPTS.get(n_in, 128)
             out = work / f"{tag}_{n_in}.serve.json"
             cmd = [*vllm_cli(), "bench", "serve", "--backend", "vllm", "--base-url", srv.base_url,
                    "--model", tag, "--tokenizer", str(model_dir), "--dataset-name", "random",
-                   "--random-input-len", str(n_in), "--random-output-len", str(args.output_len),
+                   "--random-input-len", str(n_in // args.len_divisor), "--random-output-len", str(args.output_len),
                    "--num-prompts", str(n), "--ignore-eos", "--seed", "0", "--save-result",
                    "--result-dir", str(work), "--result-filename", out.name]
             t0 = time.time()
             log = work / f"{tag}_{n_in}.bench_serve.log"
             rc = run_logged(cmd, log, min(args.run_timeout, args.deadline - time.time()))
             r = json.loads(out.read_text()) if out.is_file() else {}
-            res[n_in] = {"rc": rc, "wall_s": round(time.time() - t0, 1), "num_prompts": n,
+            res[n_in] = {"rc": rc, "wall_s": round(time.time() - t0, 1), "server_start_s": start_s, "num_prompts": n,
                          **{k: r.get(k) for k in ("output_throughput", "total_token_throughput", "mean_ttft_ms",
                                                   "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
                                                   "p99_tpot_ms", "completed")},
@@ -202,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=OUTPUT_LEN)
     ap.add_argument("--num-prompts", type=int, default=None, help="override the per-length prompt counts")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--len-divisor", type=int, default=1,
+                    help="run each planned input length divided by this (CPU dry runs; results keep the planned key)")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (CPU dry runs)")
     ap.add_argument("--hidden", type=int, default=None, help="narrower (CPU dry runs)")
     ap.add_argument("extra", nargs="*", help="extra args for vllm bench throughput (after --)")
@@ -230,6 +245,7 @@ def main(argv=None) -> int:
         done_file.write_text(json.dumps(done, indent=1))
 
     runs = parse_plan(args.plan)
+    gpu = device_name()
     if args.mode == "throughput":
         for shape, name, n_in in runs:
             key = f"{shape}/{name}/{n_in}/throughput"
@@ -242,7 +258,8 @@ def main(argv=None) -> int:
             cfg = json.loads((d / "config.json").read_text())
             r = run_throughput(d, n_in, args, work / f"{shape}-{name}-{n_in}.log", work / f"{shape}-{name}-{n_in}.json")
             r.update(key=key, shape=shape, model=name, input_len=n_in, output_len=args.output_len,
-                     kv_values_per_token=kv_values_per_token(cfg))
+                     kv_values_per_token=kv_values_per_token(cfg), device_name=gpu,
+                     **({"len_divisor": args.len_divisor} if args.len_divisor != 1 else {}))
             done[key] = r
             save()
             print(json.dumps({k: r.get(k) for k in ("key", "rc", "wall_s", "kv_cache_tokens", "output_tok_s",
@@ -264,7 +281,8 @@ def main(argv=None) -> int:
             for n_in, r in rs.items():
                 key = f"{shape}/{name}/{n_in}/serve"
                 r.update(key=key, shape=shape, model=name, input_len=n_in, output_len=args.output_len,
-                         kv_values_per_token=kv_values_per_token(cfg))
+                         kv_values_per_token=kv_values_per_token(cfg), device_name=gpu,
+                     **({"len_divisor": args.len_divisor} if args.len_divisor != 1 else {}))
                 done[key] = r
                 print(json.dumps({k: r.get(k) for k in ("key", "rc", "output_throughput", "mean_ttft_ms",
                                                         "mean_tpot_ms", "errors")}), flush=True)

@@ -1,0 +1,143 @@
+"""The GPU backlog (benchmarks/gpu/backlog.py) decides, on the lent machine, which runs a 15-minute
+lease starts; collect.py turns what came back into the committed report. A mistake in either costs
+device time nobody can get back, so both are checked here on CPU: every backlog item names a model
+and a result key that perf.py really writes; an item counts as done exactly when its committed result
+is there (on a GPU: a perf run with exit code 0 and a measurement; a complete correctness file, pass
+or fail; a full-size conversion; never a CPU dry run); items that do not fit the time left are skipped without starting anything; the runner
+really starts the first pending item (conversion speed, toy size) and keeps its result; collect
+merges per-architecture correctness files and names the GPU.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+
+import backlog  # noqa: E402
+import collect  # noqa: E402
+import perf  # noqa: E402
+
+
+def test_every_item_names_a_benchmarked_model_and_the_keys_perf_writes():
+    items = backlog.backlog()
+    assert items[0].name == "convert:llama3-8b" and {i.step for i in items} == {"v1", "v2"}
+    assert len({i.name for i in items}) == len(items), "an item is listed twice"
+    for item in items:
+        if item.kind in ("convert",):
+            assert item.arg in perf.shapes.SHAPES
+        elif item.kind == "correctness":
+            assert item.arg in ("llama", "qwen3")
+        else:
+            shape, model, lens = item.perf_parts()
+            assert model in perf.model_configs(shape), item.name
+            # perf.py keys its runs "{shape}/{model}/{len}/{mode}" for each (shape, model, len) of its plan
+            assert [f"{s}/{m}/{n}/{item.kind}" for s, m, n in perf.parse_plan(f"{shape}:{model}@{','.join(map(str, lens))}")] \
+                == item.perf_keys()
+    # the issue's targets at 16K come before everything else on the GPU
+    v2 = [i.name for i in items if i.step == "v2"]
+    assert v2[:5] == ["correctness:llama"] + [f"throughput:llama3-8b:{m}@16384" for m in ("gqa", "care576", "mixed", "mla576")]
+
+
+def _write(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_done_means_a_good_committed_result(tmp_path):
+    I = backlog.Item
+    gpu = {"device_name": "NVIDIA H200"}
+    runs = [{"key": "llama3-8b/gqa/16384/throughput", "rc": 0, "output_tok_s": 500.0, "wall_s": 180.0,
+             "shape": "llama3-8b", "input_len": 16384, **gpu},
+            {"key": "llama3-8b/care576/16384/throughput", "rc": 1, "output_tok_s": None, "wall_s": 40.0,
+             "shape": "llama3-8b", "input_len": 16384, **gpu},                     # crashed: still pending
+            {"key": "llama3-8b/mixed/16384/throughput", "rc": 0, "output_tok_s": 9.0, "wall_s": 20.0,
+             "shape": "llama3-8b", "input_len": 16384, "device_name": "cpu", "len_divisor": 16},  # a dry run
+            {"key": "llama3-8b/gqa/1024/serve", "rc": 0, "output_throughput": 3000.0, "wall_s": 30.0,
+             "server_start_s": 70.0, "shape": "llama3-8b", "input_len": 1024, **gpu}]
+    _write(tmp_path / "perf_throughput.json", {"runs": runs[:3]})
+    _write(tmp_path / "perf_serve.json", {"runs": runs[3:]})
+    _write(tmp_path / "correctness_llama.json", {"complete": True, "failed": [], "models": {}, "total_s": 150,
+                                                 "device": "cuda"})
+    _write(tmp_path / "correctness_qwen3.json", {"complete": True, "failed": ["qwen3-mixed"], "models": {},
+                                                 "device": "cuda"})
+    _write(tmp_path / "convert_speed_llama3-8b_gpu.json", {"shape": "llama3-8b", "device_name": "NVIDIA H200",
+           "calibration_tokens": 256 * 2048, "convert_total_s": 100.0, "build_random_model_s": 30.0})
+    _write(tmp_path / "convert_speed_qwen3-4b_gpu.json", {"shape": "qwen3-4b", "device_name": "NVIDIA H200",
+           "calibration_tokens": 16 * 512, "convert_total_s": 9.0})                 # a dry-run size: not the issue's
+    r = backlog.Results([tmp_path])
+    assert r.done(I("throughput", "llama3-8b:gqa@16384"))
+    assert not r.done(I("throughput", "llama3-8b:care576@16384"))
+    assert not r.done(I("throughput", "llama3-8b:mixed@16384"))                  # only a dry run of it
+    assert not r.done(I("throughput", "llama3-8b:mla576@16384"))                 # never ran
+    assert r.done(I("correctness", "llama")) and r.done(I("correctness", "qwen3"))   # a FAIL is a result too
+    assert r.ran(I("correctness", "llama")) and not r.ran(I("correctness", "qwen3"))
+    assert r.done(I("convert", "llama3-8b")) and not r.done(I("convert", "qwen3-4b"))
+    serve = I("serve", "llama3-8b:gqa@1024,8192,16384")
+    assert not r.done(serve) and r.pending_lens(serve) == [8192, 16384]
+    # estimates: the slowest good run of the same kind/shape/length, else the defaults (4B scaled)
+    assert r.estimate_s(I("throughput", "llama3-8b:mixed@16384")) == 180.0
+    assert r.estimate_s(I("throughput", "llama3-8b:mixed@8192")) == backlog.DEFAULT_S["throughput"][8192]
+    assert r.estimate_s(I("throughput", "qwen3-4b:gqa@1024")) == pytest.approx(
+        backlog.DEFAULT_S["throughput"][1024] * backlog.SMALL_SHAPE_FACTOR["qwen3-4b"])
+    assert r.estimate_s(serve) == 70.0 + sum(backlog.DEFAULT_S["serve"][n] for n in (8192, 16384))
+    assert r.estimate_s(I("correctness", "qwen3")) == 150
+    assert r.estimate_s(I("convert", "llama3-8b")) == 100.0 + 30.0 + 20
+
+
+def test_items_that_do_not_fit_are_skipped_without_starting(tmp_path, capsys):
+    rc = backlog.main(["run", "--step", "v2", "--hard-stop-s", "30", "--out", str(tmp_path / "out"),
+                       "--work", str(tmp_path / "work"), "--ignore-committed"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "start " not in text
+    pending_v2 = [i for i in backlog.backlog() if i.step == "v2"]
+    assert sum(line.startswith("skipped  ") for line in text.splitlines()) == len(pending_v2)
+    assert not list((tmp_path / "work").glob("*.log"))
+
+
+@pytest.mark.slow
+def test_the_runner_starts_the_first_pending_item_and_keeps_its_result(tmp_path):
+    """v1's first item (8B-shaped conversion speed, 2 layers, toy calibration) really runs through
+    convert_speed.py; its JSON lands in $OUT and in the work folder (the warm machine's next call)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = backlog.main(["run", "--step", "v1", "--hard-stop-s", "600", "--out", str(out), "--work", str(work),
+                       "--device", "cpu", "--speed-args", "--layers 2 --calib-samples 4 --calib-seqlen 64",
+                       "--estimate-factor", "0", "--max-items", "1", "--ignore-committed"])
+    assert rc == 0
+    res = json.loads((out / "convert_speed_llama3-8b_gpu.json").read_text())
+    assert res["shape"] == "llama3-8b" and res["layers"] == 2 and res["calibration_tokens"] == 4 * 64
+    assert set(res["seconds"]) >= {"calibrate", "factorize", "write"}
+    assert (work / "results" / "convert_speed_llama3-8b_gpu.json").is_file()
+    # a toy conversion on the CPU is not the issue's measurement: the item stays pending
+    assert not backlog.Results([out]).done(backlog.Item("convert", "llama3-8b"))
+
+
+def test_collect_merges_correctness_per_architecture_and_names_the_gpu(tmp_path):
+    src = tmp_path / "call"
+    model = {"prompt_logprob_mean_diff": 0.01, "prompt_logprob_max_diff": 0.2, "generated_logprob_max_diff": 0.1,
+             "greedy_exact": "8/8", "worst_gap": 0.0, "backends": [], "layer_widths": [576] * 4, "pass": True}
+    _write(src / "correctness_llama.json", {"dtype": "bfloat16", "device": "cuda", "device_name": "NVIDIA H200",
+                                            "models": {"llama-orig": dict(model), "llama-w576": dict(model)}})
+    _write(src / "perf_throughput.json", {"runs": [
+        {"key": f"llama3-8b/{m}/16384/throughput", "shape": "llama3-8b", "model": m, "input_len": 16384,
+         "output_len": 512, "kv_values_per_token": kv, "rc": 0, "output_tok_s": tok, "device_name": "NVIDIA H200"}
+        for m, kv, tok in (("gqa", 65536, 500.0), ("care576", 18432, 700.0), ("mla576", 18432, 720.0))]})
+    into = tmp_path / "results"
+    collect.main(["--from", str(src), "--into", str(into)])
+    second = tmp_path / "call2"
+    _write(second / "correctness_qwen3.json", {"dtype": "bfloat16", "device": "cuda", "device_name": "NVIDIA H200",
+                                               "models": {"qwen3-w576": dict(model)}})
+    collect.main(["--from", str(second), "--into", str(into)])
+    report = (into / "REPORT.md").read_text()
+    assert report.startswith("# GPU results (NVIDIA H200;")
+    for name in ("llama-orig", "llama-w576", "qwen3-w576"):
+        assert f"| {name} |" in report
+    assert "care576 / stock MLA 576 = 0.972 (within 5 %)" in report        # 700 / 720
+    assert "best converted width care576 = 1.40x GQA (target >= 1.3x: met)" in report
