@@ -28,23 +28,25 @@ import shapes  # noqa: E402
 from converter import load, pipeline  # noqa: E402
 
 
-def random_model(cfg: dict, seed: int, dtype: torch.dtype = torch.float32):
+def random_model(cfg: dict, seed: int, dtype: torch.dtype = torch.float32, draw_on: str = "cpu"):
     """A transformers *ForCausalLM with the source shapes and random weights in `dtype`, built fast
-    (meta init, then one randn per tensor) instead of transformers' per-module init. The rotary
-    inverse frequencies are fp32 whatever `dtype` is, as loading a checkpoint gives them."""
+    (meta init, then one randn per tensor) instead of transformers' per-module init. The model lives
+    on the CPU, as a loaded checkpoint does; `draw_on="cuda"` draws the numbers on the GPU (an 8B
+    model's 8e9 normal draws take about a minute on the CPU, a minute of a short GPU lease).
+    The rotary inverse frequencies are fp32 whatever `dtype` is, as loading a checkpoint gives them."""
     from transformers import AutoModelForCausalLM
 
     hf = shapes.hf_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf, dtype=dtype)
     model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=draw_on).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.fill_(1.0)           # RMSNorm weights
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen, device=draw_on, dtype=dtype).mul_(0.02))
     with torch.device("cpu"):
         model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
     if hf.tie_word_embeddings:
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
 
     cfg = shapes.source_config(args.shape, args.layers)
     t0 = time.perf_counter()
-    model = random_model(cfg, seed=0)
+    model = random_model(cfg, seed=0, draw_on="cuda" if args.device.startswith("cuda") else "cpu")
     build_s = time.perf_counter() - t0
     n_params = sum(t.numel() for t in model.parameters())
     source = load.Source(model=model, tokenizer=None, arch=load.SUPPORTED[cfg["architectures"][0]],

@@ -9,6 +9,7 @@ merges per-architecture correctness files and names the GPU.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,13 @@ def test_done_means_a_good_committed_result(tmp_path):
     assert r.estimate_s(serve) == 70.0 + sum(backlog.DEFAULT_S["serve"][n] for n in (8192, 16384))
     assert r.estimate_s(I("correctness", "qwen3")) == 150
     assert r.estimate_s(I("convert", "llama3-8b")) == 100.0 + 30.0 + 20
+    # the perf command runs only the pending lengths of an item; a done item (a --redo) runs all of them
+    args = argparse.Namespace(tokenizer="tok", work=tmp_path, out=tmp_path, perf_args="", device="cuda")
+    cmd = backlog.item_command(serve, args, r)
+    assert cmd[cmd.index("--plan") + 1] == "llama3-8b:gqa@8192,16384"
+    cmd = backlog.item_command(I("throughput", "llama3-8b:gqa@16384"), args, r)
+    assert cmd[cmd.index("--plan") + 1] == "llama3-8b:gqa@16384" and cmd[cmd.index("--mode") + 1] == "throughput"
+    assert r.estimate_s(I("throughput", "llama3-8b:gqa@16384")) == 180.0
 
 
 def test_items_that_do_not_fit_are_skipped_without_starting(tmp_path, capsys):

@@ -180,7 +180,7 @@ class Results:
                     and r["key"].endswith(item.kind) and measured(r)]
             return max(seen) if seen else DEFAULT_S[item.kind][n] * scale
 
-        lens = self.pending_lens(item)
+        lens = self.pending_lens(item) or item.perf_parts()[2]
         if item.kind == "throughput":
             return sum(like(n) for n in lens)
         starts = [r["server_start_s"] for r in self.perf.values() if r.get("shape") == shape
@@ -200,8 +200,8 @@ def item_command(item: Item, args, results: Results) -> list[str]:
         return [py, str(HERE / "correctness.py"), "--archs", item.arg, "--device", args.device,
                 "--work", str(args.work / "corr"), *shlex.split(args.corr_args),
                 "--out-json", str(args.out / f"correctness_{item.arg}.json")]
-    shape, model, _ = item.perf_parts()
-    lens = ",".join(map(str, results.pending_lens(item)))
+    shape, model, all_lens = item.perf_parts()
+    lens = ",".join(map(str, results.pending_lens(item) or all_lens))      # all of them: a --redo
     return [py, str(HERE / "perf.py"), "--mode", item.kind, "--tokenizer", str(args.tokenizer),
             "--work", str(args.work / "perf"), "--out-json", str(args.out / f"perf_{item.kind}.json"),
             "--plan", f"{shape}:{model}@{lens}", *shlex.split(args.perf_args)]
