@@ -68,7 +68,7 @@ serve        llama3-8b:mla576@1024,8192,16384
 """
 
 # seconds, vLLM start included; 4B-shaped runs take SMALL_SHAPE_FACTOR of the 8B's
-DEFAULT_S = {"convert:llama3-8b": 200, "convert:qwen3-4b": 120, "correctness": 210,
+DEFAULT_S = {"convert:llama3-8b": 150, "convert:qwen3-4b": 90, "correctness": 210,
              "throughput": {1024: 120, 8192: 190, 16384: 215},
              "serve_start": 100, "serve": {1024: 45, 8192: 110, 16384: 125}}
 SMALL_SHAPE_FACTOR = {"qwen3-4b": 0.7}
@@ -259,7 +259,7 @@ def show(args) -> int:
         total[item.step] += est
         print(f"{item.step}  {'done   ' if done else 'pending'}  {item.name:45s} {'' if done else f'~{est:.0f} s'}")
     print(f"\npending: v1 ~{total['v1']:.0f} s, v2 ~{total['v2']:.0f} s of runs "
-          f"(a 15-minute lease gives v1 ~220 s and v2 ~450 s after the machine's start)")
+          f"(a 15-minute lease gives v1 ~210 s and v2 ~420 s of runs after the machine's start)")
     return 0
 
 

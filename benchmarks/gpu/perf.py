@@ -282,7 +282,7 @@ def main(argv=None) -> int:
                 key = f"{shape}/{name}/{n_in}/serve"
                 r.update(key=key, shape=shape, model=name, input_len=n_in, output_len=args.output_len,
                          kv_values_per_token=kv_values_per_token(cfg), device_name=gpu,
-                     **({"len_divisor": args.len_divisor} if args.len_divisor != 1 else {}))
+                         **({"len_divisor": args.len_divisor} if args.len_divisor != 1 else {}))
                 done[key] = r
                 print(json.dumps({k: r.get(k) for k in ("key", "rc", "output_throughput", "mean_ttft_ms",
                                                         "mean_tpot_ms", "errors")}), flush=True)

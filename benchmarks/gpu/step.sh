@@ -4,7 +4,7 @@
 # (at most 8 files come back: JSON/markdown plus one logs tarball per step).
 #
 #   v1      carry .gpu/v1: stash vLLM part 1, unpack the tokenizer; then the backlog's pending `convert`
-#           items (conversion speed, no vLLM needed) that fit before HARD_S (default 220 s)
+#           items (conversion speed, no vLLM needed) that fit before HARD_S (default 240 s)
 #   v2      carry .gpu/v2: install vLLM (part 2; skipped when the warm machine has it) + gguf; then the
 #           backlog's pending correctness / throughput / serve items that fit before HARD_S (default 450 s).
 #           With time left in the lease, `step.sh v2` again (no carry) runs the next items.
@@ -42,7 +42,6 @@ install_repo() {  # the plugin's entry point must be registered for vllm to load
 need_vllm() {
   python3 -c "import vllm" 2>/dev/null || die "vLLM is not installed on this machine: run steps v1 and v2 first (back to back)"
 }
-tok_dir() { [ -f $W/tok/tokenizer.json ] || die "tokenizer missing: run step v1 first"; echo $W/tok; }
 smollm2_gguf() {  # join the 4 pieces once all have arrived
   local g=$W/SmolLM2-135M-Instruct.Q4_1.gguf
   if [ ! -f "$g" ]; then
@@ -72,7 +71,7 @@ v1)
   mkdir -p $W/tok $W/shared/models && cp $W/parts/tok/* $W/tok/
   ln -sfn $W/tok $W/shared/models/llama3-small   # tests/tiny_models.py reads its tokenizer there
   install_repo
-  backlog v1 "${HARD_S:-220}"
+  backlog v1 "${HARD_S:-240}"
   pack_logs $(cd $W && ls *.log)
   ;;
 v2)
@@ -84,6 +83,7 @@ v2)
   fi
   install_repo
   need_vllm
+  [ -f $W/tok/tokenizer.json ] || die "tokenizer missing: run step v1 first (same warm machine)"
   backlog v2 "${HARD_S:-450}"
   pack_logs $(cd $W && ls *.log) corr perf
   ;;
