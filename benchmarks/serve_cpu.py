@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repo root on sys.path)
 from care_vllm.loadtest.server import (VllmServer, cache_config_info, fetch, prefix_cache_counters,  # noqa: E402
-                                       prefix_cache_use, vllm_command)
-from care_vllm.loadtest.workload import Workload  # noqa: E402
+                                       prefix_cache_use)
+from care_vllm.loadtest.workload import Workload, bench_command  # noqa: E402
 
 PROMPT = "The three most important ideas in operating system design are"
 
@@ -174,12 +174,7 @@ def workload(args) -> Workload:
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
     raw_dir.mkdir(parents=True, exist_ok=True)
     fname = f"{var_name}.json"
-    cmd = [*vllm_command(), "bench", "serve", "--backend", "vllm", "--base-url", base, "--model", served,
-           "--tokenizer", str(tokenizer), *workload(args).dataset_args(),
-           "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate),
-           "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--ignore-eos",
-           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-           "--save-result", "--result-dir", str(raw_dir), "--result-filename", fname]
+    cmd = bench_command(base, served, str(tokenizer), workload(args), args.max_concurrency, raw_dir, fname)
     if not args.no_nice:
         cmd = ["nice", *cmd]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
