@@ -65,9 +65,9 @@ def test_done_means_a_good_committed_result(tmp_path):
     _write(tmp_path / "perf_throughput.json", {"runs": runs[:3]})
     _write(tmp_path / "perf_serve.json", {"runs": runs[3:]})
     _write(tmp_path / "correctness_llama.json", {"complete": True, "failed": [], "models": {}, "total_s": 150,
-                                                 "device": "cuda"})
+                                                 "device": "cuda", **gpu})
     _write(tmp_path / "correctness_qwen3.json", {"complete": True, "failed": ["qwen3-mixed"], "models": {},
-                                                 "device": "cuda"})
+                                                 "device": "cuda", **gpu})
     _write(tmp_path / "convert_speed_llama3-8b_gpu.json", {"shape": "llama3-8b", "device_name": "NVIDIA H200",
            "calibration_tokens": 256 * 2048, "convert_total_s": 100.0, "build_random_model_s": 30.0})
     _write(tmp_path / "convert_speed_qwen3-4b_gpu.json", {"shape": "qwen3-4b", "device_name": "NVIDIA H200",

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from perf import run_key, run_logged  # noqa: E402
 RESULTS = HERE.parents[0] / "results" / "gpu"
 
 FULL_CALIBRATION_TOKENS = 256 * 2048          # the issue's conversion-speed setting
@@ -94,7 +96,7 @@ class Item:
 
     def perf_keys(self) -> list[str]:
         shape, model, lens = self.perf_parts()
-        return [f"{shape}/{model}/{n}/{self.kind}" for n in lens]
+        return [run_key(shape, model, n, self.kind) for n in lens]
 
 
 def backlog() -> list[Item]:
@@ -111,12 +113,16 @@ def _load(p: Path):
         return None
 
 
+def on_gpu(result: dict) -> bool:
+    """Whether a result file or run was measured on a GPU (a CPU dry run never counts)."""
+    return result.get("device_name") not in (None, "cpu")
+
+
 def measured(run: dict) -> bool:
     """A perf run that measured what the issue asks: on a GPU, exit code 0, a throughput. (A CPU dry
     run, with shortened lengths, measures nothing.)"""
     measure = "output_tok_s" if run.get("key", "").endswith("/throughput") else "output_throughput"
-    return bool(run.get("rc") == 0 and run.get(measure) and run.get("device_name") not in (None, "cpu")
-                and not run.get("len_divisor"))
+    return bool(run.get("rc") == 0 and run.get(measure) and on_gpu(run) and not run.get("len_divisor"))
 
 
 class Results:
@@ -142,11 +148,10 @@ class Results:
     def done(self, item: Item) -> bool:
         if item.kind == "convert":
             c = self.convert.get(item.arg)
-            return bool(c and c.get("calibration_tokens", 0) >= FULL_CALIBRATION_TOKENS
-                        and c.get("device_name", "cpu") != "cpu")
+            return bool(c and c.get("calibration_tokens", 0) >= FULL_CALIBRATION_TOKENS and on_gpu(c))
         if item.kind == "correctness":
             c = self.correctness.get(item.arg)
-            return bool(c and c.get("complete") and c.get("device") != "cpu")
+            return bool(c and c.get("complete") and on_gpu(c))
         return not self.pending_lens(item)
 
     def ran(self, item: Item) -> bool:
@@ -166,11 +171,11 @@ class Results:
         """Seconds the item should take: the slowest committed run like it, else the default."""
         if item.kind == "convert":
             c = self.convert.get(item.arg)
-            if c and c.get("device_name", "cpu") != "cpu":
+            if c and on_gpu(c):
                 return c.get("build_random_model_s", 0) + c["convert_total_s"] + 20
             return DEFAULT_S[item.name]
         if item.kind == "correctness":
-            seen = [c["total_s"] for c in self.correctness.values() if c.get("total_s") and c.get("device") != "cpu"]
+            seen = [c["total_s"] for c in self.correctness.values() if c.get("total_s") and on_gpu(c)]
             return max(seen) if seen else DEFAULT_S["correctness"]
         shape, _model, _ = item.perf_parts()
         scale = SMALL_SHAPE_FACTOR.get(shape, 1.0)
@@ -208,8 +213,6 @@ def item_command(item: Item, args, results: Results) -> list[str]:
 
 
 def run(args) -> int:
-    from perf import run_logged
-
     t0 = time.time()
     keep = args.work / "results"          # survives between calls while the machine stays warm
     keep.mkdir(parents=True, exist_ok=True)
@@ -282,7 +285,6 @@ def main(argv=None) -> int:
     r.add_argument("--redo", action="append", default=[], help="KIND:ARG to run even if done (repeatable)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        sys.path.insert(0, str(HERE))
         return run(args)
     return show(args)
 

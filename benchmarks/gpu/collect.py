@@ -21,6 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import md_table  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backlog import on_gpu  # noqa: E402
+
 
 MAX_COMMITTED_LOGS = 2 << 20   # a logs tarball above this stays out of the repository
 
@@ -57,8 +60,7 @@ def device_names(into: Path) -> list[str]:
     names = set()
     for f in into.glob("*.json"):
         d = load(f) or {}
-        names.update(r["device_name"] for r in ([d] + list(d.get("runs", []))) if isinstance(r, dict)
-                     and r.get("device_name") not in (None, "cpu"))
+        names.update(r["device_name"] for r in ([d] + list(d.get("runs", []))) if isinstance(r, dict) and on_gpu(r))
     return sorted(names)
 
 

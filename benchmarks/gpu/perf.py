@@ -83,6 +83,11 @@ def kv_values_per_token(cfg: dict) -> int:
     return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"]
 
 
+def run_key(shape: str, model: str, input_len: int, mode: str) -> str:
+    """How a run is keyed in the results (and in benchmarks/gpu/backlog.py): 'llama3-8b/gqa/16384/throughput'."""
+    return f"{shape}/{model}/{input_len}/{mode}"
+
+
 def parse_plan(plan: str) -> list[tuple[str, str, int]]:
     """'llama3-8b:gqa,care576@16384,8192;qwen3-4b:gqa@16384' -> [(shape, model, input_len), ...] in order."""
     runs = []
@@ -246,9 +251,17 @@ def main(argv=None) -> int:
 
     runs = parse_plan(args.plan)
     gpu = device_name()
+
+    def record(r: dict, shape: str, name: str, n_in: int, cfg: dict) -> dict:
+        """A run's result with what identifies it (both modes)."""
+        r.update(key=run_key(shape, name, n_in, args.mode), shape=shape, model=name, input_len=n_in,
+                 output_len=args.output_len, kv_values_per_token=kv_values_per_token(cfg), device_name=gpu,
+                 **({"len_divisor": args.len_divisor} if args.len_divisor != 1 else {}))
+        done[r["key"]] = r
+        return r
     if args.mode == "throughput":
         for shape, name, n_in in runs:
-            key = f"{shape}/{name}/{n_in}/throughput"
+            key = run_key(shape, name, n_in, "throughput")
             if key in done:
                 continue
             if time.time() - t_start > args.budget_s:
@@ -256,11 +269,8 @@ def main(argv=None) -> int:
                 continue
             d = model_dir(shape, name)
             cfg = json.loads((d / "config.json").read_text())
-            r = run_throughput(d, n_in, args, work / f"{shape}-{name}-{n_in}.log", work / f"{shape}-{name}-{n_in}.json")
-            r.update(key=key, shape=shape, model=name, input_len=n_in, output_len=args.output_len,
-                     kv_values_per_token=kv_values_per_token(cfg), device_name=gpu,
-                     **({"len_divisor": args.len_divisor} if args.len_divisor != 1 else {}))
-            done[key] = r
+            r = record(run_throughput(d, n_in, args, work / f"{shape}-{name}-{n_in}.log",
+                                      work / f"{shape}-{name}-{n_in}.json"), shape, name, n_in, cfg)
             save()
             print(json.dumps({k: r.get(k) for k in ("key", "rc", "wall_s", "kv_cache_tokens", "output_tok_s",
                                                     "total_tok_s", "backends", "errors")}), flush=True)
@@ -269,7 +279,7 @@ def main(argv=None) -> int:
         for shape, name, n_in in runs:
             by_model.setdefault((shape, name), []).append(n_in)
         for (shape, name), lens in by_model.items():
-            lens = [n for n in lens if f"{shape}/{name}/{n}/serve" not in done]
+            lens = [n for n in lens if run_key(shape, name, n, "serve") not in done]
             if not lens or time.time() - t_start > args.budget_s:
                 continue
             d = model_dir(shape, name)
@@ -279,11 +289,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001  (a server that does not come up is a result too)
                 rs = {n: {"rc": -1, "errors": [str(e)[-2000:]]} for n in lens}
             for n_in, r in rs.items():
-                key = f"{shape}/{name}/{n_in}/serve"
-                r.update(key=key, shape=shape, model=name, input_len=n_in, output_len=args.output_len,
-                         kv_values_per_token=kv_values_per_token(cfg), device_name=gpu,
-                         **({"len_divisor": args.len_divisor} if args.len_divisor != 1 else {}))
-                done[key] = r
+                record(r, shape, name, n_in, cfg)
                 print(json.dumps({k: r.get(k) for k in ("key", "rc", "output_throughput", "mean_ttft_ms",
                                                         "mean_tpot_ms", "errors")}), flush=True)
             save()
