@@ -1,0 +1,75 @@
+"""Speculative decoding on a converted checkpoint: `vllm serve OUT --speculative-config` with vLLM's
+n-gram drafter (prompt lookup; no draft model, so it works for any converted model).
+
+Why it needs its own test: the target model verifies k drafted tokens per request in one step, so
+a "decode" request carries 1 + k query tokens. vLLM's MLA scaffolding routes such requests through
+the prefill-with-context path (cached latent rows gathered, up-projected per layer with that
+layer's kv_b_proj and width, merged with the new tokens' attention by log-sum-exp), and rejected
+drafts leave latent rows in the cache that the next step overwrites. Both must leave greedy output
+exactly that of plain decoding.
+
+Checked against model_defs (transformers, fp32) on llama3-small (the Llama-3 model trained here,
+llama3 rope scaling) converted at KV 0.5: identical greedy tokens on 4 concurrent prompts that
+repeat themselves (so the drafter proposes), generated-token logprobs within 1e-3, and /metrics
+showing drafts both accepted and rejected.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from care_vllm.loadtest.server import scrape_metrics
+from tests.served_reference import compare_concurrent, reference_model, serve_args
+from tests.tiny_models import SHARED, require_shared
+from tests.vllm_server import VLLMServer
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+
+DRAFTS = 3
+SPEC = {"method": "ngram", "num_speculative_tokens": DRAFTS, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+PROMPTS = [
+    "The cache holds a key and a value. The cache holds a key and a value. The cache holds",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "Chapter 1\n\nIt was a truth universally acknowledged, that a single man in possession of a good",
+    "1. apples\n2. pears\n3. plums\n4. apples\n5. pears\n6.",
+]
+
+
+@pytest.fixture(scope="module")
+def spec_served(tmp_path_factory, calib_file):
+    from converter.pipeline import convert
+
+    src = require_shared(SHARED / "models" / "llama3-small")
+    root = tmp_path_factory.mktemp("spec_decode")
+    out = root / "mla"
+    convert(src, out, calib_files=[calib_file], kv_ratio=0.5, ranks="adjusted", calib_samples=16, calib_seqlen=128,
+            seed=0, dtype="float32")
+    with VLLMServer(out, *serve_args("--speculative-config", json.dumps(SPEC)),
+                    log_path=root / "spec.serve.log") as server:
+        yield out, server
+
+
+def test_ngram_speculative_decoding_matches_model_defs(spec_served):
+    out, server = spec_served
+    model, tok = reference_model(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert server.kv_layer_decode_forms() == {
+        l: f"key/value split {k}+{v}" for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"]))}
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
+
+    before = scrape_metrics(server.base_url)
+    diff = compare_concurrent(client, model, [tok(p)["input_ids"] for p in PROMPTS], 32, prompt_logprobs=False)
+    after = scrape_metrics(server.base_url)
+    drafted, accepted = (after.get(f"vllm:spec_decode_num_{k}_tokens_total", 0.0)
+                         - before.get(f"vllm:spec_decode_num_{k}_tokens_total", 0.0)
+                         for k in ("draft", "accepted"))
+    print(f"ngram drafts: {drafted:.0f} proposed, {accepted:.0f} accepted; greedy tokens identical to model_defs; "
+          f"max |generated-token logprob diff| {diff['generated']:.2e}")
+    assert accepted >= 8, f"too few accepted drafts to exercise multi-token verification: {accepted}/{drafted}"
+    assert drafted > accepted, f"no draft was rejected, the rejection path did not run: {accepted}/{drafted}"
+    assert diff["generated"] < 1e-3, f"max |generated-token logprob diff| {diff['generated']}"
+    assert len(diff["distinct"]) >= 12, f"degenerate generations (the comparison would be weak): {diff['distinct']}"
