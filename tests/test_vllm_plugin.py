@@ -103,6 +103,41 @@ def test_paged_latent_decode_key_value_split_matches_dense(k_rank, v_rank, rope,
         assert (out[b, :, k_rank:].double() - ref[:, k_rank:]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("k_rank", [None, 6])
+def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
+    """Speculative decoding's verify step: request b brings n_b new tokens (the last n_b of its
+    seq_lens[b], already in the cache); new token j must see exactly the first
+    seq_lens[b] - n_b + j + 1 cached rows. Requests of 1, 4 and 3 new tokens (the last one a short
+    prompt: its whole sequence is new) against dense attention per token."""
+    from care_vllm.backends.cpu import paged_latent_decode
+
+    g = torch.Generator().manual_seed(7)
+    rope, block, num_blocks, N = 8, 16, 30, 4
+    r = 21
+    cache = torch.randn(num_blocks, block, r + rope, generator=g)
+    seq_lens = torch.tensor([2 * block + 5, block + 4, 3])
+    q_lens = torch.tensor([1, 4, 3])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)]).int()
+    max_blocks = (int(seq_lens.max()) + block - 1) // block
+    block_table = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(3)]).int()
+    width = r + rope if k_rank is None else k_rank + rope
+    q = torch.randn(int(q_lens.sum()), N, width, generator=g)
+    out = paged_latent_decode(q, cache, block_table, seq_lens.int(), 0.3, r, k_rank=k_rank, query_start_loc=qsl)
+    assert out.shape == (q.shape[0], N, r)
+    for b in range(3):
+        for j in range(int(q_lens[b])):
+            t = int(qsl[b]) + j
+            pos = torch.arange(int(seq_lens[b] - q_lens[b]) + j + 1)
+            rows = cache[block_table[b, pos // block].long(), pos % block]
+            if k_rank is None:
+                ref = _dense_latent_attention(q[t], rows, 0.3, r)
+            else:   # the joint form with a query that is zero on c_V
+                q_joint = torch.cat([q[t, :, :k_rank], torch.zeros(N, r - k_rank), q[t, :, k_rank:]], -1)
+                ref = _dense_latent_attention(q_joint, rows, 0.3, r)
+                ref[:, :k_rank] = 0
+            assert (out[t].double() - ref).abs().max() < 1e-5, (b, j)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("d_qk,d_v", [(24, 16), (16, 16), (8, 12)])
 def test_flash_prefill_matches_vllm_cpu_sdpa_prefill(causal, d_qk, d_v):

@@ -2,9 +2,9 @@
 n-gram drafter (prompt lookup; no draft model, so it works for any converted model).
 
 Why it needs its own test: the target model verifies k drafted tokens per request in one step, so
-a "decode" request carries 1 + k query tokens. vLLM's MLA scaffolding routes such requests through
-the prefill-with-context path (cached latent rows gathered, up-projected per layer with that
-layer's kv_b_proj and width, merged with the new tokens' attention by log-sum-exp), and rejected
+a "decode" request carries 1 + k query tokens. The plugin's CPU backend takes them in its absorbed
+latent decode, causal within each request's new tokens (vLLM's stock CPU MLA decodes one token per
+request and would send them through the prefill-over-cached-context path instead), and rejected
 drafts leave latent rows in the cache that the next step overwrites. Both must leave greedy output
 exactly that of plain decoding.
 
@@ -19,7 +19,7 @@ import json
 
 import pytest
 
-from care_vllm.loadtest.server import scrape_metrics
+from care_vllm.loadtest.server import spec_decode_counters, spec_decode_use
 from tests.served_reference import compare_concurrent, reference_model, serve_args
 from tests.tiny_models import SHARED, require_shared
 from tests.vllm_server import VLLMServer
@@ -57,16 +57,16 @@ def test_ngram_speculative_decoding_matches_model_defs(spec_served):
     out, server = spec_served
     model, tok = reference_model(out)
     cfg = json.loads((out / "config.json").read_text())
+    assert f"CPU latent decode takes up to {1 + DRAFTS} new tokens per request" in server.log_text()
     assert server.kv_layer_decode_forms() == {
         l: f"key/value split {k}+{v}" for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"]))}
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
 
-    before = scrape_metrics(server.base_url)
+    before = spec_decode_counters(server.base_url)
     diff = compare_concurrent(client, model, [tok(p)["input_ids"] for p in PROMPTS], 32, prompt_logprobs=False)
-    after = scrape_metrics(server.base_url)
-    drafted, accepted = (after.get(f"vllm:spec_decode_num_{k}_tokens_total", 0.0)
-                         - before.get(f"vllm:spec_decode_num_{k}_tokens_total", 0.0)
-                         for k in ("draft", "accepted"))
+    use = spec_decode_use(before, spec_decode_counters(server.base_url))
+    assert use is not None, "no drafts proposed"
+    drafted, accepted = use["draft_tokens"], use["accepted_tokens"]
     print(f"ngram drafts: {drafted:.0f} proposed, {accepted:.0f} accepted; greedy tokens identical to model_defs; "
           f"max |generated-token logprob diff| {diff['generated']:.2e}")
     assert accepted >= 8, f"too few accepted drafts to exercise multi-token verification: {accepted}/{drafted}"

@@ -11,6 +11,11 @@ MLACommon scaffolding that does the W_UK/W_UV absorption) and replaces:
   with two advanced-index assignments: three times slower per decode step);
 * the head-size gates: `get_supported_head_sizes()` is empty (= any) and the metadata builder
   produces `CareMLAMetadata` (no global {320,512,576} check).
+* multi-token decode (`query_len_support = VARLEN`): with speculative decoding a request verifies
+  1 + k tokens per step. CPU_MLA decodes one token per request, so vLLM would send those requests
+  through the prefill-over-cached-context path, which gathers the whole context and up-projects
+  it with kv_b_proj (n_h x 2 d_h values per cached token) at every step; here they stay in the
+  absorbed decode (causal within the request's new tokens), like a plain decode step.
 
 Key/value split of the latent. A care_mla layer's latent is [c_K (r_K) | c_V (r_V)], and as
 converted its kv_b_proj is block-diagonal: keys read only c_K, values only c_V. vLLM's absorbed
@@ -24,9 +29,12 @@ blocks were trained keeps the joint path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from vllm.model_executor.layers.attention.mla_attention import MLACommonMetadataBuilder
+from vllm.model_executor.layers.attention.mla_attention import (MLACommonDecodeMetadata, MLACommonMetadataBuilder,
+                                                                QueryLenSupport)
 from vllm.model_executor.utils import replace_parameter
 from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
@@ -34,34 +42,74 @@ from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 from .common import RelaxedHeadSizeBuilderMixin
 
 
+@dataclass
+class CareCPUDecodeMetadata(MLACommonDecodeMetadata):
+    query_start_loc: torch.Tensor | None = None   # [num_decodes + 1]: each decode request's new tokens
+    max_query_len: int = 1
+
+
 class CareCPUMLAMetadataBuilder(RelaxedHeadSizeBuilderMixin, MLACommonMetadataBuilder):
-    pass
+    # decode requests may carry several new tokens each (speculative decoding's drafts, short
+    # prefill chunks): vLLM then raises the decode threshold to 1 + num_speculative_tokens
+    query_len_support = QueryLenSupport.VARLEN
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.reorder_batch_threshold > 1:
+            from vllm.logger import init_logger
+
+            init_logger("vllm.care_vllm").info_once(
+                "care_vllm: CPU latent decode takes up to %d new tokens per request (speculative decoding)",
+                self.reorder_batch_threshold)
+
+    def _build_decode(self, *, query_start_loc_cpu, max_query_len, **kw) -> CareCPUDecodeMetadata:
+        base = super()._build_decode(query_start_loc_cpu=query_start_loc_cpu, max_query_len=max_query_len, **kw)
+        return CareCPUDecodeMetadata(block_table=base.block_table, seq_lens=base.seq_lens,
+                                     dcp_tot_seq_lens=base.dcp_tot_seq_lens,
+                                     query_start_loc=query_start_loc_cpu, max_query_len=max_query_len)
 
 
 def paged_latent_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, scale: float, kv_lora_rank: int,
-                        k_rank: int | None = None) -> torch.Tensor:
-    """Absorbed MLA decode, one query token per request.
+                        k_rank: int | None = None, query_start_loc: torch.Tensor | None = None) -> torch.Tensor:
+    """Absorbed MLA decode.
 
-    q [B, N, r + d_r] (ql_nope | rope(q_pe)), cache [num_blocks, block_size, r + d_r]
-    (c | rope(k_pe)) -> [B, N, r] = softmax(scale * q . cache[:seq_len]) @ cache[:seq_len, :r].
-    With `k_rank` (key/value split, see the module docstring) q is [B, N, k_rank + d_r] (ql_nope
-    over c_K | rope(q_pe)): scores = q . [c_K | k_pe], values = c_V, and the output's first k_rank
-    columns are zero.
+    q [tokens, N, r + d_r] (ql_nope | rope(q_pe)), cache [num_blocks, block_size, r + d_r]
+    (c | rope(k_pe)) -> [tokens, N, r] = softmax(scale * q . cache[:visible]) @ cache[:visible, :r].
+    One token per request, or with `query_start_loc` [B + 1] request b's new tokens
+    q[qsl[b]:qsl[b+1]], the last ones of its seq_lens[b]: new token j sees the cache up to its own
+    position (causal), i.e. seq_lens[b] - n_b + j + 1 rows.
+    With `k_rank` (key/value split, see the module docstring) q is [tokens, N, k_rank + d_r]
+    (ql_nope over c_K | rope(q_pe)): scores = q . [c_K | k_pe], values = c_V, and the output's first
+    k_rank columns are zero.
     Gathers whole blocks (one index_select over the block dim: contiguous copies, half the time of
-    indexing every token's (block, offset) pair) up to the longest request, then two bmm's with the
-    positions past each request's length masked out.
+    indexing every token's (block, offset) pair) up to the longest request, then two bmm's per
+    request over all its new tokens and heads at once, positions past each token's limit masked out.
     """
-    B = q.shape[0]
+    B, N = seq_lens.shape[0], q.shape[1]
     block_size, width = cache.shape[1], cache.shape[2]
     r = kv_lora_rank
     lens = seq_lens.to(torch.long)
+    if query_start_loc is None:
+        q_lens = torch.ones(B, dtype=torch.long, device=q.device)
+    else:
+        q_lens = (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=q.device, dtype=torch.long)
+    Q = int(q_lens.max()) if B else 1
+    if Q == 1:                                    # plain decode: tokens are requests
+        token_req = token_j = None
+        qb = q
+    else:                                         # pad each request's new tokens to Q rows
+        token_req = torch.repeat_interleave(torch.arange(B, device=q.device), q_lens)
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        token_j = torch.arange(q.shape[0], device=q.device) - starts[token_req]
+        qb = q.new_zeros(B, Q, N, q.shape[-1])
+        qb[token_req, token_j] = q
+    qf = qb.float().reshape(B, Q * N, q.shape[-1])
     num_blocks = -(-int(lens.max()) // block_size) if B else 0
     blocks = block_table[:, :num_blocks].to(torch.long).reshape(-1)
     kv = cache.index_select(0, blocks).view(B, num_blocks * block_size, width).float()   # [B, T, C]
-    qf = q.float()
     if k_rank is None:
-        scores = torch.bmm(qf, kv.transpose(1, 2))                                        # [B, N, T]
+        scores = torch.bmm(qf, kv.transpose(1, 2))                                        # [B, Q*N, T]
         values = kv[..., :r]
     else:
         scores = torch.bmm(qf[..., :k_rank], kv[..., :k_rank].transpose(1, 2))
@@ -69,8 +117,11 @@ def paged_latent_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch
         values = kv[..., k_rank:r]
     scores.mul_(scale)
     pos = torch.arange(num_blocks * block_size, device=q.device)
-    scores.masked_fill_((pos.unsqueeze(0) >= lens.unsqueeze(1)).unsqueeze(1), float("-inf"))
-    out = torch.bmm(torch.softmax(scores, dim=-1), values)
+    visible = (lens - q_lens).unsqueeze(1) + torch.arange(1, Q + 1, device=q.device)            # [B, Q]
+    hidden = pos.view(1, 1, 1, -1) >= visible.view(B, Q, 1, 1)                                  # [B, Q, 1, T]
+    scores.view(B, Q, N, -1).masked_fill_(hidden, float("-inf"))
+    out = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, Q, N, -1)
+    out = out.view(B, N, -1) if token_req is None else out[token_req, token_j]
     return out if k_rank is None else F.pad(out, (k_rank, 0))
 
 
@@ -99,8 +150,10 @@ class CareCPUMLAImpl(CPUMLAImpl):
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
         decode = attn_metadata.decode
+        multi = getattr(decode, "max_query_len", 1) > 1
         out = paged_latent_decode(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens,
-                                  self.scale, self.kv_lora_rank, self.k_rank)
+                                  self.scale, self.kv_lora_rank, self.k_rank,
+                                  decode.query_start_loc if multi else None)
         return out.to(q.dtype), None
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale):
