@@ -8,10 +8,13 @@ fixed max concurrency, --ignore-eos so every request decodes exactly --output-le
     .venv/bin/python benchmarks/serve_cpu.py                         # original, care 1.0, care 0.5
     .venv/bin/python benchmarks/serve_cpu.py --variants original     # original only
 
-Variants: `original` (DATA/smollm2-135m) and `care-<ratio>` / `<method>-<policy>-<ratio>` (converted with
-converter.pipeline.convert into DATA/bench/serve/<variant>/; reused when its care_report.json matches).
+Variants: `original` (DATA/smollm2-135m), `care-<ratio>` / `<method>-<policy>-<ratio>` (converted with
+converter.pipeline.convert into DATA/bench/serve/<variant>/; reused when its care_report.json matches),
+or the path of an existing converted checkpoint (e.g. examples/quickstart.sh's out/smollm2-care-kv0.5).
 `--dataset prefix_repetition` sends prompts of `--prefix-len` shared tokens (one of `--num-prefixes`)
-plus `--input-len` own tokens instead, to measure prefix caching; `--serve-args` adds engine flags to
+plus `--input-len` own tokens instead, to measure prefix caching; `--dataset custom --dataset-path F`
+sends your own prompts (scripts/make_copy_prompts.py writes a copy task, where speculative decoding's
+n-gram drafts are accepted); `--serve-args` adds engine flags to
 every server (e.g. "--no-enable-prefix-caching --no-enable-chunked-prefill", what vLLM forces for MLA
 models on CPUs without AMX and care_vllm/cpu_scheduling.py undoes for care_mla checkpoints).
 Reports output tokens/s, TTFT/TPOT/ITL/E2EL (mean, median, p99) from the bench JSON, the prefix-cache
@@ -35,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repo root on sys.path)
 from care_vllm.loadtest.server import (VllmServer, cache_config_info, fetch, prefix_cache_counters,  # noqa: E402
-                                       prefix_cache_use)
+                                       prefix_cache_use, spec_decode_counters, spec_decode_use)
 from care_vllm.loadtest.workload import Workload, bench_command  # noqa: E402
 
 PROMPT = "The three most important ideas in operating system design are"
@@ -54,8 +57,12 @@ def build_parser():
     p.add_argument("--no-enforce-eager", action="store_true",
                    help="let vLLM compile (minutes of inductor warm-up per server on 2 cores; default is eager)")
     p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--dataset", choices=("random", "prefix_repetition"), default="random",
-                   help="vllm bench serve dataset (prefix_repetition: --prefix-len shared + --input-len own tokens)")
+    p.add_argument("--dataset", choices=("random", "prefix_repetition", "custom"), default="random",
+                   help="vllm bench serve dataset (prefix_repetition: --prefix-len shared + --input-len own tokens; "
+                        "custom: the prompts of --dataset-path)")
+    p.add_argument("--dataset-path", default="",
+                   help="custom: JSONL of {\"prompt\": ...} (chat template applied), e.g. from "
+                        "scripts/make_copy_prompts.py")
     p.add_argument("--prefix-len", type=int, default=512, help="prefix_repetition: shared prefix tokens")
     p.add_argument("--num-prefixes", type=int, default=4, help="prefix_repetition: distinct prefixes")
     p.add_argument("--serve-args", default="", help="extra `vllm serve` flags for every variant (one string)")
@@ -78,6 +85,9 @@ def build_parser():
 def parse_variant(v: str) -> dict:
     if v == "original":
         return {"name": v, "method": None}
+    if (Path(v) / "care_report.json").is_file():   # an existing conversion, served as it is
+        rep = json.loads((Path(v) / "care_report.json").read_text())
+        return {"name": Path(v).name, "method": rep.get("method"), "path": Path(v).resolve()}
     parts = v.split("-")
     if len(parts) == 2:
         method, policy, ratio = parts[0], "adjusted", parts[1]
@@ -89,6 +99,8 @@ def parse_variant(v: str) -> dict:
 
 
 def ensure_checkpoint(var: dict, src: Path, data: Path, args) -> Path:
+    if "path" in var:
+        return var["path"]
     out = data / "bench" / "serve" / var["name"]
     rep_path = out / "care_report.json"
     want = {"method": var["method"], "rank_policy": var["policy"]}
@@ -168,7 +180,8 @@ METRICS = ["output_throughput", "total_token_throughput", "request_throughput", 
 def workload(args) -> Workload:
     """The `vllm bench serve` workload (care-bench's: one place for the dataset flags)."""
     return Workload(args.num_prompts, args.input_len, args.output_len, str(args.request_rate), args.seed,
-                    args.prefix_len if args.dataset == "prefix_repetition" else 0, args.num_prefixes)
+                    args.prefix_len if args.dataset == "prefix_repetition" else 0, args.num_prefixes,
+                    args.dataset_path if args.dataset == "custom" else "")
 
 
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
@@ -213,6 +226,7 @@ def main(argv=None) -> int:
                                                           "num_prompts", "input_len", "output_len",
                                                           "max_concurrency", "request_rate", "seed", "dataset",
                                                           "serve_args")}
+               | ({"dataset_path": rel(Path(args.dataset_path).resolve())} if args.dataset == "custom" else {})
                | ({"prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
                   if args.dataset == "prefix_repetition" else {})
                | {"enforce_eager": not args.no_enforce_eager, "nice": not args.no_nice,
@@ -268,9 +282,10 @@ def main(argv=None) -> int:
                 rec["greedy_sample"] = {"prompt": PROMPT, "completion": comp["choices"][0]["text"]}
                 print(f"[serve_cpu] {name}: up in {srv.startup_seconds}s, KV {rec.get('kv_cache_tokens')} tokens; "
                       f"sample: {comp['choices'][0]['text']!r}", flush=True)
-                before = prefix_cache_counters(srv.base_url)
+                before, spec_before = prefix_cache_counters(srv.base_url), spec_decode_counters(srv.base_url)
                 metrics, bcmd = run_bench(name, served, src, srv.base_url, raw_dir, args)
                 rec["prefix_cache"] = prefix_cache_use(before, prefix_cache_counters(srv.base_url))
+                rec["spec_decode"] = spec_decode_use(spec_before, spec_decode_counters(srv.base_url))
                 rec["bench_command"] = " ".join(shlex.quote(c) for c in bcmd).replace(srv.base_url,
                                                                                       "http://127.0.0.1:PORT")
                 rec["bench"] = metrics
@@ -298,8 +313,8 @@ def _f(x, nd=1):
 
 
 def described(s: dict) -> str:
-    return Workload(s["num_prompts"], s["input_len"], s["output_len"],
-                    prefix_len=s.get("prefix_len", 0), num_prefixes=s.get("num_prefixes", 1)).describe()
+    return Workload(s["num_prompts"], s["input_len"], s["output_len"], prefix_len=s.get("prefix_len", 0),
+                    num_prefixes=s.get("num_prefixes", 1), dataset_path=s.get("dataset_path", "")).describe()
 
 
 def render_md(res: dict, order: list[str]) -> str:
@@ -365,6 +380,11 @@ def render_md(res: dict, order: list[str]) -> str:
             out.append(f"- server: `{v['server_command']}`")
         if v.get("bench_command"):
             out.append(f"- client: `{v['bench_command']}`")
+        if v.get("spec_decode"):
+            sd = v["spec_decode"]
+            out.append(f"- speculative decoding: {sd['drafts']:.0f} drafts, {sd['accepted_tokens']:.0f} of "
+                       f"{sd['draft_tokens']:.0f} drafted tokens accepted ({100 * sd['acceptance_rate']:.0f} %, "
+                       f"{_f(sd['accepted_per_draft'], 2)} per draft)")
         if v.get("bench"):
             out.append(f"- bench: {v['bench'].get('completed')} completed in {_f(v['bench'].get('duration'))} s, "
                        f"total tok/s {_f(v['bench'].get('total_token_throughput'), 2)}, "

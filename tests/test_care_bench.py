@@ -91,7 +91,8 @@ def test_report_files_and_kv_tokens(bench):
         assert (report / name).is_file(), name
 
 
-@pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts"])
+@pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts",
+                                  "missing_dataset"])
 def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
     from care_vllm.loadtest.cli import main
 
@@ -99,7 +100,8 @@ def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
     args = {"not_a_checkpoint": [str(orig), str(calib_file.parent)],
             "negative_prefix": [str(orig), str(orig), "--prefix-len", "-1"],
             "more_prefixes_than_prompts": [str(orig), str(orig), "--prefix-len", "64", "--num-prefixes", "9",
-                                           "--num-prompts", "8"]}[case]
+                                           "--num-prompts", "8"],
+            "missing_dataset": [str(orig), str(orig), "--dataset-path", str(tmp_path / "prompts.jsonl")]}[case]
     out = tmp_path / "report"
     assert main([*args[:2], str(out), *args[2:]]) == 2
     assert not out.exists()

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-len", type=int, default=0,
                    help="shared prompt prefix tokens (vLLM's prefix_repetition dataset; prefix caching); 0: none")
     p.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes with --prefix-len")
+    p.add_argument("--dataset-path", default="",
+                   help="your own prompts instead of random ones: JSONL, one {\"prompt\": ...} per line, sent "
+                        "through the model's chat template (vllm bench serve's custom dataset)")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--request-rate", default="inf")
     p.add_argument("--seed", type=int, default=0)
@@ -102,9 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
               f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
         return 2
+    if args.dataset_path and (args.prefix_len or not Path(args.dataset_path).is_file()):
+        print(f"care-bench: error: --dataset-path {args.dataset_path}: "
+              + ("not a file" if not Path(args.dataset_path).is_file() else "cannot be combined with --prefix-len"),
+              file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
-                  args.prefix_len, args.num_prefixes)
+                  args.prefix_len, args.num_prefixes, str(Path(args.dataset_path).resolve()) if args.dataset_path else "")
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}

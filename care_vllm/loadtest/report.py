@@ -122,6 +122,12 @@ def summary_markdown(report: dict) -> str:
                      f"{_ratio(lc['result']['output_throughput'], lo['result']['output_throughput'])} | "
                      f"{_ratio(lc['result'].get('p50_ttft_ms'), lo['result'].get('p50_ttft_ms'))} | "
                      f"{_ratio(lc['result'].get('p50_tpot_ms'), lo['result'].get('p50_tpot_ms'))} | |")
+    spec = [(lv["concurrency"], name, lv["spec_decode"]) for lo, lc in zip(_levels(o), _levels(c))
+            for name, lv in (("original", lo), ("converted", lc)) if lv.get("spec_decode")]
+    if spec:
+        lines += ["", "Speculative decoding (drafted tokens accepted): " + "; ".join(
+            f"c{conc} {name} {100 * sd['acceptance_rate']:.0f} % ({sd['accepted_tokens']:.0f}/{sd['draft_tokens']:.0f})"
+            for conc, name, sd in spec)]
     q = report.get("quality") or {}
     if q:
         lines += ["", "## Quality", ""]

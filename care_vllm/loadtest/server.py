@@ -97,6 +97,24 @@ def prefix_cache_use(before: dict[str, float], after: dict[str, float]) -> dict:
     return {"queried_tokens": queried, "hit_tokens": hits, "hit_rate": hits / queried if queried else None}
 
 
+def spec_decode_counters(base_url: str, timeout: float = 5.0) -> dict[str, float]:
+    """Speculative decoding so far (vLLM's `vllm:spec_decode_num_{drafts,draft_tokens,accepted_tokens}_total`;
+    zeros without --speculative-config): take the difference around a workload."""
+    m = scrape_metrics(base_url, timeout)
+    return {key: float(m.get(f"vllm:spec_decode_num_{key}_total", 0.0))
+            for key in ("drafts", "draft_tokens", "accepted_tokens")}
+
+
+def spec_decode_use(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    """Between two `spec_decode_counters` readings: drafts, drafted and accepted tokens, the
+    acceptance rate and the mean accepted tokens per draft (None when nothing was drafted)."""
+    d = {k: after[k] - before[k] for k in before}
+    if not d["draft_tokens"]:
+        return None
+    return {**d, "acceptance_rate": d["accepted_tokens"] / d["draft_tokens"],
+            "accepted_per_draft": d["accepted_tokens"] / d["drafts"] if d["drafts"] else None}
+
+
 def cache_config_info(base_url: str, timeout: float = 5.0) -> dict[str, str] | None:
     """The labels of /metrics `vllm:cache_config_info` (num_gpu_blocks, block_size, cache_dtype, ...)."""
     info = scrape_metrics(base_url, timeout).get("vllm:cache_config_info")

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import prefix_cache_counters, prefix_cache_use, scrape_metrics, vllm_command
+from .server import (prefix_cache_counters, prefix_cache_use, scrape_metrics, spec_decode_counters, spec_decode_use,
+                     vllm_command)
 
 SCRAPED = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting")
 
@@ -22,7 +23,9 @@ SCRAPED = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_re
 class Workload:
     """`prefix_len` 0: vLLM's random dataset, `input_len` tokens a prompt. `prefix_len` > 0: its
     prefix_repetition dataset, each prompt = one of `num_prefixes` shared prefixes of `prefix_len`
-    tokens + `input_len` tokens of its own (a system prompt / few-shot header: prefix caching)."""
+    tokens + `input_len` tokens of its own (a system prompt / few-shot header: prefix caching).
+    `dataset_path`: vLLM's custom dataset instead, your own prompts (JSONL, one `{"prompt": ...}`
+    per line, sent through the model's chat template; `input_len` is then unused)."""
     num_prompts: int = 32
     input_len: int = 256
     output_len: int = 64
@@ -30,9 +33,13 @@ class Workload:
     seed: int = 0
     prefix_len: int = 0
     num_prefixes: int = 1
+    dataset_path: str = ""
 
     def dataset_args(self) -> list[str]:
         """The `vllm bench serve` dataset flags of this workload."""
+        if self.dataset_path:
+            return ["--dataset-name", "custom", "--dataset-path", self.dataset_path,
+                    "--custom-output-len", str(self.output_len)]
         if not self.prefix_len:
             return ["--dataset-name", "random", "--random-input-len", str(self.input_len),
                     "--random-output-len", str(self.output_len)]
@@ -43,6 +50,8 @@ class Workload:
 
     def describe(self) -> str:
         """E.g. 'random dataset, 256 in / 64 out tokens'."""
+        if self.dataset_path:
+            return f"custom dataset {Path(self.dataset_path).name} (chat template), {self.output_len} out tokens"
         tokens = f"{self.input_len} in / {self.output_len} out tokens"
         if not self.prefix_len:
             return f"random dataset, {tokens}"
@@ -96,12 +105,13 @@ def bench_command(base_url: str, served_name: str, tokenizer: str, wl: Workload,
 
 def run_level(base_url: str, served_name: str, tokenizer: str, wl: Workload, concurrency: int,
               result_dir: Path, tag: str, timeout: float = 3600) -> dict:
-    """Run one `vllm bench serve` level; returns its saved JSON, the scraped timeline and the
-    prefix-cache lookups during the level (tokens queried, found)."""
+    """Run one `vllm bench serve` level; returns its saved JSON, the scraped timeline, the
+    prefix-cache lookups during the level (tokens queried, found) and, with --speculative-config,
+    the drafts proposed and accepted."""
     result_dir.mkdir(parents=True, exist_ok=True)
     fname = f"{tag}_c{concurrency}.json"
     cmd = bench_command(base_url, served_name, tokenizer, wl, concurrency, result_dir, fname)
-    cached_before = prefix_cache_counters(base_url)
+    cached_before, spec_before = prefix_cache_counters(base_url), spec_decode_counters(base_url)
     scraper = MetricsScraper(base_url)
     scraper.start()
     try:
@@ -116,4 +126,5 @@ def run_level(base_url: str, served_name: str, tokenizer: str, wl: Workload, con
         raise RuntimeError(f"vllm bench serve: only {result.get('completed')} of {wl.num_prompts} requests "
                            f"completed at concurrency {concurrency} (see the server log)")
     return {"concurrency": concurrency, "command": cmd, "result": result, "metrics_timeline": timeline,
-            "prefix_cache": prefix_cache_use(cached_before, prefix_cache_counters(base_url))}
+            "prefix_cache": prefix_cache_use(cached_before, prefix_cache_counters(base_url)),
+            "spec_decode": spec_decode_use(spec_before, spec_decode_counters(base_url))}
