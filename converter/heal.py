@@ -25,6 +25,13 @@ Defaults and why:
 * seqlen 512, batch 8 x grad-accum 8 = 64 sequences per update (the paper's "64" global batch).
 * --train all (the paper trains the full model); --train attention trains only the MLA layers'
   self_attn parameters and leaves every other tensor bit-identical.
+* --kv-blocks train: as converted, kv_b_proj is block-diagonal (each head's keys read only c_K,
+  its values only c_V); healing trains the zero blocks too, as the paper's code trains the whole
+  up-projection. --kv-blocks keep keeps them exactly zero (their gradients are zeroed before
+  clipping, so AdamW never moves them), which keeps vLLM's CPU key/value split decode for the
+  healed layers. Measured on CPU (benchmarks/results/heal_kv_blocks/): keeping them cost 2 % of
+  held-out perplexity on SmolLM2 at KV 0.5 after 100K tokens (47.34 vs 46.38) and nothing on
+  qwen3-small (80.83 both), so training them is the default.
 
 Data: .txt / .jsonl files (converter.calib_data.read_texts: "text" records, or "messages"
 conversations rendered with the model's chat template, which is how an instruct model keeps its
@@ -66,7 +73,7 @@ HEAL_FILES = ("heal_log.json", "heal_curve.png")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what must be equal for --resume to continue the same run
 FINGERPRINT_KEYS = ("tokens", "tau", "beta", "lr", "weight_decay", "warmup_ratio", "seqlen", "batch_size",
-                    "grad_accum", "max_grad_norm", "train", "seed")
+                    "grad_accum", "max_grad_norm", "train", "kv_blocks", "seed")
 
 
 class HealError(ConversionError):
@@ -86,6 +93,7 @@ class HealOptions:
     batch_size: int = 8
     grad_accum: int = 8
     train: str = "all"
+    kv_blocks: str = "train"
     gradient_checkpointing: bool = False
     device: str = "cpu"
     seed: int = 0
@@ -120,6 +128,8 @@ class HealOptions:
             raise HealError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.train not in ("attention", "all"):
             raise HealError(f"--train must be 'attention' or 'all' (got {self.train!r})")
+        if self.kv_blocks not in ("keep", "train"):
+            raise HealError(f"--kv-blocks must be 'keep' or 'train' (got {self.kv_blocks!r})")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise HealError(f"--device must be cpu or cuda (got {self.device!r})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -341,6 +351,31 @@ def load_checkpoint_weights(ckpt: Path, model) -> None:
 
 # ----------------------------------------------------------------------------------------- main
 
+def kv_split_masks(model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(kv_b_proj weight, 0/1 mask) of every trainable attention layer whose kv_b_proj is
+    block-diagonal, as care-convert writes it: each head's key rows read only c_K (the first r_K
+    latent columns), its value rows only c_V. vLLM's CPU backend decodes such a layer with the
+    key/value split (scores over [c_K | k_pe], values over c_V; care_vllm/backends/cpu.py), which
+    reads 0.55-0.75x the attention FLOPs of the joint latent; a layer whose zero blocks were
+    trained falls back to the joint form. --kv-blocks keep zeroes those blocks' gradients, so with
+    AdamW (zero gradient -> zero moments -> zero step; decoupled decay of 0 is 0) they stay exactly
+    zero. Layers already filled (a healed checkpoint healed again) are left unconstrained."""
+    from model_defs.modeling_care import CareMLAAttention
+
+    masks = []
+    for attn in model.modules():
+        if not isinstance(attn, CareMLAAttention) or not attn.kv_b_proj.weight.requires_grad:
+            continue
+        w = attn.kv_b_proj.weight
+        mask = torch.zeros(attn.n_h, 2, attn.d_h, attn.rank, dtype=w.dtype, device=w.device)
+        mask[:, 0, :, : attn.r_k] = 1           # key rows read c_K
+        mask[:, 1, :, attn.r_k:] = 1            # value rows read c_V
+        mask = mask.view_as(w)
+        if not (w.detach() * (1 - mask)).any():
+            masks.append((w, mask))
+    return masks
+
+
 def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: list, **kw) -> dict:
     """Heal `converted` into `out` (see the module docstring); returns the heal log dict."""
     t_start = time.perf_counter()
@@ -389,7 +424,8 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     state = None
     if opts.resume:
         state = load_trainer_state(ckpt)
-        diff = [k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k]]
+        made_with = {"kv_blocks": "train", **state.get("fingerprint", {})}   # runs from before --kv-blocks trained them
+        diff = [k for k in fingerprint if made_with.get(k) != fingerprint[k]]
         if diff:
             raise HealError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)}); "
                             f"use the same arguments, or --overwrite to start over")
@@ -419,6 +455,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     student.to(device).train()
 
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    split_masks = kv_split_masks(student) if opts.kv_blocks == "keep" else []
     groups = [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": opts.weight_decay},
               {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opts.lr)
@@ -432,6 +469,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
            "total_steps": total_steps, "warmup_steps": warmup_steps, "tokens_per_step": tokens_per_step,
            "train_windows": int(len(windows)),
            "trainable_parameters": sum(p.numel() for _, p in trainable),
+           "kv_split_layers": len(split_masks),
            "steps": [], "eval": [], "teacher_ppl": None, "tokens_seen": 0, "seconds": 0.0,
            "resumed_at_steps": []}
     step = 0
@@ -484,6 +522,9 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                 ce_sum += ce.item()
                 kd_sum += kd.item()
                 del t_logits, s_logits, loss
+            for p, mask in split_masks:       # before clipping: the norm is that of the real update
+                if p.grad is not None:
+                    p.grad.mul_(mask)
             if opts.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for _, p in trainable], opts.max_grad_norm)
             optimizer.step()
@@ -639,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", choices=["attention", "all"], default=d.train,
                    help="all: every parameter (default, as in the paper); attention: only the MLA self_attn "
                         "parameters, everything else stays bit-identical")
+    p.add_argument("--kv-blocks", choices=["keep", "train"], default=d.kv_blocks,
+                   help="kv_b_proj's zero blocks (keys reading c_V, values reading c_K): train them (default), "
+                        "or keep them zero so that vLLM's CPU backend keeps the key/value split decode")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--device", default=d.device, help="cpu (fp32) or cuda (bf16 autocast, fp32 master weights)")
     p.add_argument("--seed", type=int, default=d.seed, help="data order / RNG seed (default 0)")

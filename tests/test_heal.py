@@ -6,6 +6,9 @@
   KV cache width per token), same tensor names/shapes/dtypes, tied embeddings still tied; it loads
   in model_defs and its KV cache holds exactly r_K + r_V + d_r values per token per layer;
 * `--train attention` leaves every non-attention tensor bit-identical;
+* kv_b_proj's zero blocks (keys reading c_V, values reading c_K) are trained by default, and vLLM
+  serves the result with the joint latent; with `--kv-blocks keep` they stay exactly zero, so
+  vLLM's CPU backend still decodes the healed layers with the key/value split;
 * a run stopped at a checkpoint and resumed equals the uninterrupted run, bit for bit;
 * bad input exits 2 with one line and leaves neither OUT nor OUT.partial behind.
 """
@@ -82,6 +85,39 @@ def healed(tiny):
     out = tiny[0] / "healed"
     assert heal_mod.main(heal_args(tiny, out, "--eval-teacher")) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def healed_blocks_kept(tiny):
+    """The same run with `--kv-blocks keep`: kv_b_proj's zero blocks stay zero."""
+    out = tiny[0] / "healed_blocks_kept"
+    assert heal_mod.main(heal_args(tiny, out, "--kv-blocks", "keep")) == 0
+    return out
+
+
+def _kv_b_blocks(folder: Path, layer: int, k_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the blocks a converted kv_b_proj fills, those it leaves zero) of one layer: keys read c_K
+    (latent columns < k_rank), values read c_V."""
+    cfg = json.loads((folder / "config.json").read_text())
+    kv_b = load_file(folder / "model.safetensors")[f"model.layers.{layer}.self_attn.kv_b_proj.weight"]
+    kv_b = kv_b.view(cfg["num_attention_heads"], 2, -1, kv_b.shape[-1])     # [head, (k_nope, v), d_h, latent]
+    return (torch.cat([kv_b[:, 0, :, :k_rank].flatten(), kv_b[:, 1, :, k_rank:].flatten()]),
+            torch.cat([kv_b[:, 0, :, k_rank:].flatten(), kv_b[:, 1, :, :k_rank].flatten()]))
+
+
+def test_kv_b_proj_zero_blocks_trained_by_default_kept_on_request(tiny, healed, healed_blocks_kept):
+    _, _, conv, _, _ = tiny
+    cfg = json.loads((conv / "config.json").read_text())
+    for l, k in enumerate(cfg["k_ranks"]):
+        conv_kept, conv_zero = _kv_b_blocks(conv, l, k)
+        assert 0 < k < k + cfg["v_ranks"][l] and not conv_zero.any(), "converted kv_b_proj is block-diagonal"
+        _, filled = _kv_b_blocks(healed, l, k)
+        assert filled.any(), f"layer {l}: default healing left the zero blocks zero"
+        kept, zero = _kv_b_blocks(healed_blocks_kept, l, k)
+        assert not zero.any(), f"layer {l}: --kv-blocks keep filled kv_b_proj's zero blocks"
+        assert not torch.equal(kept, conv_kept), f"layer {l}: kv_b_proj's blocks did not train"
+    assert json.loads((healed / "heal_log.json").read_text())["kv_split_layers"] == 0
+    assert json.loads((healed_blocks_kept / "heal_log.json").read_text())["kv_split_layers"] == len(cfg["k_ranks"])
 
 
 def _load(path):
@@ -290,9 +326,10 @@ def test_parse_tokens():
 @pytest.mark.slow
 def test_vllm_serves_healed_checkpoint_with_the_same_kv_width(healed):
     """`vllm serve OUT` (care_vllm plugin) on the healed model: healing filled kv_b_proj's zero
-    blocks, so every layer decodes with the joint latent; greedy tokens equal model_defs' and
-    logprobs agree to 1e-3; the KV cache vLLM binds per layer is r_K + r_V + d_r wide, so per token
-    it is exactly the config's width."""
+    blocks (the default --kv-blocks train), so every layer decodes with the joint latent (the
+    converted checkpoints of test_vllm_serve cover the key/value split); greedy tokens equal
+    model_defs' and logprobs agree to 1e-3; the KV cache vLLM binds per layer is r_K + r_V + d_r
+    wide, so per token it is exactly the config's width."""
     import openai
     from transformers import AutoTokenizer
 
@@ -302,11 +339,6 @@ def test_vllm_serves_healed_checkpoint_with_the_same_kv_width(healed):
     kv_bytes = 16 << 20
     cfg = json.loads((healed / "config.json").read_text())
     widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
-    weights = load_file(healed / "model.safetensors")
-    for l, k in enumerate(cfg["k_ranks"]):
-        kv_b = weights[f"model.layers.{l}.self_attn.kv_b_proj.weight"]
-        kv_b = kv_b.view(cfg["num_attention_heads"], 2, -1, kv_b.shape[-1])   # [head, (k_nope, v), d_h, latent]
-        assert kv_b[:, 0, :, k:].any() and kv_b[:, 1, :, :k].any(), "healing left kv_b_proj block-diagonal"
     with VLLMServer(healed, "--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes",
                     str(kv_bytes), "--max-num-seqs", "4", "--enforce-eager",
                     log_path=healed.parent / "healed.serve.log") as server:
