@@ -68,6 +68,9 @@ def build_parser():
     p.add_argument("--serve-args", default="", help="extra `vllm serve` flags for every variant (one string)")
     p.add_argument("--input-len", type=int, default=256, help="random: prompt tokens; prefix_repetition: suffix tokens")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature of the requests (default: the server's, 1.0 for SmolLM2; "
+                        "0 = greedy, what n-gram speculation is usually measured with)")
     p.add_argument("--max-concurrency", type=int, default=4)
     p.add_argument("--request-rate", default="inf")
     p.add_argument("--seed", type=int, default=0)
@@ -181,7 +184,7 @@ def workload(args) -> Workload:
     """The `vllm bench serve` workload (care-bench's: one place for the dataset flags)."""
     return Workload(args.num_prompts, args.input_len, args.output_len, str(args.request_rate), args.seed,
                     args.prefix_len if args.dataset == "prefix_repetition" else 0, args.num_prefixes,
-                    args.dataset_path if args.dataset == "custom" else "")
+                    args.dataset_path if args.dataset == "custom" else "", args.temperature)
 
 
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
@@ -226,6 +229,7 @@ def main(argv=None) -> int:
                                                           "num_prompts", "input_len", "output_len",
                                                           "max_concurrency", "request_rate", "seed", "dataset",
                                                           "serve_args")}
+               | ({"temperature": args.temperature} if args.temperature is not None else {})
                | ({"dataset_path": rel(Path(args.dataset_path).resolve())} if args.dataset == "custom" else {})
                | ({"prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
                   if args.dataset == "prefix_repetition" else {})
@@ -314,7 +318,8 @@ def _f(x, nd=1):
 
 def described(s: dict) -> str:
     return Workload(s["num_prompts"], s["input_len"], s["output_len"], prefix_len=s.get("prefix_len", 0),
-                    num_prefixes=s.get("num_prefixes", 1), dataset_path=s.get("dataset_path", "")).describe()
+                    num_prefixes=s.get("num_prefixes", 1), dataset_path=s.get("dataset_path", ""),
+                    temperature=s.get("temperature")).describe()
 
 
 def render_md(res: dict, order: list[str]) -> str:

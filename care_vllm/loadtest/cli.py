@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the model's chat template (vllm bench serve's custom dataset)")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--request-rate", default="inf")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature of the requests (default: the server's; 0 = greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="--dtype for the servers started here")
     p.add_argument("--kv-cache-memory-bytes", default="1G", help="same KV budget for both servers")
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
-                  args.prefix_len, args.num_prefixes, str(Path(args.dataset_path).resolve()) if args.dataset_path else "")
+                  args.prefix_len, args.num_prefixes,
+                  str(Path(args.dataset_path).resolve()) if args.dataset_path else "", args.temperature)
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}

@@ -34,6 +34,7 @@ class Workload:
     prefix_len: int = 0
     num_prefixes: int = 1
     dataset_path: str = ""
+    temperature: float | None = None   # None: the server's default (the model's generation_config, else 1.0)
 
     def dataset_args(self) -> list[str]:
         """The `vllm bench serve` dataset flags of this workload."""
@@ -50,9 +51,11 @@ class Workload:
 
     def describe(self) -> str:
         """E.g. 'random dataset, 256 in / 64 out tokens'."""
+        sampling = "" if self.temperature is None else f", temperature {self.temperature:g}"
         if self.dataset_path:
-            return f"custom dataset {Path(self.dataset_path).name} (chat template), {self.output_len} out tokens"
-        tokens = f"{self.input_len} in / {self.output_len} out tokens"
+            return (f"custom dataset {Path(self.dataset_path).name} (chat template), {self.output_len} out tokens"
+                    f"{sampling}")
+        tokens = f"{self.input_len} in / {self.output_len} out tokens{sampling}"
         if not self.prefix_len:
             return f"random dataset, {tokens}"
         return (f"prefix_repetition dataset, {self.prefix_len} shared (one of {self.num_prefixes} prefixes) "
@@ -99,6 +102,7 @@ def bench_command(base_url: str, served_name: str, tokenizer: str, wl: Workload,
             "--endpoint", "/v1/completions", "--model", served_name, "--tokenizer", tokenizer,
             *wl.dataset_args(), "--num-prompts", str(wl.num_prompts),
             "--request-rate", wl.request_rate, "--max-concurrency", str(concurrency), "--seed", str(wl.seed),
+            *(["--temperature", str(wl.temperature)] if wl.temperature is not None else []),
             "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
             "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file, "--disable-tqdm"]
 
