@@ -16,7 +16,8 @@ import json
 import random
 from pathlib import Path
 
-DOMAINS = ("austen", "linux61_docs", "perl536_docs", "python311_docs")
+from make_chat_calib import DOMAINS  # the corpus' four sources (this folder)
+
 INSTRUCTION = "Repeat the following text exactly, word for word:"
 MIN_CHARS, MAX_CHARS = 300, 900
 

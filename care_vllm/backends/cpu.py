@@ -45,7 +45,6 @@ from .common import RelaxedHeadSizeBuilderMixin
 @dataclass
 class CareCPUDecodeMetadata(MLACommonDecodeMetadata):
     query_start_loc: torch.Tensor | None = None   # [num_decodes + 1]: each decode request's new tokens
-    max_query_len: int = 1
 
 
 class CareCPUMLAMetadataBuilder(RelaxedHeadSizeBuilderMixin, MLACommonMetadataBuilder):
@@ -62,11 +61,10 @@ class CareCPUMLAMetadataBuilder(RelaxedHeadSizeBuilderMixin, MLACommonMetadataBu
                 "care_vllm: CPU latent decode takes up to %d new tokens per request (speculative decoding)",
                 self.reorder_batch_threshold)
 
-    def _build_decode(self, *, query_start_loc_cpu, max_query_len, **kw) -> CareCPUDecodeMetadata:
-        base = super()._build_decode(query_start_loc_cpu=query_start_loc_cpu, max_query_len=max_query_len, **kw)
+    def _build_decode(self, *, query_start_loc_cpu, **kw) -> CareCPUDecodeMetadata:
+        base = super()._build_decode(query_start_loc_cpu=query_start_loc_cpu, **kw)
         return CareCPUDecodeMetadata(block_table=base.block_table, seq_lens=base.seq_lens,
-                                     dcp_tot_seq_lens=base.dcp_tot_seq_lens,
-                                     query_start_loc=query_start_loc_cpu, max_query_len=max_query_len)
+                                     dcp_tot_seq_lens=base.dcp_tot_seq_lens, query_start_loc=query_start_loc_cpu)
 
 
 def paged_latent_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
@@ -150,10 +148,8 @@ class CareCPUMLAImpl(CPUMLAImpl):
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
         decode = attn_metadata.decode
-        multi = getattr(decode, "max_query_len", 1) > 1
         out = paged_latent_decode(q, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens,
-                                  self.scale, self.kv_lora_rank, self.k_rank,
-                                  decode.query_start_loc if multi else None)
+                                  self.scale, self.kv_lora_rank, self.k_rank, decode.query_start_loc)
         return out.to(q.dtype), None
 
     def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale):

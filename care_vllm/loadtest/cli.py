@@ -107,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
               f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
         return 2
-    if args.dataset_path and (args.prefix_len or not Path(args.dataset_path).is_file()):
-        print(f"care-bench: error: --dataset-path {args.dataset_path}: "
-              + ("not a file" if not Path(args.dataset_path).is_file() else "cannot be combined with --prefix-len"),
-              file=sys.stderr)
-        return 2
+    if args.dataset_path:
+        problem = ("not a file" if not Path(args.dataset_path).is_file()
+                   else "cannot be combined with --prefix-len" if args.prefix_len else None)
+        if problem:
+            print(f"care-bench: error: --dataset-path {args.dataset_path}: {problem}", file=sys.stderr)
+            return 2
     out.mkdir(parents=True, exist_ok=True)
     wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
                   args.prefix_len, args.num_prefixes,
