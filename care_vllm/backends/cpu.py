@@ -82,42 +82,42 @@ def paged_latent_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch
     k_rank columns are zero.
     Gathers whole blocks (one index_select over the block dim: contiguous copies, half the time of
     indexing every token's (block, offset) pair) up to the longest request, then two bmm's per
-    request over all its new tokens and heads at once, positions past each token's limit masked out.
+    request over all its new tokens and heads at once, positions past each token's limit masked out
+    by an additive bias fused into the score bmm.
     """
     B, N = seq_lens.shape[0], q.shape[1]
     block_size, width = cache.shape[1], cache.shape[2]
     r = kv_lora_rank
     lens = seq_lens.to(torch.long)
-    if query_start_loc is None:
-        q_lens = torch.ones(B, dtype=torch.long, device=q.device)
-    else:
-        q_lens = (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=q.device, dtype=torch.long)
-    Q = int(q_lens.max()) if B else 1
-    if Q == 1:                                    # plain decode: tokens are requests
-        token_req = token_j = None
-        qb = q
+    if query_start_loc is None:                   # plain decode: tokens are requests
+        Q, token_req, token_j, qb = 1, None, None, q
+        visible = lens.view(B, 1)                 # [B, Q]: rows each new token sees
     else:                                         # pad each request's new tokens to Q rows
+        q_lens = (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=q.device, dtype=torch.long)
+        Q = int(q_lens.max()) if B else 1
         token_req = torch.repeat_interleave(torch.arange(B, device=q.device), q_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_j = torch.arange(q.shape[0], device=q.device) - starts[token_req]
         qb = q.new_zeros(B, Q, N, q.shape[-1])
         qb[token_req, token_j] = q
+        visible = (lens - q_lens).unsqueeze(1) + torch.arange(1, Q + 1, device=q.device)
     qf = qb.float().reshape(B, Q * N, q.shape[-1])
     num_blocks = -(-int(lens.max()) // block_size) if B else 0
     blocks = block_table[:, :num_blocks].to(torch.long).reshape(-1)
     kv = cache.index_select(0, blocks).view(B, num_blocks * block_size, width).float()   # [B, T, C]
+    # positions past each new token's own are masked by an additive -inf bias that the score bmm
+    # adds as it writes (baddbmm: bias + scale * q.k), not by separate scale and mask passes
+    T = num_blocks * block_size
+    hidden = torch.arange(T, device=q.device).view(1, 1, 1, T) >= visible.view(B, Q, 1, 1)      # [B, Q, 1, T]
+    bias = torch.zeros(B, Q, 1, T, device=q.device).masked_fill_(hidden, float("-inf"))
+    bias = bias.view(B, 1, T) if Q == 1 else bias.expand(B, Q, N, T).reshape(B, Q * N, T)
     if k_rank is None:
-        scores = torch.bmm(qf, kv.transpose(1, 2))                                        # [B, Q*N, T]
+        scores = torch.baddbmm(bias, qf, kv.transpose(1, 2), alpha=scale)                     # [B, Q*N, T]
         values = kv[..., :r]
     else:
-        scores = torch.bmm(qf[..., :k_rank], kv[..., :k_rank].transpose(1, 2))
-        scores.baddbmm_(qf[..., k_rank:], kv[..., r:].transpose(1, 2))
+        scores = torch.baddbmm(bias, qf[..., :k_rank], kv[..., :k_rank].transpose(1, 2), alpha=scale)
+        scores.baddbmm_(qf[..., k_rank:], kv[..., r:].transpose(1, 2), alpha=scale)
         values = kv[..., k_rank:r]
-    scores.mul_(scale)
-    pos = torch.arange(num_blocks * block_size, device=q.device)
-    visible = (lens - q_lens).unsqueeze(1) + torch.arange(1, Q + 1, device=q.device)            # [B, Q]
-    hidden = pos.view(1, 1, 1, -1) >= visible.view(B, Q, 1, 1)                                  # [B, Q, 1, T]
-    scores.view(B, Q, N, -1).masked_fill_(hidden, float("-inf"))
     out = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, Q, N, -1)
     out = out.view(B, N, -1) if token_req is None else out[token_req, token_j]
     return out if k_rank is None else F.pad(out, (k_rank, 0))
