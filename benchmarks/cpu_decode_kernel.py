@@ -3,6 +3,7 @@
 Why: end-to-end CPU serving runs on this shared 2-core machine vary by ~10 % between runs, more than a
 change to one attention kernel moves the whole decode step, so kernel changes are measured here, in
 isolation and interleaved with the baseline (same process, same random cache, best of 5 timing rounds).
+Each kernel is timed as the plugin at that revision runs it per layer (see `as_served`).
 Shapes default to SmolLM2-135M at KV 0.5 as the quickstart converts it (9 query heads, latent 128 =
 c_K 51 + c_V 77, rope key 64, block size 16); each (batch, context) runs the joint decode (a healed
 layer whose kv_b_proj blocks were trained) and the key/value split (as converted).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,17 +28,34 @@ import torch
 from care_vllm.backends import cpu as current
 
 
-def load_at_revision(rev: str):
-    """care_vllm/backends/cpu.py as of git `rev`, imported as a standalone module."""
-    src = subprocess.run(["git", "show", f"{rev}:care_vllm/backends/cpu.py"], cwd=common.REPO,
+def load_at_revision(rev: str, module: str = "care_vllm.backends.cpu"):
+    """`module` (a care_vllm module) as of git `rev`, imported standalone: its relative imports are
+    made absolute, so it uses the working tree's versions of the other modules."""
+    package, _, name = module.rpartition(".")
+    src = subprocess.run(["git", "show", f"{rev}:{module.replace('.', '/')}.py"], cwd=common.REPO,
                          capture_output=True, text=True, check=True).stdout
-    src = src.replace("from .common import", "from care_vllm.backends.common import")
-    path = Path(tempfile.mkdtemp()) / f"cpu_at_{rev}.py"
+    src = re.sub(r"^(\s*)from \.", rf"\1from {package}.", src, flags=re.M)
+    path = Path(tempfile.mkdtemp()) / f"{name}_at_{rev}.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def as_served(mod):
+    """A maker of one layer's decode call as the plugin at `mod` runs it inside vLLM: since the plan
+    (blocks to gather, mask) is built once per step for all layers, it is built outside the timed
+    call, and the query comes as vLLM's (ql_nope, q_pe) pair. Older revisions without a plan built
+    everything per layer (`paged_latent_decode`, concatenated query)."""
+    def make(q, cache, block_table, seq_lens, scale, r, k_rank):
+        if not hasattr(mod, "plan_latent_decode"):
+            return lambda: mod.paged_latent_decode(q, cache, block_table, seq_lens, scale, r, k_rank)
+        plan = mod.plan_latent_decode(block_table, seq_lens, cache.shape[1])
+        nope = r if k_rank is None else k_rank
+        pair = (q[..., :nope], q[..., nope:])
+        return lambda: mod.latent_decode(pair, cache, plan, scale, r, k_rank)
+    return make
 
 
 def best_ms(fn, calls: int, rounds: int = 5) -> float:
@@ -66,9 +85,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    kernels = {"current": current.paged_latent_decode}
+    kernels = {"current": as_served(current)}
     if args.baseline:
-        kernels = {args.baseline: load_at_revision(args.baseline).paged_latent_decode, **kernels}
+        kernels = {args.baseline: as_served(load_at_revision(args.baseline)), **kernels}
     r, d_r, bs = args.k_rank + args.v_rank, args.rope_dim, args.block_size
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
            "shape": {"heads": args.heads, "k_rank": args.k_rank, "v_rank": args.v_rank, "rope_dim": d_r,
@@ -97,9 +116,10 @@ def main(argv=None) -> int:
         for path, k_rank in (("joint", None), ("key/value split", args.k_rank)):
             q = torch.randn(batch, args.heads, (r if k_rank is None else k_rank) + d_r)
             outs, ms = {}, {}
-            for name, fn in kernels.items():
-                outs[name] = fn(q, cache, block_table, seq_lens, 0.125, r, k_rank)
-                ms[name] = round(best_ms(lambda: fn(q, cache, block_table, seq_lens, 0.125, r, k_rank), args.calls), 4)
+            for name, make in kernels.items():
+                fn = make(q, cache, block_table, seq_lens, 0.125, r, k_rank)
+                outs[name] = fn()[..., -(r if k_rank is None else args.v_rank):]   # split: c_V part
+                ms[name] = round(best_ms(fn, args.calls), 4)
             ref = next(iter(outs.values()))
             diff = max(float((o - ref).abs().max()) for o in outs.values())
             res["rows"].append({"batch": batch, "context": context, "path": path, "ms": ms, "max_abs_diff": diff})

@@ -81,8 +81,8 @@ def test_paged_latent_decode_matches_dense(width, rope, block):
 @pytest.mark.parametrize("k_rank,v_rank,rope,block", [(5, 14, 8, 16), (20, 7, 36, 5)])
 def test_paged_latent_decode_key_value_split_matches_dense(k_rank, v_rank, rope, block):
     """The split decode (scores over [c_K | k_pe], values c_V) equals the joint one with a query
-    that is zero on c_V; its output is zero on c_K."""
-    from care_vllm.backends.cpu import paged_latent_decode
+    that is zero on c_V; its output is the c_V part (the joint one's c_K part is zero)."""
+    from care_vllm.backends.cpu import latent_decode, paged_latent_decode, plan_latent_decode
 
     g = torch.Generator().manual_seed(k_rank)
     r = k_rank + v_rank
@@ -94,13 +94,16 @@ def test_paged_latent_decode_key_value_split_matches_dense(k_rank, v_rank, rope,
     q_k, q_pe = torch.randn(B, N, k_rank, generator=g), torch.randn(B, N, rope, generator=g)
     out = paged_latent_decode(torch.cat([q_k, q_pe], -1), cache, block_table, seq_lens.int(), 0.3, r,
                               k_rank=k_rank)
-    assert out.shape == (B, N, r) and not out[..., :k_rank].any()
+    assert out.shape == (B, N, v_rank)
+    # vLLM's MLA layer hands the query over as the pair (ql_nope, rope(q_pe)): same result
+    plan = plan_latent_decode(block_table, seq_lens.int(), block)
+    assert torch.equal(latent_decode((q_k, q_pe), cache, plan, 0.3, r, k_rank=k_rank), out)
     q_joint = torch.cat([q_k, torch.zeros(B, N, v_rank), q_pe], -1)
     for b in range(B):
         pos = torch.arange(int(seq_lens[b]))
         rows = cache[block_table[b, pos // block].long(), pos % block]
         ref = _dense_latent_attention(q_joint[b], rows, 0.3, r)
-        assert (out[b, :, k_rank:].double() - ref[:, k_rank:]).abs().max() < 1e-5
+        assert (out[b].double() - ref[:, k_rank:]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("k_rank", [None, 6])
@@ -109,7 +112,7 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
     seq_lens[b], already in the cache); new token j must see exactly the first
     seq_lens[b] - n_b + j + 1 cached rows. Requests of 1, 4 and 3 new tokens (the last one a short
     prompt: its whole sequence is new) against dense attention per token."""
-    from care_vllm.backends.cpu import paged_latent_decode
+    from care_vllm.backends.cpu import latent_decode, paged_latent_decode, plan_latent_decode
 
     g = torch.Generator().manual_seed(7)
     rope, block, num_blocks, N = 8, 16, 30, 4
@@ -123,7 +126,10 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
     width = r + rope if k_rank is None else k_rank + rope
     q = torch.randn(int(q_lens.sum()), N, width, generator=g)
     out = paged_latent_decode(q, cache, block_table, seq_lens.int(), 0.3, r, k_rank=k_rank, query_start_loc=qsl)
-    assert out.shape == (q.shape[0], N, r)
+    assert out.shape == (q.shape[0], N, r if k_rank is None else r - k_rank)
+    nope = r if k_rank is None else k_rank      # the (ql_nope, rope(q_pe)) pair vLLM passes: same result
+    plan = plan_latent_decode(block_table, seq_lens.int(), block, qsl)
+    assert torch.equal(latent_decode((q[..., :nope], q[..., nope:]), cache, plan, 0.3, r, k_rank=k_rank), out)
     for b in range(3):
         for j in range(int(q_lens[b])):
             t = int(qsl[b]) + j
@@ -133,8 +139,7 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
                 ref = _dense_latent_attention(q[t], rows, 0.3, r)
             else:   # the joint form with a query that is zero on c_V
                 q_joint = torch.cat([q[t, :, :k_rank], torch.zeros(N, r - k_rank), q[t, :, k_rank:]], -1)
-                ref = _dense_latent_attention(q_joint, rows, 0.3, r)
-                ref[:, :k_rank] = 0
+                ref = _dense_latent_attention(q_joint, rows, 0.3, r)[:, k_rank:]
             assert (out[t].double() - ref).abs().max() < 1e-5, (b, j)
 
 

@@ -1,0 +1,122 @@
+"""Offline generation speed on CPU (vLLM's `LLM`, engine in-process): the original vs converted checkpoints,
+and the plugin's CPU backend against its code at another revision.
+
+Why: `serve_cpu.py` measures through `vllm serve` + `vllm bench serve`, where the API server shares the
+2 cores with the engine and runs of the same variant differ by ~10 % on this shared machine. Here the
+engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), fixed token-id prompts, greedy with
+ignore_eos, each variant in its own subprocess, best of `--repeats` timed generate() calls after a
+warm-up call. It reports the prefill time (a generate with one output token) and the decode rate:
+(output tokens - batch) / (full generate time - prefill time).
+
+`NAME=PATH` variants; `NAME=PATH@REV` loads the plugin's CPU backend and model classes
+(care_vllm/backends/cpu.py, care_vllm/models.py) as of git REV instead of the working tree's (the
+plugin imports both lazily, so modules put into sys.modules first win). `--rounds K` runs the variants
+K times, interleaved, and keeps each variant's best round: the machine's load drifts over minutes.
+
+    python benchmarks/cpu_generate.py original=data/smollm2-135m kv0.5=out/smollm2-care-kv0.5 \\
+        kv0.5-c493417=out/smollm2-care-kv0.5@c493417
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import common
+
+
+def run_variant(path: str, rev: str | None, args) -> dict:
+    """Runs in a fresh interpreter (see main): load, warm up, time prefill and full generates."""
+    import os
+    import random
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if rev:
+        from cpu_decode_kernel import load_at_revision
+
+        for module in ("care_vllm.backends.cpu", "care_vllm.models"):     # cpu first: models imports it
+            sys.modules[module] = load_at_revision(rev, module)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=args.kv_cache_mib << 20,
+              max_model_len=args.input_len + args.output_len + 16, seed=0)
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(args.input_len)]}
+               for _ in range(args.batch)]
+
+    def timed(max_tokens: int) -> float:
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
+        return dt
+
+    timed(args.output_len)                                   # warm-up
+    prefill = min(timed(1) for _ in range(args.repeats))
+    full = min(timed(args.output_len) for _ in range(args.repeats))
+    decode_tokens = args.batch * (args.output_len - 1)
+    return {"prefill_s": round(prefill, 3), "generate_s": round(full, 3),
+            "decode_tok_s": round(decode_tokens / (full - prefill), 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("variants", nargs="+", metavar="NAME=PATH[@REV]")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--input-len", type=int, default=576)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--kv-cache-mib", type=int, default=256)
+    ap.add_argument("--out", default=str(common.RESULTS / "cpu_generate"))
+    ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._child:                                          # NAME=PATH[@REV] in this process
+        path, _, rev = args._child.partition("=")[2].partition("@")
+        print("RESULT " + json.dumps(run_variant(path, rev or None, args)), flush=True)
+        return 0
+
+    res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
+           "workload": {"batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
+                        "repeats": args.repeats, "rounds": args.rounds, "dtype": "float32", "enforce_eager": True,
+                        "kv_cache_mib": args.kv_cache_mib}, "variants": {}}
+
+    def render(res):
+        rows, first = [], None
+        for name, v in res["variants"].items():
+            first = first or v
+            rows.append([name, v["spec"], v["prefill_s"], v["generate_s"], v["decode_tok_s"],
+                         f"{v['decode_tok_s'] / first['decode_tok_s']:.2f}x"])
+        header = ["variant", "checkpoint[@plugin rev]", "prefill (s)", "generate (s)", "decode tok/s",
+                  "vs first"]
+        return "\n".join([*common.report_head(res, "Offline generation on CPU (vLLM LLM, in-process)"),
+                          f"- workload: {res['workload']}", "", common.md_table(header, rows), ""])
+
+    save = common.report_saver(res, args.out, render)
+    fwd = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in args.variants]
+    for rnd in range(args.rounds):
+        for spec in args.variants:
+            name = spec.partition("=")[0]
+            proc = subprocess.run([sys.executable, __file__, *fwd, "--_child", spec, spec],
+                                  capture_output=True, text=True, cwd=common.REPO)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+                print(f"variant {name} failed (exit {proc.returncode})", file=sys.stderr)
+                return 1
+            got = json.loads(line[len("RESULT "):])
+            v = res["variants"].setdefault(name, {"spec": spec.partition("=")[2], "rounds": []})
+            v["rounds"].append(got)
+            v.update(max(v["rounds"], key=lambda x: x["decode_tok_s"]))      # the best round
+            print(f"round {rnd + 1}", name, got, flush=True)
+            save()
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
