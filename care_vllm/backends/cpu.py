@@ -6,7 +6,8 @@ CPU_MLA (SDPA prefill through the CPU MLA prefill backend, torch cache writes, t
 MLACommon scaffolding that does the W_UK/W_UV absorption) and replaces:
 
 * `forward_mqa` (decode): a paged MQA in PyTorch over the layer's own `[blocks, block, r + d_r]`
-  cache, any width, any block size, fp32 softmax;
+  cache, any width, any block size, fp32 softmax; the gather indices and causal mask are built
+  once per step and shared by the layers (`LatentDecodePlan` on the decode metadata);
 * `do_kv_cache_update`: one `index_copy_` of the [c | k_pe] rows (CPU_MLA writes the two parts
   with two advanced-index assignments: three times slower per decode step);
 * the head-size gates: `get_supported_head_sizes()` is empty (= any) and the metadata builder
@@ -22,9 +23,9 @@ converted its kv_b_proj is block-diagonal: keys read only c_K, values only c_V. 
 decode treats the latent as one joint vector, so its scores run over all r_K + r_V + d_r columns
 (the c_V part against zeros in the absorbed query) and its output over all r_K + r_V (the c_K part
 multiplied by zero rows of W_UV). `use_key_value_split` checks the layer's absorbed weights after
-loading; when the blocks are exactly zero it narrows W_UK to c_K and the decode reads
-[c_K | k_pe] for the scores and c_V for the values (0.55-0.75x the attention FLOPs on SmolLM2 at
-KV 0.5; the output's c_K part is zero, as W_UV's rows there are). A healed checkpoint whose zero
+loading; when the blocks are exactly zero it narrows W_UK to c_K and W_UV to c_V, and the decode
+reads [c_K | k_pe] for the scores and c_V for the values and returns only the c_V part of the
+output (0.55-0.75x the attention FLOPs on SmolLM2 at KV 0.5). A healed checkpoint whose zero
 blocks were trained keeps the joint path.
 """
 from __future__ import annotations
