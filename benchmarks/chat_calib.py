@@ -18,6 +18,7 @@ Metrics:
               perplexity of the original's answer under the converted model, and the number of
               prompts the converted model answers with an immediate end of turn (greedy first token
               = EOS: an empty reply from `vllm serve`).
+Conversions run without care-convert's o_proj refit (its default) unless --o-proj-refit is given.
 Writes benchmarks/results/chat_calib.json and chat_calib.md.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def build_parser():
     p.add_argument("--policies", default="adjusted,uniform")
     p.add_argument("--calib-sets", default=",".join(CALIB_SETS))
     p.add_argument("--objective", default="kv", choices=["kv", "attention"], help="care-convert --objective")
+    p.add_argument("--o-proj-refit", action="store_true", help="convert with care-convert's o_proj refit")
     p.add_argument("--answer-tokens", type=int, default=48)
     sweep.add_eval_calib_args(p)   # --eval-tokens: prose tokens
     p.add_argument("--work-dir", default=None, help="checkpoints + stats caches (default DATA/bench/oneshot)")
@@ -99,7 +101,8 @@ def render_md(res: dict) -> str:
     orig = res["original"]
     lines = [*common.report_head(res, "Calibration text for an instruct model: prose vs conversations "
                                       "(one-shot, no healing)"),
-             f"- model: {s['model']}, care (objective {s.get('objective', 'kv')}), KV {s['ratio']}, "
+             f"- model: {s['model']}, care (objective {s.get('objective', 'kv')}"
+             f"{', o_proj refit' if s.get('o_proj_refit') else ''}), KV {s['ratio']}, "
              f"calibration {s['calib_samples']} x {s['calib_seqlen']} tokens from the set named in the row "
              "(benchmarks/chat_calib.py docstring)",
              f"- chat: {orig['prompts']} held-out prompts, reference = the original's greedy answer "
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
             convert(str(src), str(ckpt), calib_files=files, method="care", ranks=policy, kv_ratio=args.ratio,
                     objective=args.objective, calib_samples=args.calib_samples,
                     calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats),
-                    dtype="float32")
+                    dtype="float32", o_proj_refit=args.o_proj_refit)
             model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
             row = {"policy": policy, "calib": calib_name,
                    **chat_fidelity(ref, answer_logprobs(model, seqs, starts), answers, tok.eos_token_id),

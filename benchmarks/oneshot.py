@@ -11,6 +11,8 @@ Calibration: the first --calib-chars characters of each data/corpus/{austen,linu
 python311_docs}.train.txt (cut at a blank line); --calib-samples windows of --calib-seqlen tokens.
 Evaluation: the first N/4 tokens of each data/corpus/{...}.test.txt (N = --eval-tokens for that model),
 non-overlapping --eval-seqlen windows; the reported ppl pools the four files token-weighted.
+Conversions run without care-convert's o_proj refit (its default) unless --o-proj-refit is given: the
+table compares factorizations (benchmarks/o_refit.py measures the refit on top of them).
 Writes benchmarks/results/oneshot.json and oneshot.md (rows are saved as they finish; --resume skips
 rows already in the JSON with identical settings).
 """
@@ -62,6 +64,8 @@ def build_parser():
     p.add_argument("--calib-chars", type=int, default=512_000,
                    help="characters taken from the start of each *.train.txt for calibration")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--o-proj-refit", action="store_true", help="convert with care-convert's o_proj refit "
+                   "(its default; off here so the table compares factorizations alone)")
     p.add_argument("--work-dir", default=None, help="converted checkpoints + stats caches (default DATA/bench/oneshot)")
     p.add_argument("--out", default=str(common.RESULTS / "oneshot"), help="output path stem (.json/.md)")
     p.add_argument("--resume", action="store_true", help="keep rows of an existing OUT.json with the same settings")
@@ -118,7 +122,8 @@ def original_ppl(src, tok, texts: dict, per_file: int, args, ppl_fn) -> float:
 def convert_and_evaluate(src, ckpt: Path, calib: list, tok, texts: dict, per_file: int, stats_cache: Path, args,
                          ppl_fn, **convert_kw) -> tuple[dict, dict]:
     """Convert `src` into `ckpt` (calibration settings from `args`, the rest from `convert_kw`) and
-    evaluate it: (care_report, evaluate() result). Used by the sweeps (kshare.py, objective.py)."""
+    evaluate it: (care_report, evaluate() result). Used by the sweeps (kshare.py, objective.py); fp32 and
+    without the o_proj refit unless `convert_kw` says otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +132,7 @@ def convert_and_evaluate(src, ckpt: Path, calib: list, tok, texts: dict, per_fil
 
     rep = convert(str(src), str(ckpt), calib_files=[str(c) for c in calib], calib_samples=args.calib_samples,
                   calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats_cache),
-                  **{"dtype": "float32", **convert_kw})
+                  **{"dtype": "float32", "o_proj_refit": False, **convert_kw})
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     r = evaluate(model, tok, texts, per_file, args, ppl_fn)
     del model
@@ -159,7 +164,8 @@ def main(argv=None) -> int:
 
     settings = {"eval_seqlen": args.eval_seqlen, "eval_batch": args.eval_batch,
                 "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
-                "calib_chars_per_file": args.calib_chars, "seed": args.seed, "perplexity": ppl_name}
+                "calib_chars_per_file": args.calib_chars, "seed": args.seed, "perplexity": ppl_name,
+                **({"o_proj_refit": True} if args.o_proj_refit else {})}
     results = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
                "settings": settings, "eval_tokens": eval_tokens,
                "calibration_files": [str(p.relative_to(common.REPO)) if p.is_relative_to(common.REPO) else str(p)
@@ -212,7 +218,7 @@ def main(argv=None) -> int:
                     rep = convert(str(src), str(ckpt), calib_files=[str(c) for c in calib], method=method,
                                   ranks=policy, kv_ratio=ratio, calib_samples=args.calib_samples,
                                   calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True,
-                                  stats_cache=str(stats_cache), dtype="float32")
+                                  stats_cache=str(stats_cache), dtype="float32", o_proj_refit=args.o_proj_refit)
                     conv_s = time.perf_counter() - t0
                     import model_defs  # noqa: F401,PLC0415  (registers care_mla with transformers)
                     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()

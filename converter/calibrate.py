@@ -83,7 +83,7 @@ def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_
     return LayerStats(ck=ck.cpu(), cv=cv.cpu(), qc=qc.cpu(), ax=ax.cpu(), x_scale=cx.diagonal().mean().item())
 
 
-def _hidden_home(device: str, nbytes: int) -> str:
+def hidden_home(device: str, nbytes: int) -> str:
     """Where the propagated hidden states wait between layers: the device if they fit comfortably."""
     if str(device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -92,7 +92,7 @@ def _hidden_home(device: str, nbytes: int) -> str:
     return "cpu"
 
 
-def _working_copy(layer: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+def working_copy(layer: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The layer itself moved to `device` (lossless), or a cast copy when `dtype` differs: the source
     weights must stay untouched, the factorization reads them afterwards. Parameters already in `dtype`
     on `device` (streamed MoE experts) are shared with the copy, not copied."""
@@ -104,8 +104,19 @@ def _working_copy(layer: torch.nn.Module, device: str, dtype: torch.dtype) -> to
     return copy.deepcopy(layer, memo=ready).to(device=device, dtype=dtype)
 
 
+def embedded_batches(embed: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: str,
+                     dtype: torch.dtype, park: str) -> list[torch.Tensor]:
+    """The token windows [N, T] embedded, in batches of `batch_size` windows, waiting on `park`."""
+    embed.to(device)
+    try:
+        return [embed(windows[i:i + batch_size].to(device)).to(dtype).to(park)
+                for i in range(0, windows.shape[0], batch_size)]
+    finally:
+        embed.cpu()
+
+
 @contextlib.contextmanager
-def _matmul_precision(device: str):
+def matmul_precision(device: str):
     """TF32 matmuls for fp32 layer forwards on CUDA (8B shapes: ~4x faster); CPU unchanged."""
     if not str(device).startswith("cuda"):
         yield
@@ -128,11 +139,8 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
     inner = model.model
     n, t = windows.shape
     pos = torch.arange(t, device=device).unsqueeze(0)
-    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    park = _hidden_home(device, n * t * inner.config.hidden_size * torch.finfo(dtype).bits // 8)
-    embed = inner.embed_tokens.to(device)
-    hidden = [embed(windows[b].to(device)).to(dtype).to(park) for b in batches]
-    embed.cpu()
+    park = hidden_home(device, n * t * inner.config.hidden_size * torch.finfo(dtype).bits // 8)
+    hidden = embedded_batches(inner.embed_tokens, windows, batch_size, device, dtype, park)
     rotary = inner.rotary_emb.to(device)
 
     stats: list[LayerStats] = []
@@ -150,7 +158,7 @@ def _propagate(src_layer, hidden: list, arch: str, device: str, dtype: torch.dty
                pos: torch.Tensor) -> dict:
     """Run every batch of `hidden` through one layer (replacing them by its outputs) and return the
     layer's accumulated moments {cx, ax, ck, qc}."""
-    layer = _working_copy(src_layer, device, dtype)
+    layer = working_copy(src_layer, device, dtype)
     d = layer.input_layernorm.weight.shape[0]
     acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
            "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qc": None}
@@ -177,7 +185,7 @@ def _propagate(src_layer, hidden: list, arch: str, device: str, dtype: torch.dty
         for i, h in enumerate(hidden):
             h = h.to(device)
             cos_sin = rotary(h, pos.expand(h.shape[0], -1))
-            with _matmul_precision(device):
+            with matmul_precision(device):
                 out = layer(h, attention_mask=None, position_ids=pos.expand(h.shape[0], -1),
                             position_embeddings=cos_sin)
             out = out[0] if isinstance(out, tuple) else out

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(key x query energy x rotation over --rope-distance; default), key = largest key energy (RoRoPE as published)")
     p.add_argument("--rope-distance", type=float, default=1024.0,
                    help="token distance over which rotation matters for --rope-select qk (default 1024)")
+    p.add_argument("--o-proj-refit", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit each layer's o_proj by least squares to what its converted attention outputs on "
+                        "the calibration text (default on; one more pass over the calibration windows; "
+                        "--no-o-proj-refit: the factorization alone, as the paper)")
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
     p.add_argument("--k-share", type=float, default=None, metavar="F",
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("care-convert: interrupted; nothing was written", file=sys.stderr)
         return 130
-    summary = {k: report[k] for k in ("method", "objective", "rank_policy", "kv_ratio", "cache_values_per_token",
+    summary = {k: report[k] for k in ("method", "objective", "rank_policy", "o_proj_refit", "kv_ratio", "cache_values_per_token",
                                       "original_cache_values_per_token", "seconds")}
     print(json.dumps({"out": args.out, **summary}, indent=2))
     return 0

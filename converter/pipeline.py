@@ -1,4 +1,5 @@
-"""The conversion pipeline: load -> calibrate -> map RoPE -> factorize -> allocate -> assemble + write.
+"""The conversion pipeline: load -> calibrate -> map RoPE -> factorize -> allocate -> assemble (+ refit
+o_proj, converter/refit.py) + write.
 
 `convert()` is the Python API behind `care-convert`. All validation that does not need the model
 happens before it is loaded; nothing is written to OUT until the whole checkpoint is ready (it is
@@ -8,7 +9,9 @@ Host memory, besides the memory-mapped source: a Qwen3-MoE's experts one layer a
 (converter/experts.py), one layer's input covariance at a time during
 calibration (reduced at once to small output-space moments), then per layer only what rank allocation
 needs (each factor without its [R, in] latent map, rebuilt once the rank is chosen), then one shard of
-output tensors at a time. benchmarks/convert_memory.py measures it on 8B shapes.
+output tensors at a time. The o_proj refit (on by default) holds the calibration windows' hidden states
+twice (original and converted model: 2 x samples x seqlen x hidden in the calibration dtype) and three
+[n_h*d_h]^2 fp64 moments of one layer. benchmarks/convert_memory.py measures it on 8B shapes.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, rope_map, write
+from . import allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, refit, rope_map, write
 from .errors import ConversionError
 from .plot import plot_ranks
 
@@ -59,6 +62,7 @@ class Options:
     objective: str = "kv"
     max_shard_size: str = "2GB"
     revision: str | None = None   # Hub revision when the source is a repo id
+    o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
 
     def validate(self) -> None:
         if self.method not in factorize.METHODS:
@@ -275,6 +279,14 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     assert cache == budget, (cache, budget)
     dtype = DTYPES[opts.dtype]
     copied = _copied_tensors(source.model)
+    config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
+    refitter = None
+    if opts.o_proj_refit:
+        from model_defs import CareMLAConfig  # noqa: PLC0415
+
+        with timer.stage("refit"):
+            refitter = refit.OutputRefit(source.model, windows, CareMLAConfig(**config), opts.device,
+                                         opts.calib_batch, DTYPES[opts.calib_dtype])
     layer_reports = []
     with write.atomic_dir(out, opts.overwrite) as tmp:
         shards = write.ShardWriter(tmp, opts.max_shard_size)
@@ -301,19 +313,26 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                     k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
                     rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
                     k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
-                    dtype=dtype)
-            emit([(f"model.layers.{l}.self_attn.{name}", t) for name, t in tensors.items()] + copied.pop(l)
+                    dtype=torch.float64)   # cast by emit(); the refit reads them unrounded
+            o_proj, refit_report = a.o_proj.weight.detach(), {}
+            if refitter is not None:
+                with timer.stage("refit"):
+                    o_proj, refit_report = refitter.layer(l, layers[l], tensors, source.layer_in_memory)
+            emit([(f"model.layers.{l}.self_attn.{name}", t) for name, t in tensors.items()]
+                 + [(f"model.layers.{l}.self_attn.o_proj.weight", o_proj)] + copied.pop(l)
                  + source.streamed_tensors(l))
             with timer.stage("report"):
-                layer_reports.append(_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]))
+                layer_reports.append({**_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]),
+                                      **refit_report})
             k_factors[l] = v_factors[l] = tensors = None
         emit(copied.pop(None))
+        refitter = None   # frees the calibration hidden states before the last shard is written
 
-        config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
         report = {
             "source": str(src), "source_revision": source.revision,
             "source_architecture": cfg.architectures[0] if cfg.architectures else None,
             "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
+            "o_proj_refit": opts.o_proj_refit,
             "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
             "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select,
             "rope_distance": opts.rope_distance,
@@ -377,12 +396,13 @@ def _copied_tensors(model) -> dict[int | None, list[tuple[str, torch.Tensor]]]:
     """The source's tensors the conversion copies unchanged, by decoder layer (None: embedding, final
     norm, LM head), as stored: each is cast to the output dtype only when its layer is written. All
     attention tensors but o_proj are rebuilt by assemble; a tied LM head and rotary buffers are not saved,
-    nor what the model does not hold (meta: Qwen3-MoE experts, which load.Source.streamed_tensors reads)."""
+    nor what the model does not hold (meta: Qwen3-MoE experts, which load.Source.streamed_tensors reads).
+    o_proj is not among them either: the layer loop writes it, refitted (converter/refit.py) or as stored."""
     out: dict[int | None, list] = {l: [] for l in range(len(model.model.layers))}
     out[None] = []
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict().items():
-        if ((".self_attn." in name and not name.endswith(".self_attn.o_proj.weight"))
+        if (".self_attn." in name
                 or (tied and name == "lm_head.weight") or name.endswith("rotary_emb.inv_freq") or t.is_meta):
             continue
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
@@ -425,6 +445,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,
         **({k: getattr(cfg, k) for k in MOE_CONFIG_KEYS} if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
+                 "o_proj_refit": opts.o_proj_refit,
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)
                                    / (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d_h), 6),
                  "rope_dim": d_r},

@@ -110,7 +110,7 @@ def test_calibration_reads_experts_in_the_working_dtype_without_a_second_copy(tm
     with streamed.layer_in_memory(0, torch.float32) as layer:
         experts = layer.mlp.experts.gate_up_proj
         assert experts.dtype == torch.float32 and layer.self_attn.q_proj.weight.dtype == torch.bfloat16
-        copy = calibrate._working_copy(layer, "cpu", torch.float32)
+        copy = calibrate.working_copy(layer, "cpu", torch.float32)
         assert copy.mlp.experts.gate_up_proj is experts
         assert copy.self_attn.q_proj.weight.dtype == torch.float32
     windows = torch.randint(0, 16384, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,137 @@
+"""Output refit: each layer's o_proj refitted by least squares to what its converted attention outputs.
+
+Why: CARE fits the K and V latents to the original keys and values, but the model reads the attention
+only through o_proj, and a rank-limited latent's loss there is partly predictable from what it kept (the
+heads' outputs are strongly correlated). Given calibration windows, let o be the original attention's
+output (o_proj's input) and o' the converted attention's on the converted model's own hidden states
+(propagated through the layers already converted and refitted, so each layer also absorbs what the
+layers before it got wrong). Then, per layer,
+
+    W_O' = argmin_W  sum ||W o' - W_O o||^2 + lam ||W - W_O||^2  =  W_O (C_oo' + lam I) (C_o'o' + lam I)^-1
+
+with C_oo' = sum o o'^T, C_o'o' = sum o' o'^T and lam = 0.01 mean diag(C_o'o') (the damping of
+converter/factorize.py). The ridge pulls toward the original o_proj, so where the conversion is exact
+(o' = o) W_O' = W_O exactly, and directions the calibration never excites keep the original weights.
+o_proj keeps its shape: the cache, the checkpoint format and serving are unchanged.
+
+Measured (README "Output refit"; benchmarks/refit.py): SmolLM2 at KV 0.5 one-shot perplexity 34.95 ->
+25.1 (uniform ranks), 39.74 -> 29.0 (adjusted); propagating through the converted layers was a little
+better than fitting every layer on the original hidden states (25.1 vs 25.5), and refitting q/k/v the
+same way (a cross-covariance CARE) was worse than not (42.1). Cost: one more pass of the calibration
+windows through every layer (the original layer, plus the converted attention twice: to fit, then to
+propagate with the refitted o_proj), and two hidden-state streams instead of one.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import calibrate
+from .factorize import DAMPING
+
+
+class OutputRefit:
+    """The calibration windows' hidden states in the original model and in the converted one, advanced a
+    layer at a time by `layer()` (call it for layers 0, 1, ... in order)."""
+
+    def __init__(self, model, windows: torch.Tensor, care_config, device: str, batch_size: int,
+                 dtype: torch.dtype) -> None:
+        from model_defs.modeling_care import CareRope   # noqa: PLC0415 (transformers modeling: heavy)
+
+        self.device, self.dtype, self.config = device, dtype, care_config
+        inner = model.model
+        n, t = windows.shape
+        self.park = calibrate.hidden_home(device, 2 * n * t * inner.config.hidden_size * torch.finfo(dtype).bits // 8)
+        self.original = calibrate.embedded_batches(inner.embed_tokens, windows, batch_size, device, dtype, self.park)
+        self.converted = [h.clone() for h in self.original]
+        self.pos = torch.arange(t, device=device).unsqueeze(0)
+        self.source_rope = inner.rotary_emb
+        self.care_rope = CareRope(care_config).to(device)
+        self.mask = torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None]
+
+    @torch.no_grad()
+    def layer(self, l: int, src_layer: torch.nn.Module, attn_tensors: dict[str, torch.Tensor],
+              layer_in_memory=None) -> tuple[torch.Tensor, dict]:
+        """Refit layer l's o_proj and advance both streams past layer l. `attn_tensors`: the converted
+        layer's attention tensors as they will be written (assemble.attention_tensors, names under
+        self_attn, o_proj excluded). Returns (o_proj weight [D, n_h*d_h] fp64 on the CPU, report)."""
+        from model_defs.modeling_care import CareMLAAttention   # noqa: PLC0415
+
+        with layer_in_memory(l, self.dtype, self.device) if layer_in_memory else contextlib.nullcontext():
+            layer = calibrate.working_copy(src_layer, self.device, self.dtype)
+            try:
+                w_o = src_layer.self_attn.o_proj.weight.detach().to(self.device, torch.float64)
+                attn = CareMLAAttention(self.config, l)
+                attn.load_state_dict({**attn_tensors, "o_proj.weight": w_o}, strict=True)
+                attn.to(self.device, self.dtype).eval()
+                moments = self._moments(layer, attn)
+                new_w_o, report = _solve(w_o, *moments)
+                attn.o_proj.weight.copy_(new_w_o)
+                self._advance_converted(layer, attn)
+            finally:
+                if layer is src_layer:
+                    layer.cpu()
+        return new_w_o.cpu(), report
+
+    def _attention_output(self, attn, h: torch.Tensor, input_norm) -> torch.Tensor:
+        """(the converted attention's output before o_proj [B, T, n_h*d_h], and after it [B, T, D]) for
+        hidden states h [B, T, D], normed by the source layer's `input_norm`."""
+        seen = {}
+        hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("o", args[0]))
+        try:
+            out, _ = attn(input_norm(h), self.care_rope(self.pos.expand(h.shape[0], -1)), attention_mask=self.mask)
+        finally:
+            hook.remove()
+        return seen["o"], out
+
+    def _moments(self, layer, attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(C_o'o', C_o'o, C_oo) over all windows, fp64; advances the original stream past the layer."""
+        seen = {}
+        hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("o", args[0]))
+        c_pp = c_po = c_oo = None
+        try:
+            for i, (h, h_conv) in enumerate(zip(self.original, self.converted)):
+                h, h_conv = h.to(self.device), h_conv.to(self.device)
+                o_conv, _ = self._attention_output(attn, h_conv, layer.input_layernorm)
+                pos = self.pos.expand(h.shape[0], -1)
+                with calibrate.matmul_precision(self.device):
+                    out = layer(h, attention_mask=None, position_ids=pos,
+                                position_embeddings=self.source_rope(h, pos))
+                self.original[i] = (out[0] if isinstance(out, tuple) else out).to(self.park)
+                o, p = seen.pop("o").flatten(0, 1).double(), o_conv.flatten(0, 1).double()
+                if c_pp is None:
+                    c_pp, c_po, c_oo = p.T @ p, p.T @ o, o.T @ o
+                else:
+                    c_pp.addmm_(p.T, p), c_po.addmm_(p.T, o), c_oo.addmm_(o.T, o)
+        finally:
+            hook.remove()
+        return c_pp, c_po, c_oo
+
+    def _advance_converted(self, layer, attn) -> None:
+        """The converted stream through the converted layer: refitted attention, then the source's MLP
+        (the conversion copies the norms and MLP unchanged)."""
+        for i, h in enumerate(self.converted):
+            h = h.to(self.device)
+            _, attn_out = self._attention_output(attn, h, layer.input_layernorm)
+            h = h + attn_out
+            with calibrate.matmul_precision(self.device):
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            self.converted[i] = h.to(self.park)
+
+
+def _solve(w_o: torch.Tensor, c_pp: torch.Tensor, c_po: torch.Tensor, c_oo: torch.Tensor
+           ) -> tuple[torch.Tensor, dict]:
+    """W_O' = W_O (C_oo' + lam I)(C_o'o' + lam I)^-1 (module docstring), and the relative error of the
+    layer's attention output (sum ||W o' - W_O o||^2 / sum ||W_O o||^2, square-rooted) before and after."""
+    lam = DAMPING * c_pp.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(c_pp.shape[0], dtype=c_pp.dtype, device=c_pp.device)
+    a = 0.5 * (c_pp + c_pp.T) + lam * eye
+    new = torch.linalg.solve(a, (c_po + lam * eye) @ w_o.T).T.contiguous()   # a is symmetric
+
+    def error(w: torch.Tensor) -> float:
+        total = ((w_o @ c_oo) * w_o).sum()
+        num = ((w @ c_pp) * w).sum() - 2 * ((w @ c_po) * w_o).sum() + total
+        return (num.clamp_min(0) / total.clamp_min(1e-30)).sqrt().item()
+
+    return new, {"attn_rel_error_before_refit": round(error(w_o), 6), "attn_rel_error": round(error(new), 6)}
