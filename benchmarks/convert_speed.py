@@ -6,7 +6,8 @@
 The model is built in memory with random weights (N(0, 0.02), norms 1) in fp32, as a checkpoint
 loaded from disk would be; calibration uses random token windows (content does not matter for
 timing). The pipeline is the one behind `care-convert` (converter.pipeline.convert_source), so
-every stage (calibrate, rope_map, factorize, allocate, assemble, report, write) is timed as a user
+every stage (calibrate, rope_map, factorize, allocate, assemble, refit (the o_proj refit, on by
+default), report, write) is timed as a user
 would see it; "build" (random init) replaces loading and is reported separately.
 Writes benchmarks/results/convert_speed_<tag>.{json,md} (or --out-json).
 """

@@ -85,11 +85,13 @@ class OutputRefit:
             hook.remove()
         return seen["o"], out
 
-    def _moments(self, layer, attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(C_o'o', C_o'o, C_oo) over all windows, fp64; advances the original stream past the layer."""
+    def _moments(self, layer, attn) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(C_o'o', C_o'o, sum ||W_O o||^2) over all windows, fp64; advances the original stream past the
+        layer. (The last from o_proj's own output: C_oo would cost as much as each of the others.)"""
         seen = {}
-        hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("o", args[0]))
-        c_pp = c_po = c_oo = None
+        hook = layer.self_attn.o_proj.register_forward_hook(lambda _m, args, out: seen.update(o=args[0], y=out))
+        c_pp = c_po = None
+        total = 0.0
         try:
             for i, (h, h_conv) in enumerate(zip(self.original, self.converted)):
                 h, h_conv = h.to(self.device), h_conv.to(self.device)
@@ -100,13 +102,14 @@ class OutputRefit:
                                 position_embeddings=self.source_rope(h, pos))
                 self.original[i] = (out[0] if isinstance(out, tuple) else out).to(self.park)
                 o, p = seen.pop("o").flatten(0, 1).double(), o_conv.flatten(0, 1).double()
+                total += seen.pop("y").double().square().sum().item()
                 if c_pp is None:
-                    c_pp, c_po, c_oo = p.T @ p, p.T @ o, o.T @ o
+                    c_pp, c_po = p.T @ p, p.T @ o
                 else:
-                    c_pp.addmm_(p.T, p), c_po.addmm_(p.T, o), c_oo.addmm_(o.T, o)
+                    c_pp.addmm_(p.T, p), c_po.addmm_(p.T, o)
         finally:
             hook.remove()
-        return c_pp, c_po, c_oo
+        return c_pp, c_po, total
 
     def _advance_converted(self, layer, attn) -> None:
         """The converted stream through the converted layer: refitted attention, then the source's MLP
@@ -120,8 +123,7 @@ class OutputRefit:
             self.converted[i] = h.to(self.park)
 
 
-def _solve(w_o: torch.Tensor, c_pp: torch.Tensor, c_po: torch.Tensor, c_oo: torch.Tensor
-           ) -> tuple[torch.Tensor, dict]:
+def _solve(w_o: torch.Tensor, c_pp: torch.Tensor, c_po: torch.Tensor, total: float) -> tuple[torch.Tensor, dict]:
     """W_O' = W_O (C_oo' + lam I)(C_o'o' + lam I)^-1 (module docstring), and the relative error of the
     layer's attention output (sum ||W o' - W_O o||^2 / sum ||W_O o||^2, square-rooted) before and after."""
     lam = DAMPING * c_pp.diagonal().mean().clamp_min(1e-30)
@@ -130,8 +132,7 @@ def _solve(w_o: torch.Tensor, c_pp: torch.Tensor, c_po: torch.Tensor, c_oo: torc
     new = torch.linalg.solve(a, (c_po + lam * eye) @ w_o.T).T.contiguous()   # a is symmetric
 
     def error(w: torch.Tensor) -> float:
-        total = ((w_o @ c_oo) * w_o).sum()
-        num = ((w @ c_pp) * w).sum() - 2 * ((w @ c_po) * w_o).sum() + total
-        return (num.clamp_min(0) / total.clamp_min(1e-30)).sqrt().item()
+        num = ((w @ c_pp) * w).sum().item() - 2 * ((w @ c_po) * w_o).sum().item() + total
+        return (max(num, 0.0) / max(total, 1e-30)) ** 0.5
 
     return new, {"attn_rel_error_before_refit": round(error(w_o), 6), "attn_rel_error": round(error(new), 6)}

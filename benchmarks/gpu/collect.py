@@ -137,14 +137,14 @@ def speed_md(speeds: dict[str, dict]) -> tuple[str, list[str]]:
     for name, s in sorted(speeds.items()):
         st = s["seconds"]
         rows.append([s["shape"], s["layers"], s["calibration_tokens"], *(st.get(k, "-") for k in
-                     ("calibrate", "rope_map", "factorize", "allocate", "assemble", "report", "write")),
+                     ("calibrate", "rope_map", "factorize", "allocate", "assemble", "refit", "report", "write")),
                      s["convert_total_s"], s.get("peak_gpu_mem_gib")])
         if s["shape"] == "llama3-8b" and s["layers"] == 32 and s["calibration_tokens"] >= 256 * 2048:
             verdicts.append(f"8B conversion: {s['convert_total_s']:.0f} s (target < 180 s: "
                             f"{'met' if s['convert_total_s'] < 180 else 'NOT met'})")
     return ("## Conversion speed (random weights, seconds per stage)\n\n"
             + md_table(["shape", "layers", "calib tokens", "calibrate", "rope_map", "factorize", "allocate",
-                        "assemble", "report", "write", "total s", "peak GPU GiB"], rows)), verdicts
+                        "assemble", "refit", "report", "write", "total s", "peak GPU GiB"], rows)), verdicts
 
 
 def heal_md(heals: dict[str, dict]) -> tuple[str, list[str]]:
