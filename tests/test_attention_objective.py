@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from converter import attention_weights, calib_data, factorize, load
+from converter import attention_weights, factorize, load
 from converter.pipeline import convert
-from tests.license_texts import CALIB, HELD_OUT, require_license_texts
+from tests.license_texts import CALIB, held_out_kl, require_license_texts
 from tests.tiny_models import SHARED, require_shared
 
 
@@ -94,15 +94,6 @@ def test_llama_query_cov_is_that_of_explicit_queries():
     torch.testing.assert_close(cov, torch.einsum("thd,the->hde", q, q), rtol=1e-10, atol=1e-9)
 
 
-def _held_out_kl(original, converted, tokenizer) -> float:
-    """Mean KL(original || converted) of the next-token distributions over held-out windows."""
-    windows = calib_data.token_windows(tokenizer, calib_data.read_texts(HELD_OUT), 8, 256, 7)
-    with torch.no_grad():
-        p = torch.log_softmax(original(windows).logits.double(), -1)
-        q = torch.log_softmax(converted(windows).logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1).mean().item()
-
-
 @pytest.mark.parametrize("name", ["llama3-small", "qwen3-small"])
 def test_attention_objective_is_closer_to_the_original_on_held_out_text(name, tmp_path):
     import model_defs  # noqa: F401  (registers care_mla with transformers)
@@ -117,6 +108,6 @@ def test_attention_objective_is_closer_to_the_original_on_held_out_text(name, tm
         convert(str(src), str(out), calib_files=CALIB, kv_ratio=0.25, ranks="uniform", calib_samples=32,
                 calib_seqlen=256, stats_cache=str(cache), objective=objective, dtype="float32")
         converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        kl[objective] = _held_out_kl(source.model, converted, source.tokenizer)
+        kl[objective] = held_out_kl(source.model, converted, source.tokenizer)
     print(f"{name}: held-out KL to the original {kl}")
     assert kl["attention"] < 0.95 * kl["kv"], kl
