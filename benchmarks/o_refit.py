@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
 import sweep  # noqa: E402
 
 REFIT = (False, True)
@@ -42,14 +41,9 @@ def render_md(res: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    policies, ratios = common.csv_list(args.policies), [float(r) for r in common.csv_list(args.ratios)]
-
-    def cells(name):
-        return sweep.pair_cells(name, "o_proj_refit", REFIT, policies, ratios, objective=args.objective)
-
-    return sweep.run(args, {"ratios": ratios, "policies": policies, "objective": args.objective},
-                     common.csv_list(args.models), cells, render_md, "ckpt_o_refit",
-                     extra=lambda rep: {"attn_rel_error": [l.get("attn_rel_error") for l in rep["layers"]]})
+    return sweep.run_pair(args, "o_proj_refit", REFIT, render_md, "ckpt_o_refit",
+                          shared={"objective": args.objective},
+                          extra=lambda rep: {"attn_rel_error": [l.get("attn_rel_error") for l in rep["layers"]]})
 
 
 if __name__ == "__main__":

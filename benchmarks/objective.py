@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
 import sweep  # noqa: E402
 
 OBJECTIVES = ("kv", "attention")
@@ -39,13 +38,7 @@ def render_md(res: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    policies, ratios = common.csv_list(args.policies), [float(r) for r in common.csv_list(args.ratios)]
-
-    def cells(name):
-        return sweep.pair_cells(name, "objective", OBJECTIVES, policies, ratios)
-
-    return sweep.run(args, {"ratios": ratios, "policies": policies}, common.csv_list(args.models), cells,
-                     render_md, "ckpt_objective")
+    return sweep.run_pair(args, "objective", OBJECTIVES, render_md, "ckpt_objective")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
 import sweep  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -41,13 +40,8 @@ def render_md(res: dict) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    policies, ratios = common.csv_list(args.policies), [float(r) for r in common.csv_list(args.ratios)]
-
-    def cells(name):
-        return sweep.pair_cells(name, "dtype", DTYPES, policies, ratios, objective=args.objective)
-
-    return sweep.run(args, {"ratios": ratios, "policies": policies, "objective": args.objective},
-                     common.csv_list(args.models), cells, render_md, "ckpt_output_dtype")
+    return sweep.run_pair(args, "dtype", DTYPES, render_md, "ckpt_output_dtype",
+                          shared={"objective": args.objective})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The loop behind the one-shot sweeps (kshare.py, objective.py): one care-convert option varied,
+"""The loop behind the one-shot sweeps (kshare.py, objective.py, output_dtype.py, o_refit.py): one care-convert option varied,
 each cell converted and evaluated with oneshot.py's calibration, test text and stats caches.
 
 A sweep gives its own settings, the cells of each model (row key -> convert keyword arguments) and
@@ -106,6 +106,21 @@ def pair_cells(name: str, field: str, values: tuple, policies: list[str], ratios
             for value in values:
                 yield (f"{name}|{policy}|{ratio}|{value}", {"policy": policy, "kv_ratio": ratio, field: value},
                        {"ranks": policy, "kv_ratio": ratio, field: value, **convert_kw})
+
+
+def run_pair(args, field: str, values: tuple, render_md: Callable[[dict], str], ckpt_name: str,
+             shared: dict | None = None, extra: Callable[[dict], dict] | None = None) -> int:
+    """main() of a two-way sweep (add_pair_args' arguments): every model x policy x ratio converted with
+    each of `values` for care-convert option `field`; `shared` are the care-convert options all cells
+    share (recorded in the settings too)."""
+    shared = shared or {}
+    policies, ratios = common.csv_list(args.policies), [float(r) for r in common.csv_list(args.ratios)]
+
+    def cells(name):
+        return pair_cells(name, field, values, policies, ratios, **shared)
+
+    return run(args, {"ratios": ratios, "policies": policies, **shared}, common.csv_list(args.models), cells,
+               render_md, ckpt_name, extra)
 
 
 def pair_table(res: dict, values: tuple, labels: list[str], change_digits: int = 1) -> str:

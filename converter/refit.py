@@ -14,8 +14,8 @@ converter/factorize.py). The ridge pulls toward the original o_proj, so where th
 (o' = o) W_O' = W_O exactly, and directions the calibration never excites keep the original weights.
 o_proj keeps its shape: the cache, the checkpoint format and serving are unchanged.
 
-Measured (README "Output refit"; benchmarks/refit.py): SmolLM2 at KV 0.5 one-shot perplexity 34.95 ->
-25.1 (uniform ranks), 39.74 -> 29.0 (adjusted); propagating through the converted layers was a little
+Measured (README "o_proj refit"; benchmarks/o_refit.py): SmolLM2 at KV 0.5 one-shot perplexity 34.95 ->
+25.1 (uniform ranks), 39.74 -> 29.0 (adjusted), and lower in all 12 cases of that table; propagating through the converted layers was a little
 better than fitting every layer on the original hidden states (25.1 vs 25.5), and refitting q/k/v the
 same way (a cross-covariance CARE) was worse than not (42.1). Cost: one more pass of the calibration
 windows through every layer (the original layer, plus the converted attention twice: to fit, then to
@@ -74,7 +74,7 @@ class OutputRefit:
                     layer.cpu()
         return new_w_o.cpu(), report
 
-    def _attention_output(self, attn, h: torch.Tensor, input_norm) -> torch.Tensor:
+    def _attention_output(self, attn, h: torch.Tensor, input_norm) -> tuple[torch.Tensor, torch.Tensor]:
         """(the converted attention's output before o_proj [B, T, n_h*d_h], and after it [B, T, D]) for
         hidden states h [B, T, D], normed by the source layer's `input_norm`."""
         seen = {}
