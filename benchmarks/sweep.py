@@ -1,5 +1,6 @@
-"""The loop behind the one-shot sweeps (kshare.py, objective.py, output_dtype.py, o_refit.py): one care-convert option varied,
-each cell converted and evaluated with oneshot.py's calibration, test text and stats caches.
+"""The loop behind the one-shot sweeps (kshare.py, objective.py, output_dtype.py, o_refit.py): one
+care-convert option varied, each cell converted and evaluated with oneshot.py's calibration, test text
+and stats caches.
 
 A sweep gives its own settings, the cells of each model (row key -> convert keyword arguments) and
 how a row is recorded; this module does the rest: the originals' perplexity, --resume, saving the
