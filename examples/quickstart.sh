@@ -7,7 +7,8 @@
 # CALIB_SAMPLES (64 windows of 256 tokens: a few minutes on 2 CPU cores; the converter's default is 256),
 # PORT (8000), OUT. RANKS/OBJECTIVE are the best measured settings for this model served for chat
 # (benchmarks/results/chat_calib_attention.md: KL to the original 0.73 per answer token vs 1.10 with
-# the converter's paper defaults, --ranks adjusted --objective kv).
+# the converter's paper defaults, --ranks adjusted --objective kv; with the converter's o_proj refit,
+# on by default, 0.41: benchmarks/results/chat_calib_attention_refit.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KV_RATIO=${KV_RATIO:-0.5}; METHOD=${METHOD:-care}; RANKS=${RANKS:-uniform}; OBJECTIVE=${OBJECTIVE:-attention}
