@@ -47,8 +47,12 @@ def served(request, tmp_path_factory, calib_file):
     root = tmp_path_factory.mktemp(f"serve_{arch}")
     src = varied_original(root / "orig", arch)
     out = root / "mla"
+    # qwen3_moe without the o_proj refit: refitted on the synthetic 40-word calibration text, this random
+    # model's greedy continuation of the English prompts below collapses to one repeated token (the
+    # original's has 2 distinct, the unrefitted conversion's 7), too weak a comparison. The refit only
+    # changes o_proj's values, which the llama and qwen3 servers cover.
     report = convert(src, out, calib_files=[calib_file], method="care", ranks="adjusted", kv_ratio=0.75,
-                     rope_dim=8, calib_samples=16, calib_seqlen=64, seed=0)
+                     rope_dim=8, calib_samples=16, calib_seqlen=64, seed=0, o_proj_refit=arch != "qwen3_moe")
     cfg = json.loads((out / "config.json").read_text())
     widths = [k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
     assert len(set(widths)) > 1, f"the test needs layers of different ranks, got {widths}"
