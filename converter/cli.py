@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit each layer's o_proj by least squares to what its converted attention outputs on "
                         "the calibration text (default on; one more pass over the calibration windows; "
                         "--no-o-proj-refit: the factorization alone, as the paper)")
+    p.add_argument("--o-proj-refit-ridge", type=float, default=0.01, metavar="F",
+                   help="the refit's ridge, as a fraction of the mean energy of the converted attention's output "
+                        "(default 0.01; larger keeps o_proj closer to the original, for calibration text unlike "
+                        "what will be served)")
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
     p.add_argument("--k-share", type=float, default=None, metavar="F",

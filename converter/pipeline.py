@@ -63,6 +63,7 @@ class Options:
     max_shard_size: str = "2GB"
     revision: str | None = None   # Hub revision when the source is a repo id
     o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
+    o_proj_refit_ridge: float = refit.RIDGE   # its ridge, as a fraction of the mean diagonal of C_o'o'
 
     def validate(self) -> None:
         if self.method not in factorize.METHODS:
@@ -85,6 +86,9 @@ class Options:
             raise ConversionError(f"unknown --objective {self.objective!r} (choose from {', '.join(OBJECTIVES)})")
         if self.objective != "kv" and self.method != "care":
             raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
+        if not (math.isfinite(self.o_proj_refit_ridge) and self.o_proj_refit_ridge > 0):
+            raise ConversionError(f"--o-proj-refit-ridge must be a positive number: the ridge that keeps o_proj "
+                                  f"near the original where calibration says little (got {self.o_proj_refit_ridge})")
         if self.calib_dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from float32, bfloat16)")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -286,7 +290,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
 
         with timer.stage("refit"):
             refitter = refit.OutputRefit(source.model, windows, CareMLAConfig(**config), opts.device,
-                                         opts.calib_batch, DTYPES[opts.calib_dtype])
+                                         opts.calib_batch, DTYPES[opts.calib_dtype], opts.o_proj_refit_ridge)
     layer_reports = []
     with write.atomic_dir(out, opts.overwrite) as tmp:
         shards = write.ShardWriter(tmp, opts.max_shard_size)
@@ -333,6 +337,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "source_architecture": cfg.architectures[0] if cfg.architectures else None,
             "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
             "o_proj_refit": opts.o_proj_refit,
+            **({"o_proj_refit_ridge": opts.o_proj_refit_ridge} if opts.o_proj_refit else {}),
             "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
             "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select,
             "rope_distance": opts.rope_distance,
@@ -446,6 +451,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         **({k: getattr(cfg, k) for k in MOE_CONFIG_KEYS} if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  "o_proj_refit": opts.o_proj_refit,
+                 **({"o_proj_refit_ridge": opts.o_proj_refit_ridge} if opts.o_proj_refit else {}),
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)
                                    / (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d_h), 6),
                  "rope_dim": d_r},

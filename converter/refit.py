@@ -28,7 +28,8 @@ import contextlib
 import torch
 
 from . import calibrate
-from .factorize import DAMPING
+
+RIDGE = 0.01   # lam as a fraction of mean diag(C_o'o'): care-convert --o-proj-refit-ridge (README: how it was chosen)
 
 
 class OutputRefit:
@@ -36,10 +37,10 @@ class OutputRefit:
     layer at a time by `layer()` (call it for layers 0, 1, ... in order)."""
 
     def __init__(self, model, windows: torch.Tensor, care_config, device: str, batch_size: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, ridge: float = RIDGE) -> None:
         from model_defs.modeling_care import CareRope   # noqa: PLC0415 (transformers modeling: heavy)
 
-        self.device, self.dtype, self.config = device, dtype, care_config
+        self.device, self.dtype, self.config, self.ridge = device, dtype, care_config, ridge
         inner = model.model
         n, t = windows.shape
         self.park = calibrate.hidden_home(device, 2 * n * t * inner.config.hidden_size * torch.finfo(dtype).bits // 8)
@@ -66,7 +67,7 @@ class OutputRefit:
                 attn.load_state_dict({**attn_tensors, "o_proj.weight": w_o}, strict=True)
                 attn.to(self.device, self.dtype).eval()
                 moments = self._moments(layer, attn)
-                new_w_o, report = _solve(w_o, *moments)
+                new_w_o, report = _solve(w_o, *moments, self.ridge)
                 attn.o_proj.weight.copy_(new_w_o)
                 self._advance_converted(layer, attn)
             finally:
@@ -123,10 +124,11 @@ class OutputRefit:
             self.converted[i] = h.to(self.park)
 
 
-def _solve(w_o: torch.Tensor, c_pp: torch.Tensor, c_po: torch.Tensor, total: float) -> tuple[torch.Tensor, dict]:
+def _solve(w_o: torch.Tensor, c_pp: torch.Tensor, c_po: torch.Tensor, total: float,
+           ridge: float) -> tuple[torch.Tensor, dict]:
     """W_O' = W_O (C_oo' + lam I)(C_o'o' + lam I)^-1 (module docstring), and the relative error of the
     layer's attention output (sum ||W o' - W_O o||^2 / sum ||W_O o||^2, square-rooted) before and after."""
-    lam = DAMPING * c_pp.diagonal().mean().clamp_min(1e-30)
+    lam = ridge * c_pp.diagonal().mean().clamp_min(1e-30)
     eye = torch.eye(c_pp.shape[0], dtype=c_pp.dtype, device=c_pp.device)
     a = 0.5 * (c_pp + c_pp.T) + lam * eye
     new = torch.linalg.solve(a, (c_po + lam * eye) @ w_o.T).T.contiguous()   # a is symmetric

@@ -132,6 +132,28 @@ def test_k_share_outside_unit_interval(tiny, tmp_path, share):
     assert_refused(run_convert(src, out, "--calib", calib, "--k-share", share), out, "--k-share", "(0, 1)")
 
 
+@pytest.mark.parametrize("ridge", ["0", "nan"])
+def test_o_proj_refit_ridge_must_be_positive(tiny, tmp_path, ridge):
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, "--o-proj-refit-ridge", ridge), out,
+                   "--o-proj-refit-ridge", "positive")
+
+
+def test_cli_defaults_are_the_python_api_defaults():
+    """`care-convert` and `converter.pipeline.convert(...)` must convert alike when given nothing: every
+    option the CLI passes through has the default of the Options field it fills."""
+    import dataclasses
+
+    from converter.cli import build_parser
+    from converter.pipeline import Options
+
+    fields = {f.name: f.default for f in dataclasses.fields(Options)}
+    actions = {a.dest: a.default for a in build_parser()._actions if a.dest in fields}
+    assert set(actions) == set(fields), set(fields) ^ set(actions)
+    assert actions == fields
+
+
 def test_existing_out_needs_overwrite(tiny, tmp_path):
     _, src, calib = tiny
     out = tmp_path / "out"

@@ -3,7 +3,8 @@
 * a conversion with the refit differs from one without (`care-convert --no-o-proj-refit`) in o_proj
   only, and each layer's o_proj equals the ridge least-squares solution computed here from whole-model
   forward passes: the original transformers model (its attention outputs o) and the refitted
-  checkpoint in model_defs (its own attention outputs o', i.e. with every earlier layer refitted);
+  checkpoint in model_defs (its own attention outputs o', i.e. with every earlier layer refitted), with
+  the ridge asked for (`--o-proj-refit-ridge`, or its default);
 * on a trained model and held-out text, the refit brings the converted model closer to the original
   (KL of the next-token distributions) than the factorization alone;
 * an exact conversion (full ranks, RoPE on every key dim) keeps the original o_proj: covered by
@@ -24,6 +25,9 @@ from tests.license_texts import CALIB, held_out_kl, require_license_texts
 from tests.tiny_models import SHARED, make_tiny_original, require_shared
 
 SAMPLES, SEQLEN = 8, 64
+DEFAULT_RIDGE = 0.01   # care-convert's documented default (README, --help)
+# per architecture: the --o-proj-refit-ridge given (None: the default)
+RIDGE = {"llama": None, "qwen3": 0.1, "qwen3_moe": 1.0}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "qwen3_moe"])
@@ -33,7 +37,8 @@ def refit_pair(request, tmp_path_factory, calib_file):
     src = make_tiny_original(root / "orig", arch, num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
     common = ["--calib", str(calib_file), "--kv-ratio", "0.5", "--calib-samples", str(SAMPLES),
               "--calib-seqlen", str(SEQLEN), "--calib-batch", "3", "--ranks", "uniform", "--dtype", "float32"]
-    assert care_convert([str(src), str(root / "refit"), *common]) == 0
+    ridge = [] if RIDGE[arch] is None else ["--o-proj-refit-ridge", str(RIDGE[arch])]
+    assert care_convert([str(src), str(root / "refit"), *common, *ridge]) == 0
     assert care_convert([str(src), str(root / "plain"), *common, "--no-o-proj-refit"]) == 0
     return arch, src, root / "refit", root / "plain", calib_file
 
@@ -51,13 +56,15 @@ def _o_proj_inputs(model, layers, windows) -> list[torch.Tensor]:
 
 
 def test_only_o_proj_changes(refit_pair):
-    _, _, refit, plain, _ = refit_pair
+    arch, _, refit, plain, _ = refit_pair
     a, b = load_file(str(refit / "model.safetensors")), load_file(str(plain / "model.safetensors"))
     assert a.keys() == b.keys()
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     assert changed and all(k.endswith("self_attn.o_proj.weight") for k in changed), changed
     cfg_a, cfg_b = (json.loads((p / "config.json").read_text()) for p in (refit, plain))
     assert cfg_a["care"]["o_proj_refit"] is True and cfg_b["care"]["o_proj_refit"] is False
+    assert cfg_a["care"]["o_proj_refit_ridge"] == (RIDGE[arch] or DEFAULT_RIDGE)
+    assert "o_proj_refit_ridge" not in cfg_b["care"]
     assert {k: v for k, v in cfg_a.items() if k != "care"} == {k: v for k, v in cfg_b.items() if k != "care"}
 
 
@@ -76,7 +83,7 @@ def test_o_proj_is_the_ridge_solution_on_propagated_outputs(refit_pair):
     for l, (ol, cl) in enumerate(zip(original.model.layers, converted.model.layers)):
         w_o = ol.self_attn.o_proj.weight.double()
         c_pp, c_op = o_conv[l].T @ o_conv[l], o[l].T @ o_conv[l]
-        lam = 0.01 * c_pp.diagonal().mean()
+        lam = (RIDGE[arch] or DEFAULT_RIDGE) * c_pp.diagonal().mean()
         eye = torch.eye(c_pp.shape[0], dtype=torch.float64)
         expected = w_o @ (c_op + lam * eye) @ torch.linalg.inv(c_pp + lam * eye)
         got = cl.self_attn.o_proj.weight.double()
