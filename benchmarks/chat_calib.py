@@ -18,7 +18,9 @@ Metrics:
               perplexity of the original's answer under the converted model, and the number of
               prompts the converted model answers with an immediate end of turn (greedy first token
               = EOS: an empty reply from `vllm serve`).
-Conversions run without care-convert's o_proj refit (its default) unless --o-proj-refit is given.
+Conversions run without care-convert's o_proj refit (its default) unless --o-proj-refit is given;
+--refit-ridges off,0.01,0.1 converts each cell once per entry (off = no refit, a number = the refit with
+that --o-proj-refit-ridge), for the ridge study of benchmarks/results/refit_ridge.md.
 Writes benchmarks/results/chat_calib.json and chat_calib.md.
 """
 from __future__ import annotations
@@ -50,6 +52,9 @@ def build_parser():
     p.add_argument("--calib-sets", default=",".join(CALIB_SETS))
     p.add_argument("--objective", default="kv", choices=["kv", "attention"], help="care-convert --objective")
     p.add_argument("--o-proj-refit", action="store_true", help="convert with care-convert's o_proj refit")
+    p.add_argument("--refit-ridges", default=None, metavar="LIST",
+                   help="comma list of refit settings, each 'off' or an --o-proj-refit-ridge value (overrides "
+                        "--o-proj-refit)")
     p.add_argument("--answer-tokens", type=int, default=48)
     sweep.add_eval_calib_args(p)   # --eval-tokens: prose tokens
     p.add_argument("--work-dir", default=None, help="checkpoints + stats caches (default DATA/bench/oneshot)")
@@ -96,21 +101,37 @@ def chat_fidelity(ref, got, answers: list[list[int]], eos: int) -> dict:
             "empty_replies": empty, "prompts": len(answers)}
 
 
+def refit_settings(args) -> list[float | None]:
+    """The refit settings to convert each cell with: None = no refit, else the ridge."""
+    from converter.refit import RIDGE
+
+    if args.refit_ridges is None:
+        return [RIDGE if args.o_proj_refit else None]
+    return [None if x == "off" else float(x) for x in common.csv_list(args.refit_ridges)]
+
+
+def refit_label(ridge: float | None) -> str:
+    return "off" if ridge is None else f"ridge {ridge:g}"
+
+
 def render_md(res: dict) -> str:
     s = res["settings"]
     orig = res["original"]
     lines = [*common.report_head(res, "Calibration text for an instruct model: prose vs conversations "
                                       "(one-shot, no healing)"),
              f"- model: {s['model']}, care (objective {s.get('objective', 'kv')}"
-             f"{', o_proj refit' if s.get('o_proj_refit') else ''}), KV {s['ratio']}, "
+             f"{', o_proj refit' if s.get('o_proj_refit') and s.get('refit_ridges') is None else ''}), "
+             f"KV {s['ratio']}, "
              f"calibration {s['calib_samples']} x {s['calib_seqlen']} tokens from the set named in the row "
              "(benchmarks/chat_calib.py docstring)",
              f"- chat: {orig['prompts']} held-out prompts, reference = the original's greedy answer "
              f"({s['answer_tokens']} tokens); the original itself ends {orig['empty_replies']} of them at once",
              f"- prose ppl: test split, {res['prose_tokens']} tokens; original {orig['prose_ppl']:.2f}", ""]
-    header = ["ranks", "calibration", "KL/token (chat)", "top-1 agree", "answer ppl", "empty replies",
-              "prose ppl"]
-    rows = [[r["policy"], r["calib"], f"{r['kl_per_token']:.3f}", f"{r['top1_agreement']:.3f}",
+    sweep_refit = s.get("refit_ridges") is not None
+    header = ["ranks", "calibration", *(["o_proj refit"] if sweep_refit else []), "KL/token (chat)",
+              "top-1 agree", "answer ppl", "empty replies", "prose ppl"]
+    rows = [[r["policy"], r["calib"], *([refit_label(r["refit_ridge"])] if sweep_refit else []),
+             f"{r['kl_per_token']:.3f}", f"{r['top1_agreement']:.3f}",
              f"{r['answer_ppl']:.2f}", f"{r['empty_replies']}/{r['prompts']}", f"{r['prose_ppl']:.2f}"]
             for r in res["rows"].values()]
     return "\n".join(lines + [common.md_table(header, rows)]) + "\n"
@@ -159,20 +180,23 @@ def main(argv=None) -> int:
     for calib_name in sets:
         files, stats = calib[calib_name]
         for policy in policies:
-            ckpt = mdir / "ckpt_chat_calib"
-            convert(str(src), str(ckpt), calib_files=files, method="care", ranks=policy, kv_ratio=args.ratio,
-                    objective=args.objective, calib_samples=args.calib_samples,
-                    calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats),
-                    dtype="float32", o_proj_refit=args.o_proj_refit)
-            model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-            row = {"policy": policy, "calib": calib_name,
-                   **chat_fidelity(ref, answer_logprobs(model, seqs, starts), answers, tok.eos_token_id),
-                   "prose_ppl": oneshot.evaluate(model, tok, texts, per_file, args, ppl_fn)["ppl"]}
-            del model
-            gc.collect()
-            res["rows"][f"{policy}|{calib_name}"] = row
-            print(json.dumps(row), flush=True)
-            save()
+            for ridge in refit_settings(args):
+                ckpt = mdir / "ckpt_chat_calib"
+                convert(str(src), str(ckpt), calib_files=files, method="care", ranks=policy, kv_ratio=args.ratio,
+                        objective=args.objective, calib_samples=args.calib_samples,
+                        calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True, stats_cache=str(stats),
+                        dtype="float32", o_proj_refit=ridge is not None,
+                        **({"o_proj_refit_ridge": ridge} if ridge is not None else {}))
+                model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+                row = {"policy": policy, "calib": calib_name, "refit_ridge": ridge,
+                       **chat_fidelity(ref, answer_logprobs(model, seqs, starts), answers, tok.eos_token_id),
+                       "prose_ppl": oneshot.evaluate(model, tok, texts, per_file, args, ppl_fn)["ppl"]}
+                del model
+                gc.collect()
+                key = f"{policy}|{calib_name}" + (f"|{refit_label(ridge)}" if args.refit_ridges else "")
+                res["rows"][key] = row
+                print(json.dumps(row), flush=True)
+                save()
     save()
     print(Path(args.out + ".md").read_text())
     return 0
