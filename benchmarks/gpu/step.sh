@@ -4,7 +4,7 @@
 # (at most 8 files come back: JSON/markdown plus one logs tarball per step).
 #
 #   v1      carry .gpu/v1: stash vLLM part 1, unpack the tokenizer; then the backlog's pending `convert`
-#           items (conversion speed, no vLLM needed) that fit before HARD_S (default 240 s)
+#           items (conversion speed, no vLLM needed) that fit before HARD_S (default 300 s)
 #   v2      carry .gpu/v2: install vLLM (part 2; skipped when the warm machine has it) + gguf; then the
 #           backlog's pending correctness / throughput / serve items that fit before HARD_S (default 450 s).
 #           With time left in the lease, `step.sh v2` again (no carry) runs the next items.
@@ -71,7 +71,7 @@ v1)
   mkdir -p $W/tok $W/shared/models && cp $W/parts/tok/* $W/tok/
   ln -sfn $W/tok $W/shared/models/llama3-small   # tests/tiny_models.py reads its tokenizer there
   install_repo
-  backlog v1 "${HARD_S:-240}"
+  backlog v1 "${HARD_S:-300}"
   pack_logs $(cd $W && ls *.log)
   ;;
 v2)
