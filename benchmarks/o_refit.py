@@ -40,18 +40,12 @@ def build_parser():
 def ridge_table(res: dict) -> str:
     """One row per model x policy x ratio: perplexity without the refit, then with each ridge (the
     lowest in bold)."""
-    s = res["settings"]
-    keys = ["off", *(f"{r:g}" for r in s["ridges"])]
+    keys = ["off", *(f"{r:g}" for r in res["settings"]["ridges"])]
     rows = []
-    for model, minfo in res["models"].items():
-        orig = minfo.get("original_ppl")
-        for policy in s["policies"]:
-            for ratio in s["ratios"]:
-                got = [res["rows"].get(f"{model}|{policy}|{ratio}|{k}") for k in keys]
-                best = min((r["ppl"] for r in got if r), default=None)
-                cells = ["—" if r is None else (f"**{r['ppl']:.2f}**" if r["ppl"] == best else f"{r['ppl']:.2f}")
-                         for r in got]
-                rows.append([f"{model} ({orig:.2f})", policy, str(ratio), *cells])
+    for head, _, got in sweep.table_rows(res, keys):
+        best = min((r["ppl"] for r in got if r), default=None)
+        rows.append(head + ["—" if r is None else (f"**{r['ppl']:.2f}**" if r["ppl"] == best else f"{r['ppl']:.2f}")
+                            for r in got])
     return common.md_table(["model (original ppl)", "ranks", "KV ratio", "no refit",
                             *(f"ridge {k}" for k in keys[1:])], rows)
 

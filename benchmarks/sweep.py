@@ -124,18 +124,24 @@ def run_pair(args, field: str, values: tuple, render_md: Callable[[dict], str], 
                render_md, ckpt_name, extra)
 
 
-def pair_table(res: dict, values: tuple, labels: list[str], change_digits: int = 1) -> str:
-    """Markdown table of a two-way sweep: one row per model x policy x ratio, the perplexity for both
-    `values` (column headings `labels`) and the relative change of the second vs the first."""
+def table_rows(res: dict, values) -> Iterable[tuple[list[str], float, list[dict | None]]]:
+    """Per model x policy x ratio of a sweep's results: (the row's first cells: model (original ppl),
+    policy, ratio; the original's perplexity; the rows of `values` in order, None where missing)."""
     s = res["settings"]
-    rows = []
     for model, minfo in res["models"].items():
         orig = minfo.get("original_ppl")
         for policy in s["policies"]:
             for ratio in s["ratios"]:
                 got = [res["rows"].get(f"{model}|{policy}|{ratio}|{v}") for v in values]
-                cells = [f"{model} ({orig:.2f})", policy, str(ratio)]
-                cells += ["—" if r is None else f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" for r in got]
-                change = "—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.{change_digits}f} %"
-                rows.append(cells + [change])
+                yield [f"{model} ({orig:.2f})", policy, str(ratio)], orig, got
+
+
+def pair_table(res: dict, values: tuple, labels: list[str], change_digits: int = 1) -> str:
+    """Markdown table of a two-way sweep: one row per model x policy x ratio, the perplexity for both
+    `values` (column headings `labels`) and the relative change of the second vs the first."""
+    rows = []
+    for head, orig, got in table_rows(res, values):
+        cells = ["—" if r is None else f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" for r in got]
+        change = "—" if None in got else f"{100 * (got[1]['ppl'] / got[0]['ppl'] - 1):+.{change_digits}f} %"
+        rows.append(head + cells + [change])
     return common.md_table(["model (original ppl)", "ranks", "KV ratio", *labels, "change"], rows)
