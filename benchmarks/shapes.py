@@ -116,7 +116,7 @@ def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int
         "source_architecture": cfg["architectures"][0],
         **{k: cfg[k] for k in MOE_CONFIG_KEYS if "num_experts" in cfg},
         "care": {"method": "care", "objective": "kv", "rank_policy": "given", "o_proj_refit": False,
-                 "kv_ratio": round(total / parity, 6),
+                 "o_proj_refit_ridge": None, "kv_ratio": round(total / parity, 6),
                  "rope_dim": rope_dim},
     }
 

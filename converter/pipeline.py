@@ -337,7 +337,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "source_architecture": cfg.architectures[0] if cfg.architectures else None,
             "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
             "o_proj_refit": opts.o_proj_refit,
-            **({"o_proj_refit_ridge": opts.o_proj_refit_ridge} if opts.o_proj_refit else {}),
+            "o_proj_refit_ridge": opts.o_proj_refit_ridge if opts.o_proj_refit else None,
             "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
             "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select,
             "rope_distance": opts.rope_distance,
@@ -451,7 +451,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         **({k: getattr(cfg, k) for k in MOE_CONFIG_KEYS} if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  "o_proj_refit": opts.o_proj_refit,
-                 **({"o_proj_refit_ridge": opts.o_proj_refit_ridge} if opts.o_proj_refit else {}),
+                 "o_proj_refit_ridge": opts.o_proj_refit_ridge if opts.o_proj_refit else None,
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)
                                    / (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d_h), 6),
                  "rope_dim": d_r},
