@@ -65,6 +65,11 @@ class Options:
     o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
     o_proj_refit_ridge: float = refit.RIDGE   # its ridge, as a fraction of the mean diagonal of C_o'o'
 
+    @property
+    def applied_refit_ridge(self) -> float | None:
+        """The refit's ridge as config.json and care_report.json record it: None without the refit."""
+        return self.o_proj_refit_ridge if self.o_proj_refit else None
+
     def validate(self) -> None:
         if self.method not in factorize.METHODS:
             raise ConversionError(f"unknown --method {self.method!r} (choose from {', '.join(factorize.METHODS)})")
@@ -337,7 +342,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "source_architecture": cfg.architectures[0] if cfg.architectures else None,
             "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
             "o_proj_refit": opts.o_proj_refit,
-            "o_proj_refit_ridge": opts.o_proj_refit_ridge if opts.o_proj_refit else None,
+            "o_proj_refit_ridge": opts.applied_refit_ridge,
             "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
             "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select,
             "rope_distance": opts.rope_distance,
@@ -451,7 +456,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         **({k: getattr(cfg, k) for k in MOE_CONFIG_KEYS} if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  "o_proj_refit": opts.o_proj_refit,
-                 "o_proj_refit_ridge": opts.o_proj_refit_ridge if opts.o_proj_refit else None,
+                 "o_proj_refit_ridge": opts.applied_refit_ridge,
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)
                                    / (cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * d_h), 6),
                  "rope_dim": d_r},

@@ -11,8 +11,9 @@ layers before it got wrong). Then, per layer,
 
 with C_oo' = sum o o'^T, C_o'o' = sum o' o'^T and lam = ridge * mean diag(C_o'o') (--o-proj-refit-ridge,
 default 0.01 like converter/factorize.py's damping; within 0.6 % of the best perplexity of 0.001 / 0.01 /
-0.1 / 1 in every cell of benchmarks/results/refit_ridge.md). The ridge pulls toward the original o_proj, so where the conversion is exact
-(o' = o) W_O' = W_O exactly, and directions the calibration never excites keep the original weights.
+0.1 / 1 in every cell of benchmarks/results/refit_ridge.md). The ridge pulls toward the original
+o_proj, so where the conversion is exact (o' = o) W_O' = W_O exactly, and directions the calibration
+never excites keep the original weights.
 o_proj keeps its shape: the cache, the checkpoint format and serving are unchanged.
 
 Measured (README "o_proj refit"; benchmarks/o_refit.py): SmolLM2 at KV 0.5 one-shot perplexity 34.95 ->
