@@ -1,7 +1,7 @@
 """GPU correctness of the care_vllm plugin in bf16: vLLM's output against model_defs, per attention path.
 
     python benchmarks/gpu/correctness.py --work /tmp/corr --out-json $OUT/correctness.json   # on the GPU
-    python benchmarks/gpu/correctness.py --small --device cpu --dtype float32 ...            # CPU dry run
+    python benchmarks/gpu/correctness.py --small --device cpu --dtype float32 --jobs 2 ...   # CPU dry run
 
 What runs (issue 4, "Correctness in bf16 on GPU"):
   * two random ORIGINAL models with head_dim 128 (Llama-3 with llama3 rope scaling, Qwen3 with
@@ -38,6 +38,7 @@ import re
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +57,7 @@ LONG_LEN, SHARED_PREFIX = 9000, 8192
 # alone moves prompt logprobs by 1.5-2.6 nats: a noise floor (and a 3x tolerance) that would hide real
 # errors. With this init transformers' own bf16-vs-fp32 difference is ~0.08-0.13 nats (2000 tokens).
 LOGIT_STD, QK_GAIN = 5.0, 1.3
+CPU_KV_CACHE_BYTES = 1 << 30   # CPU dry runs: room for the long prompts of the full-size shapes (16 KB/token)
 
 
 def prompts(vocab: int, long: bool, seed: int = 0) -> list[list[int]]:
@@ -74,13 +76,22 @@ def prompts(vocab: int, long: bool, seed: int = 0) -> list[list[int]]:
 # worker: one vLLM engine, run in its own process so that GPU memory is returned between models
 
 def worker(args) -> int:
+    spec = json.loads(Path(args.worker).read_text())
+    engine = {}
+    if spec.get("device") == "cpu":
+        # CPU dry runs: engine core and model runner in this process (vLLM's defaults start two more
+        # Python processes, ~10 s of imports each, and wait 5 s to kill them at exit) and a KV cache
+        # sized for the prompts instead of 30 % of the machine's RAM (6 GiB, zeroed at start-up).
+        import os
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        engine = dict(distributed_executor_backend="uni", kv_cache_memory_bytes=CPU_KV_CACHE_BYTES)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    spec = json.loads(Path(args.worker).read_text())
     llm = LLM(model=spec["model"], dtype=spec["dtype"], enforce_eager=not spec["compiled"],
               max_model_len=LONG_LEN + GEN_TOKENS + 16, gpu_memory_utilization=spec["gpu_mem"],
-              enable_prefix_caching=True, max_num_batched_tokens=2048, max_num_seqs=16, seed=0)
+              enable_prefix_caching=True, max_num_batched_tokens=2048, max_num_seqs=16, seed=0, **engine)
     sp = SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, logprobs=0, prompt_logprobs=0, ignore_eos=True)
     results = []
     short = [p for p in spec["prompts"] if len(p) < SHARED_PREFIX]
@@ -109,6 +120,7 @@ def worker(args) -> int:
 def run_vllm(model: Path, prompts_: list[list[int]], work: Path, args, compiled: bool) -> dict:
     tag = f"{model.name}{'-compiled' if compiled else ''}"
     spec = {"model": str(model), "dtype": args.dtype, "compiled": compiled, "gpu_mem": args.gpu_mem,
+            "device": args.device,
             "prompts": prompts_, "out": str(work / f"{tag}.vllm.json")}
     (work / f"{tag}.spec.json").write_text(json.dumps(spec))
     log = work / f"{tag}.vllm.log"
@@ -245,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-long", dest="long", action="store_false")
     ap.add_argument("--compiled", default="llama-mixed",
                     help="comma list of models also run with torch.compile + CUDA graphs (default llama-mixed)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="vLLM workers started at once (default 1; each takes --gpu-mem of the GPU). CPU dry "
+                         "runs: 2, since a worker spends most of its ~40 s in single-threaded start-up")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -259,36 +274,43 @@ def main(argv=None) -> int:
     failed = []
     vocab = 16384
     ps = prompts(vocab, args.long)
-    for arch, group in models.items():
-        floor = floor_gap = None
-        for name, path in group.items():
-            for compiled in ([False, True] if f"{arch}-{name}" in args.compiled.split(",") else [False]):
-                v = run_vllm(path, ps, work, args, compiled)
-                refs = reference_logprobs(path, [r["prompt"] + r["generated"] for r in v["results"]], args.device)
-                m = compare(v, refs)
-                m.update(backends=v["backends"], layer_widths=v["layer_widths"], vllm_wall_s=v["wall_s"],
-                         generate_s=round(v["seconds"], 2))
-                if name == "orig":
-                    # a greedy flip is bf16 noise when its gap is within the original's own worst gap
-                    # or its largest generated-token logprob error (the original may have no flip at all)
-                    floor, floor_gap = m["prompt_logprob_mean_diff"], max(m["worst_gap"], m["generated_logprob_max_diff"])
-                    m["role"] = "bf16 noise floor (GQA original on stock vLLM vs transformers fp32)"
-                else:
-                    limit = 3 * (floor or 0.0) + 0.01
-                    gap_limit = 2 * (floor_gap or 0.0) + 0.05
-                    m["limit_prompt_mean"], m["limit_worst_gap"] = round(limit, 5), round(gap_limit, 4)
-                    m["pass"] = bool(m["prompt_logprob_mean_diff"] <= limit and m["worst_gap"] <= gap_limit)
-                if args.long:   # the second long prompt must really have been served from the prefix cache
-                    m["prefix_cache_hit_tokens"] = m["per_prompt"][-1]["cached_tokens"]
-                    if name != "orig" and not (m["prefix_cache_hit_tokens"] or 0) >= SHARED_PREFIX // 2:
-                        m["pass"] = False
-                if name != "orig" and not m["pass"]:
-                    failed.append(v["tag"])
-                report["models"][f"{arch}-{v['tag'].split('-', 1)[1]}"] = m
-                print(json.dumps({k: m[k] for k in m if k != "per_prompt"}), flush=True)
-                if args.out_json:  # after every model: a call killed at its time limit keeps what finished
-                    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
+    runs = [(arch, name, path, compiled) for arch, group in models.items() for name, path in group.items()
+            for compiled in ([False, True] if f"{arch}-{name}" in args.compiled.split(",") else [False])]
+    # The workers are started in this order, --jobs at a time; results are compared in the same order
+    # (each arch's original first: it sets the noise floor), each as soon as its worker is done.
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    pending = [pool.submit(run_vllm, path, ps, work, args, compiled) for _, _, path, compiled in runs]
+    floor = floor_gap = None
+    try:
+        for (arch, name, path, compiled), future in zip(runs, pending):
+            v = future.result()
+            refs = reference_logprobs(path, [r["prompt"] + r["generated"] for r in v["results"]], args.device)
+            m = compare(v, refs)
+            m.update(backends=v["backends"], layer_widths=v["layer_widths"], vllm_wall_s=v["wall_s"],
+                     generate_s=round(v["seconds"], 2))
+            if name == "orig":
+                # a greedy flip is bf16 noise when its gap is within the original's own worst gap
+                # or its largest generated-token logprob error (the original may have no flip at all)
+                floor, floor_gap = m["prompt_logprob_mean_diff"], max(m["worst_gap"], m["generated_logprob_max_diff"])
+                m["role"] = "bf16 noise floor (GQA original on stock vLLM vs transformers fp32)"
+            else:
+                limit = 3 * (floor or 0.0) + 0.01
+                gap_limit = 2 * (floor_gap or 0.0) + 0.05
+                m["limit_prompt_mean"], m["limit_worst_gap"] = round(limit, 5), round(gap_limit, 4)
+                m["pass"] = bool(m["prompt_logprob_mean_diff"] <= limit and m["worst_gap"] <= gap_limit)
+            if args.long:   # the second long prompt must really have been served from the prefix cache
+                m["prefix_cache_hit_tokens"] = m["per_prompt"][-1]["cached_tokens"]
+                if name != "orig" and not (m["prefix_cache_hit_tokens"] or 0) >= SHARED_PREFIX // 2:
+                    m["pass"] = False
+            if name != "orig" and not m["pass"]:
+                failed.append(v["tag"])
+            report["models"][f"{arch}-{v['tag'].split('-', 1)[1]}"] = m
+            print(json.dumps({k: m[k] for k in m if k != "per_prompt"}), flush=True)
+            if args.out_json:  # after every model: a call killed at its time limit keeps what finished
+                Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
+    finally:   # a failed worker ends the run: the queued ones are not started
+        pool.shutdown(wait=True, cancel_futures=True)
     report["failed"] = failed
     report["complete"] = True
     report["total_s"] = round(time.time() - t0, 1)
