@@ -309,7 +309,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                 for name, t in cast:
                     shards.add(name, t)
 
-        for l in tqdm(range(n_layers), desc="assemble", unit="layer"):
+        # the refit runs inside this loop and is most of its time: the bar says so
+        for l in tqdm(range(n_layers), desc="assemble + refit" if refitter else "assemble", unit="layer"):
             # assemble, report and write one layer, then free its factors
             with timer.stage("assemble"):
                 a = attn[l]
