@@ -40,7 +40,7 @@ def run_variant(path: str, rev: str | None, args) -> dict:
             sys.modules[module] = load_at_revision(rev, module)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=args.kv_cache_mib << 20,
+    llm = LLM(path, dtype="float32", enforce_eager=not args.compiled, kv_cache_memory_bytes=args.kv_cache_mib << 20,
               max_model_len=args.input_len + args.output_len + 16, seed=0)
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(args.input_len)]}
@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--kv-cache-mib", type=int, default=256)
+    ap.add_argument("--compiled", action="store_true",
+                    help="vLLM's default torch.compile mode (compiled in the warm-up call) instead of --enforce-eager")
     ap.add_argument("--out", default=str(common.RESULTS / "cpu_generate"))
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
 
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
            "workload": {"batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
-                        "repeats": args.repeats, "rounds": args.rounds, "dtype": "float32", "enforce_eager": True,
+                        "repeats": args.repeats, "rounds": args.rounds, "dtype": "float32",
+                        "enforce_eager": not args.compiled,
                         "kv_cache_mib": args.kv_cache_mib}, "variants": {}}
 
     save = common.report_saver(res, args.out, render)
