@@ -143,12 +143,12 @@ def _solve(w_o: torch.Tensor, c_pp: torch.Tensor, c_po: torch.Tensor, total: flo
     quad_before = ((a @ w_o.T) * w_o.T).sum().item()    # tr(W_O C_o'o' W_O^T)
     a.diagonal().add_(lam)                               # A = C_o'o' + lam I
     chol, info = torch.linalg.cholesky_ex(a)
+    # only non-finite moments make the factorization fail; the general solve then passes them on as before
     new_t = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(a, rhs)
-    quad = {"before": quad_before, "after": (new_t * (rhs - lam * new_t)).sum().item()}
-    cross = {"before": (g * w_o.T).sum().item(), "after": (g * new_t).sum().item()}
 
-    def error(k: str) -> float:
-        return (max(quad[k] - 2 * cross[k] + total, 0.0) / max(total, 1e-30)) ** 0.5
+    def error(quad: float, cross: float) -> float:   # sqrt((tr(W C W^T) - 2 tr(W C_po W_O^T) + total) / total)
+        return (max(quad - 2 * cross + total, 0.0) / max(total, 1e-30)) ** 0.5
 
-    return new_t.T.contiguous(), {"attn_rel_error_before_refit": round(error("before"), 6),
-                                  "attn_rel_error": round(error("after"), 6)}
+    before = error(quad_before, (g * w_o.T).sum().item())
+    after = error((new_t * (rhs - lam * new_t)).sum().item(), (g * new_t).sum().item())
+    return new_t.T.contiguous(), {"attn_rel_error_before_refit": round(before, 6), "attn_rel_error": round(after, 6)}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -82,8 +83,6 @@ def worker(args) -> int:
         # CPU dry runs: engine core and model runner in this process (vLLM's defaults start two more
         # Python processes, ~10 s of imports each, and wait 5 s to kill them at exit) and a KV cache
         # sized for the prompts instead of 30 % of the machine's RAM (6 GiB, zeroed at start-up).
-        import os
-
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         engine = dict(distributed_executor_backend="uni", kv_cache_memory_bytes=CPU_KV_CACHE_BYTES)
     from vllm import LLM, SamplingParams
