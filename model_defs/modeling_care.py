@@ -416,9 +416,15 @@ __all__ = [
 
 
 def _register_real_classes() -> None:
-    """Swap the lazy Auto-registry stand-ins of model_defs/__init__ for the real classes."""
-    from . import register
+    """Swap the lazy Auto-registry stand-ins of model_defs/__init__ for the real classes.
 
+    Nothing to swap when this file is the copy that care-convert writes beside the weights and
+    transformers loads with `trust_remote_code=True` (its package is then transformers' dynamic
+    module folder, which has no `register`: config.json's `auto_map` names the classes instead)."""
+    try:
+        from . import register
+    except ImportError:
+        return
     register(CareMLAModel, CareMLAForCausalLM)
 
 

@@ -3,11 +3,15 @@ original model: the original transformers logits are the independent reference.
 
 Checked three ways: the naive FORMAT.md forward (tests/format_reference.py, fp64), and model_defs
 in both attention paths (plain and absorbed), fp32, to 1e-4.
-Also checks that partial RoPE keeps the llama3-scaled frequencies exactly.
+Also checks that partial RoPE keeps the llama3-scaled frequencies exactly, and that the converted
+folder runs in plain transformers through its own copy of the modeling code (`trust_remote_code`).
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +65,42 @@ def test_full_rank_full_rope_matches_original_in_model_defs(exact_pair, path):
         got = model(torch.tensor(PROMPT_IDS)).logits[0]
     err = (got - ref).abs().max().item()
     assert err < 1e-4, f"{arch}/{path}: max |logit diff| {err}"
+
+
+# Runs in a fresh interpreter that cannot import care-vllm's packages: what a transformers user without
+# care-vllm installed has. Prints the model class's module, then the logits as JSON.
+_STANDALONE_LOAD = """
+import importlib.abc, json, sys
+class NoCareVllm(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("model_defs", "care_vllm", "converter", "tests"):
+            raise ImportError(f"{name} is blocked: the checkpoint must not need it")
+sys.meta_path.insert(0, NoCareVllm())
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32,
+                                             experts_implementation="eager").eval()
+with torch.no_grad():
+    logits = model(torch.tensor(json.loads(sys.argv[2]))).logits[0]
+print(type(model).__module__)
+print(json.dumps(logits.tolist()))
+"""
+
+
+def test_full_rank_checkpoint_runs_in_plain_transformers_with_its_own_code(exact_pair, tmp_path):
+    """The converted folder carries its modeling code (auto_map): with care-vllm's packages unimportable,
+    `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` still reproduces the original."""
+    arch, src, out, _ = exact_pair
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] \
+        == "modeling_care.CareMLAForCausalLM"
+    res = subprocess.run([sys.executable, "-c", _STANDALONE_LOAD, str(out), json.dumps(PROMPT_IDS)],
+                         cwd=tmp_path, env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    module, logits = res.stdout.strip().splitlines()[-2:]
+    assert module.startswith("transformers_modules."), module  # the folder's copy, not model_defs
+    err = (torch.tensor(json.loads(logits)) - _original_logits(src, torch.float32)).abs().max().item()
+    assert err < 1e-4, f"{arch}: max |logit diff| {err}"
 
 
 def test_llama3_scaled_frequencies_are_kept_exactly(tmp_path, calib_file):

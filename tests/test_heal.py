@@ -158,8 +158,15 @@ def test_output_keeps_converted_layout(tiny, healed):
     assert (healed / "config.json").read_bytes() == (conv / "config.json").read_bytes()
     assert heal_mod.tensor_shapes(healed) == heal_mod.tensor_shapes(conv)
     assert "lm_head.weight" not in heal_mod.tensor_shapes(healed)      # still tied
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "care_report.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "care_report.json",
+              "configuration_care.py", "modeling_care.py"):
         assert (healed / f).read_bytes() == (conv / f).read_bytes(), f
+    # the model card: the conversion's, plus what healing did
+    log = json.loads((healed / "heal_log.json").read_text())
+    card = (healed / "README.md").read_text()
+    assert card.startswith((conv / "README.md").read_text().rstrip("\n"))
+    assert "## Healing" in card and f"on {log['tokens_seen']:,} tokens" in card
+    assert f"{log['eval'][-1]['ppl']:.3f} at {log['eval'][-1]['tokens']:,}" in card
     assert not (healed.parent / "healed.partial").exists()
     assert not list(healed.parent.glob(".healed.tmp-*"))
 

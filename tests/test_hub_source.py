@@ -50,6 +50,8 @@ def _snapshot(cache: Path, folder: Path, commit: str) -> Path:
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     orig = make_tiny_original(root / "orig", "llama", num_layers=2)
+    (orig / "LICENSE").write_text("TINY MODEL LICENSE\n")
+    (orig / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\n---\n# tiny\n")
     cache = root / "cache"
     _snapshot(cache, orig, OLD)
     new = _snapshot(cache, orig, NEW)
@@ -102,8 +104,15 @@ def test_convert_by_repo_id_equals_convert_by_path(converted):
            {k: v for k, v in cfg_path.items() if not k.startswith("source_")}
     report = json.loads((by_id / "care_report.json").read_text())
     assert (report["source"], report["source_revision"]) == (REPO, OLD)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "LICENSE"):
         assert (by_id / f).read_bytes() == (by_path / f).read_bytes(), f
+    # the model card names the repo as base_model only when the source was given as a repo id
+    from huggingface_hub import ModelCard
+
+    card_id, card_path = (ModelCard.load(d / "README.md").data for d in (by_id, by_path))
+    assert card_id.base_model == REPO and card_path.base_model is None
+    assert (card_id.license, card_id.license_name) == (card_path.license, card_path.license_name) \
+        == ("other", "tiny-license")
 
 
 def test_repo_id_without_revision_reads_main(hub, tmp_path):

