@@ -32,7 +32,10 @@ def test_smollm2_parity_served_greedy_matches_model_defs(tmp_path):
 
     model, tok = reference_model(out)
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    with VLLMServer(out, *serve_args("--enforce-eager"), log_path=tmp_path / "serve.log") as server:
+    # --trust-remote-code, as users often pass it: the folder's own modeling code (auto_map) must not
+    # take over from the plugin (transformers prefers the care_mla config class model_defs registered)
+    with VLLMServer(out, *serve_args("--enforce-eager", "--trust-remote-code"), log_path=tmp_path / "serve.log",
+                    env={"HF_MODULES_CACHE": str(tmp_path / "modules")}) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=300, max_retries=0)
         diff = compare_concurrent(client, model, prompt_ids, 32)   # asserts identical greedy tokens
     print(f"SmolLM2 parity: greedy identical on {len(prompt_ids)} concurrent prompts x 32; max |logprob diff| "
