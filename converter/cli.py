@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id")
     p.add_argument("--calib", nargs="+", required=True, metavar="FILE",
-                   help="calibration text: .txt files or .jsonl with a 'text' field")
+                   help="calibration text: .txt files, or .jsonl with a 'text' field or OpenAI-style 'messages' "
+                        "(rendered with the source's chat template)")
     p.add_argument("--calib-samples", type=int, default=256, help="calibration windows (default 256)")
     p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--calib-batch", type=int, default=8, help="windows per forward batch (default 8)")
