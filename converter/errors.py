@@ -7,3 +7,7 @@ anything else is a bug and keeps its traceback.
 
 class ConversionError(Exception):
     """Bad input or an impossible request (names the offending file, tensor, or option)."""
+
+
+class HealError(ConversionError):
+    """Bad input for care-heal (one line, exit code 2)."""

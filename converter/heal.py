@@ -38,14 +38,16 @@ conversations rendered with the model's chat template, which is how an instruct 
 chat behaviour through healing), tokenized once, documents joined by
 EOS, packed into non-overlapping seqlen windows (BOS first when the tokenizer has one), visited in
 a seeded random order (a new permutation per epoch); training stops after --tokens tokens
-(rounded up to whole updates).
+(rounded up to whole updates). converter/heal_data.py.
 
 Output: OUT has the converted layout exactly (config.json copied verbatim, same tensor names,
-shapes and dtype, tied embeddings still tied) plus heal_log.json and heal_curve.png. Work happens
+shapes and dtype, tied embeddings still tied) plus heal_log.json, heal_curve.png and the model card
+with a "Healing" section added. Work happens
 in OUT.partial/ beside OUT and is renamed to OUT only at the end, so an error never leaves a
 partial OUT. With --save-every the resumable state lives in OUT.partial/checkpoint/ (model,
 optimizer, scheduler, step, RNG, data position, log so far); `--resume` continues from it and gives
-the same result as an uninterrupted run. Bad input exits with code 2 and one line.
+the same result as an uninterrupted run (converter/heal_state.py). Bad input exits with code 2 and
+one line.
 """
 from __future__ import annotations
 
@@ -64,8 +66,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import ConversionError
+from .errors import ConversionError, HealError
+from .heal_data import WindowOrder, pack_windows, read_docs
+from .heal_state import load_checkpoint_weights, load_trainer_state, save_checkpoint, set_rng_state
 from .model_card import add_healing
+from .plot import plot_heal_curve
 from .write import replace_dir
 
 PROG = "care-heal"
@@ -75,10 +80,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # what must be equal for --resume to continue the same run
 FINGERPRINT_KEYS = ("tokens", "tau", "beta", "lr", "weight_decay", "warmup_ratio", "seqlen", "batch_size",
                     "grad_accum", "max_grad_norm", "train", "kv_blocks", "seed")
-
-
-class HealError(ConversionError):
-    """Bad input for care-heal (one line, exit code 2)."""
 
 
 @dataclass
@@ -195,60 +196,6 @@ def check_teacher(teacher: str) -> dict | None:
     return None
 
 
-def read_docs(files: list, what: str) -> list:
-    """Plain documents and chat conversations (converter.calib_data.read_texts) from --text files."""
-    from .calib_data import read_texts
-
-    return read_texts(list(files or []), what=what)  # its errors name `what` ("--text file not found: ...")
-
-
-def pack_windows(tokenizer, docs: list, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Documents joined by EOS, packed into [N, seqlen] windows (BOS first when the tokenizer has one).
-    Conversations are rendered with the model's chat template first (calib_data.render).
-
-    Tokenized in chunks into an int32 stream (a large corpus does not become a list of Python ints);
-    the windows stay int32 and are made long per batch."""
-    from .calib_data import render
-
-    docs = render(tokenizer, docs)  # its ConversionError reaches main() like every other bad input
-    eos = tokenizer.eos_token_id
-    bos = getattr(tokenizer, "bos_token_id", None)
-    body = seqlen - 1 if bos is not None else seqlen
-    parts: list[torch.Tensor] = []
-    have = 0
-    for i in range(0, len(docs), 256):
-        for ids in tokenizer(docs[i:i + 256], add_special_tokens=False)["input_ids"]:
-            if eos is not None:
-                ids = ids + [eos]
-            parts.append(torch.tensor(ids, dtype=torch.int32))
-            have += len(ids)
-        if max_windows is not None and have >= max_windows * body:
-            break
-    n = have // body
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise HealError(f"text has only {have} tokens; one window needs {body} (--seqlen {seqlen})")
-    w = torch.cat(parts)[: n * body].view(n, body)
-    if bos is not None:
-        w = torch.cat([torch.full((n, 1), bos, dtype=torch.int32), w], 1)
-    return w
-
-
-class WindowOrder:
-    """Sample i of the run -> window index: a seeded permutation per epoch (pure function of i)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self._cache = n, seed, {}
-
-    def __call__(self, i: int) -> int:
-        epoch = i // self.n
-        if epoch not in self._cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cache = {epoch: torch.randperm(self.n, generator=g)}
-        return int(self._cache[epoch][i % self.n])
-
-
 # ----------------------------------------------------------------------------------------- losses
 
 def heal_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor, tau: float):
@@ -262,31 +209,14 @@ def heal_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tenso
     return ce, kd
 
 
-@torch.no_grad()
-def local_perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size=8) -> dict:
-    """Perplexity over the first max_tokens of the packed texts (used if converter.eval_cli is absent)."""
-    windows = pack_windows(tokenizer, texts, seqlen, max_windows=max(1, max_tokens // seqlen))
-    nll, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].long().to(device)
-        with _autocast(device):
-            logits = model(input_ids=x, use_cache=False).logits.float()
-        V = logits.shape[-1]
-        nll += F.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1), reduction="sum").item()
-        count += x[:, 1:].numel()
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
-
-
 def perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size) -> float:
     was_training = model.training
     model.eval()
     try:
-        try:
-            from .eval_cli import perplexity as shared_ppl
-        except ImportError:
-            shared_ppl = local_perplexity
+        from .eval_cli import perplexity as eval_perplexity
+
         with torch.no_grad(), _autocast(device):
-            return float(shared_ppl(model, tokenizer, texts, seqlen, max_tokens, device, batch_size)["ppl"])
+            return float(eval_perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size)["ppl"])
     finally:
         model.train(was_training)
 
@@ -295,59 +225,6 @@ def _autocast(device: str):
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------- state
-
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-        st["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    if "numpy" in st:
-        import numpy as np
-        np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(work: Path, model, optimizer, scheduler, state: dict) -> None:
-    """Write work/checkpoint/ completely, then swap it in (an interruption keeps the previous one)."""
-    from safetensors.torch import save_model
-
-    tmp = work / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state()}, tmp / "trainer_state.pt")
-    replace_dir(tmp, work / "checkpoint")
-
-
-def load_trainer_state(ckpt: Path) -> dict:
-    try:
-        return torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
-    except Exception as e:  # truncated / foreign checkpoint
-        raise HealError(f"cannot resume from {ckpt}: {e}") from None
-
-
-def load_checkpoint_weights(ckpt: Path, model) -> None:
-    from safetensors.torch import load_model
-
-    try:
-        load_model(model, str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
-    except Exception as e:
-        raise HealError(f"cannot resume from {ckpt}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -478,7 +355,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         load_checkpoint_weights(ckpt, student)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step = state["step"]
         log = state["log"]
         state = None
@@ -582,7 +459,7 @@ def _write_output(student, converted: Path, out: Path, work: Path, log: dict, op
         _check_layout(converted, tmp)
         add_healing(tmp / "README.md", log)
         (tmp / "heal_log.json").write_text(json.dumps(log, indent=1) + "\n")
-        plot_curve(log, tmp / "heal_curve.png")
+        plot_heal_curve(log, tmp / "heal_curve.png")
         if opts.keep_checkpoint and (work / "checkpoint").is_dir():
             shutil.move(work / "checkpoint", tmp / "checkpoint")
         replace_dir(tmp, out)
@@ -609,49 +486,6 @@ def _check_layout(converted: Path, healed: Path) -> None:
     if a != b:
         diff = sorted(set(a.items()) ^ set(b.items()))[:5]
         raise RuntimeError(f"healed checkpoint layout differs from the converted one: {diff}")
-
-
-def plot_curve(log: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    has_eval = bool(log["eval"])
-    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 3.8), dpi=110,
-                             squeeze=False)
-    ax = axes[0][0]
-    tok = [s["tokens"] for s in log["steps"]]
-    for key, color in (("loss", "#222222"), ("ce", "#3b6ea5")):
-        ax.plot(tok, [s[key] for s in log["steps"]], color=color, lw=1.2, label=key)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("loss, CE")
-    ax.set_title(f"care-heal: L = CE + {log['args']['beta']}·τ²·KD (τ={log['args']['tau']})", fontsize=9)
-    kd_ax = ax.twinx()   # KD is much smaller than CE: its own axis
-    kd_ax.plot(tok, [s["kd"] for s in log["steps"]], color="#e08a3c", lw=1.2, label="kd (right axis)")
-    kd_ax.set_ylabel("KD  KL(teacher‖student)", color="#e08a3c")
-    lines = ax.get_lines() + kd_ax.get_lines()
-    ax.legend(lines, [l.get_label() for l in lines], fontsize=8)
-    if has_eval:
-        ax = axes[0][1]
-        ax.plot([e["tokens"] for e in log["eval"]], [e["ppl"] for e in log["eval"]], "o-", color="#3b6ea5",
-                label="healed student")
-        if log.get("teacher_ppl") is not None:
-            ax.axhline(log["teacher_ppl"], color="#2a9d4b", ls="--", label="teacher (original)")
-        ppls = [e["ppl"] for e in log["eval"]] + ([log["teacher_ppl"]] if log.get("teacher_ppl") else [])
-        if max(ppls) > 3 * min(ppls):
-            ax.set_yscale("log")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("held-out perplexity")
-        ax.set_title("held-out perplexity", fontsize=9)
-        ax.legend(fontsize=8)
-    from matplotlib.ticker import EngFormatter
-
-    for a in axes[0]:
-        a.xaxis.set_major_formatter(EngFormatter())
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:

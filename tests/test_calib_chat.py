@@ -120,7 +120,7 @@ def test_perplexity_of_conversations_is_that_of_their_rendered_text(tiny):
 
 
 def test_healing_windows_of_conversations_are_those_of_their_rendered_text(tokenizer):
-    from converter.heal import pack_windows
+    from converter.heal_data import pack_windows
 
     rendered = [tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
     got = pack_windows(tokenizer, CONVERSATIONS * 4, seqlen=16)

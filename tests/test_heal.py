@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from converter import heal as heal_mod
+from converter.heal_data import pack_windows
 from converter.pipeline import convert
 from tests.tiny_models import make_tiny_original
 
@@ -139,7 +140,7 @@ def test_loss_goes_down(tiny, healed):
 
     _, orig, conv, train, _ = tiny
     tok = AutoTokenizer.from_pretrained(conv)
-    x = heal_mod.pack_windows(tok, [TEXT], SEQLEN)[:4].long()
+    x = pack_windows(tok, [TEXT], SEQLEN)[:4].long()
     teacher = AutoModelForCausalLM.from_pretrained(orig, dtype=torch.float32).eval()
     with torch.no_grad():
         t = teacher(input_ids=x).logits
