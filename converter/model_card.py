@@ -127,6 +127,9 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("path/to/{name}", trust_remote_code=True)
 ```
 
+How far it is from the original on your own text (perplexities, KL per token, top-1 agreement):
+`care-eval compare ORIGINAL path/to/{name} --text your_text.txt`.
+
 ## License
 
 Derived from {source}: {licence}
