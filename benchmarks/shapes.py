@@ -22,6 +22,13 @@ VOCAB = 16384
 MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                    "decoder_sparse_step", "mlp_only_layers")
 
+# config.json's auto_map and the files it names (model_defs/configuration_care.py AUTO_MAP and
+# REMOTE_CODE_FILES; not imported, for the same reason), copied from this repository's model_defs/
+AUTO_MAP = {"AutoConfig": "configuration_care.CareMLAConfig", "AutoModel": "modeling_care.CareMLAModel",
+            "AutoModelForCausalLM": "modeling_care.CareMLAForCausalLM"}
+REMOTE_CODE_FILES = ("configuration_care.py", "modeling_care.py")
+MODEL_DEFS = Path(__file__).resolve().parents[1] / "model_defs"
+
 SHAPES = {
     # Llama-3.1-8B: 32 layers, 32 query / 8 KV heads of 128, llama3 rope scaling
     "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB,
@@ -98,7 +105,7 @@ def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int
     arch = {"llama": "CareLlamaForCausalLM", "qwen3": "CareQwen3ForCausalLM",
             "qwen3_moe": "CareQwen3MoeForCausalLM"}[cfg["model_type"]]
     return {
-        "model_type": "care_mla", "architectures": [arch],
+        "model_type": "care_mla", "architectures": [arch], "auto_map": dict(AUTO_MAP),
         **{k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads", "hidden_act", "rms_norm_eps", "max_position_embeddings",
                                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")},
@@ -128,9 +135,13 @@ def uniform_ranks(cfg: dict, width: int, rope_dim: int = 64) -> tuple[list[int],
 
 
 def write_model_dir(out: Path, config: dict, tokenizer_dir: Path | None) -> Path:
-    """A config-only checkpoint folder (for --load-format dummy) with the tokenizer files copied in."""
+    """A config-only checkpoint folder (for --load-format dummy) with the tokenizer files copied in, and for
+    a care_mla config the modeling code its auto_map names (as care-convert writes it)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=1))
+    if "auto_map" in config:
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(MODEL_DEFS / name, out / name)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.iterdir():
             if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):

@@ -88,6 +88,12 @@ def test_runbook_config_keys_equal_a_converted_config(tmp_path, arch, shape):
     assert made["architectures"] == written["architectures"]
     assert made["use_qk_norm"] == written["use_qk_norm"]
     assert shapes.MOE_CONFIG_KEYS == MOE_CONFIG_KEYS
+    from model_defs.configuration_care import AUTO_MAP, REMOTE_CODE_FILES
+
+    assert made["auto_map"] == written["auto_map"] == AUTO_MAP and shapes.REMOTE_CODE_FILES == REMOTE_CODE_FILES
+    folder = shapes.write_model_dir(tmp_path / "shape_dir", made, None)
+    for name in REMOTE_CODE_FILES:
+        assert (folder / name).read_bytes() == (tmp_path / "conv" / name).read_bytes()
     params, expected = _model_defs_and_plugin_shapes(made)
     assert params == expected
     if arch == "qwen3_moe":
