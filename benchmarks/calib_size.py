@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -76,28 +75,14 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     sizes, ratios = [int(x) for x in common.csv_list(args.sizes)], [float(r) for r in common.csv_list(args.ratios)]
-    data = common.data_dir(args.data_dir)
-    work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
-    eval_tokens = oneshot.parse_eval_tokens(args.eval_tokens)
-    calib = common.calib_subset(data, args.calib_chars)
-    ppl_fn, ppl_name = common.perplexity_fn()
-    out_json = Path(args.out + ".json")
-    settings = {"sizes": sizes, "ratios": ratios, "calib_seqlen": args.calib_seqlen,
-                "calib_chars_per_file": args.calib_chars, "eval_seqlen": args.eval_seqlen,
-                "eval_batch": args.eval_batch, "seed": args.seed, "perplexity": ppl_name}
-    res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
-           "settings": settings, "models": {}, "rows": {}}
-    if args.resume and out_json.is_file():
-        old = json.loads(out_json.read_text())
-        if old.get("settings") == settings:
-            res["rows"], res["models"] = old["rows"], old["models"]
-    save = common.report_saver(res, args.out, render_md)
-
+    st = sweep.start(args, {"sizes": sizes, "ratios": ratios}, render_md)
+    res, save = st.res, st.save
     for name in common.csv_list(args.models):
-        src, tok, texts, n_tok, per_file, mdir, _ = oneshot.model_inputs(name, data, work, eval_tokens, args)
+        src, tok, texts, n_tok, per_file, mdir, _ = oneshot.model_inputs(name, st.data, st.work, st.eval_tokens,
+                                                                          args)
         minfo = res["models"].setdefault(name, {"path": str(src), "eval_tokens": n_tok})
         if "original_ppl" not in minfo:
-            minfo["original_ppl"] = oneshot.original_ppl(src, tok, texts, per_file, args, ppl_fn)
+            minfo["original_ppl"] = oneshot.original_ppl(src, tok, texts, per_file, args, st.ppl_fn)
             save()
         for ratio in ratios:
             for size in sizes:
@@ -105,13 +90,13 @@ def main(argv=None) -> int:
                 if key in res["rows"]:
                     continue
                 t0 = time.perf_counter()
-                rep = convert(str(src), str(mdir / "ckpt_calib_size"), calib_files=[str(c) for c in calib],
+                rep = convert(str(src), str(mdir / "ckpt_calib_size"), calib_files=[str(c) for c in st.calib],
                               calib_samples=size, calib_seqlen=args.calib_seqlen, seed=args.seed, overwrite=True,
                               dtype="float32", ranks="uniform", objective="attention", o_proj_refit=True,
                               kv_ratio=ratio)
                 wall = time.perf_counter() - t0
                 model = AutoModelForCausalLM.from_pretrained(str(mdir / "ckpt_calib_size"), dtype=torch.float32)
-                r = oneshot.evaluate(model.eval(), tok, texts, per_file, args, ppl_fn)
+                r = oneshot.evaluate(model.eval(), tok, texts, per_file, args, st.ppl_fn)
                 del model
                 gc.collect()
                 res["rows"][key] = {"model": name, "kv_ratio": ratio, "calib_samples": size, "ppl": r["ppl"],

@@ -9,6 +9,7 @@ JSON/markdown after every row.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -54,27 +55,46 @@ def md_header(res: dict, title: str, conversion: str, cells: str) -> list[str]:
             "fp32, no healing", f"- cells: {cells}", ""]
 
 
-def run(args, own_settings: dict, models: list[str], cells: Callable[[str], Iterable[tuple[str, dict, dict]]],
-        render_md: Callable[[dict], str], ckpt_name: str, extra: Callable[[dict], dict] | None = None) -> int:
-    """cells(model) -> (row key, row fields naming the cell, care-convert kwargs) triples. Each row stores
-    the model, those fields, ppl, tokens, per-layer ranks, the cache size and `extra(care_report)`."""
+@dataclass
+class Setup:
+    """What every sweep starts from (see start())."""
+    data: Path
+    work: Path
+    eval_tokens: dict
+    calib: list[Path]
+    ppl_fn: Callable
+    res: dict
+    save: Callable[[], None]
+
+
+def start(args, own_settings: dict, render_md: Callable[[dict], str]) -> Setup:
+    """The data and work folders, eval token counts, calibration files and perplexity function of a sweep,
+    and its results dict (rows kept from OUT.json with --resume when the settings are the same) with the
+    saver that writes OUT.json/.md."""
     data = common.data_dir(args.data_dir)
     work = Path(args.work_dir) if args.work_dir else data / "bench" / "oneshot"
-    eval_tokens = oneshot.parse_eval_tokens(args.eval_tokens)
-    calib = common.calib_subset(data, args.calib_chars)
     ppl_fn, ppl_name = common.perplexity_fn()
-    out_json = Path(args.out + ".json")
     settings = {**own_settings, "eval_seqlen": args.eval_seqlen, "eval_batch": args.eval_batch,
-                "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
-                "calib_chars_per_file": args.calib_chars, "seed": args.seed, "perplexity": ppl_name}
+                "calib_seqlen": args.calib_seqlen, "calib_chars_per_file": args.calib_chars, "seed": args.seed,
+                "perplexity": ppl_name}
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
            "settings": settings, "models": {}, "rows": {}}
+    out_json = Path(args.out + ".json")
     if args.resume and out_json.is_file():
         old = json.loads(out_json.read_text())
         if old.get("settings") == settings:
             res["rows"], res["models"] = old["rows"], old["models"]
-    save = common.report_saver(res, args.out, render_md)
+    return Setup(data, work, oneshot.parse_eval_tokens(args.eval_tokens), common.calib_subset(data, args.calib_chars),
+                 ppl_fn, res, common.report_saver(res, args.out, render_md))
 
+
+def run(args, own_settings: dict, models: list[str], cells: Callable[[str], Iterable[tuple[str, dict, dict]]],
+        render_md: Callable[[dict], str], ckpt_name: str, extra: Callable[[dict], dict] | None = None) -> int:
+    """cells(model) -> (row key, row fields naming the cell, care-convert kwargs) triples. Each row stores
+    the model, those fields, ppl, tokens, per-layer ranks, the cache size and `extra(care_report)`."""
+    st = start(args, {**own_settings, "calib_samples": args.calib_samples}, render_md)
+    data, work, eval_tokens, calib, ppl_fn, res, save = (st.data, st.work, st.eval_tokens, st.calib, st.ppl_fn,
+                                                         st.res, st.save)
     for name in models:
         src, tok, texts, n_tok, per_file, mdir, stats_cache = oneshot.model_inputs(name, data, work, eval_tokens,
                                                                                    args)
