@@ -29,6 +29,7 @@ def license_files(src_dir: Path | None) -> list[Path]:
 
 
 def copy_license_files(src_dir: Path | None, out: Path) -> list[str]:
+    """Copy them into `out` unchanged; returns their names."""
     names = []
     for p in license_files(src_dir):
         shutil.copy(p, out / p.name)
@@ -68,7 +69,7 @@ def add_healing(card_path: Path, log: dict) -> None:
     args = log["args"]
     lines = ["", "## Healing", "",
              f"Fine-tuned after conversion with `care-heal` (CE + {args['beta']} tau^2 KL to the teacher "
-             f"`{args['teacher']}`, tau {args['tau']}, lr {args['lr']}, `--train {args['train']}`, "
+             f"`{_shown_source(args['teacher'])}`, tau {args['tau']}, lr {args['lr']}, `--train {args['train']}`, "
              f"`--kv-blocks {args['kv_blocks']}`) on {log['tokens_seen']:,} tokens; log in `heal_log.json`."]
     if log.get("eval"):
         first, last = log["eval"][0], log["eval"][-1]
@@ -84,9 +85,8 @@ def _body(name: str, config: dict, report: dict, base_model: str | None, metadat
     widths = [k + v + config["qk_rope_head_dim"] for k, v in zip(config["k_ranks"], config["v_ranks"])]
     n_layers, orig = config["num_hidden_layers"], report["original_cache_values_per_token"]
     cache = report["cache_values_per_token"]
-    # a local source path says nothing to readers elsewhere (and may be private): its last part only
     source = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model
-              else f"`{Path(report['source']).name}`")
+              else f"`{_shown_source(report['source'])}`")
     arch = report.get("source_architecture") or config["architectures"][0]
     refit = (f"o_proj least-squares refit (ridge {care['o_proj_refit_ridge']})" if care.get("o_proj_refit")
              else "no o_proj refit")
@@ -134,3 +134,11 @@ How far it is from the original on your own text (perplexities, KL per token, to
 
 Derived from {source}: {licence}
 """
+
+
+def _shown_source(spec: str) -> str:
+    """How a model argument appears in a card: a Hub repo id as it is; a local path only by its last part
+    (it says nothing to readers elsewhere, and may be private)."""
+    from .hub import looks_like_repo_id
+
+    return spec if looks_like_repo_id(spec) and not Path(spec).exists() else Path(spec).name
