@@ -15,7 +15,7 @@ import contextlib
 import importlib.util
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,8 +47,7 @@ class Source:
     src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
     revision: str | None = None     # Hub commit hash when `name` is a repo id
     experts: ExpertStore | None = None  # set when the model was loaded without its experts (meta)
-    base_model: str | None = None   # Hub repo id of the source, where known (the output's model card)
-    card_metadata: dict = field(default_factory=dict)  # licence/language of the source (model card)
+    gguf_file: Path | None = None   # the .gguf file a GGUF source was read from
 
     @property
     def config(self):
@@ -72,6 +71,24 @@ class Source:
     def num_experts(self) -> int:
         """Experts per sparse MLP layer (0: a dense model)."""
         return num_experts(self.config)
+
+    @property
+    def base_model(self) -> str | None:
+        """The source's Hub repo id where known, for the output's model card: the repo id it was given as
+        (a revision is recorded only then), or the repo the embedded SmolLM2 GGUF was quantized from."""
+        if self.revision is not None:
+            return self.name
+        return SMOLLM2_REPO if self.name == SMOLLM2_ALIAS else None
+
+    def card_metadata(self) -> dict:
+        """The source's licence/language for the output's model card: its own card's YAML header, or a
+        GGUF's `general.license`. Read only when a conversion writes its card (not at every load)."""
+        if self.gguf_file is not None:
+            from gguf import GGUFReader
+
+            entry = GGUFReader(str(self.gguf_file)).fields.get("general.license")
+            return {"license": str(entry.contents())} if entry is not None else {}
+        return model_card.source_metadata(self.src_dir)
 
     def save_side_files(self, out: Path) -> list[str]:
         """Copy tokenizer/generation/chat-template and licence files, or re-save the first three for a
@@ -226,9 +243,7 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
         model = AutoModelForCausalLM.from_pretrained(
             src.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw)
         tok = AutoTokenizer.from_pretrained(src.parent, **kw)
-        return Source(model.eval(), tok, arch, name, None,
-                      base_model=SMOLLM2_REPO if name == SMOLLM2_ALIAS else None,
-                      card_metadata=_gguf_card_metadata(src))
+        return Source(model.eval(), tok, arch, name, None, gguf_file=src)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}: not a transformers checkpoint folder (no config.json) nor a .gguf file")
     try:
@@ -255,17 +270,7 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
         if model.dtype not in LOAD_DTYPES:
             model = model.float()
     _fp32_rotary(model)
-    return Source(model.eval(), tok, arch, name, src, resolved.commit, store,
-                  base_model=name if resolved.commit is not None else None,
-                  card_metadata=model_card.source_metadata(src))
-
-
-def _gguf_card_metadata(path: Path) -> dict:
-    """The licence a GGUF file declares (`general.license`), for the output's model card."""
-    from gguf import GGUFReader
-
-    entry = GGUFReader(str(path)).fields.get("general.license")
-    return {"license": str(entry.contents())} if entry is not None else {}
+    return Source(model.eval(), tok, arch, name, src, resolved.commit, store)
 
 
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -367,7 +367,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             write.save_model_code(tmp)
             licence_files = source.save_side_files(tmp)
             model_card.write_card(tmp, out.name, config, report, base_model=source.base_model,
-                                  metadata=source.card_metadata, license_names=licence_files)
+                                  metadata=source.card_metadata(), license_names=licence_files)
             plot_ranks(k_ranks, v_ranks, d_r, f"{Path(str(src)).name}: {opts.method}, {opts.ranks}, "
                        f"KV {report['kv_ratio']:.2f} of original", tmp / "care_ranks.png")
             write.save_json(report, tmp / "care_report.json")
