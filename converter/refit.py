@@ -20,8 +20,9 @@ Measured (README "o_proj refit"; benchmarks/o_refit.py): SmolLM2 at KV 0.5 one-s
 25.1 (uniform ranks), 39.74 -> 29.0 (adjusted), and lower in all 12 cases of that table; propagating through the converted layers was a little
 better than fitting every layer on the original hidden states (25.1 vs 25.5), and refitting q/k/v the
 same way (a cross-covariance CARE) was worse than not (42.1). Cost: one more pass of the calibration
-windows through every layer (the original layer, plus the converted attention twice: to fit, then to
-propagate with the refitted o_proj), and two hidden-state streams instead of one.
+windows through every layer (the original layer, the converted attention once: its pre-o_proj outputs
+o' are kept, so advancing the converted stream only applies the refitted o_proj and the MLP), and three
+buffers of the windows' size (two hidden-state streams and o') instead of calibration's one.
 """
 from __future__ import annotations
 
@@ -45,9 +46,11 @@ class OutputRefit:
         self.device, self.dtype, self.config, self.ridge = device, dtype, care_config, ridge
         inner = model.model
         n, t = windows.shape
-        self.park = calibrate.hidden_home(device, 2 * n * t * inner.config.hidden_size * torch.finfo(dtype).bits // 8)
+        width = 2 * inner.config.hidden_size + care_config.num_attention_heads * care_config.original_head_dim
+        self.park = calibrate.hidden_home(device, n * t * width * torch.finfo(dtype).bits // 8)
         self.original = calibrate.embedded_batches(inner.embed_tokens, windows, batch_size, device, dtype, self.park)
         self.converted = [h.clone() for h in self.original]
+        self.fitted: list[torch.Tensor] = []   # the current layer's o' per batch (_moments -> _advance_converted)
         self.pos = torch.arange(t, device=device).unsqueeze(0)
         self.source_rope = inner.rotary_emb
         self.care_rope = CareRope(care_config).to(device)
@@ -77,20 +80,21 @@ class OutputRefit:
                     layer.cpu()
         return new_w_o.cpu(), report
 
-    def _attention_output(self, attn, h: torch.Tensor, input_norm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the converted attention's output before o_proj [B, T, n_h*d_h], and after it [B, T, D]) for
-        hidden states h [B, T, D], normed by the source layer's `input_norm`."""
-        seen = {}
-        hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("o", args[0]))
+    def _fit_input(self, attn, h: torch.Tensor, input_norm) -> torch.Tensor:
+        """The converted attention's output before o_proj, o' [B, T, n_h*d_h], for hidden states h
+        [B, T, D] normed by the source layer's `input_norm` (o_proj swapped out for the call: the
+        weight it would apply is the one being refitted)."""
+        o_proj, attn.o_proj = attn.o_proj, torch.nn.Identity()
         try:
             out, _ = attn(input_norm(h), self.care_rope(self.pos.expand(h.shape[0], -1)), attention_mask=self.mask)
         finally:
-            hook.remove()
-        return seen["o"], out
+            attn.o_proj = o_proj
+        return out
 
     def _moments(self, layer, attn) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(C_o'o', C_o'o, sum ||W_O o||^2) over all windows, fp64; advances the original stream past the
-        layer. (The last from o_proj's own output: C_oo would cost as much as each of the others.)"""
+        layer and keeps o' for _advance_converted. (The last from o_proj's own output: C_oo would cost
+        as much as each of the others.)"""
         seen = {}
         hook = layer.self_attn.o_proj.register_forward_hook(lambda _m, args, out: seen.update(o=args[0], y=out))
         c_pp = c_po = None
@@ -98,7 +102,8 @@ class OutputRefit:
         try:
             for i, (h, h_conv) in enumerate(zip(self.original, self.converted)):
                 h, h_conv = h.to(self.device), h_conv.to(self.device)
-                o_conv, _ = self._attention_output(attn, h_conv, layer.input_layernorm)
+                o_conv = self._fit_input(attn, h_conv, layer.input_layernorm)
+                self.fitted.append(o_conv.to(self.park))
                 pos = self.pos.expand(h.shape[0], -1)
                 with calibrate.matmul_precision(self.device):
                     out = layer(h, attention_mask=None, position_ids=pos,
@@ -115,12 +120,12 @@ class OutputRefit:
         return c_pp, c_po, total
 
     def _advance_converted(self, layer, attn) -> None:
-        """The converted stream through the converted layer: refitted attention, then the source's MLP
-        (the conversion copies the norms and MLP unchanged)."""
-        for i, h in enumerate(self.converted):
-            h = h.to(self.device)
-            _, attn_out = self._attention_output(attn, h, layer.input_layernorm)
-            h = h + attn_out
+        """The converted stream through the converted layer: the refitted o_proj on the o' kept by
+        _moments (what the converted attention would recompute from the same inputs), then the source's
+        MLP (the conversion copies the norms and MLP unchanged)."""
+        fitted, self.fitted = self.fitted, []
+        for i, (h, o_conv) in enumerate(zip(self.converted, fitted)):
+            h = h.to(self.device) + attn.o_proj(o_conv.to(self.device))
             with calibrate.matmul_precision(self.device):
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             self.converted[i] = h.to(self.park)
