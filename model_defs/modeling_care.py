@@ -111,6 +111,20 @@ def moe_block(config: CareMLAConfig) -> nn.Module:
     return Qwen3MoeSparseMoeBlock(config)
 
 
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v. MLA's values are narrower than its queries and keys (d_h vs
+    d_h + d_r; r vs r + d_r absorbed), and PyTorch's CPU SDPA then falls back to its unfused math path:
+    on CPU the values are zero-padded to the key width for the fused kernel and the padding sliced off
+    again (the same result to fp32 rounding; 1.5x faster with a boolean causal mask at d_h = d_r = 64,
+    9 heads, 8 x 256 tokens, 2 cores). CUDA's fused kernels take the narrower values as they are."""
+    d_v, d_k = value.shape[-1], key.shape[-1]
+    if query.device.type != "cpu" or d_v >= d_k:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, d_k - d_v)), attn_mask=mask, scale=scale)
+    return out[..., :d_v]
+
+
 class CareMLAAttention(nn.Module):
     """One MLA layer with its own latent ranks (r_K, r_V); Llama (all linear) or Qwen3 (exact
     q_norm/k_norm kept, hence the extra projections) front-ends, shared latent back-end."""
@@ -190,7 +204,7 @@ class CareMLAAttention(nn.Module):
         k_nope, v = kv.split([self.d_h, self.d_h], -1)
         key = torch.cat([k_nope, k_pe.expand(B, self.n_h, S, self.d_r)], -1)
         query = torch.cat([q_nope, q_pe], -1)
-        return F.scaled_dot_product_attention(query, key, v, attn_mask=mask, scale=self.scale)
+        return attention(query, key, v, mask, self.scale)
 
     def _absorbed(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
         """vLLM's MLA decode form: ql_h = W_UK_h^T q_nope_h scores against the latent c itself
@@ -202,7 +216,7 @@ class CareMLAAttention(nn.Module):
         query = torch.cat([ql, q_pe], -1)                         # [B, n_h, T, r + d_r]
         key = torch.cat([c, k_pe], -1).expand(B, self.n_h, S, self.rank + self.d_r)
         value = c.expand(B, self.n_h, S, self.rank)
-        o_latent = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.scale)
+        o_latent = attention(query, key, value, mask, self.scale)
         return torch.einsum("bhtr,hdr->bhtd", o_latent, w_uv)
 
 

@@ -123,7 +123,9 @@ def test_plain_equals_absorbed(arch):
     x = ids(2, 19)
     plain, absorbed = logits(model, x, "plain"), logits(model, x, "absorbed")
     assert plain.abs().max() > 1.0  # the comparison is not between near-zero numbers
-    assert (plain - absorbed).abs().max().item() < 1e-5
+    # fp32 both, through PyTorch's fused CPU attention (online softmax, different widths: r_K + d_r vs
+    # d_h + d_r): ~1e-5 of logits up to ~4 is rounding (the fp64 per-head test below checks exactness)
+    assert (plain - absorbed).abs().max().item() < 5e-5
 
 
 def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
