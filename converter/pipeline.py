@@ -10,8 +10,9 @@ Host memory, besides the memory-mapped source: a Qwen3-MoE's experts one layer a
 calibration (reduced at once to small output-space moments), then per layer only what rank allocation
 needs (each factor without its [R, in] latent map, rebuilt once the rank is chosen), then one shard of
 output tensors at a time. The o_proj refit (on by default) holds the calibration windows' hidden states
-twice (original and converted model: 2 x samples x seqlen x hidden in the calibration dtype) and two
-[n_h*d_h]^2 fp64 moments of one layer. benchmarks/convert_memory.py measures it on 8B shapes.
+twice (original and converted model) and one layer's converted attention outputs before o_proj:
+samples x seqlen x (2 x hidden + n_h*d_h) in the calibration dtype, and two [n_h*d_h]^2 fp64 moments
+of one layer. benchmarks/convert_memory.py measures it on 8B shapes.
 """
 from __future__ import annotations
 
