@@ -99,6 +99,7 @@ class OutputRefit:
         hook = layer.self_attn.o_proj.register_forward_hook(lambda _m, args, out: seen.update(o=args[0], y=out))
         c_pp = c_po = None
         total = 0.0
+        self.fitted = []
         try:
             for i, (h, h_conv) in enumerate(zip(self.original, self.converted)):
                 h, h_conv = h.to(self.device), h_conv.to(self.device)
