@@ -50,7 +50,6 @@ class OutputRefit:
         self.park = calibrate.hidden_home(device, n * t * width * torch.finfo(dtype).bits // 8)
         self.original = calibrate.embedded_batches(inner.embed_tokens, windows, batch_size, device, dtype, self.park)
         self.converted = [h.clone() for h in self.original]
-        self.fitted: list[torch.Tensor] = []   # the current layer's o' per batch (_moments -> _advance_converted)
         self.pos = torch.arange(t, device=device).unsqueeze(0)
         self.source_rope = inner.rotary_emb
         self.care_rope = CareRope(care_config).to(device)
@@ -71,10 +70,10 @@ class OutputRefit:
                 attn = CareMLAAttention(self.config, l)
                 attn.load_state_dict({**attn_tensors, "o_proj.weight": w_o}, strict=True)
                 attn.to(self.device, self.dtype).eval()
-                moments = self._moments(layer, attn)
-                new_w_o, report = _solve(w_o, *moments, self.ridge)
+                c_pp, c_po, total, fitted = self._moments(layer, attn)
+                new_w_o, report = _solve(w_o, c_pp, c_po, total, self.ridge)
                 attn.o_proj.weight.copy_(new_w_o)
-                self._advance_converted(layer, attn)
+                self._advance_converted(layer, attn, fitted)
             finally:
                 if layer is src_layer:
                     layer.cpu()
@@ -91,20 +90,20 @@ class OutputRefit:
             attn.o_proj = o_proj
         return out
 
-    def _moments(self, layer, attn) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(C_o'o', C_o'o, sum ||W_O o||^2) over all windows, fp64; advances the original stream past the
-        layer and keeps o' for _advance_converted. (The last from o_proj's own output: C_oo would cost
-        as much as each of the others.)"""
+    def _moments(self, layer, attn) -> tuple[torch.Tensor, torch.Tensor, float, list[torch.Tensor]]:
+        """(C_o'o', C_o'o, sum ||W_O o||^2) over all windows, fp64, and o' per batch (on self.park, for
+        _advance_converted); advances the original stream past the layer. (The sum from o_proj's own
+        output: C_oo would cost as much as each of the others.)"""
         seen = {}
         hook = layer.self_attn.o_proj.register_forward_hook(lambda _m, args, out: seen.update(o=args[0], y=out))
         c_pp = c_po = None
         total = 0.0
-        self.fitted = []
+        fitted = []
         try:
             for i, (h, h_conv) in enumerate(zip(self.original, self.converted)):
                 h, h_conv = h.to(self.device), h_conv.to(self.device)
                 o_conv = self._fit_input(attn, h_conv, layer.input_layernorm)
-                self.fitted.append(o_conv.to(self.park))
+                fitted.append(o_conv.to(self.park))
                 pos = self.pos.expand(h.shape[0], -1)
                 with calibrate.matmul_precision(self.device):
                     out = layer(h, attention_mask=None, position_ids=pos,
@@ -118,13 +117,12 @@ class OutputRefit:
                     c_pp.addmm_(p.T, p), c_po.addmm_(p.T, o)
         finally:
             hook.remove()
-        return c_pp, c_po, total
+        return c_pp, c_po, total, fitted
 
-    def _advance_converted(self, layer, attn) -> None:
-        """The converted stream through the converted layer: the refitted o_proj on the o' kept by
+    def _advance_converted(self, layer, attn, fitted: list[torch.Tensor]) -> None:
+        """The converted stream through the converted layer: the refitted o_proj on `fitted`, the o' of
         _moments (what the converted attention would recompute from the same inputs), then the source's
         MLP (the conversion copies the norms and MLP unchanged)."""
-        fitted, self.fitted = self.fitted, []
         for i, (h, o_conv) in enumerate(zip(self.converted, fitted)):
             h = h.to(self.device) + attn.o_proj(o_conv.to(self.device))
             with calibrate.matmul_precision(self.device):
