@@ -119,13 +119,14 @@ def test_config_rejects_inconsistent_values(bad, msg):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_plain_equals_absorbed(arch):
-    model = tiny_model(arch)
+    # fp64: the two paths are the same algebra (they differ by ~1e-13 here); in fp32 the fused CPU
+    # attention's rounding alone reached 1.2e-5 on logits up to ~7 (the per-head test below checks each
+    # path in fp32 against an fp64 loop)
+    model = tiny_model(arch).double()
     x = ids(2, 19)
     plain, absorbed = logits(model, x, "plain"), logits(model, x, "absorbed")
     assert plain.abs().max() > 1.0  # the comparison is not between near-zero numbers
-    # fp32 both, through PyTorch's fused CPU attention (online softmax, different widths: r_K + d_r vs
-    # d_h + d_r): ~1e-5 of logits up to ~4 is rounding (the fp64 per-head test below checks exactness)
-    assert (plain - absorbed).abs().max().item() < 5e-5
+    assert (plain - absorbed).abs().max().item() < 1e-5
 
 
 def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
