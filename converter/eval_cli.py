@@ -147,7 +147,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
     of the form `namespace/name` is reported as missing, without any network call."""
     import torch
 
-    from . import hub, load
+    from . import gguf_cache, hub, load
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -158,11 +158,17 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
             path = load.smollm2_gguf_path()
         except ConversionError as e:
             raise EvalError(str(e)) from None
-    kwargs: dict[str, Any] = {}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise EvalError(f"GGUF file not found: {path}")
-        folder, kwargs["gguf_file"] = str(path.parent.resolve()), path.name
+        try:   # dequantized once into a cached folder (converter/gguf_cache.py), or read directly
+            opened = gguf_cache.open_gguf(path)
+        except ConversionError as e:
+            raise EvalError(str(e)) from None
+        if opened.folder is None:
+            _, model, tokenizer = opened.direct
+            return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+        folder = str(opened.folder)
     else:
         if (not path.exists() and hub.looks_like_repo_id(spec)) or revision is not None:
             try:
@@ -177,10 +183,10 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     # config first: an unknown model type should be reported as such, not as a tokenizer failure
-    config = _load_step("read the config of", spec, AutoConfig.from_pretrained, folder, **kwargs)
+    config = _load_step("read the config of", spec, AutoConfig.from_pretrained, folder)
     model = _load_step("load the model", spec, AutoModelForCausalLM.from_pretrained, folder,
-                       config=config, dtype=torch_dtype, **kwargs)
-    tokenizer = _load_step("load the tokenizer of", spec, AutoTokenizer.from_pretrained, folder, **kwargs)
+                       config=config, dtype=torch_dtype)
+    tokenizer = _load_step("load the tokenizer of", spec, AutoTokenizer.from_pretrained, folder)
     return model.to(device).eval(), tokenizer
 
 

