@@ -166,7 +166,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
         except ConversionError as e:
             raise EvalError(str(e)) from None
         if opened.folder is None:
-            _, model, tokenizer = opened.direct
+            model, tokenizer = opened.direct.model, opened.direct.tokenizer
             return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
         folder = str(opened.folder)
     else:

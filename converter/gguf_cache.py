@@ -5,7 +5,8 @@ full parse of the vocabulary strings) and dequantizes every tensor at every load
 SmolLM2-135M on 2 CPU cores, paid by each of `care-convert`, `care-eval` and `care-heal --teacher`. The
 folder (fp32 safetensors, config, tokenizer, generation config, and the GGUF's licence in
 `care_gguf.json`) loads in about a second, memory-mapped, and holds exactly the tensors, config and
-tokenizer the direct load gives: it is written from that load with `save_pretrained`.
+tokenizer the direct load gives (`load_direct`: transformers, plus the rope scaling it does not read,
+converter/gguf_meta.py): it is written from that load with `save_pretrained`.
 
 Where: `$CARE_VLLM_CACHE/gguf/<file stem>-<key>/` (default `$XDG_CACHE_HOME/care-vllm`, else
 `~/.cache/care-vllm`). The key covers the GGUF's resolved path, size and modification time and the
@@ -31,7 +32,7 @@ import torch
 from .errors import ConversionError
 
 MARKER = "care_gguf.json"   # written last: a folder without it is incomplete and is rebuilt
-FORMAT = 1                  # bump when what the folder holds changes
+FORMAT = 2                  # bump when what the folder holds changes
 SPARE_BYTES = 1 << 30       # free space to leave beside the cached weights
 
 
@@ -58,16 +59,28 @@ def folder_for(gguf: Path, root: Path) -> Path:
     return root / "gguf" / f"{gguf.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
-def load_direct(gguf: Path, check=None):
-    """(config, model, tokenizer) straight from the GGUF file, the model dequantized to fp32 on the CPU.
+class Direct(NamedTuple):
+    """A GGUF read directly: the model dequantized to fp32 on the CPU, with what transformers leaves out."""
+    config: object
+    model: torch.nn.Module
+    tokenizer: object
+    license: str | None
+
+
+def load_direct(gguf: Path, check=None) -> Direct:
+    """Read the GGUF file with transformers, plus the rope scaling it does not read (converter/gguf_meta.py).
     `check(config)`, when given, runs before the model is dequantized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from . import gguf_meta
 
     kw = dict(gguf_file=gguf.name)
     try:
         cfg = AutoConfig.from_pretrained(gguf.parent, **kw)
+        meta = gguf_meta.read(gguf)
     except Exception as e:
         raise ConversionError(f"{gguf}: cannot read GGUF ({e})") from None
+    gguf_meta.apply_rope(cfg, meta, str(gguf))
     if check is not None:
         check(cfg)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, config=cfg, dtype=torch.float32,
@@ -75,7 +88,7 @@ def load_direct(gguf: Path, check=None):
     # transformers' GGUF config has no `architectures`; save_pretrained would add this one: both paths agree
     model.config.architectures = model.config.architectures or [type(model).__name__]
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    return model.config, model.eval(), tok
+    return Direct(model.config, model.eval(), tok, meta.license)
 
 
 def save_tokenizer(tok, folder: Path) -> None:
@@ -112,10 +125,9 @@ def _reloads_same(tok, folder: Path) -> bool:
 
 def read_license(gguf: Path) -> str | None:
     """The GGUF's `general.license` metadata entry, if any."""
-    from gguf import GGUFReader
+    from . import gguf_meta
 
-    entry = GGUFReader(str(gguf)).fields.get("general.license")
-    return str(entry.contents()) if entry is not None else None
+    return gguf_meta.read(gguf).license
 
 
 def cached_license(folder: Path) -> str | None:
@@ -126,7 +138,7 @@ def cached_license(folder: Path) -> str | None:
 class Opened(NamedTuple):
     """What `open_gguf` gives: the cached folder to load, or (folder None) the model already loaded."""
     folder: Path | None
-    direct: tuple | None   # (config, model, tokenizer) when the GGUF was read directly
+    direct: Direct | None   # when the GGUF was read directly
 
 
 def open_gguf(gguf: Path, check=None) -> Opened:
@@ -140,7 +152,8 @@ def open_gguf(gguf: Path, check=None) -> Opened:
     folder = folder_for(gguf, root)
     if (folder / MARKER).is_file():
         return Opened(folder, None)
-    cfg, model, tok = loaded = load_direct(gguf, check)
+    loaded = load_direct(gguf, check)
+    model, tok = loaded.model, loaded.tokenizer
     need = 4 * sum(p.numel() for p in model.parameters()) + SPARE_BYTES
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +172,7 @@ def open_gguf(gguf: Path, check=None) -> Opened:
         save_tokenizer(tok, tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf.resolve()), "license": read_license(gguf)},
+        (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf.resolve()), "license": loaded.license},
                                              indent=2) + "\n")
         if not (folder / MARKER).is_file():   # (else another process finished first: use its folder)
             if folder.exists():   # incomplete (its marker removed by hand): replaced

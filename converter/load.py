@@ -244,8 +244,8 @@ def _load_gguf(gguf: Path, name: str, stream_experts: bool) -> Source:
         source = _load_folder(opened.folder, name, None, stream_experts)
         source.gguf_file = gguf
         return source
-    cfg, model, tok = opened.direct
-    return Source(model, tok, check(cfg), name, None, gguf_file=gguf)
+    direct = opened.direct
+    return Source(direct.model, direct.tokenizer, check(direct.config), name, None, gguf_file=gguf)
 
 
 def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool) -> Source:

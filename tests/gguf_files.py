@@ -1,16 +1,20 @@
 """A tiny GGUF file written from a tiny transformers folder, so the GGUF loading paths (care-eval,
 care-convert, converter/gguf_cache.py) run on a file whose correct tensors and outputs are known: the
-folder's."""
+folder's. Written as llama.cpp's convert_hf_to_gguf.py writes these architectures: Llama's q/k rows
+permuted (llama.cpp's rotary pairs adjacent dimensions), and llama3 rope scaling not as metadata but
+as a `rope_freqs.weight` tensor of per-frequency divisors."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 
 def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
-    """An F32 GGUF of a tiny Qwen3 folder (llama.cpp's tensor names via the gguf package; the
-    llama3 BPE tokenizer stored as "gpt2"/"llama-bpe"), so the GGUF loading path is exercised on a
-    file whose correct perplexity is known: the source folder's."""
+    """An F32 GGUF of a tiny Qwen3 or Llama folder (llama.cpp's tensor names via the gguf package; the
+    llama3 BPE tokenizer stored as "gpt2"/"llama-bpe")."""
     import gguf
     from safetensors.torch import load_file
 
@@ -24,13 +28,17 @@ def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
     for a in tj.get("added_tokens", []):
         if a["id"] < V:
             tokens[a["id"]], types[a["id"]] = a["content"], 3
-    w = gguf.GGUFWriter(str(path), "qwen3")
+    arch = cfg["model_type"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    if arch == "llama":
+        w.add_rope_dimension_count(cfg["head_dim"])
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(V)
@@ -42,11 +50,39 @@ def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
     w.add_eos_token_id(cfg["eos_token_id"])
     if license is not None:
         w.add_license(license)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, cfg["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
     for k, v in load_file(str(src / "model.safetensors")).items():
-        w.add_tensor(names.get_name(k, try_suffixes=(".weight",)), v.float().numpy())
+        v = v.float().numpy()
+        if arch == "llama" and k.endswith(("q_proj.weight", "k_proj.weight")):
+            v = _permute(v, heads if k.endswith("q_proj.weight") else kv_heads)
+        w.add_tensor(names.get_name(k, try_suffixes=(".weight",)), v)
+    if cfg["rope_parameters"].get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg["rope_parameters"], cfg["head_dim"]))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: each head's rotary halves interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """The `rope_freqs.weight` llama.cpp's converter writes for rope_type llama3 (one divisor of each
+    inverse frequency: 1 for high frequencies, `factor` for low ones, interpolated between)."""
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, old_ctx = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)

@@ -1,0 +1,110 @@
+"""What transformers' GGUF reader leaves out of a source that the conversion needs: the rope scaling, and the
+licence.
+
+Why: llama.cpp's converter does not store Llama-3.1/3.2/3.3's `rope_type: llama3` as metadata but as a
+tensor, `rope_freqs.weight`, one divisor per rotary frequency; transformers (5.19) skips that tensor
+silently and builds the model with plain rope, so every such GGUF would be calibrated, converted and
+compared with the wrong frequencies (on a tiny Llama-3 GGUF the logits moved by up to 15). Rope scaling
+stored as metadata (`<arch>.rope.scaling.type`, e.g. linear or yarn) is not read for Llama/Qwen3 either.
+Here the divisors are turned back into transformers' llama3 `rope_parameters`, checked to reproduce
+them, and a metadata scaling is mapped when it is a static one the converter supports (linear) and
+refused otherwise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConversionError
+
+ROPE_FREQS = "rope_freqs.weight"
+# Llama 3.x's values: what the divisors are fitted against when they do not determine the bands themselves
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass
+class GgufMeta:
+    license: str | None
+    rope_factors: np.ndarray | None   # llama.cpp's rope_freqs.weight, when present
+    rope_scaling: dict                # <arch>.rope.scaling.* metadata, without the prefix
+
+
+def read(path) -> GgufMeta:
+    """One parse of the GGUF for what transformers does not read."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = reader.fields
+    entry = fields.get("general.license")
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else ""
+    prefix = f"{arch}.rope.scaling."
+    scaling = {k[len(prefix):]: fields[k].contents() for k in fields if k.startswith(prefix)}
+    factors = next((np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors
+                    if t.name == ROPE_FREQS), None)
+    return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling)
+
+
+def apply_rope(config, meta: GgufMeta, where: str) -> None:
+    """Set `config.rope_parameters` to what the GGUF's rope scaling is (unchanged when it has none)."""
+    rope = dict(config.rope_parameters)
+    kind = str(meta.rope_scaling.get("type", "none")).lower()
+    if kind not in ("none", "linear"):
+        raise ConversionError(f"{where}: rope scaling {kind!r} (GGUF metadata) is not supported; care-convert "
+                              f"needs a static rope (default, llama3, linear)")
+    if kind == "linear" and float(meta.rope_scaling.get("factor", 1.0)) != 1.0:
+        rope.update(rope_type="linear", factor=float(meta.rope_scaling["factor"]))
+    if meta.rope_factors is not None and not np.all(meta.rope_factors == 1.0):
+        if kind == "linear" or config.model_type != "llama":
+            raise ConversionError(f"{where}: {ROPE_FREQS} (per-frequency rope factors) is only understood for "
+                                  f"Llama with no other rope scaling")
+        rope = _llama3_parameters(config, rope, meta.rope_factors, where)
+    config.rope_parameters = rope
+
+
+def _llama3_parameters(config, rope: dict, factors: np.ndarray, where: str) -> dict:
+    """The llama3 rope_parameters whose inverse frequencies (computed by transformers itself) equal the
+    plain ones divided by `factors`. `factor` is the largest divisor; the band edges come from the
+    interpolated divisors (smooth = (old_ctx / wavelen - low) / (high - low) is linear in 1 / wavelen;
+    with Llama 3's low_freq_factor 1 that fixes high_freq_factor and old_ctx), else Llama 3's values."""
+    base = _plain_inv_freq(config, rope["rope_theta"])
+    if factors.shape != tuple(base.shape):
+        raise ConversionError(f"{where}: {ROPE_FREQS} has {factors.size} entries, the rope has {base.numel()} "
+                              f"frequencies")
+    target = base / torch.from_numpy(factors)
+    factor = float(factors.max())
+    candidates = []
+    inner = (factors > 1.0 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if inner.sum() >= 2:
+        smooth = (1 / factors[inner].astype(np.float64) - 1 / factor) / (1 - 1 / factor)
+        x = base.double().numpy()[inner] / (2 * math.pi)   # 1 / wavelength
+        a, b = np.polyfit(x, smooth, 1)
+        if b < 0:
+            candidates.append({"low_freq_factor": 1.0, "high_freq_factor": float(round(1 - 1 / b, 3)),
+                               "original_max_position_embeddings": int(round(-a / b))})
+    candidates.append(LLAMA3_DEFAULTS)
+    for bands in candidates:
+        trial = {"rope_type": "llama3", "rope_theta": rope["rope_theta"], "factor": factor, **bands}
+        if torch.allclose(_llama3_inv_freq(config, trial), target, rtol=1e-5, atol=0):
+            return trial
+    raise ConversionError(f"{where}: {ROPE_FREQS} (llama.cpp's per-frequency rope factors) matches no llama3 "
+                          f"rope scaling; convert from the transformers checkpoint instead")
+
+
+def _plain_inv_freq(config, theta: float) -> torch.Tensor:
+    """Unscaled inverse frequencies, as transformers computes them (fp32)."""
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def _llama3_inv_freq(config, rope: dict) -> torch.Tensor:
+    """transformers' own llama3 inverse frequencies for `config` with `rope` as its rope_parameters."""
+    import copy
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    trial = copy.deepcopy(config)
+    trial.rope_parameters = rope
+    return ROPE_INIT_FUNCTIONS["llama3"](trial, "cpu")[0].float()
