@@ -5,7 +5,7 @@ full parse of the vocabulary strings) and dequantizes every tensor at every load
 SmolLM2-135M on 2 CPU cores, paid by each of `care-convert`, `care-eval` and `care-heal --teacher`. The
 folder (fp32 safetensors, config, tokenizer, generation config, and the GGUF's licence in
 `care_gguf.json`) loads in about a second, memory-mapped, and holds exactly the tensors, config and
-tokenizer the direct load gives (`load_direct`: transformers, plus the rope scaling it does not read,
+tokenizer the direct load gives (`load_direct`: transformers, plus the head_dim and rope scaling it does not read,
 converter/gguf_meta.py): it is written from that load with `save_pretrained`.
 
 Where: `$CARE_VLLM_CACHE/gguf/<file stem>-<key>/` (default `$XDG_CACHE_HOME/care-vllm`, else
@@ -68,7 +68,8 @@ class Direct(NamedTuple):
 
 
 def load_direct(gguf: Path, check=None) -> Direct:
-    """Read the GGUF file with transformers, plus the rope scaling it does not read (converter/gguf_meta.py).
+    """Read the GGUF file with transformers, plus the head_dim and rope scaling it does not read
+    (converter/gguf_meta.py).
     `check(config)`, when given, runs before the model is dequantized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -80,7 +81,7 @@ def load_direct(gguf: Path, check=None) -> Direct:
         meta = gguf_meta.read(gguf)
     except Exception as e:
         raise ConversionError(f"{gguf}: cannot read GGUF ({e})") from None
-    gguf_meta.apply_rope(cfg, meta, str(gguf))
+    gguf_meta.apply(cfg, meta, str(gguf))
     if check is not None:
         check(cfg)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, config=cfg, dtype=torch.float32,

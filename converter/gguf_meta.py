@@ -1,5 +1,5 @@
-"""What transformers' GGUF reader leaves out of a source that the conversion needs: the rope scaling, and the
-licence.
+"""What transformers' GGUF reader leaves out of a source that the conversion needs: the rope scaling, the
+head dimension, and the licence.
 
 Why: llama.cpp's converter does not store Llama-3.1/3.2/3.3's `rope_type: llama3` as metadata but as a
 tensor, `rope_freqs.weight`, one divisor per rotary frequency; transformers (5.19) skips that tensor
@@ -8,7 +8,9 @@ compared with the wrong frequencies (on a tiny Llama-3 GGUF the logits moved by 
 stored as metadata (`<arch>.rope.scaling.type`, e.g. linear or yarn) is not read for Llama/Qwen3 either.
 Here the divisors are turned back into transformers' llama3 `rope_parameters`, checked to reproduce
 them, and a metadata scaling is mapped when it is a static one the converter supports (linear) and
-refused otherwise.
+refused otherwise. And transformers does not read a Qwen3 GGUF's head dimension
+(`<arch>.attention.key_length`, which llama.cpp writes) but takes Qwen3Config's default 128: any other
+head_dim would fail to load or load wrongly shaped.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class GgufMeta:
     license: str | None
     rope_factors: np.ndarray | None   # llama.cpp's rope_freqs.weight, when present
     rope_scaling: dict                # <arch>.rope.scaling.* metadata, without the prefix
+    key_length: int | None = None     # <arch>.attention.key_length / value_length: the head dimension
+    value_length: int | None = None
 
 
 def read(path) -> GgufMeta:
@@ -44,7 +48,19 @@ def read(path) -> GgufMeta:
     scaling = {k[len(prefix):]: fields[k].contents() for k in fields if k.startswith(prefix)}
     factors = next((np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors
                     if t.name == ROPE_FREQS), None)
-    return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling)
+    lengths = [int(fields[k].contents()) if k in fields else None
+               for k in (f"{arch}.attention.key_length", f"{arch}.attention.value_length")]
+    return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling, *lengths)
+
+
+def apply(config, meta: GgufMeta, where: str) -> None:
+    """Complete transformers' config of a GGUF source with its head dimension and rope scaling."""
+    if meta.key_length is not None:
+        if meta.value_length not in (None, meta.key_length):
+            raise ConversionError(f"{where}: key and value head dimensions differ ({meta.key_length} vs "
+                                  f"{meta.value_length}); care-convert needs one head_dim")
+        config.head_dim = meta.key_length
+    apply_rope(config, meta, where)
 
 
 def apply_rope(config, meta: GgufMeta, where: str) -> None:

@@ -37,6 +37,8 @@ def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
+    w.add_key_length(cfg["head_dim"])     # (llama.cpp writes them when the config has a head_dim)
+    w.add_value_length(cfg["head_dim"])
     if arch == "llama":
         w.add_rope_dimension_count(cfg["head_dim"])
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])

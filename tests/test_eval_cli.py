@@ -162,8 +162,8 @@ def test_gguf_file_gives_the_same_ppl_as_its_source(tmp_path, texts, capsys, mon
     """Read through its dequantized cache folder (converter/gguf_cache.py) or directly."""
     if caching == "off":
         monkeypatch.setenv("CARE_VLLM_CACHE", "off")
-    # head_dim 128: transformers' Qwen3 GGUF reader does not read head_dim and assumes Qwen3's 128
-    src = make_tiny_original(tmp_path / "orig", "qwen3", num_layers=2, hidden=64, heads=2, kv_heads=1, head_dim=128)
+    # head_dim 32: transformers' Qwen3 GGUF reader takes Qwen3's 128; converter/gguf_meta.py reads the file's
+    src = make_tiny_original(tmp_path / "orig", "qwen3", num_layers=2, hidden=64, heads=2, kv_heads=1, head_dim=32)
     write_gguf(src, tmp_path / "tiny.F32.gguf")
     args = ["--text", str(texts["a"]), "--seqlen", "48", "--max-tokens", "150"]
     code, from_gguf, err = run_main(capsys, "ppl", str(tmp_path / "tiny.F32.gguf"), *args)

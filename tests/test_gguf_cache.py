@@ -25,8 +25,8 @@ TEXTS = ["the latent cache of a rope layer", "Once upon a time, in a village by 
 @pytest.fixture(scope="module")
 def folder_and_gguf(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("gguf")
-    # head_dim 128: transformers' Qwen3 GGUF reader does not read head_dim and assumes Qwen3's 128
-    src = make_tiny_original(d / "orig", "qwen3", num_layers=2, hidden=64, heads=2, kv_heads=1, head_dim=128)
+    # head_dim 32: transformers' Qwen3 GGUF reader takes Qwen3's 128; converter/gguf_meta.py reads the file's
+    src = make_tiny_original(d / "orig", "qwen3", num_layers=2, hidden=64, heads=2, kv_heads=1, head_dim=32)
     return src, write_gguf(src, d / "tiny.F32.gguf", license="mit")
 
 

@@ -1,4 +1,4 @@
-"""Rope scaling of GGUF sources (converter/gguf_meta.py): llama.cpp stores Llama-3.x's llama3 rope scaling as
+"""Rope scaling (and head_dim) of GGUF sources (converter/gguf_meta.py): llama.cpp stores Llama-3.x's llama3 rope scaling as
 a `rope_freqs.weight` tensor that transformers skips. The reference is transformers' own llama3 rope:
 a tiny Llama-3 folder written as a GGUF the way llama.cpp's converter writes it loads with the folder's
 inverse frequencies and logits exactly, and its conversion keeps them; the divisors of real Llama 3.1 /
@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from converter.errors import ConversionError
-from converter.gguf_meta import GgufMeta, apply_rope
+from converter.gguf_meta import GgufMeta, apply, apply_rope
 from converter.load import load_source
 from tests.gguf_files import llama3_rope_factors, write_gguf
 from tests.tiny_models import LLAMA3_ROPE, make_tiny_original
@@ -78,3 +78,13 @@ def test_rope_scaling_metadata():
     qwen = Qwen3Config(hidden_size=256, num_attention_heads=4, head_dim=64)
     with pytest.raises(ConversionError, match="only understood for Llama"):
         apply_rope(qwen, GgufMeta(None, np.full(32, 2.0, dtype=np.float32), {}), "x.gguf")
+
+
+def test_head_dim_from_metadata():
+    """transformers gives a Qwen3 GGUF Qwen3Config's default head_dim 128; the file's key_length wins."""
+    qwen = Qwen3Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+    assert qwen.head_dim == 128
+    apply(qwen, GgufMeta(None, None, {}, 32, 32), "x.gguf")
+    assert qwen.head_dim == 32
+    with pytest.raises(ConversionError, match="x.gguf: key and value head dimensions differ"):
+        apply(Qwen3Config(), GgufMeta(None, None, {}, 64, 32), "x.gguf")
