@@ -70,6 +70,7 @@ class Direct(NamedTuple):
 def load_direct(gguf: Path, check=None) -> Direct:
     """Read the GGUF file with transformers, plus the head_dim and rope scaling it does not read
     (converter/gguf_meta.py).
+    A parameter the file does not provide is refused (transformers would initialize it at random).
     `check(config)`, when given, runs before the model is dequantized."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -84,12 +85,28 @@ def load_direct(gguf: Path, check=None) -> Direct:
     gguf_meta.apply(cfg, meta, str(gguf))
     if check is not None:
         check(cfg)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, config=cfg, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True), **kw)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, config=cfg, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
+            output_loading_info=True, **kw)
+    except Exception as e:   # a tensor of the wrong shape, a truncated file
+        raise ConversionError(f"{gguf}: cannot load the GGUF's tensors ({e})") from None
+    _refuse_incomplete(gguf, info)
     # transformers' GGUF config has no `architectures`; save_pretrained would add this one: both paths agree
     model.config.architectures = model.config.architectures or [type(model).__name__]
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     return Direct(model.config, model.eval(), tok, meta.license)
+
+
+def _refuse_incomplete(gguf: Path, info: dict) -> None:
+    """transformers fills a parameter the GGUF does not provide with random values and only logs it (a
+    missing tensor, or one stored under a name it does not map): converting that would silently give a
+    random model. Refuse it, naming the parameters."""
+    missing = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ConversionError(f"{gguf}: no tensor in the file for {', '.join(map(str, missing[:5]))}{more} "
+                              f"(a GGUF missing them, or storing them under names transformers does not map)")
 
 
 def save_tokenizer(tok, folder: Path) -> None:

@@ -1,5 +1,5 @@
 """What transformers' GGUF reader leaves out of a source that the conversion needs: the rope scaling, the
-head dimension, and the licence.
+head dimension, a MoE's expert width, and the licence.
 
 Why: llama.cpp's converter does not store Llama-3.1/3.2/3.3's `rope_type: llama3` as metadata but as a
 tensor, `rope_freqs.weight`, one divisor per rotary frequency; transformers (5.19) skips that tensor
@@ -10,7 +10,10 @@ Here the divisors are turned back into transformers' llama3 `rope_parameters`, c
 them, and a metadata scaling is mapped when it is a static one the converter supports (linear) and
 refused otherwise. And transformers does not read a Qwen3 GGUF's head dimension
 (`<arch>.attention.key_length`, which llama.cpp writes) but takes Qwen3Config's default 128: any other
-head_dim would fail to load or load wrongly shaped.
+head_dim would fail to load or load wrongly shaped. Nor a Qwen3-MoE GGUF's expert width
+(`<arch>.expert_feed_forward_length`): the config keeps Qwen3MoeConfig's default moe_intermediate_size 768
+(right for Qwen3-30B-A3B by coincidence; Qwen3-235B-A22B's is 1536) while the experts load with the file's
+shapes, so the model runs but its saved config does not describe its tensors.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class GgufMeta:
     rope_scaling: dict                # <arch>.rope.scaling.* metadata, without the prefix
     key_length: int | None = None     # <arch>.attention.key_length / value_length: the head dimension
     value_length: int | None = None
+    expert_ff_length: int | None = None   # <arch>.expert_feed_forward_length: a MoE's moe_intermediate_size
 
 
 def read(path) -> GgufMeta:
@@ -49,17 +53,21 @@ def read(path) -> GgufMeta:
     factors = next((np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors
                     if t.name == ROPE_FREQS), None)
     lengths = [int(fields[k].contents()) if k in fields else None
-               for k in (f"{arch}.attention.key_length", f"{arch}.attention.value_length")]
+               for k in (f"{arch}.attention.key_length", f"{arch}.attention.value_length",
+                         f"{arch}.expert_feed_forward_length")]
     return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling, *lengths)
 
 
 def apply(config, meta: GgufMeta, where: str) -> None:
-    """Complete transformers' config of a GGUF source with its head dimension and rope scaling."""
+    """Complete transformers' config of a GGUF source with its head dimension, expert width and rope
+    scaling."""
     if meta.key_length is not None:
         if meta.value_length not in (None, meta.key_length):
             raise ConversionError(f"{where}: key and value head dimensions differ ({meta.key_length} vs "
                                   f"{meta.value_length}); care-convert needs one head_dim")
         config.head_dim = meta.key_length
+    if meta.expert_ff_length is not None and hasattr(config, "moe_intermediate_size"):
+        config.moe_intermediate_size = meta.expert_ff_length
     apply_rope(config, meta, where)
 
 

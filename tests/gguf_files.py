@@ -1,8 +1,9 @@
 """A tiny GGUF file written from a tiny transformers folder, so the GGUF loading paths (care-eval,
 care-convert, converter/gguf_cache.py) run on a file whose correct tensors and outputs are known: the
 folder's. Written as llama.cpp's convert_hf_to_gguf.py writes these architectures: Llama's q/k rows
-permuted (llama.cpp's rotary pairs adjacent dimensions), and llama3 rope scaling not as metadata but
-as a `rope_freqs.weight` tensor of per-frequency divisors."""
+permuted (llama.cpp's rotary pairs adjacent dimensions), llama3 rope scaling not as metadata but
+as a `rope_freqs.weight` tensor of per-frequency divisors, and a Qwen3-MoE layer's experts stacked into
+one 3-D tensor per projection."""
 from __future__ import annotations
 
 import json
@@ -12,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 
-def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
-    """An F32 GGUF of a tiny Qwen3 or Llama folder (llama.cpp's tensor names via the gguf package; the
-    llama3 BPE tokenizer stored as "gpt2"/"llama-bpe")."""
+def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """An F32 GGUF of a tiny Qwen3, Qwen3-MoE (every layer sparse: GGUF has no dense layers in a MoE) or
+    Llama folder (llama.cpp's tensor names via the gguf package; the llama3 BPE tokenizer stored as
+    "gpt2"/"llama-bpe"). `drop`: transformers tensor names to leave out (a broken file)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -29,8 +31,9 @@ def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
         if a["id"] < V:
             tokens[a["id"]], types[a["id"]] = a["content"], 3
     arch = cfg["model_type"]
+    gguf_arch = gguf.MODEL_ARCH[arch.upper().replace("_", "")]   # qwen3_moe: llama.cpp's QWEN3MOE, "qwen3moe"
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_arch])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -50,10 +53,22 @@ def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
     w.add_eos_token_id(cfg["eos_token_id"])
+    if cfg.get("pad_token_id") is not None:
+        w.add_pad_token_id(cfg["pad_token_id"])
     if license is not None:
         w.add_license(license)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
-    for k, v in load_file(str(src / "model.safetensors")).items():
+    tensors = load_file(str(src / "model.safetensors"))
+    if arch == "qwen3_moe":
+        if cfg.get("mlp_only_layers"):
+            raise ValueError("a Qwen3-MoE GGUF has no dense layers")
+        w.add_expert_count(cfg["num_local_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        tensors = _stack_experts(tensors, cfg["num_local_experts"])
+    names = gguf.get_tensor_name_map(gguf_arch, cfg["num_hidden_layers"])
+    for k, v in tensors.items():
+        if k in drop:
+            continue
         v = v.float().numpy()
         if arch == "llama" and k.endswith(("q_proj.weight", "k_proj.weight")):
             v = _permute(v, heads if k.endswith("q_proj.weight") else kv_heads)
@@ -65,6 +80,25 @@ def write_gguf(src: Path, path: Path, license: str | None = None) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _stack_experts(tensors: dict, n_experts: int) -> dict:
+    """Per-expert `mlp.experts.<e>.<proj>.weight` tensors -> one `mlp.experts.<proj>.weight` [E, out, in]
+    per layer, as llama.cpp's converter stores them."""
+    import re
+
+    import torch
+
+    out, stacks = {}, {}
+    for k, v in tensors.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)\.weight", k)
+        if m is None:
+            out[k] = v
+        else:
+            stacks.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = v
+    for k, per_expert in stacks.items():
+        out[k] = torch.stack([per_expert[e] for e in range(n_experts)])
+    return out
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -174,3 +174,19 @@ def test_care_bench_serves_a_gguf_original_from_its_folder(folder_and_gguf, cach
         spec = str(gguf) if env == "off" else str(tmp_path / "missing.gguf")
         assert main([spec, str(folder), str(report)]) == 2
         assert needle in capsys.readouterr().err and not report.exists()
+
+
+@pytest.mark.parametrize("caching", ["on", "off"])
+def test_gguf_missing_a_tensor_is_refused(folder_and_gguf, cache, monkeypatch, tmp_path, calib_file, caching):
+    """transformers initializes a parameter the GGUF lacks at random and only logs it: care-convert must
+    refuse such a file by the parameter's name, exit 2, and leave neither output nor cache entry."""
+    from tests.test_converter_errors import assert_refused, run_convert
+
+    folder, _ = folder_and_gguf
+    if caching == "off":
+        monkeypatch.setenv("CARE_VLLM_CACHE", "off")
+    bad = write_gguf(folder, tmp_path / "no-v.gguf", drop=("model.layers.1.self_attn.v_proj.weight",))
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib_file), out, "no-v.gguf",
+                   "model.layers.1.self_attn.v_proj.weight")
+    assert entries(cache) == []

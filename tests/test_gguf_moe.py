@@ -1,0 +1,74 @@
+"""A Qwen3-MoE GGUF source (llama.cpp's `qwen3moe`: every layer sparse, each projection's experts stacked in
+one tensor). The independent reference is the transformers folder the file was written from: loaded as the
+converter loads it (experts streamed from the cached folder), the source has that folder's weights and
+logits exactly, and converting the GGUF gives the same checkpoint (tensors and config: the expert width
+transformers does not read from a GGUF included) as converting the folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from converter.load import load_source
+from converter.pipeline import convert
+from tests import tiny_models
+from tests.gguf_files import write_gguf
+
+
+def _all_sparse_qwen3_moe(out):
+    """A tiny Qwen3-MoE with no dense layer (make_tiny_original keeps its last layer dense, which a GGUF
+    cannot express)."""
+    tiny_models.require_shared(tiny_models.TOKENIZER_SRC)
+    cfg = Qwen3MoeConfig(**tiny_models._common(2, 64, 4, 2, 16),
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
+                         decoder_sparse_step=1, mlp_only_layers=[])
+    model = Qwen3MoeForCausalLM(cfg)
+    tiny_models._randomize(model, seed=3)
+    model.save_pretrained(out)
+    for f in tiny_models.TOKENIZER_FILES:
+        (out / f).write_bytes((tiny_models.TOKENIZER_SRC / f).read_bytes())
+    return out
+
+
+def _tensors(folder):
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("caching", ["on", "off"])
+def test_qwen3_moe_gguf_loads_and_converts_as_its_folder(tmp_path, monkeypatch, calib_file, caching):
+    if caching == "off":
+        monkeypatch.setenv("CARE_VLLM_CACHE", "off")
+    folder = _all_sparse_qwen3_moe(tmp_path / "orig")
+    gguf = write_gguf(folder, tmp_path / "tiny-moe.F32.gguf")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    source = load_source(gguf, stream_experts=True)
+    assert source.arch == "qwen3" and source.config.num_experts == 4 and source.config.mlp_only_layers == []
+    x = torch.randint(0, ref.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x).logits
+        if source.experts is None:   # read directly: the whole model in memory
+            got = source.model(x).logits
+        else:                        # the converter's path: experts read from the cached folder per layer
+            with source.layer_in_memory(0), source.layer_in_memory(1):
+                got = source.model(x).logits
+    assert torch.equal(got, want)
+
+    kw = dict(calib_files=[calib_file], kv_ratio=0.5, calib_samples=4, calib_seqlen=64)
+    convert(gguf, tmp_path / "from-gguf", **kw)
+    convert(folder, tmp_path / "from-folder", **kw)
+    a, b = _tensors(tmp_path / "from-gguf"), _tensors(tmp_path / "from-folder")
+    assert a.keys() == b.keys() and any(".mlp.experts." in k for k in a)
+    for k, v in b.items():
+        assert torch.equal(a[k], v), k
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("from-gguf", "from-folder")]
+    for c in configs:
+        c.pop("source_model")   # the path each was converted from
+    eps = [c.pop("rms_norm_eps") for c in configs]   # GGUF metadata holds it as a float32
+    assert eps[0] == pytest.approx(eps[1], rel=1e-7)
+    assert configs[0] == configs[1] and configs[0]["moe_intermediate_size"] == 64
