@@ -14,7 +14,9 @@ transformers and gguf versions, so an edited file or another dequantizer gets a 
 `CARE_VLLM_CACHE=off` turns caching off (every load reads the GGUF). The folder is written to a temporary
 name beside it and renamed when complete, so an interrupted build leaves nothing that would be read.
 When the cache cannot be written (read-only, or less free space than the fp32 weights plus 1 GiB) the
-model is loaded from the GGUF as before, with a note on stderr.
+model is loaded from the GGUF as before, with a note on stderr. Building an entry removes those of earlier
+versions of the same file (its marker records the size and mtime it was built from); nothing else is
+evicted.
 """
 from __future__ import annotations
 
@@ -190,7 +192,9 @@ def open_gguf(gguf: Path, check=None) -> Opened:
         save_tokenizer(tok, tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf.resolve()), "license": loaded.license},
+        st = gguf.stat()
+        (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf.resolve()), "size": st.st_size,
+                                              "mtime_ns": st.st_mtime_ns, "license": loaded.license},
                                              indent=2) + "\n")
         if not (folder / MARKER).is_file():   # (else another process finished first: use its folder)
             if folder.exists():   # incomplete (its marker removed by hand): replaced
@@ -204,7 +208,26 @@ def open_gguf(gguf: Path, check=None) -> Opened:
         shutil.rmtree(tmp, ignore_errors=True)
     _note(f"dequantized {gguf.name} once into {folder} ({need - SPARE_BYTES:,} bytes); later loads read it "
           f"from there (CARE_VLLM_CACHE=off: do not cache)")
+    _remove_superseded(folder, gguf)
     return Opened(folder, None)
+
+
+def _remove_superseded(folder: Path, gguf: Path) -> None:
+    """Delete the entries built from earlier contents of the same GGUF file (same path, another size or
+    modification time): their key can never match again, and each holds the model's fp32 weights. Entries of
+    the same contents under other transformers/gguf versions stay (another environment may use them)."""
+    st, path = gguf.stat(), str(gguf.resolve())
+    for other in folder.parent.iterdir():
+        if other == folder or not (other / MARKER).is_file():
+            continue
+        try:
+            marker = json.loads((other / MARKER).read_text())
+        except (OSError, ValueError):
+            continue
+        if marker.get("gguf") == path and "size" in marker and \
+                (marker["size"], marker.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):
+            shutil.rmtree(other, ignore_errors=True)
+            _note(f"removed {other}: built from an earlier version of {gguf.name}")
 
 
 def _note(msg: str) -> None:

@@ -1,11 +1,12 @@
 """GGUF sources are dequantized once into a cached transformers folder (converter/gguf_cache.py). Checked on
 a tiny F32 GGUF written from a tiny Qwen3 folder, the independent reference: loaded from the cache the
 source has the folder's tensors, tokenizer and logits exactly, and the GGUF's licence; the second load
-does not read the GGUF; an edited file, caching off, an unwritable cache, an incomplete or a corrupt
+does not read the GGUF; an edited file (its old entry removed), caching off, an unwritable cache, an incomplete or a corrupt
 entry each behave as documented, and nothing partial is left behind."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,20 +82,24 @@ def test_dequantized_once_exactly(folder_and_gguf, cache, monkeypatch, capsys):
     assert not [p for p in entry.parent.iterdir() if p.name.startswith(".")]   # no temporary folder left
 
 
-def test_edited_file_gets_a_new_entry_and_incomplete_one_is_rebuilt(folder_and_gguf, cache, tmp_path):
+def test_edited_file_replaces_its_entry_and_incomplete_one_is_rebuilt(folder_and_gguf, cache, tmp_path):
+    """An edited GGUF gets a new entry, which replaces the old one's (never to be read again); entries of
+    other files, and of the same contents under another key (another transformers version), stay."""
     folder, original = folder_and_gguf
     gguf = tmp_path / original.name
     gguf.write_bytes(original.read_bytes())
-    load_source(gguf)
-    [entry] = entries(cache)
+    [other] = [load_source(original).src_dir]   # another file's entry
+    old = load_source(gguf).src_dir
     st = gguf.stat()
     os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # as an edited file would
-    load_source(gguf)
-    assert len(entries(cache)) == 2
+    entry = load_source(gguf).src_dir
+    assert entry != old and entries(cache) == sorted([other, entry])
+    twin = entry.with_name(entry.name + "-twin")   # these contents under another key
+    shutil.copytree(entry, twin)
     (entry / gguf_cache.MARKER).unlink()   # no marker: incomplete, rebuilt in place
-    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))
     source = load_source(gguf)
     assert source.src_dir == entry and (entry / gguf_cache.MARKER).is_file()
+    assert entries(cache) == sorted([other, entry, twin])
     assert_same_model(source, folder, gguf)
 
 
