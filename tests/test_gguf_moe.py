@@ -10,28 +10,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM
 
 from converter.load import load_source
 from converter.pipeline import convert
-from tests import tiny_models
 from tests.gguf_files import write_gguf
-
-
-def _all_sparse_qwen3_moe(out):
-    """A tiny Qwen3-MoE with no dense layer (make_tiny_original keeps its last layer dense, which a GGUF
-    cannot express)."""
-    tiny_models.require_shared(tiny_models.TOKENIZER_SRC)
-    cfg = Qwen3MoeConfig(**tiny_models._common(2, 64, 4, 2, 16),
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, num_experts=4,
-                         num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
-                         decoder_sparse_step=1, mlp_only_layers=[])
-    model = Qwen3MoeForCausalLM(cfg)
-    tiny_models._randomize(model, seed=3)
-    model.save_pretrained(out)
-    for f in tiny_models.TOKENIZER_FILES:
-        (out / f).write_bytes((tiny_models.TOKENIZER_SRC / f).read_bytes())
-    return out
+from tests.tiny_models import make_tiny_original
 
 
 def _tensors(folder):
@@ -43,7 +27,8 @@ def _tensors(folder):
 def test_qwen3_moe_gguf_loads_and_converts_as_its_folder(tmp_path, monkeypatch, calib_file, caching):
     if caching == "off":
         monkeypatch.setenv("CARE_VLLM_CACHE", "off")
-    folder = _all_sparse_qwen3_moe(tmp_path / "orig")
+    # every layer sparse: a GGUF cannot express Qwen3-MoE's dense layers (mlp_only_layers)
+    folder = make_tiny_original(tmp_path / "orig", "qwen3_moe", num_layers=2, seed=3, mlp_only_layers=[])
     gguf = write_gguf(folder, tmp_path / "tiny-moe.F32.gguf")
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 

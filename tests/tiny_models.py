@@ -65,10 +65,11 @@ def _randomize(model: torch.nn.Module, seed: int, embed_std: float = 0.3, qk_gai
 
 def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, hidden: int = 64,
                        heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
-                       max_positions: int = 1024, embed_std: float = 0.3, qk_gain: float = 2.5) -> Path:
+                       max_positions: int = 1024, embed_std: float = 0.3, qk_gain: float = 2.5,
+                       mlp_only_layers: list[int] | None = None) -> Path:
     """Write a random tiny Llama-3 (`arch="llama"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
-    (`arch="qwen3_moe"`: 4 experts, top-2, normalized; the last layer dense when there are 2+)
-    checkpoint to `out`."""
+    (`arch="qwen3_moe"`: 4 experts, top-2, normalized; dense layers `mlp_only_layers`, by default the last
+    one when there are 2+) checkpoint to `out`."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
                               Qwen3MoeForCausalLM)
 
@@ -84,7 +85,8 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
         cfg = Qwen3MoeConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
                              norm_topk_prob=True, decoder_sparse_step=1,
-                             mlp_only_layers=[num_layers - 1] if num_layers > 1 else [])
+                             mlp_only_layers=mlp_only_layers if mlp_only_layers is not None
+                             else [num_layers - 1] if num_layers > 1 else [])
         model = Qwen3MoeForCausalLM(cfg)
     else:
         raise ValueError(arch)
