@@ -7,7 +7,8 @@ The conversion drops nothing (KV parity, RoPE on every key dim: equal to the ori
 tests/test_converter_exact.py), so the original is the reference for the report's quality half:
 greedy agreement must be exact and held-out perplexity equal. Also checked: every request completed
 at every level, both servers found the shared prefix in their prefix cache (for the converted model
-that needs care_vllm/cpu_scheduling.py), the KV-cache tokens the report gives are the budget over
+that needs care_vllm/cpu_scheduling.py) but each level only within itself (the cache is emptied
+between levels, which send the same prompts), the KV-cache tokens the report gives are the budget over
 the bytes a token takes, and the summary, plots and raw `vllm bench serve` results are written.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def bench(tmp_path_factory, calib_file):
             calib_seqlen=64, ranks="uniform")
     report = root / "report"
     cmd = [sys.executable, "-m", "care_vllm.loadtest.cli", str(src), str(out), str(report),
-           "--concurrency", "2", "--num-prompts", str(PROMPTS), "--prefix-len", str(PREFIX),
+           "--concurrency", "1", "2", "--num-prompts", str(PROMPTS), "--prefix-len", str(PREFIX),
            "--input-len", str(OWN), "--output-len", "8", "--kv-cache-memory-bytes", str(KV_BYTES),
            "--max-model-len", str(MAX_LEN), "--serve-args=--enforce-eager", "--agreement-tokens", "8",
            "--ppl-text", str(calib_file), "--ppl-tokens", "1024", "--ppl-seqlen", "64"]
@@ -57,14 +58,19 @@ def test_every_request_completed_and_both_hit_the_prefix_cache(bench):
     print(summary)
     assert rep["workload"]["prefix_len"] == PREFIX
     for role in ("original", "converted"):
-        (level,) = rep["models"][role]["levels"]
-        res = level["result"]
-        assert res["completed"] == PROMPTS and res["failed"] == 0, (role, res)
-        assert "prefix_repetition" in level["command"]
-        pc = level["prefix_cache"]
-        # all prompts share one prefix: all but the first two (sent together) can read it from the cache
-        assert pc["hit_tokens"] >= (PROMPTS - 2) * (PREFIX // 2), (role, pc)
-        assert pc["hit_tokens"] <= pc["queried_tokens"] <= PROMPTS * (PREFIX + OWN + 8), (role, pc)
+        levels = rep["models"][role]["levels"]
+        assert [lv["concurrency"] for lv in levels] == [1, 2]
+        for level in levels:
+            c, res = level["concurrency"], level["result"]
+            assert res["completed"] == PROMPTS and res["failed"] == 0, (role, c, res)
+            assert "prefix_repetition" in level["command"]
+            assert level["prefix_cache_reset"] is True, (role, c)
+            pc = level["prefix_cache"]
+            # all prompts share one prefix: all but the first c (sent together) can read it from the cache,
+            assert pc["hit_tokens"] >= (PROMPTS - c) * (PREFIX // 2), (role, c, pc)
+            # and the first one cannot (with the previous level's cache kept, all PROMPTS would find it)
+            assert pc["hit_tokens"] <= (PROMPTS - 1) * PREFIX, (role, c, pc)
+            assert pc["queried_tokens"] <= PROMPTS * (PREFIX + OWN + 8), (role, c, pc)
 
 
 def test_quality_of_an_exact_conversion_is_the_originals(bench):
@@ -87,6 +93,7 @@ def test_report_files_and_kv_tokens(bench):
         assert m["levels"][0]["metrics_timeline"], "no /metrics samples during the level"
     summary = (report / "summary.md").read_text()
     assert "prefix_repetition dataset, 256 shared (one of 1 prefixes) + 16 in / 8 out tokens" in summary and "prefix-cache hits" in summary
+    assert "prefix cache emptied before each level" in summary
     for name in ("throughput.png", "latency.png", "kv_usage.png", "raw/original_c2.json", "raw/converted_c2.json"):
         assert (report / name).is_file(), name
 

@@ -173,15 +173,19 @@ def bench_env() -> dict:
 
 
 def run_serve(model_dir: Path, lens: list[int], args, work: Path, tag: str) -> dict[int, dict]:
-    """One `vllm serve` for the model, one `vllm bench serve` per input length (all requests at once)."""
+    """One `vllm serve` for the model, one `vllm bench serve` per input length (all requests at once), each
+    from an empty prefix cache: with one seed vLLM's random prompts of every length start with the same
+    tokens (prompt i runs on from the same random offset), so the 8K run would find the 1K run's prompts
+    cached and the 16K run half of each of its prompts (care_vllm/loadtest/server.reset_prefix_cache)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from care_vllm.loadtest.server import VllmServer
+    from care_vllm.loadtest.server import VllmServer, reset_prefix_cache
 
     res = {}
     t_start = time.time()
     extra = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len),
              "--gpu-memory-utilization", str(args.gpu_mem), *(["--dtype", args.dtype] if args.dtype else [])]
-    with VllmServer(model_dir, work / f"{tag}.serve.log", extra_args=extra, served_name=tag, env=bench_env(),
+    with VllmServer(model_dir, work / f"{tag}.serve.log", extra_args=extra, served_name=tag,
+                    env={**bench_env(), "VLLM_SERVER_DEV_MODE": "1"},
                     startup_timeout=min(args.run_timeout, args.deadline - time.time())) as srv:
         start_s = round(time.time() - t_start, 1)
         for n_in in lens:
@@ -192,11 +196,13 @@ def run_serve(model_dir: Path, lens: list[int], args, work: Path, tag: str) -> d
                    "--random-input-len", str(n_in // args.len_divisor), "--random-output-len", str(args.output_len),
                    "--num-prompts", str(n), "--ignore-eos", "--seed", "0", "--save-result",
                    "--result-dir", str(work), "--result-filename", out.name]
+            reset = reset_prefix_cache(srv.base_url)
             t0 = time.time()
             log = work / f"{tag}_{n_in}.bench_serve.log"
             rc = run_logged(cmd, log, min(args.run_timeout, args.deadline - time.time()))
             r = json.loads(out.read_text()) if out.is_file() else {}
             res[n_in] = {"rc": rc, "wall_s": round(time.time() - t0, 1), "server_start_s": start_s, "num_prompts": n,
+                         "prefix_cache_reset": reset,
                          **{k: r.get(k) for k in ("output_throughput", "total_token_throughput", "mean_ttft_ms",
                                                   "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
                                                   "p99_tpot_ms", "completed")},

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from . import quality, report as report_mod
-from .server import VllmServer, fetch, kv_cache_tokens
+from .server import VllmServer, fetch, kv_cache_tokens, reset_prefix_cache
 from .workload import Workload, run_level
 
 
@@ -80,8 +80,9 @@ def bench_model(role: str, path: Path, url: str | None, args, wl: Workload, out:
     serve_args = ["--dtype", args.dtype, "--kv-cache-memory-bytes", args.kv_cache_memory_bytes,
                   *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
                   *shlex.split(args.serve_args)]
+    # dev mode: for POST /reset_prefix_cache between levels (server.reset_prefix_cache)
     ctx = nullcontext() if url else VllmServer(path, out / "raw" / f"{role}_server.log", serve_args,
-                                               served_name=role)
+                                               served_name=role, env={"VLLM_SERVER_DEV_MODE": "1"})
     t0 = time.time()
     with ctx as srv:
         base = url or srv.base_url
@@ -90,7 +91,12 @@ def bench_model(role: str, path: Path, url: str | None, args, wl: Workload, out:
         levels = []
         for c in args.concurrency:
             print(f"[care-bench] {role}: concurrency {c}", file=sys.stderr)
-            levels.append(run_level(base, name, str(path), wl, c, out / "raw", role))
+            reset = reset_prefix_cache(base)   # each level starts from an empty prefix cache
+            if reset is not True:
+                why = "no /reset_prefix_cache: start it with VLLM_SERVER_DEV_MODE=1" if reset is None else "refused"
+                print(f"[care-bench] warning: could not empty the prefix cache of {role} at {base} ({why}); "
+                      f"this level may find its prompts cached by an earlier one", file=sys.stderr)
+            levels.append({**run_level(base, name, str(path), wl, c, out / "raw", role), "prefix_cache_reset": reset})
         completions = quality.greedy_completions(base, name, args.agreement_tokens)
     return {"path": str(path), "label": _label(path), "server": None if url else srv.args,
             "base_url": url, "kv_cache_tokens": kv_tokens, "cache_values_per_token": _cache_values(path),

@@ -96,6 +96,16 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
+def _reset_line(o: dict, c: dict) -> str:
+    """Whether each level started from an empty prefix cache (the levels reuse one seed's prompts)."""
+    kept = [f"{name} c{lv['concurrency']}" for name, m in (("original", o), ("converted", c))
+            for lv in _levels(m) if lv.get("prefix_cache_reset") is not True]
+    if not kept:
+        return "- prefix cache emptied before each level (every level sends the same prompts)"
+    return (f"- prefix cache NOT emptied before {', '.join(kept)}: those levels may have found prompts cached by "
+            f"an earlier level")
+
+
 def summary_markdown(report: dict) -> str:
     o, c = report["models"]["original"], report["models"]["converted"]
     wl = report["workload"]
@@ -109,6 +119,7 @@ def summary_markdown(report: dict) -> str:
         f"({_ratio(c.get('kv_cache_tokens'), o.get('kv_cache_tokens'))})",
         f"- KV values per token (all layers): original {o.get('cache_values_per_token')}, "
         f"converted {c.get('cache_values_per_token')}",
+        _reset_line(o, c),
         "", "| concurrency | model | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | prefix-cache hits |",
         "|---|---|---|---|---|---|",
     ]

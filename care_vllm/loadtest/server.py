@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -69,6 +70,27 @@ def fetch(url: str, body: dict | None = None, timeout: float = 5.0) -> str:
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback only)
         return r.read().decode()
+
+
+def reset_prefix_cache(base_url: str, attempts: int = 5, timeout: float = 30.0) -> bool | None:
+    """Empty the server's prefix cache (vLLM's `POST /reset_prefix_cache`, which `vllm serve` offers with
+    VLLM_SERVER_DEV_MODE=1). Why: load levels run one after the other with the same prompts (the same
+    seed), so without it every level after the first reads its prompts from the cache the previous one
+    filled, and how much it finds depends on the block size (vLLM on CPU: 128 tokens for GQA, 16 for MLA;
+    a 256-token prompt found 50 % vs 94 %), not on the model. True: emptied; None: the server has no such
+    endpoint; False: it kept refusing (blocks still held by requests) `attempts` times."""
+    for _ in range(attempts):
+        req = urllib.request.Request(f"{base_url}/reset_prefix_cache", data=b"", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (loopback only)
+                if json.loads(r.read().decode() or "{}").get("success", True):
+                    return True
+        except urllib.error.HTTPError as e:
+            if e.code in (404, 405):
+                return None
+            raise
+        time.sleep(1.0)
+    return False
 
 
 def scrape_metrics(base_url: str, timeout: float = 5.0) -> dict[str, float | dict]:
