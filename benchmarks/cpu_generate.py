@@ -5,7 +5,7 @@ Why: `serve_cpu.py` measures through `vllm serve` + `vllm bench serve`, where th
 2 cores with the engine and runs of the same variant differ by ~10 % on this shared machine. Here the
 engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), fixed token-id prompts, greedy with
 ignore_eos, each variant in its own subprocess, best of `--repeats` timed generate() calls after a
-warm-up call, with prefix caching off: every call sends the same prompts, which a prefix cache would serve
+warm-up call, with prefix caching off (`--prefix-caching`: on): every call sends the same prompts, which a prefix cache would serve
 from the warm-up's blocks (how many depends on the block size, 128 tokens for GQA on CPU, 16 for MLA).
 It reports the prefill time (a generate with one output token) and the decode rate:
 (output tokens - batch) / (full generate time - prefill time). (Results whose workload does not say
@@ -45,7 +45,7 @@ def run_variant(path: str, rev: str | None, args) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(path, dtype="float32", enforce_eager=not args.compiled, kv_cache_memory_bytes=args.kv_cache_mib << 20,
-              max_model_len=args.input_len + args.output_len + 16, seed=0, enable_prefix_caching=False)
+              max_model_len=args.input_len + args.output_len + 16, seed=0, enable_prefix_caching=args.prefix_caching)
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(args.input_len)]}
                for _ in range(args.batch)]
@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=576)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="leave vLLM's prefix cache on (the timed calls then find the warm-up's prompts cached)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--kv-cache-mib", type=int, default=256)
     ap.add_argument("--compiled", action="store_true",
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
            "workload": {"batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
                         "repeats": args.repeats, "rounds": args.rounds, "dtype": "float32",
-                        "enforce_eager": not args.compiled, "prefix_caching": False,
+                        "enforce_eager": not args.compiled, "prefix_caching": args.prefix_caching,
                         "kv_cache_mib": args.kv_cache_mib}, "variants": {}}
 
     save = common.report_saver(res, args.out, render)
