@@ -143,13 +143,6 @@ def _reloads_same(tok, folder: Path) -> bool:
             and saved.special_tokens_map == tok.special_tokens_map and saved.chat_template == tok.chat_template)
 
 
-def read_license(gguf: Path) -> str | None:
-    """The GGUF's `general.license` metadata entry, if any."""
-    from . import gguf_meta
-
-    return gguf_meta.read(gguf).license
-
-
 def cached_license(folder: Path) -> str | None:
     """The licence recorded when `folder` was built from its GGUF."""
     return json.loads((folder / MARKER).read_text()).get("license")

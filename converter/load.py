@@ -48,6 +48,7 @@ class Source:
     revision: str | None = None     # Hub commit hash when `name` is a repo id
     experts: ExpertStore | None = None  # set when the model was loaded without its experts (meta)
     gguf_file: Path | None = None   # the .gguf file a GGUF source was read from
+    gguf_license: str | None = None  # its `general.license` (read with the file's other metadata)
 
     @property
     def config(self):
@@ -82,11 +83,9 @@ class Source:
 
     def card_metadata(self) -> dict:
         """The source's licence/language for the output's model card: its own card's YAML header, or a
-        GGUF's `general.license`. Read only when a conversion writes its card (not at every load)."""
+        GGUF's `general.license`. A card is read only when a conversion writes its own (not at every load)."""
         if self.gguf_file is not None:
-            lic = (gguf_cache.cached_license(self.src_dir) if self.src_dir is not None
-                   else gguf_cache.read_license(self.gguf_file))
-            return {"license": lic} if lic is not None else {}
+            return {"license": self.gguf_license} if self.gguf_license is not None else {}
         return model_card.source_metadata(self.src_dir)
 
     def save_side_files(self, out: Path) -> list[str]:
@@ -242,10 +241,11 @@ def _load_gguf(gguf: Path, name: str, stream_experts: bool) -> Source:
     opened = gguf_cache.open_gguf(gguf, check)
     if opened.folder is not None:
         source = _load_folder(opened.folder, name, None, stream_experts)
-        source.gguf_file = gguf
+        source.gguf_file, source.gguf_license = gguf, gguf_cache.cached_license(opened.folder)
         return source
     direct = opened.direct
-    return Source(direct.model, direct.tokenizer, check(direct.config), name, None, gguf_file=gguf)
+    return Source(direct.model, direct.tokenizer, check(direct.config), name, None, gguf_file=gguf,
+                  gguf_license=direct.license)
 
 
 def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool) -> Source:
