@@ -170,6 +170,33 @@ def test_flash_prefill_matches_vllm_cpu_sdpa_prefill(causal, d_qk, d_v):
     assert torch.equal(only_out, got_out)
 
 
+@pytest.mark.parametrize("d_qk,d_v", [(24, 16), (128, 64), (200, 128), (8, 12)])
+def test_paged_prefill_matches_vllm_cpu_sdpa_prefill(d_qk, d_v):
+    """The new-token prefill through vLLM's paged CPU attention kernel (scratch cache, q/k/v padded
+    to a head size the kernel is built for: 24 -> 32, 200 -> 224) against CPU_SDPA_MLA's dense causal
+    attention, on ragged requests that end inside, at and one past a block boundary; the scratch
+    cache is reused by a second "layer" with other inputs, which must not see the first's."""
+    from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
+
+    from care_vllm.backends.cpu_prefill import PagedPrefillPlan, kernel_head_size
+
+    g = torch.Generator().manual_seed(d_qk)
+    lens, N, block = [5, 1, 32, 33, 70], 3, 32
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    stock = object.__new__(CPUSDPAMLAPrefillBackend)
+    stock.scale = 0.37
+    plan = PagedPrefillPlan.build(cu, block_size=block)
+    head_size = kernel_head_size(d_qk, d_v)
+    assert head_size is not None and head_size >= max(d_qk, d_v)
+    for layer in range(2):
+        q, k = (torch.randn(sum(lens), N, d_qk, generator=g) for _ in range(2))
+        v = torch.randn(sum(lens), N, d_v, generator=g)
+        want = stock._ragged_sdpa(q, k, v, cu, cu, True, False)
+        got = plan.attention(q, k, v, 0.37, head_size)
+        assert got.shape == want.shape == (sum(lens), N, d_v)
+        assert (got - want).abs().max() < 1e-4, layer
+
+
 def test_kv_cache_write_matches_vllm_cpu_mla():
     """care_vllm's single-copy KV write equals CPU_MLA's, padding slots (-1) skipped."""
     from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
