@@ -39,6 +39,7 @@ def load_at_revision(rev: str, module: str = "care_vllm.backends.cpu"):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = mod          # dataclasses look their module up there while it executes
     spec.loader.exec_module(mod)
     return mod
 
