@@ -142,7 +142,7 @@ class HeadShardedWeight(nn.Module):
 
 def _prefill_backend_cls(vllm_config: VllmConfig):
     """vLLM's MLA prefill backend if one takes these (P, R, V) dims; on CPU its dense CPU_SDPA_MLA is
-    replaced by the flash-kernel subclass (backends/cpu_prefill.py); on GPU, where the whitelists
+    replaced by the tiled-kernel subclass (backends/cpu_prefill.py); on GPU, where the whitelists
     are narrow (e.g. FA: (128,64,128), (192,64,128), ...), fall back to the dense torch one."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
@@ -158,9 +158,9 @@ def _prefill_backend_cls(vllm_config: VllmConfig):
             "prefill (CPU_SDPA_MLA) on %s.", current_platform.device_name)
         return CPUSDPAMLAPrefillBackend
     if current_platform.is_cpu() and chosen is CPUSDPAMLAPrefillBackend:
-        from .backends.cpu_prefill import CareCPUFlashPrefillBackend
+        from .backends.cpu_prefill import CareCPUPrefillBackend
 
-        return CareCPUFlashPrefillBackend
+        return CareCPUPrefillBackend
     return chosen
 
 

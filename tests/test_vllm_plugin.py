@@ -1,7 +1,8 @@
 """Fast checks of the vLLM plugin pieces (no server): version gate, registration, the PyTorch
 paged latent decode (joint and key/value split) and the GPU gather fallback against naive
-references, the CPU flash prefill and KV write against vLLM's own CPU_SDPA_MLA / CPU_MLA code, and
-the explicit checkpoint name/shape table against a real conversion."""
+references, the CPU prefill kernels (paged and flash) and the KV write against vLLM's own
+CPU_SDPA_MLA / CPU_MLA code, and the explicit checkpoint name/shape table against a real
+conversion."""
 from __future__ import annotations
 
 import json

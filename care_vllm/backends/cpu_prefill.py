@@ -7,7 +7,7 @@ triangle, softmaxes it and takes a separate logsumexp pass when the prefill is m
 context. That is O(S^2) memory per request and layer (9 heads x 8K x 8K x 4 B = 2.4 GB for one
 SmolLM2-shaped 8K prefill, not chunked) and several passes over it.
 
-`CareCPUFlashPrefillBackend` keeps everything of CPU_SDPA_MLA (metadata, the new-token and
+`CareCPUPrefillBackend` keeps everything of CPU_SDPA_MLA (metadata, the new-token and
 context-chunk entry points, the merge) and replaces only the attention kernels, both tiled (O(S)
 memory) with the causal mask applied inside the tiles:
 
@@ -15,8 +15,10 @@ memory) with the causal mask applied inside the tiles:
   go through vLLM's paged CPU attention kernel, the one its GQA models use
   (`cpu_attention_with_kv_cache`, all requests in one call): the step's keys and values are
   written into a scratch paged cache that every layer of the step reuses (`PagedPrefillPlan`).
-  Measured on the 2-core dev machine (benchmarks/results/cpu_generate.md): 6.4 ms vs 10.3 ms for
-  PyTorch's flash kernel on a SmolLM2-shaped 576-token request (9 heads, qk 128, v 64).
+  On the 2-core dev machine it took 6.4 ms where PyTorch's flash kernel took 10.3 ms for a
+  SmolLM2-shaped 576-token request (9 heads, qk 128, v 64; ad-hoc timing), and the converted
+  SmolLM2's whole 4 x 576-token prefill went from 1.36x to 1.20x the original's
+  (benchmarks/results/cpu_generate.md). The gap narrows with length (2K tokens: ~60 vs ~73 ms).
 * new tokens merged with cached context, and the context chunks themselves, need the
   log-sum-exp, which vLLM's kernel does not return: they run
   `aten._scaled_dot_product_flash_attention_for_cpu` per request (in every PyTorch CPU build).
@@ -69,7 +71,7 @@ class PagedPrefillPlan:
     pad_slots: torch.Tensor          # [P] int64: slots of the last blocks that hold no token
     num_blocks: int
     block_size: int = SCRATCH_BLOCK_SIZE
-    _scratch: dict = field(default_factory=dict)     # (heads, head size) -> (cache, kernel metadata, isa)
+    _scratch: dict = field(default_factory=dict)     # (heads, head size) -> (k cache, v cache, metadata, isa)
 
     @classmethod
     def build(cls, query_start_loc: torch.Tensor, block_size: int = SCRATCH_BLOCK_SIZE) -> "PagedPrefillPlan":
@@ -98,8 +100,8 @@ class PagedPrefillPlan:
             isa = _get_attn_isa(torch.float32, self.block_size, head_size)
             cache = torch.empty(self.num_blocks, num_heads, 2 * self.block_size, head_size)
             k_cache, v_cache = cache.chunk(2, dim=2)          # [blocks, heads, block, head size] each
+            blk, off = self.pad_slots // self.block_size, self.pad_slots % self.block_size
             for part in (k_cache, v_cache):
-                blk, off = self.pad_slots // self.block_size, self.pad_slots % self.block_size
                 part[blk, :, off] = 0.0
             meta = ops.cpu_attn_get_scheduler_metadata(
                 num_reqs=len(self.seq_lens), num_heads=num_heads, num_kv_heads=num_heads,
@@ -159,10 +161,10 @@ def ragged_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     return (out, torch.cat(lses, dim=1)) if return_softmax_lse else out
 
 
-class CareCPUFlashPrefillBackend(CPUSDPAMLAPrefillBackend):
+class CareCPUPrefillBackend(CPUSDPAMLAPrefillBackend):
     @staticmethod
     def get_name() -> str:
-        return "CARE_CPU_FLASH_MLA"
+        return "CARE_CPU_MLA_PREFILL"
 
     def prepare_metadata(self, prefill_metadata) -> None:
         super().prepare_metadata(prefill_metadata)
