@@ -175,8 +175,8 @@ def test_flash_prefill_matches_vllm_cpu_sdpa_prefill(causal, d_qk, d_v):
 def test_paged_prefill_matches_vllm_cpu_sdpa_prefill(d_qk, d_v):
     """The new-token prefill through vLLM's paged CPU attention kernel (scratch cache, q/k/v padded
     to a head size the kernel is built for: 24 -> 32, 200 -> 224) against CPU_SDPA_MLA's dense causal
-    attention, on ragged requests that end inside, at and one past a block boundary; the scratch
-    cache is reused by a second "layer" with other inputs, which must not see the first's."""
+    attention, on ragged requests that end inside, at and one past a block boundary; the plan is
+    reused by a second "layer" with other inputs, which must not see the first's."""
     from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
 
     from care_vllm.backends.cpu_prefill import PagedPrefillPlan, kernel_head_size

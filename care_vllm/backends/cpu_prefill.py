@@ -13,8 +13,8 @@ memory) with the causal mask applied inside the tiles:
 
 * new tokens without cached context (the usual prefill: nothing to merge, no log-sum-exp wanted)
   go through vLLM's paged CPU attention kernel, the one its GQA models use
-  (`cpu_attention_with_kv_cache`, all requests in one call): the step's keys and values are
-  written into a scratch paged cache that every layer of the step reuses (`PagedPrefillPlan`).
+  (`cpu_attention_with_kv_cache`, all requests in one call): each layer's keys and values are
+  written into a scratch paged cache laid out once per step (`PagedPrefillPlan`).
   On the 2-core dev machine it took 6.4 ms where PyTorch's flash kernel took 10.3 ms for a
   SmolLM2-shaped 576-token request (9 heads, qk 128, v 64; ad-hoc timing), and the converted
   SmolLM2's whole 4 x 576-token prefill went from 1.36x to 1.20x the original's
@@ -58,15 +58,15 @@ def kernel_head_size(d_qk: int, d_v: int) -> int | None:
 
 @dataclass
 class PagedPrefillPlan:
-    """One step's requests laid out in a scratch paged cache for vLLM's CPU attention kernel.
+    """One step's requests laid out in a paged cache for vLLM's CPU attention kernel.
 
-    Built once per step from the prefill's query offsets and shared by every layer (layers run one
-    after another, so they can also share the scratch cache: each overwrites every token slot;
-    the slots past a request's last token are zeroed once, since the kernel reads whole blocks and
-    a NaN there would reach the output through a zero probability). The scratch holds the step's
-    keys and values once more, in fp32: tokens x heads x 2 x head size x 4 B (38 MB for 4096
-    SmolLM2-shaped tokens, 400 MB for 8192 tokens of a 32-head, head-size-192 model), freed with
-    the step's metadata."""
+    The layout (slots, block table) and the kernel's scheduler metadata are built once per step
+    and shared by every layer. Each layer's call writes its keys and values into a scratch cache of
+    that layout (fp32: tokens x heads x 2 x head size x 4 B, 38 MB for 4096 SmolLM2-shaped
+    tokens), freed when the call returns: timed on the dev machine, allocating it per call costs
+    no more than sharing one across the step's layers would, and nothing outlives the step. The
+    slots past a request's last token are zeroed: the kernel reads whole blocks, and a NaN of
+    uninitialised memory there would reach the output through a zero probability."""
     query_start_loc: torch.Tensor    # [R + 1] int32
     seq_lens: torch.Tensor           # [R] int32 (no cached context: = query lengths)
     block_table: torch.Tensor        # [R, max blocks] int32
@@ -74,7 +74,7 @@ class PagedPrefillPlan:
     pad_slots: torch.Tensor          # [P] int64: slots of the last blocks that hold no token
     num_blocks: int
     block_size: int = SCRATCH_BLOCK_SIZE
-    _scratch: dict = field(default_factory=dict)     # (heads, head size) -> (k cache, v cache, metadata, isa)
+    _kernel_meta: dict = field(default_factory=dict)   # (heads, head size) -> (scheduler metadata, isa)
 
     @classmethod
     def build(cls, query_start_loc: torch.Tensor, block_size: int = SCRATCH_BLOCK_SIZE) -> "PagedPrefillPlan":
@@ -94,25 +94,30 @@ class PagedPrefillPlan:
                    slot_mapping=slots, pad_slots=(~taken).nonzero().flatten(), num_blocks=num_blocks,
                    block_size=block_size)
 
-    def _scratch_for(self, num_heads: int, head_size: int):
+    def _kernel_meta_for(self, num_heads: int, head_size: int):
         key = (num_heads, head_size)
-        if key not in self._scratch:
+        if key not in self._kernel_meta:
             import vllm._custom_ops as ops
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
             isa = _get_attn_isa(torch.float32, self.block_size, head_size)
-            cache = torch.empty(self.num_blocks, num_heads, 2 * self.block_size, head_size)
-            k_cache, v_cache = cache.chunk(2, dim=2)          # [blocks, heads, block, head size] each
-            blk, off = self.pad_slots // self.block_size, self.pad_slots % self.block_size
-            for part in (k_cache, v_cache):
-                part[blk, :, off] = 0.0
             meta = ops.cpu_attn_get_scheduler_metadata(
                 num_reqs=len(self.seq_lens), num_heads=num_heads, num_kv_heads=num_heads,
                 head_dim=head_size, seq_lens=self.seq_lens, dtype=torch.float32,
                 query_start_loc=self.query_start_loc, causal=True, sliding_window_size=-1, isa=isa,
                 enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
-            self._scratch[key] = (k_cache, v_cache, meta, isa)
-        return self._scratch[key]
+            self._kernel_meta[key] = (meta, isa)
+        return self._kernel_meta[key]
+
+    def _scratch_cache(self, num_heads: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value caches [blocks, heads, block size, head size], vLLM's CPU layout (the two
+        interleaved per block, as its KV cache tensor is), with the pad slots zeroed."""
+        cache = torch.empty(self.num_blocks, num_heads, 2 * self.block_size, head_size)
+        k_cache, v_cache = cache.chunk(2, dim=2)
+        blk, off = self.pad_slots // self.block_size, self.pad_slots % self.block_size
+        for part in (k_cache, v_cache):
+            part[blk, :, off] = 0.0
+        return k_cache, v_cache
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   head_size: int) -> torch.Tensor:
@@ -126,7 +131,8 @@ class PagedPrefillPlan:
             x = x.float()
             return F.pad(x, (0, head_size - x.shape[-1])) if x.shape[-1] < head_size else x.contiguous()
 
-        k_cache, v_cache, meta, isa = self._scratch_for(num_heads, head_size)
+        meta, isa = self._kernel_meta_for(num_heads, head_size)
+        k_cache, v_cache = self._scratch_cache(num_heads, head_size)
         ops.cpu_attn_reshape_and_cache(padded(k), padded(v), k_cache, v_cache, self.slot_mapping, isa)
         out = torch.empty(q.shape[0], num_heads, head_size)
         ops.cpu_attention_with_kv_cache(
