@@ -35,6 +35,7 @@ serving test.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +46,11 @@ from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBac
 SCRATCH_BLOCK_SIZE = 128  # tokens per block of the scratch cache (vLLM's kernel takes multiples of 32)
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_head_size(d_qk: int, d_v: int) -> int | None:
     """The smallest head size vLLM's CPU attention kernel is built for that holds q/k and v, or
-    None if the kernel (or one that large) is not in this vLLM build."""
+    None if the kernel (or one that large) is not in this vLLM build. Cached: asked per layer and
+    step, with the model's two fixed head sizes."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
     if not hasattr(torch.ops._C, "cpu_attention_with_kv_cache"):
@@ -71,7 +74,8 @@ class PagedPrefillPlan:
     seq_lens: torch.Tensor           # [R] int32 (no cached context: = query lengths)
     block_table: torch.Tensor        # [R, max blocks] int32
     slot_mapping: torch.Tensor       # [T] int64
-    pad_slots: torch.Tensor          # [P] int64: slots of the last blocks that hold no token
+    pad_blocks: torch.Tensor         # [P] int64: block and offset of each slot of the last blocks
+    pad_offsets: torch.Tensor        # [P] int64  that holds no token
     num_blocks: int
     block_size: int = SCRATCH_BLOCK_SIZE
     _kernel_meta: dict = field(default_factory=dict)   # (heads, head size) -> (scheduler metadata, isa)
@@ -88,11 +92,12 @@ class PagedPrefillPlan:
         slots = first_block[req] * block_size + pos
         taken = torch.zeros(num_blocks * block_size, dtype=torch.bool)
         taken[slots] = True
+        pad = (~taken).nonzero().flatten()
         table = first_block[:, None] + torch.arange(max(int(blocks.max()), 1))[None, :]
         return cls(query_start_loc=cu.to(torch.int32), seq_lens=lens.to(torch.int32),
                    block_table=table.clamp(max=max(num_blocks - 1, 0)).to(torch.int32),
-                   slot_mapping=slots, pad_slots=(~taken).nonzero().flatten(), num_blocks=num_blocks,
-                   block_size=block_size)
+                   slot_mapping=slots, pad_blocks=pad // block_size, pad_offsets=pad % block_size,
+                   num_blocks=num_blocks, block_size=block_size)
 
     def _kernel_meta_for(self, num_heads: int, head_size: int):
         key = (num_heads, head_size)
@@ -114,9 +119,8 @@ class PagedPrefillPlan:
         interleaved per block, as its KV cache tensor is), with the pad slots zeroed."""
         cache = torch.empty(self.num_blocks, num_heads, 2 * self.block_size, head_size)
         k_cache, v_cache = cache.chunk(2, dim=2)
-        blk, off = self.pad_slots // self.block_size, self.pad_slots % self.block_size
         for part in (k_cache, v_cache):
-            part[blk, :, off] = 0.0
+            part[self.pad_blocks, :, self.pad_offsets] = 0.0
         return k_cache, v_cache
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -171,19 +175,21 @@ def ragged_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
 
 
 class CareCPUPrefillBackend(CPUSDPAMLAPrefillBackend):
+    _paged_plan: PagedPrefillPlan | None = None   # the step's, built on its first new-token prefill
+
     @staticmethod
     def get_name() -> str:
         return "CARE_CPU_MLA_PREFILL"
 
     def prepare_metadata(self, prefill_metadata) -> None:
         super().prepare_metadata(prefill_metadata)
-        self._paged_plan = None          # built on the step's first new-token prefill, then shared
+        self._paged_plan = None
 
     def run_prefill_new_tokens(self, q, k, v, return_softmax_lse, out=None, output_scale=None):
         head_size = None if return_softmax_lse else kernel_head_size(q.shape[-1], v.shape[-1])
         if head_size is None or output_scale is not None:
             return super().run_prefill_new_tokens(q, k, v, return_softmax_lse, out, output_scale)
-        if getattr(self, "_paged_plan", None) is None:
+        if self._paged_plan is None:
             self._paged_plan = PagedPrefillPlan.build(self._prefill_metadata.query_start_loc)
         result = self._paged_plan.attention(q, k, v, self.scale, head_size)
         return out.copy_(result) if out is not None else result
