@@ -245,6 +245,17 @@ def report_saver(res: dict, stem: str | Path, render, extra=None):
     return save
 
 
+def child_result(script: str, argv: list[str], env: dict | None = None) -> dict | None:
+    """Run `python script *argv` (a benchmark's child mode) and parse its "RESULT {json}" line; None (with
+    the child's output tails on stderr) if it failed."""
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, cwd=REPO, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:] + f"\n(exit {proc.returncode})\n")
+        return None
+    return json.loads(line[len("RESULT "):])
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

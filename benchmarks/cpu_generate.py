@@ -131,14 +131,10 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for spec in args.variants:
             name = spec.partition("=")[0]
-            proc = subprocess.run([sys.executable, __file__, *fwd, "--_child", spec, spec],
-                                  capture_output=True, text=True, cwd=common.REPO)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-                print(f"variant {name} failed (exit {proc.returncode})", file=sys.stderr)
+            got = common.child_result(__file__, [*fwd, "--_child", spec, spec])
+            if got is None:
+                print(f"variant {name} failed", file=sys.stderr)
                 return 1
-            got = json.loads(line[len("RESULT "):])
             v = res["variants"].setdefault(name, {"spec": spec.partition("=")[2], "rounds": []})
             v["rounds"].append(got)
             v.update(max(v["rounds"], key=lambda x: x["decode_tok_s"]))      # the best round

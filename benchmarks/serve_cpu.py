@@ -235,7 +235,8 @@ def main(argv=None) -> int:
                   if args.dataset == "prefix_repetition" else {})
                | {"enforce_eager": not args.no_enforce_eager, "nice": not args.no_nice,
                   "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE",
-                                                         "OMP_NUM_THREADS") if os.environ.get(k)}},
+                                                         "OMP_NUM_THREADS", "CARE_VLLM_CPU_LATENT_PREFILL_TOKENS")
+                          if os.environ.get(k)}},
                "source": str(src), "variants": {}}
     if out_json.is_file():  # keep earlier variants' results (e.g. original-only run, then converted)
         try:
@@ -336,7 +337,8 @@ def render_md(res: dict, order: list[str]) -> str:
            f"({s['kv_cache_bytes'] / 2**20:.0f} MiB), --max-model-len {s['max_model_len']}, "
            f"{'--enforce-eager' if s['enforce_eager'] else 'compiled'}"
            + (f", --max-num-seqs {s['max_num_seqs']}" if s['max_num_seqs'] else "")
-           + (f", {s['serve_args']}" if s.get("serve_args") else "") + ", 127.0.0.1, free port",
+           + (f", {s['serve_args']}" if s.get("serve_args") else "") + ", 127.0.0.1, free port"
+           + "".join(f", {k}={v}" for k, v in s.get("env", {}).items()),
            f"- workload (`vllm bench serve`): {described(s)} (--ignore-eos), seed {s['seed']}, "
            f"{s['num_prompts']} prompts, request rate {s['request_rate']}, "
            f"max concurrency {s['max_concurrency']}",

@@ -6,6 +6,7 @@ conversion."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -108,11 +109,13 @@ def test_paged_latent_decode_key_value_split_matches_dense(k_rank, v_rank, rope,
 
 
 @pytest.mark.parametrize("k_rank", [None, 6])
-def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
-    """Speculative decoding's verify step: request b brings n_b new tokens (the last n_b of its
-    seq_lens[b], already in the cache); new token j must see exactly the first
-    seq_lens[b] - n_b + j + 1 cached rows. Requests of 1, 4 and 3 new tokens (the last one a short
-    prompt: its whole sequence is new) against dense attention per token."""
+@pytest.mark.parametrize("first_q_len", [1, 2])
+def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank, first_q_len, monkeypatch):
+    """Speculative decoding's verify step, or a short prompt (chunk) over cached context: request b
+    brings n_b new tokens (the last n_b of its seq_lens[b], already in the cache); new token j must see
+    exactly the first seq_lens[b] - n_b + j + 1 cached rows. Requests of 1 (or 2), 4 and 3 new tokens
+    (the last one a short prompt: its whole sequence is new) against dense attention per token. With a
+    1-token request the plan splits the step into two groups (1 new token / several), with 2 it is one."""
     from care_vllm.backends.cpu import latent_decode, paged_latent_decode, plan_latent_decode
 
     g = torch.Generator().manual_seed(7)
@@ -120,7 +123,7 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
     r = 21
     cache = torch.randn(num_blocks, block, r + rope, generator=g)
     seq_lens = torch.tensor([2 * block + 5, block + 4, 3])
-    q_lens = torch.tensor([1, 4, 3])
+    q_lens = torch.tensor([first_q_len, 4, 3])
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)]).int()
     max_blocks = (int(seq_lens.max()) + block - 1) // block
     block_table = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(3)]).int()
@@ -130,7 +133,12 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
     assert out.shape == (q.shape[0], N, r if k_rank is None else r - k_rank)
     nope = r if k_rank is None else k_rank      # the (ql_nope, rope(q_pe)) pair vLLM passes: same result
     plan = plan_latent_decode(block_table, seq_lens.int(), block, qsl)
+    assert len(plan.groups) == (2 if first_q_len == 1 else 1)
     assert torch.equal(latent_decode((q[..., :nope], q[..., nope:]), cache, plan, 0.3, r, k_rank=k_rank), out)
+    # long contexts: the score matrix is computed a few query rows at a time, with the same result
+    monkeypatch.setattr("care_vllm.backends.cpu.SCORES_BUDGET_BYTES", 4 * 3 * 48 * 5)   # 5 rows of 48 columns
+    sliced = latent_decode((q[..., :nope], q[..., nope:]), cache, plan, 0.3, r, k_rank=k_rank)
+    assert (sliced - out).abs().max() < 1e-6   # (not bit-equal: bmm's blocking follows the row count)
     for b in range(3):
         for j in range(int(q_lens[b])):
             t = int(qsl[b]) + j
@@ -142,6 +150,19 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank):
                 q_joint = torch.cat([q[t, :, :k_rank], torch.zeros(N, r - k_rank), q[t, :, k_rank:]], -1)
                 ref = _dense_latent_attention(q_joint, rows, 0.3, r)[:, k_rank:]
             assert (out[t].double() - ref).abs().max() < 1e-5, (b, j)
+
+
+@pytest.mark.parametrize("raw", ["0", "-3", "many", "1.5"])
+def test_latent_prefill_tokens_rejects_bad_values(monkeypatch, raw):
+    from care_vllm.backends.cpu import DEFAULT_LATENT_PREFILL_TOKENS, LATENT_PREFILL_ENV, latent_prefill_tokens
+
+    monkeypatch.delenv(LATENT_PREFILL_ENV, raising=False)
+    assert latent_prefill_tokens() == DEFAULT_LATENT_PREFILL_TOKENS
+    monkeypatch.setenv(LATENT_PREFILL_ENV, "32")
+    assert latent_prefill_tokens() == 32
+    monkeypatch.setenv(LATENT_PREFILL_ENV, raw)
+    with pytest.raises(ValueError, match=f"{LATENT_PREFILL_ENV}='{re.escape(raw)}': expected a whole number >= 1"):
+        latent_prefill_tokens()
 
 
 @pytest.mark.parametrize("causal", [True, False])

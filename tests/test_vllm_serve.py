@@ -12,10 +12,13 @@ bytes and is below the original's.
 The care servers run with `--max-num-batched-tokens 48` and vLLM's defaults otherwise, i.e. prefix
 caching and chunked prefill on (which vLLM 0.32 turns off for MLA models on CPUs without AMX and the
 plugin keeps on for care_mla, care_vllm/cpu_scheduling.py): ~250-token prompts sharing a prefix are
-prefilled in chunks and read the prefix from the cache, both through vLLM's MLA "prefill with
-context" path at our per-layer widths (cached latent rows gathered, up-projected by each layer's
-kv_b_proj, attended, merged with the new tokens' attention). Checked: /metrics count the cache hits,
-greedy tokens and generated-token logprobs (the first comes from that prefill) equal model_defs.
+prefilled in chunks and read the prefix from the cache. On the Qwen3-MoE server
+(CARE_VLLM_CPU_LATENT_PREFILL_TOKENS=1) both go through vLLM's MLA "prefill with context" path at our
+per-layer widths (cached latent rows gathered, up-projected by each layer's kv_b_proj, attended, merged
+with the new tokens' attention); on the Llama and Qwen3 servers (the default, 128) every chunk of <= 48
+new tokens attends in the latent form straight over the cached rows, as a decode does. Checked: /metrics
+count the cache hits, greedy tokens and generated-token logprobs (the first comes from that prefill)
+equal model_defs.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ pytestmark = pytest.mark.slow
 
 FP32 = 4
 CHUNK = 48  # --max-num-batched-tokens of the care servers: longer prompts are prefilled in chunks
+MHA_PREFILL_ENV = {"CARE_VLLM_CPU_LATENT_PREFILL_TOKENS": "1"}   # every prefill through vLLM's MLA prefill flow
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "qwen3_moe"])
@@ -58,10 +62,12 @@ def served(request, tmp_path_factory, calib_file):
     assert len(set(widths)) > 1, f"the test needs layers of different ranks, got {widths}"
 
     # The llama and qwen3_moe servers run compiled (vLLM's default), the qwen3 one eager: both paths
-    # are covered.
+    # are covered. The qwen3_moe one prefills through vLLM's MLA prefill flow (new tokens up-projected,
+    # cached context gathered, up-projected and merged), the others' prompt chunks (<= CHUNK tokens)
+    # attend in the latent form over the cache (the plugin's default for short prefills on CPU).
     care = VLLMServer(out, *serve_args("--max-num-batched-tokens", str(CHUNK),
                                        *(["--enforce-eager"] if arch == "qwen3" else [])),
-                      log_path=root / "care.log")
+                      log_path=root / "care.log", env=MHA_PREFILL_ENV if arch == "qwen3_moe" else None)
     orig = VLLMServer(src, *serve_args("--enforce-eager"), log_path=root / "orig.log")
     care.start()
     orig.start()

@@ -18,6 +18,17 @@ MLACommon scaffolding that does the W_UK/W_UV absorption) and replaces:
   it with kv_b_proj (n_h x 2 d_h values per cached token) at every step; here they stay in the
   absorbed decode (causal within the request's new tokens), like a plain decode step.
 
+Short prefills. Requests with at most `CARE_VLLM_CPU_LATENT_PREFILL_TOKENS` (default 128) new tokens
+in a step are handed to the decode path too (the builder's `reorder_batch_threshold`): short prompts,
+a chat's next turn over its cached history, the last chunk of a chunked prefill. vLLM's MLA prefill
+would up-project every new token and, with a cached prefix, gather and up-project every cached token
+of it through kv_b_proj (n_h x (d_nope + d_v) values per token, at every such step and layer) and
+merge two attentions by log-sum-exp; the latent form reads the cached rows as they are. Requests
+with one new token and those with several are planned as separate groups, so that decodes are not
+padded to a prompt's length, and a group's score matrix is computed in row slices of at most
+SCORES_BUDGET_BYTES. 1 restores vLLM's split (single-token decodes only). Measured:
+benchmarks/results/cpu_short_prefill.md.
+
 Key/value split of the latent. A care_mla layer's latent is [c_K (r_K) | c_V (r_V)], and as
 converted its kv_b_proj is block-diagonal: keys read only c_K, values only c_V. vLLM's absorbed
 decode treats the latent as one joint vector, so its scores run over all r_K + r_V + d_r columns
@@ -30,6 +41,7 @@ blocks were trained keeps the joint path.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -42,26 +54,53 @@ from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 from .common import RelaxedHeadSizeBuilderMixin
 
 
+LATENT_PREFILL_ENV = "CARE_VLLM_CPU_LATENT_PREFILL_TOKENS"
+DEFAULT_LATENT_PREFILL_TOKENS = 128
+SCORES_BUDGET_BYTES = 64 << 20   # a group's fp32 score matrix is computed in row slices of at most this size
+
+
+def latent_prefill_tokens() -> int:
+    """Requests with at most this many new tokens in a step attend in the latent (absorbed) form, as
+    decodes do, instead of vLLM's MLA prefill (module docstring: "Short prefills").
+    `CARE_VLLM_CPU_LATENT_PREFILL_TOKENS` (1: decodes only, as vLLM's own MLA backends)."""
+    raw = os.environ.get(LATENT_PREFILL_ENV)
+    if raw is None:
+        return DEFAULT_LATENT_PREFILL_TOKENS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{LATENT_PREFILL_ENV}={raw!r}: expected a whole number >= 1 (1 = only single-token "
+                         f"decodes take the latent path; default {DEFAULT_LATENT_PREFILL_TOKENS})")
+    return value
+
+
 @dataclass
-class LatentDecodePlan:
-    """What every layer of a KV-cache group shares in one decode step: computed once per step (per
-    block size) instead of once per layer, since the per-layer kernel is small enough on CPU that its
-    index arithmetic showed up next to the bmm's."""
+class LatentDecodeGroup:
+    """Requests decoded together in one pair of bmm's: each one's new tokens padded to Q rows, its
+    context to the group's T cached rows."""
+    tokens: torch.Tensor | None     # the group's rows of the step's decode tokens (None: all, in order)
     blocks: torch.Tensor            # [B * num_blocks] long: the cache blocks to gather, request-major
     bias: torch.Tensor              # [B, Q, 1, T] fp32: 0 where new token j may look, -inf past it
     token_req: torch.Tensor | None  # Q > 1: each new token's request and row in the padded [B, Q] query
     token_j: torch.Tensor | None
 
 
-def plan_latent_decode(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                       query_start_loc: torch.Tensor | None = None) -> LatentDecodePlan:
-    """One token per request, or with `query_start_loc` [B + 1] request b's new tokens
-    qsl[b]:qsl[b+1], the last ones of its seq_lens[b]: new token j sees the cache up to its own
-    position (causal), i.e. seq_lens[b] - n_b + j + 1 rows."""
+@dataclass
+class LatentDecodePlan:
+    """What every layer of a KV-cache group shares in one decode step: computed once per step (per
+    block size) instead of once per layer, since the per-layer kernel is small enough on CPU that its
+    index arithmetic showed up next to the bmm's. Requests with one new token form one group, those
+    with several (prefix-cached prompts, speculative decoding's drafts) another, so that a plain
+    decode is not padded to a prompt's length."""
+    groups: list[LatentDecodeGroup]
+
+
+def _plan_group(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                q_lens: torch.Tensor | None, tokens: torch.Tensor | None) -> LatentDecodeGroup:
     B, dev = seq_lens.shape[0], seq_lens.device
     lens = seq_lens.to(torch.long)
-    q_lens = None if query_start_loc is None else (
-        (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=dev, dtype=torch.long))
     Q = int(q_lens.max()) if q_lens is not None and B else 1
     if Q == 1:                                    # plain decode: tokens are requests
         token_req = token_j = None
@@ -76,7 +115,28 @@ def plan_latent_decode(block_table: torch.Tensor, seq_lens: torch.Tensor, block_
     hidden = torch.arange(T, device=dev).view(1, 1, 1, T) >= visible.view(B, Q, 1, 1)
     bias = torch.zeros(B, Q, 1, T, device=dev).masked_fill_(hidden, float("-inf"))
     blocks = block_table[:, :num_blocks].to(torch.long).reshape(-1)
-    return LatentDecodePlan(blocks=blocks, bias=bias, token_req=token_req, token_j=token_j)
+    return LatentDecodeGroup(tokens=tokens, blocks=blocks, bias=bias, token_req=token_req, token_j=token_j)
+
+
+def plan_latent_decode(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                       query_start_loc: torch.Tensor | None = None) -> LatentDecodePlan:
+    """One token per request, or with `query_start_loc` [B + 1] request b's new tokens
+    qsl[b]:qsl[b+1], the last ones of its seq_lens[b]: new token j sees the cache up to its own
+    position (causal), i.e. seq_lens[b] - n_b + j + 1 rows."""
+    B, dev = seq_lens.shape[0], seq_lens.device
+    if query_start_loc is None:
+        return LatentDecodePlan([_plan_group(block_table, seq_lens, block_size, None, None)])
+    q_lens = (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=dev, dtype=torch.long)
+    several = q_lens > 1
+    if bool(several.all()) or not bool(several.any()):
+        return LatentDecodePlan([_plan_group(block_table, seq_lens, block_size, q_lens, None)])
+    token_req = torch.repeat_interleave(torch.arange(B, device=dev), q_lens)
+    groups = []
+    for members in (~several, several):
+        reqs = members.nonzero().flatten()
+        tokens = members[token_req].nonzero().flatten()
+        groups.append(_plan_group(block_table[reqs], seq_lens[reqs], block_size, q_lens[reqs], tokens))
+    return LatentDecodePlan(groups)
 
 
 def latent_decode(q: torch.Tensor | tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor,
@@ -90,36 +150,59 @@ def latent_decode(q: torch.Tensor | tuple[torch.Tensor, torch.Tensor], cache: to
     With `k_rank` (key/value split, see the module docstring) ql_nope is over c_K only
     ([tokens, N, k_rank]): scores = q . [c_K | k_pe], values = c_V, and the output is
     [tokens, N, r - k_rank], the c_V part (the c_K part would be zero: W_UV's rows there are).
-    Gathers whole blocks (one index_select over the block dim: contiguous copies, half the time of
-    indexing every token's (block, offset) pair) up to the longest request, then two bmm's per
-    request over all its new tokens and heads at once; the scale and the causal mask (an additive
-    -inf bias) are applied by the score bmm itself (baddbmm).
     """
-    r = kv_lora_rank
-    B, Q, _, T = plan.bias.shape
     if isinstance(q, tuple) and k_rank is None:
         q = torch.cat(q, dim=-1)
     parts = q if isinstance(q, tuple) else ((q[..., :k_rank], q[..., k_rank:]) if k_rank else (q,))
+    if len(plan.groups) == 1 and plan.groups[0].tokens is None:
+        return _latent_decode_group(parts, cache, plan.groups[0], scale, kv_lora_rank, k_rank)
+    out = None
+    for group in plan.groups:
+        group_out = _latent_decode_group([x.index_select(0, group.tokens) for x in parts], cache, group,
+                                         scale, kv_lora_rank, k_rank)
+        if out is None:
+            out = group_out.new_empty(parts[0].shape[0], *group_out.shape[1:])
+        out.index_copy_(0, group.tokens, group_out)
+    return out
+
+
+def _latent_decode_group(parts, cache: torch.Tensor, group: LatentDecodeGroup, scale: float, r: int,
+                         k_rank: int | None) -> torch.Tensor:
+    """One group's tokens: gathers whole blocks (one index_select over the block dim: contiguous copies,
+    half the time of indexing every token's (block, offset) pair) up to the group's longest request,
+    then two bmm's per request over all its new tokens and heads at once; the scale and the causal
+    mask (an additive -inf bias) are applied by the score bmm itself (baddbmm)."""
+    B, Q, _, T = group.bias.shape
     N = parts[0].shape[1]
-    if plan.token_req is not None:                # [tokens, N, C] -> [B, Q, N, C], zero rows for padding
+    if group.token_req is not None:               # [tokens, N, C] -> [B, Q, N, C], zero rows for padding
         padded = []
         for x in parts:
             xb = x.new_zeros(B, Q, N, x.shape[-1])
-            xb[plan.token_req, plan.token_j] = x
+            xb[group.token_req, group.token_j] = x
             padded.append(xb)
         parts = padded
     parts = [x.float().reshape(B, Q * N, x.shape[-1]) for x in parts]
-    kv = cache.index_select(0, plan.blocks).view(B, T, cache.shape[2]).float()           # [B, T, C]
-    bias = plan.bias.view(B, 1, T) if Q == 1 else plan.bias.expand(B, Q, N, T).reshape(B, Q * N, T)
+    kv = cache.index_select(0, group.blocks).view(B, T, cache.shape[2]).float()           # [B, T, C]
     if k_rank is None:
-        scores = torch.baddbmm(bias, parts[0], kv.transpose(1, 2), alpha=scale)           # [B, Q*N, T]
-        values = kv[..., :r]
+        keys, values = (kv.transpose(1, 2),), kv[..., :r]
     else:
-        scores = torch.baddbmm(bias, parts[0], kv[..., :k_rank].transpose(1, 2), alpha=scale)
-        scores.baddbmm_(parts[1], kv[..., r:].transpose(1, 2), alpha=scale)
-        values = kv[..., k_rank:r]
-    out = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, Q, N, -1)
-    return out.view(B, N, -1) if plan.token_req is None else out[plan.token_req, plan.token_j]
+        keys, values = (kv[..., :k_rank].transpose(1, 2), kv[..., r:].transpose(1, 2)), kv[..., k_rank:r]
+    bias = group.bias.view(B, 1, T) if Q == 1 else group.bias.expand(B, Q, N, T).reshape(B, Q * N, T)
+    step = max(1, SCORES_BUDGET_BYTES // (4 * B * T))   # query rows per pass: [B, rows, T] fp32 scores
+    out = None
+    for lo in range(0, Q * N, step):
+        rows = slice(lo, lo + step)
+        scores = torch.baddbmm(bias if Q == 1 else bias[:, rows], parts[0][:, rows], keys[0], alpha=scale)
+        if len(keys) == 2:
+            scores.baddbmm_(parts[1][:, rows], keys[1], alpha=scale)
+        chunk = torch.bmm(torch.softmax(scores, dim=-1), values)                           # [B, rows, V]
+        if step >= Q * N:
+            out = chunk
+        else:
+            out = chunk.new_empty(B, Q * N, chunk.shape[-1]) if out is None else out
+            out[:, rows] = chunk
+    out = out.view(B, Q, N, -1)
+    return out.view(B, N, -1) if group.token_req is None else out[group.token_req, group.token_j]
 
 
 def paged_latent_decode(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
@@ -143,18 +226,21 @@ class CareCPUDecodeMetadata(MLACommonDecodeMetadata):
 
 
 class CareCPUMLAMetadataBuilder(RelaxedHeadSizeBuilderMixin, MLACommonMetadataBuilder):
-    # decode requests may carry several new tokens each (speculative decoding's drafts, short
-    # prefill chunks): vLLM then raises the decode threshold to 1 + num_speculative_tokens
+    # "decode" requests may carry several new tokens each: short prompts and prompt chunks (up to
+    # latent_prefill_tokens()) and speculative decoding's drafts
     query_len_support = QueryLenSupport.VARLEN
 
     def __init__(self, *args, **kwargs):
+        # read by MLACommonMetadataBuilder.__init__ (which raises it further for speculative decoding)
+        self.reorder_batch_threshold = latent_prefill_tokens()
         super().__init__(*args, **kwargs)
         if self.reorder_batch_threshold > 1:
             from vllm.logger import init_logger
 
             init_logger("vllm.care_vllm").info_once(
-                "care_vllm: CPU latent decode takes up to %d new tokens per request (speculative decoding)",
-                self.reorder_batch_threshold)
+                "care_vllm: requests with up to %d new tokens attend in the latent (absorbed) form on CPU "
+                "(%s; speculative decoding raises it to 1 + its draft tokens)",
+                self.reorder_batch_threshold, LATENT_PREFILL_ENV)
 
     def _build_decode(self, *, query_start_loc_cpu, num_decode_tokens, **kw) -> CareCPUDecodeMetadata:
         base = super()._build_decode(query_start_loc_cpu=query_start_loc_cpu,
