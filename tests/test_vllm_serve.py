@@ -188,6 +188,10 @@ def test_prefix_cache_hits_and_chunked_prefill_match_model_defs(served, referenc
     client = _client(server)
     settings = re.search(r"enable_prefix_caching=(\w+), enable_chunked_prefill=(\w+)", server.log_text())
     assert settings and settings.groups() == ("True", "True"), server.log_tail()
+    from care_vllm.backends.cpu import DEFAULT_LATENT_PREFILL_TOKENS
+
+    latent = f"requests with up to {DEFAULT_LATENT_PREFILL_TOKENS} new tokens attend in the latent" in server.log_text()
+    assert latent == (arch != "qwen3_moe"), "the short-prefill path is not the one this server was started for"
 
     prefix = tok(" ".join(f"Item {i} of the list is a word about caching latent rows." for i in range(16)))["input_ids"]
     assert len(prefix) > 3 * CHUNK, len(prefix)
