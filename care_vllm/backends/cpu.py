@@ -187,20 +187,25 @@ def _latent_decode_group(parts, cache: torch.Tensor, group: LatentDecodeGroup, s
         keys, values = (kv.transpose(1, 2),), kv[..., :r]
     else:
         keys, values = (kv[..., :k_rank].transpose(1, 2), kv[..., r:].transpose(1, 2)), kv[..., k_rank:r]
-    bias = group.bias.view(B, 1, T) if Q == 1 else group.bias.expand(B, Q, N, T).reshape(B, Q * N, T)
-    step = max(1, SCORES_BUDGET_BYTES // (4 * B * T))   # query rows per pass: [B, rows, T] fp32 scores
-    out = None
-    for lo in range(0, Q * N, step):
-        rows = slice(lo, lo + step)
-        scores = torch.baddbmm(bias if Q == 1 else bias[:, rows], parts[0][:, rows], keys[0], alpha=scale)
+    token_bias = group.bias.view(B, Q, T)
+    rows = Q * N                                   # query row q * N + n: new token q, head n
+
+    def attend(lo: int, hi: int) -> torch.Tensor:  # query rows [lo, hi) -> [B, hi - lo, V]
+        # Q == 1: one bias row, broadcast by baddbmm; else each row's token's, for these rows only
+        bias = token_bias if Q == 1 else token_bias.index_select(
+            1, torch.arange(lo, hi, device=token_bias.device) // N)
+        scores = torch.baddbmm(bias, parts[0][:, lo:hi], keys[0], alpha=scale)
         if len(keys) == 2:
-            scores.baddbmm_(parts[1][:, rows], keys[1], alpha=scale)
-        chunk = torch.bmm(torch.softmax(scores, dim=-1), values)                           # [B, rows, V]
-        if step >= Q * N:
-            out = chunk
-        else:
-            out = chunk.new_empty(B, Q * N, chunk.shape[-1]) if out is None else out
-            out[:, rows] = chunk
+            scores.baddbmm_(parts[1][:, lo:hi], keys[1], alpha=scale)
+        return torch.bmm(torch.softmax(scores, dim=-1), values)
+
+    step = max(1, SCORES_BUDGET_BYTES // (4 * B * T))   # query rows per pass: [B, rows, T] fp32 scores and bias
+    if step >= rows:
+        out = attend(0, rows)
+    else:
+        out = parts[0].new_empty(B, rows, values.shape[-1])
+        for lo in range(0, rows, step):
+            out[:, lo:lo + step] = attend(lo, min(lo + step, rows))
     out = out.view(B, Q, N, -1)
     return out.view(B, N, -1) if group.token_req is None else out[group.token_req, group.token_j]
 
