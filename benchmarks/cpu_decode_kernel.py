@@ -59,6 +59,14 @@ def as_served(mod):
     return make
 
 
+def case_contexts(case: str) -> list[int]:
+    """"4x576" -> [576] * 4; "2048/128/128" -> [2048, 128, 128] (each request's context)."""
+    if "x" in case:
+        batch, context = (int(x) for x in case.split("x"))
+        return [context] * batch
+    return [int(c) for c in case.split("/")]
+
+
 def best_ms(fn, calls: int, rounds: int = 5) -> float:
     for _ in range(10):
         fn()
@@ -80,7 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--v-rank", type=int, default=77)
     ap.add_argument("--rope-dim", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--cases", default="1x300,4x576,8x576,16x576,4x1536", help="BATCHxCONTEXT,...")
+    ap.add_argument("--cases", default="1x300,4x576,8x576,16x576,4x1536",
+                    help="BATCHxCONTEXT or per-request contexts C1/C2/..., comma-separated "
+                         "(e.g. 2048/128/128/128: one long context beside three short ones)")
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--out", default=str(common.RESULTS / "cpu_decode_kernel"))
     args = ap.parse_args(argv)
@@ -109,11 +119,13 @@ def main(argv=None) -> int:
 
     save = common.report_saver(res, args.out, render)
     for case in common.csv_list(args.cases):
-        batch, context = (int(x) for x in case.split("x"))
-        nb = -(-context // bs)
+        contexts = case_contexts(case)
+        batch = len(contexts)
+        context = str(contexts[0]) if len(set(contexts)) == 1 else "/".join(str(c) for c in contexts)
+        nb = -(-max(contexts) // bs)
         cache = torch.randn(batch * nb + 8, bs, r + d_r)
         block_table = torch.randperm(batch * nb + 8)[: batch * nb].view(batch, nb).to(torch.int32)
-        seq_lens = context - torch.randint(0, bs, (batch,), dtype=torch.int32)
+        seq_lens = torch.tensor(contexts, dtype=torch.int32) - torch.randint(0, bs, (batch,), dtype=torch.int32)
         for path, k_rank in (("joint", None), ("key/value split", args.k_rank)):
             q = torch.randn(batch, args.heads, (r if k_rank is None else k_rank) + d_r)
             outs, ms = {}, {}

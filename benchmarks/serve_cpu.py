@@ -68,6 +68,8 @@ def build_parser():
     p.add_argument("--serve-args", default="", help="extra `vllm serve` flags for every variant (one string)")
     p.add_argument("--input-len", type=int, default=256, help="random: prompt tokens; prefix_repetition: suffix tokens")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="random: input and output lengths drawn from [L (1 - R), L (1 + R)] (vllm bench serve's)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature of the requests (default: the server's, 1.0 for SmolLM2; "
                         "0 = greedy, what n-gram speculation is usually measured with)")
@@ -184,7 +186,8 @@ def workload(args) -> Workload:
     """The `vllm bench serve` workload (care-bench's: one place for the dataset flags)."""
     return Workload(args.num_prompts, args.input_len, args.output_len, str(args.request_rate), args.seed,
                     args.prefix_len if args.dataset == "prefix_repetition" else 0, args.num_prefixes,
-                    args.dataset_path if args.dataset == "custom" else "", args.temperature)
+                    args.dataset_path if args.dataset == "custom" else "", args.temperature,
+                    args.random_range_ratio if args.dataset == "random" else 0.0)
 
 
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
@@ -230,6 +233,7 @@ def main(argv=None) -> int:
                                                           "max_concurrency", "request_rate", "seed", "dataset",
                                                           "serve_args")}
                | ({"temperature": args.temperature} if args.temperature is not None else {})
+               | ({"random_range_ratio": args.random_range_ratio} if args.random_range_ratio else {})
                | ({"dataset_path": rel(Path(args.dataset_path).resolve())} if args.dataset == "custom" else {})
                | ({"prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes}
                   if args.dataset == "prefix_repetition" else {})
@@ -320,7 +324,7 @@ def _f(x, nd=1):
 def described(s: dict) -> str:
     return Workload(s["num_prompts"], s["input_len"], s["output_len"], prefix_len=s.get("prefix_len", 0),
                     num_prefixes=s.get("num_prefixes", 1), dataset_path=s.get("dataset_path", ""),
-                    temperature=s.get("temperature")).describe()
+                    temperature=s.get("temperature"), range_ratio=s.get("random_range_ratio", 0.0)).describe()
 
 
 def render_md(res: dict, order: list[str]) -> str:

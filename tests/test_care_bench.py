@@ -99,7 +99,7 @@ def test_report_files_and_kv_tokens(bench):
 
 
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts",
-                                  "missing_dataset"])
+                                  "missing_dataset", "range_ratio_of_1", "range_ratio_with_prefix"])
 def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
     from care_vllm.loadtest.cli import main
 
@@ -108,7 +108,9 @@ def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
             "negative_prefix": [str(orig), str(orig), "--prefix-len", "-1"],
             "more_prefixes_than_prompts": [str(orig), str(orig), "--prefix-len", "64", "--num-prefixes", "9",
                                            "--num-prompts", "8"],
-            "missing_dataset": [str(orig), str(orig), "--dataset-path", str(tmp_path / "prompts.jsonl")]}[case]
+            "missing_dataset": [str(orig), str(orig), "--dataset-path", str(tmp_path / "prompts.jsonl")],
+            "range_ratio_of_1": [str(orig), str(orig), "--random-range-ratio", "1"],
+            "range_ratio_with_prefix": [str(orig), str(orig), "--random-range-ratio", "0.5", "--prefix-len", "64"]}[case]
     out = tmp_path / "report"
     assert main([*args[:2], str(out), *args[2:]]) == 2
     assert not out.exists()

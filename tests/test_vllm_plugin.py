@@ -139,17 +139,57 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank, fi
     monkeypatch.setattr("care_vllm.backends.cpu.SCORES_BUDGET_BYTES", 4 * 3 * 48 * 5)   # 5 rows of 48 columns
     sliced = latent_decode((q[..., :nope], q[..., nope:]), cache, plan, 0.3, r, k_rank=k_rank)
     assert (sliced - out).abs().max() < 1e-6   # (not bit-equal: bmm's blocking follows the row count)
-    for b in range(3):
+    _assert_causal_dense(out, q, cache, block_table, seq_lens, q_lens, 0.3, r, k_rank)
+
+
+def _assert_causal_dense(out, q, cache, block_table, seq_lens, q_lens, scale, r, k_rank):
+    """out [tokens, N, .] against dense attention per new token: request b's j-th new token sees the
+    first seq_lens[b] - q_lens[b] + j + 1 cached rows."""
+    block, N = cache.shape[1], q.shape[1]
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)])
+    for b in range(len(seq_lens)):
         for j in range(int(q_lens[b])):
             t = int(qsl[b]) + j
             pos = torch.arange(int(seq_lens[b] - q_lens[b]) + j + 1)
             rows = cache[block_table[b, pos // block].long(), pos % block]
             if k_rank is None:
-                ref = _dense_latent_attention(q[t], rows, 0.3, r)
+                ref = _dense_latent_attention(q[t], rows, scale, r)
             else:   # the joint form with a query that is zero on c_V
                 q_joint = torch.cat([q[t, :, :k_rank], torch.zeros(N, r - k_rank), q[t, :, k_rank:]], -1)
-                ref = _dense_latent_attention(q_joint, rows, 0.3, r)[:, k_rank:]
+                ref = _dense_latent_attention(q_joint, rows, scale, r)[:, k_rank:]
             assert (out[t].double() - ref).abs().max() < 1e-5, (b, j)
+
+
+@pytest.mark.parametrize("k_rank", [None, 6])
+@pytest.mark.parametrize("several", [False, True])
+def test_latent_decode_groups_requests_of_very_different_context_lengths(k_rank, several):
+    """A decode over 1000 cached tokens beside ones over 20-40 would pad the short ones to 1000 masked
+    rows: the plan puts contexts that differ by more than 2x (and by more than
+    CONTEXT_SPLIT_MIN_TOKENS) in different groups, each padded to its own longest, with the output
+    unchanged (dense reference per token). With several new tokens per request (`several`), requests
+    of one and of several new tokens are grouped apart too."""
+    from care_vllm.backends.cpu import CONTEXT_SPLIT_MIN_TOKENS, latent_decode, plan_latent_decode
+
+    g = torch.Generator().manual_seed(11)
+    rope, block, N, r = 8, 16, 3, 14
+    seq_lens = torch.tensor([40, 1000, 30, 700, 200, 520])
+    assert 200 * 2 < 520 < 1000 < 520 * 2 and 520 - 200 > CONTEXT_SPLIT_MIN_TOKENS > 200 - 30
+    q_lens = torch.tensor([1, 1, 1, 1, 1, 1]) if not several else torch.tensor([2, 1, 3, 1, 4, 5])
+    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)]).int()
+    max_blocks = (int(seq_lens.max()) + block - 1) // block
+    num_blocks = len(seq_lens) * max_blocks + 4
+    cache = torch.randn(num_blocks, block, r + rope, generator=g)
+    block_table = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * max_blocks].view(len(seq_lens), -1).int()
+    width = r + rope if k_rank is None else k_rank + rope
+    q = torch.randn(int(q_lens.sum()), N, width, generator=g)
+    plan = plan_latent_decode(block_table, seq_lens.int(), block, qsl if several else None)
+    # one new token each: {1000, 700, 520}, {200, 40, 30} (padding 30 to 200 rows is cheaper than a
+    # group); several: one new token {1000, 700}, several {520} and {200, 40, 30}
+    padded = sorted(tuple(grp.bias.shape[::3]) for grp in plan.groups)       # (requests, padded context)
+    assert padded == ([(3, 208), (3, 1008)] if not several else [(1, 528), (2, 1008), (3, 208)]), padded
+    nope = r if k_rank is None else k_rank
+    out = latent_decode((q[..., :nope], q[..., nope:]), cache, plan, 0.3, r, k_rank=k_rank)
+    _assert_causal_dense(out, q, cache, block_table, seq_lens, q_lens, 0.3, r, k_rank)
 
 
 @pytest.mark.parametrize("raw", ["0", "-3", "many", "1.5"])

@@ -28,7 +28,7 @@ import re
 import pytest
 
 from care_vllm.loadtest.server import prefix_cache_counters
-from tests.served_reference import (KV_BYTES, PROMPTS, compare_concurrent, reference_model, serve_args,
+from tests.served_reference import (KV_BYTES, MAX_LEN, PROMPTS, compare_concurrent, reference_model, serve_args,
                                      varied_original)
 from tests.vllm_server import VLLMServer
 
@@ -148,6 +148,24 @@ def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, referenc
     assert diff["prompt"] < 1e-3, f"max |prompt logprob diff| {diff['prompt']}"
     assert diff["generated"] < 1e-3, f"max |generated-token logprob diff| {diff['generated']}"
     assert len(diff["distinct"]) >= 24, f"degenerate generations, the comparison would be weak: {diff['distinct']}"
+
+
+def test_decodes_over_very_different_context_lengths_match_model_defs(served, reference):
+    """A request over ~400 cached tokens decoding beside ones over ~10: the CPU decode plan groups
+    requests by context length (care_vllm.backends.cpu.plan_latent_decode), so the short ones are not
+    padded to the long one's rows; greedy tokens and logprobs as model_defs computes them."""
+    from care_vllm.backends.cpu import CONTEXT_SPLIT_MIN_TOKENS
+
+    model, tok = reference
+    long_prompt = tok(" ".join(f"Line {i}: the cache keeps one latent row per token." for i in range(36)))["input_ids"]
+    prompt_ids = [long_prompt, *(tok(p)["input_ids"] for p in PROMPTS[:3])]
+    assert len(long_prompt) - max(len(p) for p in prompt_ids[1:]) > CONTEXT_SPLIT_MIN_TOKENS, len(long_prompt)
+    assert len(long_prompt) + 16 <= MAX_LEN
+    diff = compare_concurrent(_client(served[3]), model, prompt_ids, 16)
+    print(f"[{served[0]}] prompts of {[len(p) for p in prompt_ids]} tokens decoded together: greedy tokens "
+          f"identical; max |logprob diff| prompt {diff['prompt']:.2e}, generated {diff['generated']:.2e}")
+    assert diff["prompt"] < 1e-3 and diff["generated"] < 1e-3, diff
+    assert len(diff["distinct"]) >= 12, f"degenerate generations, the comparison would be weak: {diff['distinct']}"
 
 
 def test_kv_cache_per_token_is_the_sum_of_layer_widths(served):

@@ -25,7 +25,8 @@ would up-project every new token and, with a cached prefix, gather and up-projec
 of it through kv_b_proj (n_h x (d_nope + d_v) values per token, at every such step and layer) and
 merge two attentions by log-sum-exp; the latent form reads the cached rows as they are. Requests
 with one new token and those with several are planned as separate groups, so that decodes are not
-padded to a prompt's length, and a group's score matrix is computed in row slices of at most
+padded to a prompt's length (as are requests whose contexts differ by more than 2x: see
+plan_latent_decode), and a group's score matrix is computed in row slices of at most
 SCORES_BUDGET_BYTES. 1 restores vLLM's split (single-token decodes only). Measured:
 benchmarks/results/cpu_short_prefill.md.
 
@@ -57,6 +58,7 @@ from .common import RelaxedHeadSizeBuilderMixin
 LATENT_PREFILL_ENV = "CARE_VLLM_CPU_LATENT_PREFILL_TOKENS"
 DEFAULT_LATENT_PREFILL_TOKENS = 128
 SCORES_BUDGET_BYTES = 64 << 20   # a group's fp32 score matrix is computed in row slices of at most this size
+CONTEXT_SPLIT_MIN_TOKENS = 256   # plan_latent_decode: padding a request by fewer cached rows costs less than a group
 
 
 def latent_prefill_tokens() -> int:
@@ -91,9 +93,10 @@ class LatentDecodeGroup:
 class LatentDecodePlan:
     """What every layer of a KV-cache group shares in one decode step: computed once per step (per
     block size) instead of once per layer, since the per-layer kernel is small enough on CPU that its
-    index arithmetic showed up next to the bmm's. Requests with one new token form one group, those
-    with several (prefix-cached prompts, speculative decoding's drafts) another, so that a plain
-    decode is not padded to a prompt's length."""
+    index arithmetic showed up next to the bmm's. Requests with one new token and those with several
+    (prefix-cached prompts, speculative decoding's drafts) are in different groups, so that a plain
+    decode is not padded to a prompt's length, and so are requests of very different context lengths
+    (plan_latent_decode)."""
     groups: list[LatentDecodeGroup]
 
 
@@ -118,24 +121,48 @@ def _plan_group(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: i
     return LatentDecodeGroup(tokens=tokens, blocks=blocks, bias=bias, token_req=token_req, token_j=token_j)
 
 
+def _context_groups(reqs: list[int], lens: list[int]) -> list[list[int]]:
+    """`reqs` split so that no request is padded to more than twice its context: sorted by context,
+    longest first, a request starts a new group when the group's longest context is more than twice
+    its own and more than CONTEXT_SPLIT_MIN_TOKENS longer (below that, a group's fixed cost of a gather
+    and a few bmm's, ~50 us per layer on this machine's cores, outweighs the padded rows it saves).
+    Each group lists its requests in their batch order."""
+    groups, longest = [], None
+    for b in sorted(reqs, key=lambda b: -lens[b]):
+        if longest is None or (lens[b] * 2 < longest and longest - lens[b] > CONTEXT_SPLIT_MIN_TOKENS):
+            groups.append([])
+            longest = lens[b]
+        groups[-1].append(b)
+    return [sorted(g) for g in groups]
+
+
 def plan_latent_decode(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
                        query_start_loc: torch.Tensor | None = None) -> LatentDecodePlan:
     """One token per request, or with `query_start_loc` [B + 1] request b's new tokens
     qsl[b]:qsl[b+1], the last ones of its seq_lens[b]: new token j sees the cache up to its own
-    position (causal), i.e. seq_lens[b] - n_b + j + 1 rows."""
+    position (causal), i.e. seq_lens[b] - n_b + j + 1 rows.
+
+    Requests are grouped so that each group's padding stays small: those with one new token apart
+    from those with several (a decode is not padded to a prompt's length), and within each, by
+    context length (_context_groups: a decode over 100 cached tokens beside one over 4000 would
+    otherwise attend over 4000 masked rows)."""
     B, dev = seq_lens.shape[0], seq_lens.device
-    if query_start_loc is None:
-        return LatentDecodePlan([_plan_group(block_table, seq_lens, block_size, None, None)])
-    q_lens = (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=dev, dtype=torch.long)
-    several = q_lens > 1
-    if bool(several.all()) or not bool(several.any()):
+    q_lens = None if query_start_loc is None else \
+        (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=dev, dtype=torch.long)
+    lens = seq_lens.tolist()
+    several = [False] * B if q_lens is None else (q_lens > 1).tolist()
+    members = [g for kind in (False, True) for g in _context_groups([b for b in range(B) if several[b] == kind], lens)]
+    if len(members) <= 1:
         return LatentDecodePlan([_plan_group(block_table, seq_lens, block_size, q_lens, None)])
-    token_req = torch.repeat_interleave(torch.arange(B, device=dev), q_lens)
+    token_req = torch.arange(B, device=dev) if q_lens is None else \
+        torch.repeat_interleave(torch.arange(B, device=dev), q_lens)
     groups = []
-    for members in (~several, several):
-        reqs = members.nonzero().flatten()
-        tokens = members[token_req].nonzero().flatten()
-        groups.append(_plan_group(block_table[reqs], seq_lens[reqs], block_size, q_lens[reqs], tokens))
+    for reqs in members:
+        mask = torch.zeros(B, dtype=torch.bool, device=dev)
+        mask[reqs] = True
+        idx = torch.tensor(reqs, device=dev)
+        groups.append(_plan_group(block_table[idx], seq_lens[idx], block_size,
+                                  None if q_lens is None else q_lens[idx], mask[token_req].nonzero().flatten()))
     return LatentDecodePlan(groups)
 
 

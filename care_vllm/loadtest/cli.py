@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your own prompts instead of random ones: JSONL, one {\"prompt\": ...} per line, sent "
                         "through the model's chat template (vllm bench serve's custom dataset)")
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
+                   help="random prompts: draw each request's input and output lengths from [L (1 - R), L (1 + R)] "
+                        "(vllm bench serve's option; 0 <= R < 1; default 0: every request the same length)")
     p.add_argument("--request-rate", default="inf")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature of the requests (default: the server's; 0 = greedy)")
@@ -144,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
               f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
         return 2
+    if args.random_range_ratio and (not 0 <= args.random_range_ratio < 1 or args.prefix_len or args.dataset_path):
+        print(f"care-bench: error: --random-range-ratio {args.random_range_ratio}: expected 0 <= R < 1, for "
+              f"random prompts only (not with --prefix-len or --dataset-path)", file=sys.stderr)
+        return 2
     if args.dataset_path:
         problem = ("not a file" if not Path(args.dataset_path).is_file()
                    else "cannot be combined with --prefix-len" if args.prefix_len else None)
@@ -153,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
                   args.prefix_len, args.num_prefixes,
-                  str(Path(args.dataset_path).resolve()) if args.dataset_path else "", args.temperature)
+                  str(Path(args.dataset_path).resolve()) if args.dataset_path else "", args.temperature,
+                  args.random_range_ratio)
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}

@@ -25,7 +25,9 @@ class Workload:
     prefix_repetition dataset, each prompt = one of `num_prefixes` shared prefixes of `prefix_len`
     tokens + `input_len` tokens of its own (a system prompt / few-shot header: prefix caching).
     `dataset_path`: vLLM's custom dataset instead, your own prompts (JSONL, one `{"prompt": ...}`
-    per line, sent through the model's chat template; `input_len` is then unused)."""
+    per line, sent through the model's chat template; `input_len` is then unused). `range_ratio` r > 0
+    (random dataset only): each request's prompt and output lengths are drawn from [L (1 - r), L (1 + r)]
+    (vLLM's --random-range-ratio): contexts of different lengths decode side by side, as in real traffic."""
     num_prompts: int = 32
     input_len: int = 256
     output_len: int = 64
@@ -35,6 +37,7 @@ class Workload:
     num_prefixes: int = 1
     dataset_path: str = ""
     temperature: float | None = None   # None: the server's default (the model's generation_config, else 1.0)
+    range_ratio: float = 0.0
 
     def dataset_args(self) -> list[str]:
         """The `vllm bench serve` dataset flags of this workload."""
@@ -43,7 +46,8 @@ class Workload:
                     "--custom-output-len", str(self.output_len)]
         if not self.prefix_len:
             return ["--dataset-name", "random", "--random-input-len", str(self.input_len),
-                    "--random-output-len", str(self.output_len)]
+                    "--random-output-len", str(self.output_len),
+                    *(["--random-range-ratio", str(self.range_ratio)] if self.range_ratio else [])]
         return ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(self.prefix_len),
                 "--prefix-repetition-suffix-len", str(self.input_len),
                 "--prefix-repetition-num-prefixes", str(self.num_prefixes),
@@ -57,7 +61,8 @@ class Workload:
                     f"{sampling}")
         tokens = f"{self.input_len} in / {self.output_len} out tokens{sampling}"
         if not self.prefix_len:
-            return f"random dataset, {tokens}"
+            spread = f" (each drawn from +-{100 * self.range_ratio:.0f} %)" if self.range_ratio else ""
+            return f"random dataset, {tokens}{spread}"
         return (f"prefix_repetition dataset, {self.prefix_len} shared (one of {self.num_prefixes} prefixes) "
                 f"+ {tokens}")
 
