@@ -92,9 +92,13 @@ def main(argv=None) -> int:
                     help="BATCHxCONTEXT or per-request contexts C1/C2/..., comma-separated "
                          "(e.g. 2048/128/128/128: one long context beside three short ones)")
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's; vLLM's CPU worker on this 2-core machine runs one)")
     ap.add_argument("--out", default=str(common.RESULTS / "cpu_decode_kernel"))
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kernels = {"current": as_served(current)}
     if args.baseline:

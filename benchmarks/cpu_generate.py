@@ -52,11 +52,11 @@ def run_variant(path: str, rev: str | None, args) -> dict:
                 sys.modules[module] = load_at_revision(rev, module)
     from vllm import LLM, SamplingParams
 
+    lens = prompt_lengths(args)
     llm = LLM(path, dtype="float32", enforce_eager=not args.compiled, kv_cache_memory_bytes=args.kv_cache_mib << 20,
-              max_model_len=args.input_len + args.output_len + 16, seed=0, enable_prefix_caching=True)
+              max_model_len=max(lens) + args.output_len + 16, seed=0, enable_prefix_caching=True)
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(args.input_len)]}
-               for _ in range(args.batch)]
+    prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(n)]} for n in lens]
 
     def timed(max_tokens: int) -> float:
         sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
@@ -74,9 +74,13 @@ def run_variant(path: str, rev: str | None, args) -> dict:
     first = min(timed(1) for _ in range(args.repeats))       # prompts cached: the first token's step only
     full = min(timed(args.output_len) for _ in range(args.repeats))
     prefill = min(uncached(1) for _ in range(args.repeats))
-    decode_tokens = args.batch * (args.output_len - 1)
+    decode_tokens = len(lens) * (args.output_len - 1)
     return {"prefill_s": round(prefill, 3), "cached_first_s": round(first, 3), "generate_s": round(full, 3),
             "decode_tok_s": round(decode_tokens / (full - first), 2)}
+
+
+def prompt_lengths(args) -> list[int]:
+    return [int(x) for x in common.csv_list(args.input_lens)] if args.input_lens else [args.input_len] * args.batch
 
 
 def render(res: dict) -> str:
@@ -104,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("variants", nargs="+", metavar="NAME=PATH[@REV]")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--input-len", type=int, default=576)
+    ap.add_argument("--input-lens", default=None, metavar="L1,L2,...",
+                    help="one prompt per length instead of --batch prompts of --input-len tokens (requests of "
+                         "different context lengths decoding together)")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1)
@@ -120,7 +127,9 @@ def main(argv=None) -> int:
         return 0
 
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
-           "workload": {"batch": args.batch, "input_len": args.input_len, "output_len": args.output_len,
+           "workload": {"batch": len(prompt_lengths(args)),
+                        **({"input_lens": prompt_lengths(args)} if args.input_lens else {"input_len": args.input_len}),
+                        "output_len": args.output_len,
                         "repeats": args.repeats, "rounds": args.rounds, "dtype": "float32",
                         "enforce_eager": not args.compiled,
                         "timing": "prefill from an empty prefix cache; decode over cached prompts",

@@ -110,14 +110,18 @@ def test_paged_latent_decode_key_value_split_matches_dense(k_rank, v_rank, rope,
 
 @pytest.mark.parametrize("k_rank", [None, 6])
 @pytest.mark.parametrize("first_q_len", [1, 2])
-def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank, first_q_len, monkeypatch):
+@pytest.mark.parametrize("group_cost", [None, 0])
+def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank, first_q_len, group_cost, monkeypatch):
     """Speculative decoding's verify step, or a short prompt (chunk) over cached context: request b
     brings n_b new tokens (the last n_b of its seq_lens[b], already in the cache); new token j must see
     exactly the first seq_lens[b] - n_b + j + 1 cached rows. Requests of 1 (or 2), 4 and 3 new tokens
-    (the last one a short prompt: its whole sequence is new) against dense attention per token. With a
-    1-token request the plan splits the step into two groups (1 new token / several), with 2 it is one."""
+    (the last one a short prompt: its whole sequence is new) against dense attention per token. At
+    these small contexts padding is cheaper than a group: one group, each request padded to 4 new
+    tokens; with GROUP_COST_ROWS = 0 (`group_cost`) every request is a group of its own."""
     from care_vllm.backends.cpu import latent_decode, paged_latent_decode, plan_latent_decode
 
+    if group_cost is not None:
+        monkeypatch.setattr("care_vllm.backends.cpu.GROUP_COST_ROWS", group_cost)
     g = torch.Generator().manual_seed(7)
     rope, block, num_blocks, N = 8, 16, 30, 4
     r = 21
@@ -133,7 +137,7 @@ def test_paged_latent_decode_several_new_tokens_per_request_is_causal(k_rank, fi
     assert out.shape == (q.shape[0], N, r if k_rank is None else r - k_rank)
     nope = r if k_rank is None else k_rank      # the (ql_nope, rope(q_pe)) pair vLLM passes: same result
     plan = plan_latent_decode(block_table, seq_lens.int(), block, qsl)
-    assert len(plan.groups) == (2 if first_q_len == 1 else 1)
+    assert len(plan.groups) == (1 if group_cost is None else 3)
     assert torch.equal(latent_decode((q[..., :nope], q[..., nope:]), cache, plan, 0.3, r, k_rank=k_rank), out)
     # long contexts: the score matrix is computed a few query rows at a time, with the same result
     monkeypatch.setattr("care_vllm.backends.cpu.SCORES_BUDGET_BYTES", 4 * 3 * 48 * 5)   # 5 rows of 48 columns
@@ -162,18 +166,28 @@ def _assert_causal_dense(out, q, cache, block_table, seq_lens, q_lens, scale, r,
 
 @pytest.mark.parametrize("k_rank", [None, 6])
 @pytest.mark.parametrize("several", [False, True])
-def test_latent_decode_groups_requests_of_very_different_context_lengths(k_rank, several):
-    """A decode over 1000 cached tokens beside ones over 20-40 would pad the short ones to 1000 masked
-    rows: the plan puts contexts that differ by more than 2x (and by more than
-    CONTEXT_SPLIT_MIN_TOKENS) in different groups, each padded to its own longest, with the output
-    unchanged (dense reference per token). With several new tokens per request (`several`), requests
-    of one and of several new tokens are grouped apart too."""
-    from care_vllm.backends.cpu import CONTEXT_SPLIT_MIN_TOKENS, latent_decode, plan_latent_decode
+def test_latent_decode_groups_requests_whose_padding_would_cost_more_than_a_group(k_rank, several):
+    """A decode over 1000 cached tokens beside ones over 30-40 would pad the short ones to 1000 masked
+    rows, and a decode beside a 5-token prompt chunk to 5 query rows: the plan groups requests so that
+    padding within a group costs less than a group (GROUP_COST_ROWS new-token x cached-row products per
+    thread), each group padded to its own shape, with the output unchanged (dense reference per token)."""
+    from care_vllm.backends.cpu import GROUP_COST_ROWS, latent_decode, plan_latent_decode
+
+    assert GROUP_COST_ROWS == 256    # the expected groups below are worked out for it, on one thread
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_grouped_decode(k_rank, several)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_grouped_decode(k_rank, several):
+    from care_vllm.backends.cpu import latent_decode, plan_latent_decode
 
     g = torch.Generator().manual_seed(11)
     rope, block, N, r = 8, 16, 3, 14
     seq_lens = torch.tensor([40, 1000, 30, 700, 200, 520])
-    assert 200 * 2 < 520 < 1000 < 520 * 2 and 520 - 200 > CONTEXT_SPLIT_MIN_TOKENS > 200 - 30
     q_lens = torch.tensor([1, 1, 1, 1, 1, 1]) if not several else torch.tensor([2, 1, 3, 1, 4, 5])
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)]).int()
     max_blocks = (int(seq_lens.max()) + block - 1) // block
@@ -183,10 +197,14 @@ def test_latent_decode_groups_requests_of_very_different_context_lengths(k_rank,
     width = r + rope if k_rank is None else k_rank + rope
     q = torch.randn(int(q_lens.sum()), N, width, generator=g)
     plan = plan_latent_decode(block_table, seq_lens.int(), block, qsl if several else None)
-    # one new token each: {1000, 700, 520}, {200, 40, 30} (padding 30 to 200 rows is cheaper than a
-    # group); several: one new token {1000, 700}, several {520} and {200, 40, 30}
-    padded = sorted(tuple(grp.bias.shape[::3]) for grp in plan.groups)       # (requests, padded context)
-    assert padded == ([(3, 208), (3, 1008)] if not several else [(1, 528), (2, 1008), (3, 208)]), padded
+    # by context, longest first; padding cost = the group's (requests x new tokens x context) growth
+    # minus the request's own. One new token each: 700 into {1000} costs 300 -> {700}; 520 into {700}
+    # 180; 200 into {700, 520} 500 -> {200}; 40 and 30 join it (160, 170).
+    # Several: 700 (1 token) into {1000} 300 -> own; 520 (5 tokens) into {700} 3700 -> own; 200 (4)
+    # into {520 x 5} 1800 -> own; 40 (2) into {200 x 4} 720 -> own; 30 (3) into {40 x 2} 70: joins.
+    shapes = sorted((grp.bias.shape[0], grp.bias.shape[1], grp.bias.shape[3]) for grp in plan.groups)
+    assert shapes == ([(1, 1, 1008), (2, 1, 704), (3, 1, 208)] if not several else
+                      [(1, 1, 704), (1, 1, 1008), (1, 4, 208), (1, 5, 528), (2, 3, 48)]), shapes
     nope = r if k_rank is None else k_rank
     out = latent_decode((q[..., :nope], q[..., nope:]), cache, plan, 0.3, r, k_rank=k_rank)
     _assert_causal_dense(out, q, cache, block_table, seq_lens, q_lens, 0.3, r, k_rank)

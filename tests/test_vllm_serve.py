@@ -154,12 +154,12 @@ def test_decodes_over_very_different_context_lengths_match_model_defs(served, re
     """A request over ~400 cached tokens decoding beside ones over ~10: the CPU decode plan groups
     requests by context length (care_vllm.backends.cpu.plan_latent_decode), so the short ones are not
     padded to the long one's rows; greedy tokens and logprobs as model_defs computes them."""
-    from care_vllm.backends.cpu import CONTEXT_SPLIT_MIN_TOKENS
+    from care_vllm.backends.cpu import GROUP_COST_ROWS
 
     model, tok = reference
     long_prompt = tok(" ".join(f"Line {i}: the cache keeps one latent row per token." for i in range(36)))["input_ids"]
     prompt_ids = [long_prompt, *(tok(p)["input_ids"] for p in PROMPTS[:3])]
-    assert len(long_prompt) - max(len(p) for p in prompt_ids[1:]) > CONTEXT_SPLIT_MIN_TOKENS, len(long_prompt)
+    assert len(long_prompt) - max(len(p) for p in prompt_ids[1:]) > GROUP_COST_ROWS, len(long_prompt)
     assert len(long_prompt) + 16 <= MAX_LEN
     diff = compare_concurrent(_client(served[3]), model, prompt_ids, 16)
     print(f"[{served[0]}] prompts of {[len(p) for p in prompt_ids]} tokens decoded together: greedy tokens "

@@ -23,11 +23,10 @@ in a step are handed to the decode path too (the builder's `reorder_batch_thresh
 a chat's next turn over its cached history, the last chunk of a chunked prefill. vLLM's MLA prefill
 would up-project every new token and, with a cached prefix, gather and up-project every cached token
 of it through kv_b_proj (n_h x (d_nope + d_v) values per token, at every such step and layer) and
-merge two attentions by log-sum-exp; the latent form reads the cached rows as they are. Requests
-with one new token and those with several are planned as separate groups, so that decodes are not
-padded to a prompt's length (as are requests whose contexts differ by more than 2x: see
-plan_latent_decode), and a group's score matrix is computed in row slices of at most
-SCORES_BUDGET_BYTES. 1 restores vLLM's split (single-token decodes only). Measured:
+merge two attentions by log-sum-exp; the latent form reads the cached rows as they are. A step's
+requests are planned in groups, so that a decode is not padded to a prompt's length nor a short
+context to a long one's (plan_latent_decode), and a group's score matrix is computed in row slices
+of at most SCORES_BUDGET_BYTES. 1 restores vLLM's split (single-token decodes only). Measured:
 benchmarks/results/cpu_short_prefill.md.
 
 Key/value split of the latent. A care_mla layer's latent is [c_K (r_K) | c_V (r_V)], and as
@@ -58,7 +57,11 @@ from .common import RelaxedHeadSizeBuilderMixin
 LATENT_PREFILL_ENV = "CARE_VLLM_CPU_LATENT_PREFILL_TOKENS"
 DEFAULT_LATENT_PREFILL_TOKENS = 128
 SCORES_BUDGET_BYTES = 64 << 20   # a group's fp32 score matrix is computed in row slices of at most this size
-CONTEXT_SPLIT_MIN_TOKENS = 256   # plan_latent_decode: padding a request by fewer cached rows costs less than a group
+# a decode group's fixed cost (a block gather and a few bmm's per layer: ~40-50 us on one of this
+# machine's cores) in what one new token's scores and values over one cached row cost (~0.15-0.2 us):
+# plan_latent_decode pads a request into a group when that costs fewer (new token x cached row) products,
+# else groups it apart. Per torch thread: the per-row cost divides among threads, the fixed one does not.
+GROUP_COST_ROWS = 256
 
 
 def latent_prefill_tokens() -> int:
@@ -93,10 +96,9 @@ class LatentDecodeGroup:
 class LatentDecodePlan:
     """What every layer of a KV-cache group shares in one decode step: computed once per step (per
     block size) instead of once per layer, since the per-layer kernel is small enough on CPU that its
-    index arithmetic showed up next to the bmm's. Requests with one new token and those with several
-    (prefix-cached prompts, speculative decoding's drafts) are in different groups, so that a plain
-    decode is not padded to a prompt's length, and so are requests of very different context lengths
-    (plan_latent_decode)."""
+    index arithmetic showed up next to the bmm's. Requests whose padding to a common shape would cost
+    more than a group (a decode beside a prompt, a short context beside a long one) are in different
+    groups (plan_latent_decode)."""
     groups: list[LatentDecodeGroup]
 
 
@@ -121,19 +123,26 @@ def _plan_group(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: i
     return LatentDecodeGroup(tokens=tokens, blocks=blocks, bias=bias, token_req=token_req, token_j=token_j)
 
 
-def _context_groups(reqs: list[int], lens: list[int]) -> list[list[int]]:
-    """`reqs` split so that no request is padded to more than twice its context: sorted by context,
-    longest first, a request starts a new group when the group's longest context is more than twice
-    its own and more than CONTEXT_SPLIT_MIN_TOKENS longer (below that, a group's fixed cost of a gather
-    and a few bmm's, ~50 us per layer on this machine's cores, outweighs the padded rows it saves).
-    Each group lists its requests in their batch order."""
-    groups, longest = [], None
-    for b in sorted(reqs, key=lambda b: -lens[b]):
-        if longest is None or (lens[b] * 2 < longest and longest - lens[b] > CONTEXT_SPLIT_MIN_TOKENS):
-            groups.append([])
-            longest = lens[b]
-        groups[-1].append(b)
-    return [sorted(g) for g in groups]
+def _padding_groups(q_lens: list[int], lens: list[int], group_cost: int) -> list[list[int]]:
+    """The requests (new tokens `q_lens`, contexts `lens`) split into groups that are each padded to their longest context and most new tokens.
+    Greedy over the requests by context, longest first: a request joins the group where padding it
+    costs least, if that is less than a group costs (`group_cost`), else starts a group. Padding is
+    counted in (new token x cached row) products: joining a group of n requests padded to [Q, T] costs
+    (n + 1) max(Q, q) T - n Q T - q t. Each group lists its requests in their batch order."""
+    groups: list[list] = []   # [members, Q, T]
+    for b in sorted(range(len(lens)), key=lambda b: (-lens[b], -q_lens[b])):
+        best, best_cost = None, group_cost
+        for g in groups:
+            n, q, t = len(g[0]), g[1], g[2]
+            cost = (n + 1) * max(q, q_lens[b]) * t - n * q * t - q_lens[b] * lens[b]
+            if cost < best_cost:
+                best, best_cost = g, cost
+        if best is None:
+            groups.append([[b], q_lens[b], lens[b]])
+        else:
+            best[0].append(b)
+            best[1] = max(best[1], q_lens[b])
+    return [sorted(g[0]) for g in groups]
 
 
 def plan_latent_decode(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
@@ -142,16 +151,15 @@ def plan_latent_decode(block_table: torch.Tensor, seq_lens: torch.Tensor, block_
     qsl[b]:qsl[b+1], the last ones of its seq_lens[b]: new token j sees the cache up to its own
     position (causal), i.e. seq_lens[b] - n_b + j + 1 rows.
 
-    Requests are grouped so that each group's padding stays small: those with one new token apart
-    from those with several (a decode is not padded to a prompt's length), and within each, by
-    context length (_context_groups: a decode over 100 cached tokens beside one over 4000 would
-    otherwise attend over 4000 masked rows)."""
+    Requests are grouped so that padding them to a common context and number of new tokens costs
+    less than a separate group would (_padding_groups): a decode over 100 cached tokens beside one over
+    4000 would otherwise attend over 4000 masked rows, and a decode beside a 100-token prompt over 100
+    query rows."""
     B, dev = seq_lens.shape[0], seq_lens.device
     q_lens = None if query_start_loc is None else \
         (query_start_loc[1: B + 1] - query_start_loc[:B]).to(device=dev, dtype=torch.long)
-    lens = seq_lens.tolist()
-    several = [False] * B if q_lens is None else (q_lens > 1).tolist()
-    members = [g for kind in (False, True) for g in _context_groups([b for b in range(B) if several[b] == kind], lens)]
+    members = _padding_groups([1] * B if q_lens is None else q_lens.tolist(), seq_lens.tolist(),
+                              GROUP_COST_ROWS * torch.get_num_threads())
     if len(members) <= 1:
         return LatentDecodePlan([_plan_group(block_table, seq_lens, block_size, q_lens, None)])
     token_req = torch.arange(B, device=dev) if q_lens is None else \
