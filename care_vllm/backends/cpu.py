@@ -124,11 +124,12 @@ def _plan_group(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: i
 
 
 def _padding_groups(q_lens: list[int], lens: list[int], group_cost: int) -> list[list[int]]:
-    """The requests (new tokens `q_lens`, contexts `lens`) split into groups that are each padded to their longest context and most new tokens.
-    Greedy over the requests by context, longest first: a request joins the group where padding it
-    costs least, if that is less than a group costs (`group_cost`), else starts a group. Padding is
-    counted in (new token x cached row) products: joining a group of n requests padded to [Q, T] costs
-    (n + 1) max(Q, q) T - n Q T - q t. Each group lists its requests in their batch order."""
+    """The requests (new tokens `q_lens`, contexts `lens`) split into groups, each padded to its longest
+    context and most new tokens. Greedy over the requests by context, longest first: a request joins
+    the group where padding it costs least, if that is less than a group costs (`group_cost`), else
+    starts a group. Padding is counted in (new token x cached row) products: joining a group of n
+    requests padded to [Q, T] costs (n + 1) max(Q, q) T - n Q T - q t. Each group lists its requests in
+    their batch order."""
     groups: list[list] = []   # [members, Q, T]
     for b in sorted(range(len(lens)), key=lambda b: (-lens[b], -q_lens[b])):
         best, best_cost = None, group_cost
