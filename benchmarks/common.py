@@ -256,6 +256,26 @@ def child_result(script: str, argv: list[str], env: dict | None = None) -> dict 
     return json.loads(line[len("RESULT "):])
 
 
+def child_rounds(script: str, rounds: int, runs: list[tuple], res: dict, save, best) -> bool:
+    """The in-process benchmarks' interleaved rounds: each round runs every (name, child argv, env,
+    fields) of `runs` in its own interpreter (child_result), appends the result to
+    res["variants"][name]["rounds"] (the entry created with `fields`), lets `best(entry, result)` keep
+    the best round's numbers in it, and saves. False (after saying which) if a child failed: the
+    machine's load drifts over minutes, so variants alternate instead of running back to back."""
+    for rnd in range(rounds):
+        for name, argv, env, fields in runs:
+            got = child_result(script, argv, env)
+            if got is None:
+                print(f"variant {name} failed", file=sys.stderr)
+                return False
+            v = res["variants"].setdefault(name, {**fields, "rounds": []})
+            v["rounds"].append(got)
+            best(v, got)
+            print(f"round {rnd + 1}", name, got, flush=True)
+            save()
+    return True
+
+
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -137,18 +137,14 @@ def main(argv=None) -> int:
 
     save = common.report_saver(res, args.out, render)
     fwd = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in args.variants]
-    for rnd in range(args.rounds):
-        for spec in args.variants:
-            name = spec.partition("=")[0]
-            got = common.child_result(__file__, [*fwd, "--_child", spec, spec])
-            if got is None:
-                print(f"variant {name} failed", file=sys.stderr)
-                return 1
-            v = res["variants"].setdefault(name, {"spec": spec.partition("=")[2], "rounds": []})
-            v["rounds"].append(got)
-            v.update(max(v["rounds"], key=lambda x: x["decode_tok_s"]))      # the best round
-            print(f"round {rnd + 1}", name, got, flush=True)
-            save()
+    runs = [(spec.partition("=")[0], [*fwd, "--_child", spec, spec], None, {"spec": spec.partition("=")[2]})
+            for spec in args.variants]
+
+    def best(v, _got):                                                    # the best round
+        v.update(max(v["rounds"], key=lambda x: x["decode_tok_s"]))
+
+    if not common.child_rounds(__file__, args.rounds, runs, res, save, best):
+        return 1
     print(render(res))
     return 0
 

@@ -117,18 +117,15 @@ def main(argv=None) -> int:
                         "enforce_eager": not args.compiled, "kv_cache_mib": args.kv_cache_mib}, "variants": {}}
     save = common.report_saver(res, args.out, render)
     fwd = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in args.variants]
-    for rnd in range(args.rounds):
-        for name, path, threshold in runs:
-            env = {**os.environ, **({ENV: threshold} if threshold else {})}
-            got = common.child_result(__file__, [*fwd, "--_child", path, f"{name}={path}"], env)
-            if got is None:
-                print(f"variant {name} failed", file=sys.stderr)
-                return 1
-            v = res["variants"].setdefault(name, {"spec": path, "threshold": threshold, "rounds": []})
-            v["rounds"].append(got)
-            v["ms"] = {case: min(r["ms"][case] for r in v["rounds"]) for case in got["ms"]}
-            print(f"round {rnd + 1}", name, got, flush=True)
-            save()
+    children = [(name, [*fwd, "--_child", path, f"{name}={path}"],
+                 {**os.environ, **({ENV: threshold} if threshold else {})}, {"spec": path, "threshold": threshold})
+                for name, path, threshold in runs]
+
+    def best(v, got):                                                     # each case's best round
+        v["ms"] = {case: min(r["ms"][case] for r in v["rounds"]) for case in got["ms"]}
+
+    if not common.child_rounds(__file__, args.rounds, children, res, save, best):
+        return 1
     print(render(res))
     return 0
 

@@ -187,7 +187,7 @@ def workload(args) -> Workload:
     return Workload(args.num_prompts, args.input_len, args.output_len, str(args.request_rate), args.seed,
                     args.prefix_len if args.dataset == "prefix_repetition" else 0, args.num_prefixes,
                     args.dataset_path if args.dataset == "custom" else "", args.temperature,
-                    args.random_range_ratio if args.dataset == "random" else 0.0)
+                    args.random_range_ratio)
 
 
 def run_bench(var_name: str, served: str, tokenizer: Path, base: str, raw_dir: Path, args) -> tuple[dict, list[str]]:
@@ -214,7 +214,10 @@ def rel(p: Path) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.random_range_ratio and (args.dataset != "random" or not 0 <= args.random_range_ratio < 1):
+        parser.error(f"--random-range-ratio {args.random_range_ratio}: expected 0 <= R < 1, with --dataset random")
     if args.render_only:
         res = json.loads(Path(args.out + ".json").read_text())
         for v in res["variants"].values():
