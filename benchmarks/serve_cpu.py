@@ -216,8 +216,10 @@ def rel(p: Path) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.random_range_ratio and (args.dataset != "random" or not 0 <= args.random_range_ratio < 1):
-        parser.error(f"--random-range-ratio {args.random_range_ratio}: expected 0 <= R < 1, with --dataset random")
+    try:
+        workload(args)
+    except ValueError as e:
+        parser.error(str(e))
     if args.render_only:
         res = json.loads(Path(args.out + ".json").read_text())
         for v in res["variants"].values():

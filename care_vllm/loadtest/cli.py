@@ -147,21 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
               f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
         return 2
-    if args.random_range_ratio and (not 0 <= args.random_range_ratio < 1 or args.prefix_len or args.dataset_path):
-        print(f"care-bench: error: --random-range-ratio {args.random_range_ratio}: expected 0 <= R < 1, for "
-              f"random prompts only (not with --prefix-len or --dataset-path)", file=sys.stderr)
-        return 2
     if args.dataset_path:
         problem = ("not a file" if not Path(args.dataset_path).is_file()
                    else "cannot be combined with --prefix-len" if args.prefix_len else None)
         if problem:
             print(f"care-bench: error: --dataset-path {args.dataset_path}: {problem}", file=sys.stderr)
             return 2
+    try:
+        wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
+                      args.prefix_len, args.num_prefixes,
+                      str(Path(args.dataset_path).resolve()) if args.dataset_path else "", args.temperature,
+                      args.random_range_ratio)
+    except ValueError as e:
+        print(f"care-bench: error: {e}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
-    wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
-                  args.prefix_len, args.num_prefixes,
-                  str(Path(args.dataset_path).resolve()) if args.dataset_path else "", args.temperature,
-                  args.random_range_ratio)
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}

@@ -39,6 +39,11 @@ class Workload:
     temperature: float | None = None   # None: the server's default (the model's generation_config, else 1.0)
     range_ratio: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.range_ratio and (not 0 <= self.range_ratio < 1 or self.prefix_len or self.dataset_path):
+            raise ValueError(f"--random-range-ratio {self.range_ratio}: expected 0 <= R < 1, for random prompts "
+                             f"only (not with a shared prefix or your own dataset)")
+
     def dataset_args(self) -> list[str]:
         """The `vllm bench serve` dataset flags of this workload."""
         if self.dataset_path:
