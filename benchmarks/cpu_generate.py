@@ -126,9 +126,9 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(run_variant(path, rev or None, args)), flush=True)
         return 0
 
+    lens = prompt_lengths(args)
     res = {"command": common.command_line(), "started": common.now_utc(), "machine": common.machine(),
-           "workload": {"batch": len(prompt_lengths(args)),
-                        **({"input_lens": prompt_lengths(args)} if args.input_lens else {"input_len": args.input_len}),
+           "workload": {"batch": len(lens), **({"input_lens": lens} if args.input_lens else {"input_len": args.input_len}),
                         "output_len": args.output_len,
                         "repeats": args.repeats, "rounds": args.rounds, "dtype": "float32",
                         "enforce_eager": not args.compiled,

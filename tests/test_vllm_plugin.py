@@ -171,7 +171,7 @@ def test_latent_decode_groups_requests_whose_padding_would_cost_more_than_a_grou
     rows, and a decode beside a 5-token prompt chunk to 5 query rows: the plan groups requests so that
     padding within a group costs less than a group (GROUP_COST_ROWS new-token x cached-row products per
     thread), each group padded to its own shape, with the output unchanged (dense reference per token)."""
-    from care_vllm.backends.cpu import GROUP_COST_ROWS, latent_decode, plan_latent_decode
+    from care_vllm.backends.cpu import GROUP_COST_ROWS
 
     assert GROUP_COST_ROWS == 256    # the expected groups below are worked out for it, on one thread
     threads = torch.get_num_threads()
