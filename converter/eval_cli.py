@@ -4,11 +4,13 @@ original it was converted from.
     care-eval ppl MODEL --text FILE [FILE...] [--seqlen 1024] [--max-tokens N]
                         [--device cpu|cuda] [--dtype float32|bfloat16] [--batch-size B] [--revision REV]
     care-eval compare ORIGINAL CONVERTED --text FILE [FILE...] [same options]
+    care-eval sweep SRC --calib FILE... --text FILE... [--kv-ratios 0.25,0.5,0.75,1] [--keep DIR] [...]
 
 `compare` runs both models on the same windows and reports both perplexities and, per scored token,
 KL(original || converted) of the next-token distributions and how often their top-1 tokens agree:
 what a conversion (or a healing run) changed, on the user's own text, without serving either model.
-Both models are held in memory at once.
+Both models are held in memory at once. `sweep` (converter/budget_sweep.py) converts SRC at several KV
+budgets and runs `compare` on each: which budget to convert at.
 
 Prints one JSON object on stdout (progress goes to stderr), so scripts and benchmarks can parse it.
 The protocol is deliberately simple and identical for every model kind, because its purpose is to
@@ -27,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import budget_sweep
 from .errors import ConversionError
 
 EXIT_USAGE = 2
@@ -219,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id")
     cmp.add_argument("--revision", default=None, help="Hub revision of ORIGINAL when it is a repo id")
+    budget_sweep.add_parser(sub)
     return p
 
 
@@ -230,17 +234,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_tokens is not None and args.max_tokens < 2:
             raise EvalError(f"--max-tokens must be >= 2, got {args.max_tokens}")
         texts = read_texts(args.text)  # before loading: a bad path fails in milliseconds
-        if args.command == "compare":
-            result = _compare_command(args, texts)
+        if args.command == "sweep":   # its --dtype is the checkpoints' (care-convert's); it reports eval_dtype
+            result = budget_sweep.run(args, texts)
+        elif args.command == "compare":
+            result = {**_compare_command(args, texts), "dtype": args.dtype}
         else:
             model, tokenizer = load_model(args.model, args.device, args.dtype, args.revision)
             result = perplexity(model, tokenizer, texts, args.seqlen, args.max_tokens, args.device,
                                 args.batch_size)
-            result.update(model=args.model, model_type=getattr(model.config, "model_type", None))
+            result.update(model=args.model, model_type=getattr(model.config, "model_type", None), dtype=args.dtype)
     except EvalError as e:
         print(f"care-eval: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    result["dtype"] = args.dtype
     print(json.dumps(result))
     return 0
 

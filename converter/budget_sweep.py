@@ -1,0 +1,178 @@
+"""`care-eval sweep`: which KV budget to convert at, measured on the user's own text.
+
+    care-eval sweep SRC --calib FILE... --text FILE... [--kv-ratios 0.25,0.5,0.75,1] [--keep DIR]
+                    [every care-convert option but --kv-ratio/--kv-width] [--seqlen --max-tokens
+                    --batch-size --eval-dtype]
+
+The budget is the one choice of a conversion that trades quality for serving capacity, and how much a
+given budget costs depends on the model and on the text (SmolLM2 at KV 0.5 loses far more than the
+small trained models in README's Results). The sweep converts SRC once per ratio exactly as
+`care-convert --kv-ratio R` with the same options would (the kept checkpoints are those), calibrating
+once (the statistics do not depend on the budget: one stats cache serves every conversion), and runs
+`care-eval compare`'s measurement of each against SRC on held-out text: perplexity, KL(original ||
+converted) and top-1 agreement per token, next to what the budget buys (cache values per token and
+how many times more tokens fit in the same KV memory). One JSON object on stdout, a table on stderr.
+
+Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
+the converter itself holds (README, Known limits). Without --keep the checkpoints live in a
+temporary folder, one at a time. With --keep DIR (which must
+not exist) each finished conversion stays as DIR/kv<R>, ready for `vllm serve`; a failure leaves the
+ones already finished (each complete: converter/write.py writes them atomically) and nothing else.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConversionError
+
+DEFAULT_RATIOS = "0.25,0.5,0.75,1"
+
+
+class SweepError(ValueError):
+    """A problem with the sweep's own arguments (care-eval turns it into exit code 2)."""
+
+
+def parse_ratios(spec: str) -> list[float]:
+    """'0.25,0.5,1' -> [0.25, 0.5, 1.0]: sorted, without repeats, each in (0, 1] (parity at most)."""
+    ratios = set()
+    for part in spec.split(","):
+        try:
+            r = float(part)
+        except ValueError:
+            raise SweepError(f"--kv-ratios: {part.strip()!r} is not a number (give e.g. {DEFAULT_RATIOS})") from None
+        if not (0 < r <= 1.0) or not math.isfinite(r):
+            raise SweepError(f"--kv-ratios: {part.strip()} is outside (0, 1]: a budget above parity (1.0) "
+                             f"is refused, as by care-convert")
+        ratios.add(r)
+    return sorted(ratios)
+
+
+def checkpoint_name(ratio: float) -> str:
+    return f"kv{ratio:g}"
+
+
+def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequence[float], *,
+          keep: Path | None = None, seqlen: int = 1024, max_tokens: int | None = None, batch_size: int = 1,
+          eval_dtype: str = "float32", **convert_options) -> dict[str, Any]:
+    """Convert `src` at each KV ratio with `convert_options` (converter.pipeline.Options fields) and
+    compare each conversion with `src` on `texts` (documents as eval_cli.read_texts returns them).
+
+    Returns {"original_model", "original": {"ppl", "nll"}, "rows": [per ratio: "kv_ratio",
+    "cache_values_per_token", "original_cache_values_per_token", "kv_capacity" (original / converted
+    cache per token), "converted": {"ppl", "nll"}, "ppl_ratio", "kl", "top1_agreement",
+    "convert_seconds", "checkpoint" (with keep)], "tokens", "input_tokens", "seqlen", "windows",
+    "convert_options"}. Raises SweepError / ConversionError / eval_cli.EvalError on bad input, before
+    anything is converted where the input allows it."""
+    from . import calib_data
+    from .eval_cli import compare, load_model, text_windows
+    from .pipeline import Options, convert
+
+    if not ratios:
+        raise SweepError("--kv-ratios: no ratio given")
+    for r in ratios:   # every option checked before the first (slow) conversion
+        Options(**convert_options, kv_ratio=r).validate()
+    if keep is not None:
+        if keep.exists():
+            raise SweepError(f"--keep {keep} already exists (the sweep writes a new folder of checkpoints)")
+        if not keep.parent.is_dir():
+            raise SweepError(f"parent folder of --keep does not exist: {keep.parent}")
+    calib_data.read_texts(list(calib_files))   # a bad or empty calibration file fails now, not after loading
+    device = convert_options.get("device", "cpu")
+    original, tokenizer = load_model(src, device, eval_dtype, convert_options.get("revision"))
+    text_windows(tokenizer, texts, seqlen, max_tokens)   # empty or too short held-out text: fail before converting
+    rows: list[dict] = []
+    measured: dict = {}
+    with tempfile.TemporaryDirectory(prefix="care-sweep-") as work:
+        stats = convert_options.pop("stats_cache", None) or str(Path(work) / "calib_stats.pt")
+        folder = keep if keep is not None else Path(work)
+        folder.mkdir(exist_ok=True)
+        try:
+            for r in ratios:
+                out = folder / checkpoint_name(r)
+                print(f"care-eval sweep: converting at KV {r:g} -> {out}", file=sys.stderr)
+                report = convert(src, out, calib_files=list(calib_files), kv_ratio=r, stats_cache=stats,
+                                 **convert_options)
+                converted, _ = load_model(str(out), device, eval_dtype)
+                measured = compare(original, converted, tokenizer, texts, seqlen, max_tokens, device, batch_size)
+                del converted
+                gc.collect()
+                if keep is None:
+                    shutil.rmtree(out)
+                rows.append(_row(r, report, measured, out if keep is not None else None))
+        finally:
+            if keep is not None and not any(keep.iterdir()):
+                keep.rmdir()   # nothing finished: leave nothing behind
+    return {"original_model": src, "original": measured["original"], "rows": rows,
+            **{k: measured[k] for k in ("tokens", "input_tokens", "seqlen", "windows")},
+            "eval_dtype": eval_dtype, "calib_files": [str(f) for f in calib_files], "convert_options": convert_options}
+
+
+def _row(ratio: float, report: dict, measured: dict, checkpoint: Path | None) -> dict:
+    cache, original = report["cache_values_per_token"], report["original_cache_values_per_token"]
+    row = {"kv_ratio": ratio, "cache_values_per_token": cache, "original_cache_values_per_token": original,
+           "kv_capacity": original / cache, "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"],
+           "kl": measured["kl"], "top1_agreement": measured["top1_agreement"],
+           "convert_seconds": report["seconds"]["total"]}
+    if checkpoint is not None:
+        row["checkpoint"] = str(checkpoint)
+    return row
+
+
+def format_table(result: dict) -> str:
+    """The sweep as a markdown table (what care-eval prints on stderr)."""
+    o = result["original"]
+    lines = [f"{result['original_model']}: perplexity {o['ppl']:.3f} on {result['tokens']} held-out tokens "
+             f"({result['windows']} windows of {result['seqlen']})", "",
+             "| KV ratio | cache values/token | KV capacity | perplexity | ppl ratio | KL (nats/token) "
+             "| top-1 agreement | convert s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['kv_ratio']:g} | {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
+                     f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "
+                     f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['convert_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    """The `sweep` subcommand of care-eval: care-convert's options plus the evaluation's."""
+    from .cli import SRC_HELP, add_conversion_args
+
+    p = sub.add_parser("sweep", help="convert at several KV ratios (calibrating once) and compare each with "
+                                     "the original on local text: which budget to convert at")
+    p.add_argument("src", help=SRC_HELP)
+    p.add_argument("--kv-ratios", default=DEFAULT_RATIOS,
+                   help=f"comma list of KV budgets as fractions of the original cache, each in (0, 1] "
+                        f"(default {DEFAULT_RATIOS})")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="keep each checkpoint as DIR/kv<R> (DIR must not exist); default: temporary, deleted")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE",
+                   help="held-out text to compare on: .txt or .jsonl (\"text\" or chat \"messages\")")
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the comparison forward passes (--dtype is the checkpoints', as in care-convert)")
+    add_conversion_args(p, budget=False)
+
+
+def run(args, texts: list) -> dict:
+    """care-eval sweep's body (arguments parsed and the held-out text read by care-eval's main)."""
+    from .eval_cli import EvalError
+
+    skip = {"command", "src", "kv_ratios", "keep", "text", "seqlen", "max_tokens", "batch_size", "eval_dtype",
+            "calib"}
+    options = {k: v for k, v in vars(args).items() if k not in skip}
+    try:
+        result = sweep(args.src, args.calib, texts, parse_ratios(args.kv_ratios),
+                       keep=Path(args.keep) if args.keep else None, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                       batch_size=args.batch_size, eval_dtype=args.eval_dtype, **options)
+    except (SweepError, ConversionError) as e:
+        raise EvalError(str(e)) from None
+    print(format_table(result), file=sys.stderr)
+    return result

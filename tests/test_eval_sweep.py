@@ -1,0 +1,141 @@
+"""care-eval sweep: each kept checkpoint is exactly what care-convert makes at that ratio with the same
+options (tensor for tensor), each row's perplexity, KL and top-1 agreement are what a plain transformers
+computation gives on that checkpoint and the original, the cache sizes are the budget's; bad input
+exits 2 before anything is converted and leaves nothing on disk."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from converter import cli
+from converter.eval_cli import main
+from tests.tiny_models import make_tiny_original
+
+CONVERT_OPTIONS = ["--calib-samples", "8", "--calib-seqlen", "32", "--ranks", "uniform", "--objective", "attention"]
+EVAL_OPTIONS = ["--seqlen", "64", "--max-tokens", "400"]
+NUM_LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> Path:
+    return make_tiny_original(tmp_path_factory.mktemp("sweep") / "orig", "llama", num_layers=NUM_LAYERS,
+                              kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    rng = random.Random(7)
+    words = "the model cache attention key value rope layer latent rank token query head of and".split()
+    path = tmp_path_factory.mktemp("heldout") / "test.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(600)))
+    return path
+
+
+def run_main(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def independent_comparison(original: Path, converted: Path, text: str, seqlen: int, max_tokens: int) -> dict:
+    """Perplexities, mean KL(original || converted) and top-1 agreement per predicted token, with the plain
+    transformers models and windows cut by hand."""
+    import model_defs  # noqa: F401  (registers care_mla)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(original)
+    ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    x = torch.tensor([ids[i * seqlen:(i + 1) * seqlen] for i in range(len(ids) // seqlen)])
+    with torch.no_grad():
+        lp = [torch.log_softmax(AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()(x).logits[:, :-1]
+                                .double(), -1) for f in (original, converted)]
+    target = x[:, 1:, None]
+    nll = [-(p.gather(-1, target)).mean().item() for p in lp]
+    return {"ppl": [math.exp(n) for n in nll], "tokens": target.numel(),
+            "kl": (lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean().item(),
+            "top1": (lp[0].argmax(-1) == lp[1].argmax(-1)).double().mean().item()}
+
+
+def test_sweep_matches_care_convert_and_independent_measurement(original, held_out, calib_file, tmp_path, capsys):
+    keep = tmp_path / "keep"
+    code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
+                              "--kv-ratios", "1,0.5", "--keep", keep, *CONVERT_OPTIONS, *EVAL_OPTIONS)
+    assert code == 0, err
+    assert "| KV ratio |" in err                                 # the table on stderr
+    parity = NUM_LAYERS * 2 * KV_HEADS * HEAD_DIM
+    assert [r["kv_ratio"] for r in res["rows"]] == [0.5, 1.0]   # sorted
+    assert sorted(p.name for p in keep.iterdir()) == ["kv0.5", "kv1"]
+    for row in res["rows"]:
+        ratio, kept = row["kv_ratio"], Path(row["checkpoint"])
+        # the checkpoint care-convert makes at this ratio with the same options, tensor for tensor
+        ref = tmp_path / f"ref{ratio:g}"
+        assert cli.main([str(original), str(ref), "--calib", str(calib_file), "--kv-ratio", str(ratio),
+                         *CONVERT_OPTIONS]) == 0
+        capsys.readouterr()
+        ours, theirs = load_file(kept / "model.safetensors"), load_file(ref / "model.safetensors")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        config = json.loads((kept / "config.json").read_text())
+        assert config == json.loads((ref / "config.json").read_text())
+        # the cache the budget buys, from the checkpoint's own per-layer ranks
+        cache = sum(config["k_ranks"]) + sum(config["v_ranks"]) + NUM_LAYERS * config["qk_rope_head_dim"]
+        assert row["cache_values_per_token"] == cache == math.floor(ratio * parity)
+        assert row["original_cache_values_per_token"] == parity and row["kv_capacity"] == parity / cache
+        # what it costs, measured independently
+        ind = independent_comparison(original, kept, held_out.read_text(), 64, 400)
+        assert res["tokens"] == ind["tokens"]
+        assert math.isclose(res["original"]["ppl"], ind["ppl"][0], rel_tol=1e-5)
+        assert math.isclose(row["converted"]["ppl"], ind["ppl"][1], rel_tol=1e-5)
+        assert math.isclose(row["ppl_ratio"], ind["ppl"][1] / ind["ppl"][0], rel_tol=1e-5)
+        assert math.isclose(row["kl"], ind["kl"], rel_tol=1e-4, abs_tol=1e-6)
+        assert row["top1_agreement"] == pytest.approx(ind["top1"], abs=1e-9)
+    # parity is close (only the partial RoPE is lost), half the cache visibly further
+    assert res["rows"][1]["kl"] < res["rows"][0]["kl"]
+
+
+def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the sweep's work folder goes
+    code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
+                              "--kv-ratios", "0.5", *CONVERT_OPTIONS, *EVAL_OPTIONS)
+    assert code == 0, err
+    assert "checkpoint" not in res["rows"][0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["ratio above parity", "not a number", "empty held-out text", "one-token held-out text",
+                                  "missing calibration file", "keep exists", "bad option"])
+def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, calib_file, tmp_path, capsys):
+    keep, text, calib, ratios, extra = tmp_path / "keep", held_out, calib_file, "0.5,1", []
+    expected = {"ratio above parity": "1.5 is outside (0, 1]", "not a number": "'half' is not a number",
+                "empty held-out text": "text is empty",
+                "one-token held-out text": "need at least 2 tokens", "missing calibration file": "missing.txt",
+                "keep exists": "already exists", "bad option": "--k-share"}[case]
+    if case == "ratio above parity":
+        ratios = "0.5,1.5"
+    elif case == "not a number":
+        ratios = "0.5,half"
+    elif case == "empty held-out text":
+        text = tmp_path / "empty.txt"
+        text.write_text("  \n")
+    elif case == "one-token held-out text":   # read fine, refused once tokenized (the original is loaded)
+        text = tmp_path / "short.txt"
+        text.write_text("the")
+    elif case == "missing calibration file":
+        calib = tmp_path / "missing.txt"
+    elif case == "keep exists":
+        keep.mkdir()
+    else:
+        extra = ["--k-share", "1.5"]
+    code, _, err = run_main(capsys, "sweep", original, "--calib", calib, "--text", text, "--kv-ratios", ratios,
+                            "--keep", keep, *CONVERT_OPTIONS, *EVAL_OPTIONS, *extra)
+    assert code == 2
+    assert expected in err and "Traceback" not in err
+    assert "converting at KV" not in err                        # refused before the first conversion
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"keep exists": ["keep"], "empty held-out text": ["empty.txt"], "one-token held-out text": ["short.txt"]}.get(case, []))
