@@ -135,7 +135,8 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['kv_ratio']:g} | {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
                      f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "
-                     f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['convert_seconds']:.0f} |")
+                     f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['convert_seconds']:.0f} |"
+                     .replace("| -0.0000 |", "| 0.0000 |"))   # an exact conversion's KL, rounded below zero
     return "\n".join(lines)
 
 
