@@ -14,10 +14,10 @@ converted) and top-1 agreement per token, next to what the budget buys (cache va
 how many times more tokens fit in the same KV memory). One JSON object on stdout, a table on stderr.
 
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
-the converter itself holds (README, Known limits). Without --keep the checkpoints live in a
-temporary folder, one at a time. With --keep DIR (which must
-not exist) each finished conversion stays as DIR/kv<R>, ready for `vllm serve`; a failure leaves the
-ones already finished (each complete: converter/write.py writes them atomically) and nothing else.
+the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
+folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
+DIR/kv<R>, ready for `vllm serve`; a failure leaves the ones already finished (each complete:
+converter/write.py writes them atomically) and nothing else.
 """
 from __future__ import annotations
 
@@ -51,10 +51,6 @@ def parse_ratios(spec: str) -> list[float]:
                              f"is refused, as by care-convert")
         ratios.add(r)
     return sorted(ratios)
-
-
-def checkpoint_name(ratio: float) -> str:
-    return f"kv{ratio:g}"
 
 
 def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequence[float], *,
@@ -94,7 +90,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         folder.mkdir(exist_ok=True)
         try:
             for r in ratios:
-                out = folder / checkpoint_name(r)
+                out = folder / f"kv{r:g}"
                 print(f"care-eval sweep: converting at KV {r:g} -> {out}", file=sys.stderr)
                 report = convert(src, out, calib_files=list(calib_files), kv_ratio=r, stats_cache=stats,
                                  **convert_options)
