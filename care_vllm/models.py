@@ -43,7 +43,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .backends import choose_backend, use_key_value_split
+from .backends import choose_backend, choose_prefill_backend, use_key_value_split
 from .config import layer_widths
 
 
@@ -140,30 +140,6 @@ class HeadShardedWeight(nn.Module):
         param.data.copy_(loaded.narrow(0, self.rank * self.local_rows, self.local_rows))
 
 
-def _prefill_backend_cls(vllm_config: VllmConfig):
-    """vLLM's MLA prefill backend if one takes these (P, R, V) dims; on CPU its dense CPU_SDPA_MLA is
-    replaced by the tiled-kernel subclass (backends/cpu_prefill.py); on GPU, where the whitelists
-    are narrow (e.g. FA: (128,64,128), (192,64,128), ...), fall back to the dense torch one."""
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
-    from vllm.v1.attention.backends.mla.prefill.selector import get_mla_prefill_backend
-
-    try:
-        chosen = get_mla_prefill_backend(vllm_config)
-    except ValueError:
-        if current_platform.is_cpu():
-            raise
-        logger.warning_once(
-            "care_vllm: no MLA prefill backend supports these head dims; using the dense PyTorch "
-            "prefill (CPU_SDPA_MLA) on %s.", current_platform.device_name)
-        return CPUSDPAMLAPrefillBackend
-    if current_platform.is_cpu() and chosen is CPUSDPAMLAPrefillBackend:
-        from .backends.cpu_prefill import CareCPUPrefillBackend
-
-        return CareCPUPrefillBackend
-    return chosen
-
-
 class CareLatentAttention(nn.Module):
     def __init__(self, config, layer_idx: int, cache_config=None, quant_config=None, prefix: str = "",
                  *, vllm_config: VllmConfig):
@@ -228,7 +204,7 @@ class CareLatentAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
             attn_backend=backend,
-            prefill_backend_cls=_prefill_backend_cls(vllm_config),
+            prefill_backend_cls=choose_prefill_backend(vllm_config, self.num_heads, float(config.softmax_scale)),
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

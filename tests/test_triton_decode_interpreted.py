@@ -33,6 +33,7 @@ CASES = [  # (kv_lora_rank r = r_K + r_V, rope dim, heads, page size, seq lens, 
     (1256, 64, 32, 16, [40, 200, 1], 3),       # 1320 wide (the widest layer of perf.py's mixed model)
     (1984, 64, 8, 16, [50, 7, 90], 2),         # KV parity for Llama-8B shapes: 2048 wide
     (176, 32, 9, 16, [12, 45, 31], 2),         # SmolLM2 at KV 0.5 (9 query heads, rope 32)
+    (416, 96, 8, 16, [9, 50, 130], 2),         # --rope-dim 96 (a rope tile of 128, masked to 96)
 ]
 
 WORKER = r"""

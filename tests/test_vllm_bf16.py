@@ -32,6 +32,7 @@ def test_bf16_serving_stays_within_the_originals_bf16_noise(tmp_path):
 
     out = tmp_path / "correctness.json"
     rc = correctness.main(["--small", "--device", "cpu", "--dtype", "bfloat16", "--no-long", "--compiled", "", "--jobs", "2",
+                           "--variants", "w576,mixed",
                            "--work", str(tmp_path), "--out-json", str(out)])
     rep = json.loads(out.read_text())
     assert rep["complete"]

@@ -277,6 +277,62 @@ def test_paged_prefill_matches_vllm_cpu_sdpa_prefill(d_qk, d_v):
         assert (got - want).abs().max() < 1e-4, layer
 
 
+def _prefill_backends():
+    """vLLM's dense CPU_SDPA_MLA, the plugin's CPU prefill, and deliberately broken variants."""
+    import torch.nn.functional as F
+    from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBackend
+
+    from care_vllm.backends.cpu_prefill import CareCPUPrefillBackend
+
+    class PaddedV(CPUSDPAMLAPrefillBackend):   # what the GPU FlashAttention path does: v padded to qk
+        def _ragged_sdpa(self, q, k, v, *args, **kwargs):
+            return super()._ragged_sdpa(q, k, F.pad(v, [0, q.shape[-1] - v.shape[-1]]), *args, **kwargs)
+
+    class NotCausal(CPUSDPAMLAPrefillBackend):
+        def _ragged_sdpa(self, q, k, v, q_cu, kv_cu, causal, return_softmax_lse):
+            return super()._ragged_sdpa(q, k, v, q_cu, kv_cu, False, return_softmax_lse)
+
+    class LseTokensFirst(CPUSDPAMLAPrefillBackend):
+        def _ragged_sdpa(self, *args, **kwargs):
+            result = super()._ragged_sdpa(*args, **kwargs)
+            return (result[0], result[1].T.contiguous()) if isinstance(result, tuple) else result
+
+    class QkScale(CPUSDPAMLAPrefillBackend):  # 1/sqrt(qk head dim) instead of the model's scale
+        def _ragged_sdpa(self, q, *args, **kwargs):
+            return super()._ragged_sdpa(q * (q.shape[-1] ** -0.5 / self.scale), *args, **kwargs)
+
+    class Raises(CPUSDPAMLAPrefillBackend):
+        def run_prefill_context_chunk(self, *args, **kwargs):
+            raise RuntimeError("head dim not supported")
+
+    return {"CPU_SDPA_MLA": (CPUSDPAMLAPrefillBackend, None), "care CPU": (CareCPUPrefillBackend, None),
+            "v padded": (PaddedV, None), "not causal": (NotCausal, "new tokens: output differs"),
+            "lse [T, H]": (LseTokensFirst, "new tokens with lse: lse shape"),
+            "qk scale": (QkScale, "new tokens: output differs"),
+            "raises": (Raises, "RuntimeError: head dim not supported")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nope,rope,v", [(64, 64, 64), (128, 96, 128), (32, 8, 24)])
+def test_prefill_start_up_check_accepts_correct_backends_and_names_what_is_wrong(nope, rope, v, dtype):
+    """The check the plugin runs before using FlashAttention for MLA prefill at head dims vLLM does not
+    list (backends/prefill_check.py): it passes vLLM's CPU_SDPA_MLA itself, the plugin's CPU prefill
+    (other kernels: vLLM's paged CPU attention, PyTorch's flash) and a backend returning v padded to
+    the qk head dim, and fails, naming the call and the fault, a prefill without the causal mask, one
+    with the log-sum-exp as [tokens, heads], one scaled by 1/sqrt(qk head dim), one that raises."""
+    from care_vllm.backends.prefill_check import check_prefill_backend
+
+    scale = nope ** -0.5   # the source's softmax scale, as a conversion keeps it
+    for name, (cls, fault) in _prefill_backends().items():
+        backend = cls(num_heads=3, scale=scale, kv_lora_rank=40, qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+                      v_head_dim=v, vllm_config=None)
+        problem = check_prefill_backend(backend, dtype, "cpu")
+        if fault is None:
+            assert problem is None, (name, problem)
+        else:
+            assert problem is not None and problem.startswith(fault), (name, problem)
+
+
 def test_kv_cache_write_matches_vllm_cpu_mla():
     """care_vllm's single-copy KV write equals CPU_MLA's, padding slots (-1) skipped."""
     from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl

@@ -70,7 +70,8 @@ def correctness_md(c: dict) -> str:
         widths = m.get("layer_widths") or []
         wtxt = (f"{min(widths)}..{max(widths)}" if widths and min(widths) != max(widths)
                 else (str(widths[0]) if widths else "GQA"))
-        rows.append([name, ", ".join(m.get("backends") or []) or "(stock)", wtxt,
+        rows.append([name, ", ".join(m.get("backends") or []) or "(stock)",
+                     ", ".join(m.get("prefill_backend") or []) or "-", wtxt,
                      m["prompt_logprob_mean_diff"], m["prompt_logprob_max_diff"], m["generated_logprob_max_diff"],
                      m["greedy_exact"], m["worst_gap"],
                      {True: "pass", False: "FAIL"}.get(m.get("pass"), "floor")])
@@ -81,7 +82,7 @@ def correctness_md(c: dict) -> str:
                 long_rows.append([name, p["len"], p.get("cached_tokens"), p["prompt_mean"], p["prompt_max"],
                                   p["gen_max"], p["worst_gap"]])
     out = (f"## Correctness ({c['dtype']} vLLM vs fp32 model_defs / transformers on {c['device']})\n\n"
-           + md_table(["model", "backend", "widths", "mean abs Δ prompt lp", "max abs Δ prompt lp",
+           + md_table(["model", "backend", "prefill", "widths", "mean abs Δ prompt lp", "max abs Δ prompt lp",
                        "max abs Δ gen lp", "greedy exact", "worst greedy gap", "verdict"], rows))
     if long_rows:
         out += ("\n\nLong prompts (prefix caching on, chunked prefill 2048): the second prompt shares 8192 "

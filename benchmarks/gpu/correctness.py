@@ -12,6 +12,9 @@ What runs (issue 4, "Correctness in bf16 on GPU"):
         (FLASH_ATTN_MLA / FlashMLA) and its own context-gather kernel;
       - `mixed`: --kv-ratio 0.5 --ranks adjusted: different widths per layer, the plugin's
         TRITON_MLA subclass and the gather fallback (care_vllm/backends/gpu.py);
+      - `rope96`: the same with --rope-dim 96: prefill head dims (128, 96, 128), which no vLLM
+        prefill backend lists, go through the plugin's FlashAttention prefill with v padded to
+        the qk head dim 224 (care_vllm/backends/gpu_prefill.py; `prefill_backend` in the report);
   * every model (the originals too) answers, through the `LLM` API in a subprocess:
       - 6 prompts of 40-300 tokens: greedy 32 tokens with logprobs + prompt logprobs;
       - long: a 9000-token prompt, then a second prompt sharing its first 8192 tokens, with prefix
@@ -132,7 +135,11 @@ def run_vllm(model: Path, prompts_: list[list[int]], work: Path, args, compiled:
     backends = sorted(set(re.findall(r"care_mla KV cache .*?backend (\w+)", text)))
     widths = [int(w) for w in re.findall(r"care_mla KV cache .*?, (\d+) values/token", text)]
     selected = sorted(set(re.findall(r"Using (\w+) (?:attention )?backend", text)))
+    prefill = sorted(set(re.findall(r"Using (\w+) MLA prefill backend", text)
+                         + ["CARE_FLASH_ATTN"] * ("care_vllm: MLA prefill through FlashAttention" in text)
+                         + re.findall(r"care_vllm: (no fast MLA prefill at head dims .*)", text)))
     return {**out, "tag": tag, "backends": backends or selected, "selected_backend_lines": selected,
+            "prefill_backend": prefill,
             "layer_widths": widths, "wall_s": round(time.time() - t0, 1)}
 
 
@@ -232,8 +239,11 @@ def build_models(work: Path, args) -> dict[str, dict[str, Path]]:
             make_tiny_original(orig, arch, seed=1, max_positions=16384, embed_std=LOGIT_STD / shape["hidden"] ** 0.5,
                                qk_gain=QK_GAIN, **shape)
         models[arch] = {"orig": orig}
-        for name, kw in (("w576", dict(kv_width=w576, ranks="uniform")),
-                         ("mixed", dict(kv_ratio=0.5, ranks="adjusted"))):
+        variants = {"w576": dict(kv_width=w576, ranks="uniform"),
+                    "mixed": dict(kv_ratio=0.5, ranks="adjusted"),
+                    "rope96": dict(kv_ratio=0.5, ranks="adjusted", rope_dim=96)}
+        for name in args.variants.split(","):
+            kw = variants[name]
             out = work / f"{arch}-{name}"
             if not out.is_dir():
                 convert(orig, out, calib_files=calib, calib_samples=64, calib_seqlen=256,
@@ -254,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", default="llama,qwen3")
     ap.add_argument("--small", action="store_true", help="CPU dry run: small shapes, no 576 width")
     ap.add_argument("--no-long", dest="long", action="store_false")
+    ap.add_argument("--variants", default="w576,mixed,rope96",
+                    help="conversions of each original to serve (default all three; see the module docstring)")
     ap.add_argument("--compiled", default="llama-mixed",
                     help="comma list of models also run with torch.compile + CUDA graphs (default llama-mixed)")
     ap.add_argument("--jobs", type=int, default=1,
@@ -285,7 +297,8 @@ def main(argv=None) -> int:
             v = future.result()
             refs = reference_logprobs(path, [r["prompt"] + r["generated"] for r in v["results"]], args.device)
             m = compare(v, refs)
-            m.update(backends=v["backends"], layer_widths=v["layer_widths"], vllm_wall_s=v["wall_s"],
+            m.update(backends=v["backends"], prefill_backend=v["prefill_backend"],
+                     layer_widths=v["layer_widths"], vllm_wall_s=v["wall_s"],
                      generate_s=round(v["seconds"], 2))
             if name == "orig":
                 # a greedy flip is bf16 noise when its gap is within the original's own worst gap
