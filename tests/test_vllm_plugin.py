@@ -319,14 +319,20 @@ def test_prefill_start_up_check_accepts_correct_backends_and_names_what_is_wrong
     list (backends/prefill_check.py): it passes vLLM's CPU_SDPA_MLA itself, the plugin's CPU prefill
     (other kernels: vLLM's paged CPU attention, PyTorch's flash) and a backend returning v padded to
     the qk head dim, and fails, naming the call and the fault, a prefill without the causal mask, one
-    with the log-sum-exp as [tokens, heads], one scaled by 1/sqrt(qk head dim), one that raises."""
+    with the log-sum-exp as [tokens, heads], one scaled by 1/sqrt(qk head dim), one that raises. Run
+    once under a default-device context (vLLM builds models under one): it creates no tensor
+    without naming its device."""
     from care_vllm.backends.prefill_check import check_prefill_backend
 
     scale = nope ** -0.5   # the source's softmax scale, as a conversion keeps it
     for name, (cls, fault) in _prefill_backends().items():
         backend = cls(num_heads=3, scale=scale, kv_lora_rank=40, qk_nope_head_dim=nope, qk_rope_head_dim=rope,
                       v_head_dim=v, vllm_config=None)
-        problem = check_prefill_backend(backend, dtype, "cpu")
+        if name == "CPU_SDPA_MLA":   # as vLLM calls it: inside a model's default-device context
+            with torch.device("meta"):
+                problem = check_prefill_backend(backend, dtype, "cpu")
+        else:
+            problem = check_prefill_backend(backend, dtype, "cpu")
         if fault is None:
             assert problem is None, (name, problem)
         else:

@@ -13,6 +13,7 @@ used (the caller falls back to the dense prefill and says why).
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from types import SimpleNamespace
 
 import torch
@@ -24,7 +25,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 0.1}  # m
 
 
 def _cu(lens, device) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return torch.tensor([0, *accumulate(lens)], dtype=torch.int32, device=device)
 
 
 def check_prefill_backend(backend, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> str | None:
@@ -41,7 +42,8 @@ def check_prefill_backend(backend, dtype: torch.dtype, device: str | torch.devic
     g = torch.Generator().manual_seed(seed)
 
     def draw(tokens: int, dim: int) -> torch.Tensor:
-        return torch.randn(tokens, heads, dim, generator=g).to(device=device, dtype=dtype)
+        # explicit devices throughout: vLLM builds models under a default-device context
+        return torch.randn(tokens, heads, dim, generator=g, device="cpu").to(device=device, dtype=dtype)
 
     n_q, n_kv = sum(Q_LENS), sum(CONTEXT_LENS)
     q, k, v = draw(n_q, d_qk), draw(n_q, d_qk), draw(n_q, d_v)
