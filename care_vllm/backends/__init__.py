@@ -98,8 +98,8 @@ def _flash_attn_prefill_problem(vllm_config, dims, num_heads: int, scale: float)
 
     try:
         from .gpu_prefill import CareFlashAttnPrefillBackend
-    except ImportError as e:
-        return f"FlashAttention prefill does not import ({e})"
+    except Exception as e:  # noqa: BLE001  (whatever stops it, the dense prefill still works)
+        return f"FlashAttention prefill does not import ({type(e).__name__}: {e})"
     if not CareFlashAttnPrefillBackend.is_available():
         return "flash_attn_varlen_func is not available"
     if not CareFlashAttnPrefillBackend.supports_mla_dimensions(MLADimensions(
@@ -108,10 +108,13 @@ def _flash_attn_prefill_problem(vllm_config, dims, num_heads: int, scale: float)
         return "the query/key head dim is above 256 or not a multiple of 8"
     from .prefill_check import check_prefill_backend
 
-    backend = CareFlashAttnPrefillBackend(
-        num_heads=num_heads, scale=scale, kv_lora_rank=dims.kv_lora_rank,
-        qk_nope_head_dim=dims.qk_nope_head_dim, qk_rope_head_dim=dims.qk_rope_head_dim,
-        v_head_dim=dims.v_head_dim, vllm_config=vllm_config)
+    try:
+        backend = CareFlashAttnPrefillBackend(
+            num_heads=num_heads, scale=scale, kv_lora_rank=dims.kv_lora_rank,
+            qk_nope_head_dim=dims.qk_nope_head_dim, qk_rope_head_dim=dims.qk_rope_head_dim,
+            v_head_dim=dims.v_head_dim, vllm_config=vllm_config)
+    except Exception as e:  # noqa: BLE001
+        return f"FlashAttention prefill cannot be built ({type(e).__name__}: {e})"
     return check_prefill_backend(backend, vllm_config.model_config.dtype,
                                  torch.device("cuda", torch.cuda.current_device()))
 
