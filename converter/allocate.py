@@ -81,15 +81,22 @@ def adjusted_ranks(total: int, sigmas: list[torch.Tensor], full: list[int], min_
     return ranks
 
 
+def check_latent_room(cache_budget: int, num_layers: int, rope_dim: int) -> None:
+    """Refuse a budget whose rope keys leave less than one latent value per layer."""
+    latent = cache_budget - num_layers * rope_dim
+    if latent < num_layers:
+        raise ConversionError(f"KV budget of {cache_budget} values/token leaves {latent} for the latents of "
+                              f"{num_layers} layers after the rope keys ({rope_dim} each); raise the budget or "
+                              f"lower --rope-dim")
+
+
 def plan_ranks(policy: str, cache_budget: int, rope_dim: int, full_k: list[int], full_v: list[int],
                sig_k: list[torch.Tensor], sig_v: list[torch.Tensor], min_frac: float = 0.5,
                max_frac: float = 2.0, k_share: float | None = None) -> tuple[list[int], list[int]]:
     """Per-layer (k_ranks, v_ranks) whose cache sum_l (k+v+rope_dim) equals `cache_budget` exactly."""
     n = len(full_k)
+    check_latent_room(cache_budget, n, rope_dim)
     latent = cache_budget - n * rope_dim
-    if latent < n:
-        raise ConversionError(f"KV budget of {cache_budget} values/token leaves {latent} for the latents of "
-                              f"{n} layers after the rope keys ({rope_dim} each); raise the budget or lower --rope-dim")
     if policy == "uniform":
         per_layer = uniform_ranks(latent, [fk + fv for fk, fv in zip(full_k, full_v)])
         split = [split_budget(lat, [fk], [fv], k_share) for lat, fk, fv in zip(per_layer, full_k, full_v)]

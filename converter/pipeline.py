@@ -151,6 +151,19 @@ def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int
     return min(parity, math.floor(ratio * parity + 1e-9))
 
 
+def cache_shape(opts: Options, cfg) -> tuple[int, int]:
+    """(cache values per token over all layers, rope key width) of converting a model of config `cfg`
+    with `opts`. Refuses, before anything slow runs, a budget above parity, a rope key wider than the
+    original keys, and rope keys that leave the latents no room."""
+    n_layers, g = cfg.num_hidden_layers, cfg.num_key_value_heads
+    d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    budget = cache_budget(opts, n_layers, 2 * g * d_h)
+    d_r = opts.rope_dim if opts.rope_dim is not None else default_rope_dim(d_h, budget // n_layers)
+    rope_map.check_rope_dim(d_r, g, d_h)
+    allocate.check_latent_room(budget, n_layers, d_r)
+    return budget, d_r
+
+
 def default_rope_dim(head_dim: int, per_layer_budget: int) -> int:
     """min(64, head_dim), shrunk (even) to at most half the per-layer budget so latents keep room."""
     d_r = min(64, head_dim)
@@ -219,9 +232,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     per_layer_orig = 2 * g * d_h
-    budget = cache_budget(opts, n_layers, per_layer_orig)
-    d_r = opts.rope_dim if opts.rope_dim is not None else default_rope_dim(d_h, budget // n_layers)
-    rope_map.check_rope_dim(d_r, g, d_h)
+    budget, d_r = cache_shape(opts, cfg)
 
     with timer.stage("calibrate"):
         stats = _load_or_collect_stats(source, windows, opts, stats_meta)

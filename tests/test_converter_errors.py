@@ -125,6 +125,15 @@ def test_odd_rope_dim(tiny, tmp_path):
     assert_refused(run_convert(src, out, "--calib", calib, "--rope-dim", "7"), out, "--rope-dim", "even")
 
 
+@pytest.mark.parametrize("flags,needle", [(["--kv-width", "32", "--rope-dim", "32"], "leaves 0 for the latents"),
+                                          (["--rope-dim", "40"], "exceeds the original key width 2 x 16")])
+def test_rope_dim_the_budget_or_keys_cannot_hold_is_refused_before_calibrating(tiny, tmp_path, flags, needle):
+    _, src, calib = tiny   # 2 layers, 2 kv heads x 16: keys 32 wide, 64 values/token/layer
+    out, stats = tmp_path / "out", tmp_path / "stats.pt"
+    assert_refused(run_convert(src, out, "--calib", calib, "--stats-cache", stats, *flags), out, needle, "--rope-dim")
+    assert not stats.exists()   # refused before the calibration (which would have written the cache)
+
+
 @pytest.mark.parametrize("share", ["0", "1", "1.2"])
 def test_k_share_outside_unit_interval(tiny, tmp_path, share):
     _, src, calib = tiny
