@@ -1,8 +1,8 @@
 """`care-eval sweep`: which KV budget to convert at, measured on the user's own text.
 
-    care-eval sweep SRC --calib FILE... --text FILE... [--kv-ratios 0.25,0.5,0.75,1] [--keep DIR]
-                    [every care-convert option but --kv-ratio/--kv-width] [--seqlen --max-tokens
-                    --batch-size --eval-dtype]
+    care-eval sweep SRC --calib FILE... --text FILE... [--kv-ratios 0.25,0.5,0.75,1] [--rope-dims 64,96]
+                    [--keep DIR] [every care-convert option but --kv-ratio/--kv-width] [--seqlen
+                    --max-tokens --batch-size --eval-dtype]
 
 The budget is the one choice of a conversion that trades quality for serving capacity, and how much a
 given budget costs depends on the model and on the text (SmolLM2 at KV 0.5 loses far more than the
@@ -12,11 +12,14 @@ once (the statistics do not depend on the budget: one stats cache serves every c
 `care-eval compare`'s measurement of each against SRC on held-out text: perplexity, KL(original ||
 converted) and top-1 agreement per token, next to what the budget buys (cache values per token and
 how many times more tokens fit in the same KV memory). One JSON object on stdout, a table on stderr.
+With --rope-dims it converts at every (ratio, rope key width) pair: above KV 0.5 a wider rope key
+than the default 64 can be worth it (README, Results, "RoPE key width"), and what is best depends on
+the model; pairs the budget cannot hold are refused before anything is converted.
 
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
 the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
 folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
-DIR/kv<R>, ready for `vllm serve`; a failure leaves the ones already finished (each complete:
+DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims), ready for `vllm serve`; a failure leaves the ones already finished (each complete:
 converter/write.py writes them atomically) and nothing else.
 """
 from __future__ import annotations
@@ -53,26 +56,45 @@ def parse_ratios(spec: str) -> list[float]:
     return sorted(ratios)
 
 
-def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequence[float], *,
-          keep: Path | None = None, seqlen: int = 1024, max_tokens: int | None = None, batch_size: int = 1,
-          eval_dtype: str = "float32", **convert_options) -> dict[str, Any]:
-    """Convert `src` at each KV ratio with `convert_options` (converter.pipeline.Options fields) and
-    compare each conversion with `src` on `texts` (documents as eval_cli.read_texts returns them).
+def parse_rope_dims(spec: str) -> list[int]:
+    """'96,64' -> [64, 96]: sorted, without repeats, each a positive even number."""
+    dims = set()
+    for part in spec.split(","):
+        try:
+            d = int(part)
+        except ValueError:
+            raise SweepError(f"--rope-dims: {part.strip()!r} is not a whole number (give e.g. 64,96,128)") from None
+        if d <= 0 or d % 2:
+            raise SweepError(f"--rope-dims: {d} is not a positive even number")
+        dims.add(d)
+    return sorted(dims)
 
-    Returns {"original_model", "original": {"ppl", "nll"}, "rows": [per ratio: "kv_ratio",
-    "cache_values_per_token", "original_cache_values_per_token", "kv_capacity" (original / converted
+
+def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequence[float], *,
+          rope_dims: Sequence[int] | None = None, keep: Path | None = None, seqlen: int = 1024, max_tokens: int | None = None, batch_size: int = 1,
+          eval_dtype: str = "float32", **convert_options) -> dict[str, Any]:
+    """Convert `src` at each KV ratio (and each of `rope_dims`, if given, in place of the rope_dim
+    option) with `convert_options` (converter.pipeline.Options fields) and compare each conversion
+    with `src` on `texts` (documents as eval_cli.read_texts returns them).
+
+    Returns {"original_model", "original": {"ppl", "nll"}, "rows": [per ratio (and rope width):
+    "kv_ratio", "rope_dim", "cache_values_per_token", "original_cache_values_per_token", "kv_capacity" (original / converted
     cache per token), "converted": {"ppl", "nll"}, "ppl_ratio", "kl", "top1_agreement",
     "convert_seconds", "checkpoint" (with keep)], "tokens", "input_tokens", "seqlen", "windows",
     "convert_options"}. Raises SweepError / ConversionError / eval_cli.EvalError on bad input, before
     anything is converted where the input allows it."""
     from . import calib_data
     from .eval_cli import compare, load_model, text_windows
-    from .pipeline import Options, convert
+    from .pipeline import Options, cache_shape, convert
 
     if not ratios:
         raise SweepError("--kv-ratios: no ratio given")
-    for r in ratios:   # every option checked before the first (slow) conversion
-        Options(**convert_options, kv_ratio=r).validate()
+    if rope_dims and convert_options.get("rope_dim") is not None:
+        raise SweepError("give either --rope-dim or --rope-dims, not both")
+    rope_options = [{"rope_dim": d} for d in rope_dims] if rope_dims else [{}]
+    runs = [(r, opt) for r in ratios for opt in rope_options]
+    for r, opt in runs:   # every option checked before the first (slow) conversion
+        Options(**{**convert_options, **opt}, kv_ratio=r).validate()
     if keep is not None:
         if keep.exists():
             raise SweepError(f"--keep {keep} already exists (the sweep writes a new folder of checkpoints)")
@@ -82,6 +104,11 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     device = convert_options.get("device", "cpu")
     original, tokenizer = load_model(src, device, eval_dtype, convert_options.get("revision"))
     text_windows(tokenizer, texts, seqlen, max_tokens)   # empty or too short held-out text: fail before converting
+    for r, opt in runs:   # and a rope width the budget or the keys cannot hold
+        try:
+            cache_shape(Options(**{**convert_options, **opt}, kv_ratio=r), original.config)
+        except ConversionError as e:
+            raise SweepError(f"KV {r:g}{_rope_text(opt)}: {e}") from None
     rows: list[dict] = []
     measured: dict = {}
     with tempfile.TemporaryDirectory(prefix="care-sweep-") as work:
@@ -89,11 +116,11 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         folder = keep if keep is not None else Path(work)
         folder.mkdir(exist_ok=True)
         try:
-            for r in ratios:
-                out = folder / f"kv{r:g}"
-                print(f"care-eval sweep: converting at KV {r:g} -> {out}", file=sys.stderr)
+            for r, opt in runs:
+                out = folder / f"kv{r:g}{'-rope' + str(opt['rope_dim']) if opt else ''}"
+                print(f"care-eval sweep: converting at KV {r:g}{_rope_text(opt)} -> {out}", file=sys.stderr)
                 report = convert(src, out, calib_files=list(calib_files), kv_ratio=r, stats_cache=stats,
-                                 **convert_options)
+                                 **{**convert_options, **opt})
                 converted, _ = load_model(str(out), device, eval_dtype)
                 measured = compare(original, converted, tokenizer, texts, seqlen, max_tokens, device, batch_size)
                 del converted
@@ -109,9 +136,13 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
             "eval_dtype": eval_dtype, "calib_files": [str(f) for f in calib_files], "convert_options": convert_options}
 
 
+def _rope_text(opt: dict) -> str:
+    return f", rope {opt['rope_dim']}" if opt else ""
+
+
 def _row(ratio: float, report: dict, measured: dict, checkpoint: Path | None) -> dict:
     cache, original = report["cache_values_per_token"], report["original_cache_values_per_token"]
-    row = {"kv_ratio": ratio, "cache_values_per_token": cache, "original_cache_values_per_token": original,
+    row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"], "cache_values_per_token": cache, "original_cache_values_per_token": original,
            "kv_capacity": original / cache, "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"],
            "kl": measured["kl"], "top1_agreement": measured["top1_agreement"],
            "convert_seconds": report["seconds"]["total"]}
@@ -125,11 +156,11 @@ def format_table(result: dict) -> str:
     o = result["original"]
     lines = [f"{result['original_model']}: perplexity {o['ppl']:.3f} on {result['tokens']} held-out tokens "
              f"({result['windows']} windows of {result['seqlen']})", "",
-             "| KV ratio | cache values/token | KV capacity | perplexity | ppl ratio | KL (nats/token) "
+             "| KV ratio | rope key | cache values/token | KV capacity | perplexity | ppl ratio | KL (nats/token) "
              "| top-1 agreement | convert s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['kv_ratio']:g} | {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
+        lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} | {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
                      f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "
                      f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['convert_seconds']:.0f} |"
                      .replace("| -0.0000 |", "| 0.0000 |"))   # an exact conversion's KL, rounded below zero
@@ -146,8 +177,12 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-ratios", default=DEFAULT_RATIOS,
                    help=f"comma list of KV budgets as fractions of the original cache, each in (0, 1] "
                         f"(default {DEFAULT_RATIOS})")
+    p.add_argument("--rope-dims", default=None, metavar="D,D...",
+                   help="also sweep the decoupled rope key width: convert at every ratio with each of these "
+                        "(even; in place of --rope-dim)")
     p.add_argument("--keep", default=None, metavar="DIR",
-                   help="keep each checkpoint as DIR/kv<R> (DIR must not exist); default: temporary, deleted")
+                   help="keep each checkpoint as DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims; DIR must not "
+                        "exist); default: temporary, deleted")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE",
                    help="held-out text to compare on: .txt or .jsonl (\"text\" or chat \"messages\")")
     p.add_argument("--seqlen", type=int, default=1024)
@@ -162,12 +197,12 @@ def run(args, texts: list) -> dict:
     """care-eval sweep's body (arguments parsed and the held-out text read by care-eval's main)."""
     from .eval_cli import EvalError
 
-    skip = {"command", "src", "kv_ratios", "keep", "text", "seqlen", "max_tokens", "batch_size", "eval_dtype",
+    skip = {"command", "src", "kv_ratios", "rope_dims", "keep", "text", "seqlen", "max_tokens", "batch_size", "eval_dtype",
             "calib"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         result = sweep(args.src, args.calib, texts, parse_ratios(args.kv_ratios),
-                       keep=Path(args.keep) if args.keep else None, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                       rope_dims=parse_rope_dims(args.rope_dims) if args.rope_dims else None, keep=Path(args.keep) if args.keep else None, seqlen=args.seqlen, max_tokens=args.max_tokens,
                        batch_size=args.batch_size, eval_dtype=args.eval_dtype, **options)
     except (SweepError, ConversionError) as e:
         raise EvalError(str(e)) from None

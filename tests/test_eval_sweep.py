@@ -1,4 +1,4 @@
-"""care-eval sweep: each kept checkpoint is exactly what care-convert makes at that ratio with the same
+"""care-eval sweep: each kept checkpoint is exactly what care-convert makes at that ratio (and rope width) with the same
 options (tensor for tensor), each row's perplexity, KL and top-1 agreement are what a plain transformers
 computation gives on that checkpoint and the original, the cache sizes are the budget's; bad input
 exits 2 before anything is converted and leaves nothing on disk."""
@@ -63,30 +63,34 @@ def independent_comparison(original: Path, converted: Path, text: str, seqlen: i
             "top1": (lp[0].argmax(-1) == lp[1].argmax(-1)).double().mean().item()}
 
 
+def assert_care_convert_makes(kept: Path, row: dict, original, calib_file, tmp_path, capsys, *flags):
+    """`kept` is the checkpoint care-convert makes with CONVERT_OPTIONS and `flags`, tensor for tensor,
+    and `row` states the cache the checkpoint's own ranks and rope key take."""
+    ref = tmp_path / f"ref-{kept.name}"
+    assert cli.main([str(original), str(ref), "--calib", str(calib_file), *map(str, flags), *CONVERT_OPTIONS]) == 0
+    capsys.readouterr()
+    ours, theirs = load_file(kept / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    config = json.loads((kept / "config.json").read_text())
+    assert config == json.loads((ref / "config.json").read_text())
+    parity = NUM_LAYERS * 2 * KV_HEADS * HEAD_DIM
+    cache = sum(config["k_ranks"]) + sum(config["v_ranks"]) + NUM_LAYERS * config["qk_rope_head_dim"]
+    assert row["cache_values_per_token"] == cache == math.floor(row["kv_ratio"] * parity)
+    assert row["rope_dim"] == config["qk_rope_head_dim"]
+    assert row["original_cache_values_per_token"] == parity and row["kv_capacity"] == parity / cache
+
+
 def test_sweep_matches_care_convert_and_independent_measurement(original, held_out, calib_file, tmp_path, capsys):
     keep = tmp_path / "keep"
     code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
                               "--kv-ratios", "1,0.5", "--keep", keep, *CONVERT_OPTIONS, *EVAL_OPTIONS)
     assert code == 0, err
     assert "| KV ratio |" in err                                 # the table on stderr
-    parity = NUM_LAYERS * 2 * KV_HEADS * HEAD_DIM
     assert [r["kv_ratio"] for r in res["rows"]] == [0.5, 1.0]   # sorted
     assert sorted(p.name for p in keep.iterdir()) == ["kv0.5", "kv1"]
     for row in res["rows"]:
         ratio, kept = row["kv_ratio"], Path(row["checkpoint"])
-        # the checkpoint care-convert makes at this ratio with the same options, tensor for tensor
-        ref = tmp_path / f"ref{ratio:g}"
-        assert cli.main([str(original), str(ref), "--calib", str(calib_file), "--kv-ratio", str(ratio),
-                         *CONVERT_OPTIONS]) == 0
-        capsys.readouterr()
-        ours, theirs = load_file(kept / "model.safetensors"), load_file(ref / "model.safetensors")
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-        config = json.loads((kept / "config.json").read_text())
-        assert config == json.loads((ref / "config.json").read_text())
-        # the cache the budget buys, from the checkpoint's own per-layer ranks
-        cache = sum(config["k_ranks"]) + sum(config["v_ranks"]) + NUM_LAYERS * config["qk_rope_head_dim"]
-        assert row["cache_values_per_token"] == cache == math.floor(ratio * parity)
-        assert row["original_cache_values_per_token"] == parity and row["kv_capacity"] == parity / cache
+        assert_care_convert_makes(kept, row, original, calib_file, tmp_path, capsys, "--kv-ratio", ratio)
         # what it costs, measured independently
         ind = independent_comparison(original, kept, held_out.read_text(), 64, 400)
         assert res["tokens"] == ind["tokens"]
@@ -99,6 +103,23 @@ def test_sweep_matches_care_convert_and_independent_measurement(original, held_o
     assert res["rows"][1]["kl"] < res["rows"][0]["kl"]
 
 
+def test_rope_dims_sweep_converts_every_pair_as_care_convert_with_that_rope_dim(original, held_out, calib_file,
+                                                                                 tmp_path, capsys):
+    keep = tmp_path / "keep"
+    code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
+                              "--kv-ratios", "0.75,1", "--rope-dims", "32,16", "--keep", keep,
+                              *CONVERT_OPTIONS, *EVAL_OPTIONS)
+    assert code == 0, err
+    assert [(r["kv_ratio"], r["rope_dim"]) for r in res["rows"]] == [(0.75, 16), (0.75, 32), (1.0, 16), (1.0, 32)]
+    assert sorted(p.name for p in keep.iterdir()) == ["kv0.75-rope16", "kv0.75-rope32", "kv1-rope16", "kv1-rope32"]
+    for row in res["rows"][:2]:
+        assert_care_convert_makes(Path(row["checkpoint"]), row, original, calib_file, tmp_path, capsys,
+                                  "--kv-ratio", row["kv_ratio"], "--rope-dim", row["rope_dim"])
+    # at parity a rope key as wide as the original keys (2 x 16) leaves nothing out: exact
+    exact = res["rows"][3]
+    assert abs(exact["kl"]) < 1e-6 and exact["top1_agreement"] == 1.0 and res["rows"][2]["kl"] > 1e-4
+
+
 def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the sweep's work folder goes
     code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
@@ -109,13 +130,17 @@ def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file,
 
 
 @pytest.mark.parametrize("case", ["ratio above parity", "not a number", "empty held-out text", "one-token held-out text",
-                                  "missing calibration file", "keep exists", "bad option"])
+                                  "missing calibration file", "keep exists", "bad option", "odd rope dim",
+                                  "rope dim and rope dims", "rope key the budget cannot hold"])
 def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, calib_file, tmp_path, capsys):
     keep, text, calib, ratios, extra = tmp_path / "keep", held_out, calib_file, "0.5,1", []
     expected = {"ratio above parity": "1.5 is outside (0, 1]", "not a number": "'half' is not a number",
                 "empty held-out text": "text is empty",
                 "one-token held-out text": "need at least 2 tokens", "missing calibration file": "missing.txt",
-                "keep exists": "already exists", "bad option": "--k-share"}[case]
+                "keep exists": "already exists", "bad option": "--k-share",
+                "odd rope dim": "--rope-dims: 15 is not a positive even number",
+                "rope dim and rope dims": "either --rope-dim or --rope-dims",
+                "rope key the budget cannot hold": "KV 0.5, rope 32: KV budget of 64 values/token leaves 0"}[case]
     if case == "ratio above parity":
         ratios = "0.5,1.5"
     elif case == "not a number":
@@ -130,6 +155,12 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
         calib = tmp_path / "missing.txt"
     elif case == "keep exists":
         keep.mkdir()
+    elif case == "odd rope dim":
+        extra = ["--rope-dims", "16,15"]
+    elif case == "rope dim and rope dims":
+        extra = ["--rope-dims", "16", "--rope-dim", "16"]
+    elif case == "rope key the budget cannot hold":   # 0.5 x 64 = 32 values a layer, all taken by rope 32
+        extra = ["--rope-dims", "16,32"]
     else:
         extra = ["--k-share", "1.5"]
     code, _, err = run_main(capsys, "sweep", original, "--calib", calib, "--text", text, "--kv-ratios", ratios,
