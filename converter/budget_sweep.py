@@ -43,31 +43,28 @@ class SweepError(ValueError):
 
 def parse_ratios(spec: str) -> list[float]:
     """'0.25,0.5,1' -> [0.25, 0.5, 1.0]: sorted, without repeats, each in (0, 1] (parity at most)."""
-    ratios = set()
-    for part in spec.split(","):
-        try:
-            r = float(part)
-        except ValueError:
-            raise SweepError(f"--kv-ratios: {part.strip()!r} is not a number (give e.g. {DEFAULT_RATIOS})") from None
-        if not (0 < r <= 1.0) or not math.isfinite(r):
-            raise SweepError(f"--kv-ratios: {part.strip()} is outside (0, 1]: a budget above parity (1.0) "
-                             f"is refused, as by care-convert")
-        ratios.add(r)
-    return sorted(ratios)
+    return _parse_list(spec, "--kv-ratios", float, "a number", DEFAULT_RATIOS,
+                       lambda r: 0 < r <= 1.0 and math.isfinite(r),
+                       "is outside (0, 1]: a budget above parity (1.0) is refused, as by care-convert")
 
 
 def parse_rope_dims(spec: str) -> list[int]:
     """'96,64' -> [64, 96]: sorted, without repeats, each a positive even number."""
-    dims = set()
+    return _parse_list(spec, "--rope-dims", int, "a whole number", "64,96,128", lambda d: d > 0 and d % 2 == 0,
+                       "is not a positive even number")
+
+
+def _parse_list(spec: str, flag: str, kind, kind_name: str, example: str, valid, why: str) -> list:
+    values = set()
     for part in spec.split(","):
         try:
-            d = int(part)
+            value = kind(part)
         except ValueError:
-            raise SweepError(f"--rope-dims: {part.strip()!r} is not a whole number (give e.g. 64,96,128)") from None
-        if d <= 0 or d % 2:
-            raise SweepError(f"--rope-dims: {d} is not a positive even number")
-        dims.add(d)
-    return sorted(dims)
+            raise SweepError(f"{flag}: {part.strip()!r} is not {kind_name} (give e.g. {example})") from None
+        if not valid(value):
+            raise SweepError(f"{flag}: {part.strip()} {why}")
+        values.add(value)
+    return sorted(values)
 
 
 def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequence[float], *,
