@@ -84,9 +84,10 @@ class CareMLAAttention(MLAAttention):
         super().bind_kv_cache(kv_cache)
         if self.kv_cache.numel():
             logger.info("care_mla KV cache %s: shape %s, %d values/token, %d bytes/token, backend %s, "
-                        "decode %s", self.layer_name, tuple(self.kv_cache.shape), self.kv_cache.shape[-1],
-                        self.kv_cache.shape[-1] * self.kv_cache.element_size(),
-                        self.attn_backend.__name__, self.decode_form)
+                        "decode %s, prefill %s", self.layer_name, tuple(self.kv_cache.shape),
+                        self.kv_cache.shape[-1], self.kv_cache.shape[-1] * self.kv_cache.element_size(),
+                        self.attn_backend.__name__, self.decode_form,
+                        self.prefill_backend.get_name() if self.prefill_backend is not None else None)
 
 
 class CareWeightError(ValueError):

@@ -135,9 +135,9 @@ def run_vllm(model: Path, prompts_: list[list[int]], work: Path, args, compiled:
     backends = sorted(set(re.findall(r"care_mla KV cache .*?backend (\w+)", text)))
     widths = [int(w) for w in re.findall(r"care_mla KV cache .*?, (\d+) values/token", text)]
     selected = sorted(set(re.findall(r"Using (\w+) (?:attention )?backend", text)))
-    prefill = sorted(set(re.findall(r"Using (\w+) MLA prefill backend", text)
-                         + ["CARE_FLASH_ATTN"] * ("care_vllm: MLA prefill through FlashAttention" in text)
-                         + re.findall(r"care_vllm: (no fast MLA prefill at head dims .*)", text)))
+    prefill = (sorted(set(re.findall(r"care_mla KV cache .*, prefill (\w+)", text)     # what each layer got
+                          or re.findall(r"Using (\w+) MLA prefill backend", text)))    # (GQA: vLLM's choice)
+               + re.findall(r"care_vllm: (no fast MLA prefill at head dims .*)", text))  # and why not faster
     return {**out, "tag": tag, "backends": backends or selected, "selected_backend_lines": selected,
             "prefill_backend": prefill,
             "layer_widths": widths, "wall_s": round(time.time() - t0, 1)}
