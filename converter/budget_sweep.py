@@ -19,8 +19,8 @@ the model; pairs the budget cannot hold are refused before anything is converted
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
 the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
 folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
-DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims), ready for `vllm serve`; a failure leaves the ones already finished (each complete:
-converter/write.py writes them atomically) and nothing else.
+DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims), ready for `vllm serve`; a failure leaves the ones
+already finished (each complete: converter/write.py writes them atomically) and nothing else.
 """
 from __future__ import annotations
 
@@ -68,15 +68,16 @@ def _parse_list(spec: str, flag: str, kind, kind_name: str, example: str, valid,
 
 
 def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequence[float], *,
-          rope_dims: Sequence[int] | None = None, keep: Path | None = None, seqlen: int = 1024, max_tokens: int | None = None, batch_size: int = 1,
-          eval_dtype: str = "float32", **convert_options) -> dict[str, Any]:
+          rope_dims: Sequence[int] | None = None, keep: Path | None = None, seqlen: int = 1024,
+          max_tokens: int | None = None, batch_size: int = 1, eval_dtype: str = "float32",
+          **convert_options) -> dict[str, Any]:
     """Convert `src` at each KV ratio (and each of `rope_dims`, if given, in place of the rope_dim
     option) with `convert_options` (converter.pipeline.Options fields) and compare each conversion
     with `src` on `texts` (documents as eval_cli.read_texts returns them).
 
     Returns {"original_model", "original": {"ppl", "nll"}, "rows": [per ratio (and rope width):
-    "kv_ratio", "rope_dim", "cache_values_per_token", "original_cache_values_per_token", "kv_capacity" (original / converted
-    cache per token), "converted": {"ppl", "nll"}, "ppl_ratio", "kl", "top1_agreement",
+    "kv_ratio", "rope_dim", "cache_values_per_token", "original_cache_values_per_token", "kv_capacity"
+    (original / converted cache per token), "converted": {"ppl", "nll"}, "ppl_ratio", "kl", "top1_agreement",
     "convert_seconds", "checkpoint" (with keep)], "tokens", "input_tokens", "seqlen", "windows",
     "convert_options"}. Raises SweepError / ConversionError / eval_cli.EvalError on bad input, before
     anything is converted where the input allows it."""
@@ -139,8 +140,8 @@ def _rope_text(opt: dict) -> str:
 
 def _row(ratio: float, report: dict, measured: dict, checkpoint: Path | None) -> dict:
     cache, original = report["cache_values_per_token"], report["original_cache_values_per_token"]
-    row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"], "cache_values_per_token": cache, "original_cache_values_per_token": original,
-           "kv_capacity": original / cache, "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"],
+    row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"], "cache_values_per_token": cache,
+           "original_cache_values_per_token": original, "kv_capacity": original / cache, "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"],
            "kl": measured["kl"], "top1_agreement": measured["top1_agreement"],
            "convert_seconds": report["seconds"]["total"]}
     if checkpoint is not None:
@@ -157,7 +158,8 @@ def format_table(result: dict) -> str:
              "| top-1 agreement | convert s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} | {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
+        lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} "
+                     f"| {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
                      f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "
                      f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['convert_seconds']:.0f} |"
                      .replace("| -0.0000 |", "| 0.0000 |"))   # an exact conversion's KL, rounded below zero
@@ -194,12 +196,13 @@ def run(args, texts: list) -> dict:
     """care-eval sweep's body (arguments parsed and the held-out text read by care-eval's main)."""
     from .eval_cli import EvalError
 
-    skip = {"command", "src", "kv_ratios", "rope_dims", "keep", "text", "seqlen", "max_tokens", "batch_size", "eval_dtype",
-            "calib"}
+    skip = {"command", "src", "kv_ratios", "rope_dims", "keep", "text", "seqlen", "max_tokens", "batch_size",
+            "eval_dtype", "calib"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         result = sweep(args.src, args.calib, texts, parse_ratios(args.kv_ratios),
-                       rope_dims=parse_rope_dims(args.rope_dims) if args.rope_dims else None, keep=Path(args.keep) if args.keep else None, seqlen=args.seqlen, max_tokens=args.max_tokens,
+                       rope_dims=parse_rope_dims(args.rope_dims) if args.rope_dims else None,
+                       keep=Path(args.keep) if args.keep else None, seqlen=args.seqlen, max_tokens=args.max_tokens,
                        batch_size=args.batch_size, eval_dtype=args.eval_dtype, **options)
     except (SweepError, ConversionError) as e:
         raise EvalError(str(e)) from None
