@@ -139,6 +139,8 @@ def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, referenc
     cfg = json.loads((served[1] / "config.json").read_text())
     assert served[3].kv_layer_decode_forms() == {
         l: f"key/value split {k}+{v}" for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"]))}
+    # prefill through the plugin's tiled CPU kernels, not vLLM's dense CPU_SDPA_MLA they replace
+    assert served[3].kv_layer_prefill_backends() == {l: "CARE_CPU_MLA_PREFILL" for l in range(len(cfg["k_ranks"]))}
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
     n_new = 32
     diff = compare_concurrent(_client(served[3]), model, prompt_ids, n_new)

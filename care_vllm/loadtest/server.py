@@ -36,7 +36,7 @@ KV_LINE = re.compile(r"(?:(\w+(?: \+ host)?) )?KV cache size: ([\d,]+) tokens"
 # The line care_vllm logs as the engine binds each layer's KV tensor (care_vllm/models.py): its shape
 # and, since the key/value split decode, the layer's decode form ("key/value split 25+38", "joint latent").
 CARE_KV_LAYER = re.compile(r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: shape \(([\d, ]+)\)"
-                           r"(?:.*, decode (.+))?")
+                           r"(?:.*?, decode ([^,\n]+))?(?:, prefill (\w+))?")
 
 
 class ServerError(RuntimeError):
@@ -295,3 +295,7 @@ class VllmServer:
     def kv_layer_decode_forms(self) -> dict[int, str]:
         """{layer index: the decode form care_vllm logged for it ("key/value split 5+9" or "joint latent")}."""
         return {int(m.group(1)): m.group(3).strip() for m in CARE_KV_LAYER.finditer(self.log_text()) if m.group(3)}
+
+    def kv_layer_prefill_backends(self) -> dict[int, str]:
+        """{layer index: the MLA prefill backend care_vllm logged for it (e.g. "CARE_CPU_MLA_PREFILL")}."""
+        return {int(m.group(1)): m.group(4) for m in CARE_KV_LAYER.finditer(self.log_text()) if m.group(4)}
