@@ -151,12 +151,16 @@ def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int
     return min(parity, math.floor(ratio * parity + 1e-9))
 
 
+def head_dim(cfg) -> int:
+    """The source's attention head width (configs without `head_dim` imply hidden / heads)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def cache_shape(opts: Options, cfg) -> tuple[int, int]:
     """(cache values per token over all layers, rope key width) of converting a model of config `cfg`
     with `opts`. Refuses, before anything slow runs, a budget above parity, a rope key wider than the
     original keys, and rope keys that leave the latents no room."""
-    n_layers, g = cfg.num_hidden_layers, cfg.num_key_value_heads
-    d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_layers, g, d_h = cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg)
     budget = cache_budget(opts, n_layers, 2 * g * d_h)
     d_r = opts.rope_dim if opts.rope_dim is not None else default_rope_dim(d_h, budget // n_layers)
     rope_map.check_rope_dim(d_r, g, d_h)
@@ -230,7 +234,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     src = source.name
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
-    d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    d_h = head_dim(cfg)
     per_layer_orig = 2 * g * d_h
     budget, d_r = cache_shape(opts, cfg)
 

@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from care_vllm.loadtest.server import CARE_KV_LAYER  # noqa: E402  (the plugin's per-layer log line)
 from perf import device_name, run_logged  # noqa: E402  (same env, own process group: no engine core left on the GPU)
 
 GEN_TOKENS = 32
@@ -135,7 +136,7 @@ def run_vllm(model: Path, prompts_: list[list[int]], work: Path, args, compiled:
     backends = sorted(set(re.findall(r"care_mla KV cache .*?backend (\w+)", text)))
     widths = [int(w) for w in re.findall(r"care_mla KV cache .*?, (\d+) values/token", text)]
     selected = sorted(set(re.findall(r"Using (\w+) (?:attention )?backend", text)))
-    prefill = (sorted(set(re.findall(r"care_mla KV cache .*, prefill (\w+)", text)     # what each layer got
+    prefill = (sorted(set([m.group(4) for m in CARE_KV_LAYER.finditer(text) if m.group(4)]   # each layer's
                           or re.findall(r"Using (\w+) MLA prefill backend", text)))    # (GQA: vLLM's choice)
                + re.findall(r"care_vllm: (no fast MLA prefill at head dims .*)", text))  # and why not faster
     return {**out, "tag": tag, "backends": backends or selected, "selected_backend_lines": selected,

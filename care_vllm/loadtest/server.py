@@ -34,7 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 KV_LINE = re.compile(r"(?:(\w+(?: \+ host)?) )?KV cache size: ([\d,]+) tokens"
                      r"(?:, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x)?")
 # The line care_vllm logs as the engine binds each layer's KV tensor (care_vllm/models.py): its shape
-# and, since the key/value split decode, the layer's decode form ("key/value split 25+38", "joint latent").
+# and, since the key/value split decode, the layer's decode form ("key/value split 25+38", "joint latent"),
+# and since 2026-12-04 its MLA prefill backend ("CARE_CPU_MLA_PREFILL"; older logs lack it).
 CARE_KV_LAYER = re.compile(r"care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: shape \(([\d, ]+)\)"
                            r"(?:.*?, decode ([^,\n]+))?(?:, prefill (\w+))?")
 
