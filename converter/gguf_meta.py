@@ -7,7 +7,7 @@ silently and builds the model with plain rope, so every such GGUF would be calib
 compared with the wrong frequencies (on a tiny Llama-3 GGUF the logits moved by up to 15). Rope scaling
 stored as metadata (`<arch>.rope.scaling.type`, e.g. linear or yarn) is not read for Llama/Qwen3 either.
 Here the divisors are turned back into transformers' llama3 `rope_parameters`, checked to reproduce
-them, and a metadata scaling is mapped when it is a static one the converter supports (linear) and
+them, and a metadata scaling is mapped when it is a static one the converter supports (linear, yarn) and
 refused otherwise. And transformers does not read a Qwen3 GGUF's head dimension
 (`<arch>.attention.key_length`, which llama.cpp writes) but takes Qwen3Config's default 128: any other
 head_dim would fail to load or load wrongly shaped. Nor a Qwen3-MoE GGUF's expert width
@@ -28,6 +28,9 @@ from .errors import ConversionError
 ROPE_FREQS = "rope_freqs.weight"
 # Llama 3.x's values: what the divisors are fitted against when they do not determine the bands themselves
 LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# llama.cpp's yarn keys (after `<arch>.rope.scaling.`) -> transformers' yarn rope_parameters
+YARN_KEYS = {"factor": "factor", "original_context_length": "original_max_position_embeddings",
+             "yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow"}
 
 
 @dataclass
@@ -75,17 +78,41 @@ def apply_rope(config, meta: GgufMeta, where: str) -> None:
     """Set `config.rope_parameters` to what the GGUF's rope scaling is (unchanged when it has none)."""
     rope = dict(config.rope_parameters)
     kind = str(meta.rope_scaling.get("type", "none")).lower()
-    if kind not in ("none", "linear"):
+    if kind not in ("none", "linear", "yarn"):
         raise ConversionError(f"{where}: rope scaling {kind!r} (GGUF metadata) is not supported; care-convert "
-                              f"needs a static rope (default, llama3, linear)")
+                              f"needs a static rope (default, llama3, linear, yarn)")
     if kind == "linear" and float(meta.rope_scaling.get("factor", 1.0)) != 1.0:
         rope.update(rope_type="linear", factor=float(meta.rope_scaling["factor"]))
+    if kind == "yarn":
+        rope = _yarn_parameters(rope, meta.rope_scaling, where)
     if meta.rope_factors is not None and not np.all(meta.rope_factors == 1.0):
         if kind == "linear" or config.model_type != "llama":
             raise ConversionError(f"{where}: {ROPE_FREQS} (per-frequency rope factors) is only understood for "
                                   f"Llama with no other rope scaling")
         rope = _llama3_parameters(config, rope, meta.rope_factors, where)
     config.rope_parameters = rope
+
+
+def _yarn_parameters(rope: dict, scaling: dict, where: str) -> dict:
+    """transformers' yarn rope_parameters from llama.cpp's `rope.scaling.*` keys (what its converter writes for
+    a transformers config with rope_type yarn). Both compute the same frequencies (ramp between beta_fast
+    and beta_slow with floored/ceiled bounds) and, unless told otherwise, the same attention factor
+    0.1 ln(factor) + 1. llama.cpp's own attention-factor and extrapolation knobs have no one-to-one
+    transformers meaning (its attn_factor multiplies that default, transformers' attention_factor replaces
+    it), so a file that sets them is refused rather than guessed."""
+    unknown = sorted(set(scaling) - set(YARN_KEYS) - {"type", "finetuned"})
+    if unknown:
+        raise ConversionError(f"{where}: rope scaling 'yarn' with {', '.join(unknown)} (GGUF metadata) is not "
+                              f"understood; convert from the transformers checkpoint instead")
+    missing = [k for k in ("factor", "original_context_length") if k not in scaling]
+    if missing:
+        raise ConversionError(f"{where}: rope scaling 'yarn' without {' or '.join(missing)} (GGUF metadata)")
+    out = {"rope_type": "yarn", "rope_theta": rope["rope_theta"]}
+    for key, name in YARN_KEYS.items():
+        if key in scaling:
+            value = scaling[key]
+            out[name] = int(value) if name == "original_max_position_embeddings" else float(value)
+    return out
 
 
 def _llama3_parameters(config, rope: dict, factors: np.ndarray, where: str) -> dict:

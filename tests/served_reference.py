@@ -26,7 +26,7 @@ def serve_args(*extra: str) -> list[str]:
             "--max-num-seqs", "8", *extra]
 
 
-def varied_original(path: Path, arch: str, head_dim: int = 16) -> Path:
+def varied_original(path: Path, arch: str, head_dim: int = 16, rope: dict | None = None) -> Path:
     """A tiny random original whose greedy continuations vary (a plain random model with tied
     embeddings mostly repeats its last token, which would make the greedy comparison weak): the
     attention and MLP outputs are scaled up so that the context, not the current token, decides.
@@ -34,7 +34,8 @@ def varied_original(path: Path, arch: str, head_dim: int = 16) -> Path:
     comparing KV sizes, not for serving the original)."""
     from safetensors.torch import load_file, save_file
 
-    src = make_tiny_original(path, arch, num_layers=4, hidden=64, heads=4, kv_heads=2, head_dim=head_dim, seed=1)
+    src = make_tiny_original(path, arch, num_layers=4, hidden=64, heads=4, kv_heads=2, head_dim=head_dim, seed=1,
+                             rope=rope)
     f = next(src.glob("*.safetensors"))
     tensors = load_file(str(f))
     for name in tensors:

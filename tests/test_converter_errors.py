@@ -54,6 +54,19 @@ def test_unsupported_architecture(tiny, tmp_path):
     assert_refused(run_convert(bad, out, "--calib", calib), out, "unsupported architecture", "GPT2LMHeadModel")
 
 
+def test_position_dependent_rope_scaling(tiny, tmp_path):
+    """Dynamic NTK changes the frequencies with the sequence length: no fixed rope key can keep them."""
+    _, src, calib = tiny
+    bad = tmp_path / "dynamic"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 500000.0, "factor": 2.0}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib), out, "rope_type 'dynamic' is not supported",
+                   "default, linear, llama3, yarn")
+
+
 def test_missing_tensor(tiny, tmp_path):
     _, src, calib = tiny
     bad = tmp_path / "missing"

@@ -3,12 +3,15 @@ original model: the original transformers logits are the independent reference.
 
 Checked three ways: the naive FORMAT.md forward (tests/format_reference.py, fp64), and model_defs
 in both attention paths (plain and absorbed), fp32, to 1e-4.
-Also checks that partial RoPE keeps the llama3-scaled frequencies exactly, and that the converted
-folder runs in plain transformers through its own copy of the modeling code (`trust_remote_code`).
+The originals cover llama3 rope scaling (Llama), plain rope (Qwen3, Qwen3-MoE) and yarn (Qwen3 with
+its long-context setting, whose attention factor scales every logit: the converted softmax scale must carry
+it). Also checks that partial RoPE keeps the llama3- and yarn-scaled frequencies exactly, and that the
+converted folder runs in plain transformers through its own copy of the modeling code (`trust_remote_code`).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,21 +21,27 @@ import torch
 
 from converter.pipeline import convert
 from tests import format_reference
-from tests.tiny_models import make_tiny_original
+from tests.tiny_models import QWEN3_YARN, make_tiny_original
 
 PROMPT_IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 43, 600, 7000, 2, 31, 88,
                1024, 64, 16383, 500, 501, 502, 99, 100, 4096, 17]]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen3_moe"])
+# variant -> (architecture, rope_parameters or None for the architecture's own: llama3 scaling for Llama)
+VARIANTS = {"llama": ("llama", None), "qwen3": ("qwen3", None), "qwen3_moe": ("qwen3_moe", None),
+            "qwen3_yarn": ("qwen3", QWEN3_YARN)}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def exact_pair(request, tmp_path_factory, calib_file):
-    arch = request.param
-    root = tmp_path_factory.mktemp(f"exact_{arch}")
-    src = make_tiny_original(root / "orig", arch, num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    arch, rope = VARIANTS[request.param]
+    root = tmp_path_factory.mktemp(f"exact_{request.param}")
+    src = make_tiny_original(root / "orig", arch, num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                             rope=rope)
     out = root / "mla"
     report = convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=2 * 16,
                      calib_samples=8, calib_seqlen=64, ranks="uniform")
-    return arch, src, out, report
+    return request.param, src, out, report
 
 
 def _original_logits(src, dtype):
@@ -105,18 +114,24 @@ def test_full_rank_checkpoint_runs_in_plain_transformers_with_its_own_code(exact
     assert err < 1e-4, f"{arch}: max |logit diff| {err}"
 
 
-def test_llama3_scaled_frequencies_are_kept_exactly(tmp_path, calib_file):
-    """Partial RoPE: every rope pair's frequency is one of the source's llama3-scaled inv_freq, bit for bit."""
+@pytest.mark.parametrize("arch,theta,rope", [("llama", 500000.0, None), ("qwen3", 1e6, QWEN3_YARN)])
+def test_scaled_frequencies_are_kept_exactly(tmp_path, calib_file, arch, theta, rope):
+    """Partial RoPE: every rope pair's frequency is one of the source's llama3- or yarn-scaled inv_freq, bit
+    for bit, and the softmax scale is the original's times the square of its rope attention factor."""
     from transformers import AutoModelForCausalLM
 
-    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=2, head_dim=16)
+    src = make_tiny_original(tmp_path / "orig", arch, num_layers=2, head_dim=16, rope=rope)
     convert(src, tmp_path / "mla", calib_files=[calib_file], kv_ratio=0.75, rope_dim=8,
             calib_samples=4, calib_seqlen=32)
     cfg = json.loads((tmp_path / "mla" / "config.json").read_text())
-    orig = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).model.rotary_emb.inv_freq
+    rotary = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).model.rotary_emb
+    orig = rotary.inv_freq
     kept = torch.tensor(cfg["rope_inv_freq"], dtype=torch.float32)
     assert len(kept) == 4
-    default = 500000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)
-    assert not torch.equal(orig, default), "the tiny model must actually exercise llama3 scaling"
+    default = theta ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    assert not torch.equal(orig, default), f"the tiny {arch} model must actually exercise its rope scaling"
     for f in kept:
         assert (orig == f).any(), f"rope frequency {f} is not one of the source's {orig.tolist()}"
+    # yarn's factor from its paper's formula, not from the code under test: 0.1 ln(factor) + 1
+    factor = 0.1 * math.log(rope["factor"]) + 1 if rope else 1.0
+    assert cfg["softmax_scale"] == pytest.approx(16 ** -0.5 * factor ** 2, rel=1e-12)

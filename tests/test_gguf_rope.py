@@ -2,7 +2,9 @@
 a `rope_freqs.weight` tensor that transformers skips. The reference is transformers' own llama3 rope:
 a tiny Llama-3 folder written as a GGUF the way llama.cpp's converter writes it loads with the folder's
 inverse frequencies and logits exactly, and its conversion keeps them; the divisors of real Llama 3.1 /
-3.2 shapes map back to their rope_parameters; what cannot be mapped is refused by name."""
+3.2 shapes map back to their rope_parameters. Yarn (Qwen3's long-context setting) is stored as rope.scaling.*
+metadata, which transformers does not read either: a tiny Qwen3-yarn GGUF loads with the folder's frequencies,
+attention factor and logits. What cannot be mapped is refused by name."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,7 @@ from converter.errors import ConversionError
 from converter.gguf_meta import GgufMeta, apply, apply_rope
 from converter.load import load_source
 from tests.gguf_files import llama3_rope_factors, write_gguf
-from tests.tiny_models import LLAMA3_ROPE, make_tiny_original
+from tests.tiny_models import LLAMA3_ROPE, QWEN3_YARN, make_tiny_original
 
 
 @pytest.mark.parametrize("caching", ["on", "off"])
@@ -47,6 +49,35 @@ def test_llama3_gguf_keeps_its_rope(tmp_path, monkeypatch, calib_file, caching):
     assert set(kept) - set(plain.tolist())     # some of them scaled (what a plain-rope load would miss)
 
 
+def test_yarn_gguf_keeps_its_rope(tmp_path, calib_file):
+    """Qwen3 with yarn (its long-context setting) as llama.cpp writes it: rope.scaling.* metadata, which
+    transformers' GGUF reader drops. Loaded from the GGUF, the model has the folder's frequencies, attention
+    factor and logits, and its conversion the folder's softmax scale."""
+    from converter.pipeline import convert
+
+    src = make_tiny_original(tmp_path / "orig", "qwen3", num_layers=2, hidden=128, heads=2, kv_heads=1,
+                             head_dim=64, rope=QWEN3_YARN)
+    gguf = write_gguf(src, tmp_path / "tiny-qwen3-yarn.F32.gguf")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    source = load_source(gguf)
+    assert source.config.rope_parameters == QWEN3_YARN
+    rotary = source.model.model.rotary_emb
+    assert torch.equal(rotary.inv_freq, ref.model.rotary_emb.inv_freq)
+    assert rotary.attention_scaling == ref.model.rotary_emb.attention_scaling != 1.0
+    x = torch.randint(0, ref.config.vocab_size, (2, 300))   # past the original context (256)
+    with torch.no_grad():
+        assert torch.equal(source.model(x).logits, ref(x).logits)
+
+    convert(gguf, tmp_path / "from_gguf", calib_files=[calib_file], kv_ratio=0.5, rope_dim=16, calib_samples=4,
+            calib_seqlen=64)
+    convert(src, tmp_path / "from_folder", calib_files=[calib_file], kv_ratio=0.5, rope_dim=16, calib_samples=4,
+            calib_seqlen=64)
+    got, want = ({k: json.loads((tmp_path / d / "config.json").read_text())[k]
+                  for k in ("softmax_scale", "rope_inv_freq", "source_rope_parameters")}
+                 for d in ("from_gguf", "from_folder"))
+    assert got == want
+
+
 @pytest.mark.parametrize("head_dim,factor,old_ctx", [(128, 8.0, 8192), (128, 32.0, 8192), (64, 8.0, 256)])
 def test_rope_freqs_map_back_to_llama3_parameters(head_dim, factor, old_ctx):
     """Llama 3.1 (factor 8) and 3.2 (factor 32) shapes, and the tiny test model's."""
@@ -69,8 +100,18 @@ def test_rope_scaling_metadata():
     plain = cfg()
     apply_rope(plain, GgufMeta(None, np.ones(32, dtype=np.float32), {}), "x.gguf")
     assert plain.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
-    with pytest.raises(ConversionError, match="x.gguf: rope scaling 'yarn'"):
+    yarn = cfg()
+    apply_rope(yarn, GgufMeta(None, None, {"type": "yarn", "factor": 4.0, "original_context_length": 32768,
+                                           "yarn_beta_fast": 16.0, "finetuned": False}), "x.gguf")
+    assert yarn.rope_parameters == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                    "original_max_position_embeddings": 32768, "beta_fast": 16.0}
+    with pytest.raises(ConversionError, match="x.gguf: rope scaling 'longrope'"):
+        apply_rope(cfg(), GgufMeta(None, None, {"type": "longrope", "factor": 4.0}), "x.gguf")
+    with pytest.raises(ConversionError, match="x.gguf: rope scaling 'yarn' without original_context_length"):
         apply_rope(cfg(), GgufMeta(None, None, {"type": "yarn", "factor": 4.0}), "x.gguf")
+    with pytest.raises(ConversionError, match="'yarn' with yarn_attn_factor .*not understood"):
+        apply_rope(cfg(), GgufMeta(None, None, {"type": "yarn", "factor": 4.0, "original_context_length": 256,
+                                                "yarn_attn_factor": 1.0}), "x.gguf")
     with pytest.raises(ConversionError, match="x.gguf: rope_freqs.weight .*matches no llama3"):
         apply_rope(cfg(), GgufMeta(None, np.linspace(1, 3, 32).astype(np.float32)[::-1].copy(), {}), "x.gguf")
     with pytest.raises(ConversionError, match="x.gguf: rope_freqs.weight has 16 entries"):

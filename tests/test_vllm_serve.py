@@ -1,5 +1,6 @@
 """End to end: `vllm serve OUT` (care_vllm plugin, CPU vLLM) on real conversions of tiny random
-Llama-3, Qwen3 and Qwen3-MoE originals whose layers get DIFFERENT latent ranks.
+Llama-3 (llama3 rope scaling), Qwen3 (yarn) and Qwen3-MoE (plain rope) originals whose layers get DIFFERENT
+latent ranks.
 
 One care server per variant (module-scoped fixture), plus the GQA original served by stock vLLM
 with the same KV-cache budget, started alongside and stopped once its KV cache is allocated.
@@ -30,6 +31,7 @@ import pytest
 from care_vllm.loadtest.server import prefix_cache_counters
 from tests.served_reference import (KV_BYTES, MAX_LEN, PROMPTS, compare_concurrent, reference_model, serve_args,
                                      varied_original)
+from tests.tiny_models import QWEN3_YARN
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -49,7 +51,9 @@ def served(request, tmp_path_factory, calib_file):
 
     arch = request.param
     root = tmp_path_factory.mktemp(f"serve_{arch}")
-    src = varied_original(root / "orig", arch)
+    # the Qwen3 original with yarn (Qwen3's long-context setting: its attention factor is in the converted
+    # softmax scale), the Llama one with llama3 scaling, the Qwen3-MoE one with plain rope
+    src = varied_original(root / "orig", arch, rope=QWEN3_YARN if arch == "qwen3" else None)
     out = root / "mla"
     # qwen3_moe without the o_proj refit: refitted on the synthetic 40-word calibration text, this random
     # model's greedy continuation of the English prompts below collapses to one repeated token (the

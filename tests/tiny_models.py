@@ -24,6 +24,10 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
 }
 
+# Qwen3's documented long-context setting (factor 4 over its pretraining context), at the tiny models' scale:
+# 256 * 4 = the tiny models' default max_position_embeddings. Its attention factor is 0.1 ln 4 + 1.
+QWEN3_YARN = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256}
+
 
 def require_shared(path: Path) -> Path:
     """Skip (with the missing path named) where ../shared is absent; CI always has it."""
@@ -66,23 +70,24 @@ def _randomize(model: torch.nn.Module, seed: int, embed_std: float = 0.3, qk_gai
 def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, hidden: int = 64,
                        heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
                        max_positions: int = 1024, embed_std: float = 0.3, qk_gain: float = 2.5,
-                       mlp_only_layers: list[int] | None = None) -> Path:
+                       mlp_only_layers: list[int] | None = None, rope: dict | None = None) -> Path:
     """Write a random tiny Llama-3 (`arch="llama"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
     (`arch="qwen3_moe"`: 4 experts, top-2, normalized; dense layers `mlp_only_layers`, by default the last
-    one when there are 2+) checkpoint to `out`."""
+    one when there are 2+) checkpoint to `out`. `rope`: rope_parameters instead of the architecture's
+    (Llama: LLAMA3_ROPE; Qwen3: plain rope, theta 1e6)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
                               Qwen3MoeForCausalLM)
 
     require_shared(TOKENIZER_SRC)
     kw = _common(num_layers, hidden, heads, kv_heads, head_dim, max_positions)
     if arch == "llama":
-        cfg = LlamaConfig(**kw, rope_parameters=dict(LLAMA3_ROPE))
+        cfg = LlamaConfig(**kw, rope_parameters=dict(rope or LLAMA3_ROPE))
         model = LlamaForCausalLM(cfg)
     elif arch == "qwen3":
-        cfg = Qwen3Config(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        cfg = Qwen3Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}))
         model = Qwen3ForCausalLM(cfg)
     elif arch == "qwen3_moe":
-        cfg = Qwen3MoeConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        cfg = Qwen3MoeConfig(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
                              norm_topk_prob=True, decoder_sparse_step=1,
                              mlp_only_layers=mlp_only_layers if mlp_only_layers is not None
