@@ -27,7 +27,7 @@ from model_defs.configuration_care import AUTO_MAP
 from tqdm.auto import tqdm
 
 from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, model_card, refit,
-               rope_map, write)
+               rope_map, source_rope, write)
 from .errors import ConversionError
 from .plot import plot_ranks
 
@@ -448,20 +448,6 @@ def _layer_report(l, rm, k_errors, v_errors, k_rank, v_rank) -> dict:
             "rope_energy_fraction": round(rm.energy_kept, 6)}
 
 
-def softmax_scale(rotary_emb, head_dim: int) -> float:
-    """The converted attention's logit scale: the original's 1/sqrt(d_h) times the square of the rope's
-    attention factor (yarn's mscale; 1 for the other rope types).
-
-    Why the square, on every dim: the source multiplies cos and sin by that factor for queries and keys
-    alike, so each of its logits, over all d_h rotated dims, is factor^2 times the unscaled product. The
-    converted keys' NoPE part is not rotated, so it would miss the factor; folding it into the scale
-    instead keeps the whole logit exact, and the rope key runs with plain cos/sin at yarn's frequencies."""
-    factor = float(getattr(rotary_emb, "attention_scaling", 1.0))
-    if not (math.isfinite(factor) and factor > 0):
-        raise ConversionError(f"the source's rope attention factor must be a positive number (got {factor})")
-    return head_dim ** -0.5 * factor ** 2
-
-
 def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -> dict:
     ranks = [k + v for k, v in zip(k_ranks, v_ranks)]
     gen_ids = {k: getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -472,7 +458,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads, "hidden_act": cfg.hidden_act,
-        "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps, "max_position_embeddings": source_rope.served_max_positions(cfg),
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
         "initializer_range": getattr(cfg, "initializer_range", 0.02),
         **gen_ids,
@@ -483,7 +469,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "q_lora_rank": None,
         "use_qk_norm": source.arch == "qwen3",
         "rope_inv_freq": [float(x) for x in inv_freq.tolist()],
-        "softmax_scale": softmax_scale(source.model.model.rotary_emb, d_h),
+        "softmax_scale": source_rope.softmax_scale(source.model.model.rotary_emb, d_h),
         "source_rope_parameters": dict(getattr(cfg, "rope_parameters", None) or {}),
         "source_model": src_name,
         "source_revision": source.revision,

@@ -59,6 +59,31 @@ def _dense_latent_attention(q, rows, scale, r):
     return torch.softmax(s, -1) @ rows[:, :r].double()    # [N, r]
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},   # vLLM serves the source at 2 x 1024
+    {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    {"rope_type": "default", "rope_theta": 10000.0}], ids=lambda r: r["rope_type"])
+def test_vllm_gives_the_converted_model_the_sources_context_length(tmp_path, calib_file, rope):
+    """`vllm serve` without --max-model-len: vLLM's own ModelConfig derives the same max_model_len for the
+    converted checkpoint as for its source. (A converted config has no rope scaling for vLLM to multiply
+    by: with the source's max_position_embeddings a linear-scaled source's conversion got half its context.)"""
+    from vllm.config import ModelConfig   # before the plugin: vllm.plugins first is a circular import
+
+    import care_vllm
+    from converter.pipeline import convert
+    from tests.tiny_models import make_tiny_original
+
+    care_vllm.register()
+    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=2, rope=rope)
+    convert(src, tmp_path / "mla", calib_files=[calib_file], kv_ratio=0.5, rope_dim=8, calib_samples=4,
+            calib_seqlen=32)
+    lengths = [ModelConfig(model=str(p)).max_model_len for p in (src, tmp_path / "mla")]
+    assert lengths[0] == (2048 if rope["rope_type"] == "linear" else 1024), lengths
+    assert lengths[1] == lengths[0], lengths
+
+
 @pytest.mark.parametrize("width,rope,block", [(27, 8, 16), (53, 8, 16), (100, 36, 5)])
 def test_paged_latent_decode_matches_dense(width, rope, block):
     from care_vllm.backends.cpu import paged_latent_decode
