@@ -25,8 +25,11 @@ from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
-SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward)
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
+             "Qwen3MoeForCausalLM": "qwen3"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM"}
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
 # attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (pipeline._config)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
@@ -133,6 +136,10 @@ def _check_config(cfg, where: str) -> str:
         raise ConversionError(f"{where}: attention/MLP biases are not supported (attention_bias/mlp_bias=true)")
     if getattr(cfg, "use_sliding_window", False):
         raise ConversionError(f"{where}: sliding-window attention is not supported (use_sliding_window=true)")
+    window = getattr(cfg, "sliding_window", None)
+    if arch_name == "MistralForCausalLM" and window is not None and window < cfg.max_position_embeddings:
+        raise ConversionError(f"{where}: sliding-window attention is not supported (sliding_window={window}, "
+                              f"max_position_embeddings={cfg.max_position_embeddings})")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:

@@ -67,6 +67,19 @@ def test_position_dependent_rope_scaling(tiny, tmp_path):
                    "default, linear, llama3, yarn")
 
 
+def test_mistral_with_a_sliding_window(tmp_path):
+    """Mistral-7B-v0.1's 4096-token window (v0.3 and Nemo have none and convert as Llama)."""
+    src = make_tiny_original(tmp_path / "orig", "mistral", num_layers=2)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["sliding_window"] = 512
+    (src / "config.json").write_text(json.dumps(cfg))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a few words of calibration text, repeated. " * 200)
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib), out, "sliding-window attention is not supported",
+                   "sliding_window=512")
+
+
 def test_missing_tensor(tiny, tmp_path):
     _, src, calib = tiny
     bad = tmp_path / "missing"

@@ -3,7 +3,7 @@ original model: the original transformers logits are the independent reference.
 
 Checked three ways: the naive FORMAT.md forward (tests/format_reference.py, fp64), and model_defs
 in both attention paths (plain and absorbed), fp32, to 1e-4.
-The originals cover llama3 rope scaling (Llama), plain rope (Qwen3, Qwen3-MoE) and yarn (Qwen3 with
+The originals cover llama3 rope scaling (Llama), plain rope (Qwen3, Qwen3-MoE, Mistral) and yarn (Qwen3 with
 its long-context setting, whose attention factor scales every logit: the converted softmax scale must carry
 it). Also checks that partial RoPE keeps the llama3- and yarn-scaled frequencies exactly, and that the
 converted folder runs in plain transformers through its own copy of the modeling code (`trust_remote_code`).
@@ -29,7 +29,7 @@ PROMPT_IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 4
 
 # variant -> (architecture, rope_parameters or None for the architecture's own: llama3 scaling for Llama)
 VARIANTS = {"llama": ("llama", None), "qwen3": ("qwen3", None), "qwen3_moe": ("qwen3_moe", None),
-            "qwen3_yarn": ("qwen3", QWEN3_YARN)}
+            "qwen3_yarn": ("qwen3", QWEN3_YARN), "mistral": ("mistral", None)}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -71,18 +71,22 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
                        heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
                        max_positions: int = 1024, embed_std: float = 0.3, qk_gain: float = 2.5,
                        mlp_only_layers: list[int] | None = None, rope: dict | None = None) -> Path:
-    """Write a random tiny Llama-3 (`arch="llama"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
+    """Write a random tiny Llama-3 (`arch="llama"`), Mistral (`arch="mistral"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
     (`arch="qwen3_moe"`: 4 experts, top-2, normalized; dense layers `mlp_only_layers`, by default the last
     one when there are 2+) checkpoint to `out`. `rope`: rope_parameters instead of the architecture's
     (Llama: LLAMA3_ROPE; Qwen3: plain rope, theta 1e6)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     require_shared(TOKENIZER_SRC)
     kw = _common(num_layers, hidden, heads, kv_heads, head_dim, max_positions)
     if arch == "llama":
         cfg = LlamaConfig(**kw, rope_parameters=dict(rope or LLAMA3_ROPE))
         model = LlamaForCausalLM(cfg)
+    elif arch == "mistral":   # as Mistral-7B-v0.3 / Nemo: no sliding window, plain rope
+        cfg = MistralConfig(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
+                            sliding_window=None)
+        model = MistralForCausalLM(cfg)
     elif arch == "qwen3":
         cfg = Qwen3Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}))
         model = Qwen3ForCausalLM(cfg)
