@@ -44,6 +44,23 @@ def layer_widths(cfg) -> list[int]:
     return [int(k) + int(v) + d_r for k, v in zip(cfg.k_ranks, cfg.v_ranks)]
 
 
+# GQA facts a care_mla config never carries (model_defs/configuration_care.py's _FORBIDDEN_KEYS): one of them
+# on the config vLLM built means `--hf-overrides` (or the like) put it there
+GQA_KEYS = ("head_dim", "num_key_value_heads", "rope_parameters", "rope_scaling", "rope_theta")
+
+
+def refuse_gqa_overrides(cfg) -> None:
+    """Stop `vllm serve --hf-overrides '{"rope_scaling": ...}'` (Qwen3's documented way to turn on yarn for long
+    contexts) on a converted checkpoint: the model never reads those keys (its rope frequencies and logit
+    scale were fixed by care-convert), so it would serve the unscaled rope under the name of the scaled one."""
+    given = [k for k in GQA_KEYS if k in vars(cfg)]
+    if given:
+        raise ValueError(
+            f"care_mla checkpoints do not take {', '.join(given)} overrides: their rope frequencies and "
+            f"softmax scale were fixed at conversion. To serve with rope scaling (e.g. yarn), set rope_scaling "
+            f"(and max_position_embeddings) in the source's config.json and convert that with care-convert")
+
+
 def register_convertor() -> None:
     from vllm.transformers_utils import model_arch_config_convertor as mac
 
@@ -53,6 +70,10 @@ def register_convertor() -> None:
     class CareMLAArchConfigConvertor(mac.ModelArchConfigConvertorBase):
         """care_mla is MLA: one latent KV head; the global head size is the widest layer's cache
         width (kv_lora_rank = max_l r[l], plus d_r). Each layer's own width comes from the layer."""
+
+        def __init__(self, hf_config, hf_text_config, *args, **kwargs):
+            super().__init__(hf_config, hf_text_config, *args, **kwargs)
+            refuse_gqa_overrides(hf_text_config)
 
         def is_deepseek_mla(self) -> bool:
             return getattr(self.hf_text_config, "kv_lora_rank", None) is not None

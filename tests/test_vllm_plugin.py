@@ -54,6 +54,33 @@ def test_register_is_idempotent_and_registers_everything():
     assert conv.is_deepseek_mla() and conv.get_head_size() == 40 and conv.get_total_num_kv_heads() == 1
 
 
+def test_rope_overrides_at_serve_time_are_refused(tmp_path, calib_file):
+    """`vllm serve --hf-overrides '{"rope_scaling": {yarn...}}'` (Qwen3's documented long-context switch) works
+    on the original; on a conversion, whose rope is fixed in its weights and config, vLLM would have taken
+    the override and the model served unscaled rope: the plugin stops it with the way to do it instead."""
+    from pydantic import ValidationError
+    from vllm.config import ModelConfig
+
+    import care_vllm
+    from converter.pipeline import convert
+    from tests.tiny_models import QWEN3_YARN, make_tiny_original
+
+    care_vllm.register()
+    src = make_tiny_original(tmp_path / "orig", "qwen3", num_layers=2)
+    convert(src, tmp_path / "mla", calib_files=[calib_file], kv_ratio=0.5, rope_dim=8, calib_samples=4,
+            calib_seqlen=32)
+    yarn = {k: v for k, v in QWEN3_YARN.items() if k != "rope_theta"}
+    overrides = {"rope_scaling": yarn, "max_position_embeddings": 4096}
+    assert ModelConfig(model=str(src), hf_overrides=overrides).max_model_len == 4096
+    assert ModelConfig(model=str(tmp_path / "mla")).max_model_len == 1024
+    with pytest.raises(ValidationError, match="care_mla checkpoints do not take rope_parameters overrides.*"
+                                              "convert that with care-convert"):
+        ModelConfig(model=str(tmp_path / "mla"), hf_overrides=overrides)
+    # what does not touch the rope still goes through
+    assert ModelConfig(model=str(tmp_path / "mla"), hf_overrides={"max_position_embeddings": 4096}).max_model_len \
+        == 4096
+
+
 def _dense_latent_attention(q, rows, scale, r):
     s = (q.double() @ rows.double().T) * scale            # [N, T]
     return torch.softmax(s, -1) @ rows[:, :r].double()    # [N, r]
