@@ -57,8 +57,8 @@ def refuse_gqa_overrides(cfg) -> None:
     if given:
         raise ValueError(
             f"care_mla checkpoints do not take {', '.join(given)} overrides: their rope frequencies and "
-            f"softmax scale were fixed at conversion. To serve with rope scaling (e.g. yarn), set rope_scaling "
-            f"(and max_position_embeddings) in the source's config.json and convert that with care-convert")
+            f"softmax scale were fixed at conversion. To serve with rope scaling (e.g. yarn), convert with it: "
+            f"care-convert SRC OUT --hf-overrides '<the same JSON>' (or set it in the source's config.json)")
 
 
 def register_convertor() -> None:

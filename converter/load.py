@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import fp8_source, gguf_cache, model_card
+from . import fp8_source, gguf_cache, model_card, source_rope
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
@@ -213,7 +213,8 @@ def _expand_fused_experts(expected: dict, have: dict) -> None:
                 expected[f"{prefix}.{e}.{part}.weight"] = (rows // len(PARTS[fused]), cols)
 
 
-def load_source(src: str | Path, revision: str | None = None, stream_experts: bool = False) -> Source:
+def load_source(src: str | Path, revision: str | None = None, stream_experts: bool = False,
+                hf_overrides: dict | None = None) -> Source:
     """Load and validate a source checkpoint on the CPU, in the dtype it is stored in.
 
     Why not fp32: an 8B bf16 checkpoint is 16 GB as stored and 32 GB in fp32. Nothing is lost by
@@ -224,7 +225,9 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
 
     `stream_experts`: a Qwen3-MoE folder is loaded without its experts, which `Source.layer_in_memory` and
     `Source.streamed_tensors` read one layer at a time (converter/experts.py: what makes a Qwen3-30B-A3B
-    conversion fit in RAM). The converter streams; a model that must run whole (the healing teacher) not."""
+    conversion fit in RAM). The converter streams; a model that must run whole (the healing teacher) not.
+    `hf_overrides`: rope/context settings put on the source config before the model is built
+    (source_rope.apply_overrides: care-convert --hf-overrides)."""
     from . import hub
 
     name = str(src)
@@ -236,11 +239,11 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
         raise ConversionError(f"source {e}") from None
     src = resolved.path
     if src.is_file() and src.suffix == ".gguf":
-        return _load_gguf(src, name, stream_experts)
-    return _load_folder(src, name, resolved.commit, stream_experts)
+        return _load_gguf(src, name, stream_experts, hf_overrides)
+    return _load_folder(src, name, resolved.commit, stream_experts, hf_overrides)
 
 
-def _load_gguf(gguf: Path, name: str, stream_experts: bool) -> Source:
+def _load_gguf(gguf: Path, name: str, stream_experts: bool, hf_overrides: dict | None) -> Source:
     """A GGUF source: its dequantized folder from the cache (converter/gguf_cache.py: built on first use),
     or, with caching off or impossible, the file read directly."""
     def check(cfg):
@@ -248,15 +251,19 @@ def _load_gguf(gguf: Path, name: str, stream_experts: bool) -> Source:
 
     opened = gguf_cache.open_gguf(gguf, check)
     if opened.folder is not None:
-        source = _load_folder(opened.folder, name, None, stream_experts)
+        source = _load_folder(opened.folder, name, None, stream_experts, hf_overrides)
         source.gguf_file, source.gguf_license = gguf, gguf_cache.cached_license(opened.folder)
         return source
     direct = opened.direct
+    if hf_overrides:
+        raise ConversionError(f"{gguf}: --hf-overrides needs the GGUF's dequantized cache folder, which could not "
+                              f"be used here (see the note above; CARE_VLLM_CACHE)")
     return Source(direct.model, direct.tokenizer, check(direct.config), name, None, gguf_file=gguf,
                   gguf_license=direct.license)
 
 
-def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool) -> Source:
+def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
+                 hf_overrides: dict | None = None) -> Source:
     """A transformers checkpoint folder, checked before anything is loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -273,6 +280,7 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool)
                               f"{', '.join(SUPPORTED)}")
     fp8_block = fp8_source.block_size(raw, str(src))   # before anything loads: other quantizations refused
     cfg = AutoConfig.from_pretrained(src)
+    source_rope.apply_overrides(cfg, hf_overrides)
     arch = _check_config(cfg, str(src))
     entries = _check_tensors(src, cfg)
     if fp8_block is not None:
@@ -290,7 +298,7 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool)
                 store.attach_all(model)
                 store = None
     else:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(src, config=cfg, dtype="auto")
         if model.dtype not in LOAD_DTYPES:
             model = model.float()
     _fp32_rotary(model)

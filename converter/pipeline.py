@@ -67,6 +67,7 @@ class Options:
     revision: str | None = None   # Hub revision when the source is a repo id
     o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
     o_proj_refit_ridge: float = refit.RIDGE   # its ridge, as a fraction of the mean diagonal of C_o'o'
+    hf_overrides: dict | None = None   # rope/context settings for the source config (source_rope.apply_overrides)
 
     @property
     def applied_refit_ridge(self) -> float | None:
@@ -74,6 +75,8 @@ class Options:
         return self.o_proj_refit_ridge if self.o_proj_refit else None
 
     def validate(self) -> None:
+        if self.hf_overrides is not None:
+            source_rope.check_overrides(self.hf_overrides)
         if self.method not in factorize.METHODS:
             raise ConversionError(f"unknown --method {self.method!r} (choose from {', '.join(factorize.METHODS)})")
         if self.ranks not in allocate.POLICIES:
@@ -205,7 +208,7 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     timer = Timer()
     with timer.stage("load"):
         docs = calib_data.read_texts(list(calib_files))
-        source = load.load_source(src, opts.revision, stream_experts=True)
+        source = load.load_source(src, opts.revision, stream_experts=True, hf_overrides=opts.hf_overrides)
     with timer.stage("calibrate"):  # tokenization counts as calibration
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
     meta = {"stats_version": calibrate.STATS_VERSION, "source": str(src), "samples": opts.calib_samples,
@@ -214,6 +217,8 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
         meta["calib_dtype"] = opts.calib_dtype
     if source.revision is not None:
         meta["revision"] = source.revision
+    if opts.hf_overrides:   # another rope changes the forward, and so every layer's statistics but the first
+        meta["hf_overrides"] = opts.hf_overrides
     return _convert_loaded(source, windows, out, opts, timer, meta, [str(f) for f in calib_files])
 
 
@@ -471,6 +476,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "rope_inv_freq": [float(x) for x in inv_freq.tolist()],
         "softmax_scale": source_rope.softmax_scale(source.model.model.rotary_emb, d_h),
         "source_rope_parameters": dict(getattr(cfg, "rope_parameters", None) or {}),
+        **({"source_hf_overrides": opts.hf_overrides} if opts.hf_overrides else {}),
         "source_model": src_name,
         "source_revision": source.revision,
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,

@@ -4,12 +4,20 @@ takes from the source's own inv_freq).
 Why a module: a converted checkpoint has no `rope_parameters` (docs/FORMAT.md: vLLM and transformers would
 interpret them), so two things the scaling implies for the original must be written out as plain fields:
 the logit scale yarn's attention factor adds, and the context length vLLM derives from a linear scaling.
+And since a conversion fixes the rope (the plugin refuses `vllm serve --hf-overrides` of it), the rope
+overrides a user would give vLLM for the original are given to care-convert instead (`--hf-overrides`):
+`apply_overrides` sets them on the source config before the model is built, as vLLM would.
 """
 from __future__ import annotations
 
+import json
 import math
 
 from .errors import ConversionError
+
+# what `--hf-overrides` may change on a source config: how its positions are encoded, nothing that shapes a
+# tensor (the same JSON that `vllm serve SRC --hf-overrides` takes for these keys)
+OVERRIDE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_embeddings")
 
 # rope types for which vLLM 0.32 multiplies max_position_embeddings by `factor` to get the default
 # max_model_len (vllm/config/model.py, _get_and_verify_max_len: every type that has a factor except
@@ -43,3 +51,46 @@ def served_max_positions(cfg) -> int:
     if rope.get("rope_type") in CONTEXT_SCALING_ROPE_TYPES and rope.get("factor"):
         positions = int(positions * float(rope["factor"]))
     return positions
+
+
+def parse_overrides(text: str) -> dict:
+    """`--hf-overrides` JSON -> dict, with only OVERRIDE_KEYS (and dict-valued rope_scaling/rope_parameters)."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"--hf-overrides is not valid JSON ({e.msg})") from None
+    check_overrides(overrides)
+    return overrides
+
+
+def check_overrides(overrides) -> None:
+    if not isinstance(overrides, dict):
+        raise ConversionError("--hf-overrides must be a JSON object, e.g. '{\"rope_scaling\": {\"rope_type\": "
+                              "\"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}}'")
+    other = sorted(set(overrides) - set(OVERRIDE_KEYS))
+    if other:
+        raise ConversionError(f"--hf-overrides can set {', '.join(OVERRIDE_KEYS)} (the rope and the context "
+                              f"length); not {', '.join(other)}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if key in overrides and not isinstance(overrides[key], dict):
+            raise ConversionError(f"--hf-overrides: {key} must be a JSON object")
+
+
+def apply_overrides(cfg, overrides: dict | None) -> None:
+    """Set `--hf-overrides` on a source config before its model is built. As vLLM's --hf-overrides: a dict
+    value is merged into the config's (so rope_scaling {rope_type, factor, ...} keeps the source's
+    rope_theta), a plain value replaces it; legacy `type` is read as `rope_type`."""
+    if not overrides:
+        return
+    check_overrides(overrides)
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    for key in ("rope_parameters", "rope_scaling"):
+        given = dict(overrides.get(key) or {})
+        if "type" in given:
+            given.setdefault("rope_type", given.pop("type"))
+        rope.update(given)
+    if "rope_theta" in overrides:
+        rope["rope_theta"] = float(overrides["rope_theta"])
+    cfg.rope_parameters = rope
+    if "max_position_embeddings" in overrides:
+        cfg.max_position_embeddings = int(overrides["max_position_embeddings"])

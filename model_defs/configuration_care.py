@@ -78,6 +78,7 @@ class CareMLAConfig(PretrainedConfig):
     rope_inv_freq: list[float] | None = None
     softmax_scale: float | None = None
     source_rope_parameters: dict | None = None
+    source_hf_overrides: dict | None = None   # care-convert --hf-overrides (the rope the source was converted with)
     source_model: str | None = None
     source_revision: str | None = None
     source_architecture: str | None = None

@@ -74,7 +74,7 @@ def test_rope_overrides_at_serve_time_are_refused(tmp_path, calib_file):
     assert ModelConfig(model=str(src), hf_overrides=overrides).max_model_len == 4096
     assert ModelConfig(model=str(tmp_path / "mla")).max_model_len == 1024
     with pytest.raises(ValidationError, match="care_mla checkpoints do not take rope_parameters overrides.*"
-                                              "convert that with care-convert"):
+                                              "care-convert SRC OUT --hf-overrides"):
         ModelConfig(model=str(tmp_path / "mla"), hf_overrides=overrides)
     # what does not touch the rope still goes through
     assert ModelConfig(model=str(tmp_path / "mla"), hf_overrides={"max_position_embeddings": 4096}).max_model_len \
