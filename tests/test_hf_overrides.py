@@ -82,6 +82,25 @@ def test_heal_teacher_is_the_original_with_the_recorded_overrides(pair):
     assert logs[0] == logs[1] and logs[0]
 
 
+def test_care_bench_serves_and_measures_the_original_with_the_recorded_overrides(pair):
+    """care-bench's original server gets the conversion's --hf-overrides (vllm serve's own flag, same JSON), and
+    its held-out perplexity is the yarn original's."""
+    import argparse
+
+    from care_vllm.loadtest import quality
+    from care_vllm.loadtest.cli import recorded_overrides, server_args
+
+    root, plain, yarn, overridden, reference = pair
+    assert recorded_overrides(overridden) == OVERRIDES and recorded_overrides(reference) is None
+    args = argparse.Namespace(dtype="float32", kv_cache_memory_bytes="1G", max_model_len=None, serve_args="")
+    given = server_args(args, OVERRIDES)
+    assert json.loads(given[given.index("--hf-overrides") + 1]) == OVERRIDES
+    assert "--hf-overrides" not in server_args(args)
+    texts = [TEXT]
+    got = quality.perplexities({"original": str(plain)}, texts, 32, 128, {"original": OVERRIDES})
+    assert got == quality.perplexities({"original": str(yarn)}, texts, 32, 128)
+
+
 @pytest.mark.parametrize("value,needle", [
     ("{not json", "--hf-overrides is not valid JSON"),
     ('["rope_scaling"]', "--hf-overrides must be a JSON object"),

@@ -79,10 +79,25 @@ def _label(path: Path) -> str:
     return "GQA original"
 
 
-def bench_model(role: str, path: Path, url: str | None, args, wl: Workload, out: Path) -> dict:
-    serve_args = ["--dtype", args.dtype, "--kv-cache-memory-bytes", args.kv_cache_memory_bytes,
-                  *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
-                  *shlex.split(args.serve_args)]
+def recorded_overrides(converted: str | Path) -> dict | None:
+    """The rope/context overrides the converted model was made with (care-convert --hf-overrides): the original
+    is served and measured with them, so that both sides use the same rope."""
+    cfg = Path(converted) / "config.json"
+    return json.loads(cfg.read_text()).get("source_hf_overrides") if cfg.is_file() else None
+
+
+def server_args(args, hf_overrides: dict | None = None) -> list[str]:
+    """The `vllm serve` arguments of a server started here (both get the same, but the original also gets the
+    conversion's recorded --hf-overrides)."""
+    return ["--dtype", args.dtype, "--kv-cache-memory-bytes", args.kv_cache_memory_bytes,
+            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
+            *(["--hf-overrides", json.dumps(hf_overrides)] if hf_overrides else []),
+            *shlex.split(args.serve_args)]
+
+
+def bench_model(role: str, path: Path, url: str | None, args, wl: Workload, out: Path,
+                hf_overrides: dict | None = None) -> dict:
+    serve_args = server_args(args, hf_overrides)
     # dev mode: for POST /reset_prefix_cache between levels (server.reset_prefix_cache)
     ctx = nullcontext() if url else VllmServer(path, out / "raw" / f"{role}_server.log", serve_args,
                                                served_name=role, env={"VLLM_SERVER_DEV_MODE": "1"})
@@ -165,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
            "machine": {"platform": platform.platform(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}
-    rep["models"]["original"] = bench_model("original", Path(args.original), args.original_url, args, wl, out)
+    overrides = recorded_overrides(args.converted)
+    rep["models"]["original"] = bench_model("original", Path(args.original), args.original_url, args, wl, out,
+                                            overrides)
     rep["models"]["converted"] = bench_model("converted", Path(args.converted), args.converted_url, args, wl, out)
 
     from transformers import AutoTokenizer
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rep["quality"]["perplexity"] = quality.perplexities(
             {"original": args.original, "converted": args.converted}, read_texts(args.ppl_text),
-            args.ppl_seqlen, args.ppl_tokens)
+            args.ppl_seqlen, args.ppl_tokens, {"original": overrides} if overrides else None)
         rep["quality"]["perplexity_text"] = args.ppl_text
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
     rep["plots"] = report_mod.plot_all(rep, out)

@@ -55,18 +55,15 @@ def agreement(tokenizer, a: list[str], b: list[str]) -> dict:
             "mean_shared_prefix_fraction": sum(prefix_frac) / max(1, len(prefix_frac)), "per_prompt": rows}
 
 
-def perplexities(models: dict[str, str], texts: list[str], seqlen: int, max_tokens: int) -> dict:
-    """Held-out perplexity of each checkpoint folder (loaded with transformers, fp32, CPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import model_defs  # noqa: F401  (registers care_mla)
-    from converter.eval_cli import perplexity
+def perplexities(models: dict[str, str], texts: list[str], seqlen: int, max_tokens: int,
+                 hf_overrides: dict[str, dict] | None = None) -> dict:
+    """Held-out perplexity of each checkpoint folder (loaded with transformers, fp32, CPU; `hf_overrides`:
+    a model's config overrides by name, as care-convert --hf-overrides recorded them for the original)."""
+    from converter.eval_cli import load_model, perplexity
 
     out = {}
     for name, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(path)
+        model, tok = load_model(path, "cpu", "float32", hf_overrides=(hf_overrides or {}).get(name))
         out[name] = perplexity(model, tok, texts, seqlen, max_tokens, "cpu", 1)
         del model
     return out
