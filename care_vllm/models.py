@@ -157,6 +157,7 @@ class CareLatentAttention(nn.Module):
         self.r_v = int(config.v_ranks[layer_idx])
         self.rank = self.r_k + self.r_v
         self.use_qk_norm = bool(getattr(config, "use_qk_norm", False))
+        bias = bool(getattr(config, "attention_bias", False))   # (FORMAT.md: Llama-path checkpoints only)
         eps = config.rms_norm_eps
         n_h, d_h, d_r = self.total_heads, self.d_h, self.d_r
 
@@ -177,14 +178,14 @@ class CareLatentAttention(nn.Module):
             self.v_latent_proj = ReplicatedLinear(D, self.r_v, bias=False, quant_config=quant_config,
                                                   prefix=f"{prefix}.v_latent_proj")
         else:
-            self.q_proj = ColumnParallelLinear(D, n_h * (d_h + d_r), bias=False, quant_config=quant_config,
+            self.q_proj = ColumnParallelLinear(D, n_h * (d_h + d_r), bias=bias, quant_config=quant_config,
                                                prefix=f"{prefix}.q_proj")
-            self.kv_a_proj_with_mqa = ReplicatedLinear(D, self.rank + d_r, bias=False,
+            self.kv_a_proj_with_mqa = ReplicatedLinear(D, self.rank + d_r, bias=bias,
                                                        quant_config=quant_config,
                                                        prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_b_proj = ColumnParallelLinear(self.rank, n_h * (d_h + self.v_dim), bias=False,
                                               quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
-        self.o_proj = RowParallelLinear(n_h * self.v_dim, D, bias=False, quant_config=quant_config,
+        self.o_proj = RowParallelLinear(n_h * self.v_dim, D, bias=bias, quant_config=quant_config,
                                         prefix=f"{prefix}.o_proj")
         self.rotary_emb = ExactRope(config.rope_inv_freq)
         assert len(config.rope_inv_freq) * 2 == d_r, "rope_inv_freq must have qk_rope_head_dim/2 entries"
@@ -358,6 +359,12 @@ def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.q_proj.weight": (n_h * (d_h + d_r), D),
                 p + "self_attn.kv_a_proj_with_mqa.weight": (r_k + r_v + d_r, D),
             })
+            if getattr(config, "attention_bias", False):
+                out.update({
+                    p + "self_attn.q_proj.bias": (n_h * (d_h + d_r),),
+                    p + "self_attn.kv_a_proj_with_mqa.bias": (r_k + r_v + d_r,),
+                    p + "self_attn.o_proj.bias": (D,),
+                })
     return out
 
 

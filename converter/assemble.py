@@ -7,6 +7,12 @@ K (nope part): Llama  y = Q_N W_K x           -> c_K = down_K x,   k'_N ~ up_K c
                Qwen3  y = Q_N k_norm(W_K x)   -> c_K = down_K k̂,  k'_N ~ up_K c_K
 V:                    y = W_V x               -> c_V = down_V x,   v ~ up_V c_V
 Head h (KV group a): k_nope_h = Q_N[:, a]^T up_K c_K, v_h = up_V[a rows] c_V, q_pe_h = Q_S[:, a] q_h.
+
+Biases (Qwen2 and biased Llama sources; Llama path only): q_proj's carries b_Q and its rope rows Q_S b_Q;
+kv_a_proj_with_mqa's is Q_S b_K on the rope key and 0 on the latent. The key bias's NoPE part is dropped
+exactly: it adds q_nope_h(t)·const to every logit of query t, which softmax cancels (the rotated part
+kept in the rope key is the only part of b_K a query sees). The value bias also passes through softmax
+(its weights sum to 1), so o_proj's bias takes it: W_O b_V(per head) + b_O (`output_bias`).
 """
 from __future__ import annotations
 
@@ -20,8 +26,10 @@ def attention_tensors(*, arch: str, wq: torch.Tensor, wk: torch.Tensor, wv: torc
                       q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, rope: RopeMap,
                       k_factor: Factor, v_factor: Factor, k_rank: int, v_rank: int,
                       num_heads: int, num_kv_heads: int, head_dim: int,
-                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Return {name-under-self_attn: tensor} for one layer (o_proj is copied by the caller)."""
+                      dtype: torch.dtype, bq: torch.Tensor | None = None,
+                      bk: torch.Tensor | None = None, bias: bool = False) -> dict[str, torch.Tensor]:
+    """Return {name-under-self_attn: tensor} for one layer (o_proj is copied by the caller; its bias
+    comes from `output_bias`). `bias`: write q_proj/kv_a_proj_with_mqa biases (from bq/bk, None = 0)."""
     d = head_dim
     group = num_heads // num_kv_heads
     d_r = rope.q_s.shape[0]
@@ -44,6 +52,11 @@ def attention_tensors(*, arch: str, wq: torch.Tensor, wk: torch.Tensor, wv: torc
         q_pe = torch.stack([q_maps[h] @ wq_h[h] for h in range(num_heads)])  # [n_h, d_r, D]
         out["q_proj.weight"] = torch.cat([wq_h, q_pe], dim=1).reshape(num_heads * (d + d_r), -1)
         out["kv_a_proj_with_mqa.weight"] = torch.cat([down_k, down_v, rope.q_s @ wk])
+        if bias:
+            bq_h = (torch.zeros(num_heads, d, dtype=torch.float64) if bq is None else bq.double().view(num_heads, d))
+            bk = torch.zeros(wk.shape[0], dtype=torch.float64) if bk is None else bk.double()
+            out["q_proj.bias"] = torch.cat([torch.cat([bq_h[h], q_maps[h] @ bq_h[h]]) for h in range(num_heads)])
+            out["kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(r, dtype=torch.float64), rope.q_s @ bk])
     else:
         out["q_proj.weight"] = wq
         out["q_norm.weight"] = q_norm
@@ -53,3 +66,19 @@ def attention_tensors(*, arch: str, wq: torch.Tensor, wk: torch.Tensor, wv: torc
         out["k_latent_proj.weight"] = torch.cat([down_k, rope.q_s])
         out["v_latent_proj.weight"] = down_v
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+
+def expanded_value_bias(bv: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """b_V [g*d_h] as each query head reads it, [n_h*d_h] (head h reads its KV group's)."""
+    return bv.view(num_kv_heads, -1).repeat_interleave(num_heads // num_kv_heads, 0).reshape(-1)
+
+
+def output_bias(wo: torch.Tensor, bo: torch.Tensor | None, bv: torch.Tensor | None, num_heads: int,
+                num_kv_heads: int) -> torch.Tensor:
+    """o_proj's bias [D] in the converted layer: the source's b_O plus W_O applied to the value bias every
+    head outputs (softmax weights sum to 1, so each head's output carries b_V of its KV group as is).
+    Fixed: the o_proj refit fits W_O' to the rest of the output (converter/refit.py)."""
+    out = torch.zeros(wo.shape[0], dtype=torch.float64) if bo is None else bo.double().clone()
+    if bv is not None:
+        out += wo.double() @ expanded_value_bias(bv.double(), num_heads, num_kv_heads)
+    return out

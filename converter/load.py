@@ -25,11 +25,12 @@ from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
-# (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward)
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3",
-             "Qwen3MoeForCausalLM": "qwen3"}
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "qwen3_moe": "Qwen3MoeForCausalLM"}
+# (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward;
+# Qwen2 is Llama's with q/k/v biases, which the Llama path converts: converter/assemble.py)
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
+             "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
 # attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (pipeline._config)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
@@ -132,8 +133,10 @@ def _check_config(cfg, where: str) -> str:
         raise ConversionError(
             f"{where}: unsupported architecture {arch_name!r}; care-convert supports "
             f"{', '.join(SUPPORTED)}")
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        raise ConversionError(f"{where}: attention/MLP biases are not supported (attention_bias/mlp_bias=true)")
+    if getattr(cfg, "mlp_bias", False):
+        raise ConversionError(f"{where}: MLP biases are not supported (mlp_bias=true)")
+    if getattr(cfg, "attention_bias", False) and SUPPORTED.get(arch_name) == "qwen3":
+        raise ConversionError(f"{where}: attention biases are not supported for Qwen3 (attention_bias=true)")
     if getattr(cfg, "use_sliding_window", False):
         raise ConversionError(f"{where}: sliding-window attention is not supported (use_sliding_window=true)")
     window = getattr(cfg, "sliding_window", None)

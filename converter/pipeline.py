@@ -338,13 +338,17 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                 wq, wk, wv = weights(l)
                 k_factors[l] = k_factors[l].materialize(_k_target(source.arch, maps[l].q_n, wk), k_ranks[l])
                 v_factors[l] = v_factors[l].materialize(wv, v_ranks[l])
+                bq, bk, bv, bo = (_bias(getattr(a, f"{n}_proj")) for n in "qkvo")
                 tensors = assemble.attention_tensors(
                     arch=source.arch, wq=wq, wk=wk, wv=wv,
                     q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
                     k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
                     rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
                     k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
-                    dtype=torch.float64)   # cast by emit(); the refit reads them unrounded
+                    dtype=torch.float64,   # cast by emit(); the refit reads them unrounded
+                    bq=bq, bk=bk, bias=config["attention_bias"])
+                if config["attention_bias"]:
+                    tensors["o_proj.bias"] = assemble.output_bias(a.o_proj.weight.detach(), bo, bv, n_heads, g)
             o_proj, refit_report = a.o_proj.weight.detach(), {}
             if refitter is not None:
                 with timer.stage("refit"):
@@ -421,6 +425,17 @@ def _attention_weights(opts: Options, query_cov: torch.Tensor, attn, q_n: torch.
             attention_weights.value_weight(on(attn.o_proj.weight.detach()), n_heads, g))
 
 
+def has_attention_bias(model) -> bool:
+    """Whether the source's attention projections have biases (Qwen2: q/k/v; Llama attention_bias: all four)."""
+    attn = model.model.layers[0].self_attn
+    return any(_bias(getattr(attn, f"{n}_proj")) is not None for n in "qkvo")
+
+
+def _bias(linear) -> torch.Tensor | None:
+    b = getattr(linear, "bias", None)
+    return None if b is None else b.detach()
+
+
 def _k_target(arch: str, q_n: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
     """The map the K latent approximates: the RoRoPE NoPE rows of the key, Q_N W_K of x for Llama, Q_N
     of the post-k_norm key for Qwen3 (the factorize stage and assembly must use the same one)."""
@@ -473,6 +488,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "k_ranks": list(k_ranks), "v_ranks": list(v_ranks), "kv_lora_rank": max(ranks),
         "q_lora_rank": None,
         "use_qk_norm": source.arch == "qwen3",
+        "attention_bias": has_attention_bias(source.model),
         "rope_inv_freq": [float(x) for x in inv_freq.tolist()],
         "softmax_scale": source_rope.softmax_scale(source.model.model.rotary_emb, d_h),
         "source_rope_parameters": dict(getattr(cfg, "rope_parameters", None) or {}),

@@ -70,7 +70,7 @@ class OutputRefit:
                 attn = CareMLAAttention(self.config, l)
                 attn.load_state_dict({**attn_tensors, "o_proj.weight": w_o}, strict=True)
                 attn.to(self.device, self.dtype).eval()
-                c_pp, c_po, total, fitted = self._moments(layer, attn)
+                c_pp, c_po, total, fitted = self._moments(layer, attn, self._value_bias(src_layer))
                 new_w_o, report = _solve(w_o, c_pp, c_po, total, self.ridge)
                 attn.o_proj.weight.copy_(new_w_o)
                 self._advance_converted(layer, attn, fitted)
@@ -90,10 +90,24 @@ class OutputRefit:
             attn.o_proj = o_proj
         return out
 
-    def _moments(self, layer, attn) -> tuple[torch.Tensor, torch.Tensor, float, list[torch.Tensor]]:
+    def _value_bias(self, src_layer) -> torch.Tensor | None:
+        """The source's value bias as each query head outputs it [n_h*d_h] (None: no bias). A converted layer
+        with biases carries it in o_proj's bias (converter/assemble.py: output_bias), outside the fit."""
+        from .assemble import expanded_value_bias   # noqa: PLC0415
+
+        bv = src_layer.self_attn.v_proj.bias
+        if bv is None:
+            return None
+        return expanded_value_bias(bv.detach().to(self.device, torch.float64), self.config.num_attention_heads,
+                                   self.config.original_num_key_value_heads)
+
+    def _moments(self, layer, attn, value_bias: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, float, list[torch.Tensor]]:
         """(C_o'o', C_o'o, sum ||W_O o||^2) over all windows, fp64, and o' per batch (on self.park, for
         _advance_converted); advances the original stream past the layer. (The sum from o_proj's own
-        output: C_oo would cost as much as each of the others.)"""
+        output: C_oo would cost as much as each of the others.) `value_bias`: taken off the original's o,
+        whose constant part the converted o_proj's bias already outputs (the target is W_O (o - b_V)), and
+        likewise (with o_proj's own bias) off the sum."""
         seen = {}
         hook = layer.self_attn.o_proj.register_forward_hook(lambda _m, args, out: seen.update(o=args[0], y=out))
         c_pp = c_po = None
@@ -110,7 +124,12 @@ class OutputRefit:
                                 position_embeddings=self.source_rope(h, pos))
                 self.original[i] = (out[0] if isinstance(out, tuple) else out).to(self.park)
                 o, p = seen.pop("o").flatten(0, 1).double(), o_conv.flatten(0, 1).double()
-                total += seen.pop("y").double().square().sum().item()
+                y = seen.pop("y").flatten(0, 1).double()
+                if value_bias is not None:
+                    o = o - value_bias
+                if layer.self_attn.o_proj.bias is not None or value_bias is not None:
+                    y = o @ layer.self_attn.o_proj.weight.double().T   # W_O (o - b_V), without b_O
+                total += y.square().sum().item()
                 if c_pp is None:
                     c_pp, c_po = p.T @ p, p.T @ o
                 else:

@@ -75,6 +75,7 @@ class CareMLAConfig(PretrainedConfig):
     kv_lora_rank: int | None = None
     q_lora_rank: int | None = None
     use_qk_norm: bool = False
+    attention_bias: bool = False   # q_proj, kv_a_proj_with_mqa and o_proj have biases (Qwen2 / biased Llama sources)
     rope_inv_freq: list[float] | None = None
     softmax_scale: float | None = None
     source_rope_parameters: dict | None = None

@@ -151,10 +151,11 @@ class CareMLAAttention(nn.Module):
             self.k_latent_proj = nn.Linear(self.g * d_h, self.r_k + d_r, bias=False)
             self.v_latent_proj = nn.Linear(D, self.r_v, bias=False)
         else:
-            self.q_proj = nn.Linear(D, n_h * (d_h + d_r), bias=False)
-            self.kv_a_proj_with_mqa = nn.Linear(D, self.rank + d_r, bias=False)
+            bias = bool(getattr(config, "attention_bias", False))
+            self.q_proj = nn.Linear(D, n_h * (d_h + d_r), bias=bias)
+            self.kv_a_proj_with_mqa = nn.Linear(D, self.rank + d_r, bias=bias)
         self.kv_b_proj = nn.Linear(self.rank, n_h * 2 * d_h, bias=False)
-        self.o_proj = nn.Linear(n_h * d_h, D, bias=False)
+        self.o_proj = nn.Linear(n_h * d_h, D, bias=bool(getattr(config, "attention_bias", False)))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> q_nope [B, n_h, T, d_h], q_pe [B, n_h, T, d_r] (pre-rope),

@@ -53,6 +53,11 @@ def _moe(x: torch.Tensor, t: dict, p: str, cfg: dict) -> torch.Tensor:
     return out
 
 
+def _bias(t: dict, linear: str):
+    """`linear`'s bias (attention_bias checkpoints), else 0."""
+    return t.get(linear + ".bias", 0.0)
+
+
 @torch.no_grad()
 def logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
     """Logits [T, V] (fp64) of one sequence."""
@@ -79,9 +84,9 @@ def logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
             c = torch.cat([kl[:, :r_k], x @ t[p + "self_attn.v_latent_proj.weight"].T], -1)
             k_pe = kl[:, r_k:]
         else:
-            q = (x @ t[p + "self_attn.q_proj.weight"].T).view(T, n_h, d_h + d_r)
+            q = (x @ t[p + "self_attn.q_proj.weight"].T + _bias(t, p + "self_attn.q_proj")).view(T, n_h, d_h + d_r)
             q_nope, q_pe = q[..., :d_h], q[..., d_h:]
-            a = x @ t[p + "self_attn.kv_a_proj_with_mqa.weight"].T
+            a = x @ t[p + "self_attn.kv_a_proj_with_mqa.weight"].T + _bias(t, p + "self_attn.kv_a_proj_with_mqa")
             c, k_pe = a[:, :r_k + r_v], a[:, r_k + r_v:]
         q_pe, k_pe = _rope(q_pe, pos, inv_freq), _rope(k_pe, pos, inv_freq)
         kv = (c @ t[p + "self_attn.kv_b_proj.weight"].T).view(T, n_h, 2 * d_h)
@@ -90,7 +95,7 @@ def logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
             s = cfg["softmax_scale"] * (q_nope[:, hh] @ kv[:, hh, :d_h].T + q_pe[:, hh] @ k_pe.T)
             s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
             outs.append(torch.softmax(s, -1) @ kv[:, hh, d_h:])
-        h = h + torch.cat(outs, -1) @ t[p + "self_attn.o_proj.weight"].T
+        h = h + torch.cat(outs, -1) @ t[p + "self_attn.o_proj.weight"].T + _bias(t, p + "self_attn.o_proj")
         x = _rms(h, t[p + "post_attention_layernorm.weight"], eps)
         if p + "mlp.gate.weight" in t:
             h = h + _moe(x, t, p + "mlp.", cfg)

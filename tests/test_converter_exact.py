@@ -5,7 +5,8 @@ Checked three ways: the naive FORMAT.md forward (tests/format_reference.py, fp64
 in both attention paths (plain and absorbed), fp32, to 1e-4.
 The originals cover llama3 rope scaling (Llama), plain rope (Qwen3, Qwen3-MoE, Mistral) and yarn (Qwen3 with
 its long-context setting, whose attention factor scales every logit: the converted softmax scale must carry
-it). Also checks that partial RoPE keeps the llama3- and yarn-scaled frequencies exactly, and that the
+it), and attention biases (Qwen2's q/k/v, a Llama's q/k/v/o); with partial RoPE, the biases are checked
+where the rotation partial RoPE drops is nil (test_biases_are_kept_where_partial_rope_is_exact). Also checks that partial RoPE keeps the llama3- and yarn-scaled frequencies exactly, and that the
 converted folder runs in plain transformers through its own copy of the modeling code (`trust_remote_code`).
 """
 from __future__ import annotations
@@ -27,17 +28,17 @@ PROMPT_IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 4
                1024, 64, 16383, 500, 501, 502, 99, 100, 4096, 17]]
 
 
-# variant -> (architecture, rope_parameters or None for the architecture's own: llama3 scaling for Llama)
-VARIANTS = {"llama": ("llama", None), "qwen3": ("qwen3", None), "qwen3_moe": ("qwen3_moe", None),
-            "qwen3_yarn": ("qwen3", QWEN3_YARN), "mistral": ("mistral", None)}
+# variant -> make_tiny_original arguments (rope None: the architecture's own, llama3 scaling for Llama)
+VARIANTS = {"llama": {"arch": "llama"}, "qwen3": {"arch": "qwen3"}, "qwen3_moe": {"arch": "qwen3_moe"},
+            "qwen3_yarn": {"arch": "qwen3", "rope": QWEN3_YARN}, "mistral": {"arch": "mistral"},
+            "qwen2": {"arch": "qwen2"}, "llama_bias": {"arch": "llama", "attention_bias": True}}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def exact_pair(request, tmp_path_factory, calib_file):
-    arch, rope = VARIANTS[request.param]
     root = tmp_path_factory.mktemp(f"exact_{request.param}")
-    src = make_tiny_original(root / "orig", arch, num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
-                             rope=rope)
+    src = make_tiny_original(root / "orig", num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                             **VARIANTS[request.param])
     out = root / "mla"
     report = convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=2 * 16,
                      calib_samples=8, calib_seqlen=64, ranks="uniform")
@@ -135,3 +136,31 @@ def test_scaled_frequencies_are_kept_exactly(tmp_path, calib_file, arch, theta, 
     # yarn's factor from its paper's formula, not from the code under test: 0.1 ln(factor) + 1
     factor = 0.1 * math.log(rope["factor"]) + 1 if rope else 1.0
     assert cfg["softmax_scale"] == pytest.approx(16 ** -0.5 * factor ** 2, rel=1e-12)
+
+
+def test_biases_are_kept_where_partial_rope_is_exact(tmp_path, calib_file):
+    """Partial RoPE with full latent ranks, on a Qwen2 whose dropped frequencies do not rotate (rope_theta
+    1e20: beyond the 3 fastest of 8 frequencies, under 1e-7 rad a token). Then the conversion is exact up to
+    that rotation, and so is the handling of the biases (converter/assemble.py): the key bias's rotated part in
+    the rope key, its NoPE part dropped (softmax cancels it), the value bias moved into o_proj's bias. The
+    original's logits are the reference; zeroing the rope key's bias shows how much the key bias matters."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_original(tmp_path / "orig", "qwen2", num_layers=3, hidden=64, heads=4, kv_heads=2,
+                             head_dim=16, rope={"rope_type": "default", "rope_theta": 1e20})
+    out = tmp_path / "mla"
+    # 12 rope dims = 2 KV heads x the 3 rotating frequencies; budget 64 = 12 + K latent 20 + V latent 32 (full)
+    convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=12, calib_samples=8, calib_seqlen=64,
+            ranks="uniform")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["attention_bias"] and cfg["k_ranks"] == [20] * 3 and cfg["v_ranks"] == [32] * 3
+    fastest = sorted({1e20 ** (-2 * j / 16) for j in range(3)})
+    assert sorted(set(cfg["rope_inv_freq"])) == pytest.approx(fastest, rel=1e-6), "the rope key must rotate"
+    ref = _original_logits(src, torch.float64)
+    err = (format_reference.logits(out, PROMPT_IDS[0]) - ref).abs().max().item()
+    assert err < 1e-3, f"max |logit diff| {err}"
+    tensors = load_file(str(out / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith("kv_a_proj_with_mqa.bias")]:
+        tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert (format_reference.logits(out, PROMPT_IDS[0]) - ref).abs().max().item() > 1.0

@@ -1,6 +1,6 @@
 """End to end: `vllm serve OUT` (care_vllm plugin, CPU vLLM) on real conversions of tiny random
-Llama-3 (llama3 rope scaling), Qwen3 (yarn) and Qwen3-MoE (plain rope) originals whose layers get DIFFERENT
-latent ranks.
+Llama-3 (llama3 rope scaling), Qwen3 (yarn), Qwen3-MoE (plain rope) and Qwen2 (q/k/v biases: the converted
+q_proj, kv_a_proj_with_mqa and o_proj have biases) originals whose layers get DIFFERENT latent ranks.
 
 One care server per variant (module-scoped fixture), plus the GQA original served by stock vLLM
 with the same KV-cache budget, started alongside and stopped once its KV cache is allocated.
@@ -44,7 +44,7 @@ CHUNK = 48  # --max-num-batched-tokens of the care servers: longer prompts are p
 MHA_PREFILL_ENV = {"CARE_VLLM_CPU_LATENT_PREFILL_TOKENS": "1"}   # every prefill through vLLM's MLA prefill flow
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "qwen3_moe", "qwen2"])
 def served(request, tmp_path_factory, calib_file):
     """(arch, out_dir, report, care_server, original_kv_tokens)."""
     from converter.pipeline import convert

@@ -57,7 +57,9 @@ def _randomize(model: torch.nn.Module, seed: int, embed_std: float = 0.3, qk_gai
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1:  # norm weights: around 1 but not 1
+            if name.endswith(".bias"):   # Qwen2's q/k/v biases (and a biased Llama's): large enough to matter
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:  # norm weights: around 1 but not 1
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
                 p.copy_(embed_std * torch.randn(p.shape, generator=g))  # logits of O(1..10), like a real LM
@@ -70,23 +72,30 @@ def _randomize(model: torch.nn.Module, seed: int, embed_std: float = 0.3, qk_gai
 def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, hidden: int = 64,
                        heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0,
                        max_positions: int = 1024, embed_std: float = 0.3, qk_gain: float = 2.5,
-                       mlp_only_layers: list[int] | None = None, rope: dict | None = None) -> Path:
+                       mlp_only_layers: list[int] | None = None, rope: dict | None = None,
+                       attention_bias: bool = False) -> Path:
     """Write a random tiny Llama-3 (`arch="llama"`), Mistral (`arch="mistral"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
     (`arch="qwen3_moe"`: 4 experts, top-2, normalized; dense layers `mlp_only_layers`, by default the last
     one when there are 2+) checkpoint to `out`. `rope`: rope_parameters instead of the architecture's
-    (Llama: LLAMA3_ROPE; Qwen3: plain rope, theta 1e6)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    (Llama: LLAMA3_ROPE; Qwen3: plain rope, theta 1e6). `arch="qwen2"`: Qwen2 (Llama with q/k/v biases);
+    `attention_bias`: a Llama with q/k/v/o biases."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     require_shared(TOKENIZER_SRC)
     kw = _common(num_layers, hidden, heads, kv_heads, head_dim, max_positions)
     if arch == "llama":
-        cfg = LlamaConfig(**kw, rope_parameters=dict(rope or LLAMA3_ROPE))
+        cfg = LlamaConfig(**{**kw, "attention_bias": attention_bias}, rope_parameters=dict(rope or LLAMA3_ROPE))
         model = LlamaForCausalLM(cfg)
     elif arch == "mistral":   # as Mistral-7B-v0.3 / Nemo: no sliding window, plain rope
         cfg = MistralConfig(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
                             sliding_window=None)
         model = MistralForCausalLM(cfg)
+    elif arch == "qwen2":   # as Qwen2.5: q/k/v biases, plain rope, no sliding window
+        kw.pop("attention_bias")
+        cfg = Qwen2Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
+                          use_sliding_window=False)
+        model = Qwen2ForCausalLM(cfg)
     elif arch == "qwen3":
         cfg = Qwen3Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}))
         model = Qwen3ForCausalLM(cfg)
