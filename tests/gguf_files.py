@@ -72,7 +72,7 @@ def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[st
         v = v.float().numpy()
         if arch == "llama" and k.endswith(("q_proj.weight", "k_proj.weight")):
             v = _permute(v, heads if k.endswith("q_proj.weight") else kv_heads)
-        w.add_tensor(names.get_name(k, try_suffixes=(".weight",)), v)
+        w.add_tensor(names.get_name(k, try_suffixes=(".weight", ".bias")), v)
     rope = cfg["rope_parameters"]
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, cfg["head_dim"]))
