@@ -142,6 +142,8 @@ class CareMLAConfig(PretrainedConfig):
                              f"({self.original_head_dim}), got {self.qk_nope_head_dim}/{self.v_head_dim}")
         if self.q_lora_rank is not None:
             raise ValueError("q_lora_rank is not supported (queries are not compressed): must be null")
+        if self.attention_bias and self.use_qk_norm:
+            raise ValueError("attention_bias is only defined for the Llama-path layout (use_qk_norm false)")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu', got {self.hidden_act!r}")
         if self.num_experts:

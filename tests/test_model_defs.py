@@ -108,6 +108,7 @@ def test_config_round_trip_has_no_gqa_keys(tmp_path):
     (dict(rope_inv_freq=[1.0, 0.5]), "rope_inv_freq"),
     (dict(kv_lora_rank=99), "kv_lora_rank"),
     (dict(care_attention_path="fast"), "care_attention_path"),
+    (dict(use_qk_norm=True, attention_bias=True), "attention_bias is only defined for the Llama-path"),
 ])
 def test_config_rejects_inconsistent_values(bad, msg):
     with pytest.raises(ValueError, match=msg):
