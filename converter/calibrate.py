@@ -11,7 +11,11 @@ latent is a map of its target's outputs, so the whole factorization and its erro
   * `ck` = key moment [g*d_h, g*d_h]: W_K C_x W_K^T (Llama) or the post-k_norm keys' (Qwen3);
   * `cv` = value moment W_V C_x W_V^T [g*d_h, g*d_h];
   * `qc` = per-head query moments [n_h, d_h, d_h]: W_Q,h C_x W_Q,h^T (Llama) or post-q_norm (Qwen3);
-  * `ax` = sum |x| [D], `x_scale` = mean(diag C_x) (the damping's scale).
+  * `ax` = sum |x| [D], `x_scale` = mean(diag C_x) (the damping's scale);
+  * with q/k biases (Qwen2), `qc` includes them, and so does `ck_rope`, the keys as RoPE rotates them (the
+    rope map's), while `ck` and `cv` stay the moments of W x, the part the latents carry (the key bias's
+    NoPE part and the value bias leave the attention exactly: converter/assemble.py). Those need
+    sum x over the tokens, accumulated beside C_x.
 Why: C_x is hidden^2 x 8 bytes per layer (134 MB for Llama-3-8B, 537 MB for 70B: 43 GB over 80 layers
 if all were kept until the rope map, which needs every layer's key moment); the reduced statistics are
 ~20 MB a layer for either, so one C_x at a time is all the converter ever holds.
@@ -39,11 +43,18 @@ STATS_VERSION = 3   # 3: output-space moments (2 held the whole C_x of every lay
 
 @dataclass
 class LayerStats:
-    ck: torch.Tensor    # [g*d_h, g*d_h] fp64 key moment (pre-RoPE)
-    cv: torch.Tensor    # [g*d_h, g*d_h] fp64 value moment
-    qc: torch.Tensor    # [n_h, d_h, d_h] fp64 per-head query moments (pre-RoPE)
+    ck: torch.Tensor    # [g*d_h, g*d_h] fp64 key moment (pre-RoPE; of W_K x alone for a biased source)
+    cv: torch.Tensor    # [g*d_h, g*d_h] fp64 value moment (of W_V x)
+    qc: torch.Tensor    # [n_h, d_h, d_h] fp64 per-head query moments (pre-RoPE; biases included)
     ax: torch.Tensor    # [D] fp64 sum of |x|
     x_scale: float      # mean(diag C_x)
+    ck_rope: torch.Tensor | None = None   # key moment with the key bias (None: no bias, = ck): what RoPE rotates
+
+    @property
+    def rotated_key_moment(self) -> torch.Tensor:
+        """The moment of the keys as RoPE rotates them (the rope map's): with the key bias. The K latent is
+        fitted to `ck`, without it: the bias's NoPE part is dropped exactly (converter/assemble.py)."""
+        return self.ck if self.ck_rope is None else self.ck_rope
 
     @property
     def qd(self) -> torch.Tensor:
@@ -66,21 +77,41 @@ class CalibStats:
 
 
 def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_heads: int,
-                 ck: torch.Tensor | None = None, qc: torch.Tensor | None = None) -> LayerStats:
+                 ck: torch.Tensor | None = None, qc: torch.Tensor | None = None,
+                 sx: torch.Tensor | None = None, tokens: int = 0) -> LayerStats:
     """One layer's C_x reduced to output space (on C_x's device; the result on the CPU). `attn` is the
     source's attention module (its stored weights, exact in fp64); `ck`/`qc` are Qwen3's post-norm
-    moments, computed from C_x and the linear maps when not given (Llama)."""
+    moments, computed from C_x and the linear maps when not given (Llama). A Llama-path source with
+    q/k biases (Qwen2) adds them from `sx` = sum x over the `tokens` tokens: E[(Wx+b)(Wx+b)^T] = W C W^T
+    + (W sx) b^T + b (W sx)^T + tokens b b^T, to the queries and to the keys RoPE rotates (`ck_rope`)."""
     def w(name):
         return getattr(attn, name).weight.detach().to(cx.device, torch.float64)
 
+    def b(name):
+        bias = getattr(attn, name).bias
+        return None if bias is None else bias.detach().to(cx.device, torch.float64)
+
     wv = w("v_proj")
     cv = wv @ cx @ wv.T
+    ck_rope = None
     if ck is None:
         wk = w("k_proj")
         ck = wk @ cx @ wk.T
+        if b("k_proj") is not None:
+            ck_rope = _with_bias(ck[None], (wk @ sx)[None], b("k_proj")[None], tokens)[0].cpu()
     if qc is None:
-        qc = llama_query_cov(w("q_proj"), cx, num_heads)
-    return LayerStats(ck=ck.cpu(), cv=cv.cpu(), qc=qc.cpu(), ax=ax.cpu(), x_scale=cx.diagonal().mean().item())
+        wq = w("q_proj")
+        qc = llama_query_cov(wq, cx, num_heads)
+        if b("q_proj") is not None:
+            qc = _with_bias(qc, (wq @ sx).view(num_heads, -1), b("q_proj").view(num_heads, -1), tokens)
+    return LayerStats(ck=ck.cpu(), cv=cv.cpu(), qc=qc.cpu(), ax=ax.cpu(), x_scale=cx.diagonal().mean().item(),
+                      ck_rope=ck_rope)
+
+
+def _with_bias(moment: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Second moments [H, d, d] of W x over tokens -> of W x + b, given W sum(x) `ws` [H, d] and b [H, d]."""
+    cross = torch.einsum("hd,he->hde", ws, bias)
+    return moment + cross + cross.transpose(1, 2) + tokens * torch.einsum("hd,he->hde", bias, bias)
 
 
 def hidden_home(device: str, nbytes: int) -> str:
@@ -148,7 +179,7 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
         with layer_in_memory(l, dtype, device) if layer_in_memory else contextlib.nullcontext():
             acc = _propagate(src_layer, hidden, arch, device, dtype, park, rotary, pos)
         stats.append(reduce_layer(acc["cx"], acc["ax"], src_layer.self_attn, model.config.num_attention_heads,
-                                  acc["ck"], acc["qc"]))
+                                  acc["ck"], acc["qc"], acc["sx"], acc["n"]))
         acc.clear()   # this layer's C_x goes now
     rotary.cpu()
     return CalibStats(stats, n * t)
@@ -157,16 +188,19 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
 def _propagate(src_layer, hidden: list, arch: str, device: str, dtype: torch.dtype, park: str, rotary,
                pos: torch.Tensor) -> dict:
     """Run every batch of `hidden` through one layer (replacing them by its outputs) and return the
-    layer's accumulated moments {cx, ax, ck, qc}."""
+    layer's accumulated moments {cx, ax, sx, n, ck, qc}."""
     layer = working_copy(src_layer, device, dtype)
     d = layer.input_layernorm.weight.shape[0]
     acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
-           "ax": torch.zeros(d, dtype=torch.float64, device=device), "ck": None, "qc": None}
+           "ax": torch.zeros(d, dtype=torch.float64, device=device),
+           "sx": torch.zeros(d, dtype=torch.float64, device=device), "n": 0, "ck": None, "qc": None}
 
     def on_norm(_m, _i, out):
         x = out.reshape(-1, out.shape[-1]).double()
         acc["cx"].addmm_(x.T, x)
         acc["ax"].add_(x.abs().sum(0))
+        acc["sx"].add_(x.sum(0))
+        acc["n"] += x.shape[0]
 
     def on_knorm(_m, _i, out):  # [B, T, g, d_h] post-norm keys, before RoPE
         k = out.reshape(out.shape[0] * out.shape[1], -1).double()

@@ -404,7 +404,8 @@ def _rope_maps(stats: calibrate.CalibStats, opts: Options, inv_freq: torch.Tenso
                ) -> tuple[list[int], list[rope_map.RopeMap]]:
     """Every layer's RoRoPE map from its key and query moments, with the rope pairs per frequency that
     all layers share (rope_map.shared_pair_counts)."""
-    pcas = [rope_map.frequency_pca(st.ck, g, d_h) for st in tqdm(stats.layers, desc="rope map", unit="layer")]
+    pcas = [rope_map.frequency_pca(st.rotated_key_moment, g, d_h)
+            for st in tqdm(stats.layers, desc="rope map", unit="layer")]
     if opts.rope_select == "qk":
         ranked = [rope_map.reorder_components(
             rope_map.logit_scores(e, u, stats.layers[l].qd, inv_freq, opts.rope_distance), e, u)

@@ -4,7 +4,8 @@ Calibration keeps, per layer, only output-space moments (keys, values, per-head 
 RoPE), ASVD's sum |x| and the damping's scale mean(diag C_x); each layer's [D, D] input covariance is
 reduced as soon as the layer is done. The reference shares nothing with it: one whole-model forward of
 the transformers original with hooks on the attention's projections (and Qwen3's k_norm/q_norm), and
-the outer products of what they output summed directly.
+the outer products of what they output summed directly (less the biases where the latents are fitted
+to the weights' linear part: Qwen2).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from converter import calibrate, load
 from tests.tiny_models import make_tiny_original
 
 
-@pytest.mark.parametrize("source", ["llama", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("source", ["llama", "qwen3", "qwen3_moe", "qwen2"])
 def test_statistics_are_those_of_a_forward_pass(source, tmp_path):
     src = load.load_source(make_tiny_original(tmp_path / source, source, num_layers=2))
     arch = src.arch          # attention family: qwen3_moe has Qwen3's attention
@@ -48,8 +49,14 @@ def test_statistics_are_those_of_a_forward_pass(source, tmp_path):
         x, k, v, q = (torch.cat([t.reshape(windows.numel(), -1) for t in seen[l][n]]) for n in "xkvq")
         q = q.view(-1, n_h, d_h)
         close = dict(rtol=1e-4, atol=1e-3)
-        torch.testing.assert_close(s.ck, k.T @ k, **close)
-        torch.testing.assert_close(s.cv, v.T @ v, **close)
+        # Qwen2's biases: the queries and the keys RoPE rotates keep them; the moments the K and V latents are
+        # fitted to are of W x alone (the key bias's NoPE part and the value bias leave exactly: assemble.py)
+        a = src.model.model.layers[l].self_attn
+        k_lin, v_lin = (t - lin.bias.double() if lin.bias is not None else t for t, lin in ((k, a.k_proj), (v, a.v_proj)))
+        assert (s.ck_rope is not None) == (a.k_proj.bias is not None)
+        torch.testing.assert_close(s.rotated_key_moment, k.T @ k, **close)
+        torch.testing.assert_close(s.ck, k_lin.T @ k_lin, **close)
+        torch.testing.assert_close(s.cv, v_lin.T @ v_lin, **close)
         torch.testing.assert_close(s.qc, torch.einsum("thd,the->hde", q, q), **close)
         torch.testing.assert_close(s.qd, (q * q).sum(0), **close)
         torch.testing.assert_close(s.ax, x.abs().sum(0), **close)
@@ -69,6 +76,6 @@ def test_a_stats_cache_holds_no_input_covariance(tmp_path):
     saved = torch.load(cache, weights_only=False)
     assert saved["meta"]["stats_version"] == calibrate.STATS_VERSION
     for layer in saved["layers"]:
-        assert sorted(layer) == ["ax", "ck", "cv", "qc", "x_scale"]
+        assert sorted(layer) == ["ax", "ck", "ck_rope", "cv", "qc", "x_scale"] and layer["ck_rope"] is None
         assert layer["ck"].shape == layer["cv"].shape == (2 * 16, 2 * 16)
         assert layer["qc"].shape == (4, 16, 16) and layer["ax"].shape == (64,)
