@@ -115,6 +115,7 @@ def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int
         "k_ranks": list(k_ranks), "v_ranks": list(v_ranks),
         "kv_lora_rank": max(k + v for k, v in zip(k_ranks, v_ranks)), "q_lora_rank": None,
         "use_qk_norm": cfg["model_type"] in ("qwen3", "qwen3_moe"),
+        "attention_bias": bool(cfg.get("attention_bias", False)),
         "rope_inv_freq": [float(x) for x in freqs.tolist()],
         "softmax_scale": d_h ** -0.5,
         "source_rope_parameters": dict(cfg.get("rope_scaling") or {"rope_type": "default"},

@@ -87,6 +87,7 @@ def test_runbook_config_keys_equal_a_converted_config(tmp_path, arch, shape):
     assert set(made["care"]) == set(written["care"])
     assert made["architectures"] == written["architectures"]
     assert made["use_qk_norm"] == written["use_qk_norm"]
+    assert made["attention_bias"] == written["attention_bias"] is False
     assert shapes.MOE_CONFIG_KEYS == MOE_CONFIG_KEYS
     from model_defs.configuration_care import AUTO_MAP, REMOTE_CODE_FILES
 
