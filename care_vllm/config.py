@@ -44,15 +44,14 @@ def layer_widths(cfg) -> list[int]:
     return [int(k) + int(v) + d_r for k, v in zip(cfg.k_ranks, cfg.v_ranks)]
 
 
-# GQA facts a care_mla config never carries (model_defs/configuration_care.py's _FORBIDDEN_KEYS): one of them
-# on the config vLLM built means `--hf-overrides` (or the like) put it there
-GQA_KEYS = ("head_dim", "num_key_value_heads", "rope_parameters", "rope_scaling", "rope_theta")
-
-
 def refuse_gqa_overrides(cfg) -> None:
     """Stop `vllm serve --hf-overrides '{"rope_scaling": ...}'` (Qwen3's documented way to turn on yarn for long
     contexts) on a converted checkpoint: the model never reads those keys (its rope frequencies and logit
-    scale were fixed by care-convert), so it would serve the unscaled rope under the name of the scaled one."""
+    scale were fixed by care-convert), so it would serve the unscaled rope under the name of the scaled one.
+    A care_mla config never carries one of the GQA keys itself, so one on the config vLLM built means
+    `--hf-overrides` (or the like) put it there."""
+    from model_defs.configuration_care import GQA_KEYS
+
     given = [k for k in GQA_KEYS if k in vars(cfg)]
     if given:
         raise ValueError(

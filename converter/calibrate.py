@@ -97,13 +97,14 @@ def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_
     if ck is None:
         wk = w("k_proj")
         ck = wk @ cx @ wk.T
-        if b("k_proj") is not None:
-            ck_rope = _with_bias(ck[None], (wk @ sx)[None], b("k_proj")[None], tokens)[0].cpu()
+        bk = b("k_proj")
+        if bk is not None:
+            ck_rope = _with_bias(ck[None], (wk @ sx)[None], bk[None], tokens)[0].cpu()
     if qc is None:
-        wq = w("q_proj")
+        wq, bq = w("q_proj"), b("q_proj")
         qc = llama_query_cov(wq, cx, num_heads)
-        if b("q_proj") is not None:
-            qc = _with_bias(qc, (wq @ sx).view(num_heads, -1), b("q_proj").view(num_heads, -1), tokens)
+        if bq is not None:
+            qc = _with_bias(qc, (wq @ sx).view(num_heads, -1), bq.view(num_heads, -1), tokens)
     return LayerStats(ck=ck.cpu(), cv=cv.cpu(), qc=qc.cpu(), ax=ax.cpu(), x_scale=cx.diagonal().mean().item(),
                       ck_rope=ck_rope)
 

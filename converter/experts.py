@@ -107,9 +107,7 @@ class ExpertStore:
         """Every sparse layer's experts into `model` for good (a source that must run whole, such as the
         healing teacher, read through this store because it is fp8)."""
         for layer in self.layers:
-            experts = model.model.layers[layer].mlp.experts
-            for name, t in self.tensors(layer).items():
-                setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
+            _install(model.model.layers[layer].mlp.experts, self.tensors(layer))
 
     @contextlib.contextmanager
     def attached(self, layer: int, module: torch.nn.Module, dtype: torch.dtype | None = None,
@@ -123,14 +121,19 @@ class ExpertStore:
             return
         experts = module.mlp.experts
         saved = {n: getattr(experts, n) for n in PARTS}
-        for name, t in tensors.items():
-            setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
+        _install(experts, tensors)
         del tensors
         try:
             yield module
         finally:
             for n, p in saved.items():
                 setattr(experts, n, p)
+
+
+def _install(experts: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Set a layer's fused expert tensors {full name: tensor} (ExpertStore.tensors) as its experts' parameters."""
+    for name, t in tensors.items():
+        setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
 
 
 def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype,

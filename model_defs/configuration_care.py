@@ -25,8 +25,9 @@ REMOTE_CODE_FILES = ("configuration_care.py", "modeling_care.py")
 AUTO_MAP = {"AutoConfig": "configuration_care.CareMLAConfig", "AutoModel": "modeling_care.CareMLAModel",
             "AutoModelForCausalLM": "modeling_care.CareMLAForCausalLM"}
 
-# Keys that must never appear on this config: transformers/vLLM would interpret them as GQA facts.
-_FORBIDDEN_KEYS = ("head_dim", "num_key_value_heads", "rope_parameters", "rope_scaling", "rope_theta")
+# Keys that must never appear on this config: transformers/vLLM would interpret them as GQA facts (the
+# plugin also refuses them as `vllm serve --hf-overrides`: care_vllm/config.py).
+GQA_KEYS = ("head_dim", "num_key_value_heads", "rope_parameters", "rope_scaling", "rope_theta")
 
 
 def default_inv_freq(d_r: int, theta: float = 10000.0) -> list[float]:
@@ -96,7 +97,7 @@ class CareMLAConfig(PretrainedConfig):
     mlp_only_layers: list[int] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
-        for key in _FORBIDDEN_KEYS:
+        for key in GQA_KEYS:
             kwargs.pop(key, None)  # never let GQA keys leak in (they would be saved and misread)
         d_h, L = self.original_head_dim, self.num_hidden_layers
         if self.qk_nope_head_dim is None:
@@ -154,7 +155,7 @@ class CareMLAConfig(PretrainedConfig):
                 raise ValueError("moe_intermediate_size and decoder_sparse_step must be >= 1 for an MoE config")
         if self.care_attention_path not in ATTENTION_PATHS:
             raise ValueError(f"care_attention_path must be one of {ATTENTION_PATHS}, got {self.care_attention_path!r}")
-        for key in _FORBIDDEN_KEYS:
+        for key in GQA_KEYS:
             if key in self.__dict__:
                 raise ValueError(f"care_mla configs must not carry a top-level {key!r}")
 
