@@ -21,17 +21,20 @@ from pathlib import Path
 
 import torch
 
-from . import fp8_source, gguf_cache, model_card, source_rope
+from . import fp8_source, gguf_cache, model_card, phi3, source_rope
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 # (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward;
-# Qwen2 is Llama's with q/k/v biases, which the Llama path converts: converter/assemble.py)
+# Qwen2 is Llama's with q/k/v biases, which the Llama path converts: converter/assemble.py; Phi-3/Phi-4 is
+# Llama's with fused qkv and gate_up projections, re-expressed as a Llama at load: converter/phi3.py)
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
-             "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
+             phi3.ARCHITECTURE: "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+               "phi3": phi3.ARCHITECTURE, "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# architectures whose `sliding_window` (when shorter than the context) is applied on every layer
+SLIDING_WINDOW_ARCHS = ("MistralForCausalLM", phi3.ARCHITECTURE)
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
 # attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (source_rope.py)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
@@ -141,7 +144,7 @@ def _check_config(cfg, where: str) -> str:
     if getattr(cfg, "use_sliding_window", False):
         raise ConversionError(f"{where}: sliding-window attention is not supported (use_sliding_window=true)")
     window = getattr(cfg, "sliding_window", None)
-    if arch_name == "MistralForCausalLM" and window is not None and window < cfg.max_position_embeddings:
+    if arch_name in SLIDING_WINDOW_ARCHS and window is not None and window < cfg.max_position_embeddings:
         raise ConversionError(f"{where}: sliding-window attention is not supported (sliding_window={window}, "
                               f"max_position_embeddings={cfg.max_position_embeddings})")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
@@ -151,6 +154,8 @@ def _check_config(cfg, where: str) -> str:
                               f"(supported: {', '.join(sorted(STATIC_ROPE_TYPES))})")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ConversionError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
+    if arch_name == phi3.ARCHITECTURE:
+        phi3.check_config(cfg, where)
     return SUPPORTED[arch_name]
 
 
@@ -262,8 +267,10 @@ def _load_gguf(gguf: Path, name: str, stream_experts: bool, hf_overrides: dict |
     if hf_overrides:
         raise ConversionError(f"{gguf}: --hf-overrides needs the GGUF's dequantized cache folder, which could not "
                               f"be used here (see the note above; CARE_VLLM_CACHE)")
-    return Source(direct.model, direct.tokenizer, check(direct.config), name, None, gguf_file=gguf,
-                  gguf_license=direct.license)
+    arch = check(direct.config)
+    model = _as_supported(direct.model)
+    _fp32_rotary(model)
+    return Source(model, direct.tokenizer, arch, name, None, gguf_file=gguf, gguf_license=direct.license)
 
 
 def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
@@ -305,8 +312,15 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
         model = AutoModelForCausalLM.from_pretrained(src, config=cfg, dtype="auto")
         if model.dtype not in LOAD_DTYPES:
             model = model.float()
+    model = _as_supported(model)
     _fp32_rotary(model)
     return Source(model.eval(), tok, arch, name, src, commit, store)
+
+
+def _as_supported(model):
+    """The loaded model in the form the converter reads: a Phi-3 one as the Llama it is (converter/phi3.py),
+    any other as loaded."""
+    return phi3.as_llama(model) if type(model).__name__ == phi3.ARCHITECTURE else model
 
 
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

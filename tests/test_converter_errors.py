@@ -67,6 +67,22 @@ def test_position_dependent_rope_scaling(tiny, tmp_path):
                    "default, linear, llama3, yarn")
 
 
+@pytest.mark.parametrize("change, needles", [
+    ({"sliding_window": 47}, ("sliding-window attention is not supported", "sliding_window=47")),   # Phi-3-*-4k
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}},
+     ("partial rotary embeddings are not supported", "partial_rotary_factor=0.75")),                 # Phi-4-mini
+], ids=["sliding_window", "partial_rotary"])
+def test_phi3_that_llama_cannot_express(tmp_path, change, needles):
+    """Phi-3 converts as the Llama it is (converter/phi3.py) only where a Llama layer computes its forward."""
+    src = make_tiny_original(tmp_path / "orig", "phi3", num_layers=2)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **change}))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a few words of calibration text, repeated. " * 200)
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib), out, *needles)
+
+
 def test_mistral_with_a_sliding_window(tmp_path):
     """Mistral-7B-v0.1's 4096-token window (v0.3 and Nemo have none and convert as Llama)."""
     src = make_tiny_original(tmp_path / "orig", "mistral", num_layers=2)

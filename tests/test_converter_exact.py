@@ -31,7 +31,8 @@ PROMPT_IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 4
 # variant -> make_tiny_original arguments (rope None: the architecture's own, llama3 scaling for Llama)
 VARIANTS = {"llama": {"arch": "llama"}, "qwen3": {"arch": "qwen3"}, "qwen3_moe": {"arch": "qwen3_moe"},
             "qwen3_yarn": {"arch": "qwen3", "rope": QWEN3_YARN}, "mistral": {"arch": "mistral"},
-            "qwen2": {"arch": "qwen2"}, "llama_bias": {"arch": "llama", "attention_bias": True}}
+            "qwen2": {"arch": "qwen2"}, "llama_bias": {"arch": "llama", "attention_bias": True},
+            "phi3": {"arch": "phi3"}}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

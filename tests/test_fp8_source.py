@@ -3,7 +3,8 @@ converts as the weights it encodes, and any other quantized source is refused by
 
 Reference: the plain folder of those weights, dequantized by the tests' own loop over blocks
 (tests/fp8_files.py) and run in transformers. Blocks of [48, 40] leave partial edge blocks in every
-tensor of the tiny models. The Qwen3-MoE copy goes through the converter's own reader (experts streamed a
+tensor of the tiny models (and in a Phi-3's fused qkv_proj and gate_up_proj, blocks that straddle the q/k/v and
+gate/up boundaries: the weights are dequantized before converter/phi3.py splits them). The Qwen3-MoE copy goes through the converter's own reader (experts streamed a
 layer at a time, and the rest of the model read from the files: converter/experts.py), the dense one and
 the healing teacher through transformers' loader."""
 from __future__ import annotations
@@ -23,7 +24,7 @@ BLOCK = (48, 40)
 IDS = torch.tensor([[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 43, 600, 7000, 2, 31, 88]])
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "phi3"])
 def fp8_pair(request, tmp_path_factory):
     """(arch, fp8 folder, the plain folder of the weights it encodes)."""
     root = tmp_path_factory.mktemp(f"fp8_{request.param}")

@@ -67,6 +67,9 @@ def _randomize(model: torch.nn.Module, seed: int, embed_std: float = 0.3, qk_gai
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)  # fan-in (3-D: MoE experts)
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(qk_gain)  # sharp attention: scores of O(1..10)
+            elif name.endswith("qkv_proj.weight"):   # Phi-3's fused [q; k; v]: the q and k rows
+                cfg = model.config
+                p[: (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim].mul_(qk_gain)
 
 
 def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, hidden: int = 64,
@@ -74,13 +77,14 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
                        max_positions: int = 1024, embed_std: float = 0.3, qk_gain: float = 2.5,
                        mlp_only_layers: list[int] | None = None, rope: dict | None = None,
                        attention_bias: bool = False) -> Path:
-    """Write a random tiny Llama-3 (`arch="llama"`), Mistral (`arch="mistral"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
+    """Write a random tiny Llama-3 (`arch="llama"`), Mistral (`arch="mistral"`), Phi-3/Phi-4 (`arch="phi3"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
     (`arch="qwen3_moe"`: 4 experts, top-2, normalized; dense layers `mlp_only_layers`, by default the last
     one when there are 2+) checkpoint to `out`. `rope`: rope_parameters instead of the architecture's
     (Llama: LLAMA3_ROPE; Qwen3: plain rope, theta 1e6). `arch="qwen2"`: Qwen2 (Llama with q/k/v biases);
     `attention_bias`: a Llama with q/k/v/o biases."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     require_shared(TOKENIZER_SRC)
     kw = _common(num_layers, hidden, heads, kv_heads, head_dim, max_positions)
@@ -91,6 +95,11 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
         cfg = MistralConfig(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
                             sliding_window=None)
         model = MistralForCausalLM(cfg)
+    elif arch == "phi3":   # as Phi-4: fused qkv_proj and gate_up_proj, plain rope on every dim, no window
+        kw.pop("attention_bias")
+        cfg = Phi3Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 250000.0}),
+                         sliding_window=None)
+        model = Phi3ForCausalLM(cfg)
     elif arch == "qwen2":   # as Qwen2.5: q/k/v biases, plain rope, no sliding window
         kw.pop("attention_bias")
         cfg = Qwen2Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
