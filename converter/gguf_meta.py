@@ -1,5 +1,5 @@
 """What transformers' GGUF reader leaves out of a source that the conversion needs: the rope scaling, the
-head dimension, a MoE's expert width, and the licence.
+head dimension, a MoE's expert width, a sliding window (refused), and the licence.
 
 Why: llama.cpp's converter does not store Llama-3.1/3.2/3.3's `rope_type: llama3` as metadata but as a
 tensor, `rope_freqs.weight`, one divisor per rotary frequency; transformers (5.19) skips that tensor
@@ -41,6 +41,7 @@ class GgufMeta:
     key_length: int | None = None     # <arch>.attention.key_length / value_length: the head dimension
     value_length: int | None = None
     expert_ff_length: int | None = None   # <arch>.expert_feed_forward_length: a MoE's moe_intermediate_size
+    sliding_window: int | None = None     # <arch>.attention.sliding_window (llama.cpp's phi3 writes Phi-3-4k's)
 
 
 def read(path) -> GgufMeta:
@@ -57,7 +58,7 @@ def read(path) -> GgufMeta:
                     if t.name == ROPE_FREQS), None)
     lengths = [int(fields[k].contents()) if k in fields else None
                for k in (f"{arch}.attention.key_length", f"{arch}.attention.value_length",
-                         f"{arch}.expert_feed_forward_length")]
+                         f"{arch}.expert_feed_forward_length", f"{arch}.attention.sliding_window")]
     return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling, *lengths)
 
 
@@ -71,6 +72,10 @@ def apply(config, meta: GgufMeta, where: str) -> None:
         config.head_dim = meta.key_length
     if meta.expert_ff_length is not None and hasattr(config, "moe_intermediate_size"):
         config.moe_intermediate_size = meta.expert_ff_length
+    # transformers' GGUF config does not read the window, so the model would load (and convert) without it
+    if meta.sliding_window and meta.sliding_window < config.max_position_embeddings:
+        raise ConversionError(f"{where}: sliding-window attention is not supported (attention.sliding_window="
+                              f"{meta.sliding_window}, context length {config.max_position_embeddings})")
     apply_rope(config, meta, where)
 
 

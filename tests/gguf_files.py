@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 
 
-def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[str, ...] = ()) -> Path:
+def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[str, ...] = (),
+               sliding_window: int | None = None) -> Path:
     """An F32 GGUF of a tiny Qwen3, Qwen3-MoE (every layer sparse: GGUF has no dense layers in a MoE) or
     Llama folder (llama.cpp's tensor names via the gguf package; the llama3 BPE tokenizer stored as
-    "gpt2"/"llama-bpe"). `drop`: transformers tensor names to leave out (a broken file)."""
+    "gpt2"/"llama-bpe"). `drop`: transformers tensor names to leave out (a broken file). `sliding_window`: written
+    as `<arch>.attention.sliding_window`, as llama.cpp's converter does for Phi-3-4k."""
     import gguf
     from safetensors.torch import load_file
 
@@ -57,6 +59,8 @@ def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[st
         w.add_pad_token_id(cfg["pad_token_id"])
     if license is not None:
         w.add_license(license)
+    if sliding_window is not None:
+        w.add_sliding_window(sliding_window)
     tensors = load_file(str(src / "model.safetensors"))
     if arch == "qwen3_moe":
         if cfg.get("mlp_only_layers"):

@@ -114,3 +114,14 @@ def test_phi3_gguf_converts_as_its_folder(phi_and_twin, tmp_path, calib_file):
     cfg = _assert_same_checkpoint(tmp_path / "from_gguf", tmp_path / "from_folder",
                                   SOURCE_KEYS | {"bos_token_id", "rms_norm_eps"})
     assert cfg["source_architecture"] == "Phi3ForCausalLM" and cfg["rms_norm_eps"] == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_phi3_gguf_with_a_sliding_window_is_refused(phi_and_twin, tmp_path):
+    """transformers' GGUF config does not read `phi3.attention.sliding_window` (Phi-3-mini-4k's 2047): without
+    the check the windowed model would load, and convert, as a full-attention one."""
+    from converter.errors import ConversionError
+
+    _, phi, _ = phi_and_twin
+    gguf = write_gguf(phi, tmp_path / "tiny-phi3-4k.F32.gguf", sliding_window=47)
+    with pytest.raises(ConversionError, match=r"sliding-window attention is not supported \(attention.sliding_window=47"):
+        load_source(gguf)
