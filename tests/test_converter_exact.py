@@ -5,7 +5,8 @@ Checked three ways: the naive FORMAT.md forward (tests/format_reference.py, fp64
 in both attention paths (plain and absorbed), fp32, to 1e-4.
 The originals cover llama3 rope scaling (Llama), plain rope (Qwen3, Qwen3-MoE, Mistral) and yarn (Qwen3 with
 its long-context setting, whose attention factor scales every logit: the converted softmax scale must carry
-it), and attention biases (Qwen2's q/k/v, a Llama's q/k/v/o); with partial RoPE, the biases are checked
+it), and attention biases (Qwen2's q/k/v, a Llama's q/k/v/o), and the architectures re-expressed as Llama at load
+(Phi-3's fused projections, Granite's multipliers folded into the weights); with partial RoPE, the biases are checked
 where the rotation partial RoPE drops is nil (test_biases_are_kept_where_partial_rope_is_exact). Also checks that partial RoPE keeps the llama3- and yarn-scaled frequencies exactly, and that the
 converted folder runs in plain transformers through its own copy of the modeling code (`trust_remote_code`).
 """
@@ -32,7 +33,7 @@ PROMPT_IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 4
 VARIANTS = {"llama": {"arch": "llama"}, "qwen3": {"arch": "qwen3"}, "qwen3_moe": {"arch": "qwen3_moe"},
             "qwen3_yarn": {"arch": "qwen3", "rope": QWEN3_YARN}, "mistral": {"arch": "mistral"},
             "qwen2": {"arch": "qwen2"}, "llama_bias": {"arch": "llama", "attention_bias": True},
-            "phi3": {"arch": "phi3"}}
+            "phi3": {"arch": "phi3"}, "granite": {"arch": "granite", "attention_bias": True}}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -77,12 +77,14 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
                        max_positions: int = 1024, embed_std: float = 0.3, qk_gain: float = 2.5,
                        mlp_only_layers: list[int] | None = None, rope: dict | None = None,
                        attention_bias: bool = False) -> Path:
-    """Write a random tiny Llama-3 (`arch="llama"`), Mistral (`arch="mistral"`), Phi-3/Phi-4 (`arch="phi3"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
+    """Write a random tiny Llama-3 (`arch="llama"`), Mistral (`arch="mistral"`), Phi-3/Phi-4 (`arch="phi3"`), Granite
+    (`arch="granite"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
     (`arch="qwen3_moe"`: 4 experts, top-2, normalized; dense layers `mlp_only_layers`, by default the last
     one when there are 2+) checkpoint to `out`. `rope`: rope_parameters instead of the architecture's
     (Llama: LLAMA3_ROPE; Qwen3: plain rope, theta 1e6). `arch="qwen2"`: Qwen2 (Llama with q/k/v biases);
-    `attention_bias`: a Llama with q/k/v/o biases."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+    `attention_bias`: a Llama (or Granite) with q/k/v/o biases."""
+    from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Phi3Config,
                               Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                               Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
@@ -100,6 +102,13 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
         cfg = Phi3Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 250000.0}),
                          sliding_window=None)
         model = Phi3ForCausalLM(cfg)
+    elif arch == "granite":   # as Granite 3.1: its four multipliers, none of them 1 (values of granite-3.1-8b's kind)
+        # (rms_norm_eps 1e-2, not Granite's 1e-5: large enough that the eps / m_e^2 fold is visible in the logits)
+        cfg = GraniteConfig(**{**kw, "attention_bias": attention_bias, "rms_norm_eps": 1e-2},
+                            rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e7}),
+                            attention_multiplier=1.0 / head_dim, embedding_multiplier=12.0, residual_multiplier=0.22,
+                            logits_scaling=8.0)
+        model = GraniteForCausalLM(cfg)
     elif arch == "qwen2":   # as Qwen2.5: q/k/v biases, plain rope, no sliding window
         kw.pop("attention_bias")
         cfg = Qwen2Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
