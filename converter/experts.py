@@ -1,4 +1,4 @@
-"""Qwen3-MoE experts read from the source's safetensors one decoder layer at a time.
+"""Qwen3-MoE and Mixtral experts read from the source's safetensors one decoder layer at a time.
 
 Why: the experts are ~95 % of a Qwen3-MoE (Qwen3-30B-A3B: 29 of 30.5 B parameters), and transformers
 fuses a checkpoint's per-expert tensors (mlp.experts.{e}.gate_proj/up_proj/down_proj.weight, what the
@@ -27,6 +27,32 @@ from . import fp8_source
 # fused tensor -> the per-expert tensors stacked into it, one under the other (rows), in this order
 PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.")
+# Mixtral's Hub names (block_sparse_moe.gate, block_sparse_moe.experts.{e}.w1/w3/w2) -> transformers', as its
+# conversion_mapping "mixtral" renames them: the router is mlp.gate, w1 the gate, w3 the up, w2 the down projection
+_MIXTRAL_BLOCK = ".block_sparse_moe."
+_MIXTRAL_EXPERT = re.compile(r"^(.*\.mlp\.experts\.\d+\.)(w[123])(\..+)$")
+_MIXTRAL_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def transformers_name(key: str) -> str:
+    """The name transformers gives the tensor stored under `key` (Mixtral's Hub names renamed; others as stored)."""
+    if _MIXTRAL_BLOCK not in key:
+        return key
+    key = key.replace(_MIXTRAL_BLOCK, ".mlp.")
+    m = _MIXTRAL_EXPERT.match(key)
+    return f"{m[1]}{_MIXTRAL_PARTS[m[2]]}{m[3]}" if m else key
+
+
+class SourceFiles(dict):
+    """Tensor name, as transformers names the parameter -> the safetensors file that holds it; `stored`: the
+    key in that file where it differs from the name (Mixtral's Hub names: transformers_name)."""
+
+    def __init__(self, files: dict[str, Path], stored: dict[str, str] | None = None):
+        super().__init__(files)
+        self.stored = dict(stored or {})
+
+    def key(self, name: str) -> str:
+        return self.stored.get(name, name)
 
 
 def is_expert_key(name: str) -> bool:
@@ -36,7 +62,8 @@ def is_expert_key(name: str) -> bool:
 
 def read_mapped(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
     """The named tensors {name: tensor}, memory-mapped from their files (safetensors >= 0.4 maps rather
-    than copies: clean file pages, not RAM the process owns), each file opened once."""
+    than copies: clean file pages, not RAM the process owns), each file opened once; from a SourceFiles, each
+    under its stored key."""
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(files[n], []).append(n)
@@ -44,7 +71,7 @@ def read_mapped(files: dict[str, Path], names: list[str]) -> dict[str, torch.Ten
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as fh:
             for k in keys:
-                got[k] = fh.get_tensor(k)
+                got[k] = fh.get_tensor(files.key(k) if isinstance(files, SourceFiles) else k)
     return got
 
 

@@ -1,5 +1,5 @@
 """What transformers' GGUF reader leaves out of a source that the conversion needs: the rope scaling, the
-head dimension, a MoE's expert width, a sliding window (refused), and the licence.
+head dimension, a MoE's expert width, a sliding window and Mixtral's experts (both refused), and the licence.
 
 Why: llama.cpp's converter does not store Llama-3.1/3.2/3.3's `rope_type: llama3` as metadata but as a
 tensor, `rope_freqs.weight`, one divisor per rotary frequency; transformers (5.19) skips that tensor
@@ -42,6 +42,8 @@ class GgufMeta:
     value_length: int | None = None
     expert_ff_length: int | None = None   # <arch>.expert_feed_forward_length: a MoE's moe_intermediate_size
     sliding_window: int | None = None     # <arch>.attention.sliding_window (llama.cpp's phi3 writes Phi-3-4k's)
+    expert_count: int | None = None       # <arch>.expert_count (llama.cpp stores Mixtral as "llama" with experts)
+    arch: str = ""                        # general.architecture
 
 
 def read(path) -> GgufMeta:
@@ -58,8 +60,9 @@ def read(path) -> GgufMeta:
                     if t.name == ROPE_FREQS), None)
     lengths = [int(fields[k].contents()) if k in fields else None
                for k in (f"{arch}.attention.key_length", f"{arch}.attention.value_length",
-                         f"{arch}.expert_feed_forward_length", f"{arch}.attention.sliding_window")]
-    return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling, *lengths)
+                         f"{arch}.expert_feed_forward_length", f"{arch}.attention.sliding_window",
+                         f"{arch}.expert_count")]
+    return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling, *lengths, arch=arch)
 
 
 def apply(config, meta: GgufMeta, where: str) -> None:
@@ -72,6 +75,9 @@ def apply(config, meta: GgufMeta, where: str) -> None:
         config.head_dim = meta.key_length
     if meta.expert_ff_length is not None and hasattr(config, "moe_intermediate_size"):
         config.moe_intermediate_size = meta.expert_ff_length
+    if meta.arch == "llama" and meta.expert_count:   # transformers reads it as a dense Llama
+        raise ConversionError(f"{where}: a Mixtral GGUF (llama with {meta.expert_count} experts) is not supported; "
+                              f"convert from the model's safetensors folder")
     # transformers' GGUF config does not read the window, so the model would load (and convert) without it
     if meta.sliding_window and meta.sliding_window < config.max_position_embeddings:
         raise ConversionError(f"{where}: sliding-window attention is not supported (attention.sliding_window="

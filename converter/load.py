@@ -23,22 +23,23 @@ import torch
 
 from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
 from .errors import ConversionError
-from .experts import PARTS, ExpertStore, load_without_experts
+from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, transformers_name
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 # (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward;
 # Qwen2 is Llama's with q/k/v biases, which the Llama path converts: converter/assemble.py; Phi-3/Phi-4 is
 # Llama's with fused qkv and gate_up projections, and Granite Llama's with multipliers that fold into its
-# weights: both re-expressed as a Llama at load, converter/phi3.py and converter/granite.py)
+# weights: both re-expressed as a Llama at load, converter/phi3.py and converter/granite.py;
+# Mixtral is Llama's attention with a sparse MLP that computes Qwen3-MoE's with normalized top-k weights)
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
-             phi3.ARCHITECTURE: "llama", granite.ARCHITECTURE: "llama", "Qwen3ForCausalLM": "qwen3",
-             "Qwen3MoeForCausalLM": "qwen3"}
+             phi3.ARCHITECTURE: "llama", granite.ARCHITECTURE: "llama", "MixtralForCausalLM": "llama",
+             "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
 # the loaded model of these architectures -> the LlamaForCausalLM it is re-expressed as
 AS_LLAMA = {phi3.ARCHITECTURE: phi3.as_llama, granite.ARCHITECTURE: granite.as_llama}
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "phi3": phi3.ARCHITECTURE, "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # architectures whose `sliding_window` (when shorter than the context) is applied on every layer
-SLIDING_WINDOW_ARCHS = ("MistralForCausalLM", phi3.ARCHITECTURE)
+SLIDING_WINDOW_ARCHS = ("MistralForCausalLM", "MixtralForCausalLM", phi3.ARCHITECTURE)
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
 # attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (source_rope.py)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
@@ -117,7 +118,8 @@ class Source:
 
 
 def num_experts(cfg) -> int:
-    """Experts per sparse MLP layer of a source config (0: a dense model)."""
+    """Experts per sparse MLP layer of a source config (0: a dense model; Mixtral's num_local_experts, which
+    transformers' configs also answer to as num_experts)."""
     return int(getattr(cfg, "num_experts", 0) or 0)
 
 
@@ -163,8 +165,10 @@ def _check_config(cfg, where: str) -> str:
     return SUPPORTED[arch_name]
 
 
-def _safetensors_entries(src: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """Every tensor of the folder's safetensors files: name -> (file, shape, stored dtype)."""
+def _safetensors_entries(src: Path) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], dict[str, str]]:
+    """Every tensor of the folder's safetensors files: name -> (file, shape, stored dtype), under the name
+    transformers gives it (Mixtral's Hub names renamed: experts.transformers_name); and {name: stored key} for
+    the renamed ones."""
     from safetensors import safe_open
 
     files = sorted(src.glob("*.safetensors"))
@@ -178,19 +182,24 @@ def _safetensors_entries(src: Path) -> dict[str, tuple[Path, tuple[int, ...], st
             if not f.is_file():
                 raise ConversionError(f"{src}: shard {f.name} listed in model.safetensors.index.json is missing")
     entries: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    stored: dict[str, str] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
                     sl = fh.get_slice(k)
-                    entries[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
+                    name = transformers_name(k)
+                    entries[name] = (f, tuple(sl.get_shape()), sl.get_dtype())
+                    if name != k:
+                        stored[name] = k
         except Exception as e:  # corrupt/truncated file
             raise ConversionError(f"{f}: cannot read safetensors file ({e})") from None
-    return entries
+    return entries, stored
 
 
-def _check_tensors(src: Path, cfg) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """Compare the files' tensors with what the architecture needs (built on the meta device)."""
+def _check_tensors(src: Path, cfg) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], dict[str, str]]:
+    """Compare the files' tensors with what the architecture needs (built on the meta device); returns
+    _safetensors_entries."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -198,7 +207,7 @@ def _check_tensors(src: Path, cfg) -> dict[str, tuple[Path, tuple[int, ...], str
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     if getattr(cfg, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
-    entries = _safetensors_entries(src)
+    entries, stored = _safetensors_entries(src)
     have = {k: shape for k, (_, shape, _) in entries.items()}
     _expand_fused_experts(expected, have)
     missing = sorted(k for k in expected if k not in have)
@@ -208,7 +217,7 @@ def _check_tensors(src: Path, cfg) -> dict[str, tuple[Path, tuple[int, ...], str
     for k, shape in expected.items():
         if have[k] != shape:
             raise ConversionError(f"{src}: tensor {k} has shape {list(have[k])}, expected {list(shape)}")
-    return entries
+    return entries, stored
 
 
 def _expand_fused_experts(expected: dict, have: dict) -> None:
@@ -297,7 +306,7 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
     cfg = AutoConfig.from_pretrained(src)
     source_rope.apply_overrides(cfg, hf_overrides)
     arch = _check_config(cfg, str(src))
-    entries = _check_tensors(src, cfg)
+    entries, stored = _check_tensors(src, cfg)
     if fp8_block is not None:
         fp8_source.check_scales(entries, fp8_block, str(src))
     tok = AutoTokenizer.from_pretrained(src)
@@ -305,7 +314,7 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
     if (stream_experts and num_experts(cfg)) or fp8_block is not None:
         # the converter's own reader: streams a MoE's experts, dequantizes an fp8 source (fp8_source.py)
         dtype = _auto_dtype(cfg, entries)
-        files = {k: f for k, (f, _, _) in entries.items()}
+        files = SourceFiles({k: f for k, (f, _, _) in entries.items()}, stored)
         model = load_without_experts(cfg, files, dtype, fp8_block)
         if num_experts(cfg):
             store = ExpertStore(files, num_experts(cfg), dtype, fp8_block)

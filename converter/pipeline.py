@@ -33,10 +33,21 @@ from .plot import plot_ranks
 
 MODEL_TYPE = "care_mla"
 ARCHITECTURES = {("llama", False): "CareLlamaForCausalLM", ("qwen3", False): "CareQwen3ForCausalLM",
-                 ("qwen3", True): "CareQwen3MoeForCausalLM"}
+                 ("qwen3", True): "CareQwen3MoeForCausalLM", ("llama", True): "CareMixtralForCausalLM"}
 # Qwen3-MoE config fields carried over unchanged (the sparse MLP is copied as it is)
 MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                    "decoder_sparse_step", "mlp_only_layers")
+
+
+def moe_config(cfg) -> dict:
+    """A MoE source's sparse-MLP fields in Qwen3-MoE's terms (the converted config's, docs/FORMAT.md). A Mixtral
+    layer's MLP is Qwen3-MoE's on every layer with normalized top-k weights (softmax, top k, renormalized: what
+    transformers' MixtralTopKRouter computes), experts of intermediate_size."""
+    if getattr(cfg, "model_type", None) == "mixtral":   # (Qwen3MoeConfig also answers to num_local_experts)
+        return {"num_experts": cfg.num_local_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+                "moe_intermediate_size": cfg.intermediate_size, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                "mlp_only_layers": []}
+    return {k: getattr(cfg, k) for k in MOE_CONFIG_KEYS}
 OBJECTIVES = ("kv", "attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -497,7 +508,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "source_model": src_name,
         "source_revision": source.revision,
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,
-        **({k: getattr(cfg, k) for k in MOE_CONFIG_KEYS} if source.num_experts else {}),
+        **(moe_config(cfg) if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  "o_proj_refit": opts.o_proj_refit,
                  "o_proj_refit_ridge": opts.applied_refit_ridge,

@@ -16,7 +16,8 @@ from __future__ import annotations
 from .configuration_care import ATTENTION_PATHS, CareMLAConfig
 
 _MODELING_NAMES = ("CareMLAPreTrainedModel", "CareMLAModel", "CareMLAForCausalLM",
-                   "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareQwen3MoeForCausalLM", "CareMLAAttention")
+                   "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareQwen3MoeForCausalLM", "CareMixtralForCausalLM",
+                   "CareMLAAttention")
 
 
 def _modeling():

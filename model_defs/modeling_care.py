@@ -105,8 +105,8 @@ class CareMLP(nn.Module):
 
 
 def moe_block(config: CareMLAConfig) -> nn.Module:
-    """Qwen3-MoE's sparse MLP (router + experts), transformers' own module: the conversion copies
-    it unchanged, so the reference reuses the original's implementation (same parameter names:
+    """Qwen3-MoE's sparse MLP (router + experts; a Mixtral source's is the same computation), transformers' own
+    module: the conversion copies it unchanged, so the reference reuses the original's implementation (same parameter names:
     mlp.gate.weight [E, D], mlp.experts.gate_up_proj [E, 2I, D], mlp.experts.down_proj [E, D, I])."""
     return Qwen3MoeSparseMoeBlock(config)
 
@@ -364,8 +364,8 @@ class CareMLAModel(CareMLAPreTrainedModel):
 class CareMLAForCausalLM(CareMLAPreTrainedModel, GenerationMixin):
     """Causal LM over `CareMLAModel`.
 
-    Instantiating this class gives a `CareLlamaForCausalLM`, `CareQwen3ForCausalLM` or
-    `CareQwen3MoeForCausalLM` (chosen by config.use_qk_norm and config.num_experts): save_pretrained writes the class name into config.architectures and
+    Instantiating this class gives a `CareLlamaForCausalLM`, `CareQwen3ForCausalLM`, `CareQwen3MoeForCausalLM`
+    or `CareMixtralForCausalLM` (chosen by config.use_qk_norm and config.num_experts): save_pretrained writes the class name into config.architectures and
     vLLM dispatches on that name, so a healed model must keep the variant name.
     """
 
@@ -374,8 +374,10 @@ class CareMLAForCausalLM(CareMLAPreTrainedModel, GenerationMixin):
     def __new__(cls, *args, **kwargs):
         config = args[0] if args else kwargs.get("config")
         if cls is CareMLAForCausalLM and isinstance(config, CareMLAConfig):
-            cls = (CareLlamaForCausalLM if not config.use_qk_norm
-                   else CareQwen3MoeForCausalLM if config.num_experts else CareQwen3ForCausalLM)
+            if config.use_qk_norm:
+                cls = CareQwen3MoeForCausalLM if config.num_experts else CareQwen3ForCausalLM
+            else:
+                cls = CareMixtralForCausalLM if config.num_experts else CareLlamaForCausalLM
         return super().__new__(cls)
 
     def __init__(self, config: CareMLAConfig) -> None:
@@ -423,9 +425,15 @@ class CareQwen3MoeForCausalLM(CareMLAForCausalLM):
     """Converted from a Qwen3-MoE source (as Qwen3, with the sparse MLP copied unchanged)."""
 
 
+class CareMixtralForCausalLM(CareMLAForCausalLM):
+    """Converted from a Mixtral source (Llama's attention; its sparse MLP copied unchanged, which is Qwen3-MoE's
+    on every layer with normalized top-k weights)."""
+
+
 __all__ = [
     "CareMLAPreTrainedModel", "CareMLAModel", "CareMLAForCausalLM",
-    "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareQwen3MoeForCausalLM", "CareMLAAttention",
+    "CareLlamaForCausalLM", "CareQwen3ForCausalLM", "CareQwen3MoeForCausalLM", "CareMixtralForCausalLM",
+    "CareMLAAttention",
     "build_attention_mask",
 ]
 

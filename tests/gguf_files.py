@@ -14,11 +14,12 @@ import numpy as np
 
 
 def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[str, ...] = (),
-               sliding_window: int | None = None) -> Path:
+               sliding_window: int | None = None, expert_count: int | None = None) -> Path:
     """An F32 GGUF of a tiny Qwen3, Qwen3-MoE (every layer sparse: GGUF has no dense layers in a MoE) or
     Llama folder (llama.cpp's tensor names via the gguf package; the llama3 BPE tokenizer stored as
     "gpt2"/"llama-bpe"). `drop`: transformers tensor names to leave out (a broken file). `sliding_window`: written
-    as `<arch>.attention.sliding_window`, as llama.cpp's converter does for Phi-3-4k."""
+    as `<arch>.attention.sliding_window`, as llama.cpp's converter does for Phi-3-4k. `expert_count`: written as
+    `<arch>.expert_count` (metadata only: how a Mixtral GGUF, arch "llama", announces its experts)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -61,6 +62,8 @@ def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[st
         w.add_license(license)
     if sliding_window is not None:
         w.add_sliding_window(sliding_window)
+    if expert_count is not None and arch != "qwen3_moe":
+        w.add_expert_count(expert_count)
     tensors = load_file(str(src / "model.safetensors"))
     if arch == "qwen3_moe":
         if cfg.get("mlp_only_layers"):

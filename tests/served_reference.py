@@ -39,7 +39,7 @@ def varied_original(path: Path, arch: str, head_dim: int = 16, rope: dict | None
     f = next(src.glob("*.safetensors"))
     tensors = load_file(str(f))
     for name in tensors:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
+        if name.endswith(("o_proj.weight", "down_proj.weight", ".w2.weight")):   # (w2: Mixtral's down_proj)
             tensors[name] = tensors[name] * 4.0
     save_file(tensors, str(f), metadata={"format": "pt"})
     return src

@@ -57,3 +57,15 @@ def test_qwen3_moe_gguf_loads_and_converts_as_its_folder(tmp_path, monkeypatch, 
     eps = [c.pop("rms_norm_eps") for c in configs]   # GGUF metadata holds it as a float32
     assert eps[0] == pytest.approx(eps[1], rel=1e-7)
     assert configs[0] == configs[1] and configs[0]["moe_intermediate_size"] == 64
+
+
+def test_mixtral_gguf_is_refused_by_name(tmp_path):
+    """llama.cpp stores Mixtral as arch "llama" with `llama.expert_count`, which transformers' GGUF reader takes
+    for a dense Llama: refused before loading, pointing to the safetensors folder (a Llama GGUF's tensors with
+    the count in the metadata are enough to show it)."""
+    from converter.errors import ConversionError
+
+    folder = make_tiny_original(tmp_path / "orig", "llama", num_layers=2)
+    gguf = write_gguf(folder, tmp_path / "tiny-mixtral.F32.gguf", expert_count=4)
+    with pytest.raises(ConversionError, match="a Mixtral GGUF .llama with 4 experts. is not supported"):
+        load_source(gguf)

@@ -429,7 +429,7 @@ def test_gpu_backend_module_imports_and_torch_gather_is_exact():
 
 
 def test_expected_checkpoint_shapes_match_a_conversion(tmp_path):
-    """The plugin's explicit name/shape table equals what the converter writes (both variants)."""
+    """The plugin's explicit name/shape table equals what the converter writes (every variant)."""
     from safetensors import safe_open
 
     from care_vllm.config import register_config
@@ -441,7 +441,7 @@ def test_expected_checkpoint_shapes_match_a_conversion(tmp_path):
     register_config()
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(["the latent cache of a key and a value"] * 300))
-    for arch in ("llama", "qwen3", "qwen3_moe"):
+    for arch in ("llama", "qwen3", "qwen3_moe", "mixtral"):
         src = make_tiny_original(tmp_path / f"o_{arch}", arch, num_layers=2)
         out = tmp_path / f"m_{arch}"
         convert(src, out, calib_files=[calib], kv_ratio=0.75, rope_dim=8, calib_samples=4, calib_seqlen=32)

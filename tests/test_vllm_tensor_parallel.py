@@ -1,6 +1,8 @@
 """Tensor parallelism: `vllm serve OUT --tensor-parallel-size 2` (two CPU workers, gloo) on
-converted tiny Llama-3, Qwen3 and Qwen3-MoE models with per-layer ranks (the MoE experts are
-sharded by vLLM's FusedMoE, as for a stock Qwen3-MoE).
+converted tiny Llama-3, Qwen3, Qwen3-MoE and Mixtral models with per-layer ranks (the MoE experts are
+sharded by vLLM's FusedMoE, as for a stock Qwen3-MoE; the Mixtral conversion is served by CareMixtralForCausalLM,
+Llama's latent attention with that block: the only serving test of that class, whose single-process serving was
+checked ad hoc).
 
 Under TP the query heads, kv_b_proj (the absorbed up-projections) and o_proj are split by heads and
 the latent projections are replicated (MLA keeps one latent per token, not per head), so every rank
@@ -36,7 +38,7 @@ def _bind_one_core_per_rank() -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": f"{first}|{second}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "mixtral"])
 def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
     from converter.pipeline import convert
 

@@ -78,13 +78,13 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
                        mlp_only_layers: list[int] | None = None, rope: dict | None = None,
                        attention_bias: bool = False) -> Path:
     """Write a random tiny Llama-3 (`arch="llama"`), Mistral (`arch="mistral"`), Phi-3/Phi-4 (`arch="phi3"`), Granite
-    (`arch="granite"`), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
+    (`arch="granite"`), Mixtral (`arch="mixtral"`: 4 experts of width `hidden`, top-2, saved in the Hub's block_sparse_moe names), Qwen3 (`arch="qwen3"`) or Qwen3-MoE
     (`arch="qwen3_moe"`: 4 experts, top-2, normalized; dense layers `mlp_only_layers`, by default the last
     one when there are 2+) checkpoint to `out`. `rope`: rope_parameters instead of the architecture's
     (Llama: LLAMA3_ROPE; Qwen3: plain rope, theta 1e6). `arch="qwen2"`: Qwen2 (Llama with q/k/v biases);
     `attention_bias`: a Llama (or Granite) with q/k/v/o biases."""
     from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Phi3Config,
+                              MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config,
                               Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                               Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
@@ -109,6 +109,12 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
                             attention_multiplier=1.0 / head_dim, embedding_multiplier=12.0, residual_multiplier=0.22,
                             logits_scaling=8.0)
         model = GraniteForCausalLM(cfg)
+    elif arch == "mixtral":   # as Mixtral-8x7B: every layer sparse (4 experts of intermediate_size, top-2), no window
+        kw.pop("attention_bias")
+        cfg = MixtralConfig(**{**kw, "intermediate_size": hidden},   # experts as wide as qwen3_moe's
+                            rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
+                            num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+        model = MixtralForCausalLM(cfg)
     elif arch == "qwen2":   # as Qwen2.5: q/k/v biases, plain rope, no sliding window
         kw.pop("attention_bias")
         cfg = Qwen2Config(**kw, rope_parameters=dict(rope or {"rope_type": "default", "rope_theta": 1e6}),
