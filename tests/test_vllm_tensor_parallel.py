@@ -1,8 +1,7 @@
 """Tensor parallelism: `vllm serve OUT --tensor-parallel-size 2` (two CPU workers, gloo) on
-converted tiny Llama-3, Qwen3, Qwen3-MoE and Mixtral models with per-layer ranks (the MoE experts are
-sharded by vLLM's FusedMoE, as for a stock Qwen3-MoE; the Mixtral conversion is served by CareMixtralForCausalLM,
-Llama's latent attention with that block: the only serving test of that class, whose single-process serving was
-checked ad hoc).
+converted tiny Llama-3, Qwen3 and Mixtral models with per-layer ranks (the MoE experts are sharded by vLLM's
+FusedMoE, as for a stock Qwen3-MoE; the Mixtral conversion is served by CareMixtralForCausalLM, Llama's latent
+attention with vLLM's Qwen3-MoE block: the suite's serving test of that class).
 
 Under TP the query heads, kv_b_proj (the absorbed up-projections) and o_proj are split by heads and
 the latent projections are replicated (MLA keeps one latent per token, not per head), so every rank
@@ -38,7 +37,9 @@ def _bind_one_core_per_rank() -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": f"{first}|{second}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe", "mixtral"])
+# (MoE under TP: the Mixtral conversion, served by CareMixtralForCausalLM with vLLM's Qwen3-MoE block, the same block
+# a Qwen3-MoE conversion's sparse layers use; the Qwen3-MoE class itself is served in tests/test_vllm_serve.py)
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])
 def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
     from converter.pipeline import convert
 
