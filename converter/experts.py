@@ -43,6 +43,19 @@ def transformers_name(key: str) -> str:
     return f"{m[1]}{_MIXTRAL_PARTS[m[2]]}{m[3]}" if m else key
 
 
+_MIXTRAL_HUB_PARTS = {v: k for k, v in _MIXTRAL_PARTS.items()}
+_TRANSFORMERS_EXPERT = re.compile(r"^(.*)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)(\..+)$")
+
+
+def mixtral_hub_name(name: str) -> str:
+    """transformers_name's inverse for Mixtral: the key a Hub checkpoint stores `name` under (to name a tensor
+    such a checkpoint lacks in its own terms)."""
+    if ".mlp.gate." in name:
+        return name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    m = _TRANSFORMERS_EXPERT.match(name)
+    return f"{m[1]}.block_sparse_moe.experts.{m[2]}.{_MIXTRAL_HUB_PARTS[m[3]]}{m[4]}" if m else name
+
+
 class SourceFiles(dict):
     """Tensor name, as transformers names the parameter -> the safetensors file that holds it; `stored`: the
     key in that file where it differs from the name (Mixtral's Hub names: transformers_name)."""

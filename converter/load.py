@@ -23,7 +23,7 @@ import torch
 
 from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
 from .errors import ConversionError
-from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, transformers_name
+from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 # (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward;
@@ -210,13 +210,15 @@ def _check_tensors(src: Path, cfg) -> tuple[dict[str, tuple[Path, tuple[int, ...
     entries, stored = _safetensors_entries(src)
     have = {k: shape for k, (_, shape, _) in entries.items()}
     _expand_fused_experts(expected, have)
-    missing = sorted(k for k in expected if k not in have)
+    # name tensors as the files do (a Mixtral checkpoint in the Hub's names: its missing ones in those too)
+    shown = (lambda k: stored.get(k) or mixtral_hub_name(k)) if stored else (lambda k: k)
+    missing = sorted(shown(k) for k in expected if k not in have)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"{src}: missing tensor(s) {', '.join(missing[:5])}{more}")
     for k, shape in expected.items():
         if have[k] != shape:
-            raise ConversionError(f"{src}: tensor {k} has shape {list(have[k])}, expected {list(shape)}")
+            raise ConversionError(f"{src}: tensor {shown(k)} has shape {list(have[k])}, expected {list(shape)}")
     return entries, stored
 
 

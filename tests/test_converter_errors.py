@@ -138,6 +138,28 @@ def test_moe_expert_tensors_checked_per_expert(tiny, tmp_path):
                    "shape")
 
 
+def test_mixtral_tensors_are_named_as_its_files_name_them(tmp_path):
+    """A Mixtral checkpoint in the Hub's names (block_sparse_moe.experts.{e}.w1/w2/w3): a missing or mis-shaped
+    expert tensor, and a missing router, are named as the files name them, not as transformers renames them."""
+    from converter.errors import ConversionError
+    from converter.load import load_source
+
+    src = make_tiny_original(tmp_path / "mixtral", "mixtral", num_layers=2)
+    f = src / "model.safetensors"
+    tensors = load_file(str(f))
+    save = dict(tensors)
+    del save["model.layers.1.block_sparse_moe.experts.2.w3.weight"], save["model.layers.0.block_sparse_moe.gate.weight"]
+    save_file(save, str(f), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"missing tensor\(s\) model\.layers\.0\.block_sparse_moe\.gate\.weight, "
+                                              r"model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight$"):
+        load_source(src)
+    save = dict(tensors)
+    save["model.layers.0.block_sparse_moe.experts.1.w2.weight"] = tensors["model.layers.0.block_sparse_moe.experts.1.w2.weight"][1:]
+    save_file(save, str(f), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"tensor model\.layers\.0\.block_sparse_moe\.experts\.1\.w2\.weight has shape"):
+        load_source(src)
+
+
 @pytest.mark.parametrize("content", ["", "   \n\n  "])
 def test_empty_calibration_text(tiny, tmp_path, content):
     _, src, _ = tiny
