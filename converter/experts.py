@@ -73,10 +73,10 @@ def is_expert_key(name: str) -> bool:
     return _EXPERT_KEY.match(name) is not None
 
 
-def read_mapped(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+def read_mapped(files: SourceFiles, names: list[str]) -> dict[str, torch.Tensor]:
     """The named tensors {name: tensor}, memory-mapped from their files (safetensors >= 0.4 maps rather
-    than copies: clean file pages, not RAM the process owns), each file opened once; from a SourceFiles, each
-    under its stored key."""
+    than copies: clean file pages, not RAM the process owns), each file opened once, each read under its
+    stored key."""
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(files[n], []).append(n)
@@ -84,11 +84,11 @@ def read_mapped(files: dict[str, Path], names: list[str]) -> dict[str, torch.Ten
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as fh:
             for k in keys:
-                got[k] = fh.get_tensor(files.key(k) if isinstance(files, SourceFiles) else k)
+                got[k] = fh.get_tensor(files.key(k))
     return got
 
 
-def read_source(files: dict[str, Path], names: list[str], fp8_block: tuple[int, int] | None,
+def read_source(files: SourceFiles, names: list[str], fp8_block: tuple[int, int] | None,
                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """read_mapped, with an fp8 source's weights dequantized into `dtype` (the others as mapped)."""
     return fp8_source.dequantized(read_mapped(files, names), lambda more: read_mapped(files, more), fp8_block, dtype)
@@ -97,7 +97,7 @@ def read_source(files: dict[str, Path], names: list[str], fp8_block: tuple[int, 
 class ExpertStore:
     """Where each sparse layer's experts live in the source files, and how to assemble them."""
 
-    def __init__(self, files: dict[str, Path], num_experts: int, dtype: torch.dtype,
+    def __init__(self, files: SourceFiles, num_experts: int, dtype: torch.dtype,
                  fp8_block: tuple[int, int] | None = None):
         """`files`: every tensor name of the source -> the safetensors file that holds it. `fp8_block`: the
         source's fp8 weight block (converter/fp8_source.py), None when it is not quantized."""
@@ -176,7 +176,7 @@ def _install(experts: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None
         setattr(experts, name.rsplit(".", 1)[1], torch.nn.Parameter(t, requires_grad=False))
 
 
-def load_without_experts(cfg, files: dict[str, Path], dtype: torch.dtype,
+def load_without_experts(cfg, files: SourceFiles, dtype: torch.dtype,
                          fp8_block: tuple[int, int] | None = None) -> torch.nn.Module:
     """The *ForCausalLM of `cfg` with every parameter but the experts read from the (memory-mapped) files
     (an fp8 source's dequantized) and cast to `dtype`; the experts stay on the meta device (read them with an

@@ -47,7 +47,7 @@ def build(source_model: torch.nn.Module, cfg, state: dict[str, torch.Tensor]) ->
         llama.tie_weights()
     missing = [n for n, p in llama.named_parameters() if p.is_meta]
     if missing:   # (a tied model's only non-strict key is lm_head, which tie_weights sets)
-        raise ConversionError(f"{cfg.architectures} source: no weight for {', '.join(missing[:5])}")
+        raise ConversionError(f"{', '.join(cfg.architectures) or 'source'}: no weight for {', '.join(missing[:5])}")
     if getattr(source_model, "generation_config", None) is not None:
         llama.generation_config = source_model.generation_config
     return llama.eval()

@@ -145,6 +145,8 @@ def _check_config(cfg, where: str) -> str:
             f"{', '.join(SUPPORTED)}")
     if getattr(cfg, "mlp_bias", False):
         raise ConversionError(f"{where}: MLP biases are not supported (mlp_bias=true)")
+    if getattr(cfg, "hidden_act", "silu") != "silu":   # (the converted MLP is SiLU-gated: CareMLAConfig, CareMLP)
+        raise ConversionError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported (only silu)")
     if getattr(cfg, "attention_bias", False) and SUPPORTED.get(arch_name) == "qwen3":
         raise ConversionError(f"{where}: attention biases are not supported for Qwen3 (attention_bias=true)")
     if getattr(cfg, "use_sliding_window", False):
@@ -211,7 +213,7 @@ def _check_tensors(src: Path, cfg) -> tuple[dict[str, tuple[Path, tuple[int, ...
     have = {k: shape for k, (_, shape, _) in entries.items()}
     _expand_fused_experts(expected, have)
     # name tensors as the files do (a Mixtral checkpoint in the Hub's names: its missing ones in those too)
-    shown = (lambda k: stored.get(k) or mixtral_hub_name(k)) if stored else (lambda k: k)
+    shown = mixtral_hub_name if stored else str
     missing = sorted(shown(k) for k in expected if k not in have)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -283,9 +285,8 @@ def _load_gguf(gguf: Path, name: str, stream_experts: bool, hf_overrides: dict |
         raise ConversionError(f"{gguf}: --hf-overrides needs the GGUF's dequantized cache folder, which could not "
                               f"be used here (see the note above; CARE_VLLM_CACHE)")
     arch = check(direct.config)
-    model = _as_supported(direct.model)
-    _fp32_rotary(model)
-    return Source(model, direct.tokenizer, arch, name, None, gguf_file=gguf, gguf_license=direct.license)
+    return Source(_as_supported(direct.model), direct.tokenizer, arch, name, None, gguf_file=gguf,
+                  gguf_license=direct.license)
 
 
 def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
@@ -327,16 +328,17 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
         model = AutoModelForCausalLM.from_pretrained(src, config=cfg, dtype="auto")
         if model.dtype not in LOAD_DTYPES:
             model = model.float()
-    model = _as_supported(model)
-    _fp32_rotary(model)
-    return Source(model.eval(), tok, arch, name, src, commit, store)
+    return Source(_as_supported(model).eval(), tok, arch, name, src, commit, store)
 
 
 def _as_supported(model):
     """The loaded model in the form the converter reads: a Phi-3 or Granite one as the Llama it is (AS_LLAMA),
-    any other as loaded."""
+    any other as loaded; with fp32 rotary frequencies either way (_fp32_rotary)."""
     view = AS_LLAMA.get(type(model).__name__)
-    return model if view is None else view(model)
+    if view is not None:
+        model = view(model)
+    _fp32_rotary(model)
+    return model
 
 
 LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

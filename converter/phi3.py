@@ -8,7 +8,7 @@ gate/up weights are row slices (views, no copy) of the fused ones, and everythin
 factorization, the rope map, the writer, serving as CareLlamaForCausalLM) is the Llama path, unchanged.
 
 What Llama cannot express is refused before anything loads: partial rotary (`partial_rotary_factor` < 1,
-Phi-4-mini; Llama rotates every dim) and a hidden_act other than SiLU (`check_config`); `longrope`
+Phi-4-mini; Llama rotates every dim: `check_config`); a hidden_act other than SiLU as for every source, `longrope`
 (Phi-3.5/Phi-4-mini: its factors switch with the sequence length) like any non-static rope, and a sliding
 window shorter than the context (Phi-3-mini/medium-4k: 2047) as for Mistral (converter/load.py). Dropouts do
 nothing in eval.
@@ -30,8 +30,6 @@ def check_config(cfg, where: str) -> None:
     if partial != 1.0:
         raise ConversionError(f"{where}: partial rotary embeddings are not supported "
                               f"(partial_rotary_factor={partial}; only every head dim rotated, as Phi-4's)")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ConversionError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported (only silu)")
 
 
 def as_llama(model: torch.nn.Module) -> torch.nn.Module:

@@ -38,6 +38,9 @@ ARCHITECTURES = {("llama", False): "CareLlamaForCausalLM", ("qwen3", False): "Ca
 MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                    "decoder_sparse_step", "mlp_only_layers")
 
+OBJECTIVES = ("kv", "attention")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def moe_config(cfg) -> dict:
     """A MoE source's sparse-MLP fields in Qwen3-MoE's terms (the converted config's, docs/FORMAT.md). A Mixtral
@@ -48,8 +51,6 @@ def moe_config(cfg) -> dict:
                 "moe_intermediate_size": cfg.intermediate_size, "norm_topk_prob": True, "decoder_sparse_step": 1,
                 "mlp_only_layers": []}
     return {k: getattr(cfg, k) for k in MOE_CONFIG_KEYS}
-OBJECTIVES = ("kv", "attention")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -83,6 +83,18 @@ def test_phi3_that_llama_cannot_express(tmp_path, change, needles):
     assert_refused(run_convert(src, out, "--calib", calib), out, *needles)
 
 
+def test_mlp_activation_other_than_silu(tiny, tmp_path):
+    """The converted MLP is SiLU-gated (CareMLAConfig, the plugin's CareMLP): any other source activation is
+    refused at load, for every architecture (not after calibration, by the converted config)."""
+    _, src, calib = tiny
+    bad = tmp_path / "gelu"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu_pytorch_tanh"}))
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib), out, "hidden_act 'gelu_pytorch_tanh' is not supported")
+
+
 def test_mistral_with_a_sliding_window(tmp_path):
     """Mistral-7B-v0.1's 4096-token window (v0.3 and Nemo have none and convert as Llama)."""
     src = make_tiny_original(tmp_path / "orig", "mistral", num_layers=2)
