@@ -1,9 +1,13 @@
 """Bad input -> one clear line naming the problem, exit code 2, and no OUT on disk.
 
-Runs the real `care-convert` entry point (python -m converter.cli) as a subprocess.
+Runs `care-convert`'s entry point, converter.cli.main, with its argv: in this process (each subprocess
+would pay ~8 s of importing torch and transformers), except where the process boundary is what is
+tested (the console module refusing a bad source; two separate runs writing identical bytes).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -28,6 +32,22 @@ def tiny(tmp_path_factory):
 
 
 def run_convert(*args) -> subprocess.CompletedProcess:
+    """`care-convert ARGS` in this process: its exit code (argparse's SystemExit included) and what it
+    printed. An exception that escapes main() fails the test, as a traceback would."""
+    from converter.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["care-convert", *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_convert_process(*args) -> subprocess.CompletedProcess:
+    """`python -m converter.cli ARGS` as its own process."""
     return subprocess.run([sys.executable, "-m", "converter.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
@@ -51,7 +71,8 @@ def test_unsupported_architecture(tiny, tmp_path):
     cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (bad / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    assert_refused(run_convert(bad, out, "--calib", calib), out, "unsupported architecture", "GPT2LMHeadModel")
+    assert_refused(run_convert_process(bad, out, "--calib", calib), out, "unsupported architecture",
+                   "GPT2LMHeadModel")
 
 
 def test_position_dependent_rope_scaling(tiny, tmp_path):
@@ -256,7 +277,7 @@ def test_same_inputs_give_identical_checkpoint(tiny, tmp_path):
     _, src, calib = tiny
     outs = [tmp_path / "a", tmp_path / "b"]
     for o in outs:
-        proc = run_convert(src, o, "--calib", calib, "--kv-ratio", "0.5", "--calib-samples", "4",
+        proc = run_convert_process(src, o, "--calib", calib, "--kv-ratio", "0.5", "--calib-samples", "4",
                            "--calib-seqlen", "32")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
