@@ -51,7 +51,9 @@ def spec_served(tmp_path_factory, calib_file):
     # CARE_VLLM_CPU_LATENT_PREFILL_TOKENS=1: only speculative decoding raises the latent path's limit (to
     # 1 + DRAFTS), so its multi-token steps are exactly the verify steps (the default, 128, would take the
     # short prompts' prefills that way too: tests/test_vllm_serve.py covers that)
-    with VLLMServer(out, *serve_args("--speculative-config", json.dumps(SPEC)),
+    # eager: the verify steps are decided in the plugin's attention backend, which compiled or not runs the
+    # same (the compiled Llama model is served in tests/test_vllm_serve.py); compiling costs ~45 s here
+    with VLLMServer(out, *serve_args("--enforce-eager", "--speculative-config", json.dumps(SPEC)),
                     log_path=root / "spec.serve.log", env={"CARE_VLLM_CPU_LATENT_PREFILL_TOKENS": "1"}) as server:
         yield out, server
 
