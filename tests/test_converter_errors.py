@@ -10,8 +10,10 @@ import contextlib
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,29 @@ def test_same_inputs_give_identical_checkpoint(tiny, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
     assert (outs[0] / "config.json").read_text() == (outs[1] / "config.json").read_text()
+
+
+def test_ctrl_c_while_writing_leaves_nothing(tmp_path, calib_file):
+    """Ctrl-C once the output is being written (its temporary folder exists: the refit and shards come
+    next) exits 130 with one line, and neither OUT nor the temporary folder is left."""
+    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=12)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "converter.cli", str(src), str(out), "--calib", str(calib_file),
+                             "--calib-samples", "32", "--calib-seqlen", "128"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob(".out.tmp-*")):
+            assert proc.poll() is None, f"exited before writing: {proc.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "the temporary output folder never appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "care-convert: interrupted; nothing was written", err[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.*")), list(tmp_path.iterdir())
 
 
 def test_attention_objective_needs_care(tiny, tmp_path):
