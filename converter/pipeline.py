@@ -103,6 +103,16 @@ class Options:
                                   f"(got {self.k_share})")
         if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
+        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.calib_batch < 1:
+            raise ConversionError(f"--calib-samples and --calib-batch must be >= 1 and --calib-seqlen >= 2 (got "
+                                  f"{self.calib_samples}, {self.calib_batch}, {self.calib_seqlen})")
+        if not (math.isfinite(self.min_rank_frac) and math.isfinite(self.max_rank_frac)
+                and 0 <= self.min_rank_frac <= 1 <= self.max_rank_frac):
+            raise ConversionError(f"--min-rank-frac must be in [0, 1] and --max-rank-frac >= 1: the per-layer bounds "
+                                  f"of adjusted ranks as fractions of the uniform rank (got {self.min_rank_frac}, "
+                                  f"{self.max_rank_frac})")
+        if not (math.isfinite(self.rope_distance) and self.rope_distance > 0):
+            raise ConversionError(f"--rope-distance must be a positive number of tokens (got {self.rope_distance})")
         if self.rope_select not in ("qk", "key"):
             raise ConversionError(f"unknown --rope-select {self.rope_select!r} (choose from qk, key)")
         if self.objective not in OBJECTIVES:

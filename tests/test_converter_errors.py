@@ -248,6 +248,23 @@ def test_o_proj_refit_ridge_must_be_positive(tiny, tmp_path, ridge):
                    "--o-proj-refit-ridge", "positive")
 
 
+@pytest.mark.parametrize("flags,needles", [
+    (["--calib-batch", "0"], ["--calib-batch", ">= 1"]),            # was a ValueError traceback from range()
+    (["--calib-batch", "-2"], ["--calib-batch", ">= 1"]),           # was a crash after calibrating
+    (["--min-rank-frac", "-1"], ["--min-rank-frac", "[0, 1]"]),     # these three converted without a word
+    (["--min-rank-frac", "3", "--max-rank-frac", "1"], ["--min-rank-frac", "[0, 1]"]),
+    (["--max-rank-frac", "0.5"], ["--max-rank-frac", ">= 1"]),
+    (["--rope-distance", "0"], ["--rope-distance", "positive"]),
+    (["--rope-distance", "-5"], ["--rope-distance", "positive"]),
+    (["--calib-seqlen", "1"], ["--calib-seqlen >= 2"]),
+])
+def test_numeric_options_out_of_range_are_refused_before_loading(tiny, tmp_path, flags, needles):
+    _, src, calib = tiny
+    out, stats = tmp_path / "out", tmp_path / "stats.pt"
+    assert_refused(run_convert(src, out, "--calib", calib, "--stats-cache", stats, *flags), out, *needles)
+    assert not stats.exists()
+
+
 def test_cli_defaults_are_the_python_api_defaults():
     """`care-convert` and `converter.pipeline.convert(...)` must convert alike when given nothing: every
     option the CLI passes through has the default of the Options field it fills."""
