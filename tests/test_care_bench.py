@@ -99,7 +99,8 @@ def test_report_files_and_kv_tokens(bench):
 
 
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts",
-                                  "missing_dataset", "range_ratio_of_1", "range_ratio_with_prefix"])
+                                  "missing_dataset", "range_ratio_of_1", "range_ratio_with_prefix",
+                                  "concurrency_0", "output_len_0", "request_rate_word", "ppl_seqlen_1"])
 def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
     from care_vllm.loadtest.cli import main
 
@@ -110,7 +111,12 @@ def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
                                            "--num-prompts", "8"],
             "missing_dataset": [str(orig), str(orig), "--dataset-path", str(tmp_path / "prompts.jsonl")],
             "range_ratio_of_1": [str(orig), str(orig), "--random-range-ratio", "1"],
-            "range_ratio_with_prefix": [str(orig), str(orig), "--random-range-ratio", "0.5", "--prefix-len", "64"]}[case]
+            "range_ratio_with_prefix": [str(orig), str(orig), "--random-range-ratio", "0.5", "--prefix-len", "64"],
+            # without these checks each got as far as `vllm bench serve` or the quality pass, after both servers started
+            "concurrency_0": [str(orig), str(orig), "--concurrency", "1", "0"],
+            "output_len_0": [str(orig), str(orig), "--output-len", "0"],
+            "request_rate_word": [str(orig), str(orig), "--request-rate", "fast"],
+            "ppl_seqlen_1": [str(orig), str(orig), "--ppl-seqlen", "1"]}[case]
     out = tmp_path / "report"
     assert main([*args[:2], str(out), *args[2:]]) == 2
     assert not out.exists()

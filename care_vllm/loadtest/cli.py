@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
               f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
         return 2
+    if min(args.concurrency) < 1 or args.agreement_tokens < 1 or args.ppl_tokens < 2 or args.ppl_seqlen < 2:
+        print(f"care-bench: error: --concurrency levels and --agreement-tokens must be >= 1, --ppl-tokens and "
+              f"--ppl-seqlen >= 2 (got {args.concurrency}, {args.agreement_tokens}, {args.ppl_tokens}, "
+              f"{args.ppl_seqlen})", file=sys.stderr)
+        return 2
     if args.dataset_path:
         problem = ("not a file" if not Path(args.dataset_path).is_file()
                    else "cannot be combined with --prefix-len" if args.prefix_len else None)

@@ -40,6 +40,14 @@ class Workload:
     range_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.output_len < 1 or (self.input_len < 1 and not self.dataset_path):
+            raise ValueError(f"--input-len and --output-len must be >= 1 (got {self.input_len}, {self.output_len})")
+        try:
+            rate = float(self.request_rate)
+        except ValueError:
+            rate = float("nan")
+        if not rate > 0:
+            raise ValueError(f"--request-rate must be a positive number of requests/s or inf (got {self.request_rate!r})")
         if self.range_ratio and (not 0 <= self.range_ratio < 1 or self.prefix_len or self.dataset_path):
             raise ValueError(f"--random-range-ratio {self.range_ratio}: expected 0 <= R < 1, for random prompts "
                              f"only (not with a shared prefix or your own dataset)")
