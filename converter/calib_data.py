@@ -47,7 +47,7 @@ def read_texts(files: list[str | Path], what: str = "calibration text") -> list[
     for f in files:
         p = Path(f)
         if not p.is_file():
-            raise ConversionError(f"{what} file not found: {p}")
+            raise ConversionError(f"{what} file not found: {p}" + (" (a folder: name its files)" if p.is_dir() else ""))
         if p.suffix == ".jsonl":
             for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines()):
                 if not line.strip():

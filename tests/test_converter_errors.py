@@ -208,6 +208,7 @@ def test_missing_calibration_file(tiny, tmp_path):
     _, src, _ = tiny
     out = tmp_path / "out"
     assert_refused(run_convert(src, out, "--calib", tmp_path / "nope.txt"), out, "not found", "nope.txt")
+    assert_refused(run_convert(src, out, "--calib", tmp_path), out, "not found", "a folder: name its files")
 
 
 @pytest.mark.parametrize("flags,needle", [(["--kv-ratio", "1.5"], "above parity"),
@@ -257,12 +258,24 @@ def test_o_proj_refit_ridge_must_be_positive(tiny, tmp_path, ridge):
     (["--rope-distance", "0"], ["--rope-distance", "positive"]),
     (["--rope-distance", "-5"], ["--rope-distance", "positive"]),
     (["--calib-seqlen", "1"], ["--calib-seqlen >= 2"]),
+    (["--device", "foo"], ["--device", "'foo'"]),                    # were torch tracebacks after loading
+    (["--device", "meta"], ["--device", "'meta'"]),
 ])
 def test_numeric_options_out_of_range_are_refused_before_loading(tiny, tmp_path, flags, needles):
     _, src, calib = tiny
     out, stats = tmp_path / "out", tmp_path / "stats.pt"
     assert_refused(run_convert(src, out, "--calib", calib, "--stats-cache", stats, *flags), out, *needles)
     assert not stats.exists()
+
+
+@pytest.mark.parametrize("where", ["missing_folder", "a_folder"])
+def test_stats_cache_that_cannot_be_written_is_refused_before_calibrating(tiny, tmp_path, where):
+    """It used to fail in torch.save after the whole calibration."""
+    _, src, calib = tiny
+    cache = {"missing_folder": tmp_path / "nowhere" / "stats.pt", "a_folder": tmp_path}[where]
+    needle = {"missing_folder": "its folder does not exist", "a_folder": "is a folder"}[where]
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, "--stats-cache", cache), out, "--stats-cache", needle)
 
 
 def test_cli_defaults_are_the_python_api_defaults():
