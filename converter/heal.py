@@ -122,10 +122,13 @@ class HealOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
-        if self.tau <= 0:
-            raise HealError(f"--tau must be positive (got {self.tau})")
-        if self.beta < 0 or self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise HealError("--beta, --weight-decay, --max-grad-norm must be >= 0 and --lr > 0")
+        # (comparisons alone let nan through: a nan --lr trained to nan weights)
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise HealError(f"--tau must be a positive number (got {self.tau})")
+        finite = all(math.isfinite(v) for v in (self.beta, self.lr, self.weight_decay, self.max_grad_norm))
+        if not finite or self.beta < 0 or self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise HealError(f"--beta, --weight-decay, --max-grad-norm must be >= 0 and --lr > 0, all finite (got "
+                            f"{self.beta}, {self.weight_decay}, {self.max_grad_norm}, {self.lr})")
         if not 0 <= self.warmup_ratio < 1:
             raise HealError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.train not in ("attention", "all"):
@@ -412,6 +415,9 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
             step += 1
             ce_m, kd_m = ce_sum / opts.grad_accum, kd_sum / opts.grad_accum
             loss_m = ce_m + opts.beta * opts.tau ** 2 * kd_m
+            if not math.isfinite(loss_m):   # the weights are lost from here on: stop before writing them
+                raise HealError(f"training diverged: the loss was {loss_m} at step {step} (lr {lr:.3g}); nothing "
+                                f"was written: lower --lr (and keep --max-grad-norm > 0)")
             log["steps"].append({"step": step, "tokens": step * tokens_per_step, "loss": loss_m, "ce": ce_m,
                                  "kd": kd_m, "lr": lr})
             log["tokens_seen"] = step * tokens_per_step

@@ -275,12 +275,22 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
     _refused(capsys, heal_mod.main(a), out, "not found")
 
     _refused(capsys, run("--resume"), out, "no checkpoint")
+    for flag in ("--lr", "--tau", "--beta", "--max-grad-norm"):   # nan passed the range checks before
+        _refused(capsys, run(flag, "nan"), out, flag)
 
     out.mkdir()                                          # an existing OUT is kept untouched
     (out / "keep").write_text("x")
     assert run() == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep").read_text() == "x"
+
+
+def test_diverged_training_writes_nothing(tiny, tmp_path, capsys):
+    """A learning rate that blows the weights up (here 1e30, no clipping) makes the loss non-finite: care-heal
+    stops there with exit 2 naming the step, instead of writing the broken weights as OUT."""
+    out = tmp_path / "out"
+    _refused(capsys, heal_mod.main(heal_args(tiny, out, "--lr", "1e30", "--max-grad-norm", "0")), out,
+             "training diverged", "lower --lr")
 
 
 def test_cli_entry_point_refuses_bad_input(tiny, tmp_path):
