@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .calibrate import check_device
 from .errors import ConversionError, HealError
 from .heal_data import WindowOrder, pack_windows, read_docs
 from .heal_state import load_checkpoint_weights, load_trainer_state, save_checkpoint, set_rng_state
@@ -135,10 +136,7 @@ class HealOptions:
             raise HealError(f"--train must be 'attention' or 'all' (got {self.train!r})")
         if self.kv_blocks not in ("keep", "train"):
             raise HealError(f"--kv-blocks must be 'keep' or 'train' (got {self.kv_blocks!r})")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise HealError(f"--device must be cpu or cuda (got {self.device!r})")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise HealError("--device cuda requested but no CUDA device is available")
+        check_device(self.device, HealError)
         if self.eval_teacher and not self.eval_text:
             raise HealError("--eval-teacher needs --eval-text")
 

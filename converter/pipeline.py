@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,15 +131,13 @@ class Options:
         except ValueError:
             raise ConversionError(f"--max-shard-size must be a positive size such as 2GB or 500MB "
                                   f"(got {self.max_shard_size!r})") from None
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ConversionError(f"--device must be cpu, cuda or cuda:N (got {self.device!r})")
         if self.stats_cache is not None:
             cache = Path(self.stats_cache)
-            if cache.is_dir() or not cache.parent.is_dir():
-                raise ConversionError(f"--stats-cache {cache}: " + ("is a folder; give a file path, e.g. "
-                                      f"{cache / 'stats.pt'}" if cache.is_dir() else "its folder does not exist"))
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConversionError("--device cuda requested but no CUDA device is available")
+            if cache.is_dir():
+                raise ConversionError(f"--stats-cache {cache}: is a folder; give a file path, e.g. {cache / 'stats.pt'}")
+            if not cache.parent.is_dir():
+                raise ConversionError(f"--stats-cache {cache}: its folder does not exist")
+        calibrate.check_device(self.device)
 
 
 @dataclass

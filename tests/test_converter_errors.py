@@ -261,7 +261,7 @@ def test_o_proj_refit_ridge_must_be_positive(tiny, tmp_path, ridge):
     (["--device", "foo"], ["--device", "'foo'"]),                    # were torch tracebacks after loading
     (["--device", "meta"], ["--device", "'meta'"]),
 ])
-def test_numeric_options_out_of_range_are_refused_before_loading(tiny, tmp_path, flags, needles):
+def test_option_values_out_of_range_are_refused_before_loading(tiny, tmp_path, flags, needles):
     _, src, calib = tiny
     out, stats = tmp_path / "out", tmp_path / "stats.pt"
     assert_refused(run_convert(src, out, "--calib", calib, "--stats-cache", stats, *flags), out, *needles)

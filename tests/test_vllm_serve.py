@@ -67,9 +67,10 @@ def served(request, tmp_path_factory, calib_file):
 
     # The llama and qwen3_moe servers run compiled (vLLM's default; one per plugin model class), the
     # qwen3 and qwen2 ones eager (qwen2 is served by the Llama class: its compile, ~40 s on two cores,
-    # would add nothing but its q/k/v biases): both paths are covered. The qwen3_moe one prefills through vLLM's MLA prefill flow (new tokens up-projected,
-    # cached context gathered, up-projected and merged), the others' prompt chunks (<= CHUNK tokens)
-    # attend in the latent form over the cache (the plugin's default for short prefills on CPU).
+    # would add nothing but its q/k/v biases): both paths are covered. The qwen3_moe one prefills through
+    # vLLM's MLA prefill flow (new tokens up-projected, cached context gathered, up-projected and merged),
+    # the others' prompt chunks (<= CHUNK tokens) attend in the latent form over the cache (the plugin's
+    # default for short prefills on CPU).
     care = VLLMServer(out, *serve_args("--max-num-batched-tokens", str(CHUNK),
                                        *(["--enforce-eager"] if arch in ("qwen3", "qwen2") else [])),
                       log_path=root / "care.log", env=MHA_PREFILL_ENV if arch == "qwen3_moe" else None)
