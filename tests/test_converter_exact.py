@@ -85,7 +85,9 @@ def test_full_rank_full_rope_matches_original_in_model_defs(exact_pair, path):
 
 
 # Runs in a fresh interpreter that cannot import care-vllm's packages: what a transformers user without
-# care-vllm installed has. Prints the model class's module, then the logits as JSON.
+# care-vllm installed has. One interpreter serves every variant (importing torch and transformers once, not
+# once per variant): for each folder read from stdin it prints the model class's module and the logits as
+# one JSON line.
 _STANDALONE_LOAD = """
 import importlib.abc, json, sys
 class NoCareVllm(importlib.abc.MetaPathFinder):
@@ -95,28 +97,60 @@ class NoCareVllm(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoCareVllm())
 import torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32,
-                                             experts_implementation="eager").eval()
-with torch.no_grad():
-    logits = model(torch.tensor(json.loads(sys.argv[2]))).logits[0]
-print(type(model).__module__)
-print(json.dumps(logits.tolist()))
+ids = torch.tensor(json.loads(sys.argv[1]))
+for folder in sys.stdin:
+    model = AutoModelForCausalLM.from_pretrained(folder.strip(), trust_remote_code=True, dtype=torch.float32,
+                                                 experts_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    print("RESULT " + json.dumps({"module": type(model).__module__, "logits": logits.tolist()}), flush=True)
 """
 
 
-def test_full_rank_checkpoint_runs_in_plain_transformers_with_its_own_code(exact_pair, tmp_path):
+class StandaloneTransformers:
+    """The interpreter above, kept running across the module's variants."""
+
+    def __init__(self, workdir):
+        self.stderr = workdir / "standalone.stderr"
+        self.proc = subprocess.Popen([sys.executable, "-c", _STANDALONE_LOAD, json.dumps(PROMPT_IDS)], cwd=workdir,
+                                     env={**os.environ, "HF_MODULES_CACHE": str(workdir / "modules")},
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr.open("w"),
+                                     text=True)
+
+    def load(self, folder) -> tuple[str, torch.Tensor]:
+        self.proc.stdin.write(f"{folder}\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                res = json.loads(line[len("RESULT "):])
+                return res["module"], torch.tensor(res["logits"], dtype=torch.float64)
+        raise AssertionError(f"the standalone interpreter exited ({self.proc.wait()}): "
+                             f"{self.stderr.read_text()[-3000:]}")
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    interpreter = StandaloneTransformers(tmp_path_factory.mktemp("standalone"))
+    yield interpreter
+    interpreter.close()
+
+
+def test_full_rank_checkpoint_runs_in_plain_transformers_with_its_own_code(exact_pair, standalone):
     """The converted folder carries its modeling code (auto_map): with care-vllm's packages unimportable,
     `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` still reproduces the original."""
     arch, src, out, _ = exact_pair
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] \
         == "modeling_care.CareMLAForCausalLM"
-    res = subprocess.run([sys.executable, "-c", _STANDALONE_LOAD, str(out), json.dumps(PROMPT_IDS)],
-                         cwd=tmp_path, env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    module, logits = res.stdout.strip().splitlines()[-2:]
+    module, logits = standalone.load(out)
     assert module.startswith("transformers_modules."), module  # the folder's copy, not model_defs
-    err = (torch.tensor(json.loads(logits), dtype=torch.float64) - _original_logits(src, torch.float64)).abs().max().item()
+    err = (logits - _original_logits(src, torch.float64)).abs().max().item()
     assert err < 1e-4, f"{arch}: max |logit diff| {err}"
 
 
