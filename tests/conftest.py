@@ -34,7 +34,7 @@ def worker_cores() -> list[int] | None:
     if not worker or not count or int(count) > len(cores):
         return None
     share = len(cores) // int(count)
-    index = int(worker.removeprefix("gw"))
+    index = int(worker.removeprefix("gw")) % int(count)   # (a worker replacing a crashed one gets a new number)
     return cores[index * share:(index + 1) * share]
 
 
