@@ -134,7 +134,8 @@ class Options:
         if self.stats_cache is not None:
             cache = Path(self.stats_cache)
             if cache.is_dir():
-                raise ConversionError(f"--stats-cache {cache}: is a folder; give a file path, e.g. {cache / 'stats.pt'}")
+                raise ConversionError(f"--stats-cache {cache}: is a folder; give a file path, "
+                                      f"e.g. {cache / 'stats.pt'}")
             if not cache.parent.is_dir():
                 raise ConversionError(f"--stats-cache {cache}: its folder does not exist")
         calibrate.check_device(self.device)

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -117,14 +118,21 @@ class StandaloneTransformers:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr.open("w"),
                                      text=True)
 
-    def load(self, folder) -> tuple[str, torch.Tensor]:
-        self.proc.stdin.write(f"{folder}\n")
-        self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith("RESULT "):
-                res = json.loads(line[len("RESULT "):])
-                return res["module"], torch.tensor(res["logits"], dtype=torch.float64)
-        raise AssertionError(f"the standalone interpreter exited ({self.proc.wait()}): "
+    def load(self, folder, timeout: float = 300.0) -> tuple[str, torch.Tensor]:
+        """The folder's model class module and logits; the interpreter is killed if it takes over `timeout`
+        seconds (the bound each variant's own interpreter had)."""
+        watchdog = threading.Timer(timeout, self.proc.kill)
+        watchdog.start()
+        try:
+            self.proc.stdin.write(f"{folder}\n")
+            self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                if line.startswith("RESULT "):
+                    res = json.loads(line[len("RESULT "):])
+                    return res["module"], torch.tensor(res["logits"], dtype=torch.float64)
+        finally:
+            watchdog.cancel()
+        raise AssertionError(f"the standalone interpreter exited ({self.proc.wait()}) on {folder}: "
                              f"{self.stderr.read_text()[-3000:]}")
 
     def close(self):
