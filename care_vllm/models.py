@@ -32,7 +32,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
     extract_layer_index,
@@ -372,14 +372,27 @@ def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
 _STACKED = ((".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1))
 
 
-class CareForCausalLM(nn.Module, SupportsPP):
+class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
+    """LoRA (`vllm serve --enable-lora`): adapters on q_proj, the latent projections (kv_a_proj_with_mqa;
+    Qwen3: k_proj, k_latent_proj, v_latent_proj), o_proj and the MLP, as `care-convert-lora` writes them
+    from an adapter of the source model. Not on kv_b_proj: the decode reads it absorbed into the queries
+    and outputs (W_UK, W_UV, computed once at load), so a delta there would reach the prefill but not the
+    decode; with LoRA on, the packed-modules table maps it to no adapter module, which makes vLLM refuse an
+    adapter that targets it ("expected target modules in ...")."""
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
-    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
+    # no LoRA on embed_tokens/lm_head (vLLM reads this table for LoRA only): care-convert-lora carries none, and
+    # with them listed, vLLM 0.32 wraps the logits processor for LoRA, whose CPU path killed the engine on a batch
+    # asking for prompt logprobs (bgmv_shrink: 6 prompt rows against 8 sampler indices; tests/test_vllm_lora.py).
+    # Stock Llama served a like batch (8 requests, half with an adapter) without it: the cause is not pinned down.
+    embedding_modules: dict[str, str] = {}
     expected_qk_norm: bool = False
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
+        if vllm_config.lora_config is not None:
+            # an instance copy (set before the layers are built, which quantization configs read it during)
+            self.packed_modules_mapping = {**type(self).packed_modules_mapping, "kv_b_proj": []}
         if bool(getattr(config, "use_qk_norm", False)) != self.expected_qk_norm:
             raise ValueError(f"{type(self).__name__} needs use_qk_norm={self.expected_qk_norm}, "
                              f"config has {getattr(config, 'use_qk_norm', None)}")

@@ -65,13 +65,14 @@ def reference_model(out: Path):
 
 
 def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int,
-                       prompt_logprobs: bool = True) -> dict:
+                       prompt_logprobs: bool = True, name: str | None = None) -> dict:
     """Send all prompts at once (greedy, ignore_eos, generated-token logprobs, and prompt logprobs
     unless `prompt_logprobs` is False) and compare with model_defs: asserts identical greedy tokens;
     returns the worst |logprob| differences (prompt tokens, 0.0 when not asked; generated tokens =
     vLLM's paged decode) and the distinct generated tokens. vLLM never reads the prefix cache for a
-    request that asks for prompt logprobs: prefix-cache tests pass False."""
-    name = client.models.list().data[0].id
+    request that asks for prompt logprobs: prefix-cache tests pass False. `name`: the served model (or LoRA
+    adapter) to ask, by default the first one /v1/models lists."""
+    name = name or client.models.list().data[0].id
     extra = {"ignore_eos": True, "return_token_ids": True, **({"prompt_logprobs": 0} if prompt_logprobs else {})}
 
     def ask(ids):

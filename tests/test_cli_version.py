@@ -13,7 +13,7 @@ import pytest
 from tests.vllm_server import ROOT
 
 TOOLS = {"care-convert": "converter.cli", "care-eval": "converter.eval_cli", "care-heal": "converter.heal",
-         "care-bench": "care_vllm.loadtest.cli"}
+         "care-bench": "care_vllm.loadtest.cli", "care-convert-lora": "converter.lora_cli"}
 
 
 @pytest.mark.parametrize("prog", list(TOOLS))

@@ -6,8 +6,6 @@ tested (the console module refusing a bad source; two separate runs writing iden
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import signal
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from tests.cli_run import assert_refused_by, run_main
 from tests.tiny_models import make_tiny_original
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,18 +33,10 @@ def tiny(tmp_path_factory):
 
 
 def run_convert(*args) -> subprocess.CompletedProcess:
-    """`care-convert ARGS` in this process: its exit code (argparse's SystemExit included) and what it
-    printed. An exception that escapes main() fails the test, as a traceback would."""
+    """`care-convert ARGS` in this process (tests/cli_run.py)."""
     from converter.cli import main
 
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return subprocess.CompletedProcess(["care-convert", *argv], code, out.getvalue(), err.getvalue())
+    return run_main(main, "care-convert", *args)
 
 
 def run_convert_process(*args) -> subprocess.CompletedProcess:
@@ -55,14 +46,7 @@ def run_convert_process(*args) -> subprocess.CompletedProcess:
 
 
 def assert_refused(proc, out: Path, *needles: str):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("care-convert: error:"), proc.stderr[-2000:]
-    for n in needles:
-        assert n in last, last
-    assert "Traceback" not in proc.stderr
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary folder left behind"
+    assert_refused_by("care-convert", proc, out, *needles)
 
 
 def test_unsupported_architecture(tiny, tmp_path):

@@ -1,0 +1,33 @@
+"""Run a console script's `main(argv)` in the test process and check a refusal (exit 2, one line naming the
+problem, no output folder and no temporary folder left beside it). In-process because a subprocess per
+refusal pays ~8 s of importing torch and transformers."""
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+from pathlib import Path
+
+
+def run_main(main, prog: str, *args) -> subprocess.CompletedProcess:
+    """`prog ARGS` through `main`: its exit code (argparse's SystemExit included) and what it printed. An
+    exception that escapes main() fails the test, as a traceback would."""
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([prog, *argv], code, out.getvalue(), err.getvalue())
+
+
+def assert_refused_by(prog: str, proc, out: Path, *needles: str):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{prog}: error:"), proc.stderr[-2000:]
+    for n in needles:
+        assert n in last, last
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary folder left behind"

@@ -1,0 +1,181 @@
+"""care-convert-lora: a PEFT LoRA adapter of the original model, rewritten for the converted checkpoint.
+
+The reference is PEFT itself: the adapter is made and applied by `peft` on the original (transformers), and
+the converted adapter is applied by `peft` on model_defs. At full rank the two adapted models must give the
+same logits (the maps are exact), for Llama (q and k/v deltas into q_proj's rope rows and
+kv_a_proj_with_mqa's latent rows), Qwen3 (k_proj kept, v_proj into v_latent_proj) and Phi-3 (fused
+qkv_proj / gate_up_proj deltas split), with PEFT's rank_pattern, alpha_pattern and rsLoRA scalings. At
+KV 0.75 with the o_proj refit, the adapted converted model must be closer to the adapted original than the
+unadapted one is, and about as close as the conversion is to the original. Bad input is refused by name with nothing written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.cli_run import assert_refused_by, run_main
+from tests.tiny_models import make_tiny_original
+
+IDS = [[5, 17, 99, 1024, 3000, 42, 7, 640, 8191, 12, 77, 501, 64, 2048, 16000, 33]]
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = {
+    "llama": dict(arch="llama", targets=LINEAR, lora=dict(rank_pattern={"k_proj": 2}, alpha_pattern={"o_proj": 3.0})),
+    "qwen3": dict(arch="qwen3", targets=LINEAR, lora=dict(use_rslora=True)),
+    "phi3": dict(arch="phi3", targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], lora={}),
+}
+
+
+def make_adapter(src, out, targets, seed=0, **lora_kw):
+    """A random LoRA adapter of the original, made and saved by PEFT (deltas ~1/3 of the weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                          **lora_kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[-1] ** 0.5)
+    pm.save_pretrained(out)
+    return out
+
+
+def logits(model_path, adapter=None, dtype=torch.float64):
+    """Logits of IDS from `model_path` (a transformers original or a care_mla checkpoint through model_defs),
+    with `adapter` applied by PEFT."""
+    import model_defs  # noqa: F401  (registers care_mla with transformers)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits[0]
+
+
+def convert_lora(*args):
+    from converter.lora_cli import main
+
+    return run_main(main, "care-convert-lora", *args)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exact_case(request, tmp_path_factory, calib_file):
+    from converter.pipeline import convert
+
+    v = VARIANTS[request.param]
+    root = tmp_path_factory.mktemp(f"lora_{request.param}")
+    src = make_tiny_original(root / "orig", v["arch"], num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    out = root / "mla"
+    convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=2 * 16, calib_samples=8, calib_seqlen=64,
+            ranks="uniform")
+    adapter = make_adapter(src, root / "adapter", v["targets"], **v["lora"])
+    proc = convert_lora(adapter, out, root / "adapter_mla", "--source", src)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return request.param, src, out, adapter, root / "adapter_mla", json.loads(proc.stdout)
+
+
+def test_full_rank_converted_adapter_matches_peft_on_the_original(exact_case):
+    arch, src, out, adapter, converted, summary = exact_case
+    want = logits(src, adapter)
+    assert (want - logits(src)).abs().max().item() > 0.5, "the adapter must change the logits"
+    got = logits(out, converted)
+    assert (got - want).abs().max().item() < 1e-4
+    assert summary["approximate"] == []
+    expected = {"llama": ["self_attn.kv_a_proj_with_mqa", "self_attn.q_proj"],
+                "phi3": ["self_attn.kv_a_proj_with_mqa", "self_attn.q_proj"],
+                "qwen3": ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_latent_proj"]}[arch]
+    assert set(expected) <= set(summary["modules"])
+    assert not any("kv_b_proj" in m for m in summary["modules"])
+
+
+def test_converted_adapter_is_a_plain_peft_lora(exact_case):
+    _, _, out, _, converted, summary = exact_case
+    cfg = json.loads((converted / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == summary["rank"]
+    tensors = load_file(converted / "adapter_model.safetensors")
+    assert all(t.shape[0] == summary["rank"] for n, t in tensors.items() if ".lora_A." in n)
+    assert (converted / "care_lora_report.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def lossy_case(tmp_path_factory, calib_file):
+    from converter.pipeline import convert
+
+    root = tmp_path_factory.mktemp("lora_lossy")
+    # (qk_gain 1: with the exactness tests' sharper attention, a tiny random model converted at a reduced cache
+    # is 3-4 nats of KL from its original, too far for an adapter's effect to show)
+    src = make_tiny_original(root / "orig", "llama", num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
+                             qk_gain=1.0)
+    out = root / "mla"
+    convert(src, out, calib_files=[calib_file], kv_ratio=0.75, rope_dim=8, calib_samples=16, calib_seqlen=64)
+    adapter = make_adapter(src, root / "adapter", LINEAR, seed=3)
+    return root, src, out, adapter
+
+
+def kl(p_logits, q_logits) -> float:
+    p = torch.log_softmax(p_logits.double(), -1)
+    q = torch.log_softmax(q_logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_at_a_reduced_cache_the_converted_adapter_carries_the_adaptation(lossy_case):
+    root, src, out, adapter = lossy_case
+    proc = convert_lora(adapter, out, root / "adapter_mla")   # --source from care_report.json
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert [a["layer"] for a in summary["approximate"]] == [0, 1, 2]   # every o_proj was refitted
+    assert summary["worst_exact_residual"] < 1e-5
+    want, base = logits(src, adapter), logits(src)
+    conversion = kl(base, logits(out))                  # what the conversion itself costs
+    with_adapter = kl(want, logits(out, root / "adapter_mla"))
+    without = kl(want, logits(out))
+    # (measured: 0.74, 0.85, 1.46 nats; the adapter alone moves the original by 0.80)
+    assert with_adapter < 0.7 * without and with_adapter < 1.3 * conversion, (conversion, with_adapter, without)
+
+
+def _copy(adapter, dest):
+    shutil.copytree(adapter, dest)
+    return dest
+
+
+def test_refusals_write_nothing(lossy_case, tmp_path):
+    root, src, out, adapter = lossy_case
+    target = tmp_path / "out"
+
+    def refused(adapter_dir, *needles, checkpoint=out, extra=()):
+        assert_refused_by("care-convert-lora", convert_lora(adapter_dir, checkpoint, target, *extra), target,
+                          *needles)
+
+    refused(tmp_path / "nowhere", "no adapter_config.json")
+    dora = _copy(adapter, tmp_path / "dora")
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    refused(dora, "use_dora")
+    embed = _copy(adapter, tmp_path / "embed")
+    tensors = load_file(embed / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 16384)
+    save_file(tensors, str(embed / "adapter_model.safetensors"))
+    refused(embed, "embed_tokens")
+    # an adapter of another model: its deltas do not fit the source's weights
+    other = make_tiny_original(tmp_path / "other", "llama", num_layers=3, hidden=32, heads=4, kv_heads=2, head_dim=8)
+    refused(make_adapter(other, tmp_path / "other_adapter", ["q_proj"]), "layer 0 q_proj", "[32 x 32]", "[64, 64]")
+    # a checkpoint whose converted weights are not the source's images (as after care-heal)
+    healed = tmp_path / "healed"
+    shutil.copytree(out, healed)
+    weights = load_file(healed / "model.safetensors")
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    weights[name] = weights[name] + 0.1 * torch.randn_like(weights[name])
+    save_file(weights, str(healed / "model.safetensors"), metadata={"format": "pt"})
+    refused(adapter, "layer 1 k_proj -> kv_a_proj_with_mqa", "not a linear image", checkpoint=healed)
+    refused(adapter, "not a care_mla checkpoint", checkpoint=src)
+    target.mkdir()
+    proc = convert_lora(adapter, out, target)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
