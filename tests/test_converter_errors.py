@@ -303,10 +303,12 @@ def test_same_inputs_give_identical_checkpoint(tiny, tmp_path):
 def test_ctrl_c_while_writing_leaves_nothing(tmp_path, calib_file):
     """Ctrl-C once the output is being written (its temporary folder exists: the refit and shards come
     next) exits 130 with one line, and neither OUT nor the temporary folder is left."""
-    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=12)
+    # (48 layers x 64 windows: the writing phase lasts ~2.5 s. With 12 x 32 it lasted 0.5 s, and once, under the
+    # parallel suite, the conversion finished before this test's poll saw its temporary folder: exit 0)
+    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=48)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "converter.cli", str(src), str(out), "--calib", str(calib_file),
-                             "--calib-samples", "32", "--calib-seqlen", "128"],
+                             "--calib-samples", "64", "--calib-seqlen", "128"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
