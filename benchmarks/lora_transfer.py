@@ -64,7 +64,10 @@ def train_adapter(model_dir: Path, text: str, out: Path, args) -> dict:
     pm = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
                                           lora_dropout=0.0))
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    def lr_factor(step: int) -> float:   # 5 warm-up steps, then a cosine to 0
+        return min(1.0, (step + 1) / 5) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     t0, losses = time.time(), []
     pm.train()
     for s in range(args.steps):
@@ -96,11 +99,13 @@ def evaluate(path: Path, adapter: Path | None, texts: dict[str, str], args) -> d
 def render(res: dict) -> str:
     doms = [res["settings"]["train"], res["settings"]["other"]]
     rows = [[name, *(f"{r[d]:.2f}" for d in doms)] for name, r in res["rows"].items()]
-    lines = [*common.report_head(res, "LoRA adapter of the original, carried to the converted model (care-convert-lora)"),
-             f"Adapter: r {res['settings']['rank']}, every attention and MLP projection, trained on "
-             f"{res['train']['tokens']} tokens of {doms[0]} ({res['settings']['steps']} steps, lr {res['settings']['lr']}; "
-             f"loss {res['train']['first_loss']} -> {res['train']['last_loss']}, {res['train']['seconds']} s). "
-             f"Held-out perplexity, {res['settings']['eval_tokens']} tokens per domain in {res['settings']['seqlen']}-token windows.",
+    st, tr = res["settings"], res["train"]
+    title = "LoRA adapter of the original, carried to the converted model (care-convert-lora)"
+    lines = [*common.report_head(res, title),
+             f"Adapter: r {st['rank']}, every attention and MLP projection, trained on {tr['tokens']} tokens of "
+             f"{doms[0]} ({st['steps']} steps, lr {st['lr']}; loss {tr['first_loss']} -> {tr['last_loss']}, "
+             f"{tr['seconds']} s). Held-out perplexity, {st['eval_tokens']} tokens per domain in {st['seqlen']}-token "
+             f"windows.",
              "", common.md_table(["model", *(f"{d} ppl" for d in doms)], rows), ""]
     if "kept" in res:
         lines.append(f"Share of the adapter's {doms[0]} gain (log perplexity) kept on the converted model: "
@@ -135,16 +140,17 @@ def main(argv=None) -> int:
     finally:
         lora.solve_input_side = real
     texts = {d: domain_text(data, d, "test") for d in (args.train, args.other)}
+    rewritten, as_is = "converted + care-convert-lora adapter", "converted + adapter, o_proj delta as is (ablation)"
     for name, path, adapter in (("original", model, None), ("original + adapter", model, work / "adapter"),
-                                ("converted", ckpt, None), ("converted + care-convert-lora adapter", ckpt, work / "adapter_care"),
-                                ("converted + adapter, o_proj delta as is (ablation)", ckpt, work / "adapter_care_as_is")):
+                                ("converted", ckpt, None), (rewritten, ckpt, work / "adapter_care"),
+                                (as_is, ckpt, work / "adapter_care_as_is")):
         res["rows"][name] = evaluate(path, adapter, texts, args)
         print(name, res["rows"][name], file=sys.stderr, flush=True)
         save()
     r, d = res["rows"], args.train
     gain = math.log(r["original"][d]) - math.log(r["original + adapter"][d])
-    res["kept"] = (math.log(r["converted"][d]) - math.log(r["converted + care-convert-lora adapter"][d])) / gain
-    res["kept_as_is"] = (math.log(r["converted"][d]) - math.log(r["converted + adapter, o_proj delta as is (ablation)"][d])) / gain
+    res["kept"] = (math.log(r["converted"][d]) - math.log(r[rewritten][d])) / gain
+    res["kept_as_is"] = (math.log(r["converted"][d]) - math.log(r[as_is][d])) / gain
     save()
     print(render(res))
     return 0

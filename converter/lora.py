@@ -4,9 +4,10 @@ Users fine-tune the original (GQA) model; after `care-convert` they want the sam
 converted one with `vllm serve --enable-lora`. The adapter's q/k/v deltas cannot be loaded as they are:
 the converted checkpoint has no k_proj/v_proj on the Llama path (they became kv_a_proj_with_mqa's latent and
 rope rows) and its q_proj has extra rope rows. converter/lora_map.py says how each delta maps (exactly, except
-o_proj after the o_proj refit, which gets the refit's own correction); this module reads and checks the adapter, reads the two checkpoints'
-weights, and writes a PEFT adapter (adapter_config.json + adapter_model.safetensors) whose target modules
-are the converted model's, which vLLM (and PEFT on model_defs) load as they load any other.
+o_proj after the o_proj refit, which gets the refit's own correction); this module reads and checks the
+adapter, reads the two checkpoints' weights, and writes a PEFT adapter (adapter_config.json +
+adapter_model.safetensors) whose target modules are the converted model's, which vLLM (and PEFT on
+model_defs) load as they load any other.
 
 Refused by name: anything but plain LoRA on the attention and dense-MLP linears (DoRA, biases,
 modules_to_save, embedding/lm_head or MoE-expert adapters, fan_in_fan_out).
@@ -41,6 +42,7 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 UNMAPPED_SOURCES = {"GraniteForCausalLM": "its multipliers are folded into the weights the maps are solved from"}
 # how close T = M S must hold for a map to count as exact, by the checkpoint's stored dtype
 EXACT_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}   # safetensors' names
 
 
 @dataclass
@@ -171,9 +173,7 @@ def convert_deltas(adapter: SourceAdapter, source_layers, cfg: dict, ckpt: Check
     qwen3 = bool(cfg.get("use_qk_norm"))
     n_h = cfg["num_attention_heads"]
     d_r = cfg["qk_rope_head_dim"]
-    stored = {t[2] for t in ckpt.entries.values()}
-    tol = max(EXACT_TOL.get({"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(s),
-                            EXACT_TOL[torch.bfloat16]) for s in stored)
+    tol = max(EXACT_TOL.get(STORED_DTYPES.get(entry[2]), EXACT_TOL[torch.bfloat16]) for entry in ckpt.entries.values())
 
     def exact(fit: Fit, what: str) -> Fit:
         if fit.residual > tol:

@@ -6,7 +6,8 @@ same logits (the maps are exact), for Llama (q and k/v deltas into q_proj's rope
 kv_a_proj_with_mqa's latent rows), Qwen3 (k_proj kept, v_proj into v_latent_proj) and Phi-3 (fused
 qkv_proj / gate_up_proj deltas split), with PEFT's rank_pattern, alpha_pattern and rsLoRA scalings. At
 KV 0.75 with the o_proj refit, the adapted converted model must be closer to the adapted original than the
-unadapted one is, and about as close as the conversion is to the original. Bad input is refused by name with nothing written.
+unadapted one is, and about as close as the conversion is to the original. Bad input is refused by name with
+nothing written.
 """
 from __future__ import annotations
 
