@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .errors import ConversionError
+from .errors import ConversionError, run_tool
 from .versions import add_version_flag
 
 
@@ -107,14 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import convert
 
     kw = {k: v for k, v in vars(args).items() if k not in ("src", "out", "calib")}
-    try:
-        report = convert(args.src, args.out, calib_files=args.calib, **kw)
-    except ConversionError as e:
-        print(f"care-convert: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("care-convert: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    report, code = run_tool("care-convert", lambda: convert(args.src, args.out, calib_files=args.calib, **kw))
+    if code:
+        return code
     summary = {k: report[k] for k in ("method", "objective", "rank_policy", "o_proj_refit", "kv_ratio", "cache_values_per_token",
                                       "original_cache_values_per_token", "seconds")}
     print(json.dumps({"out": args.out, **summary}, indent=2))

@@ -11,3 +11,19 @@ class ConversionError(Exception):
 
 class HealError(ConversionError):
     """Bad input for care-heal (one line, exit code 2)."""
+
+
+def run_tool(prog: str, action):
+    """Run a command-line tool's work: (its result, 0); or (None, 2) after one line naming the problem of a
+    ConversionError; or (None, 130) after Ctrl-C. Only for tools that write their output atomically
+    (converter/write.py atomic_dir), which is why an interrupted run can say that nothing was written."""
+    import sys
+
+    try:
+        return action(), 0
+    except ConversionError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return None, 130

@@ -48,10 +48,8 @@ STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.floa
 @dataclass
 class SourceAdapter:
     path: Path
-    config: dict
     deltas: dict[tuple[int, str], Delta]   # (layer, source module) -> scaled delta
-    rank: dict[tuple[int, str], int]
-    dtype: torch.dtype
+    dtype: torch.dtype                     # of its stored weights: the rewritten adapter's
 
 
 @dataclass
@@ -113,7 +111,7 @@ def read_adapter(path: str | Path) -> SourceAdapter:
         raise ConversionError(f"{weights}: cannot read safetensors file ({e})") from None
     if not raw:
         raise ConversionError(f"{weights}: no LoRA weights")
-    deltas, ranks, dtype = {}, {}, None
+    deltas, dtype = {}, None
     for (layer, module), pair in sorted(raw.items()):
         if set(pair) != {"A", "B"}:
             raise ConversionError(f"{weights}: layer {layer} {module} has lora_{''.join(pair)} without its pair")
@@ -128,9 +126,8 @@ def read_adapter(path: str | Path) -> SourceAdapter:
             raise ConversionError(f"{weights}: layer {layer} {module} has rank {a.shape[0]}, the config says {r}")
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         deltas[(layer, module)] = Delta(a.double(), scale * b.double())
-        ranks[(layer, module)] = r
         dtype = dtype or a.dtype
-    return SourceAdapter(path, cfg, deltas, ranks, dtype)
+    return SourceAdapter(path, deltas, dtype)
 
 
 def split_fused(adapter: SourceAdapter, sizes: dict[str, int]) -> None:
@@ -138,7 +135,6 @@ def split_fused(adapter: SourceAdapter, sizes: dict[str, int]) -> None:
     (row blocks of B, A shared)."""
     for (layer, module) in [k for k in adapter.deltas if k[1] in FUSED]:
         d = adapter.deltas.pop((layer, module))
-        r = adapter.rank.pop((layer, module))
         parts = FUSED[module]
         want = sum(sizes[p] for p in parts)
         if d.b.shape[0] != want:
@@ -147,7 +143,7 @@ def split_fused(adapter: SourceAdapter, sizes: dict[str, int]) -> None:
         for p, b in zip(parts, d.b.split([sizes[p] for p in parts])):
             if (layer, p) in adapter.deltas:
                 raise ConversionError(f"{adapter.path}: layer {layer} has adapters on both {module} and {p}")
-            adapter.deltas[(layer, p)], adapter.rank[(layer, p)] = Delta(d.a, b), r
+            adapter.deltas[(layer, p)] = Delta(d.a, b)
 
 
 class CheckpointTensors:

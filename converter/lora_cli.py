@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from .errors import ConversionError
+from .errors import run_tool
 from .versions import add_version_flag
 
 
@@ -33,15 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .lora import convert_adapter
 
-    try:
-        summary = convert_adapter(args.adapter, args.checkpoint, args.out, source=args.source,
-                                  revision=args.revision, overwrite=args.overwrite)
-    except ConversionError as e:
-        print(f"care-convert-lora: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("care-convert-lora: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    summary, code = run_tool("care-convert-lora", lambda: convert_adapter(
+        args.adapter, args.checkpoint, args.out, source=args.source, revision=args.revision,
+        overwrite=args.overwrite))
+    if code:
+        return code
     print(json.dumps({"out": args.out, **summary}, indent=2))
     print(f"serve it: vllm serve {args.checkpoint} --enable-lora --max-lora-rank {summary['vllm_max_lora_rank']} "
           f"--lora-modules NAME={args.out}", file=sys.stderr)

@@ -7,16 +7,17 @@ the source's (converter/assemble.py, converter/factorize.py: a latent is `basis 
                kv_a_proj_with_mqa' = [B_K Q_N; Q_S] W_K  (rows c_K and k_rope),  B_V W_V (rows c_V)
   Qwen3 path   q_proj', k_proj'   = W_Q, W_K  (q_norm/k_norm and the latent maps follow them)
                v_latent_proj'     = B_V W_V
-  both         o_proj', MLP'      = c W (c = 1; Granite's folded multipliers scale o_proj and down_proj)
+  both         MLP'               = W (copied)
+               o_proj'            = W_O R (R = I, or the o_proj refit's map of its input: converter/refit.py)
 
 A LoRA delta s B A on W therefore becomes M s B A on the converted projection: same A, B' = M s B, and the
 converted model with the converted adapter computes what the converted model computes for the merged
 source (exactly, at full rank). The maps M are not stored in the checkpoint: they are recovered here by
 least squares from the source's and the checkpoint's weights, T = M S with S of full row rank, and the
 residual ||T - M S|| / ||T|| proves the relation (a healed checkpoint, or one converted from another
-source, fails it by name). The one relation that is not linear is o_proj after the o_proj refit
-(converter/refit.py): it was fitted to the converted attention's outputs, which approximate the source's
-in the same basis, so its delta is carried as is and reported as approximate.
+source, fails it by name). o_proj's delta gets the same R on its input side (B A R): R is fitted on the
+calibration data, so this is what refitting the merged model would give if the adapter did not change
+the calibration data's hidden states (it does a little: reported as approximate).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def solve(target: torch.Tensor, source: torch.Tensor, what: str) -> Fit:
 
 
 def solve_scale(target: torch.Tensor, source: torch.Tensor) -> Fit:
-    """The scalar c with target ~ c * source (o_proj and the MLP: copied, or scaled by Granite's folds)."""
+    """The scalar c with target ~ c * source (the MLP: copied, c = 1)."""
     s, t = source.double(), target.double()
     c = (t * s).sum() / (s * s).sum().clamp_min(1e-300)
     return Fit(c.reshape(1, 1), _relative(t - c * s, t))

@@ -86,20 +86,19 @@ def test_adapter_and_base_requests_together_match_model_defs(served):
 def test_an_adapter_on_kv_b_proj_is_refused(served):
     arch, root, out, server = served
     bad = root / "adapter_kv_b"
-    if not bad.exists():
-        shutil.copytree(root / "adapter_mla", bad)
-        tensors = load_file(bad / "adapter_model.safetensors")
-        cfg = json.loads((out / "config.json").read_text())
-        rank = json.loads((bad / "adapter_config.json").read_text())["r"]
-        width = cfg["k_ranks"][0] + cfg["v_ranks"][0]
-        rows = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"])
-        key = "base_model.model.model.layers.0.self_attn.kv_b_proj"
-        tensors[key + ".lora_A.weight"] = torch.zeros(rank, width)
-        tensors[key + ".lora_B.weight"] = torch.zeros(rows, rank)
-        save_file(tensors, str(bad / "adapter_model.safetensors"))
-        conf = json.loads((bad / "adapter_config.json").read_text())
-        conf["target_modules"] = sorted({*conf["target_modules"], "kv_b_proj"})
-        (bad / "adapter_config.json").write_text(json.dumps(conf))
+    shutil.copytree(root / "adapter_mla", bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    cfg = json.loads((out / "config.json").read_text())
+    rank = json.loads((bad / "adapter_config.json").read_text())["r"]
+    width = cfg["k_ranks"][0] + cfg["v_ranks"][0]
+    rows = cfg["num_attention_heads"] * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"])
+    key = "base_model.model.model.layers.0.self_attn.kv_b_proj"
+    tensors[key + ".lora_A.weight"] = torch.zeros(rank, width)
+    tensors[key + ".lora_B.weight"] = torch.zeros(rows, rank)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    conf = json.loads((bad / "adapter_config.json").read_text())
+    conf["target_modules"] = sorted({*conf["target_modules"], "kv_b_proj"})
+    (bad / "adapter_config.json").write_text(json.dumps(conf))
     from care_vllm.loadtest.server import fetch
 
     with pytest.raises(urllib.error.HTTPError) as info:
