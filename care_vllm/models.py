@@ -25,9 +25,11 @@ from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
+    LinearBase,
     MergedColumnParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -183,8 +185,12 @@ class CareLatentAttention(nn.Module):
             self.kv_a_proj_with_mqa = ReplicatedLinear(D, self.rank + d_r, bias=bias,
                                                        quant_config=quant_config,
                                                        prefix=f"{prefix}.kv_a_proj_with_mqa")
+        # never quantized (quant_config=None), whatever the checkpoint's quantization says: vLLM absorbs it into
+        # the queries and outputs at load, so the decode never runs it as a layer, and with activation
+        # quantization (W8A8, FP8 dynamic) the prefill would quantize the latent where the decode does not.
+        # model_defs keeps it out of quantizers' reach (WeightMap); a checkpoint that quantized it is refused.
         self.kv_b_proj = ColumnParallelLinear(self.rank, n_h * (d_h + self.v_dim), bias=False,
-                                              quant_config=quant_config, prefix=f"{prefix}.kv_b_proj")
+                                              quant_config=None, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(n_h * self.v_dim, D, bias=bias, quant_config=quant_config,
                                         prefix=f"{prefix}.o_proj")
         self.rotary_emb = ExactRope(config.rope_inv_freq)
@@ -368,6 +374,9 @@ def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# modules whose weights serving reads directly: never quantized (CareAttention.__init__, model_defs.WeightMap)
+UNQUANTIZED_MAPS = (".kv_b_proj", ".q_rope_proj")
+
 # checkpoint name fragment -> (vLLM parameter fragment, shard id)
 _STACKED = ((".mlp.gate_proj.", ".mlp.gate_up_proj.", 0), (".mlp.up_proj.", ".mlp.gate_up_proj.", 1))
 
@@ -402,6 +411,7 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         if getattr(config, "q_lora_rank", None) is not None:
             raise ValueError("care_mla: q_lora_rank must be null")
         self.config = config
+        self.quant_config = vllm_config.quant_config
         self.model = CareModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
@@ -424,19 +434,35 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Every tensor is checked against the care_mla table (FORMAT.md) by name and shape before vLLM's
+        loaders see it. A quantized checkpoint (a `quantization_config` vLLM serves: compressed-tensors,
+        fp8, GPTQ, ...) stores a quantized projection under its own names (`weight_packed`, `weight_scale`,
+        `qweight`, ...) and shapes: for the projections vLLM built quantized, those are accepted when vLLM
+        has a parameter of that name, and vLLM's own weight loaders check their shapes; a quantized
+        projection counts as present when any of its tensors is. Everything else (norms, embeddings,
+        projections the quantization left out) is checked exactly as for an unquantized checkpoint."""
         expected = expected_checkpoint_shapes(self.config)
         params = dict(self.named_parameters())
         seen: set[str] = set()
         loaded: set[str] = set()
+        quantized_seen: set[str] = set()   # modules (checkpoint names) of which a quantized tensor was read
         for name, w in weights:
-            if name not in expected:
-                raise CareWeightError(f"care_mla checkpoint: unexpected tensor {name!r} {tuple(w.shape)}")
-            if tuple(w.shape) != expected[name]:
+            module = name.rsplit(".", 1)[0]
+            pname = _vllm_param_name(name)
+            if getattr(self, "quant_config", None) is not None and is_pp_missing_parameter(name, self):
+                seen.add(name)   # another pipeline stage's layer: how vLLM quantized it is not known here
+                continue
+            quantized = self._is_quantized(pname.rsplit(".", 1)[0])
+            if not quantized and (name not in expected or not w.is_floating_point() or w.element_size() < 2):
+                self._refuse_unexpected(name, module, w)
+            if name in expected and tuple(w.shape) != expected[name] and not quantized:
                 raise CareWeightError(f"care_mla checkpoint: tensor {name!r} has shape {tuple(w.shape)}, "
                                       f"expected {expected[name]}")
             if name in seen:
                 raise CareWeightError(f"care_mla checkpoint: tensor {name!r} appears twice")
             seen.add(name)
+            if quantized:
+                quantized_seen.add(module)
             if is_pp_missing_parameter(name, self):
                 continue
             if ".mlp.experts." in name:   # fused [E, ...] expert tensors: FusedMoE splits and shards them
@@ -446,22 +472,68 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
                     raise CareWeightError(f"care_mla checkpoint: vLLM's FusedMoE did not load {name!r}")
                 loaded.update(f"{module_name}.{n}" for n in done)
                 continue
-            for frag, fused, shard in _STACKED:
-                if frag in name:
-                    pname = name.replace(frag, fused)
-                    param = params[pname]
-                    param.weight_loader(param, w, shard)
-                    break
-            else:
-                pname = name
-                param = params[pname]
+            if pname not in params:
+                if quantized and name.endswith(".bias"):
+                    continue   # GPTQ writers store a (zero) bias for every linear; vLLM's models skip it too
+                raise CareWeightError(f"care_mla checkpoint: tensor {name!r} {tuple(w.shape)} has no parameter "
+                                      f"{pname!r} in the model vLLM built for this quantization")
+            param = params[pname]
+            shard = _stacked_shard(name)
+            if shard is None:
                 getattr(param, "weight_loader", default_weight_loader)(param, w)
+            else:
+                param.weight_loader(param, w, shard)
             loaded.add(pname)
-        missing = sorted(n for n in set(expected) - seen if not is_pp_missing_parameter(n, self))
+        missing = sorted(n for n in set(expected) - seen if not is_pp_missing_parameter(n, self)
+                         and n.rsplit(".", 1)[0] not in quantized_seen)
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CareWeightError(f"care_mla checkpoint: missing tensor(s) {missing[:5]}{more}")
         return loaded
+
+    def _refuse_unexpected(self, name: str, module: str, w: torch.Tensor) -> None:
+        """A tensor the model vLLM built has no unquantized place for: not in the care_mla table, or quantized
+        codes (8-bit or integer) for a projection vLLM built unquantized."""
+        if module + ".weight" in expected_checkpoint_shapes(self.config) and module.endswith(UNQUANTIZED_MAPS):
+            raise CareWeightError(
+                f"care_mla checkpoint: {name!r} ({w.dtype}): {module.rsplit('.', 1)[1]} is quantized; care_mla serves "
+                f"kv_b_proj and q_rope_proj unquantized (vLLM absorbs kv_b_proj into the queries and outputs at "
+                f"load; q_rope_proj is applied per head). Quantize again with them left out (llm-compressor: "
+                f"targets=['Linear'] leaves them out, as model_defs does not make them nn.Linear; or "
+                f"ignore=['re:.*kv_b_proj$', 're:.*q_rope_proj$'])")
+        if name in expected_checkpoint_shapes(self.config):
+            raise CareWeightError(f"care_mla checkpoint: tensor {name!r} is stored as {w.dtype}, but vLLM built "
+                                  f"{module!r} unquantized (does config.json's quantization_config cover it?)")
+        raise CareWeightError(f"care_mla checkpoint: unexpected tensor {name!r} {tuple(w.shape)}")
+
+    def _is_quantized(self, module_name: str) -> bool:
+        """Whether vLLM built the linear layer `module_name` with a quantization method (its tensors then
+        follow that method's names and shapes). False for unquantized models, for projections a checkpoint's
+        quantization leaves out (vLLM gives those UnquantizedLinearMethod) and for everything but linear
+        layers: quantized embeddings or MoE experts are not part of the care_mla format."""
+        if getattr(self, "quant_config", None) is None:
+            return False
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            return False
+        method = getattr(module, "quant_method", None)
+        return isinstance(module, LinearBase) and method is not None and not isinstance(method, UnquantizedLinearMethod)
+
+
+def _vllm_param_name(name: str) -> str:
+    """The vLLM parameter a checkpoint tensor loads into (gate_proj/up_proj -> the fused gate_up_proj)."""
+    for frag, fused, _ in _STACKED:
+        if frag in name:
+            return name.replace(frag, fused)
+    return name
+
+
+def _stacked_shard(name: str) -> int | None:
+    for frag, _, shard in _STACKED:
+        if frag in name:
+            return shard
+    return None
 
 
 class CareLlamaForCausalLM(CareForCausalLM):

@@ -81,6 +81,26 @@ class CareRope(nn.Module):
         return ang.cos(), ang.sin()
 
 
+class WeightMap(nn.Module):
+    """A linear map y = x W^T whose weight serving reads directly, so post-training quantization must leave it
+    alone: kv_b_proj (vLLM absorbs it into the queries and the outputs when it loads; the decode never runs it as
+    a layer) and Qwen3's q_rope_proj (applied per query head). Deliberately not an nn.Linear: quantizers select
+    nn.Linear modules (llm-compressor's `targets=["Linear"]`), so a stock recipe keeps these two in float, which
+    is what care_vllm serves (it refuses a checkpoint that quantized them). State-dict layout as nn.Linear's
+    (`weight` [out, in], no bias)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX rotate-half over the last dim: pair p = (p, p + d_r/2). x: [B, H, T, d_r], cos/sin:
     [B, T, d_r/2]. Computed in fp32 (fp64 for fp64 models) and cast back, so bf16 models rotate
@@ -145,7 +165,7 @@ class CareMLAAttention(nn.Module):
         if self.use_qk_norm:
             self.q_proj = nn.Linear(D, n_h * d_h, bias=False)
             self.q_norm = CareRMSNorm(d_h, config.rms_norm_eps)
-            self.q_rope_proj = nn.Linear(d_h, n_h * d_r, bias=False)
+            self.q_rope_proj = WeightMap(d_h, n_h * d_r)
             self.k_proj = nn.Linear(D, self.g * d_h, bias=False)
             self.k_norm = CareRMSNorm(d_h, config.rms_norm_eps)
             self.k_latent_proj = nn.Linear(self.g * d_h, self.r_k + d_r, bias=False)
@@ -154,7 +174,7 @@ class CareMLAAttention(nn.Module):
             bias = bool(getattr(config, "attention_bias", False))
             self.q_proj = nn.Linear(D, n_h * (d_h + d_r), bias=bias)
             self.kv_a_proj_with_mqa = nn.Linear(D, self.rank + d_r, bias=bias)
-        self.kv_b_proj = nn.Linear(self.rank, n_h * 2 * d_h, bias=False)
+        self.kv_b_proj = WeightMap(self.rank, n_h * 2 * d_h)
         self.o_proj = nn.Linear(n_h * d_h, D, bias=bool(getattr(config, "attention_bias", False)))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,7 +310,7 @@ class CareMLAPreTrainedModel(PreTrainedModel):
         if isinstance(module, Qwen3MoeExperts):      # MoE experts: 3-D parameters, not nn.Linear
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, Qwen3MoeTopKRouter):
+        elif isinstance(module, (Qwen3MoeTopKRouter, WeightMap)):
             init.normal_(module.weight, mean=0.0, std=std)
 
     def set_attention_path(self, path: str) -> None:

