@@ -119,7 +119,18 @@ class CareMLAConfig(PretrainedConfig):
         if self.kv_lora_rank is None:
             self.kv_lora_rank = computed
         super().__post_init__(**kwargs)
+        if self.architectures == ["CareMLAForCausalLM"]:
+            # re-saved by code that did not swap in the variant class (a checkpoint loaded with
+            # trust_remote_code before that swap worked there, then saved by a quantizer or a trainer): vLLM
+            # dispatches on the variant's name
+            self.architectures = [self.variant_architecture()]
         self.validate_care()
+
+    def variant_architecture(self) -> str:
+        """The class name a checkpoint of this config is served and saved under (vLLM dispatches on it)."""
+        if self.use_qk_norm:
+            return "CareQwen3MoeForCausalLM" if self.num_experts else "CareQwen3ForCausalLM"
+        return "CareMixtralForCausalLM" if self.num_experts else "CareLlamaForCausalLM"
 
     def validate_care(self) -> None:
         """Reject configs the model code cannot run correctly (fail at load, not deep in a matmul)."""

@@ -393,11 +393,10 @@ class CareMLAForCausalLM(CareMLAPreTrainedModel, GenerationMixin):
 
     def __new__(cls, *args, **kwargs):
         config = args[0] if args else kwargs.get("config")
-        if cls is CareMLAForCausalLM and isinstance(config, CareMLAConfig):
-            if config.use_qk_norm:
-                cls = CareQwen3MoeForCausalLM if config.num_experts else CareQwen3ForCausalLM
-            else:
-                cls = CareMixtralForCausalLM if config.num_experts else CareLlamaForCausalLM
+        # by model_type, not isinstance: loaded with trust_remote_code, the config's class comes from another
+        # dynamic module than this file's import of it (transformers hashes the two files apart)
+        if cls is CareMLAForCausalLM and getattr(config, "model_type", None) == CareMLAConfig.model_type:
+            cls = globals()[config.variant_architecture()]
         return super().__new__(cls)
 
     def __init__(self, config: CareMLAConfig) -> None:

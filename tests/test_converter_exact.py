@@ -87,7 +87,7 @@ def test_full_rank_full_rope_matches_original_in_model_defs(exact_pair, path):
 
 # Runs in a fresh interpreter that cannot import care-vllm's packages: what a transformers user without
 # care-vllm installed has. One interpreter serves every variant (importing torch and transformers once, not
-# once per variant): for each folder read from stdin it prints the model class's module and the logits as
+# once per variant): for each folder read from stdin it prints the model class (module.name) and the logits as
 # one JSON line.
 _STANDALONE_LOAD = """
 import importlib.abc, json, sys
@@ -104,7 +104,8 @@ for folder in sys.stdin:
                                                  experts_implementation="eager").eval()
     with torch.no_grad():
         logits = model(ids).logits[0]
-    print("RESULT " + json.dumps({"module": type(model).__module__, "logits": logits.tolist()}), flush=True)
+    print("RESULT " + json.dumps({"module": type(model).__module__ + "." + type(model).__name__,
+                                  "logits": logits.tolist()}), flush=True)
 """
 
 
@@ -119,7 +120,7 @@ class StandaloneTransformers:
                                      text=True)
 
     def load(self, folder, timeout: float = 300.0) -> tuple[str, torch.Tensor]:
-        """The folder's model class module and logits; the interpreter is killed if it takes over `timeout`
+        """The folder's model class (module.name) and logits; the interpreter is killed if it takes over `timeout`
         seconds (the bound each variant's own interpreter had)."""
         watchdog = threading.Timer(timeout, self.proc.kill)
         watchdog.start()
@@ -158,6 +159,8 @@ def test_full_rank_checkpoint_runs_in_plain_transformers_with_its_own_code(exact
         == "modeling_care.CareMLAForCausalLM"
     module, logits = standalone.load(out)
     assert module.startswith("transformers_modules."), module  # the folder's copy, not model_defs
+    # the variant class vLLM dispatches on, as model_defs gives it (a re-save, e.g. by a quantizer, keeps it)
+    assert module.rsplit(".", 1)[1] == json.loads((out / "config.json").read_text())["architectures"][0], module
     err = (logits - _original_logits(src, torch.float64)).abs().max().item()
     assert err < 1e-4, f"{arch}: max |logit diff| {err}"
 

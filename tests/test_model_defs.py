@@ -101,6 +101,23 @@ def test_config_round_trip_has_no_gqa_keys(tmp_path):
     assert not hasattr(back, "num_key_value_heads") and not hasattr(back, "head_dim")
 
 
+@pytest.mark.parametrize("arch, variant", [("llama", "CareLlamaForCausalLM"), ("qwen3", "CareQwen3ForCausalLM")])
+def test_a_model_saved_under_the_generic_class_name_reads_as_its_variant(tmp_path, arch, variant):
+    """vLLM dispatches on config.architectures. A model built as the generic CareMLAForCausalLM is the variant
+    class, so its save keeps the name; and a config.json that says "CareMLAForCausalLM" anyway (written by a
+    remote-code copy from before that held under trust_remote_code, then re-saved by a quantizer or a trainer)
+    reads as the variant."""
+    model = tiny_model(arch)
+    assert type(model).__name__ == variant
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["architectures"] == [variant]
+    raw = json.loads((tmp_path / "saved" / "config.json").read_text())
+    raw["architectures"] = ["CareMLAForCausalLM"]
+    (tmp_path / "generic").mkdir()
+    (tmp_path / "generic" / "config.json").write_text(json.dumps(raw))
+    assert AutoConfig.from_pretrained(tmp_path / "generic").architectures == [variant]
+
+
 @pytest.mark.parametrize("bad, msg", [
     (dict(k_ranks=[1, 2]), "3 entries"),
     (dict(v_ranks=[1, 0, 1]), "v_ranks"),
