@@ -374,7 +374,7 @@ def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
     return out
 
 
-# modules whose weights serving reads directly: never quantized (CareAttention.__init__, model_defs.WeightMap)
+# modules whose weights serving reads directly: never quantized (CareLatentAttention, model_defs.WeightMap)
 UNQUANTIZED_MAPS = (".kv_b_proj", ".q_rope_proj")
 
 # checkpoint name fragment -> (vLLM parameter fragment, shard id)
@@ -454,7 +454,7 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
                 continue
             quantized = self._is_quantized(pname.rsplit(".", 1)[0])
             if not quantized and (name not in expected or not w.is_floating_point() or w.element_size() < 2):
-                self._refuse_unexpected(name, module, w)
+                self._refuse_unexpected(name, module, w, expected)
             if name in expected and tuple(w.shape) != expected[name] and not quantized:
                 raise CareWeightError(f"care_mla checkpoint: tensor {name!r} has shape {tuple(w.shape)}, "
                                       f"expected {expected[name]}")
@@ -491,17 +491,18 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
             raise CareWeightError(f"care_mla checkpoint: missing tensor(s) {missing[:5]}{more}")
         return loaded
 
-    def _refuse_unexpected(self, name: str, module: str, w: torch.Tensor) -> None:
+    @staticmethod
+    def _refuse_unexpected(name: str, module: str, w: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
         """A tensor the model vLLM built has no unquantized place for: not in the care_mla table, or quantized
         codes (8-bit or integer) for a projection vLLM built unquantized."""
-        if module + ".weight" in expected_checkpoint_shapes(self.config) and module.endswith(UNQUANTIZED_MAPS):
+        if module + ".weight" in expected and module.endswith(UNQUANTIZED_MAPS):
             raise CareWeightError(
                 f"care_mla checkpoint: {name!r} ({w.dtype}): {module.rsplit('.', 1)[1]} is quantized; care_mla serves "
                 f"kv_b_proj and q_rope_proj unquantized (vLLM absorbs kv_b_proj into the queries and outputs at "
                 f"load; q_rope_proj is applied per head). Quantize again with them left out (llm-compressor: "
                 f"targets=['Linear'] leaves them out, as model_defs does not make them nn.Linear; or "
                 f"ignore=['re:.*kv_b_proj$', 're:.*q_rope_proj$'])")
-        if name in expected_checkpoint_shapes(self.config):
+        if name in expected:
             raise CareWeightError(f"care_mla checkpoint: tensor {name!r} is stored as {w.dtype}, but vLLM built "
                                   f"{module!r} unquantized (does config.json's quantization_config cover it?)")
         raise CareWeightError(f"care_mla checkpoint: unexpected tensor {name!r} {tuple(w.shape)}")

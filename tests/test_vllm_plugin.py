@@ -522,3 +522,6 @@ def test_load_weights_maps_every_tensor_and_names_bad_ones(tmp_path):
     wrong = {**tensors, bad_name: tensors[bad_name][:-1]}
     with pytest.raises(CareWeightError, match=r"k_latent_proj.*shape"):
         _bare_model(cfg)[0].load_weights(iter(wrong.items()))
+    codes = {**tensors, bad_name: tensors[bad_name].to(torch.int8)}   # quantized codes, config unquantized
+    with pytest.raises(CareWeightError, match=r"k_latent_proj.*stored as torch.int8.*unquantized"):
+        _bare_model(cfg)[0].load_weights(iter(codes.items()))
