@@ -45,6 +45,22 @@ def varied_original(path: Path, arch: str, head_dim: int = 16, rope: dict | None
     return src
 
 
+def mixed_rank_conversion(root: Path, arch: str, calib_file: Path) -> tuple[Path, dict]:
+    """`varied_original` under root/orig converted to root/mla with adjusted ranks at KV 0.75 (rope 8, the o_proj
+    refit on): a conversion whose layers really differ in width. Returns (folder, its config.json)."""
+    import json
+
+    from converter.pipeline import convert
+
+    src = varied_original(root / "orig", arch)
+    out = root / "mla"
+    convert(src, out, calib_files=[calib_file], method="care", ranks="adjusted", kv_ratio=0.75, rope_dim=8,
+            calib_samples=16, calib_seqlen=64, seed=0)
+    cfg = json.loads((out / "config.json").read_text())
+    assert len({k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])}) > 1, "the test needs different ranks"
+    return out, cfg
+
+
 def greedy(model, ids, n: int) -> list[int]:
     """n greedy tokens by full recomputation (no cache): the reference for vLLM's paged decode."""
     ids = list(ids)

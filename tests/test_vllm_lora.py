@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args, varied_original
+from tests.served_reference import PROMPTS, compare_concurrent, mixed_rank_conversion, reference_model, serve_args
 from tests.test_lora import LINEAR, convert_lora, make_adapter
 from tests.vllm_server import VLLMServer
 
@@ -34,16 +34,10 @@ RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def served(request, tmp_path_factory, calib_file):
-    from converter.pipeline import convert
-
     arch = request.param
     root = tmp_path_factory.mktemp(f"lora_serve_{arch}")
-    src = varied_original(root / "orig", arch)
-    out = root / "mla"
-    convert(src, out, calib_files=[calib_file], method="care", ranks="adjusted", kv_ratio=0.75, rope_dim=8,
-            calib_samples=16, calib_seqlen=64, seed=0)
-    cfg = json.loads((out / "config.json").read_text())
-    assert len({k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])}) > 1, "the test needs different ranks"
+    out, _ = mixed_rank_conversion(root, arch, calib_file)
+    src = root / "orig"
     adapter = make_adapter(src, root / "adapter", LINEAR, seed=1)
     proc = convert_lora(adapter, out, root / "adapter_mla")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.quantized_files import quantize_tokens_int8, reference_w8a8, write_w8a8
-from tests.served_reference import KV_BYTES, reference_model, serve_args, varied_original
+from tests.served_reference import KV_BYTES, mixed_rank_conversion, reference_model, serve_args
 from tests.vllm_server import ServerError, VLLMServer
 
 pytest.importorskip("vllm")
@@ -33,16 +33,9 @@ FP32 = 4
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def served(request, tmp_path_factory, calib_file):
-    from converter.pipeline import convert
-
     arch = request.param
     root = tmp_path_factory.mktemp(f"w8a8_serve_{arch}")
-    src = varied_original(root / "orig", arch)
-    out = root / "mla"
-    convert(src, out, calib_files=[calib_file], method="care", ranks="adjusted", kv_ratio=0.75, rope_dim=8,
-            calib_samples=16, calib_seqlen=64, seed=0)
-    cfg = json.loads((out / "config.json").read_text())
-    assert len({k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])}) > 1, "the test needs different ranks"
+    out, cfg = mixed_rank_conversion(root, arch, calib_file)
     quantized = write_w8a8(out, root / "w8a8")
     with VLLMServer(quantized, *serve_args(), log_path=root / "w8a8.log") as server:
         yield arch, out, quantized, cfg, server
