@@ -15,6 +15,14 @@ on SmolLM2 at KV 0.5 a K share of 0.25 instead of the default 0.4 lowers one-sho
              its minimum, then repeatedly give +1 to the layer with the largest
              s_l(r) = sigma_{r+1}^2 / sum_{m>r} sigma_m^2 until the budget is spent. Per-layer min/max
              are fractions of the uniform rank (paper code: 1/2 and 2x), capped at the full width.
+
+`multiple` (--rank-multiple M) allocates in units of M values: every k/v rank is a multiple of M, and with a
+rope key of a multiple of M so is every projection that writes the latent (kv_a_proj_with_mqa: r_K + r_V + d_r;
+Qwen3's k_latent_proj: r_K + d_r, v_latent_proj: r_V), which quantized kernels want (vLLM's CPU W4A16 kernel
+takes output widths in multiples of 32, Marlin on GPUs multiples of 64). Water-filling then scores a unit by
+the energy of its M singular values, `sum_{r<m<=r+M} sigma_m^2 / sum_{m>r} sigma_m^2` (M = 1: the paper's
+score). The latent budget is rounded down to whole units (less than M values below it in all), and a layer's
+lossless width down to whole units.
 """
 from __future__ import annotations
 
@@ -81,19 +89,44 @@ def adjusted_ranks(total: int, sigmas: list[torch.Tensor], full: list[int], min_
     return ranks
 
 
-def check_latent_room(cache_budget: int, num_layers: int, rope_dim: int) -> None:
-    """Refuse a budget whose rope keys leave less than one latent value per layer."""
+def check_latent_room(cache_budget: int, num_layers: int, rope_dim: int, multiple: int = 1) -> None:
+    """Refuse a budget whose rope keys leave less than one latent value (one unit of `multiple` values) per
+    layer, and a rope key that is not a whole number of units (the latent projections' widths would not be)."""
     latent = cache_budget - num_layers * rope_dim
-    if latent < num_layers:
+    if latent < num_layers * multiple:
+        unit = "" if multiple == 1 else f" (--rank-multiple {multiple}: at least {multiple} per layer)"
         raise ConversionError(f"KV budget of {cache_budget} values/token leaves {latent} for the latents of "
-                              f"{num_layers} layers after the rope keys ({rope_dim} each); raise the budget or "
-                              f"lower --rope-dim")
+                              f"{num_layers} layers after the rope keys ({rope_dim} each){unit}; raise the budget "
+                              f"or lower --rope-dim")
+    if rope_dim % multiple:
+        raise ConversionError(f"--rank-multiple {multiple} needs a rope key width that is a multiple of it (got "
+                              f"{rope_dim}): set --rope-dim, or a multiple that divides {rope_dim}")
+
+
+def unit_sigmas(sigma: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Singular values grouped into units of `multiple`: the square root of each group's energy (a last
+    partial group is dropped: it can never be allocated whole)."""
+    if multiple == 1:
+        return sigma
+    whole = len(sigma) // multiple * multiple
+    return (sigma[:whole].double() ** 2).view(-1, multiple).sum(1).sqrt()
 
 
 def plan_ranks(policy: str, cache_budget: int, rope_dim: int, full_k: list[int], full_v: list[int],
                sig_k: list[torch.Tensor], sig_v: list[torch.Tensor], min_frac: float = 0.5,
-               max_frac: float = 2.0, k_share: float | None = None) -> tuple[list[int], list[int]]:
-    """Per-layer (k_ranks, v_ranks) whose cache sum_l (k+v+rope_dim) equals `cache_budget` exactly."""
+               max_frac: float = 2.0, k_share: float | None = None,
+               multiple: int = 1) -> tuple[list[int], list[int]]:
+    """Per-layer (k_ranks, v_ranks) whose cache sum_l (k+v+rope_dim) equals `cache_budget` exactly, or with
+    `multiple` > 1 (ranks in units of that many values) the largest whole number of units below it."""
+    if multiple > 1:
+        n = len(full_k)
+        check_latent_room(cache_budget, n, rope_dim, multiple)
+        unit_k, unit_v = [f // multiple for f in full_k], [f // multiple for f in full_v]
+        units = min((cache_budget - n * rope_dim) // multiple, sum(unit_k) + sum(unit_v))
+        k, v = plan_ranks(policy, units, 0, unit_k, unit_v,
+                          [unit_sigmas(s, multiple) for s in sig_k], [unit_sigmas(s, multiple) for s in sig_v],
+                          min_frac, max_frac, k_share)
+        return [r * multiple for r in k], [r * multiple for r in v]
     n = len(full_k)
     check_latent_room(cache_budget, n, rope_dim)
     latent = cache_budget - n * rope_dim

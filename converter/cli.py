@@ -88,6 +88,10 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "what will be served)")
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
+    p.add_argument("--rank-multiple", type=int, default=1, metavar="M",
+                   help="allocate K/V ranks in units of M values (default 1), so that the latent projections' "
+                        "widths suit quantized kernels (e.g. 32 for vLLM's CPU W4A16, 64 for Marlin); the rope key "
+                        "must be a multiple of M too; the budget is rounded down to whole units")
     p.add_argument("--k-share", type=float, default=None, metavar="F",
                    help="fraction of the latent (budget minus rope keys) given to K, in (0, 1) "
                         "(default: proportional to the lossless K and V widths)")

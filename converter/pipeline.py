@@ -69,6 +69,7 @@ class Options:
     min_rank_frac: float = 0.5
     max_rank_frac: float = 2.0
     k_share: float | None = None
+    rank_multiple: int = 1        # ranks in units of this many values (allocate.py: kernel-friendly widths)
     overwrite: bool = False
     stats_cache: str | None = None
     calib_dtype: str = "float32"
@@ -103,6 +104,8 @@ class Options:
                                   f"(got {self.k_share})")
         if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
+        if self.rank_multiple < 1:
+            raise ConversionError(f"--rank-multiple must be a positive number of values (got {self.rank_multiple})")
         if self.calib_samples < 1 or self.calib_seqlen < 2 or self.calib_batch < 1:
             raise ConversionError(f"--calib-samples and --calib-batch must be >= 1 and --calib-seqlen >= 2 (got "
                                   f"{self.calib_samples}, {self.calib_batch}, {self.calib_seqlen})")
@@ -195,7 +198,7 @@ def cache_shape(opts: Options, cfg) -> tuple[int, int]:
     budget = cache_budget(opts, n_layers, 2 * g * d_h)
     d_r = opts.rope_dim if opts.rope_dim is not None else default_rope_dim(d_h, budget // n_layers)
     rope_map.check_rope_dim(d_r, g, d_h)
-    allocate.check_latent_room(budget, n_layers, d_r)
+    allocate.check_latent_room(budget, n_layers, d_r, opts.rank_multiple)
     return budget, d_r
 
 
@@ -328,13 +331,14 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         full_v = [min(f.basis.shape[0], g * d_h) for f in v_factors]
         k_ranks, v_ranks = allocate.plan_ranks(
             opts.ranks, budget, d_r, full_k, full_v, [f.sigma for f in k_factors],
-            [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, opts.k_share)
+            [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, opts.k_share, opts.rank_multiple)
         # only the allocated ranks are used from here on
         k_factors = [f.keep(r) for f, r in zip(k_factors, k_ranks)]
         v_factors = [f.keep(r) for f, r in zip(v_factors, v_ranks)]
 
     cache = sum(k + v + d_r for k, v in zip(k_ranks, v_ranks))
-    assert cache == budget, (cache, budget)
+    assert cache == budget or (opts.rank_multiple > 1 and budget - opts.rank_multiple < cache <= budget), \
+        (cache, budget)
     dtype = DTYPES[opts.dtype]
     copied = _copied_tensors(source.model)
     config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
@@ -397,7 +401,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
             "o_proj_refit": opts.o_proj_refit,
             "o_proj_refit_ridge": opts.applied_refit_ridge,
-            "kv_ratio": budget / (n_layers * per_layer_orig), "rope_dim": d_r,
+            "kv_ratio": cache / (n_layers * per_layer_orig), "rope_dim": d_r,
             "rope_pairs_per_frequency": counts, "rope_select": opts.rope_select,
             "rope_distance": opts.rope_distance,
             "cache_values_per_token": cache,
@@ -408,7 +412,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                             "device": opts.device, "dtype": opts.calib_dtype},
             "options": {"damping": factorize.DAMPING, "asvd_alpha": factorize.ASVD_ALPHA,
                         "min_rank_frac": opts.min_rank_frac, "max_rank_frac": opts.max_rank_frac,
-                        "k_share": opts.k_share,
+                        "k_share": opts.k_share, "rank_multiple": opts.rank_multiple,
                         "dtype": opts.dtype},
             "seconds": timer.seconds,
         }

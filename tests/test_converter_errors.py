@@ -211,7 +211,11 @@ def test_odd_rope_dim(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [(["--kv-width", "32", "--rope-dim", "32"], "leaves 0 for the latents"),
-                                          (["--rope-dim", "40"], "exceeds the original key width 2 x 16")])
+                                          (["--rope-dim", "40"], "exceeds the original key width 2 x 16"),
+                                          (["--rope-dim", "8", "--rank-multiple", "16"],
+                                           "--rank-multiple 16 needs a rope key width that is a multiple of it"),
+                                          (["--kv-width", "28", "--rope-dim", "16", "--rank-multiple", "16"],
+                                           "--rank-multiple 16: at least 16 per layer")])
 def test_rope_dim_the_budget_or_keys_cannot_hold_is_refused_before_calibrating(tiny, tmp_path, flags, needle):
     _, src, calib = tiny   # 2 layers, 2 kv heads x 16: keys 32 wide, 64 values/token/layer
     out, stats = tmp_path / "out", tmp_path / "stats.pt"
@@ -237,6 +241,7 @@ def test_o_proj_refit_ridge_must_be_positive(tiny, tmp_path, ridge):
 @pytest.mark.parametrize("flags,needles", [
     (["--calib-batch", "0"], ["--calib-batch", ">= 1"]),            # was a ValueError traceback from range()
     (["--calib-batch", "-2"], ["--calib-batch", ">= 1"]),           # was a crash after calibrating
+    (["--rank-multiple", "0"], ["--rank-multiple", "positive"]),
     (["--min-rank-frac", "-1"], ["--min-rank-frac", "[0, 1]"]),     # these three converted without a word
     (["--min-rank-frac", "3", "--max-rank-frac", "1"], ["--min-rank-frac", "[0, 1]"]),
     (["--max-rank-frac", "0.5"], ["--max-rank-frac", ">= 1"]),

@@ -129,6 +129,49 @@ def test_uniform_policy_gives_every_layer_the_same_width():
 
 
 @pytest.mark.parametrize("policy", ["uniform", "adjusted"])
+def test_rank_multiple_allocates_whole_units(policy):
+    """--rank-multiple M: every rank a multiple of M, the budget spent to within one unit, and (adjusted) the
+    units go where the single-value water-filling puts its ranks: each layer within two units of it (here the
+    layers whose spectra decay fastest get the most: the paper's score is the next value's share of what is left)."""
+    from converter.allocate import plan_ranks
+
+    n, d_r, m = 8, 64, 32
+    full_k, full_v = [1024 - d_r] * n, [1024] * n
+    sig = [torch.logspace(1, -1 - 0.5 * l, 1024) for l in range(n)]   # layer 0 decays slowest
+    budget = 600 * n + 17
+    k, v = plan_ranks(policy, budget, d_r, full_k, full_v, sig, sig, multiple=m)
+    assert all(r % m == 0 for r in k + v) and all(r >= m for r in v)
+    cache = sum(k) + sum(v) + n * d_r
+    assert budget - m < cache <= budget
+    k1, v1 = plan_ranks(policy, budget, d_r, full_k, full_v, sig, sig)
+    assert all(abs(a - b) <= 2 * m for a, b in zip(k + v, k1 + v1)), (k, v, k1, v1)
+    if policy == "adjusted":
+        assert len(set(k)) > 1 and len(set(v)) > 1
+
+
+def test_rank_multiple_conversion_writes_whole_units(tmp_path):
+    """A real conversion with --rank-multiple: the config's ranks are whole units, the cache and the report
+    say what was spent (below the budget by less than a unit), and the model runs in model_defs."""
+    src = require_shared(SHARED / "models" / "qwen3-small")
+    stats = tmp_path.parent / "qwen3-small-stats.pt"  # shared with test_budget_is_spent_exactly
+    report = convert(src, tmp_path / "out", calib_files=CALIB, ranks="adjusted", kv_ratio=0.4, rope_dim=32,
+                     rank_multiple=16, calib_samples=8, calib_seqlen=128, stats_cache=str(stats))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert all(r % 16 == 0 for r in cfg["k_ranks"] + cfg["v_ranks"])
+    assert len(set(zip(cfg["k_ranks"], cfg["v_ranks"]))) > 1, "adjusted ranks should differ across layers"
+    original = report["original_cache_values_per_token"]
+    budget = int(0.4 * original)
+    cache = sum(k + v + 32 for k, v in zip(cfg["k_ranks"], cfg["v_ranks"]))
+    assert report["cache_values_per_token"] == cache and budget - 16 < cache <= budget
+    assert report["kv_ratio"] == cache / original and report["options"]["rank_multiple"] == 16
+    import model_defs  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+@pytest.mark.parametrize("policy", ["uniform", "adjusted"])
 @pytest.mark.parametrize("share", [0.25, 0.6])
 def test_k_share_sets_the_k_part_of_the_latent(policy, share):
     """--k-share moves latent from V to K (or back) without changing any layer's total for uniform,
