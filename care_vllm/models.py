@@ -395,6 +395,7 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
     # Stock Llama served a like batch (8 requests, half with an adapter) without it: the cause is not pinned down.
     embedding_modules: dict[str, str] = {}
     expected_qk_norm: bool = False
+    quant_config = None   # vLLM's QuantizationConfig of the checkpoint, set in __init__ (None: unquantized)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -448,8 +449,8 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         quantized_seen: set[str] = set()   # modules (checkpoint names) of which a quantized tensor was read
         for name, w in weights:
             module = name.rsplit(".", 1)[0]
-            pname = _vllm_param_name(name)
-            if getattr(self, "quant_config", None) is not None and is_pp_missing_parameter(name, self):
+            pname, shard = _vllm_target(name)
+            if self.quant_config is not None and is_pp_missing_parameter(name, self):
                 seen.add(name)   # another pipeline stage's layer: how vLLM quantized it is not known here
                 continue
             quantized = self._is_quantized(pname.rsplit(".", 1)[0])
@@ -478,7 +479,6 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
                 raise CareWeightError(f"care_mla checkpoint: tensor {name!r} {tuple(w.shape)} has no parameter "
                                       f"{pname!r} in the model vLLM built for this quantization")
             param = params[pname]
-            shard = _stacked_shard(name)
             if shard is None:
                 getattr(param, "weight_loader", default_weight_loader)(param, w)
             else:
@@ -512,7 +512,7 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         follow that method's names and shapes). False for unquantized models, for projections a checkpoint's
         quantization leaves out (vLLM gives those UnquantizedLinearMethod) and for everything but linear
         layers: quantized embeddings or MoE experts are not part of the care_mla format."""
-        if getattr(self, "quant_config", None) is None:
+        if self.quant_config is None:
             return False
         try:
             module = self.get_submodule(module_name)
@@ -522,19 +522,13 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         return isinstance(module, LinearBase) and method is not None and not isinstance(method, UnquantizedLinearMethod)
 
 
-def _vllm_param_name(name: str) -> str:
-    """The vLLM parameter a checkpoint tensor loads into (gate_proj/up_proj -> the fused gate_up_proj)."""
-    for frag, fused, _ in _STACKED:
+def _vllm_target(name: str) -> tuple[str, int | None]:
+    """The vLLM parameter a checkpoint tensor loads into, and its shard there (gate_proj/up_proj -> shards 0/1
+    of the fused gate_up_proj; None: the whole parameter)."""
+    for frag, fused, shard in _STACKED:
         if frag in name:
-            return name.replace(frag, fused)
-    return name
-
-
-def _stacked_shard(name: str) -> int | None:
-    for frag, _, shard in _STACKED:
-        if frag in name:
-            return shard
-    return None
+            return name.replace(frag, fused), shard
+    return name, None
 
 
 class CareLlamaForCausalLM(CareForCausalLM):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from model_defs.configuration_care import AUTO_MAP
+from model_defs.configuration_care import AUTO_MAP, variant_architecture
 from tqdm.auto import tqdm
 
 from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, model_card, refit,
@@ -32,8 +32,6 @@ from .errors import ConversionError
 from .plot import plot_ranks
 
 MODEL_TYPE = "care_mla"
-ARCHITECTURES = {("llama", False): "CareLlamaForCausalLM", ("qwen3", False): "CareQwen3ForCausalLM",
-                 ("qwen3", True): "CareQwen3MoeForCausalLM", ("llama", True): "CareMixtralForCausalLM"}
 # Qwen3-MoE config fields carried over unchanged (the sparse MLP is copied as it is)
 MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                    "decoder_sparse_step", "mlp_only_layers")
@@ -507,7 +505,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
     gen_ids = {k: getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return {
         "model_type": MODEL_TYPE,
-        "architectures": [ARCHITECTURES[source.arch, source.num_experts > 0]],
+        "architectures": [variant_architecture(source.arch == "qwen3", source.num_experts > 0)],
         "auto_map": dict(AUTO_MAP),
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,

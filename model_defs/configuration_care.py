@@ -30,6 +30,14 @@ AUTO_MAP = {"AutoConfig": "configuration_care.CareMLAConfig", "AutoModel": "mode
 GQA_KEYS = ("head_dim", "num_key_value_heads", "rope_parameters", "rope_scaling", "rope_theta")
 
 
+def variant_architecture(use_qk_norm: bool, sparse: bool) -> str:
+    """The class name of a care_mla model (config.json's `architectures`, what vLLM dispatches on): Qwen3's
+    front-end (q_norm/k_norm kept) or Llama's, with sparse (MoE) layers or without."""
+    if use_qk_norm:
+        return "CareQwen3MoeForCausalLM" if sparse else "CareQwen3ForCausalLM"
+    return "CareMixtralForCausalLM" if sparse else "CareLlamaForCausalLM"
+
+
 def default_inv_freq(d_r: int, theta: float = 10000.0) -> list[float]:
     """Plain RoPE frequencies over d_r dims; only used for default/random configs (converted ones
     always carry the exact source frequencies)."""
@@ -128,9 +136,7 @@ class CareMLAConfig(PretrainedConfig):
 
     def variant_architecture(self) -> str:
         """The class name a checkpoint of this config is served and saved under (vLLM dispatches on it)."""
-        if self.use_qk_norm:
-            return "CareQwen3MoeForCausalLM" if self.num_experts else "CareQwen3ForCausalLM"
-        return "CareMixtralForCausalLM" if self.num_experts else "CareLlamaForCausalLM"
+        return variant_architecture(bool(self.use_qk_norm), bool(self.num_experts))
 
     def validate_care(self) -> None:
         """Reject configs the model code cannot run correctly (fail at load, not deep in a matmul)."""

@@ -45,9 +45,10 @@ def varied_original(path: Path, arch: str, head_dim: int = 16, rope: dict | None
     return src
 
 
-def mixed_rank_conversion(root: Path, arch: str, calib_file: Path) -> tuple[Path, dict]:
+def mixed_rank_conversion(root: Path, arch: str, calib_file: Path) -> tuple[Path, Path, dict]:
     """`varied_original` under root/orig converted to root/mla with adjusted ranks at KV 0.75 (rope 8, the o_proj
-    refit on): a conversion whose layers really differ in width. Returns (folder, its config.json)."""
+    refit on): a conversion whose layers really differ in width. Returns (original, converted folder, its
+    config.json)."""
     import json
 
     from converter.pipeline import convert
@@ -58,7 +59,7 @@ def mixed_rank_conversion(root: Path, arch: str, calib_file: Path) -> tuple[Path
             calib_samples=16, calib_seqlen=64, seed=0)
     cfg = json.loads((out / "config.json").read_text())
     assert len({k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])}) > 1, "the test needs different ranks"
-    return out, cfg
+    return src, out, cfg
 
 
 def greedy(model, ids, n: int) -> list[int]:

@@ -36,8 +36,7 @@ RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 def served(request, tmp_path_factory, calib_file):
     arch = request.param
     root = tmp_path_factory.mktemp(f"lora_serve_{arch}")
-    out, _ = mixed_rank_conversion(root, arch, calib_file)
-    src = root / "orig"
+    src, out, _ = mixed_rank_conversion(root, arch, calib_file)
     adapter = make_adapter(src, root / "adapter", LINEAR, seed=1)
     proc = convert_lora(adapter, out, root / "adapter_mla")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -35,7 +35,7 @@ FP32 = 4
 def served(request, tmp_path_factory, calib_file):
     arch = request.param
     root = tmp_path_factory.mktemp(f"w8a8_serve_{arch}")
-    out, cfg = mixed_rank_conversion(root, arch, calib_file)
+    _, out, cfg = mixed_rank_conversion(root, arch, calib_file)
     quantized = write_w8a8(out, root / "w8a8")
     with VLLMServer(quantized, *serve_args(), log_path=root / "w8a8.log") as server:
         yield arch, out, quantized, cfg, server
