@@ -403,6 +403,10 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         if vllm_config.lora_config is not None:
             # an instance copy (set before the layers are built, which quantization configs read it during)
             self.packed_modules_mapping = {**type(self).packed_modules_mapping, "kv_b_proj": []}
+            if vllm_config.quant_config is not None:
+                from .lora_quantized import install as lora_on_released_weights
+
+                lora_on_released_weights()
         if bool(getattr(config, "use_qk_norm", False)) != self.expected_qk_norm:
             raise ValueError(f"{type(self).__name__} needs use_qk_norm={self.expected_qk_norm}, "
                              f"config has {getattr(config, 'use_qk_norm', None)}")

@@ -277,6 +277,12 @@ def convert_adapter(adapter: str | Path, checkpoint: str | Path, out: str | Path
         raise ConversionError(f"{checkpoint}: model_type {cfg.get('model_type')!r}, not a care_mla checkpoint")
     if cfg.get("num_experts"):
         raise ConversionError(f"{checkpoint}: a MoE checkpoint; LoRA adapters are carried over for dense models only")
+    quantized = cfg.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise ConversionError(f"{checkpoint}: a quantized checkpoint ({method}): its weights are not the converted "
+                              f"ones the adapter is solved against; pass the unquantized care-convert output it was "
+                              f"made from (the adapter written for it serves on the quantized copy too)")
     report_file = checkpoint / "care_report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
     if source is None:

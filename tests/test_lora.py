@@ -177,6 +177,14 @@ def test_refusals_write_nothing(lossy_case, tmp_path):
     save_file(weights, str(healed / "model.safetensors"), metadata={"format": "pt"})
     refused(adapter, "layer 1 k_proj -> kv_a_proj_with_mqa", "not a linear image", checkpoint=healed)
     refused(adapter, "not a care_mla checkpoint", checkpoint=src)
+    # a quantized copy of the conversion (as llm-compressor saves it, care_report.json copied along)
+    quantized = tmp_path / "w8a8"
+    shutil.copytree(out, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "int-quantized"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    refused(adapter, "a quantized checkpoint (compressed-tensors)", "pass the unquantized care-convert output",
+            checkpoint=quantized)
     target.mkdir()
     proc = convert_lora(adapter, out, target)
     assert proc.returncode == 2 and "already exists" in proc.stderr
