@@ -59,10 +59,15 @@ def quantize_tokens_int8(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
-def reference_w8a8(folder: Path):
+ROW_PARALLEL = ("o_proj", "down_proj")   # the linears vLLM splits by input columns under tensor parallelism
+
+
+def reference_w8a8(folder: Path, tensor_parallel: int = 1):
     """model_defs on a W8A8 checkpoint (fp32, codes decompressed by compressed-tensors), each quantized
     linear's input rounded by `quantize_tokens_int8` in place of compressed-tensors' own fake quantization
-    (which divides by 127.5 and clips the largest value: another convention than the kernel vLLM runs)."""
+    (which divides by 127.5 and clips the largest value: another convention than the kernel vLLM runs).
+    `tensor_parallel`: the TP size served. vLLM quantizes a row-parallel linear's input on each rank, so each
+    of its `tensor_parallel` column shards gets its own per-token scale."""
     import model_defs  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,13 +75,16 @@ def reference_w8a8(folder: Path):
     with torch.no_grad():
         model(torch.tensor([[0, 1]]))   # compressed-tensors decompresses the weights on the first forward
     hooked = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is None or scheme.input_activations is None:
             continue
         assert module.weight.dtype == torch.float32, "expected decompressed weights"
         module.quantization_enabled = False
-        module.register_forward_pre_hook(lambda _m, args: (quantize_tokens_int8(args[0]), *args[1:]))
+        shards = tensor_parallel if name.endswith(ROW_PARALLEL) else 1
+        module.register_forward_pre_hook(
+            lambda _m, args, shards=shards: (torch.cat([quantize_tokens_int8(x) for x in args[0].chunk(shards, -1)],
+                                                       -1), *args[1:]))
         hooked += 1
     assert hooked, f"{folder}: no quantized linear found"
     return model, AutoTokenizer.from_pretrained(folder)
