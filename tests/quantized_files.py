@@ -90,13 +90,6 @@ def reference_w8a8(folder: Path, tensor_parallel: int = 1):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def random_prompts(vocab_size: int, n: int = 16, seed: int = 0) -> list[list[int]]:
-    """n prompts of 8-39 random token ids (>= 100: clear of the special tokens)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(100, vocab_size, (int(k),), generator=g).tolist()
-            for k in torch.randint(8, 40, (n,), generator=g)]
-
-
 def served_vs_reference(server, reference, prompts: list[list[int]], n_new: int,
                         name: str | None = None) -> dict[str, torch.Tensor]:
     """Greedy continuations from vLLM (batched decode), then the prompt logprobs vLLM gives for each full

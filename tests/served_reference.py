@@ -62,6 +62,13 @@ def mixed_rank_conversion(root: Path, arch: str, calib_file: Path) -> tuple[Path
     return src, out, cfg
 
 
+def random_prompts(vocab_size: int, n: int = 16, seed: int = 0, lengths: tuple[int, int] = (8, 40)) -> list[list[int]]:
+    """n prompts of random token ids (>= 100: clear of the special tokens), lengths drawn from range(*lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, vocab_size, (int(k),), generator=g).tolist()
+            for k in torch.randint(*lengths, (n,), generator=g)]
+
+
 def greedy(model, ids, n: int) -> list[int]:
     """n greedy tokens by full recomputation (no cache): the reference for vLLM's paged decode."""
     ids = list(ids)

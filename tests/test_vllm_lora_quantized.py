@@ -24,9 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.quantized_files import (assert_within_rounding_flips, random_prompts, reference_w8a8,
-                                   served_vs_reference, write_w8a8)
-from tests.served_reference import mixed_rank_conversion, serve_args
+from tests.quantized_files import assert_within_rounding_flips, reference_w8a8, served_vs_reference, write_w8a8
+from tests.served_reference import mixed_rank_conversion, random_prompts, serve_args
 from tests.test_lora import LINEAR, convert_lora, make_adapter
 from tests.vllm_server import VLLMServer
 

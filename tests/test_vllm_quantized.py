@@ -16,9 +16,9 @@ import json
 import pytest
 import torch
 
-from tests.quantized_files import (assert_within_rounding_flips, quantize_tokens_int8, random_prompts,
-                                   reference_w8a8, served_vs_reference, write_w8a8)
-from tests.served_reference import KV_BYTES, mixed_rank_conversion, reference_model, serve_args
+from tests.quantized_files import (assert_within_rounding_flips, quantize_tokens_int8, reference_w8a8,
+                                   served_vs_reference, write_w8a8)
+from tests.served_reference import KV_BYTES, mixed_rank_conversion, random_prompts, reference_model, serve_args
 from tests.vllm_server import ServerError, VLLMServer
 
 pytest.importorskip("vllm")
