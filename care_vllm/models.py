@@ -396,6 +396,7 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
     embedding_modules: dict[str, str] = {}
     expected_qk_norm: bool = False
     quant_config = None   # vLLM's QuantizationConfig of the checkpoint, set in __init__ (None: unquantized)
+    weights_loaded = False   # set by the first (complete) load_weights; later loads are in-place updates
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -445,7 +446,11 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         `qweight`, ...) and shapes: for the projections vLLM built quantized, those are accepted when vLLM
         has a parameter of that name, and vLLM's own weight loaders check their shapes; a quantized
         projection counts as present when any of its tensors is. Everything else (norms, embeddings,
-        projections the quantization left out) is checked exactly as for an unquantized checkpoint."""
+        projections the quantization left out) is checked exactly as for an unquantized checkpoint.
+
+        Only the first load must be complete. Later calls are vLLM's in-place weight updates (`reload_weights`,
+        the RL weight-sync API's `update_weights` chunks between start/finish_weight_update): each brings any
+        subset of the checkpoint's tensors, checked by name and shape as above."""
         expected = expected_checkpoint_shapes(self.config)
         params = dict(self.named_parameters())
         seen: set[str] = set()
@@ -490,9 +495,10 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
             loaded.add(pname)
         missing = sorted(n for n in set(expected) - seen if not is_pp_missing_parameter(n, self)
                          and n.rsplit(".", 1)[0] not in quantized_seen)
-        if missing:
+        if missing and not self.weights_loaded:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CareWeightError(f"care_mla checkpoint: missing tensor(s) {missing[:5]}{more}")
+        self.weights_loaded = True
         return loaded
 
     @staticmethod

