@@ -67,6 +67,22 @@ def convert_lora(*args):
     return run_main(main, "care-convert-lora", *args)
 
 
+def adapted_conversion(root, arch: str, calib_file) -> tuple:
+    """The serving tests' LoRA case: tests/served_reference.mixed_rank_conversion under root, a random adapter of
+    its original on every linear (seed 1), rewritten by care-convert-lora to root/adapter_mla. Returns (converted
+    folder, its config.json, the `vllm serve` flags that serve the adapter as "care-ad")."""
+    from tests.served_reference import mixed_rank_conversion
+
+    src, out, cfg = mixed_rank_conversion(root, arch, calib_file)
+    adapter = make_adapter(src, root / "adapter", LINEAR, seed=1)
+    proc = convert_lora(adapter, out, root / "adapter_mla")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank = json.loads(proc.stdout)["vllm_max_lora_rank"]
+    flags = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", str(rank),
+             "--lora-modules", f"care-ad={root / 'adapter_mla'}"]
+    return out, cfg, flags
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def exact_case(request, tmp_path_factory, calib_file):
     from converter.pipeline import convert

