@@ -395,7 +395,7 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
     embedding_modules: dict[str, str] = {}
     expected_qk_norm: bool = False
     quant_config = None   # vLLM's QuantizationConfig of the checkpoint, set in __init__ (None: unquantized)
-    weights_loaded = False   # set by the first (complete) load_weights; later loads are in-place updates
+    weights_loaded = False   # set by the first (complete) load_weights (or a dummy start); later loads update
     lm_head_stale = False    # CPU, tied embeddings: a reload brought a new embedding (see repack_tied_lm_head)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
@@ -418,6 +418,9 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
             raise ValueError("care_mla: q_lora_rank must be null")
         self.config = config
         self.quant_config = vllm_config.quant_config
+        # random weights already in place (RL frameworks start so, then sync the trainer's weights in chunks):
+        # the first load_weights is then an update
+        self.weights_loaded = vllm_config.load_config.load_format == "dummy"
         self.model = CareModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,

