@@ -9,18 +9,12 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from converter.load import load_source
 from converter.pipeline import convert
 from tests.gguf_files import write_gguf
-from tests.tiny_models import make_tiny_original
-
-
-def _tensors(folder):
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+from tests.tiny_models import checkpoint_tensors, make_tiny_original
 
 
 @pytest.mark.parametrize("caching", ["on", "off"])
@@ -47,7 +41,7 @@ def test_qwen3_moe_gguf_loads_and_converts_as_its_folder(tmp_path, monkeypatch, 
     kw = dict(calib_files=[calib_file], kv_ratio=0.5, calib_samples=4, calib_seqlen=64)
     convert(gguf, tmp_path / "from-gguf", **kw)
     convert(folder, tmp_path / "from-folder", **kw)
-    a, b = _tensors(tmp_path / "from-gguf"), _tensors(tmp_path / "from-folder")
+    a, b = checkpoint_tensors(tmp_path / "from-gguf"), checkpoint_tensors(tmp_path / "from-folder")
     assert a.keys() == b.keys() and any(".mlp.experts." in k for k in a)
     for k, v in b.items():
         assert torch.equal(a[k], v), k

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from converter import calib_data, load
 from converter.pipeline import convert, convert_source, Options
-from tests.tiny_models import make_tiny_original
+from tests.tiny_models import checkpoint_tensors, make_tiny_original
 
 
 def _source(root, form: str, dtype: torch.dtype):
@@ -83,7 +83,7 @@ def test_conversion_with_streamed_experts_equals_converting_the_whole_model(tmp_
 
     assert streamed["cache_values_per_token"] == reference["cache_values_per_token"]
     assert streamed["layers"] == reference["layers"]
-    got, want = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "whole")
+    got, want = checkpoint_tensors(tmp_path / "streamed"), checkpoint_tensors(tmp_path / "whole")
     assert sorted(got) == sorted(want)
     assert any(".mlp.experts.gate_up_proj" in k for k in got)
     for k in want:
@@ -92,12 +92,6 @@ def test_conversion_with_streamed_experts_equals_converting_the_whole_model(tmp_
     assert cfg["num_experts"] == 4 and cfg["dtype"] == "bfloat16"
 
 
-def _tensors(folder):
-    out = {}
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def test_calibration_reads_experts_in_the_working_dtype_without_a_second_copy(tmp_path):

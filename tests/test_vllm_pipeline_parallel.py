@@ -14,14 +14,13 @@ capacity vLLM reports.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
 from tests.served_reference import (KV_BYTES, PROMPTS, compare_concurrent, mixed_rank_conversion, reference_model,
                                     serve_args)
 from tests.test_vllm_tensor_parallel import _bind_one_core_per_rank
-from tests.vllm_server import VLLMServer
+from tests.vllm_server import VLLMServer, worker_kv_shapes
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -29,8 +28,6 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 FP32 = 4
-STAGE_KV_LINE = re.compile(r"\(Worker_PP(\d) pid=\d+\).*care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: "
-                           r"shape \(([\d, ]+)\)")
 
 
 # (Qwen3-MoE: its attention, q/k norms, experts and tied LM head on the last stage; Llama's attention layers under
@@ -48,9 +45,7 @@ def test_pp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
         log = server.log_text()
         capacity = server.kv_cache_tokens()
 
-    bound: dict[int, dict[int, tuple[int, ...]]] = {}
-    for m in STAGE_KV_LINE.finditer(log):
-        bound.setdefault(int(m.group(1)), {})[int(m.group(2))] = tuple(int(x) for x in m.group(3).split(","))
+    bound = worker_kv_shapes(log, "PP")
     half = len(widths) // 2
     assert {stage: sorted(layers) for stage, layers in bound.items()} == \
         {0: list(range(half)), 1: list(range(half, len(widths)))}, bound

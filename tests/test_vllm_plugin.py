@@ -484,12 +484,10 @@ def _bare_model(cfg):
 
 
 def test_load_weights_maps_every_tensor_and_names_bad_ones(tmp_path):
-    from safetensors.torch import load_file
-
     from care_vllm.config import register_config
     from care_vllm.models import CareWeightError
     from converter.pipeline import convert
-    from tests.tiny_models import make_tiny_original
+    from tests.tiny_models import checkpoint_tensors, make_tiny_original
     from transformers import AutoConfig
 
     register_config()
@@ -499,9 +497,7 @@ def test_load_weights_maps_every_tensor_and_names_bad_ones(tmp_path):
     out = tmp_path / "m"
     convert(src, out, calib_files=[calib], kv_ratio=0.75, rope_dim=8, calib_samples=4, calib_seqlen=32)
     cfg = AutoConfig.from_pretrained(out)
-    tensors = {}
-    for f in out.glob("*.safetensors"):
-        tensors.update(load_file(str(f)))
+    tensors = checkpoint_tensors(out)
 
     m, params = _bare_model(cfg)
     loaded = m.load_weights(iter(tensors.items()))

@@ -8,7 +8,8 @@ WeightMaps, not nn.Linear: the recipe leaves them in float, and a checkpoint tha
 refused by name. Checked through the `openai` client against model_defs on the decompressed codes with
 vLLM's per-token activation rounding (tests/quantized_files.py), on 16 concurrent prompts with 24 greedy tokens
 each, decode and prefill logprobs per position (fp32): most positions agree to 1e-3 and the rest by rounding
-flips only (test_served_w8a8_matches_model_defs_on_its_codes says why and how much). The latent cache keeps the unquantized checkpoint's per-layer widths and capacity.
+flips only (test_served_w8a8_matches_model_defs_on_its_codes says why and how much). The latent cache keeps the
+unquantized checkpoint's per-layer widths and capacity.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from tests.quantized_files import (assert_within_rounding_flips, quantize_tokens_int8, reference_w8a8,
                                    served_vs_reference, write_w8a8)
 from tests.served_reference import KV_BYTES, mixed_rank_conversion, random_prompts, reference_model, serve_args
+from tests.tiny_models import checkpoint_tensors
 from tests.vllm_server import ServerError, VLLMServer
 
 pytest.importorskip("vllm")
@@ -51,12 +53,8 @@ def test_reference_rounds_activations_as_vllm_does():
 
 
 def test_every_projection_is_stored_quantized(served):
-    from safetensors.torch import load_file
-
     arch, out, quantized, cfg, _ = served
-    tensors = {}
-    for f in quantized.glob("*.safetensors"):
-        tensors.update(load_file(str(f)))
+    tensors = checkpoint_tensors(quantized)
     unquantized = ("kv_b_proj", "q_rope_proj")
     projections = [n for n in tensors if n.endswith(("_proj.weight", "_mqa.weight"))
                    and not n.endswith(tuple(f".{u}.weight" for u in unquantized))]
@@ -93,9 +91,10 @@ def test_served_w8a8_matches_model_defs_on_its_codes(served):
 @pytest.mark.parametrize("served", ["llama"], indirect=True)   # (one architecture: ~75 s a TP server on 2 cores)
 def test_tp2_w8a8_matches_model_defs_with_per_rank_rounding(served, tmp_path):
     """`--tensor-parallel-size 2`: vLLM's loaders shard the int8 codes and their per-channel scales as the plugin's
-    layers shard the weights (tests/test_vllm_tensor_parallel.py), and each rank quantizes its own shard of a row-parallel linear's input (o_proj, down_proj), with its own per-token scale.
-    The reference rounds the same way (`reference_w8a8(..., tensor_parallel=2)`); measured with the one-process
-    rounding instead, 99 % of the Llama case's positions differed by more than 1e-3, up to 0.54."""
+    layers shard the weights (tests/test_vllm_tensor_parallel.py), and each rank quantizes its own shard of a
+    row-parallel linear's input (o_proj, down_proj), with its own per-token scale. The reference rounds the same
+    way (`reference_w8a8(..., tensor_parallel=2)`); measured with the one-process rounding instead, 99 % of the
+    Llama case's positions differed by more than 1e-3, up to 0.54."""
     from tests.test_vllm_tensor_parallel import _bind_one_core_per_rank
 
     arch, out, quantized, cfg, _ = served

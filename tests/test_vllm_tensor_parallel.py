@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 
 from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args, varied_original
-from tests.vllm_server import VLLMServer
+from tests.vllm_server import VLLMServer, worker_kv_shapes
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow
 
-WORKER_KV_LINE = re.compile(r"\(Worker_TP(\d) pid=\d+\).*care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: "
-                            r"shape \(([\d, ]+)\)")
 
 
 def _bind_one_core_per_rank() -> dict[str, str]:
@@ -59,12 +56,10 @@ def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
         diff = compare_concurrent(client, model, prompt_ids, 24)
         log = server.log_text()
 
-    bound = {}
-    for m in WORKER_KV_LINE.finditer(log):
-        bound.setdefault(int(m.group(1)), {})[int(m.group(2))] = int(m.group(3).split(",")[-1])
+    bound = worker_kv_shapes(log, "TP")
     assert sorted(bound) == [0, 1], "both TP workers must report their KV tensors"
     for rank, layers in bound.items():
-        assert [layers[l] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
+        assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
     print(f"[{arch}] TP=2: greedy identical on {len(prompt_ids)} concurrent prompts; max |logprob diff| "
           f"prompt {diff['prompt']:.2e}, generated {diff['generated']:.2e}; per-rank widths {widths}")
     assert diff["prompt"] < 1e-3 and diff["generated"] < 1e-3, diff

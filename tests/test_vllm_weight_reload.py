@@ -32,11 +32,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from care_vllm.loadtest.server import fetch, reset_prefix_cache
 from tests.served_reference import (compare_concurrent, greedy, mixed_rank_conversion, random_prompts,
                                     reference_model, serve_args)
+from tests.tiny_models import checkpoint_tensors
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -56,19 +57,12 @@ def _write(base: Path, dest: Path, tensors: dict[str, torch.Tensor], config: dic
     return dest
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in folder.glob("*.safetensors"):
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def served(request, tmp_path_factory, calib_file):
     arch = request.param
     root = tmp_path_factory.mktemp(f"reload_{arch}")
     _, base, cfg = mixed_rank_conversion(root, arch, calib_file)
-    weights = _weights(base)
+    weights = checkpoint_tensors(base)
     assert cfg["tie_word_embeddings"] and "lm_head.weight" not in weights
     if arch == "qwen3":
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()

@@ -29,6 +29,16 @@ LLAMA3_ROPE = {
 QWEN3_YARN = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 256}
 
 
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors files (sharded or not), by name."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
 def require_shared(path: Path) -> Path:
     """Skip (with the missing path named) where ../shared is absent; CI always has it."""
     if not path.exists():

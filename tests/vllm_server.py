@@ -11,11 +11,12 @@ file (default: beside the model folder). `kv_cache_tokens()` is the capacity vLL
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from care_vllm.loadtest.server import ServerError, VllmServer, free_port
 
-__all__ = ["ROOT", "ServerError", "VLLMServer", "free_port"]
+__all__ = ["ROOT", "ServerError", "VLLMServer", "free_port", "worker_kv_shapes"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +33,14 @@ class VLLMServer(VllmServer):
     def kv_cache_tokens(self) -> int:
         """The token capacity vLLM reports when it allocates the KV cache ("KV cache size: N tokens")."""
         return self.kv_cache_tokens_from_log()
+
+
+def worker_kv_shapes(log: str, kind: str) -> dict[int, dict[int, tuple[int, ...]]]:
+    """{rank: {layer: KV tensor shape}} from the line care_vllm logs as each layer's cache is bound, in the
+    workers of a `--tensor-parallel-size` (kind "TP") or `--pipeline-parallel-size` (kind "PP") server."""
+    line = re.compile(rf"\(Worker_{kind}(\d) pid=\d+\).*care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: "
+                      r"shape \(([\d, ]+)\)")
+    shapes: dict[int, dict[int, tuple[int, ...]]] = {}
+    for m in line.finditer(log):
+        shapes.setdefault(int(m.group(1)), {})[int(m.group(2))] = tuple(int(x) for x in m.group(3).split(","))
+    return shapes
