@@ -98,7 +98,10 @@ def served_vs_reference(server, reference, prompts: list[list[int]], n_new: int,
     model or LoRA adapter to ask (default: the first one /v1/models lists)."""
     import openai
 
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
+    # (retries: a pooled keep-alive connection the server closes as it is reused fails with "Server disconnected
+    # without sending a response" before the request is read; seen once under TP, whose slower steps leave
+    # connections idle past uvicorn's keep-alive timeout. Greedy requests are safe to send again.)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=2)
     name = name or client.models.list().data[0].id
 
     def generate(ids):
