@@ -1,6 +1,6 @@
 """End to end: `vllm serve OUT --enable-lora` with an adapter that care-convert-lora rewrote from a PEFT adapter of
 the tiny original (every attention and MLP projection targeted), on Llama and Qwen3 conversions with different
-ranks per layer and the o_proj refit.
+ranks per layer and the o_proj refit, the Qwen3 one served with `--tensor-parallel-size 2`.
 
 Checked through the `openai` client, with requests for the adapter and for the base model in flight together
 (one batch mixes them): greedy tokens identical to model_defs with the converted adapter applied by PEFT (and
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args
 from tests.test_lora import adapted_conversion
-from tests.vllm_server import VLLMServer
+from tests.vllm_server import VLLMServer, one_core_per_rank, worker_kv_shapes
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -32,19 +32,25 @@ N_NEW = 24
 RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+# Qwen3 under --tensor-parallel-size 2: vLLM shards the LoRA layers with their base layers (column-parallel A and B
+# for q_proj, the latents and the MLP's gate/up; row-parallel A for o_proj and down_proj). Llama in one process.
+@pytest.fixture(scope="module", params=[("llama", 1), ("qwen3", 2)], ids=["llama", "qwen3-tp2"])
 def served(request, tmp_path_factory, calib_file):
-    arch = request.param
+    arch, tp = request.param
     root = tmp_path_factory.mktemp(f"lora_serve_{arch}")
     out, _, lora_flags = adapted_conversion(root, arch, calib_file)
     # (LoRA turns vLLM's CPU compilation off: eager either way)
-    server = VLLMServer(out, *serve_args(*lora_flags), log_path=root / "care.log", env=RUNTIME_LORA_ENV)
+    server = VLLMServer(out, *serve_args(*lora_flags, "--tensor-parallel-size", str(tp)), log_path=root / "care.log",
+                        env={**RUNTIME_LORA_ENV, **(one_core_per_rank() if tp > 1 else {})})
     with server:
+        if tp > 1:
+            assert sorted(worker_kv_shapes(server.log_text(), "TP")) == [0, 1], "not served by two ranks"
         yield arch, root, out, server
 
 
 def _client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
+    # (retries: a pooled keep-alive connection that the server closed just as the client reused it, seen under TP)
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=2)
 
 
 def test_adapter_and_base_requests_together_match_model_defs(served):

@@ -19,8 +19,7 @@ import pytest
 
 from tests.served_reference import (KV_BYTES, PROMPTS, compare_concurrent, mixed_rank_conversion, reference_model,
                                     serve_args)
-from tests.test_vllm_tensor_parallel import _bind_one_core_per_rank
-from tests.vllm_server import VLLMServer, worker_kv_shapes
+from tests.vllm_server import VLLMServer, one_core_per_rank, worker_kv_shapes
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -39,7 +38,7 @@ def test_pp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
     model, tok = reference_model(out)
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
     with VLLMServer(out, *serve_args("--pipeline-parallel-size", "2"), log_path=tmp_path / "pp2.log",
-                    env=_bind_one_core_per_rank()) as server:
+                    env=one_core_per_rank()) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
         diff = compare_concurrent(client, model, prompt_ids, 24)
         log = server.log_text()

@@ -21,7 +21,7 @@ from tests.quantized_files import (assert_within_rounding_flips, quantize_tokens
                                    served_vs_reference, write_w8a8)
 from tests.served_reference import KV_BYTES, mixed_rank_conversion, random_prompts, reference_model, serve_args
 from tests.tiny_models import checkpoint_tensors
-from tests.vllm_server import ServerError, VLLMServer
+from tests.vllm_server import ServerError, VLLMServer, one_core_per_rank
 
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
@@ -95,12 +95,11 @@ def test_tp2_w8a8_matches_model_defs_with_per_rank_rounding(served, tmp_path):
     row-parallel linear's input (o_proj, down_proj), with its own per-token scale. The reference rounds the same
     way (`reference_w8a8(..., tensor_parallel=2)`); measured with the one-process rounding instead, 99 % of the
     Llama case's positions differed by more than 1e-3, up to 0.54."""
-    from tests.test_vllm_tensor_parallel import _bind_one_core_per_rank
 
     arch, out, quantized, cfg, _ = served
     reference, _ = reference_w8a8(quantized, tensor_parallel=2)
     with VLLMServer(quantized, *serve_args("--enforce-eager", "--tensor-parallel-size", "2"),
-                    log_path=tmp_path / "tp2.log", env=_bind_one_core_per_rank()) as server:
+                    log_path=tmp_path / "tp2.log", env=one_core_per_rank()) as server:
         assert_within_rounding_flips(served_vs_reference(server, reference, random_prompts(cfg["vocab_size"]), N_NEW))
 
 

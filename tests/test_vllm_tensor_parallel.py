@@ -12,26 +12,16 @@ workers bind KV tensors of exactly the per-layer widths of the checkpoint.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args, varied_original
-from tests.vllm_server import VLLMServer, worker_kv_shapes
+from tests.vllm_server import VLLMServer, one_core_per_rank, worker_kv_shapes
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow
-
-
-
-def _bind_one_core_per_rank() -> dict[str, str]:
-    """vLLM's CPU workers pin their OpenMP threads; by default it also reserves a core for the
-    front end, which leaves nothing for a second rank on a 2-core machine: one core per rank."""
-    cpus = sorted(os.sched_getaffinity(0))
-    first, second = cpus[0], cpus[1 % len(cpus)]
-    return {"VLLM_CPU_OMP_THREADS_BIND": f"{first}|{second}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 # (MoE under TP: the Mixtral conversion, served by CareMixtralForCausalLM with vLLM's Qwen3-MoE block, the same block
@@ -51,7 +41,7 @@ def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
     model, tok = reference_model(out)
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
     with VLLMServer(out, *serve_args("--enforce-eager", "--tensor-parallel-size", "2"),
-                    log_path=tmp_path / "tp2.log", env=_bind_one_core_per_rank()) as server:
+                    log_path=tmp_path / "tp2.log", env=one_core_per_rank()) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
         diff = compare_concurrent(client, model, prompt_ids, 24)
         log = server.log_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from care_vllm.loadtest.server import ServerError, VllmServer, free_port
 
-__all__ = ["ROOT", "ServerError", "VLLMServer", "free_port", "worker_kv_shapes"]
+__all__ = ["ROOT", "ServerError", "VLLMServer", "free_port", "one_core_per_rank", "worker_kv_shapes"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +44,12 @@ def worker_kv_shapes(log: str, kind: str) -> dict[int, dict[int, tuple[int, ...]
     for m in line.finditer(log):
         shapes.setdefault(int(m.group(1)), {})[int(m.group(2))] = tuple(int(x) for x in m.group(3).split(","))
     return shapes
+
+
+def one_core_per_rank() -> dict[str, str]:
+    """The environment of a two-rank (`--tensor-parallel-size 2` / `--pipeline-parallel-size 2`) CPU server: vLLM's
+    CPU workers pin their OpenMP threads and by default also reserve a core for the front end, which leaves nothing
+    for a second rank on a 2-core machine: one core per rank."""
+    cpus = sorted(os.sched_getaffinity(0))
+    first, second = cpus[0], cpus[1 % len(cpus)]
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"{first}|{second}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
