@@ -5,8 +5,9 @@ process group, SIGTERM then SIGKILL, on `stop()` / context exit / interpreter ex
 `VLLMServer(model, *extra_args)` picks a free port on 127.0.0.1, starts the venv's `vllm serve` (the
 care_vllm plugin loaded through its `vllm.general_plugins` entry point) from the repo root with the
 repo first on PYTHONPATH (whatever the editable install recorded, the tests serve this checkout),
-offline and without usage stats, waits for /health with a bounded timeout, and keeps the log in a
-file (default: beside the model folder). `kv_cache_tokens()` is the capacity vLLM logs.
+offline, without usage stats and with long HTTP keep-alive, waits for /health with a bounded timeout,
+and keeps the log in a file (default: beside the model folder). `kv_cache_tokens()` is the capacity
+vLLM logs.
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ class VLLMServer(VllmServer):
                  env: dict[str, str] | None = None):
         super().__init__(model, log_path, args, startup_timeout=400.0, cwd=ROOT, stop_grace=20.0,
                          env={"TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                              # idle keep-alive connections outlive the clients' own 5 s expiry: uvicorn's default
+                              # (also 5 s) could close one just as a client reused it ("Server disconnected
+                              # without sending a response", seen under TP's slower steps)
+                              "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "120",
                               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                                             if p),
                               **(env or {})})
