@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from tests.served_reference import log_probs
+
 CODE_MAX = 63   # largest weight code written (see the module docstring)
 
 
@@ -118,8 +120,7 @@ def served_vs_reference(server, reference, prompts: list[list[int]], n_new: int,
         prefilled = list(ex.map(prefill, seqs))
     out = {"decode": [], "prefill": [], "gap": []}
     for p, g, seq, pf in zip(prompts, generated, seqs, prefilled):
-        with torch.no_grad():
-            ref = torch.log_softmax(reference(torch.tensor([seq])).logits[0].double(), -1)
+        ref = log_probs(reference, seq)
         plp = pf.choices[0].model_extra["prompt_logprobs"]
         out["prefill"] += [abs(plp[i][str(seq[i])]["logprob"] - ref[i - 1, seq[i]].item()) for i in range(1, len(seq))]
         for j, lp in enumerate(g.choices[0].logprobs.token_logprobs):

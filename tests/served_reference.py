@@ -88,6 +88,19 @@ def reference_model(out: Path):
     return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
 
 
+def log_probs(model, ids: list[int]) -> torch.Tensor:
+    """model_defs' next-token log-probabilities at every position of `ids` ([len, vocab], fp64)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def generated_logprob_error(full: torch.Tensor, prompt_len: int, tokens: list[int], logprobs: list[float]) -> float:
+    """The largest |logprob| difference between what vLLM reported for its generated `tokens` and `full`
+    (`log_probs` over the prompt followed by those tokens)."""
+    return max((abs(lp - full[prompt_len - 1 + j, t].item()) for j, (t, lp) in enumerate(zip(tokens, logprobs))),
+               default=0.0)
+
+
 def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int,
                        prompt_logprobs: bool = True, name: str | None = None) -> dict:
     """Send all prompts at once (greedy, ignore_eos, generated-token logprobs, and prompt logprobs
@@ -116,10 +129,8 @@ def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int,
         assert got == want, f"prompt {ids}: vLLM {got} != model_defs {want}"
         distinct.update(got)
 
-        with torch.no_grad():
-            full = torch.log_softmax(model(torch.tensor([ids + got])).logits[0].double(), -1)
-        for j, lp in enumerate(choice.logprobs.token_logprobs):
-            worst_decode = max(worst_decode, abs(lp - full[len(ids) - 1 + j, got[j]].item()))
+        full = log_probs(model, ids + got)
+        worst_decode = max(worst_decode, generated_logprob_error(full, len(ids), got, choice.logprobs.token_logprobs))
 
         if not prompt_logprobs:
             continue

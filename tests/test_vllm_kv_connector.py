@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.served_reference import compare_concurrent, mixed_rank_conversion, random_prompts, reference_model, \
-    serve_args
+from tests.served_reference import (compare_concurrent, generated_logprob_error, log_probs, mixed_rank_conversion,
+                                     random_prompts, reference_model, serve_args)
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -61,10 +61,7 @@ def served_logprob_error(client, model, ids: list[int]) -> float:
     r = client.completions.create(model=client.models.list().data[0].id, prompt=ids, max_tokens=N_NEW,
                                   temperature=0, logprobs=0, extra_body={"ignore_eos": True, "return_token_ids": True})
     got = list(r.choices[0].token_ids)
-    with torch.no_grad():
-        full = torch.log_softmax(model(torch.tensor([ids + got])).logits[0].double(), -1)
-    return max(abs(lp - full[len(ids) - 1 + j, t].item())
-               for j, (t, lp) in enumerate(zip(got, r.choices[0].logprobs.token_logprobs)))
+    return generated_logprob_error(log_probs(model, ids + got), len(ids), got, r.choices[0].logprobs.token_logprobs)
 
 
 @pytest.mark.parametrize("arch", ["llama"])      # Qwen3 (latents of the normed keys) checked the same way by hand

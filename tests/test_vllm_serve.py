@@ -29,8 +29,8 @@ import re
 import pytest
 
 from care_vllm.loadtest.server import prefix_cache_counters
-from tests.served_reference import (KV_BYTES, MAX_LEN, PROMPTS, compare_concurrent, reference_model, serve_args,
-                                     varied_original)
+from tests.served_reference import (KV_BYTES, MAX_LEN, PROMPTS, compare_concurrent, generated_logprob_error, log_probs,
+                                     reference_model, serve_args, varied_original)
 from tests.tiny_models import QWEN3_YARN
 from tests.vllm_server import VLLMServer
 
@@ -181,8 +181,6 @@ def test_parallel_sampling_logprobs_match_model_defs(served, reference):
     over the same prompt, the later ones reading its blocks from the prefix cache. Each sampled token's logprob
     (vLLM's raw logprobs; at temperature 1 with no top-k/p the sampling distribution) must be model_defs' on that
     sample's own tokens, and the samples must differ (else one cache row mix-up could pass unseen)."""
-    import torch
-
     model, tok = reference
     ids = tok(PROMPTS[1])["input_ids"]
     client = _client(served[3])
@@ -192,12 +190,8 @@ def test_parallel_sampling_logprobs_match_model_defs(served, reference):
                                   logprobs=0, extra_body={"ignore_eos": True, "return_token_ids": True})
     samples = [list(c.token_ids) for c in r.choices]
     assert len(samples) == 4 and len({tuple(s) for s in samples}) == 4, samples
-    worst = 0.0
-    with torch.no_grad():
-        for choice, got in zip(r.choices, samples):
-            full = torch.log_softmax(model(torch.tensor([ids + got])).logits[0].double(), -1)
-            for j, lp in enumerate(choice.logprobs.token_logprobs):
-                worst = max(worst, abs(lp - full[len(ids) - 1 + j, got[j]].item()))
+    worst = max(generated_logprob_error(log_probs(model, ids + got), len(ids), got, c.logprobs.token_logprobs)
+                for c, got in zip(r.choices, samples))
     print(f"[{served[0]}] 4 samples of 16 tokens: max |logprob diff| {worst:.2e}")
     assert worst < 1e-3, worst
 
