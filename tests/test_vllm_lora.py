@@ -32,8 +32,9 @@ N_NEW = 24
 RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
-# Qwen3 under --tensor-parallel-size 2: vLLM shards the LoRA layers with their base layers (column-parallel A and B
-# for q_proj, the latents and the MLP's gate/up; row-parallel A for o_proj and down_proj). Llama in one process.
+# Qwen3 under --tensor-parallel-size 2: vLLM shards the adapters with their base layers (B by output rows on the
+# column-parallel q_proj and gate/up, A by input columns on the row-parallel o_proj and down_proj; the replicated
+# k_proj and latent projections keep theirs whole). Llama in one process.
 @pytest.fixture(scope="module", params=[("llama", 1), ("qwen3", 2)], ids=["llama", "qwen3-tp2"])
 def served(request, tmp_path_factory, calib_file):
     arch, tp = request.param
@@ -49,7 +50,7 @@ def served(request, tmp_path_factory, calib_file):
 
 
 def _client(server):
-    # (retries: a pooled keep-alive connection that the server closed just as the client reused it, seen under TP)
+    # (retries, as the openai client's default: greedy requests are safe to repeat)
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=2)
 
 
