@@ -408,6 +408,10 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
                 from .lora_quantized import install as lora_on_released_weights
 
                 lora_on_released_weights()
+        if current_platform.is_cpu():
+            from .cpu_seeded_sampling import install as seeded_sampling_over_prefill_chunks
+
+            seeded_sampling_over_prefill_chunks()
         if bool(getattr(config, "use_qk_norm", False)) != self.expected_qk_norm:
             raise ValueError(f"{type(self).__name__} needs use_qk_norm={self.expected_qk_norm}, "
                              f"config has {getattr(config, 'use_qk_norm', None)}")

