@@ -101,6 +101,15 @@ def generated_logprob_error(full: torch.Tensor, prompt_len: int, tokens: list[in
                default=0.0)
 
 
+def one_completion(client, model, ids: list[int], n_new: int, **sampling) -> tuple[list[int], float]:
+    """One request for `ids` (n_new tokens, ignore_eos, with their logprobs; `sampling`: temperature, seed, ...) to
+    the first model /v1/models lists: its tokens, and their `generated_logprob_error` against model_defs on them."""
+    r = client.completions.create(model=client.models.list().data[0].id, prompt=ids, max_tokens=n_new, logprobs=0,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True}, **sampling)
+    got, logprobs = list(r.choices[0].token_ids), r.choices[0].logprobs.token_logprobs
+    return got, generated_logprob_error(log_probs(model, ids + got), len(ids), got, logprobs)
+
+
 def compare_concurrent(client, model, prompt_ids: list[list[int]], n_new: int,
                        prompt_logprobs: bool = True, name: str | None = None) -> dict:
     """Send all prompts at once (greedy, ignore_eos, generated-token logprobs, and prompt logprobs

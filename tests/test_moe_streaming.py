@@ -92,8 +92,6 @@ def test_conversion_with_streamed_experts_equals_converting_the_whole_model(tmp_
     assert cfg["num_experts"] == 4 and cfg["dtype"] == "bfloat16"
 
 
-
-
 def test_calibration_reads_experts_in_the_working_dtype_without_a_second_copy(tmp_path):
     """A bf16 source calibrated in fp32: the layer's experts are read in fp32 and the working copy shares
     them (no bf16 read plus fp32 copy); the statistics equal calibrating transformers' whole model."""

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.served_reference import (compare_concurrent, generated_logprob_error, log_probs, mixed_rank_conversion,
-                                     random_prompts, reference_model, serve_args)
+from tests.served_reference import (compare_concurrent, mixed_rank_conversion, one_completion, random_prompts,
+                                     reference_model, serve_args)
 from tests.vllm_server import VLLMServer
 
 pytest.importorskip("vllm")
@@ -53,15 +53,6 @@ def model_defs_latents(model, ids: list[int]) -> list[torch.Tensor]:
     with torch.no_grad():
         cache = model(torch.tensor([ids]), use_cache=True).past_key_values
     return [torch.cat([layer.keys[0, 0], layer.values[0, 0]], -1) for layer in cache.layers]
-
-
-def served_logprob_error(client, model, ids: list[int]) -> float:
-    """One greedy request; the largest |logprob| difference of its tokens from model_defs' (a full recomputation
-    over the prompt and the served tokens, whichever they are)."""
-    r = client.completions.create(model=client.models.list().data[0].id, prompt=ids, max_tokens=N_NEW,
-                                  temperature=0, logprobs=0, extra_body={"ignore_eos": True, "return_token_ids": True})
-    got = list(r.choices[0].token_ids)
-    return generated_logprob_error(log_probs(model, ids + got), len(ids), got, r.choices[0].logprobs.token_logprobs)
 
 
 @pytest.mark.parametrize("arch", ["llama"])      # Qwen3 (latents of the normed keys) checked the same way by hand
@@ -101,7 +92,7 @@ def test_connector_moves_model_defs_latents_at_per_layer_widths(tmp_path, calib_
 
         for f in stored_folder(store, prompts[0]).iterdir():
             save_file({"kv_cache": torch.zeros_like(load_file(str(f))["kv_cache"])}, str(f))
-        off = served_logprob_error(client, model, prompts[0])
+        _, off = one_completion(client, model, prompts[0], N_NEW, temperature=0)
         assert off > 0.05, f"zeroed stored rows changed the served logprobs by only {off}: were they loaded?"
     print(f"[{arch}] stored rows within {worst:.1e} of model_defs' cache; logprobs: stored {stored['generated']:.1e}, "
           f"loaded {loaded['generated']:.1e}, zeroed rows {off:.2f}")

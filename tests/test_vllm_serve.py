@@ -30,7 +30,7 @@ import pytest
 
 from care_vllm.loadtest.server import prefix_cache_counters
 from tests.served_reference import (KV_BYTES, MAX_LEN, PROMPTS, compare_concurrent, generated_logprob_error, log_probs,
-                                     random_prompts, reference_model, serve_args, varied_original)
+                                     one_completion, random_prompts, reference_model, serve_args, varied_original)
 from tests.tiny_models import QWEN3_YARN
 from tests.vllm_server import VLLMServer
 
@@ -207,11 +207,7 @@ def test_seeded_sampling_over_a_chunked_prefill(served, reference):
     client = _client(served[3])
 
     def sample(seed):
-        r = client.completions.create(model=_model_name(client), prompt=ids, max_tokens=16, temperature=1.0, seed=seed,
-                                      logprobs=0, extra_body={"ignore_eos": True, "return_token_ids": True})
-        got = list(r.choices[0].token_ids)
-        lps = r.choices[0].logprobs.token_logprobs
-        return got, generated_logprob_error(log_probs(model, ids + got), len(ids), got, lps)
+        return one_completion(client, model, ids, 16, temperature=1.0, seed=seed)
 
     before = prefix_cache_counters(served[3].base_url)
     (chunked, err1), (cached, err2), (other, err3) = sample(7), sample(7), sample(8)
