@@ -1,7 +1,7 @@
 """`care-eval sweep`: which KV budget to convert at, measured on the user's own text.
 
     care-eval sweep SRC --calib FILE... --text FILE... [--kv-ratios 0.25,0.5,0.75,1] [--rope-dims 64,96]
-                    [--keep DIR] [every care-convert option but --kv-ratio/--kv-width] [--seqlen
+                    [--k-shares default,0.25,0.3] [--keep DIR] [every care-convert option but --kv-ratio/--kv-width] [--seqlen
                     --max-tokens --batch-size --eval-dtype]
 
 The budget is the one choice of a conversion that trades quality for serving capacity, and how much a
@@ -14,17 +14,21 @@ converted) and top-1 agreement per token, next to what the budget buys (cache va
 how many times more tokens fit in the same KV memory). One JSON object on stdout, a table on stderr.
 With --rope-dims it converts at every (ratio, rope key width) pair: above KV 0.5 a wider rope key
 than the default 64 can be worth it (README, Results, "RoPE key width"), and what is best depends on
-the model; pairs the budget cannot hold are refused before anything is converted.
+the model; pairs the budget cannot hold are refused before anything is converted. With --k-shares
+it converts at every ratio (and rope width) with each K/V split of the latent (`--k-share`; 'default'
+is the converter's own, proportional to the lossless K and V widths): the best split depends on the
+model and the budget (README, Results, "K/V split"), and each row states the share the ranks give.
 
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
 the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
 folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
-DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims), ready for `vllm serve`; a failure leaves the ones
+DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added with --k-shares), ready for `vllm serve`; a failure leaves the ones
 already finished (each complete: converter/write.py writes them atomically) and nothing else.
 """
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import shutil
 import sys
@@ -54,6 +58,16 @@ def parse_rope_dims(spec: str) -> list[int]:
                        "is not a positive even number")
 
 
+def parse_k_shares(spec: str) -> list[float | None]:
+    """'0.3,default,0.25' -> [None, 0.25, 0.3]: the converter's default split (None) first, then the
+    shares sorted, without repeats, each in (0, 1)."""
+    parts = [p for p in spec.split(",") if p.strip() != "default"]
+    default = [None] if len(parts) < len(spec.split(",")) else []
+    return default + (_parse_list(",".join(parts), "--k-shares", float, "a number or 'default'", "default,0.25,0.3",
+                                  lambda f: 0 < f < 1, "is outside (0, 1): the share of the latent given to K")
+                      if parts else [])
+
+
 def _parse_list(spec: str, flag: str, kind, kind_name: str, example: str, valid, why: str) -> list:
     values = set()
     for part in spec.split(","):
@@ -68,15 +82,19 @@ def _parse_list(spec: str, flag: str, kind, kind_name: str, example: str, valid,
 
 
 def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequence[float], *,
-          rope_dims: Sequence[int] | None = None, keep: Path | None = None, seqlen: int = 1024,
+          rope_dims: Sequence[int] | None = None, k_shares: Sequence[float | None] | None = None,
+          keep: Path | None = None, seqlen: int = 1024,
           max_tokens: int | None = None, batch_size: int = 1, eval_dtype: str = "float32",
           **convert_options) -> dict[str, Any]:
-    """Convert `src` at each KV ratio (and each of `rope_dims`, if given, in place of the rope_dim
-    option) with `convert_options` (converter.pipeline.Options fields) and compare each conversion
+    """Convert `src` at each KV ratio (and each of `rope_dims` and of `k_shares`, if given, in place of
+    the rope_dim and k_share options; a k_share of None is the converter's default) with
+    `convert_options` (converter.pipeline.Options fields) and compare each conversion
     with `src` on `texts` (documents as eval_cli.read_texts returns them).
 
-    Returns {"original_model", "original": {"ppl", "nll"}, "rows": [per ratio (and rope width):
-    "kv_ratio", "rope_dim", "cache_values_per_token", "original_cache_values_per_token", "kv_capacity"
+    Returns {"original_model", "original": {"ppl", "nll"}, "rows": [per ratio (and rope width, K share):
+    "kv_ratio", "rope_dim", "k_share" (as asked, with k_shares; None: the default), "k_share_actual"
+    (sum of K ranks / sum of latent ranks),
+    "cache_values_per_token", "original_cache_values_per_token", "kv_capacity"
     (original / converted cache per token), "converted": {"ppl", "nll"}, "ppl_ratio", "kl", "top1_agreement",
     "convert_seconds", "checkpoint" (with keep)], "tokens", "input_tokens", "seqlen", "windows",
     "convert_options"}. Raises SweepError / ConversionError / eval_cli.EvalError on bad input, before
@@ -89,8 +107,11 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         raise SweepError("--kv-ratios: no ratio given")
     if rope_dims and convert_options.get("rope_dim") is not None:
         raise SweepError("give either --rope-dim or --rope-dims, not both")
+    if k_shares and convert_options.get("k_share") is not None:
+        raise SweepError("give either --k-share or --k-shares, not both")
     rope_options = [{"rope_dim": d} for d in rope_dims] if rope_dims else [{}]
-    runs = [(r, opt) for r in ratios for opt in rope_options]
+    share_options = [{"k_share": f} for f in k_shares] if k_shares else [{}]
+    runs = [(r, {**ro, **so}) for r in ratios for ro, so in itertools.product(rope_options, share_options)]
     for r, opt in runs:   # every option checked before the first (slow) conversion
         Options(**{**convert_options, **opt}, kv_ratio=r).validate()
     if keep is not None:
@@ -107,7 +128,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         try:
             cache_shape(Options(**{**convert_options, **opt}, kv_ratio=r), original.config)
         except ConversionError as e:
-            raise SweepError(f"KV {r:g}{_rope_text(opt)}: {e}") from None
+            raise SweepError(f"KV {r:g}{_options_text(opt)}: {e}") from None
     rows: list[dict] = []
     measured: dict = {}
     with tempfile.TemporaryDirectory(prefix="care-sweep-") as work:
@@ -116,8 +137,8 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         folder.mkdir(exist_ok=True)
         try:
             for r, opt in runs:
-                out = folder / f"kv{r:g}{'-rope' + str(opt['rope_dim']) if opt else ''}"
-                print(f"care-eval sweep: converting at KV {r:g}{_rope_text(opt)} -> {out}", file=sys.stderr)
+                out = folder / f"kv{r:g}{_option_suffix(opt)}"
+                print(f"care-eval sweep: converting at KV {r:g}{_options_text(opt)} -> {out}", file=sys.stderr)
                 report = convert(src, out, calib_files=list(calib_files), kv_ratio=r, stats_cache=stats,
                                  **{**convert_options, **opt})
                 converted, _ = load_model(str(out), device, eval_dtype)
@@ -127,6 +148,8 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
                 if keep is None:
                     shutil.rmtree(out)
                 rows.append(_row(r, report, measured, out if keep is not None else None))
+                if "k_share" in opt:
+                    rows[-1]["k_share"] = opt["k_share"]
         finally:
             if keep is not None and not any(keep.iterdir()):
                 keep.rmdir()   # nothing finished: leave nothing behind
@@ -135,13 +158,24 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
             "eval_dtype": eval_dtype, "calib_files": [str(f) for f in calib_files], "convert_options": convert_options}
 
 
-def _rope_text(opt: dict) -> str:
-    return f", rope {opt['rope_dim']}" if opt else ""
+def _options_text(opt: dict) -> str:
+    return "".join([f", rope {opt['rope_dim']}" if "rope_dim" in opt else "",
+                    f", k-share {opt['k_share'] or 'default'}" if "k_share" in opt else ""])
+
+
+def _option_suffix(opt: dict) -> str:
+    """The kept checkpoint's folder name after kv<R>: -rope<D>, -kshare<S> (or -kshare-default)."""
+    return "".join([f"-rope{opt['rope_dim']}" if "rope_dim" in opt else "",
+                    f"-kshare{opt['k_share'] if opt['k_share'] is not None else '-default'}" if "k_share" in opt
+                    else ""])
 
 
 def _row(ratio: float, report: dict, measured: dict, checkpoint: Path | None) -> dict:
     cache, original = report["cache_values_per_token"], report["original_cache_values_per_token"]
-    row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"], "cache_values_per_token": cache,
+    k = sum(layer["k_rank"] for layer in report["layers"])
+    v = sum(layer["v_rank"] for layer in report["layers"])
+    row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"], "k_share_actual": k / (k + v),
+           "cache_values_per_token": cache,
            "original_cache_values_per_token": original, "kv_capacity": original / cache, "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"],
            "kl": measured["kl"], "top1_agreement": measured["top1_agreement"],
            "convert_seconds": report["seconds"]["total"]}
@@ -155,11 +189,11 @@ def format_table(result: dict) -> str:
     o = result["original"]
     lines = [f"{result['original_model']}: perplexity {o['ppl']:.3f} on {result['tokens']} held-out tokens "
              f"({result['windows']} windows of {result['seqlen']})", "",
-             "| KV ratio | rope key | cache values/token | KV capacity | perplexity | ppl ratio | KL (nats/token) "
-             "| top-1 agreement | convert s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| KV ratio | rope key | K share | cache values/token | KV capacity | perplexity | ppl ratio "
+             "| KL (nats/token) | top-1 agreement | convert s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} "
+        lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} | {r['k_share_actual']:.2f} "
                      f"| {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
                      f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "
                      f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['convert_seconds']:.0f} |"
@@ -180,9 +214,12 @@ def add_parser(sub) -> None:
     p.add_argument("--rope-dims", default=None, metavar="D,D...",
                    help="also sweep the decoupled rope key width: convert at every ratio with each of these "
                         "(even; in place of --rope-dim)")
+    p.add_argument("--k-shares", default=None, metavar="F,F...",
+                   help="also sweep the K/V split of the latent: convert at every ratio with each of these "
+                        "--k-share values, in (0, 1), or 'default' (the proportional split; in place of --k-share)")
     p.add_argument("--keep", default=None, metavar="DIR",
-                   help="keep each checkpoint as DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims; DIR must not "
-                        "exist); default: temporary, deleted")
+                   help="keep each checkpoint as DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added "
+                        "with --k-shares; DIR must not exist); default: temporary, deleted")
     p.add_argument("--text", nargs="+", required=True, metavar="FILE",
                    help="held-out text to compare on: .txt or .jsonl (\"text\" or chat \"messages\")")
     p.add_argument("--seqlen", type=int, default=1024)
@@ -197,12 +234,13 @@ def run(args, texts: list) -> dict:
     """care-eval sweep's body (arguments parsed and the held-out text read by care-eval's main)."""
     from .eval_cli import EvalError
 
-    skip = {"command", "src", "kv_ratios", "rope_dims", "keep", "text", "seqlen", "max_tokens", "batch_size",
-            "eval_dtype", "calib"}
+    skip = {"command", "src", "kv_ratios", "rope_dims", "k_shares", "keep", "text", "seqlen", "max_tokens",
+            "batch_size", "eval_dtype", "calib"}
     options = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         result = sweep(args.src, args.calib, texts, parse_ratios(args.kv_ratios),
                        rope_dims=parse_rope_dims(args.rope_dims) if args.rope_dims else None,
+                       k_shares=parse_k_shares(args.k_shares) if args.k_shares else None,
                        keep=Path(args.keep) if args.keep else None, seqlen=args.seqlen, max_tokens=args.max_tokens,
                        batch_size=args.batch_size, eval_dtype=args.eval_dtype, **options)
     except (SweepError, ConversionError) as e:

@@ -120,6 +120,30 @@ def test_rope_dims_sweep_converts_every_pair_as_care_convert_with_that_rope_dim(
     assert abs(exact["kl"]) < 1e-6 and exact["top1_agreement"] == 1.0 and res["rows"][2]["kl"] > 1e-4
 
 
+def test_k_shares_sweep_converts_every_split_as_care_convert_with_that_k_share(original, held_out, calib_file,
+                                                                               tmp_path, capsys):
+    keep = tmp_path / "keep"
+    code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
+                              "--kv-ratios", "0.5", "--rope-dim", "16", "--k-shares", "0.75,default,0.25",
+                              "--keep", keep, *CONVERT_OPTIONS, *EVAL_OPTIONS)
+    assert code == 0, err
+    assert [r["k_share"] for r in res["rows"]] == [None, 0.25, 0.75]   # the default first, then sorted
+    assert sorted(p.name for p in keep.iterdir()) == ["kv0.5-kshare-default", "kv0.5-kshare0.25", "kv0.5-kshare0.75"]
+    assert "| K share |" in err
+    for row in res["rows"]:
+        kept = Path(row["checkpoint"])
+        flags = [] if row["k_share"] is None else ["--k-share", row["k_share"]]
+        assert_care_convert_makes(kept, row, original, calib_file, tmp_path, capsys,
+                                  "--kv-ratio", 0.5, "--rope-dim", 16, *flags)
+        config = json.loads((kept / "config.json").read_text())
+        k, v = sum(config["k_ranks"]), sum(config["v_ranks"])
+        assert row["k_share_actual"] == k / (k + v)
+    # 0.5 x 64 = 32 values a layer, 16 of them the rope key: 16 latent ranks a layer, 4 / 12 at 0.25, 12 / 4 at
+    # 0.75; the default splits them as the lossless widths, 32 - 16 key dims left after the rope key and 32 value
+    # dims: 1/3, rounded to whole ranks
+    assert [r["k_share_actual"] for r in res["rows"]] == [pytest.approx(5 / 16, abs=1 / 16), 0.25, 0.75]
+
+
 def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the sweep's work folder goes
     code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
@@ -131,7 +155,8 @@ def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file,
 
 @pytest.mark.parametrize("case", ["ratio above parity", "not a number", "empty held-out text", "one-token held-out text",
                                   "missing calibration file", "keep exists", "bad option", "odd rope dim",
-                                  "rope dim and rope dims", "rope key the budget cannot hold"])
+                                  "rope dim and rope dims", "rope key the budget cannot hold", "k-share out of range",
+                                  "k-share and k-shares"])
 def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, calib_file, tmp_path, capsys):
     keep, text, calib, ratios, extra = tmp_path / "keep", held_out, calib_file, "0.5,1", []
     expected = {"ratio above parity": "1.5 is outside (0, 1]", "not a number": "'half' is not a number",
@@ -140,7 +165,9 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
                 "keep exists": "already exists", "bad option": "--k-share",
                 "odd rope dim": "--rope-dims: 15 is not a positive even number",
                 "rope dim and rope dims": "either --rope-dim or --rope-dims",
-                "rope key the budget cannot hold": "KV 0.5, rope 32: KV budget of 64 values/token leaves 0"}[case]
+                "rope key the budget cannot hold": "KV 0.5, rope 32: KV budget of 64 values/token leaves 0",
+                "k-share out of range": "--k-shares: 1 is outside (0, 1)",
+                "k-share and k-shares": "either --k-share or --k-shares"}[case]
     if case == "ratio above parity":
         ratios = "0.5,1.5"
     elif case == "not a number":
@@ -161,6 +188,10 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
         extra = ["--rope-dims", "16", "--rope-dim", "16"]
     elif case == "rope key the budget cannot hold":   # 0.5 x 64 = 32 values a layer, all taken by rope 32
         extra = ["--rope-dims", "16,32"]
+    elif case == "k-share out of range":
+        extra = ["--k-shares", "default,0.5,1"]
+    elif case == "k-share and k-shares":
+        extra = ["--k-shares", "0.25,0.5", "--k-share", "0.25"]
     else:
         extra = ["--k-share", "1.5"]
     code, _, err = run_main(capsys, "sweep", original, "--calib", calib, "--text", text, "--kv-ratios", ratios,
