@@ -2,11 +2,15 @@
 
 Same calibration, evaluation and stats caches as benchmarks/oneshot.py (so its 'default' column is
 comparable to oneshot.md's care rows of the same ratio); one conversion + evaluation per
-(model, policy, share). 'default' is the converter's own split (proportional to the lossless K and
-V widths after the rope key is taken out), printed with the share it amounts to.
+(model, policy, ratio, share). 'default' is the converter's own split (proportional to the lossless K and
+V widths after the rope key is taken out), printed with the share it amounts to. The defaults are the
+paper's settings (`--objective kv`, no o_proj refit), as benchmarks/results/kshare.md was made;
+`--objective attention --refit --policies uniform` are the deployment settings (the quickstart's).
 
     .venv/bin/python benchmarks/kshare.py                              # smollm2-135m + qwen3-small, KV 0.5
     .venv/bin/python benchmarks/kshare.py --models qwen3-small --shares 0.3,0.5 --policies uniform
+    .venv/bin/python benchmarks/kshare.py --models smollm2-135m,qwen3-small,llama3-small --ratios 0.5,0.25 \\
+        --policies uniform --objective attention --refit --out benchmarks/results/kshare_deploy
 
 Writes benchmarks/results/kshare.json and kshare.md (rows are saved as they finish; --resume skips
 rows already there with identical settings).
@@ -25,31 +29,33 @@ import sweep  # noqa: E402
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2-135m,qwen3-small")
-    p.add_argument("--ratio", type=float, default=0.5, help="KV ratio of every conversion (default 0.5)")
+    p.add_argument("--ratios", default="0.5", help="comma list of KV ratios (default 0.5)")
     p.add_argument("--shares", default="default,0.2,0.25,0.3,0.35,0.5",
                    help="comma list of --k-share values; 'default' = the converter's proportional split")
+    p.add_argument("--objective", default="kv", choices=["kv", "attention"])
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
+                   help="the o_proj refit (default off here, as oneshot.py; on in care-convert)")
     sweep.add_common_args(p, "kshare")
     return p
 
 
 def render_md(res: dict) -> str:
     s = res["settings"]
-    lines = sweep.md_header(res, "K/V split of the latent (`--k-share`): one-shot perplexity", f"care, KV {s['ratio']}",
-                            "perplexity (K share of the latent actually given; ratio to the original)")
-    for model, minfo in res["models"].items():
-        orig = minfo.get("original_ppl")
-        lines += [f"## {model}", "", f"original ppl **{orig:.3f}**, eval tokens {minfo.get('eval_tokens')}", ""]
-        shares = res["settings"]["shares"]
-        header = ["ranks"] + [f"k-share {sh}" for sh in shares]
-        rows = []
-        for policy in res["settings"]["policies"]:
-            cells = [policy]
-            for sh in shares:
-                r = res["rows"].get(f"{model}|{policy}|{sh}")
-                cells.append("—" if r is None else
-                             f"{r['ppl']:.2f} ({r['k_share_actual']:.2f}; x{r['ppl'] / orig:.2f})")
-            rows.append(cells)
-        lines += [common.md_table(header, rows), ""]
+    lines = sweep.md_header(res, "K/V split of the latent (`--k-share`): one-shot perplexity",
+                            f"care, --objective {s['objective']}, o_proj refit {'on' if s['o_proj_refit'] else 'off'}",
+                            "perplexity (K share of the latent actually given; ratio to the original); "
+                            "lowest per row in bold")
+    shares = s["shares"]
+    rows = []
+    for head, orig, got in sweep.table_rows(res, shares):
+        best = min((r["ppl"] for r in got if r), default=None)
+        cells = []
+        for r in got:
+            txt = "—" if r is None else f"{r['ppl']:.2f} ({r['k_share_actual']:.2f}; x{r['ppl'] / orig:.2f})"
+            cells.append(f"**{txt}**" if r is not None and r["ppl"] == best else txt)
+        rows.append(head + cells)
+    lines += [common.md_table(["model (original ppl)", "ranks", "KV ratio", *(f"k-share {sh}" for sh in shares)],
+                              rows), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -61,14 +67,18 @@ def k_share_actual(rep: dict) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     policies, shares = common.csv_list(args.policies), common.csv_list(args.shares)
+    ratios = [float(r) for r in common.csv_list(args.ratios)]
+    shared = {"objective": args.objective, "o_proj_refit": args.refit}
 
     def cells(name):
         for policy in policies:
-            for sh in shares:
-                yield (f"{name}|{policy}|{sh}", {"policy": policy, "k_share": sh},
-                       {"ranks": policy, "kv_ratio": args.ratio, "k_share": None if sh == "default" else float(sh)})
+            for ratio in ratios:
+                for sh in shares:
+                    yield (f"{name}|{policy}|{ratio}|{sh}", {"policy": policy, "kv_ratio": ratio, "k_share": sh},
+                           {"ranks": policy, "kv_ratio": ratio, **shared,
+                            "k_share": None if sh == "default" else float(sh)})
 
-    return sweep.run(args, {"ratio": args.ratio, "policies": policies, "shares": shares},
+    return sweep.run(args, {"ratios": ratios, "policies": policies, "shares": shares, **shared},
                      common.csv_list(args.models), cells, render_md, "ckpt_kshare", extra=k_share_actual)
 
 
