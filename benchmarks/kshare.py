@@ -46,14 +46,8 @@ def render_md(res: dict) -> str:
                             "perplexity (K share of the latent actually given; ratio to the original); "
                             "lowest per row in bold")
     shares = s["shares"]
-    rows = []
-    for head, orig, got in sweep.table_rows(res, shares):
-        best = min((r["ppl"] for r in got if r), default=None)
-        cells = []
-        for r in got:
-            txt = "—" if r is None else f"{r['ppl']:.2f} ({r['k_share_actual']:.2f}; x{r['ppl'] / orig:.2f})"
-            cells.append(f"**{txt}**" if r is not None and r["ppl"] == best else txt)
-        rows.append(head + cells)
+    rows = sweep.bold_best_rows(res, shares, lambda _, r, orig: f"{r['ppl']:.2f} ({r['k_share_actual']:.2f}; "
+                                                                f"x{r['ppl'] / orig:.2f})")
     lines += [common.md_table(["model (original ppl)", "ranks", "KV ratio", *(f"k-share {sh}" for sh in shares)],
                               rows), ""]
     return "\n".join(lines) + "\n"

@@ -53,17 +53,8 @@ def render_md(res: dict) -> str:
                             "perplexity (ratio to the original); 'default' shows the width it chose; "
                             "lowest per row in bold; — = not run (width >= the per-layer budget)")
     dims = s["dims"]
-    rows = []
-    for head, orig, got in sweep.table_rows(res, dims):
-        best = min((r["ppl"] for r in got if r), default=None)
-        cells = []
-        for d, r in zip(dims, got):
-            if r is None:
-                cells.append("—")
-                continue
-            txt = f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" + (f" [d_r {r['rope_dim']}]" if d == "default" else "")
-            cells.append(f"**{txt}**" if r["ppl"] == best else txt)
-        rows.append(head + cells)
+    rows = sweep.bold_best_rows(res, dims, lambda d, r, orig: f"{r['ppl']:.2f} (x{r['ppl'] / orig:.2f})" + (
+        f" [d_r {r['rope_dim']}]" if d == "default" else ""))
     lines += [common.md_table(["model (original ppl)", "ranks", "KV ratio", *(f"rope {d}" for d in dims)], rows), ""]
     return "\n".join(lines) + "\n"
 

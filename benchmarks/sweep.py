@@ -156,6 +156,20 @@ def table_rows(res: dict, values) -> Iterable[tuple[list[str], float, list[dict 
                 yield [f"{model} ({orig:.2f})", policy, str(ratio)], orig, got
 
 
+def bold_best_rows(res: dict, values, cell: Callable[[object, dict, float], str]) -> list[list[str]]:
+    """table_rows as markdown rows: each value's cell rendered by `cell(value, row, original ppl)`, "—" where
+    not run, and the lowest perplexity of each row in bold."""
+    rows = []
+    for head, orig, got in table_rows(res, values):
+        best = min((r["ppl"] for r in got if r), default=None)
+        cells = []
+        for v, r in zip(values, got):
+            txt = "—" if r is None else cell(v, r, orig)
+            cells.append(f"**{txt}**" if r is not None and r["ppl"] == best else txt)
+        rows.append(head + cells)
+    return rows
+
+
 def pair_table(res: dict, values: tuple, labels: list[str], change_digits: int = 1) -> str:
     """Markdown table of a two-way sweep: one row per model x policy x ratio, the perplexity for both
     `values` (column headings `labels`) and the relative change of the second vs the first."""
