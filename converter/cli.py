@@ -94,7 +94,8 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "must be a multiple of M too; the budget is rounded down to whole units")
     p.add_argument("--k-share", type=float, default=None, metavar="F",
                    help="fraction of the latent (budget minus rope keys) given to K, in (0, 1) "
-                        "(default: proportional to the lossless K and V widths)")
+                        "(default: proportional to the lossless K and V widths; often less is better: "
+                        "`care-eval sweep --k-shares` measures it on your text)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default auto: the dtype the source is stored in; fp32 for a .gguf source)")
     p.add_argument("--device", default="cpu",
