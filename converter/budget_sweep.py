@@ -1,8 +1,8 @@
 """`care-eval sweep`: which KV budget to convert at, measured on the user's own text.
 
     care-eval sweep SRC --calib FILE... --text FILE... [--kv-ratios 0.25,0.5,0.75,1] [--rope-dims 64,96]
-                    [--k-shares default,0.25,0.3] [--keep DIR] [every care-convert option but --kv-ratio/--kv-width] [--seqlen
-                    --max-tokens --batch-size --eval-dtype]
+                    [--k-shares default,0.25,0.3] [--keep DIR] [every care-convert option but
+                    --kv-ratio/--kv-width] [--seqlen --max-tokens --batch-size --eval-dtype]
 
 The budget is the one choice of a conversion that trades quality for serving capacity, and how much a
 given budget costs depends on the model and on the text (SmolLM2 at KV 0.5 loses far more than the
@@ -22,8 +22,8 @@ model and the budget (README, Results, "K/V split"), and each row states the sha
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
 the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
 folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
-DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added with --k-shares), ready for `vllm serve`; a failure leaves the ones
-already finished (each complete: converter/write.py writes them atomically) and nothing else.
+DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added with --k-shares), ready for `vllm
+serve`; a failure leaves the ones already finished (each complete: converter/write.py writes them atomically) and nothing else.
 """
 from __future__ import annotations
 
