@@ -23,7 +23,8 @@ Memory: as `compare`, the original and one converted model at a time (in --eval-
 the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
 folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
 DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added with --k-shares), ready for `vllm
-serve`; a failure leaves the ones already finished (each complete: converter/write.py writes them atomically) and nothing else.
+serve`; a failure leaves the ones already finished (each complete: converter/write.py writes them
+atomically) and nothing else.
 """
 from __future__ import annotations
 
