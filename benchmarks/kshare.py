@@ -53,27 +53,21 @@ def render_md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def k_share_actual(rep: dict) -> dict:
-    k = sum(l["k_rank"] for l in rep["layers"])
-    return {"k_share_actual": k / (k + sum(l["v_rank"] for l in rep["layers"]))}
-
-
 def main(argv=None) -> int:
+    from converter.budget_sweep import k_share_given
+
     args = build_parser().parse_args(argv)
     policies, shares = common.csv_list(args.policies), common.csv_list(args.shares)
     ratios = [float(r) for r in common.csv_list(args.ratios)]
     shared = {"objective": args.objective, "o_proj_refit": args.refit}
 
     def cells(name):
-        for policy in policies:
-            for ratio in ratios:
-                for sh in shares:
-                    yield (f"{name}|{policy}|{ratio}|{sh}", {"policy": policy, "kv_ratio": ratio, "k_share": sh},
-                           {"ranks": policy, "kv_ratio": ratio, **shared,
-                            "k_share": None if sh == "default" else float(sh)})
+        return sweep.pair_cells(name, "k_share", shares, policies, ratios,
+                                option=lambda sh: None if sh == "default" else float(sh), **shared)
 
     return sweep.run(args, {"ratios": ratios, "policies": policies, "shares": shares, **shared},
-                     common.csv_list(args.models), cells, render_md, "ckpt_kshare", extra=k_share_actual)
+                     common.csv_list(args.models), cells, render_md, "ckpt_kshare",
+                     extra=lambda rep: {"k_share_actual": k_share_given(rep)})
 
 
 if __name__ == "__main__":

@@ -119,14 +119,16 @@ def run(args, own_settings: dict, models: list[str], cells: Callable[[str], Iter
     return 0
 
 
-def pair_cells(name: str, field: str, values: tuple, policies: list[str], ratios: list[float], **convert_kw):
-    """Cells of a two-way sweep (objective.py, output_dtype.py): model x policy x ratio x `field` in
-    `values`, keyed "model|policy|ratio|value"; `convert_kw` are the care-convert options all share."""
+def pair_cells(name: str, field: str, values, policies: list[str], ratios: list[float],
+               option: Callable = lambda value: value, **convert_kw):
+    """Cells of a sweep over one care-convert option (objective.py, output_dtype.py, kshare.py): model x policy x
+    ratio x `field` in `values`, keyed "model|policy|ratio|value"; the option is `option(value)` (e.g. "default"
+    -> None); `convert_kw` are the care-convert options all share."""
     for policy in policies:
         for ratio in ratios:
             for value in values:
                 yield (f"{name}|{policy}|{ratio}|{value}", {"policy": policy, "kv_ratio": ratio, field: value},
-                       {"ranks": policy, "kv_ratio": ratio, field: value, **convert_kw})
+                       {"ranks": policy, "kv_ratio": ratio, field: option(value), **convert_kw})
 
 
 def run_pair(args, field: str, values: tuple, render_md: Callable[[dict], str], ckpt_name: str,

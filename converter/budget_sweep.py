@@ -62,11 +62,13 @@ def parse_rope_dims(spec: str) -> list[int]:
 def parse_k_shares(spec: str) -> list[float | None]:
     """'0.3,default,0.25' -> [None, 0.25, 0.3]: the converter's default split (None) first, then the
     shares sorted, without repeats, each in (0, 1)."""
-    parts = [p for p in spec.split(",") if p.strip() != "default"]
-    default = [None] if len(parts) < len(spec.split(",")) else []
-    return default + (_parse_list(",".join(parts), "--k-shares", float, "a number or 'default'", "default,0.25,0.3",
-                                  lambda f: 0 < f < 1, "is outside (0, 1): the share of the latent given to K")
-                      if parts else [])
+    items = spec.split(",")
+    numbers = [p for p in items if p.strip() != "default"]
+    default = [None] if len(numbers) < len(items) else []
+    if not numbers:
+        return default
+    return default + _parse_list(",".join(numbers), "--k-shares", float, "a number or 'default'", "default,0.25,0.3",
+                                 lambda f: 0 < f < 1, "is outside (0, 1): the share of the latent given to K")
 
 
 def _parse_list(spec: str, flag: str, kind, kind_name: str, example: str, valid, why: str) -> list:
@@ -148,9 +150,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
                 gc.collect()
                 if keep is None:
                     shutil.rmtree(out)
-                rows.append(_row(r, report, measured, out if keep is not None else None))
-                if "k_share" in opt:
-                    rows[-1]["k_share"] = opt["k_share"]
+                rows.append(_row(r, opt, report, measured, out if keep is not None else None))
         finally:
             if keep is not None and not any(keep.iterdir()):
                 keep.rmdir()   # nothing finished: leave nothing behind
@@ -171,15 +171,20 @@ def _option_suffix(opt: dict) -> str:
                     else ""])
 
 
-def _row(ratio: float, report: dict, measured: dict, checkpoint: Path | None) -> dict:
-    cache, original = report["cache_values_per_token"], report["original_cache_values_per_token"]
+def k_share_given(report: dict) -> float:
+    """The share of a conversion's latent that its ranks give to K: sum r_K / sum (r_K + r_V) (care_report.json)."""
     k = sum(layer["k_rank"] for layer in report["layers"])
-    v = sum(layer["v_rank"] for layer in report["layers"])
-    row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"], "k_share_actual": k / (k + v),
-           "cache_values_per_token": cache,
-           "original_cache_values_per_token": original, "kv_capacity": original / cache, "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"],
-           "kl": measured["kl"], "top1_agreement": measured["top1_agreement"],
-           "convert_seconds": report["seconds"]["total"]}
+    return k / (k + sum(layer["v_rank"] for layer in report["layers"]))
+
+
+def _row(ratio: float, opt: dict, report: dict, measured: dict, checkpoint: Path | None) -> dict:
+    cache, original = report["cache_values_per_token"], report["original_cache_values_per_token"]
+    row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"],
+           **({"k_share": opt["k_share"]} if "k_share" in opt else {}),   # as asked (None: the default split)
+           "k_share_actual": k_share_given(report), "cache_values_per_token": cache,
+           "original_cache_values_per_token": original, "kv_capacity": original / cache,
+           "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"], "kl": measured["kl"],
+           "top1_agreement": measured["top1_agreement"], "convert_seconds": report["seconds"]["total"]}
     if checkpoint is not None:
         row["checkpoint"] = str(checkpoint)
     return row
