@@ -31,7 +31,8 @@ def build_parser():
     p.add_argument("--models", default="smollm2-135m,qwen3-small")
     p.add_argument("--ratios", default="0.5", help="comma list of KV ratios (default 0.5)")
     p.add_argument("--shares", default="default,0.2,0.25,0.3,0.35,0.5",
-                   help="comma list of --k-share values; 'default' = the converter's proportional split")
+                   help="comma list of --k-share values; 'default' = the converter's proportional split, 'auto' = "
+                        "--k-share auto (its cell shows the share it chose)")
     p.add_argument("--objective", default="kv", choices=["kv", "attention"])
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="the o_proj refit (default off here, as oneshot.py; on in care-convert)")
@@ -63,11 +64,13 @@ def main(argv=None) -> int:
 
     def cells(name):
         return sweep.pair_cells(name, "k_share", shares, policies, ratios,
-                                option=lambda sh: None if sh == "default" else float(sh), **shared)
+                                option=lambda sh: None if sh == "default" else sh if sh == "auto" else float(sh),
+                                **shared)
 
     return sweep.run(args, {"ratios": ratios, "policies": policies, "shares": shares, **shared},
                      common.csv_list(args.models), cells, render_md, "ckpt_kshare",
-                     extra=lambda rep: {"k_share_actual": k_share_given(rep)})
+                     extra=lambda rep: {"k_share_actual": k_share_given(rep),
+                                        **{k: rep[k] for k in ("k_share_auto",) if k in rep}})
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ With --rope-dims it converts at every (ratio, rope key width) pair: above KV 0.5
 than the default 64 can be worth it (README, Results, "RoPE key width"), and what is best depends on
 the model; pairs the budget cannot hold are refused before anything is converted. With --k-shares
 it converts at every ratio (and rope width) with each K/V split of the latent (`--k-share`; 'default'
-is the converter's own, proportional to the lossless K and V widths): the best split depends on the
-model and the budget (README, Results, "K/V split"), and each row states the share the ranks give.
+is the converter's own, proportional to the lossless K and V widths; 'auto' is `--k-share auto`, which
+picks one on the calibration text): the best split depends on the model and the budget (README, Results,
+"K/V split"), and each row states the share the ranks give.
 
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
 the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
@@ -59,16 +60,17 @@ def parse_rope_dims(spec: str) -> list[int]:
                        "is not a positive even number")
 
 
-def parse_k_shares(spec: str) -> list[float | None]:
-    """'0.3,default,0.25' -> [None, 0.25, 0.3]: the converter's default split (None) first, then the
-    shares sorted, without repeats, each in (0, 1)."""
-    items = spec.split(",")
-    numbers = [p for p in items if p.strip() != "default"]
-    default = [None] if len(numbers) < len(items) else []
+def parse_k_shares(spec: str) -> list[float | str | None]:
+    """'0.3,auto,default,0.25' -> [None, 'auto', 0.25, 0.3]: the converter's default split (None) first, then
+    --k-share auto's choice, then the shares sorted, without repeats, each in (0, 1)."""
+    items = [p.strip() for p in spec.split(",")]
+    named = [value for name, value in (("default", None), ("auto", "auto")) if name in items]
+    numbers = [p for p in items if p not in ("default", "auto")]
     if not numbers:
-        return default
-    return default + _parse_list(",".join(numbers), "--k-shares", float, "a number or 'default'", "default,0.25,0.3",
-                                 lambda f: 0 < f < 1, "is outside (0, 1): the share of the latent given to K")
+        return named
+    return named + _parse_list(",".join(numbers), "--k-shares", float, "a number, 'default' or 'auto'",
+                               "default,auto,0.25,0.3", lambda f: 0 < f < 1,
+                               "is outside (0, 1): the share of the latent given to K")
 
 
 def _parse_list(spec: str, flag: str, kind, kind_name: str, example: str, valid, why: str) -> list:
@@ -165,10 +167,11 @@ def _options_text(opt: dict) -> str:
 
 
 def _option_suffix(opt: dict) -> str:
-    """The kept checkpoint's folder name after kv<R>: -rope<D>, -kshare<S> (or -kshare-default)."""
+    """The kept checkpoint's folder name after kv<R>: -rope<D>, -kshare<S> (-kshare-default, -kshare-auto)."""
+    share = opt.get("k_share")
     return "".join([f"-rope{opt['rope_dim']}" if "rope_dim" in opt else "",
-                    f"-kshare{opt['k_share'] if opt['k_share'] is not None else '-default'}" if "k_share" in opt
-                    else ""])
+                    "" if "k_share" not in opt else f"-kshare{share}" if isinstance(share, float)
+                    else f"-kshare-{share or 'default'}"])
 
 
 def k_share_given(report: dict) -> float:
@@ -222,7 +225,8 @@ def add_parser(sub) -> None:
                         "(even; in place of --rope-dim)")
     p.add_argument("--k-shares", default=None, metavar="F,F...",
                    help="also sweep the K/V split of the latent: convert at every ratio with each of these "
-                        "--k-share values, in (0, 1), or 'default' (the proportional split; in place of --k-share)")
+                        "--k-share values, in (0, 1), 'default' (the proportional split) or 'auto' (care-convert --k-share "
+                        "auto's choice); in place of --k-share")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="keep each checkpoint as DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added "
                         "with --k-shares; DIR must not exist); default: temporary, deleted")

@@ -92,10 +92,11 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                    help="allocate K/V ranks in units of M values (default 1), so that the latent projections' "
                         "widths suit quantized kernels (e.g. 32 for vLLM's CPU W4A16, 64 for Marlin); the rope key "
                         "must be a multiple of M too; the budget is rounded down to whole units")
-    p.add_argument("--k-share", type=float, default=None, metavar="F",
-                   help="fraction of the latent (budget minus rope keys) given to K, in (0, 1) "
-                        "(default: proportional to the lossless K and V widths; often less is better: "
-                        "`care-eval sweep --k-shares` measures it on your text)")
+    p.add_argument("--k-share", type=k_share_value, default=None, metavar="F|auto",
+                   help="fraction of the latent (budget minus rope keys) given to K, in (0, 1), or auto: the "
+                        "split, of several, whose converted model (without the refit) is closest to the original "
+                        "on the calibration text (default: proportional to the lossless K and V widths; often "
+                        "less is better: `care-eval sweep --k-shares` measures it on your text)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default auto: the dtype the source is stored in; fp32 for a .gguf source)")
     p.add_argument("--device", default="cpu",
@@ -105,6 +106,17 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-cache", default=None, metavar="PT",
                    help="reuse/save calibration statistics here (they do not depend on method or budget)")
+
+
+def k_share_value(value: str) -> float | str:
+    """--k-share as argparse reads it: 'auto' (converter/kshare_auto.py) or a number (its range is checked with
+    the other options, converter/pipeline.py)."""
+    if value.strip() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,8 @@ import torch
 from model_defs.configuration_care import AUTO_MAP, variant_architecture
 from tqdm.auto import tqdm
 
-from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, load, model_card, refit,
-               rope_map, source_rope, write)
+from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, kshare_auto, load, model_card,
+               refit, rope_map, source_rope, write)
 from .errors import ConversionError
 from .plot import plot_ranks
 
@@ -66,7 +66,7 @@ class Options:
     dtype: str = "auto"
     min_rank_frac: float = 0.5
     max_rank_frac: float = 2.0
-    k_share: float | None = None
+    k_share: float | str | None = None   # or "auto" (converter/kshare_auto.py)
     rank_multiple: int = 1        # ranks in units of this many values (allocate.py: kernel-friendly widths)
     overwrite: bool = False
     stats_cache: str | None = None
@@ -97,9 +97,10 @@ class Options:
         if self.kv_ratio is not None and not (0 < self.kv_ratio <= 1.0):
             raise ConversionError(f"--kv-ratio must be in (0, 1]: a budget above parity (1.0) is refused "
                                   f"(got {self.kv_ratio})")
-        if self.k_share is not None and not (0 < self.k_share < 1):
-            raise ConversionError(f"--k-share must be in (0, 1): the fraction of the latent given to K "
-                                  f"(got {self.k_share})")
+        if self.k_share is not None and self.k_share != kshare_auto.AUTO and not (
+                isinstance(self.k_share, (int, float)) and 0 < self.k_share < 1):
+            raise ConversionError(f"--k-share must be in (0, 1), the fraction of the latent given to K, or "
+                                  f"{kshare_auto.AUTO} (got {self.k_share})")
         if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
         if self.rank_multiple < 1:
@@ -289,6 +290,26 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
         return t.to(la, torch.float64)
 
     inv_freq = source.model.model.rotary_emb.inv_freq.detach().float().cpu()
+    attention_bias = has_attention_bias(source.model)
+
+    def layer_tensors(l: int, k_factor: factorize.Factor, v_factor: factorize.Factor, k_rank: int,
+                      v_rank: int) -> dict[str, torch.Tensor]:
+        """Layer l's converted attention tensors at these ranks (names under self_attn; o_proj's weight
+        excluded, its bias included for a biased source), fp64: the writer casts them, the refit and the
+        --k-share auto scoring read them unrounded. The factors are those the factorize stage left (light)."""
+        a = attn[l]
+        wq, wk, wv = weights(l)
+        bq, bk, bv, bo = (_bias(getattr(a, f"{n}_proj")) for n in "qkvo")
+        tensors = assemble.attention_tensors(
+            arch=source.arch, wq=wq, wk=wk, wv=wv,
+            q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
+            k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
+            rope=maps[l], k_factor=k_factor.materialize(_k_target(source.arch, maps[l].q_n, wk), k_rank),
+            v_factor=v_factor.materialize(wv, v_rank), k_rank=k_rank, v_rank=v_rank,
+            num_heads=n_heads, num_kv_heads=g, head_dim=d_h, dtype=torch.float64, bq=bq, bk=bk, bias=attention_bias)
+        if attention_bias:
+            tensors["o_proj.bias"] = assemble.output_bias(a.o_proj.weight.detach(), bo, bv, n_heads, g)
+        return tensors
 
     with timer.stage("rope_map"):
         counts, maps = _rope_maps(stats, opts, inv_freq, d_r, g, d_h)
@@ -324,12 +345,27 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             v_factors.append(vf.light().to("cpu"))
             stats.layers[l] = None
 
+    full_k = [min(f.basis.shape[0], g * d_h - d_r) for f in k_factors]
+    full_v = [min(f.basis.shape[0], g * d_h) for f in v_factors]
+
+    def plan(k_share: float | None) -> tuple[list[int], list[int]]:
+        """(K ranks, V ranks) per layer with this K share of the latent (None: the proportional default)."""
+        return allocate.plan_ranks(opts.ranks, budget, d_r, full_k, full_v, [f.sigma for f in k_factors],
+                                   [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, k_share,
+                                   opts.rank_multiple)
+
+    k_share, auto_report = opts.k_share, None
+    if k_share == kshare_auto.AUTO:
+        from model_defs import CareMLAConfig  # noqa: PLC0415
+
+        with timer.stage("k_share_auto"):
+            k_share, auto_report = kshare_auto.choose(
+                plan, lambda ranks: CareMLAConfig(**_config(source, cfg, opts, d_h, d_r, *ranks, maps[0].inv_freq,
+                                                            str(src))),
+                lambda l, k_rank, v_rank: layer_tensors(l, k_factors[l], v_factors[l], k_rank, v_rank),
+                source, windows, opts.device, opts.calib_batch, DTYPES[opts.calib_dtype])
     with timer.stage("allocate"):
-        full_k = [min(f.basis.shape[0], g * d_h - d_r) for f in k_factors]
-        full_v = [min(f.basis.shape[0], g * d_h) for f in v_factors]
-        k_ranks, v_ranks = allocate.plan_ranks(
-            opts.ranks, budget, d_r, full_k, full_v, [f.sigma for f in k_factors],
-            [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, opts.k_share, opts.rank_multiple)
+        k_ranks, v_ranks = plan(k_share)
         # only the allocated ranks are used from here on
         k_factors = [f.keep(r) for f, r in zip(k_factors, k_ranks)]
         v_factors = [f.keep(r) for f, r in zip(v_factors, v_ranks)]
@@ -366,20 +402,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             # assemble, report and write one layer, then free its factors
             with timer.stage("assemble"):
                 a = attn[l]
-                wq, wk, wv = weights(l)
-                k_factors[l] = k_factors[l].materialize(_k_target(source.arch, maps[l].q_n, wk), k_ranks[l])
-                v_factors[l] = v_factors[l].materialize(wv, v_ranks[l])
-                bq, bk, bv, bo = (_bias(getattr(a, f"{n}_proj")) for n in "qkvo")
-                tensors = assemble.attention_tensors(
-                    arch=source.arch, wq=wq, wk=wk, wv=wv,
-                    q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
-                    k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
-                    rope=maps[l], k_factor=k_factors[l], v_factor=v_factors[l],
-                    k_rank=k_ranks[l], v_rank=v_ranks[l], num_heads=n_heads, num_kv_heads=g, head_dim=d_h,
-                    dtype=torch.float64,   # cast by emit(); the refit reads them unrounded
-                    bq=bq, bk=bk, bias=config["attention_bias"])
-                if config["attention_bias"]:
-                    tensors["o_proj.bias"] = assemble.output_bias(a.o_proj.weight.detach(), bo, bv, n_heads, g)
+                tensors = layer_tensors(l, k_factors[l], v_factors[l], k_ranks[l], v_ranks[l])
             o_proj, refit_report = a.o_proj.weight.detach(), {}
             if refitter is not None:
                 with timer.stage("refit"):
@@ -406,6 +429,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "cache_values_per_token": cache,
             "original_cache_values_per_token": n_layers * per_layer_orig,
             "layers": layer_reports,
+            **({"k_share_auto": auto_report} if auto_report is not None else {}),
             "calibration": {"files": calib_files, "samples": int(windows.shape[0]),
                             "seqlen": int(windows.shape[1]), "tokens": stats.tokens, "seed": opts.seed,
                             "device": opts.device, "dtype": opts.calib_dtype},

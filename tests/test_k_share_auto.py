@@ -1,0 +1,97 @@
+"""care-convert --k-share auto: the checkpoint is care-convert's at the share it chose (tensor for tensor), each
+candidate's score is what plain transformers measures on that candidate converted without the refit
+(KL to the original on the scoring windows), the choice is the lowest, and with a single possible rank plan
+(parity) nothing is scored; a value that is neither a number nor 'auto' is refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from converter import calib_data, cli, kshare_auto
+from tests.cli_run import assert_refused_by, run_main
+from tests.tiny_models import checkpoint_tensors, make_tiny_original
+
+OPTIONS = ["--calib-samples", "8", "--calib-seqlen", "32", "--ranks", "uniform", "--objective", "attention",
+           "--rope-dim", "16"]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def original(request, tmp_path_factory) -> Path:
+    return make_tiny_original(tmp_path_factory.mktemp(f"auto-{request.param}") / "orig", request.param,
+                              num_layers=2, kv_heads=2, head_dim=16)
+
+
+def convert(original: Path, out: Path, calib_file: Path, *flags) -> dict:
+    proc = run_main(cli.main, "care-convert", original, out, "--calib", calib_file, *OPTIONS, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "care_report.json").read_text())
+
+
+def kl_on_windows(original: Path, converted: Path, windows: torch.Tensor) -> float:
+    """Mean KL(original || converted) per token on `windows`, with the plain transformers models."""
+    import model_defs  # noqa: F401  (registers care_mla)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        lp = [torch.log_softmax(AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()(windows).logits
+                                .double(), -1) for f in (original, converted)]
+    return (lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean().item()
+
+
+def test_auto_converts_at_the_split_whose_unrefitted_model_is_closest(original, calib_file, tmp_path):
+    report = convert(original, tmp_path / "auto", calib_file, "--kv-ratio", "0.5", "--k-share", "auto")
+    auto = report["k_share_auto"]
+    assert report["options"]["k_share"] == "auto"
+    # 16 latent ranks a layer (0.5 x 64 - the 16-wide rope key) split by the share, round(16 x share): 3..8 K ranks
+    # for 0.2 .. 0.5; the default share (16 lossless key dims beside the rope key, 32 value dims: 1/3) gives 5, as
+    # 0.3 does, and 0.35 and 0.4 both give 6: those are scored once
+    plans = [c["k_shares"] for c in auto["candidates"]]
+    assert plans == [["default", 0.3], [0.2], [0.25], [0.35, 0.4], [0.45], [0.5]]
+    assert [c["k_share_actual"] for c in auto["candidates"]] == [k / 16 for k in (5, 3, 4, 6, 7, 8)]
+    # every candidate's score, measured independently: converted without the refit, run by transformers
+    from transformers import AutoTokenizer
+
+    windows = calib_data.token_windows(AutoTokenizer.from_pretrained(original),
+                                       calib_data.read_texts([calib_file]), 8, 32, 0)[:auto["score_windows"]]
+    assert auto["score_tokens"] == windows.numel() == 8 * 32   # fewer calibration tokens than SCORE_TOKENS: all
+    measured = []
+    for cand in auto["candidates"]:
+        share = cand["k_shares"][-1]
+        flags = [] if share == "default" else ["--k-share", share]
+        out = tmp_path / f"norefit-{share}"
+        convert(original, out, calib_file, "--kv-ratio", "0.5", "--no-o-proj-refit", *flags)
+        measured.append(kl_on_windows(original, out, windows))
+        assert cand["kl"] == pytest.approx(measured[-1], rel=1e-5, abs=1e-6)   # (the report rounds to 1e-6)
+    assert len(set(round(m, 6) for m in measured)) == len(measured)   # the plans differ: so do their scores
+    best = auto["candidates"][min(range(len(measured)), key=measured.__getitem__)]
+    assert auto["k_share_actual"] == best["k_share_actual"] and auto["chosen"] == best["k_shares"][0]
+    # the checkpoint is care-convert's at that share, refit included
+    flags = [] if auto["chosen"] == "default" else ["--k-share", auto["chosen"]]
+    convert(original, tmp_path / "chosen", calib_file, "--kv-ratio", "0.5", *flags)
+    ours, theirs = checkpoint_tensors(tmp_path / "auto"), checkpoint_tensors(tmp_path / "chosen")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((tmp_path / "auto" / "config.json").read_text()) == json.loads(
+        (tmp_path / "chosen" / "config.json").read_text())
+
+
+def test_auto_at_parity_scores_nothing_and_is_lossless_split(original, calib_file, tmp_path):
+    report = convert(original, tmp_path / "auto", calib_file, "--kv-ratio", "1", "--k-share", "auto")
+    auto = report["k_share_auto"]
+    # every share gives the lossless plan (16 key dims beside the rope key, 32 value dims a layer)
+    assert auto["candidates"] == [{"k_shares": ["default", *kshare_auto.CANDIDATES], "k_share_actual": pytest.approx(1 / 3, abs=1e-6),
+                                   "kl": None}]
+    assert auto["chosen"] == "default"
+    convert(original, tmp_path / "default", calib_file, "--kv-ratio", "1")
+    ours, theirs = checkpoint_tensors(tmp_path / "auto"), checkpoint_tensors(tmp_path / "default")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("value, needle", [("best", "'best' is neither a number nor 'auto'"),
+                                           ("1.5", "--k-share must be in (0, 1)")])
+def test_bad_k_share_is_refused(value, needle, original, calib_file, tmp_path):
+    out = tmp_path / "out"
+    proc = run_main(cli.main, "care-convert", original, out, "--calib", calib_file, *OPTIONS, "--k-share", value)
+    assert_refused_by("care-convert", proc, out, needle)
