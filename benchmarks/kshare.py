@@ -36,6 +36,9 @@ def build_parser():
     p.add_argument("--objective", default="kv", choices=["kv", "attention"])
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="the o_proj refit (default off here, as oneshot.py; on in care-convert)")
+    p.add_argument("--score-tokens", type=int, default=None,
+                   help="calibration tokens --k-share auto scores its candidates on (default: the converter's, "
+                        "converter/kshare_auto.py SCORE_TOKENS)")
     sweep.add_common_args(p, "kshare")
     return p
 
@@ -51,7 +54,31 @@ def render_md(res: dict) -> str:
                                                                 f"x{r['ppl'] / orig:.2f})")
     lines += [common.md_table(["model (original ppl)", "ranks", "KV ratio", *(f"k-share {sh}" for sh in shares)],
                               rows), ""]
+    autos = [r for r in res["rows"].values() if "k_share_auto" in r]
+    if autos:
+        lines += auto_scores_md(autos)
     return "\n".join(lines) + "\n"
+
+
+def auto_scores_md(rows: list[dict]) -> list[str]:
+    """The `--k-share auto` cells' scores: each candidate split's KL to the original on the calibration windows
+    (no refit), the chosen (lowest) in bold; shares whose rank plans coincide were scored once and show the same
+    KL."""
+    from converter.kshare_auto import CANDIDATES
+
+    columns = ["default", *CANDIDATES]
+    table = []
+    for r in rows:
+        auto = r["k_share_auto"]
+        kl = {share: c["kl"] for c in auto["candidates"] for share in c["k_shares"]}
+        best = min(v for v in kl.values() if v is not None) if any(v is not None for v in kl.values()) else None
+        table.append([r["model"], r["policy"], f"{r['kv_ratio']:g}", f"{auto['chosen']} ({auto['k_share_actual']:.2f})"]
+                     + ["—" if kl.get(c) is None else f"**{kl[c]:.4f}**" if kl[c] == best else f"{kl[c]:.4f}"
+                        for c in columns])
+    return [f"`--k-share auto`: each candidate split's KL to the original (nats/token) on the first "
+            f"{rows[0]['k_share_auto']['score_tokens']} calibration tokens, converted without the refit; the lowest "
+            "(in bold) is the share it converts at", "",
+            common.md_table(["model", "ranks", "KV ratio", "chosen (K share)", *(f"{c}" for c in columns)], table), ""]
 
 
 def main(argv=None) -> int:
@@ -61,13 +88,18 @@ def main(argv=None) -> int:
     policies, shares = common.csv_list(args.policies), common.csv_list(args.shares)
     ratios = [float(r) for r in common.csv_list(args.ratios)]
     shared = {"objective": args.objective, "o_proj_refit": args.refit}
+    own = {"ratios": ratios, "policies": policies, "shares": shares, **shared}
+    if args.score_tokens is not None:   # (recorded only when given: older results reproduce their settings)
+        from converter import kshare_auto
+
+        kshare_auto.SCORE_TOKENS = own["score_tokens"] = args.score_tokens
 
     def cells(name):
         return sweep.pair_cells(name, "k_share", shares, policies, ratios,
                                 option=lambda sh: None if sh == "default" else sh if sh == "auto" else float(sh),
                                 **shared)
 
-    return sweep.run(args, {"ratios": ratios, "policies": policies, "shares": shares, **shared},
+    return sweep.run(args, own,
                      common.csv_list(args.models), cells, render_md, "ckpt_kshare",
                      extra=lambda rep: {"k_share_actual": k_share_given(rep),
                                         **{k: rep[k] for k in ("k_share_auto",) if k in rep}})

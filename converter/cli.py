@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return code
     summary = {k: report[k] for k in ("method", "objective", "rank_policy", "o_proj_refit", "kv_ratio", "cache_values_per_token",
                                       "original_cache_values_per_token", "seconds")}
+    if "k_share_auto" in report:   # what --k-share auto chose (the scores: care_report.json)
+        summary["k_share_auto"] = {k: report["k_share_auto"][k] for k in ("chosen", "k_share_actual")}
     print(json.dumps({"out": args.out, **summary}, indent=2))
     return 0
 

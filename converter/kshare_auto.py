@@ -42,8 +42,10 @@ LOGIT_CHUNK = 1024     # tokens per LM-head call when scoring (a 128K vocabulary
 Ranks = tuple[list[int], list[int]]
 
 
-def score_windows(windows: torch.Tensor, tokens: int = SCORE_TOKENS) -> torch.Tensor:
-    """The first calibration windows that hold `tokens` tokens (at least one window, at most all)."""
+def score_windows(windows: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+    """The first calibration windows that hold `tokens` tokens (default SCORE_TOKENS; at least one window,
+    at most all)."""
+    tokens = SCORE_TOKENS if tokens is None else tokens
     return windows[:max(1, min(windows.shape[0], math.ceil(tokens / windows.shape[1])))]
 
 

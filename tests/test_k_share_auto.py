@@ -27,7 +27,12 @@ def original(request, tmp_path_factory) -> Path:
 def convert(original: Path, out: Path, calib_file: Path, *flags) -> dict:
     proc = run_main(cli.main, "care-convert", original, out, "--calib", calib_file, *OPTIONS, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "care_report.json").read_text())
+    report = json.loads((out / "care_report.json").read_text())
+    if "k_share_auto" in report:   # what it chose is also in the summary care-convert prints
+        auto = report["k_share_auto"]
+        assert json.loads(proc.stdout)["k_share_auto"] == {"chosen": auto["chosen"],
+                                                            "k_share_actual": auto["k_share_actual"]}
+    return report
 
 
 def kl_on_windows(original: Path, converted: Path, windows: torch.Tensor) -> float:
