@@ -14,7 +14,8 @@ from converter import calib_data, cli, kshare_auto
 from tests.cli_run import assert_refused_by, run_main
 from tests.tiny_models import checkpoint_tensors, make_tiny_original
 
-OPTIONS = ["--calib-samples", "8", "--calib-seqlen", "32", "--ranks", "uniform", "--objective", "attention",
+# 160 windows of 32 tokens: more than the 4096 tokens (128 windows) that candidates are scored on
+OPTIONS = ["--calib-samples", "160", "--calib-seqlen", "32", "--ranks", "uniform", "--objective", "attention",
            "--rope-dim", "16"]
 
 
@@ -50,18 +51,18 @@ def test_auto_converts_at_the_split_whose_unrefitted_model_is_closest(original, 
     report = convert(original, tmp_path / "auto", calib_file, "--kv-ratio", "0.5", "--k-share", "auto")
     auto = report["k_share_auto"]
     assert report["options"]["k_share"] == "auto"
-    # 16 latent ranks a layer (0.5 x 64 - the 16-wide rope key) split by the share, round(16 x share): 3..8 K ranks
-    # for 0.2 .. 0.5; the default share (16 lossless key dims beside the rope key, 32 value dims: 1/3) gives 5, as
+    # 16 latent ranks a layer (0.5 x 64 - the 16-wide rope key) split by the share, round(16 x share): 2..8 K ranks
+    # for 0.15 .. 0.5; the default share (16 lossless key dims beside the rope key, 32 value dims: 1/3) gives 5, as
     # 0.3 does, and 0.35 and 0.4 both give 6: those are scored once
     plans = [c["k_shares"] for c in auto["candidates"]]
-    assert plans == [["default", 0.3], [0.2], [0.25], [0.35, 0.4], [0.45], [0.5]]
-    assert [c["k_share_actual"] for c in auto["candidates"]] == [k / 16 for k in (5, 3, 4, 6, 7, 8)]
+    assert plans == [["default", 0.3], [0.15], [0.2], [0.25], [0.35, 0.4], [0.45], [0.5]]
+    assert [c["k_share_actual"] for c in auto["candidates"]] == [k / 16 for k in (5, 2, 3, 4, 6, 7, 8)]
     # every candidate's score, measured independently: converted without the refit, run by transformers
     from transformers import AutoTokenizer
 
     windows = calib_data.token_windows(AutoTokenizer.from_pretrained(original),
-                                       calib_data.read_texts([calib_file]), 8, 32, 0)[:auto["score_windows"]]
-    assert auto["score_tokens"] == windows.numel() == 8 * 32   # fewer calibration tokens than SCORE_TOKENS: all
+                                       calib_data.read_texts([calib_file]), 160, 32, 0)[:128]
+    assert (auto["score_windows"], auto["score_tokens"]) == (128, kshare_auto.SCORE_TOKENS) == (128, 4096)
     measured = []
     for cand in auto["candidates"]:
         share = cand["k_shares"][-1]
