@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from model_defs.configuration_care import AUTO_MAP, variant_architecture
+from model_defs.configuration_care import AUTO_MAP, CareMLAConfig, variant_architecture
 from tqdm.auto import tqdm
 
 from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, kshare_auto, load, model_card,
@@ -356,8 +356,6 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
 
     k_share, auto_report = opts.k_share, None
     if k_share == kshare_auto.AUTO:
-        from model_defs import CareMLAConfig  # noqa: PLC0415
-
         with timer.stage("k_share_auto"):
             k_share, auto_report = kshare_auto.choose(
                 plan, lambda ranks: CareMLAConfig(**_config(source, cfg, opts, d_h, d_r, *ranks, maps[0].inv_freq,
@@ -379,8 +377,6 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     config = _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, maps[0].inv_freq, str(src))
     refitter = None
     if opts.o_proj_refit:
-        from model_defs import CareMLAConfig  # noqa: PLC0415
-
         with timer.stage("refit"):
             refitter = refit.OutputRefit(source.model, windows, CareMLAConfig(**config), opts.device,
                                          opts.calib_batch, DTYPES[opts.calib_dtype], opts.o_proj_refit_ridge)
