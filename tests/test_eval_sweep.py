@@ -124,11 +124,13 @@ def test_k_shares_sweep_converts_every_split_as_care_convert_with_that_k_share(o
                                                                                tmp_path, capsys):
     keep = tmp_path / "keep"
     code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
-                              "--kv-ratios", "0.5", "--rope-dim", "16", "--k-shares", "0.75,default,0.25",
+                              "--kv-ratios", "0.5", "--rope-dim", "16", "--k-shares", "0.75,default,auto,0.25",
                               "--keep", keep, *CONVERT_OPTIONS, *EVAL_OPTIONS)
     assert code == 0, err
-    assert [r["k_share"] for r in res["rows"]] == [None, 0.25, 0.75]   # the default first, then sorted
-    assert sorted(p.name for p in keep.iterdir()) == ["kv0.5-kshare-default", "kv0.5-kshare0.25", "kv0.5-kshare0.75"]
+    # the default first, then auto's choice, then the shares sorted
+    assert [r["k_share"] for r in res["rows"]] == [None, "auto", 0.25, 0.75]
+    assert sorted(p.name for p in keep.iterdir()) == ["kv0.5-kshare-auto", "kv0.5-kshare-default", "kv0.5-kshare0.25",
+                                                      "kv0.5-kshare0.75"]
     assert "| K share |" in err
     for row in res["rows"]:
         kept = Path(row["checkpoint"])
@@ -141,7 +143,8 @@ def test_k_shares_sweep_converts_every_split_as_care_convert_with_that_k_share(o
     # 0.5 x 64 = 32 values a layer, 16 of them the rope key: 16 latent ranks a layer, 4 / 12 at 0.25, 12 / 4 at
     # 0.75; the default splits them as the lossless widths, 32 - 16 key dims left after the rope key and 32 value
     # dims: 1/3, rounded to whole ranks
-    assert [r["k_share_actual"] for r in res["rows"]] == [pytest.approx(5 / 16, abs=1 / 16), 0.25, 0.75]
+    fixed = [r["k_share_actual"] for r in res["rows"] if r["k_share"] != "auto"]
+    assert fixed == [pytest.approx(5 / 16, abs=1 / 16), 0.25, 0.75]
 
 
 def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file, tmp_path, capsys, monkeypatch):

@@ -70,10 +70,12 @@ def test_streamed_source_holds_no_experts_and_reads_them_as_transformers_fuses(t
     assert source.model.model.layers[0].mlp.experts.down_proj.is_meta
 
 
-def test_conversion_with_streamed_experts_equals_converting_the_whole_model(tmp_path, calib_file):
-    """care-convert (streams) writes exactly what converting transformers' fully loaded model writes."""
+@pytest.mark.parametrize("k_share", [None, "auto"])
+def test_conversion_with_streamed_experts_equals_converting_the_whole_model(tmp_path, calib_file, k_share):
+    """care-convert (streams) writes exactly what converting transformers' fully loaded model writes; with
+    --k-share auto its candidates' scores, run through the streamed experts, are the whole model's too."""
     src = _source(tmp_path, "per_expert", torch.bfloat16)
-    kw = dict(kv_ratio=0.5, calib_samples=8, calib_seqlen=64, ranks="adjusted")
+    kw = dict(kv_ratio=0.5, calib_samples=8, calib_seqlen=64, ranks="adjusted", k_share=k_share)
     streamed = convert(src, tmp_path / "streamed", calib_files=[calib_file], **kw)
 
     whole = load.load_source(src)
@@ -83,6 +85,9 @@ def test_conversion_with_streamed_experts_equals_converting_the_whole_model(tmp_
 
     assert streamed["cache_values_per_token"] == reference["cache_values_per_token"]
     assert streamed["layers"] == reference["layers"]
+    assert streamed.get("k_share_auto") == reference.get("k_share_auto")
+    if k_share == "auto":
+        assert len(streamed["k_share_auto"]["candidates"]) > 1 and streamed["k_share_auto"]["candidates"][0]["kl"] > 0
     got, want = checkpoint_tensors(tmp_path / "streamed"), checkpoint_tensors(tmp_path / "whole")
     assert sorted(got) == sorted(want)
     assert any(".mlp.experts.gate_up_proj" in k for k in got)
