@@ -188,6 +188,8 @@ def _row(ratio: float, opt: dict, report: dict, measured: dict, checkpoint: Path
            "original_cache_values_per_token": original, "kv_capacity": original / cache,
            "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"], "kl": measured["kl"],
            "top1_agreement": measured["top1_agreement"], "convert_seconds": report["seconds"]["total"]}
+    if "k_share_auto" in report:   # --k-share auto: what it chose and every candidate's score
+        row["k_share_auto"] = report["k_share_auto"]
     if checkpoint is not None:
         row["checkpoint"] = str(checkpoint)
     return row

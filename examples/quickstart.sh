@@ -5,13 +5,14 @@
 #   bash examples/quickstart.sh            # keeps serving on http://127.0.0.1:$PORT until Ctrl-C
 #   NO_WAIT=1 bash examples/quickstart.sh  # stop the server after the example queries
 # Environment: KV_RATIO (default 0.5), METHOD (care), RANKS (uniform), OBJECTIVE (attention),
-# K_SHARE (0.25; "default": the converter's proportional K/V split), CALIB_SAMPLES (64 windows of 256
+# K_SHARE (0.25; "default": the converter's proportional K/V split; "auto": chosen in the conversion), CALIB_SAMPLES (64 windows of 256
 # tokens: a few minutes on 2 CPU cores; the converter's default is 256), PORT (8000), OUT. RANKS/OBJECTIVE are the best measured settings for this model served for chat
 # (benchmarks/results/chat_calib_attention.md: KL to the original 0.73 per answer token vs 1.10 with
 # the converter's paper defaults, --ranks adjusted --objective kv; with the converter's o_proj refit,
 # on by default, 0.41: benchmarks/results/chat_calib_attention_refit.md). K_SHARE 0.25: a quarter of the latent
 # to K instead of the proportional 0.40 lowers that KL by another 13 % at KV 0.5 (held-out chat: 0.294 -> 0.255,
-# benchmarks/results/kshare_sweep_smollm2_chat.md); at other budgets sweep it (`care-eval sweep --k-shares`).
+# benchmarks/results/kshare_sweep_smollm2_chat.md); at other budgets K_SHARE=auto lets the converter choose
+# (at KV 0.25 it chose 0.35, better than any fixed share swept: kshare_auto_sweep_smollm2_chat.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KV_RATIO=${KV_RATIO:-0.5}; METHOD=${METHOD:-care}; RANKS=${RANKS:-uniform}; OBJECTIVE=${OBJECTIVE:-attention}
