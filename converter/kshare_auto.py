@@ -146,10 +146,11 @@ def _kl_per_token(model, original: list[torch.Tensor], streams: list[list[torch.
             flat = h.flatten(0, 1)
             for s in range(0, flat.shape[0], LOGIT_CHUNK):
                 log_p = torch.log_softmax(head(norm(flat[s:s + LOGIT_CHUNK].to(device))).float(), -1)
+                p = log_p.exp()
                 for c, hidden in enumerate(streams):
                     log_q = torch.log_softmax(head(norm(hidden[i].flatten(0, 1)[s:s + LOGIT_CHUNK].to(device)))
                                               .float(), -1)
-                    totals[c] += (log_p.exp() * (log_p - log_q)).sum().item()
+                    totals[c] += (p * log_p.sub(log_q)).sum().item()
             tokens += flat.shape[0]
     finally:
         for module, src in ((norm, model.model.norm), (head, model.lm_head)):

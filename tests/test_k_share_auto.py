@@ -26,7 +26,10 @@ def original(request, tmp_path_factory) -> Path:
 
 
 def convert(original: Path, out: Path, calib_file: Path, *flags) -> dict:
-    proc = run_main(cli.main, "care-convert", original, out, "--calib", calib_file, *OPTIONS, *flags)
+    """care-convert with OPTIONS and `flags` (calibrating once per test: the statistics do not depend on the split)."""
+    stats = out.parent / "calib_stats.pt"
+    proc = run_main(cli.main, "care-convert", original, out, "--calib", calib_file, *OPTIONS, *flags,
+                    "--stats-cache", stats)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "care_report.json").read_text())
     if "k_share_auto" in report:   # what it chose is also in the summary care-convert prints
@@ -36,15 +39,22 @@ def convert(original: Path, out: Path, calib_file: Path, *flags) -> dict:
     return report
 
 
-def kl_on_windows(original: Path, converted: Path, windows: torch.Tensor) -> float:
-    """Mean KL(original || converted) per token on `windows`, with the plain transformers models."""
+def log_probs(folder: Path, windows: torch.Tensor):
+    """Next-token log-probabilities (fp64) of the plain transformers model in `folder` on `windows`, 16 windows
+    at a time (a generator: one chunk in memory)."""
     import model_defs  # noqa: F401  (registers care_mla)
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
-        lp = [torch.log_softmax(AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()(windows).logits
-                                .double(), -1) for f in (original, converted)]
-    return (lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean().item()
+        for chunk in windows.split(16):
+            yield torch.log_softmax(model(chunk).logits.double(), -1)
+
+
+def kl_on_windows(original: list[torch.Tensor], converted: Path, windows: torch.Tensor) -> float:
+    """Mean KL(original || converted) per token on `windows` (`original`: the original's log_probs)."""
+    total = sum((lp.exp() * (lp - lq)).sum().item() for lp, lq in zip(original, log_probs(converted, windows)))
+    return total / windows.numel()
 
 
 def test_auto_converts_at_the_split_whose_unrefitted_model_is_closest(original, calib_file, tmp_path):
@@ -63,13 +73,13 @@ def test_auto_converts_at_the_split_whose_unrefitted_model_is_closest(original, 
     windows = calib_data.token_windows(AutoTokenizer.from_pretrained(original),
                                        calib_data.read_texts([calib_file]), 160, 32, 0)[:128]
     assert (auto["score_windows"], auto["score_tokens"]) == (128, kshare_auto.SCORE_TOKENS) == (128, 4096)
-    measured = []
+    measured, reference = [], list(log_probs(original, windows))
     for cand in auto["candidates"]:
         share = cand["k_shares"][-1]
         flags = [] if share == "default" else ["--k-share", share]
         out = tmp_path / f"norefit-{share}"
         convert(original, out, calib_file, "--kv-ratio", "0.5", "--no-o-proj-refit", *flags)
-        measured.append(kl_on_windows(original, out, windows))
+        measured.append(kl_on_windows(reference, out, windows))
         assert cand["kl"] == pytest.approx(measured[-1], rel=1e-5, abs=1e-6)   # (the report rounds to 1e-6)
     assert len(set(round(m, 6) for m in measured)) == len(measured)   # the plans differ: so do their scores
     best = auto["candidates"][min(range(len(measured)), key=measured.__getitem__)]
