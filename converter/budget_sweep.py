@@ -204,7 +204,8 @@ def format_table(result: dict) -> str:
              "| KL (nats/token) | top-1 agreement | convert s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} | {r['k_share_actual']:.2f} "
+        share = ("auto: " if r.get("k_share") == "auto" else "") + f"{r['k_share_actual']:.2f}"
+        lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} | {share} "
                      f"| {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
                      f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "
                      f"{r['kl']:.4f} | {r['top1_agreement']:.3f} | {r['convert_seconds']:.0f} |"

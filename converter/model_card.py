@@ -90,6 +90,8 @@ def _body(name: str, config: dict, report: dict, base_model: str | None, metadat
     arch = report.get("source_architecture") or config["architectures"][0]
     refit = (f"o_proj least-squares refit (ridge {care['o_proj_refit_ridge']})" if care.get("o_proj_refit")
              else "no o_proj refit")
+    k_share = sum(config["k_ranks"]) / (sum(config["k_ranks"]) + sum(config["v_ranks"]))
+    split = f"{k_share:.2f} of the latent to K" + (", chosen by `--k-share auto`" if "k_share_auto" in report else "")
     width_text = (f"{widths[0]} values" if len(set(widths)) == 1
                   else f"{min(widths)} to {max(widths)} values (ranks differ per layer)")
     files = ", ".join(Path(f).name for f in calib["files"]) or "built-in text"
@@ -107,7 +109,7 @@ fitted to the model's activations, plus a small shared RoPE key.
 | all {n_layers} layers | {orig:,} values | {cache:,} values ({cache / orig:.2f}x) |
 | per layer | {orig // n_layers:,} values | {width_text} |
 
-Conversion: method `{care['method']}`, objective `{care['objective']}`, ranks `{care['rank_policy']}`,
+Conversion: method `{care['method']}`, objective `{care['objective']}`, ranks `{care['rank_policy']}` ({split}),
 {care['rope_dim']} RoPE dims, {refit}; calibrated on {calib['samples']} windows of {calib['seqlen']}
 tokens ({files}). Per-layer ranks and activation errors: `care_report.json`, `care_ranks.png`.
 A one-shot conversion loses some quality against the original until it is healed (`care-heal`).

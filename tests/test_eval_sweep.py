@@ -131,7 +131,7 @@ def test_k_shares_sweep_converts_every_split_as_care_convert_with_that_k_share(o
     assert [r["k_share"] for r in res["rows"]] == [None, "auto", 0.25, 0.75]
     assert sorted(p.name for p in keep.iterdir()) == ["kv0.5-kshare-auto", "kv0.5-kshare-default", "kv0.5-kshare0.25",
                                                       "kv0.5-kshare0.75"]
-    assert "| K share |" in err
+    assert "| K share |" in err and f"| auto: {res['rows'][1]['k_share_actual']:.2f} |" in err
     for row in res["rows"]:
         kept = Path(row["checkpoint"])
         flags = [] if row["k_share"] is None else ["--k-share", row["k_share"]]

@@ -91,6 +91,9 @@ def test_auto_converts_at_the_split_whose_unrefitted_model_is_closest(original, 
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert json.loads((tmp_path / "auto" / "config.json").read_text()) == json.loads(
         (tmp_path / "chosen" / "config.json").read_text())
+    # its card says how the split was made
+    card = (tmp_path / "auto" / "README.md").read_text()
+    assert f"({auto['k_share_actual']:.2f} of the latent to K, chosen by `--k-share auto`)" in card
 
 
 def test_auto_at_parity_scores_nothing_and_is_lossless_split(original, calib_file, tmp_path):
