@@ -63,12 +63,13 @@ def choose(plan: Callable[[float | None], Ranks], config_for: Callable[[Ranks], 
     them (a CareMLAConfig); `tensors_for(l, k_rank, v_rank)` layer l's converted attention tensors, as the
     pipeline writes them (o_proj's weight excluded). With a single distinct plan (at parity every share
     is the lossless one) nothing is scored."""
-    shares: list[float | None] = [None, *CANDIDATES]
     plans: dict[tuple, list[float | None]] = {}
-    for share in shares:
+    for share in [None, *CANDIDATES]:
         try:
             ranks = plan(share)
         except ConversionError:   # a share the budget's constraints cannot hold is not a candidate
+            if share is None:     # (the default's error is the conversion's own)
+                raise
             continue
         plans.setdefault((tuple(ranks[0]), tuple(ranks[1])), []).append(share)
     keys = list(plans)
