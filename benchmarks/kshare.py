@@ -71,7 +71,7 @@ def auto_scores_md(rows: list[dict]) -> list[str]:
     for r in rows:
         auto = r["k_share_auto"]
         kl = {share: c["kl"] for c in auto["candidates"] for share in c["k_shares"]}
-        best = min(v for v in kl.values() if v is not None) if any(v is not None for v in kl.values()) else None
+        best = min((v for v in kl.values() if v is not None), default=None)
         table.append([r["model"], r["policy"], f"{r['kv_ratio']:g}", f"{auto['chosen']} ({auto['k_share_actual']:.2f})"]
                      + ["—" if kl.get(c) is None else f"**{kl[c]:.4f}**" if kl[c] == best else f"{kl[c]:.4f}"
                         for c in columns])
@@ -99,10 +99,9 @@ def main(argv=None) -> int:
                                 option=lambda sh: None if sh == "default" else sh if sh == "auto" else float(sh),
                                 **shared)
 
-    return sweep.run(args, own,
-                     common.csv_list(args.models), cells, render_md, "ckpt_kshare",
+    return sweep.run(args, own, common.csv_list(args.models), cells, render_md, "ckpt_kshare",
                      extra=lambda rep: {"k_share_actual": k_share_given(rep),
-                                        **{k: rep[k] for k in ("k_share_auto",) if k in rep}})
+                                        **({"k_share_auto": rep["k_share_auto"]} if "k_share_auto" in rep else {})})
 
 
 if __name__ == "__main__":

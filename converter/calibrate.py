@@ -172,6 +172,16 @@ def matmul_precision(device: str):
         torch.set_float32_matmul_precision(before)
 
 
+def layer_forward(layer: torch.nn.Module, h: torch.Tensor, pos: torch.Tensor, rotary, device: str) -> torch.Tensor:
+    """A source decoder layer on hidden states `h` [B, T, D] at positions `pos` [1, T] (causal, no padding),
+    with the source's rotary embedding: its output hidden states. What calibration, the o_proj refit and the
+    --k-share auto scoring advance the original model's stream by."""
+    p = pos.expand(h.shape[0], -1)
+    with matmul_precision(device):
+        out = layer(h, attention_mask=None, position_ids=p, position_embeddings=rotary(h, p))
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", batch_size: int = 8,
                   dtype: torch.dtype = torch.float32, layer_in_memory=None) -> CalibStats:
@@ -229,13 +239,7 @@ def _propagate(src_layer, hidden: list, arch: str, device: str, dtype: torch.dty
         hooks.append(layer.self_attn.q_norm.register_forward_hook(on_qnorm))
     try:
         for i, h in enumerate(hidden):
-            h = h.to(device)
-            cos_sin = rotary(h, pos.expand(h.shape[0], -1))
-            with matmul_precision(device):
-                out = layer(h, attention_mask=None, position_ids=pos.expand(h.shape[0], -1),
-                            position_embeddings=cos_sin)
-            out = out[0] if isinstance(out, tuple) else out
-            hidden[i] = out.to(park)
+            hidden[i] = layer_forward(layer, h.to(device), pos, rotary, device).to(park)
     finally:
         for hk in hooks:
             hk.remove()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -55,13 +55,13 @@ def score_windows(windows: torch.Tensor, tokens: int | None = None) -> torch.Ten
 
 
 def choose(plan: Callable[[float | None], Ranks], config_for: Callable[[Ranks], object],
-           tensors_for: Callable[[int, int, int], dict], source, windows: torch.Tensor, device: str,
-           batch_size: int, dtype: torch.dtype) -> tuple[float | None, dict]:
+           tensors_for: Callable[[int, list[tuple[int, int]]], Iterable[dict]], source, windows: torch.Tensor,
+           device: str, batch_size: int, dtype: torch.dtype) -> tuple[float | None, dict]:
     """The K share to convert at (None: the proportional default) and the report of the choice.
 
     `plan(share)` gives a share's (K ranks, V ranks); `config_for(ranks)` the converted model's config with
-    them (a CareMLAConfig); `tensors_for(l, k_rank, v_rank)` layer l's converted attention tensors, as the
-    pipeline writes them (o_proj's weight excluded). With a single distinct plan (at parity every share
+    them (a CareMLAConfig); `tensors_for(l, [(k_rank, v_rank), ...])` layer l's converted attention tensors for
+    each pair in turn, as the pipeline writes them (o_proj's weight excluded). With a single distinct plan (at parity every share
     is the lossless one) nothing is scored."""
     plans: dict[tuple, list[float | None]] = {}
     for share in [None, *CANDIDATES]:
@@ -88,7 +88,8 @@ def choose(plan: Callable[[float | None], Ranks], config_for: Callable[[Ranks], 
 
 
 @torch.no_grad()
-def score(source, windows: torch.Tensor, configs: list, tensors_for: Callable[[int, int, int], dict],
+def score(source, windows: torch.Tensor, configs: list,
+          tensors_for: Callable[[int, list[tuple[int, int]]], Iterable[dict]],
           device: str, batch_size: int, dtype: torch.dtype) -> list[float]:
     """KL(original || converted) in nats per predicted token on `windows` [N, T] for each converted config
     (rank plan), the converted layers built by `tensors_for` with the source's own o_proj (no refit)."""
@@ -111,10 +112,10 @@ def score(source, windows: torch.Tensor, configs: list, tensors_for: Callable[[i
             layer = calibrate.working_copy(src_layer, device, dtype)
             try:
                 w_o = src_layer.self_attn.o_proj.weight.detach()
-                for config, hidden in zip(configs, streams):
+                plans = tensors_for(l, [(config.k_ranks[l], config.v_ranks[l]) for config in configs])
+                for config, hidden, tensors in zip(configs, streams, plans):
                     attn = CareMLAAttention(config, l)
-                    attn.load_state_dict({**tensors_for(l, config.k_ranks[l], config.v_ranks[l]),
-                                          "o_proj.weight": w_o}, strict=True)
+                    attn.load_state_dict({**tensors, "o_proj.weight": w_o}, strict=True)
                     attn.to(device, dtype).eval()
                     for i, h in enumerate(hidden):
                         h = h.to(device)
@@ -124,11 +125,7 @@ def score(source, windows: torch.Tensor, configs: list, tensors_for: Callable[[i
                             h = h + layer.mlp(layer.post_attention_layernorm(h))
                         hidden[i] = h.to(park)
                 for i, h in enumerate(original):
-                    h = h.to(device)
-                    p = pos.expand(h.shape[0], -1)
-                    with calibrate.matmul_precision(device):
-                        out = layer(h, attention_mask=None, position_ids=p, position_embeddings=inner.rotary_emb(h, p))
-                    original[i] = (out[0] if isinstance(out, tuple) else out).to(park)
+                    original[i] = calibrate.layer_forward(layer, h.to(device), pos, inner.rotary_emb, device).to(park)
             finally:
                 if layer is src_layer:
                     layer.cpu()

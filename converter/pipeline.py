@@ -293,12 +293,13 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     attention_bias = has_attention_bias(source.model)
 
     def layer_tensors(l: int, k_factor: factorize.Factor, v_factor: factorize.Factor, k_rank: int,
-                      v_rank: int) -> dict[str, torch.Tensor]:
+                      v_rank: int, qkv: tuple[torch.Tensor, ...] | None = None) -> dict[str, torch.Tensor]:
         """Layer l's converted attention tensors at these ranks (names under self_attn; o_proj's weight
         excluded, its bias included for a biased source), fp64: the writer casts them, the refit and the
-        --k-share auto scoring read them unrounded. The factors are those the factorize stage left (light)."""
+        --k-share auto scoring read them unrounded. The factors are those the factorize stage left (light);
+        `qkv`: the layer's weights(l), when the caller already has them."""
         a = attn[l]
-        wq, wk, wv = weights(l)
+        wq, wk, wv = qkv or weights(l)
         bq, bk, bv, bo = (_bias(getattr(a, f"{n}_proj")) for n in "qkvo")
         tensors = assemble.attention_tensors(
             arch=source.arch, wq=wq, wk=wk, wv=wv,
@@ -354,14 +355,20 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                                    [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, k_share,
                                    opts.rank_multiple)
 
+    def plan_tensors(l: int, ranks: list[tuple[int, int]]):
+        """Layer l's attention tensors for each (K rank, V rank) in turn (a generator: one plan's at a time), its
+        fp64 weights cast once for all."""
+        qkv = weights(l)
+        for k_rank, v_rank in ranks:
+            yield layer_tensors(l, k_factors[l], v_factors[l], k_rank, v_rank, qkv)
+
     k_share, auto_report = opts.k_share, None
     if k_share == kshare_auto.AUTO:
         with timer.stage("k_share_auto"):
             k_share, auto_report = kshare_auto.choose(
                 plan, lambda ranks: CareMLAConfig(**_config(source, cfg, opts, d_h, d_r, *ranks, maps[0].inv_freq,
                                                             str(src))),
-                lambda l, k_rank, v_rank: layer_tensors(l, k_factors[l], v_factors[l], k_rank, v_rank),
-                source, windows, opts.device, opts.calib_batch, DTYPES[opts.calib_dtype])
+                plan_tensors, source, windows, opts.device, opts.calib_batch, DTYPES[opts.calib_dtype])
     with timer.stage("allocate"):
         k_ranks, v_ranks = plan(k_share)
         # only the allocated ranks are used from here on

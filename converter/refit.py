@@ -118,11 +118,8 @@ class OutputRefit:
                 h, h_conv = h.to(self.device), h_conv.to(self.device)
                 o_conv = self._fit_input(attn, h_conv, layer.input_layernorm)
                 fitted.append(o_conv.to(self.park))
-                pos = self.pos.expand(h.shape[0], -1)
-                with calibrate.matmul_precision(self.device):
-                    out = layer(h, attention_mask=None, position_ids=pos,
-                                position_embeddings=self.source_rope(h, pos))
-                self.original[i] = (out[0] if isinstance(out, tuple) else out).to(self.park)
+                out = calibrate.layer_forward(layer, h, self.pos, self.source_rope, self.device)
+                self.original[i] = out.to(self.park)
                 o, p = seen.pop("o").flatten(0, 1).double(), o_conv.flatten(0, 1).double()
                 y = seen.pop("y").flatten(0, 1).double()
                 if value_bias is not None:

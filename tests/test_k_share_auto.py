@@ -100,8 +100,8 @@ def test_auto_at_parity_scores_nothing_and_is_lossless_split(original, calib_fil
     report = convert(original, tmp_path / "auto", calib_file, "--kv-ratio", "1", "--k-share", "auto")
     auto = report["k_share_auto"]
     # every share gives the lossless plan (16 key dims beside the rope key, 32 value dims a layer)
-    assert auto["candidates"] == [{"k_shares": ["default", *kshare_auto.CANDIDATES], "k_share_actual": pytest.approx(1 / 3, abs=1e-6),
-                                   "kl": None}]
+    assert auto["candidates"] == [{"k_shares": ["default", *kshare_auto.CANDIDATES],
+                                   "k_share_actual": pytest.approx(1 / 3, abs=1e-6), "kl": None}]
     assert auto["chosen"] == "default"
     convert(original, tmp_path / "default", calib_file, "--kv-ratio", "1")
     ours, theirs = checkpoint_tensors(tmp_path / "auto"), checkpoint_tensors(tmp_path / "default")
