@@ -11,7 +11,7 @@ E||k - k̂||^2 and E||v - v̂||^2. But no one reads k and v directly:
 * a value is only read through o_proj: head h's output error is W_O,h (attention-weighted e_a(h)).
   The heads of one KV group read the same values; taking their attention patterns as alike (and
   the groups' errors as unrelated) gives M_V = blockdiag_a(Wbar_a^T Wbar_a), Wbar_a = sum_{h in a} W_O,h.
-  Of the three forms tried (README, "Fitting objective"), it is the one never worse than the plain
+  Of the three forms tried (docs/RESULTS.md, "Fitting objective"), it is the one never worse than the plain
   objective: every head unrelated (blockdiag of sum_h W_O,h^T W_O,h) was worse than it wherever
   tried, all heads alike (Wbar^T Wbar over all groups) better in some cases but worse than plain
   CARE on SmolLM2 at KV 0.25.

@@ -6,22 +6,22 @@
 
 The budget is the one choice of a conversion that trades quality for serving capacity, and how much a
 given budget costs depends on the model and on the text (SmolLM2 at KV 0.5 loses far more than the
-small trained models in README's Results). The sweep converts SRC once per ratio exactly as
+small trained models in docs/RESULTS.md). The sweep converts SRC once per ratio exactly as
 `care-convert --kv-ratio R` with the same options would (the kept checkpoints are those), calibrating
 once (the statistics do not depend on the budget: one stats cache serves every conversion), and runs
 `care-eval compare`'s measurement of each against SRC on held-out text: perplexity, KL(original ||
 converted) and top-1 agreement per token, next to what the budget buys (cache values per token and
 how many times more tokens fit in the same KV memory). One JSON object on stdout, a table on stderr.
 With --rope-dims it converts at every (ratio, rope key width) pair: above KV 0.5 a wider rope key
-than the default 64 can be worth it (README, Results, "RoPE key width"), and what is best depends on
+than the default 64 can be worth it (docs/RESULTS.md, "RoPE key width"), and what is best depends on
 the model; pairs the budget cannot hold are refused before anything is converted. With --k-shares
 it converts at every ratio (and rope width) with each K/V split of the latent (`--k-share`; 'default'
 is the converter's own, proportional to the lossless K and V widths; 'auto' is `--k-share auto`, which
-picks one on the calibration text): the best split depends on the model and the budget (README, Results,
+picks one on the calibration text): the best split depends on the model and the budget (docs/RESULTS.md,
 "K/V split"), and each row states the share the ranks give.
 
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
-the converter itself holds (README, Known limits). Without --keep the checkpoints live in a temporary
+the converter itself holds (docs/LIMITS.md). Without --keep the checkpoints live in a temporary
 folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
 DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added with --k-shares), ready for `vllm
 serve`; a failure leaves the ones already finished (each complete: converter/write.py writes them

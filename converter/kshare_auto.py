@@ -1,6 +1,6 @@
 """`--k-share auto`: choose the K/V split of the latent by scoring candidate splits on calibration text.
 
-Why: how the latent budget is split between the K and the V latents matters (README, Results, "K/V
+Why: how the latent budget is split between the K and the V latents matters (docs/RESULTS.md, "K/V
 split"): a share below the converter's proportional default was best in 7 of 8 cells of
 benchmarks/results/kshare_deploy.md, by up to 4.6 % in perplexity, and the best share moves with the
 model and the budget, so no fixed share is right everywhere. Sweeping it (`care-eval sweep

@@ -16,7 +16,7 @@ o_proj, so where the conversion is exact (o' = o) W_O' = W_O exactly, and direct
 never excites keep the original weights.
 o_proj keeps its shape: the cache, the checkpoint format and serving are unchanged.
 
-Measured (README "o_proj refit"; benchmarks/o_refit.py): SmolLM2 at KV 0.5 one-shot perplexity 34.95 ->
+Measured (docs/RESULTS.md, "o_proj refit"; benchmarks/o_refit.py): SmolLM2 at KV 0.5 one-shot perplexity 34.95 ->
 25.1 (uniform ranks), 39.74 -> 29.0 (adjusted), and lower in all 12 cases of that table; propagating through the converted layers was a little
 better than fitting every layer on the original hidden states (25.1 vs 25.5), and refitting q/k/v the
 same way (a cross-covariance CARE) was worse than not (42.1). Cost: one more pass of the calibration
@@ -32,7 +32,7 @@ import torch
 
 from . import calibrate
 
-RIDGE = 0.01   # lam as a fraction of mean diag(C_o'o'): care-convert --o-proj-refit-ridge (README: how it was chosen)
+RIDGE = 0.01   # lam as a fraction of mean diag(C_o'o'): care-convert --o-proj-refit-ridge (docs/RESULTS.md: how it was chosen)
 
 
 class OutputRefit:

@@ -16,7 +16,7 @@ weights directly: kv_b_proj is absorbed into the queries and outputs at load. Th
 checkpoint in which they were quantized. The schemes used here need no calibration data: their weights are
 rounded to nearest, and their activations (W8A8, FP8_DYNAMIC) are quantized per token at run time. For GPTQ or
 AWQ, pass a dataset to `oneshot` as llm-compressor's examples do. On a CPU, vLLM 0.32 runs W8A8 only: its FP8
-kernels need AMX, and its W4A16 kernel is missing from the AVX2 build (README, "Quantized checkpoints").
+kernels need AMX, and its W4A16 kernel is missing from the AVX2 build (docs/SERVING.md, "Quantized checkpoints").
 """
 from __future__ import annotations
 

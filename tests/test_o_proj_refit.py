@@ -25,7 +25,7 @@ from tests.license_texts import CALIB, held_out_kl, require_license_texts
 from tests.tiny_models import SHARED, make_tiny_original, require_shared
 
 SAMPLES, SEQLEN = 8, 64
-DEFAULT_RIDGE = 0.01   # care-convert's documented default (README, --help)
+DEFAULT_RIDGE = 0.01   # care-convert's documented default (docs/CONVERTING.md, --help)
 # per architecture: the --o-proj-refit-ridge given (None: the default)
 RIDGE = {"llama": None, "qwen3": 0.1, "qwen3_moe": 1.0}
 
