@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--kv-ratio", type=float, default=0.5)
     p.add_argument("--ranks", default="adjusted", choices=["uniform", "adjusted"])
+    p.add_argument("--objective", default="kv", choices=["kv", "attention"])
+    p.add_argument("--k-share", default=None, help="as care-convert's (a fraction, or auto: times its scoring)")
+    p.add_argument("--no-o-proj-refit", dest="o_proj_refit", action="store_false", help="skip the refit stage")
     p.add_argument("--dtype", default="bfloat16", help="output dtype")
     p.add_argument("--tag", default=None, help="results file suffix (default: shape and device)")
     p.add_argument("--out-json", default=None, help="write the JSON here instead of benchmarks/results/")
@@ -81,7 +84,9 @@ def main(argv=None) -> int:
                          name=f"random-{args.shape}", src_dir=None)
     windows = torch.randint(3, cfg["vocab_size"], (args.calib_samples, args.calib_seqlen),
                             generator=torch.Generator().manual_seed(0))
-    opts = pipeline.Options(kv_ratio=args.kv_ratio, ranks=args.ranks, device=args.device, dtype=args.dtype,
+    k_share = args.k_share if args.k_share in (None, "auto") else float(args.k_share)
+    opts = pipeline.Options(kv_ratio=args.kv_ratio, ranks=args.ranks, objective=args.objective, k_share=k_share,
+                            o_proj_refit=args.o_proj_refit, device=args.device, dtype=args.dtype,
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             calib_batch=args.calib_batch, calib_dtype=args.calib_dtype, overwrite=True)
     out = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="care-speed-")) / "out"
@@ -99,7 +104,8 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "shape": args.shape, "layers": cfg["num_hidden_layers"], "params": n_params,
         "calibration_tokens": args.calib_samples * args.calib_seqlen, "calib_dtype": args.calib_dtype,
-        "kv_ratio": report["kv_ratio"], "ranks": args.ranks, "output_dtype": args.dtype,
+        "kv_ratio": report["kv_ratio"], "ranks": args.ranks, "objective": args.objective, "k_share": args.k_share,
+        "o_proj_refit": args.o_proj_refit, "k_share_auto": report.get("k_share_auto"), "output_dtype": args.dtype,
         "cache_values_per_token": report["cache_values_per_token"],
         "build_random_model_s": round(build_s, 2), "seconds": seconds, "convert_total_s": round(wall, 2),
         "peak_gpu_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -109,7 +115,9 @@ def main(argv=None) -> int:
     md = (f"# care-convert speed: {args.shape} ({cfg['num_hidden_layers']} layers, {n_params / 1e9:.2f} B params, "
           f"random weights) on {res['device_name']}\n\n"
           f"calibration {args.calib_samples} x {args.calib_seqlen} tokens ({args.calib_dtype}), KV ratio "
-          f"{report['kv_ratio']:.3f} {args.ranks}, output {args.dtype}; random init {build_s:.1f} s (not counted)\n\n"
+          f"{report['kv_ratio']:.3f} {args.ranks}, objective {args.objective}, K share {args.k_share or 'default'}, "
+          f"o_proj refit {'on' if args.o_proj_refit else 'off'}, output {args.dtype}; random init {build_s:.1f} s "
+          f"(not counted)\n\n"
           + common.md_table(["stage", "seconds"], rows) + f"\n\nCommand: `{res['command']}`\n")
     print(md)
     tag = args.tag or f"{args.shape}_{'gpu' if args.device.startswith('cuda') else 'cpu'}"
