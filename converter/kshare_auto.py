@@ -24,7 +24,8 @@ the proportional split in 6 of 6 cells, within 0.8 % of the best fixed share. CA
 all six cells (kshare_auto_16384.md, kshare_auto_4096.md) at four times the cost.
 
 Cost: per candidate, one forward of SCORE_TOKENS tokens through the converted layers (the original's
-once; SmolLM2 on 2 CPU cores: 67 s for nine plans, about what the refit takes), and its hidden states:
+once; SmolLM2 on 2 CPU cores: 67 s for nine plans, about what the refit takes; Llama-3.1-8B shapes: ~140 s a
+layer, 2.4x the refit: benchmarks/results/convert_speed_llama3-8b-2layers_cpu_kshare_auto.md), and its hidden states:
 (candidates + 1) x tokens x hidden values in the calibration dtype.
 """
 from __future__ import annotations
