@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import shapes  # noqa: E402
 
-from converter import load, pipeline  # noqa: E402
+from converter import cli, load, pipeline  # noqa: E402
 
 
 def random_model(cfg: dict, seed: int, dtype: torch.dtype = torch.float32, draw_on: str = "cpu"):
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-ratio", type=float, default=0.5)
     p.add_argument("--ranks", default="adjusted", choices=["uniform", "adjusted"])
     p.add_argument("--objective", default="kv", choices=["kv", "attention"])
-    p.add_argument("--k-share", default=None, help="as care-convert's (a fraction, or auto: times its scoring)")
+    p.add_argument("--k-share", type=cli.k_share_value, default=None,
+                   help="as care-convert's (a fraction, or auto: times its scoring)")
     p.add_argument("--no-o-proj-refit", dest="o_proj_refit", action="store_false", help="skip the refit stage")
     p.add_argument("--dtype", default="bfloat16", help="output dtype")
     p.add_argument("--tag", default=None, help="results file suffix (default: shape and device)")
@@ -84,8 +85,7 @@ def main(argv=None) -> int:
                          name=f"random-{args.shape}", src_dir=None)
     windows = torch.randint(3, cfg["vocab_size"], (args.calib_samples, args.calib_seqlen),
                             generator=torch.Generator().manual_seed(0))
-    k_share = args.k_share if args.k_share in (None, "auto") else float(args.k_share)
-    opts = pipeline.Options(kv_ratio=args.kv_ratio, ranks=args.ranks, objective=args.objective, k_share=k_share,
+    opts = pipeline.Options(kv_ratio=args.kv_ratio, ranks=args.ranks, objective=args.objective, k_share=args.k_share,
                             o_proj_refit=args.o_proj_refit, device=args.device, dtype=args.dtype,
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             calib_batch=args.calib_batch, calib_dtype=args.calib_dtype, overwrite=True)

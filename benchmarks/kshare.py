@@ -83,6 +83,7 @@ def auto_scores_md(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     from converter.budget_sweep import k_share_given
+    from converter.cli import k_share_value
 
     args = build_parser().parse_args(argv)
     policies, shares = common.csv_list(args.policies), common.csv_list(args.shares)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
 
     def cells(name):
         return sweep.pair_cells(name, "k_share", shares, policies, ratios,
-                                option=lambda sh: None if sh == "default" else sh if sh == "auto" else float(sh),
+                                option=lambda sh: None if sh == "default" else k_share_value(sh),
                                 **shared)
 
     return sweep.run(args, own, common.csv_list(args.models), cells, render_md, "ckpt_kshare",

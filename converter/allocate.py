@@ -51,6 +51,12 @@ def split_budget(latent_total: int, full_k: list[int], full_v: list[int],
     return k_total, v_total
 
 
+def k_share_of(k_ranks: list[int], v_ranks: list[int]) -> float:
+    """The share of the latent that these ranks give to K: sum r_K / sum (r_K + r_V) (what a --k-share becomes
+    once ranks are whole numbers; reported by care_report.json, the model card and the sweeps)."""
+    return sum(k_ranks) / (sum(k_ranks) + sum(v_ranks))
+
+
 def uniform_ranks(total: int, full: list[int]) -> list[int]:
     n = len(full)
     base, extra = divmod(total, n)

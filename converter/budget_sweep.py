@@ -176,8 +176,10 @@ def _option_suffix(opt: dict) -> str:
 
 def k_share_given(report: dict) -> float:
     """The share of a conversion's latent that its ranks give to K: sum r_K / sum (r_K + r_V) (care_report.json)."""
-    k = sum(layer["k_rank"] for layer in report["layers"])
-    return k / (k + sum(layer["v_rank"] for layer in report["layers"]))
+    from .allocate import k_share_of
+
+    return k_share_of([layer["k_rank"] for layer in report["layers"]],
+                      [layer["v_rank"] for layer in report["layers"]])
 
 
 def _row(ratio: float, opt: dict, report: dict, measured: dict, checkpoint: Path | None) -> dict:

@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from . import calibrate
+from . import allocate, calibrate
 from .errors import ConversionError
 
 AUTO = "auto"   # the --k-share value (converter/cli.py parses it without importing this module)
@@ -80,7 +80,7 @@ def choose(plan: Callable[[float | None], Ranks], config_for: Callable[[Ranks], 
     best = min(range(len(keys)), key=lambda i: (kls[i], i))   # ties: the earlier (the default first)
     chosen = plans[keys[best]][0]
     candidates = [{"k_shares": ["default" if s is None else s for s in plans[key]],
-                   "k_share_actual": round(sum(key[0]) / (sum(key[0]) + sum(key[1])), 6),
+                   "k_share_actual": round(allocate.k_share_of(*key), 6),
                    "kl": None if len(keys) == 1 else round(kl, 6)} for key, kl in zip(keys, kls)]
     report = {"chosen": "default" if chosen is None else chosen, "k_share_actual": candidates[best]["k_share_actual"],
               "candidates": candidates, "score_windows": int(scored.shape[0]),

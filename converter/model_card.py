@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .allocate import k_share_of
+
 # Top-level files of a source folder that carry its licence terms (Llama: LICENSE + USE_POLICY.md;
 # Apache-2.0 repos: LICENSE, sometimes NOTICE). Matched case-insensitively, any extension.
 LICENSE_FILE = re.compile(r"^(licen[cs]e|notice|use_policy|copying)([._-].*)?$", re.IGNORECASE)
@@ -90,8 +92,7 @@ def _body(name: str, config: dict, report: dict, base_model: str | None, metadat
     arch = report.get("source_architecture") or config["architectures"][0]
     refit = (f"o_proj least-squares refit (ridge {care['o_proj_refit_ridge']})" if care.get("o_proj_refit")
              else "no o_proj refit")
-    k_share = sum(config["k_ranks"]) / (sum(config["k_ranks"]) + sum(config["v_ranks"]))
-    split = f"{k_share:.2f} of the latent to K" + (", chosen by `--k-share auto`" if "k_share_auto" in report else "")
+    split = f"{k_share_of(config['k_ranks'], config['v_ranks']):.2f} of the latent to K" + (", chosen by `--k-share auto`" if "k_share_auto" in report else "")
     width_text = (f"{widths[0]} values" if len(set(widths)) == 1
                   else f"{min(widths)} to {max(widths)} values (ranks differ per layer)")
     files = ", ".join(Path(f).name for f in calib["files"]) or "built-in text"
