@@ -26,7 +26,7 @@ LONGEST_FIRST = ("test_vllm_serve.py", "test_care_bench.py", "test_vllm_tensor_p
                  "test_vllm_bf16.py", "test_converter_exact.py", "test_vllm_kv_cache.py", "test_vllm_lora.py",
                  "test_heal.py", "test_attention_objective.py", "test_vllm_weight_reload.py",
                  "test_vllm_kv_connector.py", "test_vllm_lora_quantized.py", "test_vllm_prompt_embeds_pooling.py",
-                 "test_vllm_preemption.py", "test_vllm_spec_decode.py", "test_vllm_structured_outputs.py")
+                 "test_vllm_data_parallel.py", "test_vllm_preemption.py", "test_vllm_spec_decode.py", "test_vllm_structured_outputs.py")
 
 
 def worker_cores() -> list[int] | None:

@@ -52,9 +52,9 @@ def worker_kv_shapes(log: str, kind: str) -> dict[int, dict[int, tuple[int, ...]
 
 
 def one_core_per_rank() -> dict[str, str]:
-    """The environment of a two-rank (`--tensor-parallel-size 2` / `--pipeline-parallel-size 2`) CPU server: vLLM's
-    CPU workers pin their OpenMP threads and by default also reserve a core for the front end, which leaves nothing
-    for a second rank on a 2-core machine: one core per rank."""
+    """The environment of a two-rank (`--tensor-parallel-size 2` / `--pipeline-parallel-size 2`) or two-engine
+    (`--data-parallel-size 2`) CPU server: vLLM's CPU workers pin their OpenMP threads and by default also reserve a
+    core for the front end, which leaves nothing for a second rank on a 2-core machine: one core per rank."""
     cpus = sorted(os.sched_getaffinity(0))
     first, second = cpus[0], cpus[1 % len(cpus)]
     return {"VLLM_CPU_OMP_THREADS_BIND": f"{first}|{second}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
