@@ -38,7 +38,7 @@ def build_parser():
                    help="the o_proj refit (default off here, as oneshot.py; on in care-convert)")
     p.add_argument("--score-tokens", type=int, default=None,
                    help="calibration tokens --k-share auto scores its candidates on (default: the converter's, "
-                        "converter/kshare_auto.py SCORE_TOKENS)")
+                        "care-convert --k-share-score-tokens' default)")
     sweep.add_common_args(p, "kshare")
     return p
 
@@ -90,15 +90,14 @@ def main(argv=None) -> int:
     ratios = [float(r) for r in common.csv_list(args.ratios)]
     shared = {"objective": args.objective, "o_proj_refit": args.refit}
     own = {"ratios": ratios, "policies": policies, "shares": shares, **shared}
+    scoring = {}
     if args.score_tokens is not None:   # (recorded only when given: older results reproduce their settings)
-        from converter import kshare_auto
-
-        kshare_auto.SCORE_TOKENS = own["score_tokens"] = args.score_tokens
+        own["score_tokens"] = scoring["k_share_score_tokens"] = args.score_tokens
 
     def cells(name):
         return sweep.pair_cells(name, "k_share", shares, policies, ratios,
                                 option=lambda sh: None if sh == "default" else k_share_value(sh),
-                                **shared)
+                                **shared, **scoring)
 
     return sweep.run(args, own, common.csv_list(args.models), cells, render_md, "ckpt_kshare",
                      extra=lambda rep: {"k_share_actual": k_share_given(rep),

@@ -97,6 +97,10 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "split, of several, whose converted model (without the refit) is closest to the original "
                         "on the calibration text (default: proportional to the lossless K and V widths; often "
                         "less is better: `care-eval sweep --k-shares` measures it on your text)")
+    # (default: kshare_auto.SCORE_TOKENS, written out so that --help needs no torch; tests/test_k_share_auto.py ties them)
+    p.add_argument("--k-share-score-tokens", type=int, default=4096, metavar="N",
+                   help="--k-share auto: how many calibration tokens (the first whole windows, at least one) each "
+                        "candidate split is scored on (default 4096; its cost grows in proportion)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default auto: the dtype the source is stored in; fp32 for a .gguf source)")
     p.add_argument("--device", default="cpu",

@@ -57,13 +57,15 @@ def score_windows(windows: torch.Tensor, tokens: int | None = None) -> torch.Ten
 
 def choose(plan: Callable[[float | None], Ranks], config_for: Callable[[Ranks], object],
            tensors_for: Callable[[int, list[tuple[int, int]]], Iterable[dict]], source, windows: torch.Tensor,
-           device: str, batch_size: int, dtype: torch.dtype) -> tuple[float | None, dict]:
+           device: str, batch_size: int, dtype: torch.dtype, score_tokens: int | None = None
+           ) -> tuple[float | None, dict]:
     """The K share to convert at (None: the proportional default) and the report of the choice.
 
     `plan(share)` gives a share's (K ranks, V ranks); `config_for(ranks)` the converted model's config with
     them (a CareMLAConfig); `tensors_for(l, [(k_rank, v_rank), ...])` layer l's converted attention tensors for
     each pair in turn, as the pipeline writes them (o_proj's weight excluded). With a single distinct plan (at parity every share
-    is the lossless one) nothing is scored."""
+    is the lossless one) nothing is scored. The candidates are scored on the first `score_tokens` calibration tokens
+    (default SCORE_TOKENS; whole windows, at least one)."""
     plans: dict[tuple, list[float | None]] = {}
     for share in [None, *CANDIDATES]:
         try:
@@ -74,7 +76,7 @@ def choose(plan: Callable[[float | None], Ranks], config_for: Callable[[Ranks], 
             continue
         plans.setdefault((tuple(ranks[0]), tuple(ranks[1])), []).append(share)
     keys = list(plans)
-    scored = score_windows(windows)
+    scored = score_windows(windows, score_tokens)
     kls = [0.0] if len(keys) == 1 else score(
         source, scored, [config_for((list(k), list(v))) for k, v in keys], tensors_for, device, batch_size, dtype)
     best = min(range(len(keys)), key=lambda i: (kls[i], i))   # ties: the earlier (the default first)

@@ -67,6 +67,7 @@ class Options:
     min_rank_frac: float = 0.5
     max_rank_frac: float = 2.0
     k_share: float | str | None = None   # or "auto" (converter/kshare_auto.py)
+    k_share_score_tokens: int = kshare_auto.SCORE_TOKENS   # calibration tokens "auto" scores its candidates on
     rank_multiple: int = 1        # ranks in units of this many values (allocate.py: kernel-friendly widths)
     overwrite: bool = False
     stats_cache: str | None = None
@@ -101,6 +102,8 @@ class Options:
                 isinstance(self.k_share, (int, float)) and 0 < self.k_share < 1):
             raise ConversionError(f"--k-share must be in (0, 1), the fraction of the latent given to K, or "
                                   f"{kshare_auto.AUTO} (got {self.k_share})")
+        if self.k_share_score_tokens < 1:
+            raise ConversionError(f"--k-share-score-tokens must be >= 1 (got {self.k_share_score_tokens})")
         if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
             raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
         if self.rank_multiple < 1:
@@ -368,7 +371,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             k_share, auto_report = kshare_auto.choose(
                 plan, lambda ranks: CareMLAConfig(**_config(source, cfg, opts, d_h, d_r, *ranks, maps[0].inv_freq,
                                                             str(src))),
-                plan_tensors, source, windows, opts.device, opts.calib_batch, DTYPES[opts.calib_dtype])
+                plan_tensors, source, windows, opts.device, opts.calib_batch, DTYPES[opts.calib_dtype],
+                score_tokens=opts.k_share_score_tokens)
     with timer.stage("allocate"):
         k_ranks, v_ranks = plan(k_share)
         # only the allocated ranks are used from here on

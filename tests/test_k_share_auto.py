@@ -108,9 +108,28 @@ def test_auto_at_parity_scores_nothing_and_is_lossless_split(original, calib_fil
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("value, needle", [("best", "'best' is neither a number nor 'auto'"),
-                                           ("1.5", "--k-share must be in (0, 1)")])
-def test_bad_k_share_is_refused(value, needle, original, calib_file, tmp_path):
+def test_score_tokens_sets_the_windows_scored(original, calib_file, tmp_path):
+    """--k-share-score-tokens 100: the first 4 windows of 32 tokens (whole windows), and a candidate's score is its
+    KL measured on those 4."""
+    report = convert(original, tmp_path / "auto", calib_file, "--kv-ratio", "0.5", "--k-share", "auto",
+                     "--k-share-score-tokens", "100")
+    auto = report["k_share_auto"]
+    assert (auto["score_windows"], auto["score_tokens"]) == (4, 128)
+    from transformers import AutoTokenizer
+
+    windows = calib_data.token_windows(AutoTokenizer.from_pretrained(original),
+                                       calib_data.read_texts([calib_file]), 160, 32, 0)[:4]
+    default = next(c for c in auto["candidates"] if "default" in c["k_shares"])
+    convert(original, tmp_path / "norefit-default", calib_file, "--kv-ratio", "0.5", "--no-o-proj-refit")
+    measured = kl_on_windows(list(log_probs(original, windows)), tmp_path / "norefit-default", windows)
+    assert default["kl"] == pytest.approx(measured, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, needle", [(["--k-share", "best"], "'best' is neither a number nor 'auto'"),
+                                           (["--k-share", "1.5"], "--k-share must be in (0, 1)"),
+                                           (["--k-share", "auto", "--k-share-score-tokens", "0"],
+                                            "--k-share-score-tokens must be >= 1 (got 0)")])
+def test_bad_k_share_is_refused(flags, needle, original, calib_file, tmp_path):
     out = tmp_path / "out"
-    proc = run_main(cli.main, "care-convert", original, out, "--calib", calib_file, *OPTIONS, "--k-share", value)
+    proc = run_main(cli.main, "care-convert", original, out, "--calib", calib_file, *OPTIONS, *flags)
     assert_refused_by("care-convert", proc, out, needle)
