@@ -175,7 +175,12 @@ def _safetensors_entries(src: Path) -> tuple[dict[str, tuple[Path, tuple[int, ..
 
     files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise ConversionError(f"{src}: no *.safetensors files (only safetensors checkpoints are supported)")
+        pickled = sorted(p.name for p in src.glob("*.bin"))
+        hint = (f"; its weights are PyTorch pickles ({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}), "
+                f"which care-convert does not unpickle (loading a pickle runs code): re-save the model as "
+                f"safetensors, e.g. AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(NEW), and convert NEW"
+                if pickled else "")
+        raise ConversionError(f"{src}: no *.safetensors files (only safetensors checkpoints are supported){hint}")
     index = src / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -139,6 +139,29 @@ def test_wrong_shape(tiny, tmp_path):
     assert_refused(run_convert(bad, out, "--calib", calib), out, "model.layers.0.self_attn.k_proj.weight", "shape")
 
 
+def test_pickled_weights_are_refused_with_the_way_to_safetensors(tiny, tmp_path):
+    """A folder with pytorch_model.bin only (older Hub repos): refused, saying how to re-save it; the re-saved
+    folder converts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, src, calib = tiny
+    bad = tmp_path / "pickled"
+    shutil.copytree(src, bad)
+    torch.save(load_file(str(bad / "model.safetensors")), bad / "pytorch_model.bin")
+    (bad / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib), out, "no *.safetensors files", "pytorch_model.bin",
+                   "AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(NEW)")
+    resaved = tmp_path / "resaved"
+    AutoModelForCausalLM.from_pretrained(bad).save_pretrained(resaved)
+    for f in src.iterdir():   # (the tokenizer files, as a user would copy them)
+        if not (resaved / f.name).exists():
+            shutil.copy(f, resaved / f.name)
+    proc = run_convert(resaved, out, "--calib", calib, "--calib-samples", "4", "--calib-seqlen", "32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_moe_expert_tensors_checked_per_expert(tiny, tmp_path):
     """A Qwen3-MoE source stores its experts per expert (as on the Hub): one missing or mis-shaped
     expert tensor is named, although transformers would fuse the rest into one 3-D tensor."""
