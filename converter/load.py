@@ -306,6 +306,9 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
     except json.JSONDecodeError as e:
         raise ConversionError(f"{src}/config.json: invalid JSON ({e.msg})") from None
     archs = raw.get("architectures") or []
+    if raw.get("model_type") == "care_mla":
+        raise ConversionError(f"{src}: already a care-convert output (model_type care_mla); convert its source "
+                              f"instead (care_report.json's \"source\" names it)")
     if not archs or archs[0] not in SUPPORTED:
         got = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
         raise ConversionError(f"{src}: unsupported architecture {got!r}; care-convert supports "

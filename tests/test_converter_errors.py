@@ -62,6 +62,17 @@ def test_unsupported_architecture(tiny, tmp_path):
                    "GPT2LMHeadModel")
 
 
+def test_a_converted_checkpoint_is_not_a_source(tiny, tmp_path):
+    _, src, calib = tiny
+    once = tmp_path / "once"
+    assert run_convert(src, once, "--calib", calib, "--calib-samples", "4", "--calib-seqlen", "32",
+                       "--kv-ratio", "0.5").returncode == 0
+    assert json.loads((once / "care_report.json").read_text())["source"] == str(src)
+    out = tmp_path / "twice"
+    assert_refused(run_convert(once, out, "--calib", calib), out, "already a care-convert output",
+                   "care_report.json's \"source\"")
+
+
 def test_position_dependent_rope_scaling(tiny, tmp_path):
     """Dynamic NTK changes the frequencies with the sequence length: no fixed rope key can keep them."""
     _, src, calib = tiny
