@@ -1,5 +1,5 @@
 """Would one latent shared by K and V (DeepSeek's MLA, TransMLA) keep more than CARE's separate K and V latents
-at the same cache? An indicator, not a conversion: the share of the key/value output energy each leaves out.
+at the same cache? Measured without a conversion: the key/value output energy each leaves out, and perplexity.
 
 care-convert caches per layer [c_K (r_K) | c_V (r_V) | k_rope (d_r)] and fits c_K and c_V separately (the CARE
 paper). K and V are both linear maps of the same attention input, so their outputs share directions; a joint
@@ -15,10 +15,16 @@ calibration text (train split, as oneshot.py):
   latents at care-convert's default split (proportional to the lossless widths) and at the best split of each
   layer (an oracle), and for a joint latent of the same rank.
 
-Not measured: perplexity (a joint latent is not implemented: format, model_defs, plugin and the attention
-objective would change), and the decode cost (a joint latent's scores and values both run over all r dims).
+Perplexity (oneshot.py's test texts and windows): the latents' effect without building a checkpoint. The best
+`--objective kv` latent of rank r reproduces its outputs projected onto the top r eigenvectors of their second
+moment, so the original model with each layer's [K_nope; V] replaced by that projection (forward hooks; the rope
+rows of the key kept exact) is the converted model with `--objective kv`, uniform ranks and no o_proj refit, up to
+the converter's damping. The separate-default column checks that against care-convert's own conversion
+(benchmarks/results/kshare.md, "uniform | k-share default"). A joint latent is not implemented in care-convert
+(format, model_defs, the plugin's split decode and the attention objective would change), nor is its decode cost
+measured (its scores and values both run over all r dims).
 
-    .venv/bin/python benchmarks/joint_latent.py     # the three models, KV 0.5 and 0.25
+    .venv/bin/python benchmarks/joint_latent.py     # the three models, KV 0.5 and 0.25, ~2.5 min
 
 Writes benchmarks/results/joint_latent.json and joint_latent.md.
 """
@@ -35,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+import oneshot  # noqa: E402
+
 from converter import calib_data, calibrate, load, pipeline  # noqa: E402
 
 
@@ -45,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--calib-chars", type=int, default=512000)
+    p.add_argument("--eval-tokens", default="smollm2-135m=2048,4096", help="as oneshot.py")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--data", default=None)
     p.add_argument("--out", default=str(common.RESULTS / "joint_latent"))
     return p
@@ -89,7 +100,76 @@ def left_out(eigs: torch.Tensor, r: int) -> float:
     return eigs[r:].sum().item()
 
 
+def top(moment: torch.Tensor, r: int) -> torch.Tensor:
+    """The projection onto the top r eigenvectors of a second moment."""
+    _, vecs = torch.linalg.eigh(moment)
+    u = vecs[:, vecs.shape[1] - r:]
+    return u @ u.T
+
+
+class Converted:
+    """The original model computing as a conversion with these latents does (`--objective kv`, no o_proj refit),
+    while in a `with` block: forward hooks replace each layer's [K_nope; V] (`lifts[l]` [k; v], K_nope = Q_N k) by
+    its projection `projections[l]` (what the best latent of that rank reproduces), and the rope function scores
+    the key's two parts as the converted attention does: the rope rows (Q_S k) rotated with the query, the
+    position-free rows (Q_N^T K_nope) against the unrotated query (RoRoPE drops their rotation). Keys and
+    queries are widened to [rotated | unrotated] halves; the softmax scale stays the original's."""
+
+    def __init__(self, model, arch: str, lifts: list[torch.Tensor], q_s: list[torch.Tensor],
+                 projections: list[torch.Tensor]):
+        self.model, self.arch, self.lifts, self.q_s, self.projections = model, arch, lifts, q_s, projections
+        self.modeling = sys.modules[type(model).__module__]
+        self.keys: dict[int, torch.Tensor] = {}
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self):
+        self.rope = self.modeling.apply_rotary_pos_emb
+        self.modeling.apply_rotary_pos_emb = self.score_parts
+        self.handles = []
+        for l, layer in enumerate(self.model.model.layers):
+            a = layer.self_attn
+            self.handles += [(a.k_norm if self.arch == "qwen3" else a.k_proj).register_forward_hook(self.on_key(l)),
+                             a.v_proj.register_forward_hook(self.on_value(l))]
+        return self
+
+    def __exit__(self, *exc):
+        self.modeling.apply_rotary_pos_emb = self.rope
+        for h in self.handles:
+            h.remove()
+
+    def on_key(self, l: int):
+        def record(_module, _inputs, out):
+            self.keys[l] = out
+        return record
+
+    def on_value(self, l: int):
+        def replace(_module, _inputs, out):
+            lift, p, q_s = self.lifts[l], self.projections[l], self.q_s[l]
+            n_v = out.shape[-1]
+            n_k, kv_width = lift.shape[0] - n_v, lift.shape[1] - n_v
+            batch, tokens = out.shape[:2]
+            k = self.keys.pop(l).reshape(-1, kv_width).double()
+            y = torch.cat([k, out.reshape(-1, n_v).double()], 1) @ lift.T @ p   # [K_nope; V], projected
+            heads = kv_width // (self.model.config.head_dim if hasattr(self.model.config, "head_dim")
+                                 else self.model.config.hidden_size // self.model.config.num_attention_heads)
+
+            def per_head(flat):   # [tokens, g*d_h] -> the attention's key layout [batch, g, tokens, d_h]
+                return flat.reshape(batch, tokens, heads, -1).transpose(1, 2).to(out.dtype)
+            self.pending.append((per_head(k @ q_s.T @ q_s), per_head(y[:, :n_k] @ lift[:n_k, :kv_width])))
+            return y[:, n_k:].reshape(out.shape).to(out.dtype)
+        return replace
+
+    def score_parts(self, q, _k, cos, sin, unsqueeze_dim=1):
+        k_rope, k_nope = self.pending.pop(0)
+        q_embed, k_embed = self.rope(q, k_rope, cos, sin, unsqueeze_dim)
+        return torch.cat([q_embed, q], -1), torch.cat([k_embed, k_nope], -1)
+
+
 def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
+    ppl_fn, _ = common.perplexity_fn()
+    eval_tokens = oneshot.parse_eval_tokens(args.eval_tokens)
+    n_tok = eval_tokens.get(name, eval_tokens.get("*", 8192))
+    per_file = n_tok // len(common.DOMAINS)
     source = load.load_source(common.model_path(name, data))
     model, cfg = source.model.float().eval(), source.config
     windows = calib_data.token_windows(source.tokenizer,
@@ -99,6 +179,15 @@ def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
     moments = output_moments(model, source.arch, windows)
     g, d_h = cfg.num_key_value_heads, pipeline.head_dim(cfg)
     inv_freq = model.model.rotary_emb.inv_freq.detach().float().cpu()
+    texts = common.eval_texts(data, source.tokenizer, per_file)
+
+    def ppl(lifts=None, q_s=None, projections=None) -> float:
+        if lifts is None:
+            return oneshot.evaluate(model, source.tokenizer, texts, per_file, args, ppl_fn)["ppl"]
+        with Converted(model, source.arch, lifts, q_s, projections):
+            return oneshot.evaluate(model, source.tokenizer, texts, per_file, args, ppl_fn)["ppl"]
+
+    original = ppl()
     rows = []
     for ratio in ratios:
         opts = pipeline.Options(kv_ratio=ratio, ranks="uniform")
@@ -107,6 +196,7 @@ def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
         r = per_layer - d_r
         _, maps = pipeline._rope_maps(stats, opts, inv_freq, d_r, g, d_h)
         totals = {"energy": 0.0, "k_energy": 0.0, "separate_default": 0.0, "separate_best": 0.0, "joint": 0.0}
+        lifts, q_s, proj = [], [], {"separate_default": [], "joint": []}
         for l, m in enumerate(moments):
             q_n = maps[l].q_n.double()
             n_k, n_v = q_n.shape[0], g * d_h
@@ -115,6 +205,10 @@ def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
             ek, ev, ej = (torch.linalg.eigvalsh(c).flip(0).clamp(min=0)
                           for c in (joint[:n_k, :n_k], joint[n_k:, n_k:], joint))
             r_k = round(r * n_k / (n_k + n_v))
+            lifts.append(lift)
+            q_s.append(maps[l].q_s.double())
+            proj["separate_default"].append(torch.block_diag(top(joint[:n_k, :n_k], r_k), top(joint[n_k:, n_k:], r - r_k)))
+            proj["joint"].append(top(joint, r))
             totals["energy"] += ej.sum().item()
             totals["k_energy"] += ek.sum().item()
             totals["separate_default"] += left_out(ek, r_k) + left_out(ev, r - r_k)
@@ -122,7 +216,8 @@ def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
             totals["joint"] += left_out(ej, r)
         row = {"model": name, "kv_ratio": ratio, "latent_rank": r, "rope_dim": d_r, "k_nope_width": n_k,
                "k_energy_share": totals.pop("k_energy") / totals["energy"],
-               **{k: v / totals["energy"] for k, v in totals.items() if k != "energy"}}
+               **{k: v / totals["energy"] for k, v in totals.items() if k != "energy"},
+               "ppl_original": original, **{f"ppl_{k}": ppl(lifts, q_s, p) for k, p in proj.items()}}
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -142,7 +237,16 @@ def render_md(res: dict) -> str:
                              [[r["model"], f"{r['kv_ratio']:g}", f"{r['latent_rank']} (+ {r['rope_dim']})",
                                f"{r['k_energy_share']:.2f}",
                                f"{r['separate_default']:.4f}", f"{r['separate_best']:.4f}", f"**{r['joint']:.4f}**",
-                               f"{r['joint'] / r['separate_best']:.2f}x"] for r in res["rows"]]), ""]
+                               f"{r['joint'] / r['separate_best']:.2f}x"] for r in res["rows"]]), "",
+             "Perplexity on the test split (oneshot.py's texts and windows) of the original computing as the conversion "
+             "does (`--objective kv`, uniform ranks, no o_proj refit; care-convert's own conversion at the default "
+             "split: `benchmarks/results/oneshot.md`, care uniform rows, within the damping's 0.3 %):", "",
+             common.md_table(["model (original ppl)", "KV ratio", "separate latents, default split", "joint latent",
+                              "change"],
+                             [[f"{r['model']} ({r['ppl_original']:.2f})", f"{r['kv_ratio']:g}",
+                               f"{r['ppl_separate_default']:.2f}", f"**{r['ppl_joint']:.2f}**",
+                               f"{100 * (r['ppl_joint'] / r['ppl_separate_default'] - 1):+.1f} %"]
+                              for r in res["rows"]]), ""]
     return "\n".join(lines)
 
 
