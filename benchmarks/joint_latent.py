@@ -43,7 +43,7 @@ import common  # noqa: E402
 
 import oneshot  # noqa: E402
 
-from converter import calib_data, calibrate, load, pipeline  # noqa: E402
+from converter import attention_weights, calib_data, calibrate, factorize, load, pipeline  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seqlen", type=int, default=256)
     p.add_argument("--calib-chars", type=int, default=512000)
+    p.add_argument("--attention-key-weights", default=None, metavar="W,...",
+                   help="also the attention objective (care-convert --objective attention's weightings): separate "
+                        "latents at the default split, and a joint latent fitted to W x (key logit error / its total) "
+                        "+ (value output error / its total) for each W")
     p.add_argument("--eval-tokens", default="smollm2-135m=2048,4096", help="as oneshot.py")
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=4)
@@ -105,6 +109,15 @@ def top(moment: torch.Tensor, r: int) -> torch.Tensor:
     _, vecs = torch.linalg.eigh(moment)
     u = vecs[:, vecs.shape[1] - r:]
     return u @ u.T
+
+
+def weighted_top(moment: torch.Tensor, weight: torch.Tensor, r: int) -> torch.Tensor:
+    """What the best rank-r latent under output weighting M reproduces, y -> M^-1/2 U U^T M^1/2 y (U: the top r
+    eigenvectors of M^1/2 C M^1/2; M damped as care-convert damps it), as the matrix that multiplies row vectors."""
+    root, inv_root = factorize._sqrt_and_inverse(weight, factorize.DAMPING)
+    _, vecs = torch.linalg.eigh(root @ moment @ root)
+    u = vecs[:, vecs.shape[1] - r:]
+    return (inv_root @ u @ u.T @ root).T
 
 
 class Converted:
@@ -196,7 +209,10 @@ def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
         r = per_layer - d_r
         _, maps = pipeline._rope_maps(stats, opts, inv_freq, d_r, g, d_h)
         totals = {"energy": 0.0, "k_energy": 0.0, "separate_default": 0.0, "separate_best": 0.0, "joint": 0.0}
+        key_weights = [float(w) for w in common.csv_list(args.attention_key_weights or "")]
         lifts, q_s, proj = [], [], {"separate_default": [], "separate_best": [], "joint": []}
+        if key_weights:
+            proj.update({"attention_separate_default": [], **{f"attention_joint_k{w:g}": [] for w in key_weights}})
         for l, m in enumerate(moments):
             q_n = maps[l].q_n.double()
             n_k, n_v = q_n.shape[0], g * d_h
@@ -217,6 +233,17 @@ def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
             proj["separate_best"].append(torch.block_diag(top(joint[:n_k, :n_k], best_k),
                                                           top(joint[n_k:, n_k:], r - best_k)))
             totals["joint"] += left_out(ej, r)
+            if key_weights:   # care-convert --objective attention's M_K (query side) and M_V (o_proj side)
+                ck, cv = joint[:n_k, :n_k], joint[n_k:, n_k:]
+                mk = attention_weights.key_weight(stats.layers[l].qc.double(), q_n, g)
+                mv = attention_weights.value_weight(model.model.layers[l].self_attn.o_proj.weight.detach().double(),
+                                                    cfg.num_attention_heads, g)
+                proj["attention_separate_default"].append(
+                    torch.block_diag(weighted_top(ck, mk, r_k), weighted_top(cv, mv, r - r_k)))
+                t_k, t_v = torch.trace(mk @ ck), torch.trace(mv @ cv)
+                for w in key_weights:
+                    proj[f"attention_joint_k{w:g}"].append(
+                        weighted_top(joint, torch.block_diag(w * mk / t_k, mv / t_v), r))
         row = {"model": name, "kv_ratio": ratio, "latent_rank": r, "rope_dim": d_r, "k_nope_width": n_k,
                "k_energy_share": totals.pop("k_energy") / totals["energy"],
                **{k: v / totals["energy"] for k, v in totals.items() if k != "energy"},
@@ -251,6 +278,16 @@ def render_md(res: dict) -> str:
                                f"**{r['ppl_joint']:.2f}**",
                                f"{100 * (r['ppl_joint'] / r['ppl_separate_default'] - 1):+.1f} %"]
                               for r in res["rows"]]), ""]
+    attention = [k for k in res["rows"][0] if k.startswith("ppl_attention_")] if res["rows"] else []
+    if attention:
+        lines += ["With `--objective attention`'s weightings (no refit): the separate latents at the default split "
+                  "(care-convert's own: `kshare_attention_norefit.md`, default column), and joint latents fitted to "
+                  "W x (key logit error / its total) + (value output error / its total):", "",
+                  common.md_table(["model (original ppl)", "KV ratio",
+                                   *(k.removeprefix("ppl_attention_").replace("_", " ").replace("joint k", "joint, W = ")
+                                     for k in attention)],
+                                  [[f"{r['model']} ({r['ppl_original']:.2f})", f"{r['kv_ratio']:g}",
+                                    *(f"{r[k]:.2f}" for k in attention)] for r in res["rows"]]), ""]
     return "\n".join(lines)
 
 
