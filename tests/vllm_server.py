@@ -40,10 +40,12 @@ class VLLMServer(VllmServer):
         return self.kv_cache_tokens_from_log()
 
 
-def worker_kv_shapes(log: str, kind: str) -> dict[int, dict[int, tuple[int, ...]]]:
+def worker_kv_shapes(log: str, kind: str | None) -> dict[int, dict[int, tuple[int, ...]]]:
     """{rank: {layer: KV tensor shape}} from the line care_vllm logs as each layer's cache is bound, in the
-    workers of a `--tensor-parallel-size` (kind "TP") or `--pipeline-parallel-size` (kind "PP") server."""
-    line = re.compile(rf"\(Worker_{kind}(\d) pid=\d+\).*care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: "
+    workers of a `--tensor-parallel-size` (kind "TP") or `--pipeline-parallel-size` (kind "PP") server; kind None:
+    {worker pid: ...} for workers that log no rank (each engine of `--data-parallel-size` is rank 0 of its own)."""
+    worker = r"Worker pid=(\d+)" if kind is None else rf"Worker_{kind}(\d) pid=\d+"
+    line = re.compile(rf"\({worker}\).*care_mla KV cache model\.layers\.(\d+)\.self_attn\.attn: "
                       r"shape \(([\d, ]+)\)")
     shapes: dict[int, dict[int, tuple[int, ...]]] = {}
     for m in line.finditer(log):

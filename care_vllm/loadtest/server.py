@@ -106,6 +106,17 @@ def scrape_metrics(base_url: str, timeout: float = 5.0) -> dict[str, float | dic
     return out
 
 
+def scrape_metric_by(base_url: str, name: str, label: str, timeout: float = 5.0) -> dict[str, float]:
+    """One /metrics sample summed per value of one label, e.g. ("vllm:request_success_total", "engine") ->
+    {"0": requests engine 0 finished, "1": ...} (scrape_metrics sums the engines together)."""
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(fetch(f"{base_url}/metrics", timeout=timeout)):
+        for s in fam.samples:
+            if s.name == name:
+                out[s.labels[label]] = out.get(s.labels[label], 0.0) + float(s.value)
+    return out
+
+
 def prefix_cache_counters(base_url: str, timeout: float = 5.0) -> dict[str, float]:
     """Prompt tokens looked up in the prefix cache and those found there so far (vLLM's
     `vllm:prefix_cache_{queries,hits}_total` counters): take the difference around a workload."""
