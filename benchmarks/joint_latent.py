@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def key_module(attn, arch: str):
+    """The module whose output is the key the latent is fitted to: Qwen3's k_norm (per head), else k_proj."""
+    return attn.k_norm if arch == "qwen3" else attn.k_proj
+
+
 @torch.no_grad()
 def output_moments(model, arch: str, windows: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, sum over tokens of y y^T for y = [key; value] (fp64): the key as the latent sees it (Qwen3:
@@ -88,8 +93,7 @@ def output_moments(model, arch: str, windows: torch.Tensor) -> list[torch.Tensor
     handles = []
     for l, layer in enumerate(model.model.layers):
         a = layer.self_attn
-        key_module = a.k_norm if arch == "qwen3" else a.k_proj
-        handles += [key_module.register_forward_hook(hook(l, "k")), a.v_proj.register_forward_hook(hook(l, "v"))]
+        handles += [key_module(a, arch).register_forward_hook(hook(l, "k")), a.v_proj.register_forward_hook(hook(l, "v"))]
     try:
         for chunk in windows.split(8):
             model(chunk)
@@ -132,6 +136,7 @@ class Converted:
                  projections: list[torch.Tensor]):
         self.model, self.arch, self.lifts, self.q_s, self.projections = model, arch, lifts, q_s, projections
         self.modeling = sys.modules[type(model).__module__]
+        self.head_dim = pipeline.head_dim(model.config)
         self.keys: dict[int, torch.Tensor] = {}
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -141,7 +146,7 @@ class Converted:
         self.handles = []
         for l, layer in enumerate(self.model.model.layers):
             a = layer.self_attn
-            self.handles += [(a.k_norm if self.arch == "qwen3" else a.k_proj).register_forward_hook(self.on_key(l)),
+            self.handles += [key_module(a, self.arch).register_forward_hook(self.on_key(l)),
                              a.v_proj.register_forward_hook(self.on_value(l))]
         return self
 
@@ -163,8 +168,7 @@ class Converted:
             batch, tokens = out.shape[:2]
             k = self.keys.pop(l).reshape(-1, kv_width).double()
             y = torch.cat([k, out.reshape(-1, n_v).double()], 1) @ lift.T @ p   # [K_nope; V], projected
-            heads = kv_width // (self.model.config.head_dim if hasattr(self.model.config, "head_dim")
-                                 else self.model.config.hidden_size // self.model.config.num_attention_heads)
+            heads = kv_width // self.head_dim
 
             def per_head(flat):   # [tokens, g*d_h] -> the attention's key layout [batch, g, tokens, d_h]
                 return flat.reshape(batch, tokens, heads, -1).transpose(1, 2).to(out.dtype)

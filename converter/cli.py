@@ -110,7 +110,8 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "split, of several, whose converted model (without the refit) is closest to the original "
                         "on the calibration text (default: proportional to the lossless K and V widths; often "
                         "less is better: `care-eval sweep --k-shares` measures it on your text)")
-    # (default: kshare_auto.SCORE_TOKENS, written out so that --help needs no torch; tests/test_k_share_auto.py ties them)
+    # (default: kshare_auto.SCORE_TOKENS, written out so that --help needs no torch; tests/test_converter_errors.py's
+    # test_cli_defaults_are_the_python_api_defaults ties it to Options' default, which is that constant)
     p.add_argument("--k-share-score-tokens", type=int, default=4096, metavar="N",
                    help="--k-share auto: how many calibration tokens (the first whole windows, at least one) each "
                         "candidate split is scored on (default 4096; its cost grows in proportion)")
