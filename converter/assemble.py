@@ -7,6 +7,8 @@ K (nope part): Llama  y = Q_N W_K x           -> c_K = down_K x,   k'_N ~ up_K c
                Qwen3  y = Q_N k_norm(W_K x)   -> c_K = down_K k̂,  k'_N ~ up_K c_K
 V:                    y = W_V x               -> c_V = down_V x,   v ~ up_V c_V
 Head h (KV group a): k_nope_h = Q_N[:, a]^T up_K c_K, v_h = up_V[a rows] c_V, q_pe_h = Q_S[:, a] q_h.
+Joint (--latent joint, Llama path): one latent of both, y = [Q_N W_K; W_V] x -> c = down x, [k'_N; v] ~ up c:
+the same formulas with up_K, up_V the key and value rows of `up`, every column read by both (kv_b_proj dense).
 
 Biases (Qwen2 and biased Llama sources; Llama path only): q_proj's carries b_Q and its rope rows Q_S b_Q;
 kv_a_proj_with_mqa's is Q_S b_K on the rope key and 0 on the latent. The key bias's NoPE part is dropped
@@ -24,26 +26,38 @@ from .rope_map import RopeMap
 
 def attention_tensors(*, arch: str, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
                       q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, rope: RopeMap,
-                      k_factor: Factor, v_factor: Factor, k_rank: int, v_rank: int,
+                      k_factor: Factor | None, v_factor: Factor, k_rank: int, v_rank: int,
                       num_heads: int, num_kv_heads: int, head_dim: int,
                       dtype: torch.dtype, bq: torch.Tensor | None = None,
                       bk: torch.Tensor | None = None, bias: bool = False) -> dict[str, torch.Tensor]:
     """Return {name-under-self_attn: tensor} for one layer (o_proj is copied by the caller; its bias
-    comes from `output_bias`). `bias`: write q_proj/kv_a_proj_with_mqa biases (from bq/bk, None = 0)."""
+    comes from `output_bias`). `bias`: write q_proj/kv_a_proj_with_mqa biases (from bq/bk, None = 0).
+    A joint latent (Llama path): `k_factor` None, `v_factor` the joint factor of [Q_N W_K; W_V], k_rank 0 and
+    v_rank its rank (the checkpoint's k_ranks/v_ranks, docs/FORMAT.md)."""
     d = head_dim
     group = num_heads // num_kv_heads
     d_r = rope.q_s.shape[0]
     wq, wk, wv = wq.double(), wk.double(), wv.double()
-    down_k, up_k = k_factor.truncate(k_rank)
-    down_v, up_v = v_factor.truncate(v_rank)
     r = k_rank + v_rank
+    if k_factor is None:   # joint: every latent column feeds keys and values
+        if arch != "llama" or k_rank:
+            raise ValueError("a joint K/V latent needs the Llama path and k_rank 0")
+        down_v, up = v_factor.truncate(v_rank)
+        down_k = down_v[:0]
+        n_k = rope.q_n.shape[0]
+        up_k, up_v = up[:n_k], up[n_k:]
+    else:                  # separate: keys read the first k_rank columns, values the rest
+        down_k, up_k_part = k_factor.truncate(k_rank)
+        down_v, up_v_part = v_factor.truncate(v_rank)
+        up_k = torch.cat([up_k_part, up_k_part.new_zeros(up_k_part.shape[0], v_rank)], dim=1)
+        up_v = torch.cat([up_v_part.new_zeros(up_v_part.shape[0], k_rank), up_v_part], dim=1)
 
     kv_b = torch.zeros(num_heads, 2 * d, r, dtype=torch.float64)
     q_maps = []  # per head [d_r, d_h]
     for h in range(num_heads):
         a = h // group
-        kv_b[h, :d, :k_rank] = rope.group_block(rope.q_n, a, d).T @ up_k
-        kv_b[h, d:, k_rank:] = up_v[a * d:(a + 1) * d]
+        kv_b[h, :d] = rope.group_block(rope.q_n, a, d).T @ up_k
+        kv_b[h, d:] = up_v[a * d:(a + 1) * d]
         q_maps.append(rope.group_block(rope.q_s, a, d))
     out = {"kv_b_proj.weight": kv_b.reshape(num_heads * 2 * d, r)}
 

@@ -10,6 +10,8 @@ As soon as a layer is done, its [D, D] C_x is reduced to what the conversion rea
 latent is a map of its target's outputs, so the whole factorization and its error need only those):
   * `ck` = key moment [g*d_h, g*d_h]: W_K C_x W_K^T (Llama) or the post-k_norm keys' (Qwen3);
   * `cv` = value moment W_V C_x W_V^T [g*d_h, g*d_h];
+  * `ckv` = key/value cross moment W_K C_x W_V^T [g*d_h, g*d_h] (Llama path: what a latent shared by keys and
+    values, care-convert --latent joint, is fitted with; None for Qwen3, whose keys are not linear in x);
   * `qc` = per-head query moments [n_h, d_h, d_h]: W_Q,h C_x W_Q,h^T (Llama) or post-q_norm (Qwen3);
   * `ax` = sum |x| [D], `x_scale` = mean(diag C_x) (the damping's scale);
   * with q/k biases (Qwen2), `qc` includes them, and so does `ck_rope`, the keys as RoPE rotates them (the
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 from .attention_weights import llama_query_cov
 from .errors import ConversionError
 
-STATS_VERSION = 3   # 3: output-space moments (2 held the whole C_x of every layer)
+STATS_VERSION = 4   # 4: + the key/value cross moment; 3: output-space moments (2 held the whole C_x of every layer)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class LayerStats:
     ax: torch.Tensor    # [D] fp64 sum of |x|
     x_scale: float      # mean(diag C_x)
     ck_rope: torch.Tensor | None = None   # key moment with the key bias (None: no bias, = ck): what RoPE rotates
+    ckv: torch.Tensor | None = None       # [g*d_h, g*d_h] fp64 W_K C_x W_V^T (Llama path; None for Qwen3)
 
     @property
     def rotated_key_moment(self) -> torch.Tensor:
@@ -95,10 +98,11 @@ def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_
 
     wv = w("v_proj")
     cv = wv @ cx @ wv.T
-    ck_rope = None
+    ck_rope = ckv = None
     if ck is None:
         wk = w("k_proj")
         ck = wk @ cx @ wk.T
+        ckv = (wk @ cx @ wv.T).cpu()
         bk = b("k_proj")
         if bk is not None:
             ck_rope = _with_bias(ck[None], (wk @ sx)[None], bk[None], tokens)[0].cpu()
@@ -108,7 +112,7 @@ def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_
         if bq is not None:
             qc = _with_bias(qc, (wq @ sx).view(num_heads, -1), bq.view(num_heads, -1), tokens)
     return LayerStats(ck=ck.cpu(), cv=cv.cpu(), qc=qc.cpu(), ax=ax.cpu(), x_scale=cx.diagonal().mean().item(),
-                      ck_rope=ck_rope)
+                      ck_rope=ck_rope, ckv=ckv)
 
 
 def _with_bias(moment: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -110,6 +110,14 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "split, of several, whose converted model (without the refit) is closest to the original "
                         "on the calibration text (default: proportional to the lossless K and V widths; often "
                         "less is better: `care-eval sweep --k-shares` measures it on your text)")
+    p.add_argument("--latent", default="separate", choices=["separate", "joint"],
+                   help="separate: a K latent and a V latent per layer (the CARE paper; default); joint: one latent "
+                        "of the same cache width that keys and values both read (DeepSeek's MLA form; Llama-path "
+                        "sources only; no --k-share): keeps more of the layer at the same cache "
+                        "(docs/CONVERTING.md, benchmarks/results/joint_latent_convert.md)")
+    p.add_argument("--joint-key-weight", type=float, default=1.0, metavar="W",
+                   help="--latent joint with --objective attention: how much a unit of relative key logit error "
+                        "counts against one of relative value output error (default 1)")
     # (default: kshare_auto.SCORE_TOKENS, written out so that --help needs no torch; tests/test_converter_errors.py's
     # test_cli_defaults_are_the_python_api_defaults ties it to Options' default, which is that constant)
     p.add_argument("--k-share-score-tokens", type=int, default=4096, metavar="N",
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     report, code = run_tool("care-convert", lambda: convert(args.src, args.out, calib_files=args.calib, **kw))
     if code:
         return code
-    summary = {k: report[k] for k in ("method", "objective", "rank_policy", "o_proj_refit", "kv_ratio", "cache_values_per_token",
+    summary = {k: report[k] for k in ("method", "objective", "rank_policy", "latent", "o_proj_refit", "kv_ratio", "cache_values_per_token",
                                       "original_cache_values_per_token", "seconds")}
     if "k_share_auto" in report:   # what --k-share auto chose (the scores: care_report.json)
         summary["k_share_auto"] = {k: report["k_share_auto"][k] for k in ("chosen", "k_share_actual")}

@@ -165,22 +165,28 @@ def projection_factor(a_in: torch.Tensor, basis_source: Factor) -> Factor:
     return _factor(a_in.double(), up.T, up, basis_source.sigma)
 
 
-def error_curve(target: torch.Tensor, factor: Factor, c: Moment | torch.Tensor, total: float | None = None
-                ) -> torch.Tensor:
+def error_curve(target: torch.Tensor, factor: Factor, c: Moment | torch.Tensor, total: float | None = None,
+                rows: slice | None = None) -> torch.Tensor:
     """Relative activation error of `factor`'s rank-r truncation for every r = 0..R, [R+1] fp64 on the
     CPU: sqrt(tr((T - U_r W_r) C (T - U_r W_r)^T) / total), `total` defaulting to tr(T C T^T).
 
     Why a curve: the report needs the error at the rank allocation will choose, and the pipeline frees
     each layer's statistics as soon as it is factorized. With W = down = B T (Factor.basis), U = up and
     G = T C T^T (the `Moment`), the error is tr(G) - 2 sum_{i<r} u_i . (B G)_i + sum_{i,j<r} (U^T U)_ij
-    (B G B^T)_ij: prefix sums over i (and over the leading r x r block), all r at once in O(R^2 out)."""
+    (B G B^T)_ij: prefix sums over i (and over the leading r x r block), all r at once in O(R^2 out).
+
+    `rows`: the error of those outputs only (T's rows `rows` against U's), e.g. the keys' or the values' part of a
+    latent shared by both (--latent joint); `total` then defaults to their own energy."""
     m = c if isinstance(c, Moment) else Moment.of(target, c)
     b = factor.basis.double()
     u = factor.up.to(b.device, torch.float64)
-    bg = b @ m.gram.to(b.device, torch.float64)
-    energy = m.gram.diagonal().sum().item()
+    gram = m.gram.to(b.device, torch.float64)
+    bg = b @ gram
+    rows = slice(None) if rows is None else rows
+    u = u[rows]
+    energy = gram[rows, rows].diagonal().sum().item()
     total = energy if total is None else total
-    linear = (u * bg.T).sum(0)                                    # u_i . (B G)_i
+    linear = (u * bg[:, rows].T).sum(0)                           # u_i . (B G)_i
     h = (u.T @ u) * (bg @ b.T)                                    # symmetric [R, R]
     quadratic = 2 * h.tril(-1).sum(1) + h.diagonal()              # what row/column i adds to the block sum
     zero = linear.new_zeros(1)

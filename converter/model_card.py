@@ -92,7 +92,11 @@ def _body(name: str, config: dict, report: dict, base_model: str | None, metadat
     arch = report.get("source_architecture") or config["architectures"][0]
     refit = (f"o_proj least-squares refit (ridge {care['o_proj_refit_ridge']})" if care.get("o_proj_refit")
              else "no o_proj refit")
-    split = f"{k_share_of(config['k_ranks'], config['v_ranks']):.2f} of the latent to K" + (", chosen by `--k-share auto`" if "k_share_auto" in report else "")
+    if care.get("latent") == "joint":
+        split = "one latent shared by keys and values (`--latent joint`)"
+    else:
+        split = (f"{k_share_of(config['k_ranks'], config['v_ranks']):.2f} of the latent to K"
+                 + (", chosen by `--k-share auto`" if "k_share_auto" in report else ""))
     width_text = (f"{widths[0]} values" if len(set(widths)) == 1
                   else f"{min(widths)} to {max(widths)} values (ranks differ per layer)")
     files = ", ".join(Path(f).name for f in calib["files"]) or "built-in text"

@@ -37,6 +37,7 @@ MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size"
                    "decoder_sparse_step", "mlp_only_layers")
 
 OBJECTIVES = ("kv", "attention")
+LATENTS = ("separate", "joint")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,6 +76,8 @@ class Options:
     rope_select: str = "qk"
     rope_distance: float = 1024.0
     objective: str = "kv"
+    latent: str = "separate"      # or "joint": one latent for keys and values (Llama path; see _joint_moment)
+    joint_key_weight: float = 1.0  # --objective attention with a joint latent: key errors' weight against values'
     max_shard_size: str = "2GB"
     revision: str | None = None   # Hub revision when the source is a repo id
     o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
@@ -122,6 +125,13 @@ class Options:
             raise ConversionError(f"unknown --rope-select {self.rope_select!r} (choose from qk, key)")
         if self.objective not in OBJECTIVES:
             raise ConversionError(f"unknown --objective {self.objective!r} (choose from {', '.join(OBJECTIVES)})")
+        if self.latent not in LATENTS:
+            raise ConversionError(f"unknown --latent {self.latent!r} (choose from {', '.join(LATENTS)})")
+        if self.latent == "joint" and self.k_share is not None:
+            raise ConversionError("--k-share splits separate K and V latents: a joint latent (--latent joint) has no "
+                                  "split; drop --k-share")
+        if not (math.isfinite(self.joint_key_weight) and self.joint_key_weight > 0):
+            raise ConversionError(f"--joint-key-weight must be a positive number (got {self.joint_key_weight})")
         if self.objective != "kv" and self.method != "care":
             raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
         if not (math.isfinite(self.o_proj_refit_ridge) and self.o_proj_refit_ridge > 0):
@@ -275,6 +285,12 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     d_h = head_dim(cfg)
     per_layer_orig = 2 * g * d_h
     budget, d_r = cache_shape(opts, cfg)
+    joint = opts.latent == "joint"
+    if joint and source.arch != "llama":
+        raise ConversionError(f"--latent joint is not supported for {cfg.architectures[0] if cfg.architectures else source.arch} "
+                              f"sources yet: their keys pass k_norm, so a latent shared with the values is not one "
+                              f"linear map of the layer input, and the checkpoint format has no way to write it; use "
+                              f"--latent separate")
 
     with timer.stage("calibrate"):
         stats = _load_or_collect_stats(source, windows, opts, stats_meta)
@@ -308,8 +324,10 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             arch=source.arch, wq=wq, wk=wk, wv=wv,
             q_norm=a.q_norm.weight.detach() if source.arch == "qwen3" else None,
             k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
-            rope=maps[l], k_factor=k_factor.materialize(_k_target(source.arch, maps[l].q_n, wk), k_rank),
-            v_factor=v_factor.materialize(wv, v_rank), k_rank=k_rank, v_rank=v_rank,
+            rope=maps[l],
+            k_factor=None if joint else k_factor.materialize(_k_target(source.arch, maps[l].q_n, wk), k_rank),
+            v_factor=v_factor.materialize(_joint_target(maps[l].q_n, wk, wv) if joint else wv, v_rank),
+            k_rank=k_rank, v_rank=v_rank,
             num_heads=n_heads, num_kv_heads=g, head_dim=d_h, dtype=torch.float64, bq=bq, bk=bk, bias=attention_bias)
         if attention_bias:
             tensors["o_proj.bias"] = assemble.output_bias(a.o_proj.weight.detach(), bo, bv, n_heads, g)
@@ -328,6 +346,22 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             # the whole key's energy (exact rope part included): what the report's K error is relative to
             key_total = ck.diagonal().sum().item()
             k_target = _k_target(source.arch, q_n, wk)
+            if joint:   # one factor of [K_nope; V]: kept where the V factor goes, K's left empty (k_ranks 0)
+                if st.ckv is None:
+                    raise ConversionError("--latent joint needs the key/value cross moment, which these statistics "
+                                          "lack (a stats cache from before it was collected?); delete the stats cache")
+                target = _joint_target(q_n, wk, wv)
+                moment, weight = _joint_moment(q_n, ck, on(st.ckv), on(st.cv), st.x_scale, mk, mv,
+                                               opts.joint_key_weight)
+                jf = factorize.factorize(target, moment, ax, opts.method, out_weight=weight)
+                n_k = k_target.shape[0]
+                k_errors.append(factorize.error_curve(target, jf, moment, key_total, rows=slice(0, n_k)))
+                v_errors.append(factorize.error_curve(target, jf, moment, rows=slice(n_k, None)))
+                k_factors.append(factorize.Factor(None, jf.up.new_zeros(n_k, 0), jf.sigma.new_zeros(0),
+                                                  jf.basis.new_zeros(0, n_k)).to("cpu"))
+                v_factors.append(jf.light().to("cpu"))
+                stats.layers[l] = None
+                continue
             if source.arch == "llama":   # input x
                 k_moment = factorize.Moment(q_n @ ck @ q_n.T, st.x_scale)
                 kf = factorize.factorize(k_target, k_moment, ax, opts.method, out_weight=mk)
@@ -350,7 +384,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             stats.layers[l] = None
 
     full_k = [min(f.basis.shape[0], g * d_h - d_r) for f in k_factors]
-    full_v = [min(f.basis.shape[0], g * d_h) for f in v_factors]
+    # (joint: the latent of [K_nope; V] is lossless at K_nope's width plus V's)
+    full_v = [min(f.basis.shape[0], (2 * g * d_h - d_r) if joint else g * d_h) for f in v_factors]
 
     def plan(k_share: float | None) -> tuple[list[int], list[int]]:
         """(K ranks, V ranks) per layer with this K share of the latent (None: the proportional default)."""
@@ -418,7 +453,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                  + [(f"model.layers.{l}.self_attn.o_proj.weight", o_proj)] + copied.pop(l)
                  + source.streamed_tensors(l))
             with timer.stage("report"):
-                layer_reports.append({**_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l]),
+                layer_reports.append({**_layer_report(l, maps[l], k_errors[l], v_errors[l], k_ranks[l], v_ranks[l],
+                                                      joint),
                                       **refit_report})
             k_factors[l] = v_factors[l] = tensors = None
         emit(copied.pop(None))
@@ -428,6 +464,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "source": str(src), "source_revision": source.revision,
             "source_architecture": cfg.architectures[0] if cfg.architectures else None,
             "method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
+            "latent": opts.latent,
             "o_proj_refit": opts.o_proj_refit,
             "o_proj_refit_ridge": opts.applied_refit_ridge,
             "kv_ratio": cache / (n_layers * per_layer_orig), "rope_dim": d_r,
@@ -443,6 +480,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "options": {"damping": factorize.DAMPING, "asvd_alpha": factorize.ASVD_ALPHA,
                         "min_rank_frac": opts.min_rank_frac, "max_rank_frac": opts.max_rank_frac,
                         "k_share": opts.k_share, "rank_multiple": opts.rank_multiple,
+                        **({"joint_key_weight": opts.joint_key_weight}
+                           if opts.latent == "joint" and opts.objective == "attention" else {}),
                         "dtype": opts.dtype},
             "seconds": timer.seconds,
         }
@@ -454,6 +493,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             model_card.write_card(tmp, out.name, config, report, base_model=source.base_model,
                                   metadata=source.card_metadata(), license_names=licence_files)
             plot_ranks(k_ranks, v_ranks, d_r, f"{Path(str(src)).name}: {opts.method}, {opts.ranks}, "
+                       f"{'joint K/V latent, ' if joint else ''}"
                        f"KV {report['kv_ratio']:.2f} of original", tmp / "care_ranks.png")
             write.save_json(report, tmp / "care_report.json")
     # the report inside OUT was written before the write stage ended: complete its timings in place
@@ -499,6 +539,30 @@ def _bias(linear) -> torch.Tensor | None:
     return None if b is None else b.detach()
 
 
+def _joint_target(q_n: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """The map a joint latent approximates (Llama path): the key's RoRoPE NoPE rows over the values, [Q_N W_K; W_V]."""
+    q_n = q_n.to(wk.device, torch.float64)
+    return torch.cat([q_n @ wk.double(), wv.double()])
+
+
+def _joint_moment(q_n, ck, ckv, cv, x_scale, mk, mv, key_weight) -> tuple[factorize.Moment, torch.Tensor | None]:
+    """(Moment, output weighting or None) of a joint latent of [K_nope; V] (--latent joint; `_joint_target`).
+
+    K and V are maps of the same input x, so their outputs share directions: one latent of rank r fitted to both
+    (DeepSeek's MLA form; vLLM's MLA layer reads it natively) keeps more than separate latents whose ranks sum to r
+    (benchmarks/results/joint_latent.md: 0.56-0.79x the output energy left out). The output moment is the whole
+    [[Q_N C_K Q_N^T, Q_N C_KV], [C_KV^T Q_N^T, C_V]]. --objective kv weighs key and value energy as they are;
+    --objective attention weighs the key rows by M_K (the queries) and the value rows by M_V (o_proj), each over
+    its own total so that `key_weight` W says how much a unit of relative key logit error counts against one of
+    relative value output error: blockdiag(W M_K / tr(M_K G_K), M_V / tr(M_V G_V))."""
+    gk, gkv = q_n @ ck @ q_n.T, q_n @ ckv
+    gram = torch.cat([torch.cat([gk, gkv], 1), torch.cat([gkv.T, cv], 1)])
+    weight = None
+    if mk is not None:
+        weight = torch.block_diag(key_weight * mk / torch.trace(mk @ gk), mv / torch.trace(mv @ cv))
+    return factorize.Moment(gram, x_scale), weight
+
+
 def _k_target(arch: str, q_n: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
     """The map the K latent approximates: the RoRoPE NoPE rows of the key, Q_N W_K of x for Llama, Q_N
     of the post-k_norm key for Qwen3 (the factorize stage and assembly must use the same one)."""
@@ -523,11 +587,12 @@ def _copied_tensors(model) -> dict[int | None, list[tuple[str, torch.Tensor]]]:
     return out
 
 
-def _layer_report(l, rm, k_errors, v_errors, k_rank, v_rank) -> dict:
+def _layer_report(l, rm, k_errors, v_errors, k_rank, v_rank, joint: bool = False) -> dict:
     """Relative K/V activation errors on the calibration data (K: relative to the whole key, exact rope
-    part included), read off the error curves the factorize stage left (factorize.error_curve)."""
+    part included), read off the error curves the factorize stage left (factorize.error_curve). A joint latent's
+    rank is v_rank (k_rank 0): both of its curves are read there."""
     return {"layer": l, "k_rank": k_rank, "v_rank": v_rank, "rope_dim": rm.q_s.shape[0],
-            "k_rel_error": round(k_errors[k_rank].item(), 6), "v_rel_error": round(v_errors[v_rank].item(), 6),
+            "k_rel_error": round(k_errors[v_rank if joint else k_rank].item(), 6), "v_rel_error": round(v_errors[v_rank].item(), 6),
             "rope_energy_fraction": round(rm.energy_kept, 6)}
 
 
@@ -561,6 +626,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,
         **(moe_config(cfg) if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
+                 **({"latent": "joint"} if opts.latent == "joint" else {}),
                  "o_proj_refit": opts.o_proj_refit,
                  "o_proj_refit_ridge": opts.applied_refit_ridge,
                  "kv_ratio": round((sum(ranks) + cfg.num_hidden_layers * d_r)

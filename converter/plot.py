@@ -14,11 +14,15 @@ def plot_ranks(k_ranks: list[int], v_ranks: list[int], rope_dim: int, title: str
 
     layers = list(range(len(k_ranks)))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(layers) + 3), 3.6), dpi=120)
-    w = 0.4
-    ax.bar([l - w / 2 for l in layers], k_ranks, width=w, label="K rank (NoPE latent)", color="#3b6ea5")
-    ax.bar([l + w / 2 for l in layers], v_ranks, width=w, label="V rank", color="#e08a3c")
-    ax.axhline(sum(k_ranks) / len(k_ranks), color="#3b6ea5", ls="--", lw=0.8, label="mean K")
-    ax.axhline(sum(v_ranks) / len(v_ranks), color="#e08a3c", ls="--", lw=0.8, label="mean V")
+    if not any(k_ranks):   # a joint K/V latent (care-convert --latent joint): one rank per layer
+        ax.bar(layers, v_ranks, width=0.6, label="joint K/V latent rank", color="#6a4c93")
+        ax.axhline(sum(v_ranks) / len(v_ranks), color="#6a4c93", ls="--", lw=0.8, label="mean")
+    else:
+        w = 0.4
+        ax.bar([l - w / 2 for l in layers], k_ranks, width=w, label="K rank (NoPE latent)", color="#3b6ea5")
+        ax.bar([l + w / 2 for l in layers], v_ranks, width=w, label="V rank", color="#e08a3c")
+        ax.axhline(sum(k_ranks) / len(k_ranks), color="#3b6ea5", ls="--", lw=0.8, label="mean K")
+        ax.axhline(sum(v_ranks) / len(v_ranks), color="#e08a3c", ls="--", lw=0.8, label="mean V")
     ax.set_xlabel("layer")
     ax.set_ylabel("latent rank")
     ax.set_title(f"{title}  (+ rope key {rope_dim} per layer)", fontsize=9)

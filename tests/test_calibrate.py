@@ -57,6 +57,10 @@ def test_statistics_are_those_of_a_forward_pass(source, tmp_path):
         torch.testing.assert_close(s.rotated_key_moment, k.T @ k, **close)
         torch.testing.assert_close(s.ck, k_lin.T @ k_lin, **close)
         torch.testing.assert_close(s.cv, v_lin.T @ v_lin, **close)
+        if arch == "qwen3":   # (keys after k_norm are not linear in x: no cross moment, no joint latent)
+            assert s.ckv is None
+        else:                 # the key/value cross moment a joint latent (--latent joint) is fitted with
+            torch.testing.assert_close(s.ckv, k_lin.T @ v_lin, **close)
         torch.testing.assert_close(s.qc, torch.einsum("thd,the->hde", q, q), **close)
         torch.testing.assert_close(s.qd, (q * q).sum(0), **close)
         torch.testing.assert_close(s.ax, x.abs().sum(0), **close)
@@ -76,6 +80,6 @@ def test_a_stats_cache_holds_no_input_covariance(tmp_path):
     saved = torch.load(cache, weights_only=False)
     assert saved["meta"]["stats_version"] == calibrate.STATS_VERSION
     for layer in saved["layers"]:
-        assert sorted(layer) == ["ax", "ck", "ck_rope", "cv", "qc", "x_scale"] and layer["ck_rope"] is None
-        assert layer["ck"].shape == layer["cv"].shape == (2 * 16, 2 * 16)
+        assert sorted(layer) == ["ax", "ck", "ck_rope", "ckv", "cv", "qc", "x_scale"] and layer["ck_rope"] is None
+        assert layer["ck"].shape == layer["cv"].shape == layer["ckv"].shape == (2 * 16, 2 * 16)
         assert layer["qc"].shape == (4, 16, 16) and layer["ax"].shape == (64,)
