@@ -3,7 +3,10 @@
 Same calibration, evaluation and stats caches as benchmarks/oneshot.py (so its 'default' column is
 comparable to oneshot.md's care rows of the same ratio); one conversion + evaluation per
 (model, policy, ratio, share). 'default' is the converter's own split (proportional to the lossless K and
-V widths after the rope key is taken out), printed with the share it amounts to. The defaults are the
+V widths after the rope key is taken out), printed with the share it amounts to. 'joint' is no split: one
+latent of the same cache width shared by keys and values (care-convert --latent joint; Llama-path models only),
+and 'joint:W' the same with --joint-key-weight W (--objective attention only); their cells show "joint" where
+the others show the K share. The defaults are the
 paper's settings (`--objective kv`, no o_proj refit), as benchmarks/results/kshare.md was made;
 `--objective attention --refit --policies uniform` are the deployment settings (the quickstart's).
 
@@ -11,6 +14,9 @@ paper's settings (`--objective kv`, no o_proj refit), as benchmarks/results/ksha
     .venv/bin/python benchmarks/kshare.py --models qwen3-small --shares 0.3,0.5 --policies uniform
     .venv/bin/python benchmarks/kshare.py --models smollm2-135m,qwen3-small,llama3-small --ratios 0.5,0.25 \\
         --policies uniform --objective attention --refit --out benchmarks/results/kshare_deploy
+    .venv/bin/python benchmarks/kshare.py --models smollm2-135m,llama3-small --ratios 0.5,0.25 --policies uniform \\
+        --objective attention --refit --shares default,joint:0.25,joint:1,joint:4 \\
+        --out benchmarks/results/joint_latent_convert
 
 Writes benchmarks/results/kshare.json and kshare.md (rows are saved as they finish; --resume skips
 rows already there with identical settings).
@@ -32,7 +38,8 @@ def build_parser():
     p.add_argument("--ratios", default="0.5", help="comma list of KV ratios (default 0.5)")
     p.add_argument("--shares", default="default,0.2,0.25,0.3,0.35,0.5",
                    help="comma list of --k-share values; 'default' = the converter's proportional split, 'auto' = "
-                        "--k-share auto (its cell shows the share it chose)")
+                        "--k-share auto (its cell shows the share it chose), 'joint' = --latent joint (one latent "
+                        "for K and V), 'joint:W' = that with --joint-key-weight W")
     p.add_argument("--objective", default="kv", choices=["kv", "attention"])
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="the o_proj refit (default off here, as oneshot.py; on in care-convert)")
@@ -43,17 +50,47 @@ def build_parser():
     return p
 
 
+JOINT = "joint"
+
+
+def is_joint(share: str) -> bool:
+    return share == JOINT or share.startswith(JOINT + ":")
+
+
+def share_options(share: str) -> dict:
+    """The care-convert options of one --shares value: 'default' -> the proportional split, 'joint[:W]' -> a
+    joint latent (with --joint-key-weight W), else --k-share (a number or 'auto')."""
+    from converter.cli import k_share_value
+
+    if share == "default":
+        return {"k_share": None}
+    if is_joint(share):
+        weight = share[len(JOINT) + 1:]
+        return {"k_share": None, "latent": "joint", **({"joint_key_weight": float(weight)} if weight else {})}
+    return {"k_share": k_share_value(share)}
+
+
+def heading(share: str) -> str:
+    if share == JOINT:
+        return "joint latent"
+    return f"joint latent, W = {share[len(JOINT) + 1:]}" if is_joint(share) else f"k-share {share}"
+
+
+def cell(share: str, r: dict, orig: float) -> str:
+    given = "joint" if is_joint(share) else f"{r['k_share_actual']:.2f}"
+    return f"{r['ppl']:.2f} ({given}; x{r['ppl'] / orig:.2f})"
+
+
 def render_md(res: dict) -> str:
     s = res["settings"]
+    shares = s["shares"]
+    given = ("K share of the latent actually given, or \"joint\": one latent shared by K and V (`--latent joint`, "
+             "W = `--joint-key-weight`)" if any(map(is_joint, shares)) else "K share of the latent actually given")
     lines = sweep.md_header(res, "K/V split of the latent (`--k-share`): one-shot perplexity",
                             f"care, --objective {s['objective']}, o_proj refit {'on' if s['o_proj_refit'] else 'off'}",
-                            "perplexity (K share of the latent actually given; ratio to the original); "
-                            "lowest per row in bold")
-    shares = s["shares"]
-    rows = sweep.bold_best_rows(res, shares, lambda _, r, orig: f"{r['ppl']:.2f} ({r['k_share_actual']:.2f}; "
-                                                                f"x{r['ppl'] / orig:.2f})")
-    lines += [common.md_table(["model (original ppl)", "ranks", "KV ratio", *(f"k-share {sh}" for sh in shares)],
-                              rows), ""]
+                            f"perplexity ({given}; ratio to the original); lowest per row in bold")
+    rows = sweep.bold_best_rows(res, shares, cell)
+    lines += [common.md_table(["model (original ppl)", "ranks", "KV ratio", *map(heading, shares)], rows), ""]
     autos = [r for r in res["rows"].values() if "k_share_auto" in r]
     if autos:
         lines += auto_scores_md(autos)
@@ -83,10 +120,18 @@ def auto_scores_md(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     from converter.budget_sweep import k_share_given
-    from converter.cli import k_share_value
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     policies, shares = common.csv_list(args.policies), common.csv_list(args.shares)
+    for sh in shares:
+        try:
+            opts = share_options(sh)
+        except (ValueError, argparse.ArgumentTypeError):
+            parser.error(f"--shares: {sh!r} is not 'default', 'joint', 'joint:W', 'auto' or a number")
+        if "joint_key_weight" in opts and args.objective != "attention":
+            parser.error(f"--shares {sh}: --joint-key-weight weighs --objective attention's errors (use 'joint' "
+                         f"with --objective {args.objective})")
     ratios = [float(r) for r in common.csv_list(args.ratios)]
     shared = {"objective": args.objective, "o_proj_refit": args.refit}
     own = {"ratios": ratios, "policies": policies, "shares": shares, **shared}
@@ -95,12 +140,12 @@ def main(argv=None) -> int:
         own["score_tokens"] = scoring["k_share_score_tokens"] = args.score_tokens
 
     def cells(name):
-        return sweep.pair_cells(name, "k_share", shares, policies, ratios,
-                                option=lambda sh: None if sh == "default" else k_share_value(sh),
-                                **shared, **scoring)
+        for key, fields, kw in sweep.pair_cells(name, "k_share", shares, policies, ratios, **shared, **scoring):
+            yield key, fields, {**kw, **share_options(kw["k_share"])}
 
     return sweep.run(args, own, common.csv_list(args.models), cells, render_md, "ckpt_kshare",
-                     extra=lambda rep: {"k_share_actual": k_share_given(rep),
+                     extra=lambda rep: {**({"latent": "joint"} if rep.get("latent") == "joint" else
+                                           {"k_share_actual": k_share_given(rep)}),
                                         **({"k_share_auto": rep["k_share_auto"]} if "k_share_auto" in rep else {})})
 
 

@@ -167,6 +167,7 @@ def convert_deltas(adapter: SourceAdapter, source_layers, cfg: dict, ckpt: Check
     """Map every (layer, module) delta of `adapter` (source_layers: the source's decoder layers, Llama view)."""
     out = ConvertedAdapter()
     qwen3 = bool(cfg.get("use_qk_norm"))
+    joint = cfg.get("care", {}).get("latent") == "joint"
     n_h = cfg["num_attention_heads"]
     d_r = cfg["qk_rope_head_dim"]
     tol = max(EXACT_TOL.get(STORED_DTYPES.get(entry[2]), EXACT_TOL[torch.bfloat16]) for entry in ckpt.entries.values())
@@ -210,6 +211,18 @@ def convert_deltas(adapter: SourceAdapter, source_layers, cfg: dict, ckpt: Check
                 fit = exact(solve(ckpt[p + "self_attn.v_latent_proj.weight"], weight("v_proj"), f"{where} v_proj"),
                             f"{where} v_proj -> v_latent_proj")
                 out.deltas[(layer, "self_attn.v_latent_proj")] = map_rows(fit, got["v_proj"])
+        elif ("k_proj" in got or "v_proj" in got) and joint:
+            # one latent of keys and values (care-convert --latent joint): every row of kv_a_proj_with_mqa is a
+            # linear image of [W_K; W_V] (the rope rows of W_K alone), so each adapter maps through its columns
+            kv_a = ckpt[p + "self_attn.kv_a_proj_with_mqa.weight"]
+            what = f"{where} k_proj, v_proj -> kv_a_proj_with_mqa (joint latent)"
+            wk = weight("k_proj")
+            fit = exact(solve(kv_a, torch.cat([wk, weight("v_proj")]), what), what)
+            rows = torch.arange(kv_a.shape[0])
+            parts = [(rows, map_rows(Fit(cols, fit.residual), got[m]))
+                     for m, cols in (("k_proj", fit.map[:, :wk.shape[0]]), ("v_proj", fit.map[:, wk.shape[0]:]))
+                     if m in got]
+            out.deltas[(layer, "self_attn.kv_a_proj_with_mqa")] = stack_rows(parts, kv_a.shape[0])
         elif "k_proj" in got or "v_proj" in got:
             r_k, r_v = int(cfg["k_ranks"][layer]), int(cfg["v_ranks"][layer])
             kv_a = ckpt[p + "self_attn.kv_a_proj_with_mqa.weight"]

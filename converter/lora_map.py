@@ -5,6 +5,7 @@ the source's (converter/assemble.py, converter/factorize.py: a latent is `basis 
 
   Llama path   q_proj'            = [I; Q_S,a(h)] W_Q,h per head   (the query plus its rope rows)
                kv_a_proj_with_mqa' = [B_K Q_N; Q_S] W_K  (rows c_K and k_rope),  B_V W_V (rows c_V)
+                 (joint latent, --latent joint: B_K Q_N W_K + B_V W_V on the latent rows, Q_S W_K on k_rope)
   Qwen3 path   q_proj', k_proj'   = W_Q, W_K  (q_norm/k_norm and the latent maps follow them)
                v_latent_proj'     = B_V W_V
   both         MLP'               = W (copied)
@@ -102,8 +103,9 @@ def map_columns(fit: Fit, delta: Delta) -> Delta:
 
 
 def stack_rows(parts: list[tuple[torch.Tensor, Delta]], rows: int) -> Delta:
-    """Several deltas that write disjoint rows of one converted projection (kv_a_proj_with_mqa: c_K and
-    k_rope from the key adapter, c_V from the value adapter) as one LoRA pair of their summed ranks.
+    """Several deltas that write rows of one converted projection (kv_a_proj_with_mqa: c_K and k_rope from the
+    key adapter, c_V from the value adapter; with a joint latent both write every latent row, and add up) as one
+    LoRA pair of their summed ranks.
     Each part: (the converted row indices its B fills, in order, the delta)."""
     a = torch.cat([d.a.double() for _, d in parts])
     b = torch.zeros(rows, a.shape[0], dtype=torch.float64)

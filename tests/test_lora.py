@@ -122,19 +122,32 @@ def test_converted_adapter_is_a_plain_peft_lora(exact_case):
     assert (converted / "care_lora_report.json").is_file()
 
 
-@pytest.fixture(scope="module")
-def lossy_case(tmp_path_factory, calib_file):
+def _lossy_conversion(tmp_path_factory, calib_file, latent: str):
+    """A Llama at KV 0.75 (refitted o_proj) and a random adapter of it on every linear."""
     from converter.pipeline import convert
 
-    root = tmp_path_factory.mktemp("lora_lossy")
+    root = tmp_path_factory.mktemp(f"lora_lossy_{latent}")
     # (qk_gain 1: with the exactness tests' sharper attention, a tiny random model converted at a reduced cache
     # is 3-4 nats of KL from its original, too far for an adapter's effect to show)
     src = make_tiny_original(root / "orig", "llama", num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16,
                              qk_gain=1.0)
     out = root / "mla"
-    convert(src, out, calib_files=[calib_file], kv_ratio=0.75, rope_dim=8, calib_samples=16, calib_seqlen=64)
+    convert(src, out, calib_files=[calib_file], kv_ratio=0.75, rope_dim=8, calib_samples=16, calib_seqlen=64,
+            latent=latent)
     adapter = make_adapter(src, root / "adapter", LINEAR, seed=3)
     return root, src, out, adapter
+
+
+@pytest.fixture(scope="module")
+def lossy_case(tmp_path_factory, calib_file):
+    return _lossy_conversion(tmp_path_factory, calib_file, "separate")
+
+
+@pytest.fixture(scope="module")
+def joint_lossy_case(tmp_path_factory, calib_file):
+    """One latent shared by keys and values (--latent joint): every latent row mixes the key and value maps, so
+    the key and value adapters both write it."""
+    return _lossy_conversion(tmp_path_factory, calib_file, "joint")
 
 
 def kl(p_logits, q_logits) -> float:
@@ -143,8 +156,9 @@ def kl(p_logits, q_logits) -> float:
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-def test_at_a_reduced_cache_the_converted_adapter_carries_the_adaptation(lossy_case):
-    root, src, out, adapter = lossy_case
+@pytest.mark.parametrize("case", ["lossy_case", "joint_lossy_case"])
+def test_at_a_reduced_cache_the_converted_adapter_carries_the_adaptation(case, request):
+    root, src, out, adapter = request.getfixturevalue(case)
     proc = convert_lora(adapter, out, root / "adapter_mla")   # --source from care_report.json
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -154,8 +168,12 @@ def test_at_a_reduced_cache_the_converted_adapter_carries_the_adaptation(lossy_c
     conversion = kl(base, logits(out))                  # what the conversion itself costs
     with_adapter = kl(want, logits(out, root / "adapter_mla"))
     without = kl(want, logits(out))
-    # (measured: 0.74, 0.85, 1.46 nats; the adapter alone moves the original by 0.80)
-    assert with_adapter < 0.7 * without and with_adapter < 1.3 * conversion, (conversion, with_adapter, without)
+    moved = kl(want, base)                              # what the adapter does to the original
+    # (measured, separate: 0.74, 0.85, 1.46 nats; joint: 0.41, 0.56, 1.24; the adapter moves the original by 0.80:
+    # the adapted conversion is as far from the adapted original as the conversion is from the original, plus a
+    # little of the adapter's own effect that leaves the latents' subspace)
+    assert with_adapter < 0.7 * without and with_adapter < conversion + 0.25 * moved, (
+        conversion, with_adapter, without, moved)
 
 
 def _copy(adapter, dest):

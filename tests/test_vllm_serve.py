@@ -1,6 +1,8 @@
 """End to end: `vllm serve OUT` (care_vllm plugin, CPU vLLM) on real conversions of tiny random
 Llama-3 (llama3 rope scaling), Qwen3 (yarn), Qwen3-MoE (plain rope) and Qwen2 (q/k/v biases: the converted
-q_proj, kv_a_proj_with_mqa and o_proj have biases) originals whose layers get DIFFERENT latent ranks.
+q_proj, kv_a_proj_with_mqa and o_proj have biases; converted with `--latent joint`, one latent that keys and
+values both read, so its layers decode in the joint form where the others split key and value) originals whose
+layers get DIFFERENT latent ranks.
 
 One care server per variant (module-scoped fixture), plus the GQA original served by stock vLLM
 with the same KV-cache budget, started alongside and stopped once its KV cache is allocated.
@@ -60,7 +62,8 @@ def served(request, tmp_path_factory, calib_file):
     # original's has 2 distinct, the unrefitted conversion's 7), too weak a comparison. The refit only
     # changes o_proj's values, which the llama and qwen3 servers cover.
     report = convert(src, out, calib_files=[calib_file], method="care", ranks="adjusted", kv_ratio=0.75,
-                     rope_dim=8, calib_samples=16, calib_seqlen=64, seed=0, o_proj_refit=arch != "qwen3_moe")
+                     rope_dim=8, calib_samples=16, calib_seqlen=64, seed=0, o_proj_refit=arch != "qwen3_moe",
+                     latent="joint" if arch == "qwen2" else "separate")
     cfg = json.loads((out / "config.json").read_text())
     widths = [k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
     assert len(set(widths)) > 1, f"the test needs layers of different ranks, got {widths}"
@@ -139,12 +142,16 @@ def test_streaming_matches_non_streaming(served):
 
 
 def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, reference):
-    """As converted, kv_b_proj is block-diagonal, so every layer decodes with the key/value split
-    (scores over [c_K | k_pe], values over c_V); the healed-checkpoint test covers the joint form."""
+    """As converted with separate latents, kv_b_proj is block-diagonal, so every layer decodes with the key/value
+    split (scores over [c_K | k_pe], values over c_V); the joint latent (qwen2 here, --latent joint) and a healed
+    checkpoint (test_heal.py) decode in the joint form, every latent column read by keys and values."""
     model, tok = reference
     cfg = json.loads((served[1] / "config.json").read_text())
+    joint = cfg["care"].get("latent") == "joint"
     assert served[3].kv_layer_decode_forms() == {
-        l: f"key/value split {k}+{v}" for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"]))}
+        l: "joint latent" if joint else f"key/value split {k}+{v}"
+        for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"]))}
+    assert joint == (served[0] == "qwen2")
     # prefill through the plugin's tiled CPU kernels, not vLLM's dense CPU_SDPA_MLA they replace
     assert served[3].kv_layer_prefill_backends() == {l: "CARE_CPU_MLA_PREFILL" for l in range(len(cfg["k_ranks"]))}
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
