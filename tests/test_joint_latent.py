@@ -1,0 +1,116 @@
+"""care-convert --latent joint: one latent per layer that keys and values both read (Llama-path sources).
+
+References, independent of the converter's statistics: the separate-latent conversion of the same original (at
+parity both keep every latent dimension, so they must compute the same function, whatever kv_b_proj looks
+like), and the original model's own keys and values on the calibration windows (at a reduced cache the joint
+latent of a layer must leave no more key + value energy out than separate latents of the same total rank: the
+separate pair is one of the latents the joint fit chooses among). The errors compared are the report's, which
+tests/test_care_report.py checks against the written checkpoint, for both latents. Also: the config and model
+card say what was written, and what a joint latent cannot do is refused by name with nothing written.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from converter import calib_data
+from converter.pipeline import convert
+from tests.cli_run import assert_refused_by, run_main
+from tests.test_care_report import _attention_inputs
+from tests.tiny_models import make_tiny_original
+
+IDS = [[5, 900, 33, 1200, 77, 4000, 12, 8, 15000, 256, 9, 3000, 41, 42, 43, 600]]
+SHAPE = dict(num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
+CALIB = dict(calib_samples=8, calib_seqlen=64)
+
+
+def _logits(folder) -> torch.Tensor:
+    import model_defs  # noqa: F401  (registers care_mla with transformers)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits[0]
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    root = tmp_path_factory.mktemp("joint")
+    return root, make_tiny_original(root / "orig", "llama", **SHAPE)
+
+
+@pytest.mark.parametrize("objective", ["kv", "attention"])
+def test_at_parity_a_joint_latent_computes_what_separate_latents_do(original, calib_file, objective):
+    root, src = original
+    # partial rope (8 of the 32 key dims): the latents carry the rest of the keys, so K really is in the latent
+    kw = dict(calib_files=[calib_file], kv_ratio=1.0, rope_dim=8, ranks="uniform", objective=objective, **CALIB)
+    convert(src, root / f"separate_{objective}", **kw)
+    report = convert(src, root / f"joint_{objective}", latent="joint", joint_key_weight=3.0, **kw)
+    joint = root / f"joint_{objective}"
+    cfg = json.loads((joint / "config.json").read_text())
+    g_d = 2 * 16
+    # the whole latent is written as v_ranks, k_ranks 0 (docs/FORMAT.md): lossless at K_nope's width + V's
+    assert cfg["k_ranks"] == [0] * 3 and cfg["v_ranks"] == [2 * g_d - 8] * 3 and cfg["care"]["latent"] == "joint"
+    assert report["latent"] == "joint" and report["cache_values_per_token"] == report["original_cache_values_per_token"]
+    assert all(layer["k_rel_error"] < 1e-6 and layer["v_rel_error"] < 1e-6 for layer in report["layers"])
+    assert (report["options"].get("joint_key_weight") == 3.0) == (objective == "attention")
+    from safetensors.torch import load_file
+
+    kv_b = load_file(joint / "model.safetensors")["model.layers.1.self_attn.kv_b_proj.weight"].view(4, 2, 16, -1)
+    # keys and values both read (almost) every latent column: nothing block-diagonal left to split
+    assert (kv_b[:, 0].abs().amax((0, 1)) > 1e-3).float().mean() > 0.9
+    assert (kv_b[:, 1].abs().amax((0, 1)) > 1e-3).float().mean() > 0.9
+    ref = _logits(root / f"separate_{objective}")
+    assert (_logits(joint) - ref).abs().max().item() < 1e-4   # (both written in fp32: measured 4e-5)
+    assert "one latent shared by keys and values" in (joint / "README.md").read_text()
+
+
+def _key_value_energy(src, calib_file) -> list[tuple[float, float]]:
+    """Per layer (||K||^2, ||V||^2) of the original's keys and values on the calibration windows."""
+    from transformers import AutoTokenizer
+
+    windows = calib_data.token_windows(AutoTokenizer.from_pretrained(src), calib_data.read_texts([calib_file]),
+                                       CALIB["calib_samples"], CALIB["calib_seqlen"], seed=0)
+    model, inputs = _attention_inputs(src, windows)
+    out = []
+    for layer, x in zip(model.model.layers, inputs):
+        a = layer.self_attn
+        out.append(((x @ a.k_proj.weight.T).square().sum().item(), (x @ a.v_proj.weight.T).square().sum().item()))
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_a_joint_latent_leaves_out_no_more_than_separate_latents_of_its_rank(original, calib_file, ratio):
+    root, src = original
+    kw = dict(calib_files=[calib_file], kv_ratio=ratio, rope_dim=8, ranks="uniform", o_proj_refit=False, **CALIB)
+    separate = convert(src, root / f"sep_{ratio}", **kw)
+    joint = convert(src, root / f"joint_{ratio}", latent="joint", **kw)
+    energy = _key_value_energy(src, calib_file)
+    for s, j, (k2, v2) in zip(separate["layers"], joint["layers"], energy):
+        assert s["k_rank"] + s["v_rank"] == j["v_rank"] and j["k_rank"] == 0   # same cache, same latent width
+        left_separate = s["k_rel_error"] ** 2 * k2 + s["v_rel_error"] ** 2 * v2
+        left_joint = j["k_rel_error"] ** 2 * k2 + j["v_rel_error"] ** 2 * v2
+        # (damping: each fit minimizes its damped objective; 1e-3 of slack covers the difference)
+        assert left_joint <= left_separate * 1.001, (s["layer"], left_joint, left_separate)
+    total = [sum(l["k_rel_error"] ** 2 * k2 + l["v_rel_error"] ** 2 * v2 for l, (k2, v2) in zip(r["layers"], energy))
+             for r in (separate, joint)]
+    assert total[1] < 0.95 * total[0], total   # and strictly less in all: the layers' K and V share directions
+
+
+def test_what_a_joint_latent_cannot_do_is_refused(tmp_path, calib_file):
+    from converter.cli import main
+
+    qwen3 = make_tiny_original(tmp_path / "qwen3", "qwen3", num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    llama = make_tiny_original(tmp_path / "llama", "llama", num_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    out = tmp_path / "out"
+    common = ["--calib", calib_file, "--calib-samples", "4", "--calib-seqlen", "32", "--kv-ratio", "0.5"]
+    cases = [
+        ([qwen3, out, "--latent", "joint"], ["--latent joint", "Qwen3ForCausalLM", "k_norm", "--latent separate"]),
+        ([llama, out, "--latent", "joint", "--k-share", "auto"], ["--k-share", "joint latent", "drop --k-share"]),
+        ([llama, out, "--latent", "joint", "--joint-key-weight", "0"], ["--joint-key-weight", "positive"]),
+        ([llama, out, "--latent", "shared"], ["--latent", "invalid choice"]),
+    ]
+    for args, needles in cases:
+        assert_refused_by("care-convert", run_main(main, "care-convert", *args, *common), out, *needles)
