@@ -105,7 +105,7 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                    help="allocate K/V ranks in units of M values (default 1), so that the latent projections' "
                         "widths suit quantized kernels (e.g. 32 for vLLM's CPU W4A16, 64 for Marlin); the rope key "
                         "must be a multiple of M too; the budget is rounded down to whole units")
-    p.add_argument("--k-share", type=k_share_value, default=None, metavar="F|auto",
+    p.add_argument("--k-share", type=auto_or_number, default=None, metavar="F|auto",
                    help="fraction of the latent (budget minus rope keys) given to K, in (0, 1), or auto: the "
                         "split, of several, whose converted model (without the refit) is closest to the original "
                         "on the calibration text (default: proportional to the lossless K and V widths; often "
@@ -115,14 +115,16 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "of the same cache width that keys and values both read (DeepSeek's MLA form; Llama-path "
                         "sources only; no --k-share): keeps more of the layer at the same cache "
                         "(docs/CONVERTING.md, benchmarks/results/joint_latent_convert.md)")
-    p.add_argument("--joint-key-weight", type=float, default=1.0, metavar="W",
+    p.add_argument("--joint-key-weight", type=auto_or_number, default=1.0, metavar="W|auto",
                    help="--latent joint with --objective attention: how much a unit of relative key logit error "
-                        "counts against one of relative value output error (default 1)")
+                        "counts against one of relative value output error (default 1), or auto: the weight, of "
+                        "0.25, 0.5, 1, 2, 4, whose converted model (without the refit) is closest to the original on "
+                        "the calibration text, as --k-share auto chooses a split")
     # (default: kshare_auto.SCORE_TOKENS, written out so that --help needs no torch; tests/test_converter_errors.py's
     # test_cli_defaults_are_the_python_api_defaults ties it to Options' default, which is that constant)
     p.add_argument("--k-share-score-tokens", type=int, default=4096, metavar="N",
-                   help="--k-share auto: how many calibration tokens (the first whole windows, at least one) each "
-                        "candidate split is scored on (default 4096; its cost grows in proportion)")
+                   help="--k-share auto, --joint-key-weight auto: how many calibration tokens (the first whole windows, "
+                        "at least one) each candidate is scored on (default 4096; its cost grows in proportion)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="output dtype (default auto: the dtype the source is stored in; fp32 for a .gguf source)")
     p.add_argument("--device", default="cpu",
@@ -134,15 +136,18 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                    help="reuse/save calibration statistics here (they do not depend on method or budget)")
 
 
-def k_share_value(value: str) -> float | str:
-    """--k-share as argparse reads it: 'auto' (converter/kshare_auto.py) or a number (its range is checked with
-    the other options, converter/pipeline.py)."""
+def auto_or_number(value: str) -> float | str:
+    """--k-share and --joint-key-weight as argparse reads them: 'auto' (converter/kshare_auto.py,
+    converter/joint_latent.py) or a number (its range is checked with the other options, converter/pipeline.py)."""
     if value.strip() == "auto":
         return "auto"
     try:
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
+
+
+k_share_value = auto_or_number   # (the name the benchmarks import)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "original_cache_values_per_token", "seconds")}
     if "k_share_auto" in report:   # what --k-share auto chose (the scores: care_report.json)
         summary["k_share_auto"] = {k: report["k_share_auto"][k] for k in ("chosen", "k_share_actual")}
+    if "joint_key_weight_auto" in report:   # what --joint-key-weight auto chose
+        summary["joint_key_weight_auto"] = report["joint_key_weight_auto"]["chosen"]
     print(json.dumps({"out": args.out, **summary}, indent=2))
     return 0
 

@@ -93,9 +93,10 @@ def choose(plan: Callable[[float | None], Ranks], config_for: Callable[[Ranks], 
 @torch.no_grad()
 def score(source, windows: torch.Tensor, configs: list,
           tensors_for: Callable[[int, list[tuple[int, int]]], Iterable[dict]],
-          device: str, batch_size: int, dtype: torch.dtype) -> list[float]:
+          device: str, batch_size: int, dtype: torch.dtype, desc: str | None = None) -> list[float]:
     """KL(original || converted) in nats per predicted token on `windows` [N, T] for each converted config
-    (rank plan), the converted layers built by `tensors_for` with the source's own o_proj (no refit)."""
+    (rank plan), the converted layers built by `tensors_for` with the source's own o_proj (no refit). Also
+    what `--joint-key-weight auto` scores its candidates with (converter/joint_latent.py); `desc`: the bar's."""
     from model_defs.modeling_care import CareMLAAttention, CareRope   # noqa: PLC0415 (transformers modeling)
 
     model = source.model
@@ -108,7 +109,7 @@ def score(source, windows: torch.Tensor, configs: list,
     pos = torch.arange(t, device=device).unsqueeze(0)
     care_rope = CareRope(configs[0]).to(device)   # the rope key's frequencies do not depend on the ranks
     mask = torch.ones(t, t, dtype=torch.bool, device=device).tril()[None, None]
-    for l in tqdm(range(len(inner.layers)), desc=f"k-share auto ({len(configs)} splits)", unit="layer"):
+    for l in tqdm(range(len(inner.layers)), desc=desc or f"k-share auto ({len(configs)} splits)", unit="layer"):
         src_layer = inner.layers[l]
         in_memory = source.layer_in_memory(l, dtype, device) if source.layer_in_memory else contextlib.nullcontext()
         with in_memory:

@@ -26,8 +26,8 @@ import torch
 from model_defs.configuration_care import AUTO_MAP, CareMLAConfig, variant_architecture
 from tqdm.auto import tqdm
 
-from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, kshare_auto, load, model_card,
-               refit, rope_map, source_rope, write)
+from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, joint_latent, kshare_auto, load,
+               model_card, refit, rope_map, source_rope, write)
 from .errors import ConversionError
 from .plot import plot_ranks
 
@@ -76,8 +76,8 @@ class Options:
     rope_select: str = "qk"
     rope_distance: float = 1024.0
     objective: str = "kv"
-    latent: str = "separate"      # or "joint": one latent for keys and values (Llama path; see _joint_moment)
-    joint_key_weight: float = 1.0  # --objective attention with a joint latent: key errors' weight against values'
+    latent: str = "separate"      # or "joint": one latent for keys and values (converter/joint_latent.py)
+    joint_key_weight: float | str = 1.0  # joint + --objective attention: key errors' weight against values', or "auto"
     max_shard_size: str = "2GB"
     revision: str | None = None   # Hub revision when the source is a repo id
     o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
@@ -130,8 +130,14 @@ class Options:
         if self.latent == "joint" and self.k_share is not None:
             raise ConversionError("--k-share splits separate K and V latents: a joint latent (--latent joint) has no "
                                   "split; drop --k-share")
-        if not (math.isfinite(self.joint_key_weight) and self.joint_key_weight > 0):
-            raise ConversionError(f"--joint-key-weight must be a positive number (got {self.joint_key_weight})")
+        if self.joint_key_weight == joint_latent.AUTO:
+            if self.latent != "joint" or self.objective != "attention":
+                raise ConversionError("--joint-key-weight auto chooses how a joint latent's attention objective weighs "
+                                      "keys against values: it needs --latent joint --objective attention")
+        elif not (isinstance(self.joint_key_weight, (int, float)) and math.isfinite(self.joint_key_weight)
+                  and self.joint_key_weight > 0):
+            raise ConversionError(f"--joint-key-weight must be a positive number or {joint_latent.AUTO} "
+                                  f"(got {self.joint_key_weight})")
         if self.objective != "kv" and self.method != "care":
             raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
         if not (math.isfinite(self.o_proj_refit_ridge) and self.o_proj_refit_ridge > 0):
@@ -326,7 +332,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
             rope=maps[l],
             k_factor=None if joint else k_factor.materialize(_k_target(source.arch, maps[l].q_n, wk), k_rank),
-            v_factor=v_factor.materialize(_joint_target(maps[l].q_n, wk, wv) if joint else wv, v_rank),
+            v_factor=v_factor.materialize(joint_latent.target(maps[l].q_n, wk, wv) if joint else wv, v_rank),
             k_rank=k_rank, v_rank=v_rank,
             num_heads=n_heads, num_kv_heads=g, head_dim=d_h, dtype=torch.float64, bq=bq, bk=bk, bias=attention_bias)
         if attention_bias:
@@ -336,6 +342,14 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     with timer.stage("rope_map"):
         counts, maps = _rope_maps(stats, opts, inv_freq, d_r, g, d_h)
 
+    # a joint latent's candidate key weights (several: --joint-key-weight auto) and, per candidate, each layer's
+    # (light factor, K error curve, V error curve); with several, each factor is kept only up to any rank a layer
+    # can be given, until one is chosen
+    key_weights = (list(joint_latent.KEY_WEIGHTS) if opts.joint_key_weight == joint_latent.AUTO
+                   else [opts.joint_key_weight])
+    joint_cands = [[] for _ in key_weights]
+    cap = (joint_latent.rank_cap(budget - n_layers * d_r, n_layers, opts.max_rank_frac, opts.rank_multiple)
+           if len(key_weights) > 1 else None)
     with timer.stage("factorize"):
         k_factors, v_factors, k_errors, v_errors = [], [], [], []
         for l in tqdm(range(n_layers), desc="factorize", unit="layer"):
@@ -350,16 +364,17 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                 if st.ckv is None:
                     raise ConversionError("--latent joint needs the key/value cross moment, which these statistics "
                                           "lack (a stats cache from before it was collected?); delete the stats cache")
-                target = _joint_target(q_n, wk, wv)
-                moment, weight = _joint_moment(q_n, ck, on(st.ckv), on(st.cv), st.x_scale, mk, mv,
-                                               opts.joint_key_weight)
-                jf = factorize.factorize(target, moment, ax, opts.method, out_weight=weight)
+                target = joint_latent.target(q_n, wk, wv)
                 n_k = k_target.shape[0]
-                k_errors.append(factorize.error_curve(target, jf, moment, key_total, rows=slice(0, n_k)))
-                v_errors.append(factorize.error_curve(target, jf, moment, rows=slice(n_k, None)))
+                for cands, w in zip(joint_cands, key_weights):
+                    moment, weight = joint_latent.moment(q_n, ck, on(st.ckv), on(st.cv), st.x_scale, mk, mv, w)
+                    jf = factorize.factorize(target, moment, ax, opts.method, out_weight=weight)
+                    light = jf.light() if cap is None else jf.light().keep(cap)
+                    cands.append((light.to("cpu"), factorize.error_curve(target, jf, moment, key_total,
+                                                                         rows=slice(0, n_k)),
+                                  factorize.error_curve(target, jf, moment, rows=slice(n_k, None))))
                 k_factors.append(factorize.Factor(None, jf.up.new_zeros(n_k, 0), jf.sigma.new_zeros(0),
                                                   jf.basis.new_zeros(0, n_k)).to("cpu"))
-                v_factors.append(jf.light().to("cpu"))
                 stats.layers[l] = None
                 continue
             if source.arch == "llama":   # input x
@@ -384,14 +399,41 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             stats.layers[l] = None
 
     full_k = [min(f.basis.shape[0], g * d_h - d_r) for f in k_factors]
-    # (joint: the latent of [K_nope; V] is lossless at K_nope's width plus V's)
-    full_v = [min(f.basis.shape[0], (2 * g * d_h - d_r) if joint else g * d_h) for f in v_factors]
 
-    def plan(k_share: float | None) -> tuple[list[int], list[int]]:
-        """(K ranks, V ranks) per layer with this K share of the latent (None: the proportional default)."""
+    def plan(k_share: float | None, v_list: list[factorize.Factor] | None = None) -> tuple[list[int], list[int]]:
+        """(K ranks, V ranks) per layer with this K share of the latent (None: the proportional default), of the
+        V factors (default) or `v_list`; a joint latent's are (zeros, its ranks)."""
+        v_list = v_factors if v_list is None else v_list
+        # (a joint latent of [K_nope; V] is lossless at K_nope's width plus V's: its whole spectrum)
+        full_v = [min(f.sigma.shape[0], 2 * g * d_h - d_r) if joint else min(f.basis.shape[0], g * d_h)
+                  for f in v_list]
         return allocate.plan_ranks(opts.ranks, budget, d_r, full_k, full_v, [f.sigma for f in k_factors],
-                                   [f.sigma for f in v_factors], opts.min_rank_frac, opts.max_rank_frac, k_share,
+                                   [f.sigma for f in v_list], opts.min_rank_frac, opts.max_rank_frac, k_share,
                                    opts.rank_multiple)
+
+    joint_auto_report = None
+    if joint:
+        chosen = 0
+        if len(key_weights) > 1:
+            with timer.stage("joint_key_weight_auto"):
+                plans = [plan(None, [f for f, _, _ in cands]) for cands in joint_cands]
+
+                def weight_tensors(l: int, pairs: list[tuple[int, int]]):
+                    """Layer l's tensors of each candidate weight in turn (the pairs are their ranks, in order)."""
+                    qkv = weights(l)
+                    for cands, (_, v_rank) in zip(joint_cands, pairs):
+                        yield layer_tensors(l, None, cands[l][0], 0, v_rank, qkv)
+
+                chosen, joint_auto_report = joint_latent.choose_key_weight(
+                    key_weights, [CareMLAConfig(**_config(source, cfg, opts, d_h, d_r, *ranks, maps[0].inv_freq,
+                                                          str(src))) for ranks in plans],
+                    weight_tensors, source, windows, opts.device, opts.calib_batch, DTYPES[opts.calib_dtype],
+                    opts.k_share_score_tokens)
+        v_factors = [f for f, _, _ in joint_cands[chosen]]
+        k_errors = [k for _, k, _ in joint_cands[chosen]]
+        v_errors = [v for _, _, v in joint_cands[chosen]]
+        opts = dataclasses.replace(opts, joint_key_weight=key_weights[chosen])
+        joint_cands = None
 
     def plan_tensors(l: int, ranks: list[tuple[int, int]]):
         """Layer l's attention tensors for each (K rank, V rank) in turn (a generator: one plan's at a time), its
@@ -474,6 +516,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             "original_cache_values_per_token": n_layers * per_layer_orig,
             "layers": layer_reports,
             **({"k_share_auto": auto_report} if auto_report is not None else {}),
+            **({"joint_key_weight_auto": joint_auto_report} if joint_auto_report is not None else {}),
             "calibration": {"files": calib_files, "samples": int(windows.shape[0]),
                             "seqlen": int(windows.shape[1]), "tokens": stats.tokens, "seed": opts.seed,
                             "device": opts.device, "dtype": opts.calib_dtype},
@@ -537,30 +580,6 @@ def has_attention_bias(model) -> bool:
 def _bias(linear) -> torch.Tensor | None:
     b = getattr(linear, "bias", None)
     return None if b is None else b.detach()
-
-
-def _joint_target(q_n: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
-    """The map a joint latent approximates (Llama path): the key's RoRoPE NoPE rows over the values, [Q_N W_K; W_V]."""
-    q_n = q_n.to(wk.device, torch.float64)
-    return torch.cat([q_n @ wk.double(), wv.double()])
-
-
-def _joint_moment(q_n, ck, ckv, cv, x_scale, mk, mv, key_weight) -> tuple[factorize.Moment, torch.Tensor | None]:
-    """(Moment, output weighting or None) of a joint latent of [K_nope; V] (--latent joint; `_joint_target`).
-
-    K and V are maps of the same input x, so their outputs share directions: one latent of rank r fitted to both
-    (DeepSeek's MLA form; vLLM's MLA layer reads it natively) keeps more than separate latents whose ranks sum to r
-    (benchmarks/results/joint_latent.md: 0.56-0.79x the output energy left out). The output moment is the whole
-    [[Q_N C_K Q_N^T, Q_N C_KV], [C_KV^T Q_N^T, C_V]]. --objective kv weighs key and value energy as they are;
-    --objective attention weighs the key rows by M_K (the queries) and the value rows by M_V (o_proj), each over
-    its own total so that `key_weight` W says how much a unit of relative key logit error counts against one of
-    relative value output error: blockdiag(W M_K / tr(M_K G_K), M_V / tr(M_V G_V))."""
-    gk, gkv = q_n @ ck @ q_n.T, q_n @ ckv
-    gram = torch.cat([torch.cat([gk, gkv], 1), torch.cat([gkv.T, cv], 1)])
-    weight = None
-    if mk is not None:
-        weight = torch.block_diag(key_weight * mk / torch.trace(mk @ gk), mv / torch.trace(mv @ cv))
-    return factorize.Moment(gram, x_scale), weight
 
 
 def _k_target(arch: str, q_n: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:

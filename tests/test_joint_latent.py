@@ -5,8 +5,10 @@ parity both keep every latent dimension, so they must compute the same function,
 like), and the original model's own keys and values on the calibration windows (at a reduced cache the joint
 latent of a layer must leave no more key + value energy out than separate latents of the same total rank: the
 separate pair is one of the latents the joint fit chooses among). The errors compared are the report's, which
-tests/test_care_report.py checks against the written checkpoint, for both latents. Also: the config and model
-card say what was written, and what a joint latent cannot do is refused by name with nothing written.
+tests/test_care_report.py checks against the written checkpoint, for both latents. `--joint-key-weight auto`:
+each candidate's score equals plain transformers' KL on that weight's unrefitted conversion, and the checkpoint is
+the one converted at the weight chosen. Also: the config and model card say what was written, and what a joint
+latent cannot do is refused by name with nothing written.
 """
 from __future__ import annotations
 
@@ -99,6 +101,50 @@ def test_a_joint_latent_leaves_out_no_more_than_separate_latents_of_its_rank(ori
     assert total[1] < 0.95 * total[0], total   # and strictly less in all: the layers' K and V share directions
 
 
+def test_key_weight_auto_converts_at_the_weight_whose_unrefitted_model_is_closest(original, calib_file):
+    """--joint-key-weight auto: each candidate's score is what plain transformers measures on that weight's
+    conversion without the refit (KL to the original on the scored windows), the lowest is chosen, and the
+    checkpoint is care-convert's at that weight, tensor for tensor."""
+    from transformers import AutoTokenizer
+
+    from converter import joint_latent
+    from converter.cli import main
+    from tests.test_k_share_auto import kl_on_windows, log_probs
+    from tests.tiny_models import checkpoint_tensors
+
+    root, src = original
+    stats = root / "auto_stats.pt"
+
+    def care_convert(out, *flags):
+        proc = run_main(main, "care-convert", src, out, "--calib", calib_file, "--calib-samples", "8",
+                        "--calib-seqlen", "64", "--rope-dim", "8", "--kv-ratio", "0.5", "--ranks", "adjusted",
+                        "--latent", "joint", "--objective", "attention", "--k-share-score-tokens", "256",
+                        "--stats-cache", stats, *flags)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc, json.loads((out / "care_report.json").read_text())
+
+    proc, report = care_convert(root / "auto", "--joint-key-weight", "auto")
+    auto = report["joint_key_weight_auto"]
+    assert [c["joint_key_weight"] for c in auto["candidates"]] == list(joint_latent.KEY_WEIGHTS)
+    assert (auto["score_windows"], auto["score_tokens"]) == (4, 256)
+    assert json.loads(proc.stdout)["joint_key_weight_auto"] == auto["chosen"] == report["options"]["joint_key_weight"]
+    windows = calib_data.token_windows(AutoTokenizer.from_pretrained(src), calib_data.read_texts([calib_file]),
+                                       8, 64, 0)[:4]
+    reference, measured = list(log_probs(src, windows)), []
+    for cand in auto["candidates"]:
+        out = root / f"norefit-{cand['joint_key_weight']}"
+        care_convert(out, "--joint-key-weight", str(cand["joint_key_weight"]), "--no-o-proj-refit")
+        measured.append(kl_on_windows(reference, out, windows))
+        assert cand["kl"] == pytest.approx(measured[-1], rel=1e-5, abs=1e-6)
+    assert len(set(round(m, 4) for m in measured)) == len(measured)   # the weights change the latents
+    assert auto["chosen"] == joint_latent.KEY_WEIGHTS[min(range(len(measured)), key=measured.__getitem__)]
+    care_convert(root / "chosen", "--joint-key-weight", str(auto["chosen"]))
+    ours, theirs = checkpoint_tensors(root / "auto"), checkpoint_tensors(root / "chosen")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    card = (root / "auto" / "README.md").read_text()
+    assert f"key weight {auto['chosen']:g}, chosen by `--joint-key-weight auto`" in card
+
+
 def test_what_a_joint_latent_cannot_do_is_refused(tmp_path, calib_file):
     from converter.cli import main
 
@@ -111,6 +157,9 @@ def test_what_a_joint_latent_cannot_do_is_refused(tmp_path, calib_file):
         ([llama, out, "--latent", "joint", "--k-share", "auto"], ["--k-share", "joint latent", "drop --k-share"]),
         ([llama, out, "--latent", "joint", "--joint-key-weight", "0"], ["--joint-key-weight", "positive"]),
         ([llama, out, "--latent", "shared"], ["--latent", "invalid choice"]),
+        ([llama, out, "--latent", "joint", "--joint-key-weight", "auto"], ["--joint-key-weight auto",
+                                                                            "--objective attention"]),
+        ([llama, out, "--latent", "joint", "--joint-key-weight", "best"], ["'best' is neither a number nor 'auto'"]),
     ]
     for args, needles in cases:
         assert_refused_by("care-convert", run_main(main, "care-convert", *args, *common), out, *needles)

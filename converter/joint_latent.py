@@ -1,0 +1,73 @@
+"""One latent shared by keys and values (`care-convert --latent joint`, Llama-path sources).
+
+Why: the CARE paper fits separate K and V latents; K and V are maps of the same layer input, so their outputs
+share directions, and one latent of the same cache width fitted to both (DeepSeek's MLA form: vLLM's MLA layer
+reads it natively, kv_b_proj maps the one latent to both) keeps more. Measured before it was built
+(benchmarks/results/joint_latent.md): 0.56-0.79x the key/value output energy left out at the same cache on three
+models; with real conversions: benchmarks/results/joint_latent_convert.md.
+
+What: the latent is fitted to the key's position-free rows and the values together, y = [Q_N W_K; W_V] x
+(`target`), with the whole output moment, cross terms included (`moment`; calibration's `ckv`). Qwen3 is not
+supported: its keys pass k_norm, so [K_nope; V] is not one linear map of x and the checkpoint format has no sum
+of two latent projections.
+
+With `--objective attention` the key rows are weighted by the queries (M_K) and the value rows by o_proj (M_V),
+each over its own total, and W (`--joint-key-weight`) says how much a unit of relative key logit error counts
+against one of relative value output error. The best W differs by model (SmolLM2 wanted 4, the small Llama 0.25
+in the emulation), as the best K share of separate latents does, so `--joint-key-weight auto` chooses it as
+`--k-share auto` chooses the share: every candidate is factorized and allocated, assembled without the o_proj refit
+and scored by KL(original || converted) on the first calibration tokens (converter/kshare_auto.score).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+from . import factorize, kshare_auto
+
+AUTO = "auto"   # the --joint-key-weight value (converter/cli.py parses it without importing this module)
+KEY_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)   # --joint-key-weight auto's candidates
+
+
+def target(q_n: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """The map a joint latent approximates: the key's RoRoPE NoPE rows over the values, [Q_N W_K; W_V] (fp64)."""
+    q_n = q_n.to(wk.device, torch.float64)
+    return torch.cat([q_n @ wk.double(), wv.double()])
+
+
+def moment(q_n: torch.Tensor, ck: torch.Tensor, ckv: torch.Tensor, cv: torch.Tensor, x_scale: float,
+           mk: torch.Tensor | None, mv: torch.Tensor | None, key_weight: float
+           ) -> tuple[factorize.Moment, torch.Tensor | None]:
+    """(the output Moment of `target`, the output weighting or None): the moment is
+    [[Q_N C_K Q_N^T, Q_N C_KV], [C_KV^T Q_N^T, C_V]]; with --objective attention's M_K, M_V the weighting is
+    blockdiag(W M_K / tr(M_K G_K), M_V / tr(M_V G_V)) (--objective kv: None, key and value energy as they are)."""
+    gk, gkv = q_n @ ck @ q_n.T, q_n @ ckv
+    gram = torch.cat([torch.cat([gk, gkv], 1), torch.cat([gkv.T, cv], 1)])
+    weight = None
+    if mk is not None:
+        weight = torch.block_diag(key_weight * mk / torch.trace(mk @ gk), mv / torch.trace(mv @ cv))
+    return factorize.Moment(gram, x_scale), weight
+
+
+def rank_cap(latent_total: int, num_layers: int, max_rank_frac: float, multiple: int) -> int:
+    """An upper bound on any layer's allocated rank (uniform or adjusted, in units of `multiple`): how much of each
+    candidate's factor `--joint-key-weight auto` keeps until one is chosen."""
+    return math.ceil(max(1.0, max_rank_frac) * latent_total / num_layers) + multiple
+
+
+def choose_key_weight(weights: list[float], configs: list, tensors_for: Callable[[int, list[tuple[int, int]]],
+                                                                                  Iterable[dict]],
+                      source, windows: torch.Tensor, device: str, batch_size: int, dtype: torch.dtype,
+                      score_tokens: int | None = None) -> tuple[int, dict]:
+    """(index of the chosen weight, the report of the choice). `configs[i]`: the converted config of candidate i
+    (its ranks); `tensors_for(l, pairs)`: layer l's converted tensors for each candidate in turn."""
+    scored = kshare_auto.score_windows(windows, score_tokens)
+    kls = kshare_auto.score(source, scored, configs, tensors_for, device, batch_size, dtype,
+                            desc=f"joint key weight auto ({len(configs)} weights)")
+    best = min(range(len(weights)), key=lambda i: (kls[i], i))
+    report = {"chosen": weights[best],
+              "candidates": [{"joint_key_weight": w, "kl": round(kl, 6)} for w, kl in zip(weights, kls)],
+              "score_windows": int(scored.shape[0]), "score_tokens": int(scored.numel()), "refit": False}
+    return best, report
