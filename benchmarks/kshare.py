@@ -39,7 +39,7 @@ def build_parser():
     p.add_argument("--shares", default="default,0.2,0.25,0.3,0.35,0.5",
                    help="comma list of --k-share values; 'default' = the converter's proportional split, 'auto' = "
                         "--k-share auto (its cell shows the share it chose), 'joint' = --latent joint (one latent "
-                        "for K and V), 'joint:W' = that with --joint-key-weight W")
+                        "for K and V), 'joint:W' = that with --joint-key-weight W (W a number or auto)")
     p.add_argument("--objective", default="kv", choices=["kv", "attention"])
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="the o_proj refit (default off here, as oneshot.py; on in care-convert)")
@@ -66,7 +66,7 @@ def share_options(share: str) -> dict:
         return {"k_share": None}
     if is_joint(share):
         weight = share[len(JOINT) + 1:]
-        return {"k_share": None, "latent": "joint", **({"joint_key_weight": float(weight)} if weight else {})}
+        return {"k_share": None, "latent": "joint", **({"joint_key_weight": k_share_value(weight)} if weight else {})}
     return {"k_share": k_share_value(share)}
 
 
@@ -77,7 +77,8 @@ def heading(share: str) -> str:
 
 
 def cell(share: str, r: dict, orig: float) -> str:
-    given = "joint" if is_joint(share) else f"{r['k_share_actual']:.2f}"
+    given = (f"joint, W {r['joint_key_weight_auto']['chosen']:g} chosen" if "joint_key_weight_auto" in r
+             else "joint" if is_joint(share) else f"{r['k_share_actual']:.2f}")
     return f"{r['ppl']:.2f} ({given}; x{r['ppl'] / orig:.2f})"
 
 
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
         try:
             opts = share_options(sh)
         except (ValueError, argparse.ArgumentTypeError):
-            parser.error(f"--shares: {sh!r} is not 'default', 'joint', 'joint:W', 'auto' or a number")
+            parser.error(f"--shares: {sh!r} is not 'default', 'joint', 'joint:W', 'joint:auto', 'auto' or a number")
         if "joint_key_weight" in opts and args.objective != "attention":
             parser.error(f"--shares {sh}: --joint-key-weight weighs --objective attention's errors (use 'joint' "
                          f"with --objective {args.objective})")
@@ -146,7 +147,9 @@ def main(argv=None) -> int:
     return sweep.run(args, own, common.csv_list(args.models), cells, render_md, "ckpt_kshare",
                      extra=lambda rep: {**({"latent": "joint"} if rep.get("latent") == "joint" else
                                            {"k_share_actual": k_share_given(rep)}),
-                                        **({"k_share_auto": rep["k_share_auto"]} if "k_share_auto" in rep else {})})
+                                        **({"k_share_auto": rep["k_share_auto"]} if "k_share_auto" in rep else {}),
+                                        **({"joint_key_weight_auto": rep["joint_key_weight_auto"]}
+                                           if "joint_key_weight_auto" in rep else {})})
 
 
 if __name__ == "__main__":
