@@ -174,10 +174,13 @@ def _option_suffix(opt: dict) -> str:
                     else f"-kshare-{share or 'default'}"])
 
 
-def k_share_given(report: dict) -> float:
-    """The share of a conversion's latent that its ranks give to K: sum r_K / sum (r_K + r_V) (care_report.json)."""
+def k_share_given(report: dict) -> float | None:
+    """The share of a conversion's latent that its ranks give to K: sum r_K / sum (r_K + r_V) (care_report.json);
+    None for a joint latent (--latent joint: keys and values share the whole latent)."""
     from .allocate import k_share_of
 
+    if report.get("latent") == "joint":
+        return None
     return k_share_of([layer["k_rank"] for layer in report["layers"]],
                       [layer["v_rank"] for layer in report["layers"]])
 
@@ -206,7 +209,8 @@ def format_table(result: dict) -> str:
              "| KL (nats/token) | top-1 agreement | convert s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        share = ("auto: " if r.get("k_share") == "auto" else "") + f"{r['k_share_actual']:.2f}"
+        share = ("joint" if r["k_share_actual"] is None
+                 else ("auto: " if r.get("k_share") == "auto" else "") + f"{r['k_share_actual']:.2f}")
         lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} | {share} "
                      f"| {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
                      f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 EPILOG = """\
 for a deployment (the settings that measured best; calibrate on text like what will be served, e.g.
 conversations as .jsonl for a chat model):
-  care-convert SRC OUT --calib chats.jsonl --kv-ratio 0.5 --ranks uniform --objective attention --k-share auto
+  care-convert SRC OUT --calib chats.jsonl --kv-ratio 0.5 --ranks uniform --objective attention --latent joint --joint-key-weight auto
+  (a Qwen3 source, whose keys pass k_norm, keeps separate latents: --k-share auto in place of the last two options)
 then:
   care-eval compare SRC OUT --text heldout.txt     # perplexities, KL to the original, top-1 agreement
   vllm serve OUT                                   # the care-vllm plugin registers the model

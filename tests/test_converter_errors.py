@@ -325,12 +325,19 @@ def test_the_deployment_command_in_help_and_readme_parses():
     from converter.cli import EPILOG, build_parser
 
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(care-convert [^`]*--k-share auto)\n```", readme)
+    block = re.search(r"```bash\n(care-convert [^`]*--joint-key-weight auto)\n```", readme)
     assert block, "README: the deployment command's block"
     helped = next(line for line in EPILOG.splitlines() if line.strip().startswith("care-convert "))
     for command in (helped, block.group(1).replace("\\\n", " ")):
         args = build_parser().parse_args(shlex.split(command)[1:])
-        assert (args.kv_ratio, args.ranks, args.objective, args.k_share) == (0.5, "uniform", "attention", "auto"), command
+        assert (args.kv_ratio, args.ranks, args.objective, args.latent, args.joint_key_weight, args.k_share) == (
+            0.5, "uniform", "attention", "joint", "auto", None), command
+        # a Qwen3 source: the same with --k-share auto in place of the joint latent's two options
+        qwen3 = command.replace("--latent joint --joint-key-weight auto", "--k-share auto")
+        args = build_parser().parse_args(shlex.split(qwen3)[1:])
+        assert (args.latent, args.k_share) == ("separate", "auto"), qwen3
+    assert "--k-share auto in place of the last two options" in EPILOG
+    assert "`--k-share auto` in place of those two" in readme
 
 
 def test_existing_out_needs_overwrite(tiny, tmp_path):

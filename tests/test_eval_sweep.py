@@ -105,16 +105,18 @@ def test_sweep_matches_care_convert_and_independent_measurement(original, held_o
 
 def test_rope_dims_sweep_converts_every_pair_as_care_convert_with_that_rope_dim(original, held_out, calib_file,
                                                                                  tmp_path, capsys):
+    """(With a joint latent, --latent joint, as care-convert options pass through the sweep: its rows say so.)"""
     keep = tmp_path / "keep"
     code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
-                              "--kv-ratios", "0.75,1", "--rope-dims", "32,16", "--keep", keep,
+                              "--kv-ratios", "0.75,1", "--rope-dims", "32,16", "--keep", keep, "--latent", "joint",
                               *CONVERT_OPTIONS, *EVAL_OPTIONS)
     assert code == 0, err
+    assert all(r["k_share_actual"] is None for r in res["rows"]) and err.count("| joint |") == 4
     assert [(r["kv_ratio"], r["rope_dim"]) for r in res["rows"]] == [(0.75, 16), (0.75, 32), (1.0, 16), (1.0, 32)]
     assert sorted(p.name for p in keep.iterdir()) == ["kv0.75-rope16", "kv0.75-rope32", "kv1-rope16", "kv1-rope32"]
     for row in res["rows"][:2]:
         assert_care_convert_makes(Path(row["checkpoint"]), row, original, calib_file, tmp_path, capsys,
-                                  "--kv-ratio", row["kv_ratio"], "--rope-dim", row["rope_dim"])
+                                  "--kv-ratio", row["kv_ratio"], "--rope-dim", row["rope_dim"], "--latent", "joint")
     # at parity a rope key as wide as the original keys (2 x 16) leaves nothing out: exact
     exact = res["rows"][3]
     assert abs(exact["kl"]) < 1e-6 and exact["top1_agreement"] == 1.0 and res["rows"][2]["kl"] > 1e-4
