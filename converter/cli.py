@@ -116,7 +116,7 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "of the same cache width that keys and values both read (DeepSeek's MLA form; Llama-path "
                         "sources only; no --k-share): keeps more of the layer at the same cache "
                         "(docs/CONVERTING.md, benchmarks/results/joint_latent_convert.md)")
-    p.add_argument("--joint-key-weight", type=auto_or_number, default=1.0, metavar="W|auto",
+    p.add_argument("--joint-key-weight", type=auto_or_number, default=None, metavar="W|auto",
                    help="--latent joint with --objective attention: how much a unit of relative key logit error "
                         "counts against one of relative value output error (default 1), or auto: the weight, of "
                         "0.25, 0.5, 1, 2, 4, whose converted model (without the refit) is closest to the original on "

@@ -77,7 +77,8 @@ class Options:
     rope_distance: float = 1024.0
     objective: str = "kv"
     latent: str = "separate"      # or "joint": one latent for keys and values (converter/joint_latent.py)
-    joint_key_weight: float | str = 1.0  # joint + --objective attention: key errors' weight against values', or "auto"
+    joint_key_weight: float | str | None = None  # joint + --objective attention: key errors' weight against values'
+    #                                              (None: joint_latent.DEFAULT_KEY_WEIGHT), or "auto"
     max_shard_size: str = "2GB"
     revision: str | None = None   # Hub revision when the source is a repo id
     o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
@@ -130,12 +131,14 @@ class Options:
         if self.latent == "joint" and self.k_share is not None:
             raise ConversionError("--k-share splits separate K and V latents: a joint latent (--latent joint) has no "
                                   "split; drop --k-share")
-        if self.joint_key_weight == joint_latent.AUTO:
-            if self.latent != "joint" or self.objective != "attention":
-                raise ConversionError("--joint-key-weight auto chooses how a joint latent's attention objective weighs "
-                                      "keys against values: it needs --latent joint --objective attention")
-        elif not (isinstance(self.joint_key_weight, (int, float)) and math.isfinite(self.joint_key_weight)
-                  and self.joint_key_weight > 0):
+        if self.joint_key_weight is None:
+            pass
+        elif self.latent != "joint" or self.objective != "attention":
+            raise ConversionError("--joint-key-weight sets how a joint latent's attention objective weighs keys "
+                                  "against values: it needs --latent joint --objective attention")
+        elif self.joint_key_weight != joint_latent.AUTO and not (
+                isinstance(self.joint_key_weight, (int, float)) and math.isfinite(self.joint_key_weight)
+                and self.joint_key_weight > 0):
             raise ConversionError(f"--joint-key-weight must be a positive number or {joint_latent.AUTO} "
                                   f"(got {self.joint_key_weight})")
         if self.objective != "kv" and self.method != "care":
@@ -346,7 +349,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     # (light factor, K error curve, V error curve); with several, each factor is kept only up to any rank a layer
     # can be given, until one is chosen
     key_weights = (list(joint_latent.KEY_WEIGHTS) if opts.joint_key_weight == joint_latent.AUTO
-                   else [opts.joint_key_weight])
+                   else [opts.joint_key_weight or joint_latent.DEFAULT_KEY_WEIGHT])
     joint_cands = [[] for _ in key_weights]
     cap = (joint_latent.rank_cap(budget - n_layers * d_r, n_layers, opts.max_rank_frac, opts.rank_multiple)
            if len(key_weights) > 1 else None)

@@ -49,7 +49,8 @@ def test_at_parity_a_joint_latent_computes_what_separate_latents_do(original, ca
     # partial rope (8 of the 32 key dims): the latents carry the rest of the keys, so K really is in the latent
     kw = dict(calib_files=[calib_file], kv_ratio=1.0, rope_dim=8, ranks="uniform", objective=objective, **CALIB)
     convert(src, root / f"separate_{objective}", **kw)
-    report = convert(src, root / f"joint_{objective}", latent="joint", joint_key_weight=3.0, **kw)
+    report = convert(src, root / f"joint_{objective}", latent="joint",
+                     joint_key_weight=3.0 if objective == "attention" else None, **kw)
     joint = root / f"joint_{objective}"
     cfg = json.loads((joint / "config.json").read_text())
     g_d = 2 * 16
@@ -155,10 +156,13 @@ def test_what_a_joint_latent_cannot_do_is_refused(tmp_path, calib_file):
     cases = [
         ([qwen3, out, "--latent", "joint"], ["--latent joint", "Qwen3ForCausalLM", "k_norm", "--latent separate"]),
         ([llama, out, "--latent", "joint", "--k-share", "auto"], ["--k-share", "joint latent", "drop --k-share"]),
-        ([llama, out, "--latent", "joint", "--joint-key-weight", "0"], ["--joint-key-weight", "positive"]),
+        ([llama, out, "--latent", "joint", "--objective", "attention", "--joint-key-weight", "0"],
+         ["--joint-key-weight", "positive"]),
         ([llama, out, "--latent", "shared"], ["--latent", "invalid choice"]),
-        ([llama, out, "--latent", "joint", "--joint-key-weight", "auto"], ["--joint-key-weight auto",
-                                                                            "--objective attention"]),
+        ([llama, out, "--latent", "joint", "--joint-key-weight", "auto"], ["--joint-key-weight",
+                                                                            "--latent joint --objective attention"]),
+        ([llama, out, "--objective", "attention", "--joint-key-weight", "2"], ["--joint-key-weight",
+                                                                                "--latent joint --objective attention"]),
         ([llama, out, "--latent", "joint", "--joint-key-weight", "best"], ["'best' is neither a number nor 'auto'"]),
     ]
     for args, needles in cases:
