@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--objective", default="kv", choices=["kv", "attention"])
     p.add_argument("--k-share", type=cli.k_share_value, default=None,
                    help="as care-convert's (a fraction, or auto: times its scoring)")
+    p.add_argument("--latent", default="separate", choices=["separate", "joint"], help="care-convert --latent")
+    p.add_argument("--joint-key-weight", type=cli.auto_or_number, default=None, help="care-convert --joint-key-weight")
     p.add_argument("--no-o-proj-refit", dest="o_proj_refit", action="store_false", help="skip the refit stage")
     p.add_argument("--dtype", default="bfloat16", help="output dtype")
     p.add_argument("--tag", default=None, help="results file suffix (default: shape and device)")
@@ -86,6 +88,7 @@ def main(argv=None) -> int:
     windows = torch.randint(3, cfg["vocab_size"], (args.calib_samples, args.calib_seqlen),
                             generator=torch.Generator().manual_seed(0))
     opts = pipeline.Options(kv_ratio=args.kv_ratio, ranks=args.ranks, objective=args.objective, k_share=args.k_share,
+                            latent=args.latent, joint_key_weight=args.joint_key_weight,
                             o_proj_refit=args.o_proj_refit, device=args.device, dtype=args.dtype,
                             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                             calib_batch=args.calib_batch, calib_dtype=args.calib_dtype, overwrite=True)
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
         "calibration_tokens": args.calib_samples * args.calib_seqlen, "calib_dtype": args.calib_dtype,
         "kv_ratio": report["kv_ratio"], "ranks": args.ranks, "objective": args.objective, "k_share": args.k_share,
         "o_proj_refit": args.o_proj_refit, "k_share_auto": report.get("k_share_auto"), "output_dtype": args.dtype,
+        **({"latent": "joint", "joint_key_weight": args.joint_key_weight,
+            "joint_key_weight_auto": report.get("joint_key_weight_auto")} if args.latent == "joint" else {}),
         "cache_values_per_token": report["cache_values_per_token"],
         "build_random_model_s": round(build_s, 2), "seconds": seconds, "convert_total_s": round(wall, 2),
         "peak_gpu_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -115,7 +120,9 @@ def main(argv=None) -> int:
     md = (f"# care-convert speed: {args.shape} ({cfg['num_hidden_layers']} layers, {n_params / 1e9:.2f} B params, "
           f"random weights) on {res['device_name']}\n\n"
           f"calibration {args.calib_samples} x {args.calib_seqlen} tokens ({args.calib_dtype}), KV ratio "
-          f"{report['kv_ratio']:.3f} {args.ranks}, objective {args.objective}, K share {args.k_share or 'default'}, "
+          f"{report['kv_ratio']:.3f} {args.ranks}, objective {args.objective}, "
+          + (f"joint K/V latent (key weight {args.joint_key_weight or 'default'}), " if args.latent == "joint"
+             else f"K share {args.k_share or 'default'}, ") +
           f"o_proj refit {'on' if args.o_proj_refit else 'off'}, output {args.dtype}; random init {build_s:.1f} s "
           f"(not counted)\n\n"
           + common.md_table(["stage", "seconds"], rows) + f"\n\nCommand: `{res['command']}`\n")
