@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-ratio", type=float, default=0.5)
     p.add_argument("--ranks", default="adjusted", choices=["uniform", "adjusted"])
     p.add_argument("--objective", default="kv", choices=["kv", "attention"])
-    p.add_argument("--k-share", type=cli.k_share_value, default=None,
+    p.add_argument("--k-share", type=cli.auto_or_number, default=None,
                    help="as care-convert's (a fraction, or auto: times its scoring)")
     p.add_argument("--latent", default="separate", choices=["separate", "joint"], help="care-convert --latent")
     p.add_argument("--joint-key-weight", type=cli.auto_or_number, default=None, help="care-convert --joint-key-weight")

@@ -43,7 +43,7 @@ import common  # noqa: E402
 
 import oneshot  # noqa: E402
 
-from converter import attention_weights, calib_data, calibrate, factorize, load, pipeline  # noqa: E402
+from converter import attention_weights, calib_data, calibrate, factorize, joint_latent, load, pipeline  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,10 +244,9 @@ def model_rows(name: str, data: Path, ratios: list[float], args) -> list[dict]:
                                                     cfg.num_attention_heads, g)
                 proj["attention_separate_default"].append(
                     torch.block_diag(weighted_top(ck, mk, r_k), weighted_top(cv, mv, r - r_k)))
-                t_k, t_v = torch.trace(mk @ ck), torch.trace(mv @ cv)
-                for w in key_weights:
+                for w in key_weights:   # (care-convert --latent joint --joint-key-weight w's weighting)
                     proj[f"attention_joint_k{w:g}"].append(
-                        weighted_top(joint, torch.block_diag(w * mk / t_k, mv / t_v), r))
+                        weighted_top(joint, joint_latent.weighting(joint, mk, mv, w), r))
         row = {"model": name, "kv_ratio": ratio, "latent_rank": r, "rope_dim": d_r, "k_nope_width": n_k,
                "k_energy_share": totals.pop("k_energy") / totals["energy"],
                **{k: v / totals["energy"] for k, v in totals.items() if k != "energy"},

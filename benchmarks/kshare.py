@@ -60,14 +60,14 @@ def is_joint(share: str) -> bool:
 def share_options(share: str) -> dict:
     """The care-convert options of one --shares value: 'default' -> the proportional split, 'joint[:W]' -> a
     joint latent (with --joint-key-weight W), else --k-share (a number or 'auto')."""
-    from converter.cli import k_share_value
+    from converter.cli import auto_or_number
 
     if share == "default":
         return {"k_share": None}
     if is_joint(share):
         weight = share[len(JOINT) + 1:]
-        return {"k_share": None, "latent": "joint", **({"joint_key_weight": k_share_value(weight)} if weight else {})}
-    return {"k_share": k_share_value(share)}
+        return {"k_share": None, "latent": "joint", **({"joint_key_weight": auto_or_number(weight)} if weight else {})}
+    return {"k_share": auto_or_number(share)}
 
 
 def heading(share: str) -> str:

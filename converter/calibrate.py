@@ -101,8 +101,9 @@ def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_
     ck_rope = ckv = None
     if ck is None:
         wk = w("k_proj")
-        ck = wk @ cx @ wk.T
-        ckv = (wk @ cx @ wv.T).cpu()
+        wk_cx = wk @ cx
+        ck = wk_cx @ wk.T
+        ckv = (wk_cx @ wv.T).cpu()
         bk = b("k_proj")
         if bk is not None:
             ck_rope = _with_bias(ck[None], (wk @ sx)[None], bk[None], tokens)[0].cpu()

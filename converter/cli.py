@@ -148,8 +148,6 @@ def auto_or_number(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
 
 
-k_share_value = auto_or_number   # (the name the benchmarks import)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

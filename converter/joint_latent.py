@@ -7,7 +7,8 @@ reads it natively, kv_b_proj maps the one latent to both) keeps more. Measured b
 models; with real conversions: benchmarks/results/joint_latent_convert.md.
 
 What: the latent is fitted to the key's position-free rows and the values together, y = [Q_N W_K; W_V] x
-(`target`), with the whole output moment, cross terms included (`moment`; calibration's `ckv`). Qwen3 is not
+(`target`), with the whole output moment, cross terms included (`moment`; calibration's `ckv`), under an output
+weighting with --objective attention (`weighting`). Qwen3 is not
 supported: its keys pass k_norm, so [K_nope; V] is not one linear map of x and the checkpoint format has no sum
 of two latent projections.
 
@@ -38,18 +39,20 @@ def target(q_n: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tenso
     return torch.cat([q_n @ wk.double(), wv.double()])
 
 
-def moment(q_n: torch.Tensor, ck: torch.Tensor, ckv: torch.Tensor, cv: torch.Tensor, x_scale: float,
-           mk: torch.Tensor | None, mv: torch.Tensor | None, key_weight: float
-           ) -> tuple[factorize.Moment, torch.Tensor | None]:
-    """(the output Moment of `target`, the output weighting or None): the moment is
-    [[Q_N C_K Q_N^T, Q_N C_KV], [C_KV^T Q_N^T, C_V]]; with --objective attention's M_K, M_V the weighting is
-    blockdiag(W M_K / tr(M_K G_K), M_V / tr(M_V G_V)) (--objective kv: None, key and value energy as they are)."""
+def moment(q_n: torch.Tensor, ck: torch.Tensor, ckv: torch.Tensor, cv: torch.Tensor, x_scale: float
+           ) -> factorize.Moment:
+    """The output Moment of `target`: [[G_K, G_KV], [G_KV^T, G_V]] = [[Q_N C_K Q_N^T, Q_N C_KV], [C_KV^T Q_N^T, C_V]]."""
     gk, gkv = q_n @ ck @ q_n.T, q_n @ ckv
-    gram = torch.cat([torch.cat([gk, gkv], 1), torch.cat([gkv.T, cv], 1)])
-    weight = None
-    if mk is not None:
-        weight = torch.block_diag(key_weight * mk / torch.trace(mk @ gk), mv / torch.trace(mv @ cv))
-    return factorize.Moment(gram, x_scale), weight
+    return factorize.Moment(torch.cat([torch.cat([gk, gkv], 1), torch.cat([gkv.T, cv], 1)]), x_scale)
+
+
+def weighting(gram: torch.Tensor, mk: torch.Tensor, mv: torch.Tensor, key_weight: float) -> torch.Tensor:
+    """--objective attention's output weighting of a joint latent of outputs with moment `gram` ([K_nope; V]):
+    blockdiag(W M_K / tr(M_K G_K), M_V / tr(M_V G_V)), each part's error relative to its own total, the key part
+    counting W times (without it, --objective kv: key and value energy as they are)."""
+    n_k = mk.shape[0]
+    return torch.block_diag(key_weight * mk / torch.trace(mk @ gram[:n_k, :n_k]),
+                            mv / torch.trace(mv @ gram[n_k:, n_k:]))
 
 
 def rank_cap(latent_total: int, num_layers: int, max_rank_frac: float, multiple: int) -> int:

@@ -93,10 +93,13 @@ def _body(name: str, config: dict, report: dict, base_model: str | None, metadat
     refit = (f"o_proj least-squares refit (ridge {care['o_proj_refit_ridge']})" if care.get("o_proj_refit")
              else "no o_proj refit")
     if care.get("latent") == "joint":
-        weight = report["options"].get("joint_key_weight")
-        split = "one latent shared by keys and values (`--latent joint`" + (
-            f", key weight {weight:g}" + (", chosen by `--joint-key-weight auto`" if "joint_key_weight_auto" in report
-                                          else "") if weight is not None else "") + ")"
+        weight = report["options"].get("joint_key_weight")   # (--objective attention only)
+        split = "one latent shared by keys and values (`--latent joint`"
+        if weight is not None:
+            split += f", key weight {weight:g}"
+        if "joint_key_weight_auto" in report:
+            split += ", chosen by `--joint-key-weight auto`"
+        split += ")"
     else:
         split = (f"{k_share_of(config['k_ranks'], config['v_ranks']):.2f} of the latent to K"
                  + (", chosen by `--k-share auto`" if "k_share_auto" in report else ""))

@@ -368,9 +368,10 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                     raise ConversionError("--latent joint needs the key/value cross moment, which these statistics "
                                           "lack (a stats cache from before it was collected?); delete the stats cache")
                 target = joint_latent.target(q_n, wk, wv)
+                moment = joint_latent.moment(q_n, ck, on(st.ckv), on(st.cv), st.x_scale)
                 n_k = k_target.shape[0]
                 for cands, w in zip(joint_cands, key_weights):
-                    moment, weight = joint_latent.moment(q_n, ck, on(st.ckv), on(st.cv), st.x_scale, mk, mv, w)
+                    weight = None if mk is None else joint_latent.weighting(moment.gram, mk, mv, w)
                     jf = factorize.factorize(target, moment, ax, opts.method, out_weight=weight)
                     light = jf.light() if cap is None else jf.light().keep(cap)
                     cands.append((light.to("cpu"), factorize.error_curve(target, jf, moment, key_total,
