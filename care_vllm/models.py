@@ -3,7 +3,7 @@
 One latent-attention layer class, `CareLatentAttention`, serves both variants:
   * Llama sources: q_proj -> [q_nope | q_pe] per head, kv_a_proj_with_mqa -> [c | k_pe];
   * Qwen3 sources: q_proj -> q_norm -> q_nope, q_rope_proj per head -> q_pe; k_proj -> k_norm
-    -> k_latent_proj -> [c_K | k_pe]; v_latent_proj -> c_V.
+    -> k_latent_proj -> [c_K | k_pe]; v_latent_proj -> c_V (a joint latent: c = c_K + c_V, both r wide).
 Then NeoX rope with the checkpoint's exact inverse frequencies (plain PyTorch, fp32 angles), and
 vLLM's `MLAAttention` with this layer's own kv_lora_rank = k_ranks[l] + v_ranks[l] (so its KV
 cache is exactly r_K + r_V + d_r wide), the config's softmax_scale, and an explicit backend
@@ -173,7 +173,10 @@ class CareLatentAttention(nn.Module):
             self.k_proj = ReplicatedLinear(D, g * d_orig, bias=False, quant_config=quant_config,
                                            prefix=f"{prefix}.k_proj")
             self.k_norm = RMSNorm(d_orig, eps=eps)
-            self.k_latent_proj = ReplicatedLinear(g * d_orig, self.r_k + d_r, bias=False,
+            # a joint latent (FORMAT.md): k_latent_proj's latent rows are the whole latent, added to the values'
+            self.joint = bool(getattr(config, "joint_latent", False))
+            self.k_latent_rows = self.rank if self.joint else self.r_k
+            self.k_latent_proj = ReplicatedLinear(g * d_orig, self.k_latent_rows + d_r, bias=False,
                                                   quant_config=quant_config,
                                                   prefix=f"{prefix}.k_latent_proj")
             self.v_latent_proj = ReplicatedLinear(D, self.r_v, bias=False, quant_config=quant_config,
@@ -225,8 +228,9 @@ class CareLatentAttention(nn.Module):
             k = self.k_proj(hidden_states)[0].view(T, self.g, self.d_orig)
             k = self.k_norm(k).reshape(T, self.g * self.d_orig)
             kl = self.k_latent_proj(k)[0]
-            c_k, k_pe = kl.split([self.r_k, d_r], dim=-1)
-            kv_c = torch.cat([c_k, self.v_latent_proj(hidden_states)[0]], dim=-1)
+            c_k, k_pe = kl.split([self.k_latent_rows, d_r], dim=-1)
+            c_v = self.v_latent_proj(hidden_states)[0]
+            kv_c = c_k + c_v if self.joint else torch.cat([c_k, c_v], dim=-1)
         else:
             q = self.q_proj(hidden_states)[0].view(T, N, d_h + d_r)
             q_nope, q_pe = q.split([d_h, d_r], dim=-1)
@@ -356,7 +360,8 @@ def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.q_rope_proj.weight": (n_h * d_r, d_o),
                 p + "self_attn.k_proj.weight": (g * d_o, D),
                 p + "self_attn.k_norm.weight": (d_o,),
-                p + "self_attn.k_latent_proj.weight": (r_k + d_r, g * d_o),
+                p + "self_attn.k_latent_proj.weight": ((r_v if getattr(config, "joint_latent", False) else r_k) + d_r,
+                                                       g * d_o),
                 p + "self_attn.v_latent_proj.weight": (r_v, D),
             })
         else:

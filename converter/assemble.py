@@ -7,8 +7,9 @@ K (nope part): Llama  y = Q_N W_K x           -> c_K = down_K x,   k'_N ~ up_K c
                Qwen3  y = Q_N k_norm(W_K x)   -> c_K = down_K k̂,  k'_N ~ up_K c_K
 V:                    y = W_V x               -> c_V = down_V x,   v ~ up_V c_V
 Head h (KV group a): k_nope_h = Q_N[:, a]^T up_K c_K, v_h = up_V[a rows] c_V, q_pe_h = Q_S[:, a] q_h.
-Joint (--latent joint, Llama path): one latent of both, y = [Q_N W_K; W_V] x -> c = down x, [k'_N; v] ~ up c:
-the same formulas with up_K, up_V the key and value rows of `up`, every column read by both (kv_b_proj dense).
+Joint (--latent joint): one latent of both, y = [Q_N W_K; W_V] x -> c = down x (Llama), or
+y = [Q_N k̂; W_V x] -> c = down_K k̂ + down_V x (Qwen3: `down`'s columns split by input), [k'_N; v] ~ up c: the
+same formulas with up_K, up_V the key and value rows of `up`, every column read by both (kv_b_proj dense).
 
 Biases (Qwen2 and biased Llama sources; Llama path only): q_proj's carries b_Q and its rope rows Q_S b_Q;
 kv_a_proj_with_mqa's is Q_S b_K on the rope key and 0 on the latent. The key bias's NoPE part is dropped
@@ -32,7 +33,7 @@ def attention_tensors(*, arch: str, wq: torch.Tensor, wk: torch.Tensor, wv: torc
                       bk: torch.Tensor | None = None, bias: bool = False) -> dict[str, torch.Tensor]:
     """Return {name-under-self_attn: tensor} for one layer (o_proj is copied by the caller; its bias
     comes from `output_bias`). `bias`: write q_proj/kv_a_proj_with_mqa biases (from bq/bk, None = 0).
-    A joint latent (Llama path): `k_factor` None, `v_factor` the joint factor of [Q_N W_K; W_V], k_rank 0 and
+    A joint latent: `k_factor` None, `v_factor` the joint factor (converter/joint_latent.target), k_rank 0 and
     v_rank its rank (the checkpoint's k_ranks/v_ranks, docs/FORMAT.md)."""
     d = head_dim
     group = num_heads // num_kv_heads
@@ -40,10 +41,13 @@ def attention_tensors(*, arch: str, wq: torch.Tensor, wk: torch.Tensor, wv: torc
     wq, wk, wv = wq.double(), wk.double(), wv.double()
     r = k_rank + v_rank
     if k_factor is None:   # joint: every latent column feeds keys and values
-        if arch != "llama" or k_rank:
-            raise ValueError("a joint K/V latent needs the Llama path and k_rank 0")
-        down_v, up = v_factor.truncate(v_rank)
-        down_k = down_v[:0]
+        if k_rank:
+            raise ValueError("a joint K/V latent is written with k_rank 0")
+        down, up = v_factor.truncate(v_rank)
+        if arch == "llama":   # c = down x: all of it in kv_a_proj_with_mqa's latent rows
+            down_k, down_v = down[:0], down
+        else:                 # c = down_K k̂ + down_V x: k_latent_proj's latent rows and v_latent_proj's
+            down_k, down_v = down[:, :num_kv_heads * d], down[:, num_kv_heads * d:]
         n_k = rope.q_n.shape[0]
         up_k, up_v = up[:n_k], up[n_k:]
     else:                  # separate: keys read the first k_rank columns, values the rest

@@ -10,8 +10,9 @@ As soon as a layer is done, its [D, D] C_x is reduced to what the conversion rea
 latent is a map of its target's outputs, so the whole factorization and its error need only those):
   * `ck` = key moment [g*d_h, g*d_h]: W_K C_x W_K^T (Llama) or the post-k_norm keys' (Qwen3);
   * `cv` = value moment W_V C_x W_V^T [g*d_h, g*d_h];
-  * `ckv` = key/value cross moment W_K C_x W_V^T [g*d_h, g*d_h] (Llama path: what a latent shared by keys and
-    values, care-convert --latent joint, is fitted with; None for Qwen3, whose keys are not linear in x);
+  * `ckv` = key/value cross moment [g*d_h, g*d_h]: W_K C_x W_V^T (Llama) or sum k v^T of the post-k_norm keys
+    and the values W_V x (Qwen3, accumulated during the forward: its keys are not linear in x). What a latent
+    shared by keys and values (care-convert --latent joint) is fitted with;
   * `qc` = per-head query moments [n_h, d_h, d_h]: W_Q,h C_x W_Q,h^T (Llama) or post-q_norm (Qwen3);
   * `ax` = sum |x| [D], `x_scale` = mean(diag C_x) (the damping's scale);
   * with q/k biases (Qwen2), `qc` includes them, and so does `ck_rope`, the keys as RoPE rotates them (the
@@ -53,7 +54,7 @@ class LayerStats:
     ax: torch.Tensor    # [D] fp64 sum of |x|
     x_scale: float      # mean(diag C_x)
     ck_rope: torch.Tensor | None = None   # key moment with the key bias (None: no bias, = ck): what RoPE rotates
-    ckv: torch.Tensor | None = None       # [g*d_h, g*d_h] fp64 W_K C_x W_V^T (Llama path; None for Qwen3)
+    ckv: torch.Tensor | None = None       # [g*d_h, g*d_h] fp64 key/value cross moment (None: stats from before it)
 
     @property
     def rotated_key_moment(self) -> torch.Tensor:
@@ -83,9 +84,9 @@ class CalibStats:
 
 def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_heads: int,
                  ck: torch.Tensor | None = None, qc: torch.Tensor | None = None,
-                 sx: torch.Tensor | None = None, tokens: int = 0) -> LayerStats:
+                 sx: torch.Tensor | None = None, tokens: int = 0, ckv: torch.Tensor | None = None) -> LayerStats:
     """One layer's C_x reduced to output space (on C_x's device; the result on the CPU). `attn` is the
-    source's attention module (its stored weights, exact in fp64); `ck`/`qc` are Qwen3's post-norm
+    source's attention module (its stored weights, exact in fp64); `ck`/`qc`/`ckv` are Qwen3's post-norm
     moments, computed from C_x and the linear maps when not given (Llama). A Llama-path source with
     q/k biases (Qwen2) adds them from `sx` = sum x over the `tokens` tokens: E[(Wx+b)(Wx+b)^T] = W C W^T
     + (W sx) b^T + b (W sx)^T + tokens b b^T, to the queries and to the keys RoPE rotates (`ck_rope`)."""
@@ -98,7 +99,7 @@ def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_
 
     wv = w("v_proj")
     cv = wv @ cx @ wv.T
-    ck_rope = ckv = None
+    ck_rope = None
     if ck is None:
         wk = w("k_proj")
         wk_cx = wk @ cx
@@ -113,7 +114,7 @@ def reduce_layer(cx: torch.Tensor, ax: torch.Tensor, attn: torch.nn.Module, num_
         if bq is not None:
             qc = _with_bias(qc, (wq @ sx).view(num_heads, -1), bq.view(num_heads, -1), tokens)
     return LayerStats(ck=ck.cpu(), cv=cv.cpu(), qc=qc.cpu(), ax=ax.cpu(), x_scale=cx.diagonal().mean().item(),
-                      ck_rope=ck_rope, ckv=ckv)
+                      ck_rope=ck_rope, ckv=None if ckv is None else ckv.cpu())
 
 
 def _with_bias(moment: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -206,7 +207,7 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
         with layer_in_memory(l, dtype, device) if layer_in_memory else contextlib.nullcontext():
             acc = _propagate(src_layer, hidden, arch, device, dtype, park, rotary, pos)
         stats.append(reduce_layer(acc["cx"], acc["ax"], src_layer.self_attn, model.config.num_attention_heads,
-                                  acc["ck"], acc["qc"], acc["sx"], acc["n"]))
+                                  acc["ck"], acc["qc"], acc["sx"], acc["n"], acc["ckv"]))
         acc.clear()   # this layer's C_x goes now
     rotary.cpu()
     return CalibStats(stats, n * t)
@@ -215,12 +216,15 @@ def collect_stats(model, windows: torch.Tensor, arch: str, device: str = "cpu", 
 def _propagate(src_layer, hidden: list, arch: str, device: str, dtype: torch.dtype, park: str, rotary,
                pos: torch.Tensor) -> dict:
     """Run every batch of `hidden` through one layer (replacing them by its outputs) and return the
-    layer's accumulated moments {cx, ax, sx, n, ck, qc}."""
+    layer's accumulated moments {cx, ax, sx, n, ck, qc, ckv}."""
     layer = working_copy(src_layer, device, dtype)
     d = layer.input_layernorm.weight.shape[0]
     acc = {"cx": torch.zeros(d, d, dtype=torch.float64, device=device),
            "ax": torch.zeros(d, dtype=torch.float64, device=device),
-           "sx": torch.zeros(d, dtype=torch.float64, device=device), "n": 0, "ck": None, "qc": None}
+           "sx": torch.zeros(d, dtype=torch.float64, device=device), "n": 0, "ck": None, "qc": None, "ckv": None}
+    # Qwen3: the values of the batch's tokens (W_V x, the source's exact weights in fp64) wait for its post-norm
+    # keys, which the k_norm hook pairs them with (sum k v^T)
+    wv = src_layer.self_attn.v_proj.weight.detach().to(device, torch.float64) if arch == "qwen3" else None
 
     def on_norm(_m, _i, out):
         x = out.reshape(-1, out.shape[-1]).double()
@@ -228,10 +232,14 @@ def _propagate(src_layer, hidden: list, arch: str, device: str, dtype: torch.dty
         acc["ax"].add_(x.abs().sum(0))
         acc["sx"].add_(x.sum(0))
         acc["n"] += x.shape[0]
+        if wv is not None:
+            acc["v"] = x @ wv.T
 
     def on_knorm(_m, _i, out):  # [B, T, g, d_h] post-norm keys, before RoPE
         k = out.reshape(out.shape[0] * out.shape[1], -1).double()
         acc["ck"] = k.T @ k if acc["ck"] is None else acc["ck"].addmm_(k.T, k)
+        v = acc.pop("v")
+        acc["ckv"] = k.T @ v if acc["ckv"] is None else acc["ckv"].addmm_(k.T, v)
 
     def on_qnorm(_m, _i, out):  # [B, T, n_h, d_h] post-norm queries, before RoPE
         q = out.double()

@@ -34,9 +34,12 @@ ASVD_ALPHA = 0.5
 @dataclass
 class Moment:
     """What a factorization of target A [out, in] needs of its input's second moment C [in, in]:
-    the output moment A C A^T [out, out] and mean(diag C) (the damping's scale)."""
+    the output moment A C A^T [out, out] and mean(diag C) (the damping's scale). `damp_gram`: A S A^T for an
+    input whose parts differ in scale, damped by S = blockdiag(mean(diag C_i) I) per part instead of
+    mean(diag C) I (Qwen3's joint latent reads the post-norm keys and the layer input, converter/joint_latent.py)."""
     gram: torch.Tensor
     scale: float
+    damp_gram: torch.Tensor | None = None
 
     @classmethod
     def of(cls, a: torch.Tensor, c: torch.Tensor) -> "Moment":
@@ -93,8 +96,11 @@ def _gram_eig(a: torch.Tensor, m: Moment, alpha: float, w: torch.Tensor | None =
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top min(out, in) eigenvectors (rows, sign-fixed) and sqrt-eigenvalues of W A C_d A^T W^T
     (W = I unless an output whitening `w` is given), descending."""
-    damp = alpha * max(m.scale, 1e-30)
-    gram = m.gram.to(a.device, torch.float64) + damp * (a @ a.T)   # = A C_d A^T without forming C_d
+    if m.damp_gram is None:
+        damp = alpha * max(m.scale, 1e-30) * (a @ a.T)
+    else:
+        damp = alpha * m.damp_gram.to(a.device, torch.float64)
+    gram = m.gram.to(a.device, torch.float64) + damp   # = A C_d A^T without forming C_d
     if w is not None:
         gram = w @ gram @ w.T
     lam, v = torch.linalg.eigh(0.5 * (gram + gram.T))

@@ -1,4 +1,4 @@
-"""One latent shared by keys and values (`care-convert --latent joint`, Llama-path sources).
+"""One latent shared by keys and values (`care-convert --latent joint`).
 
 Why: the CARE paper fits separate K and V latents; K and V are maps of the same layer input, so their outputs
 share directions, and one latent of the same cache width fitted to both (DeepSeek's MLA form: vLLM's MLA layer
@@ -8,9 +8,10 @@ models; with real conversions: benchmarks/results/joint_latent_convert.md.
 
 What: the latent is fitted to the key's position-free rows and the values together, y = [Q_N W_K; W_V] x
 (`target`), with the whole output moment, cross terms included (`moment`; calibration's `ckv`), under an output
-weighting with --objective attention (`weighting`). Qwen3 is not
-supported: its keys pass k_norm, so [K_nope; V] is not one linear map of x and the checkpoint format has no sum
-of two latent projections.
+weighting with --objective attention (`weighting`). Qwen3's keys pass k_norm first, so its target reads two
+inputs, the post-norm keys k and x: y = [Q_N k; W_V x] = blockdiag(Q_N, W_V) [k; x], and the latent is the sum
+of a map of each, c = B_K Q_N k + B_V W_V x (k_latent_proj's and v_latent_proj's latent rows, docs/FORMAT.md).
+The damping scales each input by its own energy, as the separate K and V latents' do.
 
 With `--objective attention` the key rows are weighted by the queries (M_K) and the value rows by o_proj (M_V),
 each over its own total, and W (`--joint-key-weight`) says how much a unit of relative key logit error counts
@@ -33,17 +34,26 @@ KEY_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)   # --joint-key-weight auto's candidate
 DEFAULT_KEY_WEIGHT = 1.0   # without --joint-key-weight: a unit of relative key error counts as one of value error
 
 
-def target(q_n: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
-    """The map a joint latent approximates: the key's RoRoPE NoPE rows over the values, [Q_N W_K; W_V] (fp64)."""
-    q_n = q_n.to(wk.device, torch.float64)
-    return torch.cat([q_n @ wk.double(), wv.double()])
+def target(arch: str, q_n: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+    """The map a joint latent approximates (fp64): the key's RoRoPE NoPE rows over the values, [Q_N W_K; W_V] of x
+    (Llama path), or blockdiag(Q_N, W_V) of [k; x] (Qwen3: k the post-k_norm keys; `wk` unused)."""
+    q_n, wv = q_n.to(wv.device, torch.float64), wv.double()
+    if arch == "qwen3":
+        return torch.block_diag(q_n, wv)
+    return torch.cat([q_n @ wk.double(), wv])
 
 
-def moment(q_n: torch.Tensor, ck: torch.Tensor, ckv: torch.Tensor, cv: torch.Tensor, x_scale: float
-           ) -> factorize.Moment:
-    """The output Moment of `target`: [[G_K, G_KV], [G_KV^T, G_V]] = [[Q_N C_K Q_N^T, Q_N C_KV], [C_KV^T Q_N^T, C_V]]."""
+def moment(q_n: torch.Tensor, ck: torch.Tensor, ckv: torch.Tensor, cv: torch.Tensor, x_scale: float,
+           wv: torch.Tensor | None = None) -> factorize.Moment:
+    """The output Moment of `target`: [[G_K, G_KV], [G_KV^T, G_V]] = [[Q_N C_K Q_N^T, Q_N C_KV], [C_KV^T Q_N^T, C_V]].
+    `wv` given (Qwen3's target, inputs [k; x]): each input is damped by its own scale, mean(diag C_K) for the
+    post-norm keys and `x_scale` for x."""
     gk, gkv = q_n @ ck @ q_n.T, q_n @ ckv
-    return factorize.Moment(torch.cat([torch.cat([gk, gkv], 1), torch.cat([gkv.T, cv], 1)]), x_scale)
+    gram = torch.cat([torch.cat([gk, gkv], 1), torch.cat([gkv.T, cv], 1)])
+    if wv is None:
+        return factorize.Moment(gram, x_scale)
+    damp = torch.block_diag(ck.diagonal().mean().item() * (q_n @ q_n.T), x_scale * (wv @ wv.T))
+    return factorize.Moment(gram, x_scale, damp)
 
 
 def weighting(gram: torch.Tensor, mk: torch.Tensor, mv: torch.Tensor, key_weight: float) -> torch.Tensor:

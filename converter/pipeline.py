@@ -295,11 +295,11 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     per_layer_orig = 2 * g * d_h
     budget, d_r = cache_shape(opts, cfg)
     joint = opts.latent == "joint"
-    if joint and source.arch != "llama":
-        raise ConversionError(f"--latent joint is not supported for {cfg.architectures[0] if cfg.architectures else source.arch} "
-                              f"sources yet: their keys pass k_norm, so a latent shared with the values is not one "
-                              f"linear map of the layer input, and the checkpoint format has no way to write it; use "
-                              f"--latent separate")
+    if joint and source.arch == "qwen3" and opts.method != "care":
+        raise ConversionError(f"--latent joint with --method {opts.method} is not supported for "
+                              f"{cfg.architectures[0] if cfg.architectures else source.arch} sources: their keys pass "
+                              f"k_norm, so the latent reads the post-norm keys and the layer input, and a weight-only "
+                              f"baseline has no scale to weigh the two by; use --method care (or --latent separate)")
 
     with timer.stage("calibrate"):
         stats = _load_or_collect_stats(source, windows, opts, stats_meta)
@@ -335,7 +335,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             k_norm=a.k_norm.weight.detach() if source.arch == "qwen3" else None,
             rope=maps[l],
             k_factor=None if joint else k_factor.materialize(_k_target(source.arch, maps[l].q_n, wk), k_rank),
-            v_factor=v_factor.materialize(joint_latent.target(maps[l].q_n, wk, wv) if joint else wv, v_rank),
+            v_factor=v_factor.materialize(joint_latent.target(source.arch, maps[l].q_n, wk, wv) if joint else wv,
+                                          v_rank),
             k_rank=k_rank, v_rank=v_rank,
             num_heads=n_heads, num_kv_heads=g, head_dim=d_h, dtype=torch.float64, bq=bq, bk=bk, bias=attention_bias)
         if attention_bias:
@@ -367,8 +368,9 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                 if st.ckv is None:
                     raise ConversionError("--latent joint needs the key/value cross moment, which these statistics "
                                           "lack (a stats cache from before it was collected?); delete the stats cache")
-                target = joint_latent.target(q_n, wk, wv)
-                moment = joint_latent.moment(q_n, ck, on(st.ckv), on(st.cv), st.x_scale)
+                target = joint_latent.target(source.arch, q_n, wk, wv)
+                moment = joint_latent.moment(q_n, ck, on(st.ckv), on(st.cv), st.x_scale,
+                                             wv if source.arch == "qwen3" else None)
                 n_k = k_target.shape[0]
                 for cands, w in zip(joint_cands, key_weights):
                     weight = None if mk is None else joint_latent.weighting(moment.gram, mk, mv, w)
@@ -639,6 +641,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "k_ranks": list(k_ranks), "v_ranks": list(v_ranks), "kv_lora_rank": max(ranks),
         "q_lora_rank": None,
         "use_qk_norm": source.arch == "qwen3",
+        **({"joint_latent": True} if opts.latent == "joint" else {}),
         "attention_bias": has_attention_bias(source.model),
         "rope_inv_freq": [float(x) for x in inv_freq.tolist()],
         "softmax_scale": source_rope.softmax_scale(source.model.model.rotary_emb, d_h),

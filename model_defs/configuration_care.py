@@ -51,7 +51,10 @@ class CareMLAConfig(PretrainedConfig):
 
     Per-layer latent ranks `k_ranks[l]` (may be 0) and `v_ranks[l]` (>= 1) are what makes the
     conversion budget-adaptive; `kv_lora_rank` is their per-layer maximum sum, kept only because
-    vLLM's generic MLA code wants one scalar. `care_attention_path` picks the reference model's
+    vLLM's generic MLA code wants one scalar. `joint_latent` (care-convert --latent joint): one latent per layer
+    that keys and values both read, written as v_ranks with k_ranks all 0; for Qwen3's layout it also says that
+    k_latent_proj's latent rows add to v_latent_proj's instead of preceding them (`key_latent_rows`).
+    `care_attention_path` picks the reference model's
     attention computation ("plain": decompress keys/values; "absorbed": vLLM's decode form); it
     does not change the numbers, only how they are computed.
     """
@@ -84,6 +87,7 @@ class CareMLAConfig(PretrainedConfig):
     kv_lora_rank: int | None = None
     q_lora_rank: int | None = None
     use_qk_norm: bool = False
+    joint_latent: bool = False     # one latent for keys and values (k_ranks all 0; Qwen3: c = key part + value part)
     attention_bias: bool = False   # q_proj, kv_a_proj_with_mqa and o_proj have biases (Qwen2 / biased Llama sources)
     rope_inv_freq: list[float] | None = None
     softmax_scale: float | None = None
@@ -148,6 +152,8 @@ class CareMLAConfig(PretrainedConfig):
             raise ValueError(f"k_ranks must be >= 0, got {self.k_ranks}")
         if any(r < 1 for r in self.v_ranks):
             raise ValueError(f"v_ranks must be >= 1, got {self.v_ranks}")
+        if self.joint_latent and any(self.k_ranks):
+            raise ValueError(f"a joint latent is written as v_ranks with k_ranks all 0, got k_ranks {self.k_ranks}")
         if d_r <= 0 or d_r % 2:
             raise ValueError(f"qk_rope_head_dim (d_r) must be even and > 0, got {d_r}")
         if len(self.rope_inv_freq) != d_r // 2:
@@ -184,6 +190,11 @@ class CareMLAConfig(PretrainedConfig):
     def layer_rank(self, layer: int) -> tuple[int, int]:
         """(r_K, r_V) of layer `layer`."""
         return self.k_ranks[layer], self.v_ranks[layer]
+
+    def key_latent_rows(self, layer: int) -> int:
+        """Latent rows of Qwen3's k_latent_proj in layer `layer` (before its d_r rope rows): r_K, the c_K that
+        precedes c_V; with a joint latent the whole latent r_V, which the value part v_latent_proj(x) adds to."""
+        return self.v_ranks[layer] if self.joint_latent else self.k_ranks[layer]
 
     def cache_values_per_token(self) -> int:
         """Latent-cache values one token costs over all layers: sum_l (r_K + r_V + d_r)."""

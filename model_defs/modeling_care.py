@@ -168,7 +168,9 @@ class CareMLAAttention(nn.Module):
             self.q_rope_proj = WeightMap(d_h, n_h * d_r)
             self.k_proj = nn.Linear(D, self.g * d_h, bias=False)
             self.k_norm = CareRMSNorm(d_h, config.rms_norm_eps)
-            self.k_latent_proj = nn.Linear(self.g * d_h, self.r_k + d_r, bias=False)
+            self.joint = bool(config.joint_latent)
+            self.k_latent_rows = config.key_latent_rows(layer_idx)
+            self.k_latent_proj = nn.Linear(self.g * d_h, self.k_latent_rows + d_r, bias=False)
             self.v_latent_proj = nn.Linear(D, self.r_v, bias=False)
         else:
             bias = bool(getattr(config, "attention_bias", False))
@@ -187,8 +189,9 @@ class CareMLAAttention(nn.Module):
             w_qr = self.q_rope_proj.weight.view(n_h, d_r, d_h)
             q_pe = torch.einsum("bthd,hrd->bthr", q_nope, w_qr)
             k = self.k_norm(self.k_proj(x).view(B, T, self.g, d_h)).reshape(B, T, self.g * d_h)
-            c_k, k_pe = self.k_latent_proj(k).split([self.r_k, d_r], -1)
-            c = torch.cat([c_k, self.v_latent_proj(x)], -1)
+            c_k, k_pe = self.k_latent_proj(k).split([self.k_latent_rows, d_r], -1)
+            c_v = self.v_latent_proj(x)
+            c = c_k + c_v if self.joint else torch.cat([c_k, c_v], -1)
         else:
             q = self.q_proj(x).view(B, T, n_h, d_h + d_r)
             q_nope, q_pe = q.split([d_h, d_r], -1)

@@ -81,8 +81,11 @@ def logits(folder: Path, input_ids: list[int]) -> torch.Tensor:
             k = _rms((x @ t[p + "self_attn.k_proj.weight"].T).view(T, g, d_h),
                      t[p + "self_attn.k_norm.weight"], eps).reshape(T, g * d_h)
             kl = k @ t[p + "self_attn.k_latent_proj.weight"].T
-            c = torch.cat([kl[:, :r_k], x @ t[p + "self_attn.v_latent_proj.weight"].T], -1)
-            k_pe = kl[:, r_k:]
+            c_v = x @ t[p + "self_attn.v_latent_proj.weight"].T
+            if cfg.get("joint_latent"):   # one latent: the keys' part and the values' part add up
+                c, k_pe = kl[:, :r_v] + c_v, kl[:, r_v:]
+            else:
+                c, k_pe = torch.cat([kl[:, :r_k], c_v], -1), kl[:, r_k:]
         else:
             q = (x @ t[p + "self_attn.q_proj.weight"].T + _bias(t, p + "self_attn.q_proj")).view(T, n_h, d_h + d_r)
             q_nope, q_pe = q[..., :d_h], q[..., d_h:]

@@ -57,10 +57,8 @@ def test_statistics_are_those_of_a_forward_pass(source, tmp_path):
         torch.testing.assert_close(s.rotated_key_moment, k.T @ k, **close)
         torch.testing.assert_close(s.ck, k_lin.T @ k_lin, **close)
         torch.testing.assert_close(s.cv, v_lin.T @ v_lin, **close)
-        if arch == "qwen3":   # (keys after k_norm are not linear in x: no cross moment, no joint latent)
-            assert s.ckv is None
-        else:                 # the key/value cross moment a joint latent (--latent joint) is fitted with
-            torch.testing.assert_close(s.ckv, k_lin.T @ v_lin, **close)
+        # the key/value cross moment a joint latent (--latent joint) is fitted with (Qwen3: of the post-norm keys)
+        torch.testing.assert_close(s.ckv, k_lin.T @ v_lin, **close)
         torch.testing.assert_close(s.qc, torch.einsum("thd,the->hde", q, q), **close)
         torch.testing.assert_close(s.qd, (q * q).sum(0), **close)
         torch.testing.assert_close(s.ax, x.abs().sum(0), **close)

@@ -5,10 +5,11 @@ calibration tokens. Reference, sharing nothing with the converter's statistics: 
 transformers model (fp64) on the same calibration windows, capture every layer's attention input (the
 output of its input_layernorm), and compare the original values X W_V^T with the values the WRITTEN
 checkpoint produces (value latent, then kv_b's value rows of one head of each KV group; docs/FORMAT.md).
-For Llama sources also `k_rel_error` = ||K - K_hat|| / ||K||: the original keys X W_K^T against the keys the
+Also `k_rel_error` = ||K - K_hat|| / ||K||: the original keys (X W_K^T; Qwen3: after k_norm) against the keys the
 checkpoint gives each KV group in its original coordinates (k_nope from kv_b's key rows, plus the rope key mapped
-back through the rope rows q_proj adds to the group's query); with separate latents and with one joint latent
-(--latent joint), whose value and key rows read the same latent.
+back through the query's rope map: the rope rows q_proj adds to the group's query, or Qwen3's q_rope_proj);
+with separate latents and with one joint latent (--latent joint), whose value and key rows read the same latent
+(Qwen3: the sum of k_latent_proj's latent rows on the keys and v_latent_proj's on X).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _attention_inputs(src, windows: torch.Tensor) -> tuple[object, list[torch.Te
     return model, [captured[l] for l in range(len(model.model.layers))]
 
 
-@pytest.mark.parametrize("arch,latent", [("llama", "separate"), ("qwen3", "separate"), ("llama", "joint")])
+@pytest.mark.parametrize("arch,latent", [("llama", "separate"), ("qwen3", "separate"), ("llama", "joint"),
+                                         ("qwen3", "joint")])
 def test_reported_value_errors_are_those_of_the_written_checkpoint(arch, latent, tmp_path, calib_file):
     from transformers import AutoTokenizer
 
@@ -50,40 +52,41 @@ def test_reported_value_errors_are_those_of_the_written_checkpoint(arch, latent,
     model, inputs = _attention_inputs(src, windows)
     cfg, t = format_reference.load_checkpoint(tmp_path / "mla")
     n_h, d_h, g = cfg["num_attention_heads"], cfg["v_head_dim"], cfg["original_num_key_value_heads"]
+    d_r = cfg["qk_rope_head_dim"]
+    assert cfg.get("joint_latent", False) == (latent == "joint")
     errors, k_errors = [], []
     for l, x in enumerate(inputs):
         r_k, r_v = cfg["k_ranks"][l], cfg["v_ranks"][l]
+        r = r_k + r_v
         p = f"model.layers.{l}.self_attn."
-        if cfg["use_qk_norm"]:
-            c_v = x @ t[p + "v_latent_proj.weight"].T
-        else:
-            c_v = (x @ t[p + "kv_a_proj_with_mqa.weight"].T)[:, r_k:r_k + r_v]
-        kv_b = t[p + "kv_b_proj.weight"].view(n_h, 2 * d_h, r_k + r_v)
-        v_hat = torch.cat([c_v @ kv_b[a * (n_h // g), d_h:, r_k:].T for a in range(g)], -1)
         attn = model.model.layers[l].self_attn
+        if cfg["use_qk_norm"]:
+            k = attn.k_norm((x @ attn.k_proj.weight.T).view(-1, g, d_h)).reshape(-1, g * d_h)
+            k_out = k @ t[p + "k_latent_proj.weight"].T
+            c_v = x @ t[p + "v_latent_proj.weight"].T
+            c = k_out[:, :r] + c_v if latent == "joint" else torch.cat([k_out[:, :r_k], c_v], -1)
+            k_pe = k_out[:, -d_r:]
+            q_rope = t[p + "q_rope_proj.weight"].view(n_h, d_r, d_h)   # Q_S of head h's group, as it is
+        else:
+            k = x @ attn.k_proj.weight.T
+            a_out = x @ t[p + "kv_a_proj_with_mqa.weight"].T
+            c, k_pe = a_out[:, :r], a_out[:, r:]
+            q_rows = t[p + "q_proj.weight"].view(n_h, d_h + d_r, -1)
+            # the rope rows of head h's query are Q_S,a W_Q,h: recover the group's rope map Q_S,a [d_r, d_h]
+            q_rope = [torch.linalg.lstsq(q_rows[h, :d_h].T, q_rows[h, d_h:].T).solution.T for h in range(n_h)]
+        kv_b = t[p + "kv_b_proj.weight"].view(n_h, 2 * d_h, r)
+        v_hat = torch.cat([c @ kv_b[a * (n_h // g), d_h:].T for a in range(g)], -1)
         v = x @ attn.v_proj.weight.T
         errors.append(((v - v_hat).norm() / v.norm()).item())
-        if not cfg["use_qk_norm"]:
-            d_r = cfg["qk_rope_head_dim"]
-            a_out = x @ t[p + "kv_a_proj_with_mqa.weight"].T
-            c, k_pe = a_out[:, :r_k + r_v], a_out[:, r_k + r_v:]
-            q_rows = t[p + "q_proj.weight"].view(n_h, d_h + d_r, -1)
-            k = x @ attn.k_proj.weight.T
-            k_hat = []
-            for a in range(g):
-                h = a * (n_h // g)
-                # the rope rows of head h's query are Q_S,a W_Q,h: recover the group's rope map Q_S,a [d_r, d_h]
-                q_s = torch.linalg.lstsq(q_rows[h, :d_h].T, q_rows[h, d_h:].T).solution.T
-                k_hat.append(c @ kv_b[h, :d_h].T + k_pe @ q_s)
-            k_errors.append(((k - torch.cat(k_hat, -1)).norm() / k.norm()).item())
+        k_hat = [c @ kv_b[a * (n_h // g), :d_h].T + k_pe @ q_rope[a * (n_h // g)] for a in range(g)]
+        k_errors.append(((k - torch.cat(k_hat, -1)).norm() / k.norm()).item())
     # KV 0.5 really drops something (in every layer with separate latents; the joint latent keeps layer 0, whose
     # inputs, embeddings of the calibration text's few distinct words, span few directions, almost whole)
     assert min(errors[1:] + k_errors[1:]) > 0.01, (errors, k_errors)
     reported = [layer["v_rel_error"] for layer in report["layers"]]
     assert errors == pytest.approx(reported, rel=1e-3, abs=1e-5), (errors, reported)
-    if k_errors:
-        reported = [layer["k_rel_error"] for layer in report["layers"]]
-        assert k_errors == pytest.approx(reported, rel=1e-3, abs=1e-5), (k_errors, reported)
+    reported = [layer["k_rel_error"] for layer in report["layers"]]
+    assert k_errors == pytest.approx(reported, rel=1e-3, abs=1e-5), (k_errors, reported)
 
 
 @pytest.mark.parametrize("method,weighted", [("care", False), ("care", True), ("svd", False), ("asvd", False)])

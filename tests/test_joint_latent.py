@@ -1,4 +1,5 @@
-"""care-convert --latent joint: one latent per layer that keys and values both read (Llama-path sources).
+"""care-convert --latent joint: one latent per layer that keys and values both read (Llama-path and Qwen3 sources;
+Qwen3's is the sum of a map of its post-k_norm keys and one of the layer input, docs/FORMAT.md).
 
 References, independent of the converter's statistics: the separate-latent conversion of the same original (at
 parity both keep every latent dimension, so they must compute the same function, whatever kv_b_proj looks
@@ -38,14 +39,28 @@ def _logits(folder) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory):
+def originals(tmp_path_factory):
+    """arch -> (folder for its conversions, the tiny original), each made on first use."""
     root = tmp_path_factory.mktemp("joint")
-    return root, make_tiny_original(root / "orig", "llama", **SHAPE)
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            (root / arch).mkdir()
+            made[arch] = root / arch, make_tiny_original(root / arch / "orig", arch, **SHAPE)
+        return made[arch]
+    return get
 
 
+@pytest.fixture(scope="module")
+def original(originals):
+    return originals("llama")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("objective", ["kv", "attention"])
-def test_at_parity_a_joint_latent_computes_what_separate_latents_do(original, calib_file, objective):
-    root, src = original
+def test_at_parity_a_joint_latent_computes_what_separate_latents_do(originals, calib_file, objective, arch):
+    root, src = originals(arch)
     # partial rope (8 of the 32 key dims): the latents carry the rest of the keys, so K really is in the latent
     kw = dict(calib_files=[calib_file], kv_ratio=1.0, rope_dim=8, ranks="uniform", objective=objective, **CALIB)
     convert(src, root / f"separate_{objective}", **kw)
@@ -56,6 +71,7 @@ def test_at_parity_a_joint_latent_computes_what_separate_latents_do(original, ca
     g_d = 2 * 16
     # the whole latent is written as v_ranks, k_ranks 0 (docs/FORMAT.md): lossless at K_nope's width + V's
     assert cfg["k_ranks"] == [0] * 3 and cfg["v_ranks"] == [2 * g_d - 8] * 3 and cfg["care"]["latent"] == "joint"
+    assert cfg["joint_latent"] is True and cfg["use_qk_norm"] == (arch == "qwen3")
     assert report["latent"] == "joint" and report["cache_values_per_token"] == report["original_cache_values_per_token"]
     assert all(layer["k_rel_error"] < 1e-6 and layer["v_rel_error"] < 1e-6 for layer in report["layers"])
     assert (report["options"].get("joint_key_weight") == 3.0) == (objective == "attention")
@@ -71,7 +87,8 @@ def test_at_parity_a_joint_latent_computes_what_separate_latents_do(original, ca
 
 
 def _key_value_energy(src, calib_file) -> list[tuple[float, float]]:
-    """Per layer (||K||^2, ||V||^2) of the original's keys and values on the calibration windows."""
+    """Per layer (||K||^2, ||V||^2) of the original's keys (Qwen3: after k_norm, what its latents carry) and
+    values on the calibration windows."""
     from transformers import AutoTokenizer
 
     windows = calib_data.token_windows(AutoTokenizer.from_pretrained(src), calib_data.read_texts([calib_file]),
@@ -80,13 +97,17 @@ def _key_value_energy(src, calib_file) -> list[tuple[float, float]]:
     out = []
     for layer, x in zip(model.model.layers, inputs):
         a = layer.self_attn
-        out.append(((x @ a.k_proj.weight.T).square().sum().item(), (x @ a.v_proj.weight.T).square().sum().item()))
+        k = x @ a.k_proj.weight.T
+        if hasattr(a, "k_norm"):
+            k = a.k_norm(k.view(k.shape[0], -1, a.head_dim))
+        out.append((k.square().sum().item(), (x @ a.v_proj.weight.T).square().sum().item()))
     return out
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
-def test_a_joint_latent_leaves_out_no_more_than_separate_latents_of_its_rank(original, calib_file, ratio):
-    root, src = original
+def test_a_joint_latent_leaves_out_no_more_than_separate_latents_of_its_rank(originals, calib_file, ratio, arch):
+    root, src = originals(arch)
     kw = dict(calib_files=[calib_file], kv_ratio=ratio, rope_dim=8, ranks="uniform", o_proj_refit=False, **CALIB)
     separate = convert(src, root / f"sep_{ratio}", **kw)
     joint = convert(src, root / f"joint_{ratio}", latent="joint", **kw)
@@ -154,7 +175,8 @@ def test_what_a_joint_latent_cannot_do_is_refused(tmp_path, calib_file):
     out = tmp_path / "out"
     common = ["--calib", calib_file, "--calib-samples", "4", "--calib-seqlen", "32", "--kv-ratio", "0.5"]
     cases = [
-        ([qwen3, out, "--latent", "joint"], ["--latent joint", "Qwen3ForCausalLM", "k_norm", "--latent separate"]),
+        ([qwen3, out, "--latent", "joint", "--method", "svd"], ["--latent joint with --method svd", "Qwen3ForCausalLM",
+                                                                 "k_norm", "--method care"]),
         ([llama, out, "--latent", "joint", "--k-share", "auto"], ["--k-share", "joint latent", "drop --k-share"]),
         ([llama, out, "--latent", "joint", "--objective", "attention", "--joint-key-weight", "0"],
          ["--joint-key-weight", "positive"]),

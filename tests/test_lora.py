@@ -4,7 +4,8 @@ The reference is PEFT itself: the adapter is made and applied by `peft` on the o
 the converted adapter is applied by `peft` on model_defs. At full rank the two adapted models must give the
 same logits (the maps are exact), for Llama (q and k/v deltas into q_proj's rope rows and
 kv_a_proj_with_mqa's latent rows), Qwen3 (k_proj kept, v_proj into v_latent_proj) and Phi-3 (fused
-qkv_proj / gate_up_proj deltas split), with PEFT's rank_pattern, alpha_pattern and rsLoRA scalings. At
+qkv_proj / gate_up_proj deltas split), with PEFT's rank_pattern, alpha_pattern and rsLoRA scalings. A Qwen3 joint
+latent (partial rope, so not exact to the original) must carry the adapter as separate latents do. At
 KV 0.75 with the o_proj refit, the adapted converted model must be closer to the adapted original than the
 unadapted one is, and about as close as the conversion is to the original. Bad input is refused by name with
 nothing written.
@@ -120,6 +121,31 @@ def test_converted_adapter_is_a_plain_peft_lora(exact_case):
     tensors = load_file(converted / "adapter_model.safetensors")
     assert all(t.shape[0] == summary["rank"] for n, t in tensors.items() if ".lora_A." in n)
     assert (converted / "care_lora_report.json").is_file()
+
+
+def test_a_qwen3_joint_latent_carries_an_adapter_as_separate_latents_do(tmp_path, calib_file):
+    """Qwen3 with a joint latent (k_latent_proj's latent rows on the post-norm keys plus v_latent_proj's on x): k_proj
+    is kept and v_latent_proj's rows are still an image of v_proj's, so the adapter maps as it does for separate
+    latents. Reference: the separate conversion of the same original with its own converted adapter. Rope on 8 of
+    the 32 key dims, so that the latent carries keys too; at parity (KV 1.0, no refit) both conversions compute the
+    same function (tests/test_joint_latent.py), so adapted they must too."""
+    from converter.pipeline import convert
+
+    src = make_tiny_original(tmp_path / "orig", "qwen3", num_layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16)
+    adapter = make_adapter(src, tmp_path / "adapter", LINEAR, seed=2)
+    adapted = {}
+    for latent in ("separate", "joint"):
+        out = tmp_path / latent
+        convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=8, calib_samples=8, calib_seqlen=64,
+                ranks="uniform", o_proj_refit=False, latent=latent)
+        proc = convert_lora(adapter, out, tmp_path / f"{latent}_adapter")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout)
+        assert summary["approximate"] == [] and summary["worst_exact_residual"] < 1e-5
+        assert {"self_attn.k_proj", "self_attn.v_latent_proj"} <= set(summary["modules"])
+        adapted[latent] = logits(out, tmp_path / f"{latent}_adapter")
+    assert (adapted["separate"] - logits(tmp_path / "separate")).abs().max().item() > 0.5   # the adapter matters
+    assert (adapted["joint"] - adapted["separate"]).abs().max().item() < 1e-4
 
 
 def _lossy_conversion(tmp_path_factory, calib_file, latent: str):

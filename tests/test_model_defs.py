@@ -1,7 +1,8 @@
 """model_defs: the transformers reference for care_mla checkpoints (docs/FORMAT.md).
 
 Random tiny models with DIFFERENT latent ranks per layer (one layer with r_K = 0) and a full
-(non-block-diagonal) kv_b_proj, for both front-ends (Llama: linear; Qwen3: q_norm/k_norm kept).
+(non-block-diagonal) kv_b_proj, for both front-ends (Llama: linear; Qwen3: q_norm/k_norm kept), and Qwen3's
+with a joint latent (care-convert --latent joint: k_latent_proj's latent rows add to v_latent_proj's).
 Checked: plain == absorbed attention, cached == recomputed generation, left padding == no
 padding, save/load round trip with exactly the FORMAT.md tensors, and one attention layer against
 a per-head loop written here straight from FORMAT.md's equations (no model code involved).
@@ -24,17 +25,20 @@ from model_defs.modeling_care import CareMLAForCausalLM
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("llama", "qwen3")
+ARCHS = ("llama", "qwen3", "qwen3-joint")
 PATHS = ("plain", "absorbed")
 K_RANKS = [0, 5, 12]   # r_K = 0 on layer 0: its keys are rope-only
 V_RANKS = [3, 7, 4]
 
 
 def tiny_config(arch: str, tied: bool = True, **overrides) -> CareMLAConfig:
+    joint = arch == "qwen3-joint"   # the same cache widths, as one latent per layer
     kw = dict(
         vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
         original_num_key_value_heads=2, original_head_dim=12, qk_rope_head_dim=6,
-        k_ranks=list(K_RANKS), v_ranks=list(V_RANKS), use_qk_norm=arch == "qwen3",
+        k_ranks=[0] * 3 if joint else list(K_RANKS),
+        v_ranks=[k + v for k, v in zip(K_RANKS, V_RANKS)] if joint else list(V_RANKS),
+        use_qk_norm=arch.startswith("qwen3"), joint_latent=joint,
         rope_inv_freq=[1.0, 0.31, 0.05], rms_norm_eps=1e-6, tie_word_embeddings=tied,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
@@ -126,6 +130,7 @@ def test_a_model_saved_under_the_generic_class_name_reads_as_its_variant(tmp_pat
     (dict(kv_lora_rank=99), "kv_lora_rank"),
     (dict(care_attention_path="fast"), "care_attention_path"),
     (dict(use_qk_norm=True, attention_bias=True), "attention_bias is only defined for the Llama-path"),
+    (dict(joint_latent=True), "joint latent is written as v_ranks with k_ranks all 0"),
 ])
 def test_config_rejects_inconsistent_values(bad, msg):
     with pytest.raises(ValueError, match=msg):
@@ -175,8 +180,11 @@ def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor, p
         kfull = x @ w["k_proj.weight"].T
         k = torch.cat([rms(kfull[:, j * d_h:(j + 1) * d_h], w["k_norm.weight"]) for j in range(g)], -1)
         kl = k @ w["k_latent_proj.weight"].T
-        c = torch.cat([kl[:, :r_k], x @ w["v_latent_proj.weight"].T], -1)
-        k_pe = kl[:, r_k:]
+        c_v = x @ w["v_latent_proj.weight"].T
+        if cfg.joint_latent:   # FORMAT.md: the key part and the value part of one latent add up
+            c, k_pe = kl[:, :r_v] + c_v, kl[:, r_v:]
+        else:
+            c, k_pe = torch.cat([kl[:, :r_k], c_v], -1), kl[:, r_k:]
     else:
         q = x @ w["q_proj.weight"].T
         q_nope = [q[:, h * (d_h + d_r):h * (d_h + d_r) + d_h] for h in range(n_h)]
@@ -324,7 +332,7 @@ def expected_tensors(cfg: CareMLAConfig) -> dict[str, tuple[int, ...]]:
             t.update({p + "self_attn.q_proj.weight": (n_h * d_h, D), p + "self_attn.q_norm.weight": (d_h,),
                       p + "self_attn.q_rope_proj.weight": (n_h * d_r, d_h),
                       p + "self_attn.k_proj.weight": (g * d_h, D), p + "self_attn.k_norm.weight": (d_h,),
-                      p + "self_attn.k_latent_proj.weight": (r_k + d_r, g * d_h),
+                      p + "self_attn.k_latent_proj.weight": ((r_v if cfg.joint_latent else r_k) + d_r, g * d_h),
                       p + "self_attn.v_latent_proj.weight": (r_v, D)})
         else:
             t.update({p + "self_attn.q_proj.weight": (n_h * (d_h + d_r), D),
@@ -343,7 +351,8 @@ def test_save_load_round_trip_with_exact_format_tensors(arch, tied, tmp_path):
             shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
     assert shapes == expected_tensors(model.config)
     raw = json.loads((tmp_path / "config.json").read_text())
-    assert raw["architectures"] == ["CareQwen3ForCausalLM" if arch == "qwen3" else "CareLlamaForCausalLM"]
+    assert raw["architectures"] == ["CareQwen3ForCausalLM" if arch.startswith("qwen3") else "CareLlamaForCausalLM"]
+    assert raw["joint_latent"] == (arch == "qwen3-joint")
 
     x = ids(2, 10, seed=15)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

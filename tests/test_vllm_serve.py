@@ -1,8 +1,9 @@
 """End to end: `vllm serve OUT` (care_vllm plugin, CPU vLLM) on real conversions of tiny random
 Llama-3 (llama3 rope scaling), Qwen3 (yarn), Qwen3-MoE (plain rope) and Qwen2 (q/k/v biases: the converted
-q_proj, kv_a_proj_with_mqa and o_proj have biases; converted with `--latent joint`, one latent that keys and
-values both read, so its layers decode in the joint form where the others split key and value) originals whose
-layers get DIFFERENT latent ranks.
+q_proj, kv_a_proj_with_mqa and o_proj have biases) originals whose layers get DIFFERENT latent ranks. The Qwen2 and
+Qwen3-MoE ones are converted with `--latent joint`, one latent that keys and values both read (for Qwen3 the sum of
+k_latent_proj's latent rows on the post-norm keys and v_latent_proj's on the input), so their layers decode in
+the joint form where the others split key and value.
 
 One care server per variant (module-scoped fixture), plus the GQA original served by stock vLLM
 with the same KV-cache budget, started alongside and stopped once its KV cache is allocated.
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.slow
 
 FP32 = 4
 CHUNK = 48  # --max-num-batched-tokens of the care servers: longer prompts are prefilled in chunks
+JOINT = ("qwen2", "qwen3_moe")   # the variants converted with --latent joint (one Llama-path, one Qwen3)
 MHA_PREFILL_ENV = {"CARE_VLLM_CPU_LATENT_PREFILL_TOKENS": "1"}   # every prefill through vLLM's MLA prefill flow
 
 
@@ -63,7 +65,7 @@ def served(request, tmp_path_factory, calib_file):
     # changes o_proj's values, which the llama and qwen3 servers cover.
     report = convert(src, out, calib_files=[calib_file], method="care", ranks="adjusted", kv_ratio=0.75,
                      rope_dim=8, calib_samples=16, calib_seqlen=64, seed=0, o_proj_refit=arch != "qwen3_moe",
-                     latent="joint" if arch == "qwen2" else "separate")
+                     latent="joint" if arch in JOINT else "separate")
     cfg = json.loads((out / "config.json").read_text())
     widths = [k + v for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
     assert len(set(widths)) > 1, f"the test needs layers of different ranks, got {widths}"
@@ -143,7 +145,7 @@ def test_streaming_matches_non_streaming(served):
 
 def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, reference):
     """As converted with separate latents, kv_b_proj is block-diagonal, so every layer decodes with the key/value
-    split (scores over [c_K | k_pe], values over c_V); the joint latent (qwen2 here, --latent joint) and a healed
+    split (scores over [c_K | k_pe], values over c_V); the joint latent (qwen2, qwen3_moe: --latent joint) and a healed
     checkpoint (test_heal.py) decode in the joint form, every latent column read by keys and values."""
     model, tok = reference
     cfg = json.loads((served[1] / "config.json").read_text())
@@ -151,7 +153,7 @@ def test_concurrent_greedy_and_prompt_logprobs_match_model_defs(served, referenc
     assert served[3].kv_layer_decode_forms() == {
         l: "joint latent" if joint else f"key/value split {k}+{v}"
         for l, (k, v) in enumerate(zip(cfg["k_ranks"], cfg["v_ranks"]))}
-    assert joint == (served[0] == "qwen2")
+    assert joint == (served[0] in JOINT) == cfg.get("joint_latent", False)
     # prefill through the plugin's tiled CPU kernels, not vLLM's dense CPU_SDPA_MLA they replace
     assert served[3].kv_layer_prefill_backends() == {l: "CARE_CPU_MLA_PREFILL" for l in range(len(cfg["k_ranks"]))}
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
