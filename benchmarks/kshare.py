@@ -4,7 +4,7 @@ Same calibration, evaluation and stats caches as benchmarks/oneshot.py (so its '
 comparable to oneshot.md's care rows of the same ratio); one conversion + evaluation per
 (model, policy, ratio, share). 'default' is the converter's own split (proportional to the lossless K and
 V widths after the rope key is taken out), printed with the share it amounts to. 'joint' is no split: one
-latent of the same cache width shared by keys and values (care-convert --latent joint; Llama-path models only),
+latent of the same cache width shared by keys and values (care-convert --latent joint),
 and 'joint:W' the same with --joint-key-weight W (--objective attention only); their cells show "joint" where
 the others show the K share. The defaults are the
 paper's settings (`--objective kv`, no o_proj refit), as benchmarks/results/kshare.md was made;

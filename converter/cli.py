@@ -34,7 +34,6 @@ EPILOG = """\
 for a deployment (the settings that measured best; calibrate on text like what will be served, e.g.
 conversations as .jsonl for a chat model):
   care-convert SRC OUT --calib chats.jsonl --kv-ratio 0.5 --ranks uniform --objective attention --latent joint --joint-key-weight auto
-  (a Qwen3 source, whose keys pass k_norm, keeps separate latents: --k-share auto in place of the last two options)
 then:
   care-eval compare SRC OUT --text heldout.txt     # perplexities, KL to the original, top-1 agreement
   vllm serve OUT                                   # the care-vllm plugin registers the model
@@ -113,8 +112,8 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "less is better: `care-eval sweep --k-shares` measures it on your text)")
     p.add_argument("--latent", default="separate", choices=["separate", "joint"],
                    help="separate: a K latent and a V latent per layer (the CARE paper; default); joint: one latent "
-                        "of the same cache width that keys and values both read (DeepSeek's MLA form; Llama-path "
-                        "sources only; no --k-share): keeps more of the layer at the same cache "
+                        "of the same cache width that keys and values both read (DeepSeek's MLA form; no --k-share; "
+                        "for Qwen3 the sum of a map of the k_norm'd keys and one of the layer input): keeps more of the layer at the same cache "
                         "(docs/CONVERTING.md, benchmarks/results/joint_latent_convert.md)")
     p.add_argument("--joint-key-weight", type=auto_or_number, default=None, metavar="W|auto",
                    help="--latent joint with --objective attention: how much a unit of relative key logit error "

@@ -332,12 +332,7 @@ def test_the_deployment_command_in_help_and_readme_parses():
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert (args.kv_ratio, args.ranks, args.objective, args.latent, args.joint_key_weight, args.k_share) == (
             0.5, "uniform", "attention", "joint", "auto", None), command
-        # a Qwen3 source: the same with --k-share auto in place of the joint latent's two options
-        qwen3 = command.replace("--latent joint --joint-key-weight auto", "--k-share auto")
-        args = build_parser().parse_args(shlex.split(qwen3)[1:])
-        assert (args.latent, args.k_share) == ("separate", "auto"), qwen3
-    assert "--k-share auto in place of the last two options" in EPILOG
-    assert "`--k-share auto` in place of those two" in readme
+    assert "the same command for Qwen3 sources" in readme   # (no other setting for them since Qwen3's joint latent)
 
 
 def test_existing_out_needs_overwrite(tiny, tmp_path):
