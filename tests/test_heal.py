@@ -308,12 +308,15 @@ def test_cli_entry_point_refuses_bad_input(tiny, tmp_path):
 def test_heal_qwen3_moe_keeps_the_sparse_layout(tmp_path):
     """A Qwen3-MoE conversion heals like a dense one: the teacher (the original, loaded whole with its
     experts) runs, the loss is finite, and OUT keeps the converted tensors: router and fused 3-D experts
-    included, untouched under `--train attention`, trained (same shapes) under `--train all`."""
+    included, untouched under `--train attention`, trained (same shapes) under `--train all`. Converted with a joint
+    latent (`--latent joint`: Qwen3's k_latent_proj and v_latent_proj both write the one latent), which trains as
+    any checkpoint does."""
     orig = make_tiny_original(tmp_path / "orig", "qwen3_moe", num_layers=2)
     calib = tmp_path / "calib.txt"
     calib.write_text(TEXT)
     conv = tmp_path / "conv"
-    convert(orig, conv, calib_files=[calib], kv_ratio=0.5, calib_samples=8, calib_seqlen=64)
+    convert(orig, conv, calib_files=[calib], kv_ratio=0.5, calib_samples=8, calib_seqlen=64, latent="joint")
+    assert json.loads((conv / "config.json").read_text())["joint_latent"] is True
     before = load_file(conv / "model.safetensors")
     assert before["model.layers.0.mlp.experts.gate_up_proj"].ndim == 3
     for train in ("attention", "all"):
@@ -330,7 +333,8 @@ def test_heal_qwen3_moe_keeps_the_sparse_layout(tmp_path):
         moe = [k for k in before if ".mlp.experts." in k or ".mlp.gate." in k]
         assert len(moe) == 3   # layer 0 sparse (router, gate_up, down), layer 1 dense
         changed = {k for k in before if not torch.equal(before[k], after[k])}
-        assert any(".self_attn." in k for k in changed)
+        assert any(".self_attn.k_latent_proj." in k for k in changed) and any(".self_attn.v_latent_proj." in k
+                                                                              for k in changed)
         assert changed.isdisjoint(moe) if train == "attention" else set(moe) <= changed, (train, changed)
 
 
