@@ -118,7 +118,7 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
     p.add_argument("--joint-key-weight", type=auto_or_number, default=None, metavar="W|auto",
                    help="--latent joint with --objective attention: how much a unit of relative key logit error "
                         "counts against one of relative value output error (default 1), or auto: the weight, of "
-                        "0.25, 0.5, 1, 2, 4, whose converted model (without the refit) is closest to the original on "
+                        "0.25, 0.5, 1, 2, 4, 8, whose converted model (without the refit) is closest to the original on "
                         "the calibration text, as --k-share auto chooses a split")
     # (default: kshare_auto.SCORE_TOKENS, written out so that --help needs no torch; tests/test_converter_errors.py's
     # test_cli_defaults_are_the_python_api_defaults ties it to Options' default, which is that constant)
