@@ -113,8 +113,8 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
     p.add_argument("--latent", default="separate", choices=["separate", "joint"],
                    help="separate: a K latent and a V latent per layer (the CARE paper; default); joint: one latent "
                         "of the same cache width that keys and values both read (DeepSeek's MLA form; no --k-share; "
-                        "for Qwen3 the sum of a map of the k_norm'd keys and one of the layer input): keeps more of the layer at the same cache "
-                        "(docs/CONVERTING.md, benchmarks/results/joint_latent_convert.md)")
+                        "for Qwen3 the sum of a map of the k_norm'd keys and one of the layer input): keeps more of "
+                        "the layer at the same cache (docs/CONVERTING.md, benchmarks/results/joint_latent_convert.md)")
     p.add_argument("--joint-key-weight", type=auto_or_number, default=None, metavar="W|auto",
                    help="--latent joint with --objective attention: how much a unit of relative key logit error "
                         "counts against one of relative value output error (default 1), or auto: the weight, of "
