@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import sweep  # noqa: E402
+from converter import budget_sweep  # noqa: E402
+from converter.budget_sweep import JOINT, is_joint  # noqa: E402
 
 
 def build_parser():
@@ -50,24 +52,15 @@ def build_parser():
     return p
 
 
-JOINT = "joint"
-
-
-def is_joint(share: str) -> bool:
-    return share == JOINT or share.startswith(JOINT + ":")
-
-
 def share_options(share: str) -> dict:
     """The care-convert options of one --shares value: 'default' -> the proportional split, 'joint[:W]' -> a
-    joint latent (with --joint-key-weight W), else --k-share (a number or 'auto')."""
+    joint latent (with --joint-key-weight W), else --k-share (a number or 'auto'): what care-eval sweep's --k-shares
+    means by it (converter/budget_sweep.share_options)."""
     from converter.cli import auto_or_number
 
     if share == "default":
         return {"k_share": None}
-    if is_joint(share):
-        weight = share[len(JOINT) + 1:]
-        return {"k_share": None, "latent": "joint", **({"joint_key_weight": auto_or_number(weight)} if weight else {})}
-    return {"k_share": auto_or_number(share)}
+    return budget_sweep.share_options(share if is_joint(share) else auto_or_number(share))
 
 
 def heading(share: str) -> str:

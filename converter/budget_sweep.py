@@ -1,7 +1,7 @@
 """`care-eval sweep`: which KV budget to convert at, measured on the user's own text.
 
     care-eval sweep SRC --calib FILE... --text FILE... [--kv-ratios 0.25,0.5,0.75,1] [--rope-dims 64,96]
-                    [--k-shares default,0.25,0.3] [--keep DIR] [every care-convert option but
+                    [--k-shares default,0.25,auto,joint:auto] [--keep DIR] [every care-convert option but
                     --kv-ratio/--kv-width] [--seqlen --max-tokens --batch-size --eval-dtype]
 
 The budget is the one choice of a conversion that trades quality for serving capacity, and how much a
@@ -18,12 +18,15 @@ the model; pairs the budget cannot hold are refused before anything is converted
 it converts at every ratio (and rope width) with each K/V split of the latent (`--k-share`; 'default'
 is the converter's own, proportional to the lossless K and V widths; 'auto' is `--k-share auto`, which
 picks one on the calibration text): the best split depends on the model and the budget (docs/RESULTS.md,
-"K/V split"), and each row states the share the ranks give.
+"K/V split"), and each row states the share the ranks give. 'joint' is no split: one latent that keys and values
+share (`--latent joint`), and 'joint:W' the same with `--joint-key-weight W` (a number or auto; --objective
+attention), so one sweep compares separate latents with the joint one on the user's text.
 
 Memory: as `compare`, the original and one converted model at a time (in --eval-dtype), besides what
 the converter itself holds (docs/LIMITS.md). Without --keep the checkpoints live in a temporary
 folder, one at a time. With --keep DIR (which must not exist) each finished conversion stays as
-DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added with --k-shares), ready for `vllm
+DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added with --k-shares, -kshare-joint[-W] for a
+joint latent), ready for `vllm
 serve`; a failure leaves the ones already finished (each complete: converter/write.py writes them
 atomically) and nothing else.
 """
@@ -41,6 +44,8 @@ from typing import Any, Sequence
 from .errors import ConversionError
 
 DEFAULT_RATIOS = "0.25,0.5,0.75,1"
+JOINT = "joint"   # the --k-shares value of a joint latent ('joint:W': with --joint-key-weight W)
+_NOT_SWEPT = object()   # a run's K share when --k-shares is not given
 
 
 class SweepError(ValueError):
@@ -61,16 +66,42 @@ def parse_rope_dims(spec: str) -> list[int]:
 
 
 def parse_k_shares(spec: str) -> list[float | str | None]:
-    """'0.3,auto,default,0.25' -> [None, 'auto', 0.25, 0.3]: the converter's default split (None) first, then
-    --k-share auto's choice, then the shares sorted, without repeats, each in (0, 1)."""
+    """'0.3,joint:auto,auto,default,0.25' -> [None, 'auto', 'joint:auto', 0.25, 0.3]: the converter's default split
+    (None) first, then --k-share auto's choice, then the joint latents as given ('joint', 'joint:W'), then the
+    shares sorted, without repeats, each in (0, 1)."""
     items = [p.strip() for p in spec.split(",")]
     named = [value for name, value in (("default", None), ("auto", "auto")) if name in items]
-    numbers = [p for p in items if p not in ("default", "auto")]
+    joint = list(dict.fromkeys(p for p in items if is_joint(p)))
+    for share in joint:
+        share_options(share)   # a bad W fails here
+    numbers = [p for p in items if p not in ("default", "auto") and not is_joint(p)]
     if not numbers:
-        return named
-    return named + _parse_list(",".join(numbers), "--k-shares", float, "a number, 'default' or 'auto'",
-                               "default,auto,0.25,0.3", lambda f: 0 < f < 1,
-                               "is outside (0, 1): the share of the latent given to K")
+        return named + joint
+    return named + joint + _parse_list(",".join(numbers), "--k-shares", float,
+                                       "a number, 'default', 'auto', 'joint' or 'joint:W'", "default,auto,0.25,0.3",
+                                       lambda f: 0 < f < 1, "is outside (0, 1): the share of the latent given to K")
+
+
+def is_joint(share) -> bool:
+    """Whether a --k-shares value is a joint latent ('joint' or 'joint:W')."""
+    return isinstance(share, str) and (share == JOINT or share.startswith(JOINT + ":"))
+
+
+def share_options(share) -> dict:
+    """The care-convert options (converter.pipeline.Options fields) of one --k-shares value: a K share (a number,
+    'auto' or None, the default split), or a joint latent: 'joint' -> --latent joint, 'joint:W' -> with
+    --joint-key-weight W (a number or auto). Also what benchmarks/kshare.py's --shares means."""
+    import argparse
+
+    from .cli import auto_or_number
+
+    if not is_joint(share):
+        return {"k_share": share}
+    weight = share[len(JOINT) + 1:]
+    try:
+        return {"k_share": None, "latent": "joint", **({"joint_key_weight": auto_or_number(weight)} if weight else {})}
+    except argparse.ArgumentTypeError as e:
+        raise SweepError(f"--k-shares: {share!r}: {e}") from None
 
 
 def _parse_list(spec: str, flag: str, kind, kind_name: str, example: str, valid, why: str) -> list:
@@ -115,9 +146,11 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     if k_shares and convert_options.get("k_share") is not None:
         raise SweepError("give either --k-share or --k-shares, not both")
     rope_options = [{"rope_dim": d} for d in rope_dims] if rope_dims else [{}]
-    share_options = [{"k_share": f} for f in k_shares] if k_shares else [{}]
-    runs = [(r, {**ro, **so}) for r in ratios for ro, so in itertools.product(rope_options, share_options)]
-    for r, opt in runs:   # every option checked before the first (slow) conversion
+    shares = list(k_shares) if k_shares else [_NOT_SWEPT]
+    # (ratio, the conversion's own options, the K share asked for)
+    runs = [(r, {**ro, **({} if sh is _NOT_SWEPT else share_options(sh))}, sh)
+            for r in ratios for ro, sh in itertools.product(rope_options, shares)]
+    for r, opt, _ in runs:   # every option checked before the first (slow) conversion
         Options(**{**convert_options, **opt}, kv_ratio=r).validate()
     if keep is not None:
         if keep.exists():
@@ -129,11 +162,11 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     original, tokenizer = load_model(src, device, eval_dtype, convert_options.get("revision"),
                                      convert_options.get("hf_overrides"))
     text_windows(tokenizer, texts, seqlen, max_tokens)   # empty or too short held-out text: fail before converting
-    for r, opt in runs:   # and a rope width the budget or the keys cannot hold
+    for r, opt, share in runs:   # and a rope width the budget or the keys cannot hold
         try:
             cache_shape(Options(**{**convert_options, **opt}, kv_ratio=r), original.config)
         except ConversionError as e:
-            raise SweepError(f"KV {r:g}{_options_text(opt)}: {e}") from None
+            raise SweepError(f"KV {r:g}{_options_text(opt, share)}: {e}") from None
     rows: list[dict] = []
     measured: dict = {}
     with tempfile.TemporaryDirectory(prefix="care-sweep-") as work:
@@ -141,9 +174,9 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         folder = keep if keep is not None else Path(work)
         folder.mkdir(exist_ok=True)
         try:
-            for r, opt in runs:
-                out = folder / f"kv{r:g}{_option_suffix(opt)}"
-                print(f"care-eval sweep: converting at KV {r:g}{_options_text(opt)} -> {out}", file=sys.stderr)
+            for r, opt, share in runs:
+                out = folder / f"kv{r:g}{_option_suffix(opt, share)}"
+                print(f"care-eval sweep: converting at KV {r:g}{_options_text(opt, share)} -> {out}", file=sys.stderr)
                 report = convert(src, out, calib_files=list(calib_files), kv_ratio=r, stats_cache=stats,
                                  **{**convert_options, **opt})
                 converted, _ = load_model(str(out), device, eval_dtype)
@@ -152,7 +185,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
                 gc.collect()
                 if keep is None:
                     shutil.rmtree(out)
-                rows.append(_row(r, opt, report, measured, out if keep is not None else None))
+                rows.append(_row(r, share, report, measured, out if keep is not None else None))
         finally:
             if keep is not None and not any(keep.iterdir()):
                 keep.rmdir()   # nothing finished: leave nothing behind
@@ -161,17 +194,17 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
             "eval_dtype": eval_dtype, "calib_files": [str(f) for f in calib_files], "convert_options": convert_options}
 
 
-def _options_text(opt: dict) -> str:
+def _options_text(opt: dict, share) -> str:
     return "".join([f", rope {opt['rope_dim']}" if "rope_dim" in opt else "",
-                    f", k-share {opt['k_share'] or 'default'}" if "k_share" in opt else ""])
+                    "" if share is _NOT_SWEPT else f", k-share {share or 'default'}"])
 
 
-def _option_suffix(opt: dict) -> str:
-    """The kept checkpoint's folder name after kv<R>: -rope<D>, -kshare<S> (-kshare-default, -kshare-auto)."""
-    share = opt.get("k_share")
+def _option_suffix(opt: dict, share) -> str:
+    """The kept checkpoint's folder name after kv<R>: -rope<D>, -kshare<S> (-kshare-default, -kshare-auto,
+    -kshare-joint, -kshare-joint-<W>)."""
     return "".join([f"-rope{opt['rope_dim']}" if "rope_dim" in opt else "",
-                    "" if "k_share" not in opt else f"-kshare{share}" if isinstance(share, float)
-                    else f"-kshare-{share or 'default'}"])
+                    "" if share is _NOT_SWEPT else f"-kshare{share}" if isinstance(share, float)
+                    else f"-kshare-{(share or 'default').replace(':', '-')}"])
 
 
 def k_share_given(report: dict) -> float | None:
@@ -185,16 +218,19 @@ def k_share_given(report: dict) -> float | None:
                       [layer["v_rank"] for layer in report["layers"]])
 
 
-def _row(ratio: float, opt: dict, report: dict, measured: dict, checkpoint: Path | None) -> dict:
+def _row(ratio: float, share, report: dict, measured: dict, checkpoint: Path | None) -> dict:
     cache, original = report["cache_values_per_token"], report["original_cache_values_per_token"]
+    weight = report["options"].get("joint_key_weight")   # (a joint latent with --objective attention)
     row = {"kv_ratio": ratio, "rope_dim": report["rope_dim"],
-           **({"k_share": opt["k_share"]} if "k_share" in opt else {}),   # as asked (None: the default split)
-           "k_share_actual": k_share_given(report), "cache_values_per_token": cache,
+           **({} if share is _NOT_SWEPT else {"k_share": share}),   # as asked (None: the default split)
+           "k_share_actual": k_share_given(report), **({} if weight is None else {"joint_key_weight": weight}),
+           "cache_values_per_token": cache,
            "original_cache_values_per_token": original, "kv_capacity": original / cache,
            "converted": measured["converted"], "ppl_ratio": measured["ppl_ratio"], "kl": measured["kl"],
            "top1_agreement": measured["top1_agreement"], "convert_seconds": report["seconds"]["total"]}
-    if "k_share_auto" in report:   # --k-share auto: what it chose and every candidate's score
-        row["k_share_auto"] = report["k_share_auto"]
+    for auto in ("k_share_auto", "joint_key_weight_auto"):   # what an auto option chose and every candidate's score
+        if auto in report:
+            row[auto] = report[auto]
     if checkpoint is not None:
         row["checkpoint"] = str(checkpoint)
     return row
@@ -209,8 +245,12 @@ def format_table(result: dict) -> str:
              "| KL (nats/token) | top-1 agreement | convert s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        share = ("joint" if r["k_share_actual"] is None
-                 else ("auto: " if r.get("k_share") == "auto" else "") + f"{r['k_share_actual']:.2f}")
+        if r["k_share_actual"] is not None:
+            share = ("auto: " if r.get("k_share") == "auto" else "") + f"{r['k_share_actual']:.2f}"
+        else:   # a joint latent, with the key weight its fit used
+            weight = r.get("joint_key_weight")
+            share = ("joint" if weight is None else
+                     f"joint, W {'auto: ' if 'joint_key_weight_auto' in r else ''}{weight:g}")
         lines.append(f"| {r['kv_ratio']:g} | {r['rope_dim']} | {share} "
                      f"| {r['cache_values_per_token']} / {r['original_cache_values_per_token']} "
                      f"| {r['kv_capacity']:.2f}x | {r['converted']['ppl']:.3f} | {r['ppl_ratio']:.3f}x | "
@@ -235,7 +275,8 @@ def add_parser(sub) -> None:
     p.add_argument("--k-shares", default=None, metavar="F,F...",
                    help="also sweep the K/V split of the latent: convert at every ratio with each of these "
                         "--k-share values, in (0, 1), 'default' (the proportional split) or 'auto' (care-convert --k-share "
-                        "auto's choice); in place of --k-share")
+                        "auto's choice), or 'joint' (no split: --latent joint) and 'joint:W' (with --joint-key-weight "
+                        "W, a number or auto); in place of --k-share")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="keep each checkpoint as DIR/kv<R> (DIR/kv<R>-rope<D> with --rope-dims, -kshare<S> added "
                         "with --k-shares; DIR must not exist); default: temporary, deleted")

@@ -111,7 +111,8 @@ def test_rope_dims_sweep_converts_every_pair_as_care_convert_with_that_rope_dim(
                               "--kv-ratios", "0.75,1", "--rope-dims", "32,16", "--keep", keep, "--latent", "joint",
                               *CONVERT_OPTIONS, *EVAL_OPTIONS)
     assert code == 0, err
-    assert all(r["k_share_actual"] is None for r in res["rows"]) and err.count("| joint |") == 4
+    # (the key weight the fit used: --objective attention's default, 1)
+    assert all(r["k_share_actual"] is None for r in res["rows"]) and err.count("| joint, W 1 |") == 4
     assert [(r["kv_ratio"], r["rope_dim"]) for r in res["rows"]] == [(0.75, 16), (0.75, 32), (1.0, 16), (1.0, 32)]
     assert sorted(p.name for p in keep.iterdir()) == ["kv0.75-rope16", "kv0.75-rope32", "kv1-rope16", "kv1-rope32"]
     for row in res["rows"][:2]:
@@ -149,6 +150,29 @@ def test_k_shares_sweep_converts_every_split_as_care_convert_with_that_k_share(o
     assert fixed == [pytest.approx(5 / 16, abs=1 / 16), 0.25, 0.75]
 
 
+def test_k_shares_sweep_compares_separate_latents_with_joint_ones(original, held_out, calib_file, tmp_path, capsys):
+    """--k-shares 'joint' (--latent joint) and 'joint:W' (with --joint-key-weight W): each kept checkpoint is
+    care-convert's with those options, and its row and the table say which key weight the fit used."""
+    keep = tmp_path / "keep"
+    code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
+                              "--kv-ratios", "0.5", "--rope-dim", "16", "--k-shares", "joint:auto,default,joint:4",
+                              "--keep", keep, *CONVERT_OPTIONS, *EVAL_OPTIONS)
+    assert code == 0, err
+    assert [r["k_share"] for r in res["rows"]] == [None, "joint:auto", "joint:4"]
+    assert sorted(p.name for p in keep.iterdir()) == ["kv0.5-kshare-default", "kv0.5-kshare-joint-4",
+                                                      "kv0.5-kshare-joint-auto"]
+    default, auto, four = res["rows"]
+    assert default["k_share_actual"] > 0 and "joint_key_weight" not in default
+    assert auto["k_share_actual"] is four["k_share_actual"] is None and four["joint_key_weight"] == 4
+    chosen = auto["joint_key_weight_auto"]["chosen"]
+    assert auto["joint_key_weight"] == chosen and len(auto["joint_key_weight_auto"]["candidates"]) > 1
+    assert f"| joint, W auto: {chosen:g} |" in err and "| joint, W 4 |" in err
+    for row, flags in zip(res["rows"], ([], ["--joint-key-weight", "auto"], ["--joint-key-weight", "4"])):
+        kept = Path(row["checkpoint"])
+        assert_care_convert_makes(kept, row, original, calib_file, tmp_path, capsys, "--kv-ratio", 0.5,
+                                  "--rope-dim", 16, *(["--latent", "joint", *flags] if flags else []))
+
+
 def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the sweep's work folder goes
     code, res, err = run_main(capsys, "sweep", original, "--calib", calib_file, "--text", held_out,
@@ -161,7 +185,7 @@ def test_sweep_without_keep_leaves_no_checkpoint(original, held_out, calib_file,
 @pytest.mark.parametrize("case", ["ratio above parity", "not a number", "empty held-out text", "one-token held-out text",
                                   "missing calibration file", "keep exists", "bad option", "odd rope dim",
                                   "rope dim and rope dims", "rope key the budget cannot hold", "k-share out of range",
-                                  "k-share and k-shares"])
+                                  "k-share and k-shares", "bad joint key weight", "joint with --k-share"])
 def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, calib_file, tmp_path, capsys):
     keep, text, calib, ratios, extra = tmp_path / "keep", held_out, calib_file, "0.5,1", []
     expected = {"ratio above parity": "1.5 is outside (0, 1]", "not a number": "'half' is not a number",
@@ -172,7 +196,9 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
                 "rope dim and rope dims": "either --rope-dim or --rope-dims",
                 "rope key the budget cannot hold": "KV 0.5, rope 32: KV budget of 64 values/token leaves 0",
                 "k-share out of range": "--k-shares: 1 is outside (0, 1)",
-                "k-share and k-shares": "either --k-share or --k-shares"}[case]
+                "k-share and k-shares": "either --k-share or --k-shares",
+                "bad joint key weight": "--k-shares: 'joint:heavy': 'heavy' is neither a number nor 'auto'",
+                "joint with --k-share": "--k-share splits separate K and V latents"}[case]
     if case == "ratio above parity":
         ratios = "0.5,1.5"
     elif case == "not a number":
@@ -197,6 +223,10 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
         extra = ["--k-shares", "default,0.5,1"]
     elif case == "k-share and k-shares":
         extra = ["--k-shares", "0.25,0.5", "--k-share", "0.25"]
+    elif case == "bad joint key weight":
+        extra = ["--k-shares", "default,joint:heavy"]
+    elif case == "joint with --k-share":   # a split asked of a joint latent (--latent joint for every run)
+        extra = ["--k-shares", "default,0.25", "--latent", "joint"]
     else:
         extra = ["--k-share", "1.5"]
     code, _, err = run_main(capsys, "sweep", original, "--calib", calib, "--text", text, "--kv-ratios", ratios,
