@@ -174,8 +174,8 @@ class CareLatentAttention(nn.Module):
                                            prefix=f"{prefix}.k_proj")
             self.k_norm = RMSNorm(d_orig, eps=eps)
             # a joint latent (FORMAT.md): k_latent_proj's latent rows are the whole latent, added to the values'
-            self.joint = bool(getattr(config, "joint_latent", False))
-            self.k_latent_rows = self.rank if self.joint else self.r_k
+            self.joint = bool(config.joint_latent)
+            self.k_latent_rows = config.key_latent_rows(layer_idx)
             self.k_latent_proj = ReplicatedLinear(g * d_orig, self.k_latent_rows + d_r, bias=False,
                                                   quant_config=quant_config,
                                                   prefix=f"{prefix}.k_latent_proj")
@@ -360,8 +360,7 @@ def expected_checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.q_rope_proj.weight": (n_h * d_r, d_o),
                 p + "self_attn.k_proj.weight": (g * d_o, D),
                 p + "self_attn.k_norm.weight": (d_o,),
-                p + "self_attn.k_latent_proj.weight": ((r_v if getattr(config, "joint_latent", False) else r_k) + d_r,
-                                                       g * d_o),
+                p + "self_attn.k_latent_proj.weight": (config.key_latent_rows(l) + d_r, g * d_o),
                 p + "self_attn.v_latent_proj.weight": (r_v, D),
             })
         else:

@@ -131,16 +131,15 @@ class Options:
         if self.latent == "joint" and self.k_share is not None:
             raise ConversionError("--k-share splits separate K and V latents: a joint latent (--latent joint) has no "
                                   "split; drop --k-share")
-        if self.joint_key_weight is None:
-            pass
-        elif self.latent != "joint" or self.objective != "attention":
-            raise ConversionError("--joint-key-weight sets how a joint latent's attention objective weighs keys "
-                                  "against values: it needs --latent joint --objective attention")
-        elif self.joint_key_weight != joint_latent.AUTO and not (
-                isinstance(self.joint_key_weight, (int, float)) and math.isfinite(self.joint_key_weight)
-                and self.joint_key_weight > 0):
-            raise ConversionError(f"--joint-key-weight must be a positive number or {joint_latent.AUTO} "
-                                  f"(got {self.joint_key_weight})")
+        if self.joint_key_weight is not None:
+            if self.latent != "joint" or self.objective != "attention":
+                raise ConversionError("--joint-key-weight sets how a joint latent's attention objective weighs keys "
+                                      "against values: it needs --latent joint --objective attention")
+            if self.joint_key_weight != joint_latent.AUTO and not (
+                    isinstance(self.joint_key_weight, (int, float)) and math.isfinite(self.joint_key_weight)
+                    and self.joint_key_weight > 0):
+                raise ConversionError(f"--joint-key-weight must be a positive number or {joint_latent.AUTO} "
+                                      f"(got {self.joint_key_weight})")
         if self.objective != "kv" and self.method != "care":
             raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
         if not (math.isfinite(self.o_proj_refit_ridge) and self.o_proj_refit_ridge > 0):
