@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class VLLMServer(VllmServer):
     def __init__(self, model: str | Path, *args: str, log_path: str | Path | None = None,
-                 env: dict[str, str] | None = None):
-        super().__init__(model, log_path, args, startup_timeout=400.0, cwd=ROOT, stop_grace=20.0,
+                 env: dict[str, str] | None = None, **options):
+        super().__init__(model, log_path, args, startup_timeout=400.0, cwd=ROOT, stop_grace=20.0, **options,
                          env={"TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                               # idle keep-alive connections outlive the clients' own 5 s expiry: uvicorn's default
                               # (also 5 s) could close one just as a client reused it ("Server disconnected

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -48,7 +49,32 @@ class ServerTimeout(ServerError, TimeoutError):
     """`vllm serve` did not answer /health within the start-up timeout."""
 
 
-def free_port() -> int:
+# Ports for `vllm serve` come from below the kernel's ephemeral range (32768-60999 by default). A port the
+# kernel hands out for `bind(0)` stays free only until someone else binds it, and every vLLM process binds
+# such ports itself (engine-core ZMQ sockets, torch.distributed's master port): a second server starting
+# beside the first took the port the first had picked ("[Errno 98] Address already in use"). 29500-29599
+# (torch.distributed's and vLLM's data-parallel defaults) stay out of the range too.
+SERVE_PORTS = range(20000, 29000)
+PORT_IN_USE = "Address already in use"
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(tries: int = 64) -> int:
+    """A port on 127.0.0.1 that is free now, drawn at random from SERVE_PORTS (outside the range the
+    kernel gives out to other processes' `bind(0)`); the kernel's choice if none of `tries` is free."""
+    rng = random.SystemRandom()
+    for _ in range(tries):
+        port = rng.choice(SERVE_PORTS)
+        if _bindable(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -193,23 +219,23 @@ class VllmServer:
     `args` is the full command line (recorded by the benchmarks); `extra_args` go after
     `vllm serve MODEL --host --port [--served-model-name]`. `served_name=None` leaves vLLM's default
     (the model path). `env` is added to os.environ (with HF_HUB_OFFLINE=1), `cwd` is the server's
-    working directory, `prefix` wraps the command (e.g. ["nice"]).
+    working directory, `prefix` wraps the command (e.g. ["nice"]). `port=None` draws a free one (free_port);
+    a port found taken when vLLM binds it is replaced by a fresh one, up to `port_retries` times (wait_ready).
     """
 
     def __init__(self, model: str | Path, log_path: str | Path | None = None, extra_args: Sequence[str] = (),
                  served_name: str | None = None, startup_timeout: float = 600.0, env: dict | None = None,
                  cwd: str | Path | None = None, prefix: Sequence[str] = (), poll_interval: float = 1.0,
-                 stop_grace: float = 30.0):
+                 stop_grace: float = 30.0, port_retries: int = 3, port: int | None = None):
         self.model = str(model)
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.served_name = served_name
+        self.extra_args = list(extra_args)
+        self.prefix = list(prefix)
+        self._use_port(free_port() if port is None else port)
         # default: beside the model folder, one file per port (several servers of one model may run)
         self.log_path = Path(log_path) if log_path else Path(self.model).with_name(
             Path(self.model).name + f".serve.{self.port}.log")
-        self.served_name = served_name
-        self.extra_args = list(extra_args)
-        self.args = [*prefix, *vllm_command(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-                     *(["--served-model-name", served_name] if served_name else []), *self.extra_args]
+        self.port_retries = port_retries
         self.startup_timeout = startup_timeout
         self.poll_interval = poll_interval
         self.stop_grace = stop_grace
@@ -220,10 +246,16 @@ class VllmServer:
         self._log = None
         self._t0 = 0.0
 
+    def _use_port(self, port: int) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.args = [*self.prefix, *vllm_command(), "serve", self.model, "--host", "127.0.0.1", "--port", str(port),
+                     *(["--served-model-name", self.served_name] if self.served_name else []), *self.extra_args]
+
     # -- life cycle ---------------------------------------------------------------------------
-    def start(self) -> "VllmServer":
+    def start(self, append: bool = False) -> "VllmServer":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab" if append else "wb")
         self._t0 = time.monotonic()
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=self.cwd, start_new_session=True)
@@ -231,13 +263,27 @@ class VllmServer:
         return self
 
     def wait_ready(self, timeout: float | None = None) -> "VllmServer":
-        """Poll /health until it answers; on exit or timeout stop the group and raise with the log tail."""
+        """Poll /health until it answers; on exit or timeout stop the group and raise with the log tail.
+
+        A server that exits because its port was taken between `free_port()` and its own bind (another
+        process's `bind(0)` got it) is restarted on a fresh port, up to `port_retries` times: `port`,
+        `base_url` and `args` then name the port it serves on, and the log keeps both attempts."""
         if self.proc is None:
             raise ServerError(f"vllm serve {self.model}: wait_ready() before start()")
         timeout = self.startup_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rc = self.proc.poll()
+            if rc is not None and self.port_retries > 0 and PORT_IN_USE in self.log_tail(20):
+                self.stop()
+                self.port_retries -= 1
+                taken = self.port
+                self._use_port(free_port())
+                with open(self.log_path, "a") as log:
+                    log.write(f"care_vllm: port {taken} was taken before vllm serve bound it; "
+                              f"restarting on port {self.port}\n")
+                self.start(append=True)
+                continue
             if rc is not None:
                 self.stop()
                 raise ServerError(f"vllm serve {self.model} exited with {rc}:\n{self.log_tail()}")
