@@ -46,7 +46,11 @@ python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache p
     f\"{r['converted']['ppl']:.2f} ({r['ppl_ratio']:.2f}x), KL {r['kl']:.3f} nats/token, \"
     f\"top-1 agreement {r['top1_agreement']:.3f}\")"
 
-# 3. Serve with stock `vllm serve` (the plugin registers itself), in the background.
+# 3. Serve with stock `vllm serve` (the plugin registers itself), in the background. A server already listening on
+#    PORT (an earlier quickstart still serving?) would answer the health check and the queries below in its place.
+.venv/bin/python -c "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', int(sys.argv[1])))" "$PORT" 2>/dev/null || {
+  echo "quickstart: port $PORT on 127.0.0.1 is in use (another vllm serve?); stop that or set PORT=..." >&2; exit 1; }
 setsid .venv/bin/vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2-care \
     --dtype float32 > "$OUT.serve.log" 2>&1 &
 SERVER=$!
