@@ -14,18 +14,25 @@ in fp32 and compared with model_defs (transformers) on the same checkpoint:
 - `/v1/embeddings` of random token prompts: the L2-normalised hidden state at the last position, as model_defs
   computes it after the final norm, to 1e-4 (cosine with the reference > 1 - 1e-6), and different prompts give
   different vectors.
+
+The pooling server also checks the launcher (care_vllm.loadtest.server.VllmServer): it is started on a port another
+socket listens on. CI once saw this module's server exit with "[Errno 98] Address already in use": the launcher's
+free port was taken by another process in the seconds before vLLM bound it. The launcher now draws ports below the
+kernel's ephemeral range and restarts a server whose port was taken on a fresh one; with no retries such a server
+fails, naming the cause.
 """
 from __future__ import annotations
 
 import base64
 import io
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from tests.served_reference import mixed_rank_conversion, random_prompts, reference_model, serve_args
-from tests.vllm_server import VLLMServer
+from tests.vllm_server import ServerError, VLLMServer
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -93,14 +100,54 @@ def test_prompt_embeds_match_model_defs(converted, tmp_path):
     assert len(distinct) > 4, f"continuations too uniform to compare: {distinct}"
 
 
-def test_pooling_runner_embeddings_match_model_defs(converted, tmp_path):
-    out, cfg, model = converted
-    prompts = random_prompts(cfg["vocab_size"], n=4, seed=5)
+def held_port() -> socket.socket:
+    """A socket listening on a port of 127.0.0.1: `vllm serve` cannot bind that port while it is open."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.fixture(scope="module")
+def pooling_server(converted, tmp_path_factory):
+    """(the pooling server, the port it was first given): started on a port another socket listens on, as CI once
+    saw a port taken between the launcher's choice and vLLM's bind (see test_a_taken_port_is_replaced)."""
+    out, _, _ = converted
     args = serve_args("--runner", "pooling", "--convert", "embed",
                       "--pooler-config", '{"pooling_type": "LAST", "use_activation": true}')
-    with VLLMServer(out, *args, log_path=tmp_path / "pooling.log") as server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=300, max_retries=0)
-        r = client.embeddings.create(model=client.models.list().data[0].id, input=prompts)
+    with held_port() as blocker:
+        taken = blocker.getsockname()[1]
+        server = VLLMServer(out, *args, port=taken, log_path=tmp_path_factory.mktemp("pooling") / "pooling.log")
+        server.start().wait_ready()
+    try:
+        yield server, taken
+    finally:
+        server.stop()
+
+
+def test_a_taken_port_is_replaced_by_a_fresh_one(converted, pooling_server, tmp_path):
+    """Without retries a server on a taken port fails, naming the cause; with the launcher's default it is restarted
+    on a fresh port, which `port`, `base_url` and the recorded command line name, and its log says why. (That it
+    then serves the right thing is the pooling test's part.)"""
+    out, _, _ = converted
+    with held_port() as blocker:
+        with pytest.raises(ServerError, match="Address already in use"):
+            with VLLMServer(out, *serve_args(), port=blocker.getsockname()[1], port_retries=0,
+                            log_path=tmp_path / "no_retry.log"):
+                pass
+    server, taken = pooling_server
+    assert server.port != taken
+    assert server.base_url.endswith(f":{server.port}")
+    assert f"--port {server.port}" in " ".join(server.args)
+    assert f"port {taken} was taken before vllm serve bound it; restarting on port {server.port}" in server.log_text()
+
+
+def test_pooling_runner_embeddings_match_model_defs(converted, pooling_server):
+    out, cfg, model = converted
+    prompts = random_prompts(cfg["vocab_size"], n=4, seed=5)
+    server, _ = pooling_server
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=300, max_retries=0)
+    r = client.embeddings.create(model=client.models.list().data[0].id, input=prompts)
     served = torch.tensor([d.embedding for d in sorted(r.data, key=lambda d: d.index)], dtype=torch.float64)
     with torch.no_grad():
         want = torch.stack([model.model(torch.tensor([ids])).last_hidden_state[0, -1].double() for ids in prompts])
