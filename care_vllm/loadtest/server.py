@@ -274,18 +274,11 @@ class VllmServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             rc = self.proc.poll()
-            if rc is not None and self.port_retries > 0 and PORT_IN_USE in self.log_tail(20):
-                self.stop()
-                self.port_retries -= 1
-                taken = self.port
-                self._use_port(free_port())
-                with open(self.log_path, "a") as log:
-                    log.write(f"care_vllm: port {taken} was taken before vllm serve bound it; "
-                              f"restarting on port {self.port}\n")
-                self.start(append=True)
-                continue
             if rc is not None:
                 self.stop()
+                if self.port_retries > 0 and PORT_IN_USE in self.log_tail(20):
+                    self._restart_on_a_fresh_port()
+                    continue
                 raise ServerError(f"vllm serve {self.model} exited with {rc}:\n{self.log_tail()}")
             try:
                 fetch(f"{self.base_url}/health", timeout=2)
@@ -295,6 +288,15 @@ class VllmServer:
                 time.sleep(self.poll_interval)
         self.stop()
         raise ServerTimeout(f"vllm serve {self.model} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _restart_on_a_fresh_port(self) -> None:
+        """Start the stopped server again on a newly drawn port, saying why in its log (appended to)."""
+        self.port_retries -= 1
+        taken = self.port
+        self._use_port(free_port())
+        with open(self.log_path, "a") as log:
+            log.write(f"care_vllm: port {taken} was taken before vllm serve bound it; restarting on port {self.port}\n")
+        self.start(append=True)
 
     def stop(self, grace: float | None = None) -> None:
         """SIGTERM to the process group, SIGKILL after `grace` s; idempotent. The group is signalled
