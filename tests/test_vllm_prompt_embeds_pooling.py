@@ -111,7 +111,8 @@ def held_port() -> socket.socket:
 @pytest.fixture(scope="module")
 def pooling_server(converted, tmp_path_factory):
     """(the pooling server, the port it was first given): started on a port another socket listens on, as CI once
-    saw a port taken between the launcher's choice and vLLM's bind (see test_a_taken_port_is_replaced)."""
+    saw a port taken between the launcher's choice and vLLM's bind
+    (see test_a_taken_port_is_replaced_by_a_fresh_one)."""
     out, _, _ = converted
     args = serve_args("--runner", "pooling", "--convert", "embed",
                       "--pooler-config", '{"pooling_type": "LAST", "use_activation": true}')
