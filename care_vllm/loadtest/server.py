@@ -267,7 +267,8 @@ class VllmServer:
 
         A server that exits because its port was taken between `free_port()` and its own bind (another
         process's `bind(0)` got it) is restarted on a fresh port, up to `port_retries` times: `port`,
-        `base_url` and `args` then name the port it serves on, and the log keeps both attempts."""
+        `base_url` and `args` then name the port it serves on, and the log keeps both attempts. Each attempt
+        gets the whole `timeout`: a failed bind costs the seconds vLLM took to reach it, not the new attempt's."""
         if self.proc is None:
             raise ServerError(f"vllm serve {self.model}: wait_ready() before start()")
         timeout = self.startup_timeout if timeout is None else timeout
@@ -278,6 +279,7 @@ class VllmServer:
                 self.stop()
                 if self.port_retries > 0 and PORT_IN_USE in self.log_tail(20):
                     self._restart_on_a_fresh_port()
+                    deadline = time.monotonic() + timeout
                     continue
                 raise ServerError(f"vllm serve {self.model} exited with {rc}:\n{self.log_tail()}")
             try:
