@@ -268,7 +268,7 @@ class VllmServer:
         A server that exits because its port was taken between `free_port()` and its own bind (another
         process's `bind(0)` got it) is restarted on a fresh port, up to `port_retries` times: `port`,
         `base_url` and `args` then name the port it serves on, and the log keeps both attempts. Each attempt
-        gets the whole `timeout`: a failed bind costs the seconds vLLM took to reach it, not the new attempt's."""
+        gets the whole `timeout`, so the seconds a failed attempt took do not shorten the next one's wait."""
         if self.proc is None:
             raise ServerError(f"vllm serve {self.model}: wait_ready() before start()")
         timeout = self.startup_timeout if timeout is None else timeout
