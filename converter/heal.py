@@ -175,8 +175,7 @@ def check_converted(path: Path) -> dict:
 def check_teacher(teacher: str) -> dict | None:
     """Cheap checks before loading; returns the teacher's raw config when it is a folder. A Hub repo
     id is checked when load_source resolves it (converter/hub.py)."""
-    from .hub import looks_like_repo_id
-    from .load import SMOLLM2_ALIAS
+    from .hub import SMOLLM2_ALIAS, looks_like_repo_id
 
     if teacher == SMOLLM2_ALIAS:
         return None

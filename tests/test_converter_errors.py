@@ -230,6 +230,25 @@ def test_missing_calibration_file(tiny, tmp_path):
     assert_refused(run_convert(src, out, "--calib", tmp_path), out, "not found", "a folder: name its files")
 
 
+@pytest.mark.parametrize("case", ["missing_source", "revision_with_local_path", "missing_calib", "calib_folder"])
+def test_a_mistyped_path_is_refused_before_torch_is_imported(tiny, tmp_path, case):
+    """The paths are checked first (converter/cli.py check_paths), so a typo is answered without the ~5 s of
+    importing torch and transformers: the process that refuses it never imported torch."""
+    _, src, calib = tiny
+    args, needles = {
+        "missing_source": ([tmp_path / "no-such-model", "--calib", calib], ["no-such-model", "no such file or folder"]),
+        "revision_with_local_path": ([src, "--calib", calib, "--revision", "v1"], ["--revision v1", "local path"]),
+        "missing_calib": ([src, "--calib", calib, tmp_path / "nope.txt"], ["not found", "nope.txt"]),
+        "calib_folder": ([src, "--calib", tmp_path], ["not found", "a folder: name its files"]),
+    }[case]
+    out = tmp_path / "out"
+    code = "import sys; from converter.cli import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
+    proc = subprocess.run([sys.executable, "-c", code, str(args[0]), str(out), *map(str, args[1:])], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert_refused(proc, out, *needles)
+    assert proc.stdout.strip() == "False", proc.stdout
+
+
 @pytest.mark.parametrize("flags,needle", [(["--kv-ratio", "1.5"], "above parity"),
                                           (["--kv-width", "129"], "above parity")])
 def test_budget_above_parity(tiny, tmp_path, flags, needle):

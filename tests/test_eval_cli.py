@@ -157,6 +157,21 @@ def test_errors_exit_2_with_a_message(case, needle, original, texts, tmp_path, c
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["ppl", "compare"])
+def test_a_mistyped_model_is_refused_before_torch_is_imported(command, original, texts, tmp_path):
+    """Models are located (eval_cli.locate_model) before anything loads: a mistyped path, here `compare`'s ORIGINAL
+    named after a valid CONVERTED, is answered at once by a process that never imported torch."""
+    missing = str(tmp_path / "no_model")
+    models = [missing] if command == "ppl" else [missing, str(original)]
+    code = ("import sys; from converter.eval_cli import main; rc = main(sys.argv[1:]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, command, *models, "--text", str(texts["a"])], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"care-eval: error: not a model folder (no config.json) or .gguf file: {missing}"
+    assert proc.stdout.strip() == "False", proc.stdout
+
+
 @pytest.mark.parametrize("caching", ["on", "off"])
 def test_gguf_file_gives_the_same_ppl_as_its_source(tmp_path, texts, capsys, monkeypatch, caching):
     """Read through its dequantized cache folder (converter/gguf_cache.py) or directly."""
