@@ -1,12 +1,16 @@
 """Run a console script's `main(argv)` in the test process and check a refusal (exit 2, one line naming the
 problem, no output folder and no temporary folder left beside it). In-process because a subprocess per
-refusal pays ~8 s of importing torch and transformers."""
+refusal pays ~8 s of importing torch and transformers; in a process of its own only where what the process
+imported is what is tested (run_main_alone)."""
 from __future__ import annotations
 
 import contextlib
 import io
 import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_main(main, prog: str, *args) -> subprocess.CompletedProcess:
@@ -20,6 +24,17 @@ def run_main(main, prog: str, *args) -> subprocess.CompletedProcess:
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess([prog, *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_main_alone(module: str, *args) -> tuple[subprocess.CompletedProcess, bool]:
+    """`module`.main(ARGS) in a fresh Python process: (the process, whether torch had been imported when main
+    returned). A refusal that needs no model should come before that import (~5 s)."""
+    code = f"import sys; from {module} import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    imported = proc.stdout.strip()
+    assert imported in ("True", "False"), proc.stdout
+    return proc, imported == "True"
 
 
 def assert_refused_by(prog: str, proc, out: Path, *needles: str):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.cli_run import assert_refused_by, run_main
+from tests.cli_run import assert_refused_by, run_main, run_main_alone
 from tests.tiny_models import make_tiny_original
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,11 +242,9 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(tiny, tmp_path, cas
         "calib_folder": ([src, "--calib", tmp_path], ["not found", "a folder: name its files"]),
     }[case]
     out = tmp_path / "out"
-    code = "import sys; from converter.cli import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
-    proc = subprocess.run([sys.executable, "-c", code, str(args[0]), str(out), *map(str, args[1:])], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc, torch_imported = run_main_alone("converter.cli", args[0], out, *args[1:])
     assert_refused(proc, out, *needles)
-    assert proc.stdout.strip() == "False", proc.stdout
+    assert not torch_imported
 
 
 @pytest.mark.parametrize("flags,needle", [(["--kv-ratio", "1.5"], "above parity"),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from converter.eval_cli import main, perplexity
+from tests.cli_run import run_main_alone
 from tests.gguf_files import write_gguf
 from tests.tiny_models import TOKENIZER_FILES, TOKENIZER_SRC, make_tiny_original, require_shared
 
@@ -163,13 +164,10 @@ def test_a_mistyped_model_is_refused_before_torch_is_imported(command, original,
     named after a valid CONVERTED, is answered at once by a process that never imported torch."""
     missing = str(tmp_path / "no_model")
     models = [missing] if command == "ppl" else [missing, str(original)]
-    code = ("import sys; from converter.eval_cli import main; rc = main(sys.argv[1:]); "
-            "print('torch' in sys.modules); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, command, *models, "--text", str(texts["a"])], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc, torch_imported = run_main_alone("converter.eval_cli", command, *models, "--text", texts["a"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == f"care-eval: error: not a model folder (no config.json) or .gguf file: {missing}"
-    assert proc.stdout.strip() == "False", proc.stdout
+    assert not torch_imported
 
 
 @pytest.mark.parametrize("caching", ["on", "off"])
