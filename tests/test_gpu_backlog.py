@@ -112,11 +112,11 @@ def test_items_that_do_not_fit_are_skipped_without_starting(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_runner_starts_the_first_pending_item_and_keeps_its_result(tmp_path):
-    """v1's first item (8B-shaped conversion speed, 1 layer, toy calibration) really runs through
+    """v1's first item (8B-shaped conversion speed, 1 layer, toy calibration, no refit) really runs through
     convert_speed.py; its JSON lands in $OUT and in the work folder (the warm machine's next call)."""
     out, work = tmp_path / "out", tmp_path / "work"
     rc = backlog.main(["run", "--step", "v1", "--hard-stop-s", "600", "--out", str(out), "--work", str(work),
-                       "--device", "cpu", "--speed-args", "--layers 1 --calib-samples 4 --calib-seqlen 64",
+                       "--device", "cpu", "--speed-args", "--layers 1 --calib-samples 4 --calib-seqlen 64 --no-o-proj-refit",
                        "--estimate-factor", "0", "--max-items", "1", "--ignore-committed"])
     assert rc == 0
     res = json.loads((out / "convert_speed_llama3-8b_gpu.json").read_text())

@@ -2,8 +2,10 @@
 have different ranks: one KV-cache group holding a UniformTypeKVCacheSpecs with one MLA spec per
 layer, each `r_K[l] + r_V[l] + d_r` wide, and per-layer cache tensors of exactly that width.
 
-The engine runs in a subprocess, in that process (no engine-core or worker processes); it reads the
-worker's `kv_cache_config` with `collective_rpc` and prints it as JSON.
+The engine runs in a subprocess, in that process (no engine-core or worker processes; the cache layout does not
+depend on where the engine runs, and tests/test_vllm_serve.py checks it through `vllm serve`'s own processes): ~15 s
+less than a `vllm serve` start on 2 cores. It reads the worker's `kv_cache_config` with `collective_rpc` and prints
+it as JSON.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ SCRIPT = textwrap.dedent('''
     if __name__ == "__main__":
         from vllm import LLM, SamplingParams
         llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256,
-                  kv_cache_memory_bytes=int(sys.argv[2]), max_num_seqs=4, distributed_executor_backend="uni")
+                  kv_cache_memory_bytes=int(sys.argv[2]), max_num_seqs=4, distributed_executor_backend="uni",
+                  kv_cache_dtype=sys.argv[3])
         out = llm.generate(["a b c d"], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) >= 1
         print("KVJSON" + json.dumps(llm.collective_rpc(inspect)[0]), flush=True)
@@ -66,6 +69,17 @@ def converted(tmp_path_factory):
     return out, report
 
 
+def run_engine(out: Path, tmp_path: Path, kv_cache_dtype: str = "auto") -> subprocess.CompletedProcess:
+    """SCRIPT on the checkpoint `out`, engine core and worker in the script's process."""
+    script = tmp_path / "inspect_kv.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, str(script), str(out), str(KV_BYTES), kv_cache_dtype], capture_output=True,
+                          text=True, timeout=420, env=env, cwd=str(ROOT))
+
+
 def test_engine_kv_cache_config_has_one_width_per_layer(converted, tmp_path):
     out, report = converted
     cfg = json.loads((out / "config.json").read_text())
@@ -73,15 +87,7 @@ def test_engine_kv_cache_config_has_one_width_per_layer(converted, tmp_path):
     widths = [k + v + d_r for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
     assert len(set(widths)) > 1, widths
 
-    script = tmp_path / "inspect_kv.py"
-    script.write_text(SCRIPT)
-    # engine core and worker in the script's process (the cache layout does not depend on where the
-    # engine runs; tests/test_vllm_serve.py checks it through `vllm serve`'s own processes): ~15 s less
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, str(script), str(out), str(KV_BYTES)], capture_output=True,
-                          text=True, timeout=420, env=env, cwd=str(ROOT))
+    proc = run_engine(out, tmp_path)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("KVJSON")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     info = json.loads(lines[-1][len("KVJSON"):])
@@ -107,14 +113,11 @@ def test_engine_kv_cache_config_has_one_width_per_layer(converted, tmp_path):
 def test_unsupported_kv_cache_dtype_is_refused_at_start(converted, tmp_path):
     """The plugin picks its backend itself, bypassing vLLM's selector and its cache-dtype check; the
     CPU latent backend stores only the model dtype. Before the check, `--kv-cache-dtype fp8` started
-    and generated token 0 forever; now `vllm serve` stops at start-up naming the problem."""
-    from tests.vllm_server import ServerError, VLLMServer
-
+    and generated token 0 forever; now the engine stops at start-up naming the problem (`vllm serve` exits with
+    it: its engine core raises the same error, and a start the plugin refuses ends `vllm serve` as
+    tests/test_vllm_quantized.py::test_a_quantized_weight_map_is_refused checks)."""
     out, _ = converted
-    server = VLLMServer(out, "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-                        "--kv-cache-memory-bytes", str(KV_BYTES), "--kv-cache-dtype", "fp8",
-                        log_path=tmp_path / "fp8.log")
-    with pytest.raises(ServerError) as e:
-        server.start().wait_ready(timeout=300)
+    proc = run_engine(out, tmp_path, kv_cache_dtype="fp8")
+    assert proc.returncode != 0 and "KVJSON" not in proc.stdout, proc.stdout[-3000:]
     assert "care_vllm: --kv-cache-dtype fp8 is not supported by the CPU_MLA latent-attention backend" in \
-        (tmp_path / "fp8.log").read_text(), e.value
+        proc.stdout + proc.stderr, proc.stderr[-5000:]

@@ -70,7 +70,9 @@ def test_connector_moves_model_defs_latents_at_per_layer_widths(tmp_path, calib_
     assert all((len(ids) - 1) % BLOCK for ids in prompts)
     model, _ = reference_model(out)
     log = tmp_path / "connector.log"
-    args = serve_args("--block-size", str(BLOCK), "--no-enable-prefix-caching",
+    # eager: the connector saves and loads each layer's cache around the attention op, which a compiled graph keeps
+    # as its own piece (the Llama class compiles in tests/test_vllm_serve.py; a compile costs ~35 s on 2 cores)
+    args = serve_args("--enforce-eager", "--block-size", str(BLOCK), "--no-enable-prefix-caching",
                       "--kv-transfer-config", json.dumps(transfer))
     with VLLMServer(out, *args, log_path=log) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=300, max_retries=0)

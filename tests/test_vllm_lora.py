@@ -1,6 +1,8 @@
 """End to end: `vllm serve OUT --enable-lora` with an adapter that care-convert-lora rewrote from a PEFT adapter of
 the tiny original (every attention and MLP projection targeted), on Llama and Qwen3 conversions with different
-ranks per layer and the o_proj refit, the Qwen3 one served with `--tensor-parallel-size 2`.
+ranks per layer and the o_proj refit, the Qwen3 one served with `--tensor-parallel-size 2` (the suite's TP test of
+the Qwen3 class: both ranks bind KV tensors of the checkpoint's per-layer widths, and the base-model requests are
+compared with model_defs alone).
 
 Checked through the `openai` client, with requests for the adapter and for the base model in flight together
 (one batch mixes them): greedy tokens identical to model_defs with the converted adapter applied by PEFT (and
@@ -39,13 +41,17 @@ RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 def served(request, tmp_path_factory, calib_file):
     arch, tp = request.param
     root = tmp_path_factory.mktemp(f"lora_serve_{arch}")
-    out, _, lora_flags = adapted_conversion(root, arch, calib_file)
+    out, cfg, lora_flags = adapted_conversion(root, arch, calib_file)
     # (LoRA turns vLLM's CPU compilation off: eager either way)
     server = VLLMServer(out, *serve_args(*lora_flags, "--tensor-parallel-size", str(tp)), log_path=root / "care.log",
                         env={**RUNTIME_LORA_ENV, **(one_core_per_rank() if tp > 1 else {})})
     with server:
-        if tp > 1:
-            assert sorted(worker_kv_shapes(server.log_text(), "TP")) == [0, 1], "not served by two ranks"
+        if tp > 1:   # the suite's TP test of the Qwen3 class: every rank caches each layer's whole latent
+            widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
+            bound = worker_kv_shapes(server.log_text(), "TP")
+            assert sorted(bound) == [0, 1], "not served by two ranks"
+            for rank, layers in bound.items():
+                assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
         yield arch, root, out, server
 
 

@@ -114,7 +114,9 @@ def pooling_server(converted, tmp_path_factory):
     saw a port taken between the launcher's choice and vLLM's bind
     (see test_a_taken_port_is_replaced_by_a_fresh_one)."""
     out, _, _ = converted
-    args = serve_args("--runner", "pooling", "--convert", "embed",
+    # eager: the pooling model's forward is the generating one's without the LM head, and compiles as it does
+    # (the prompt-embeds server here and tests/test_vllm_serve.py's Llama server run compiled; ~35 s each on 2 cores)
+    args = serve_args("--enforce-eager", "--runner", "pooling", "--convert", "embed",
                       "--pooler-config", '{"pooling_type": "LAST", "use_activation": true}')
     with held_port() as blocker:
         taken = blocker.getsockname()[1]

@@ -21,7 +21,7 @@ from tests.quantized_files import (assert_within_rounding_flips, quantize_tokens
                                    served_vs_reference, write_w8a8)
 from tests.served_reference import KV_BYTES, mixed_rank_conversion, random_prompts, reference_model, serve_args
 from tests.tiny_models import checkpoint_tensors
-from tests.vllm_server import ServerError, VLLMServer, one_core_per_rank
+from tests.vllm_server import ServerError, VLLMServer, one_core_per_rank, worker_kv_shapes
 
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
@@ -38,7 +38,10 @@ def served(request, tmp_path_factory, calib_file):
     root = tmp_path_factory.mktemp(f"w8a8_serve_{arch}")
     _, out, cfg = mixed_rank_conversion(root, arch, calib_file)
     quantized = write_w8a8(out, root / "w8a8")
-    with VLLMServer(quantized, *serve_args(), log_path=root / "w8a8.log") as server:
+    # Qwen3 compiled (vLLM's default: int8 linears in the traced graph), Llama eager (the Llama class compiles in
+    # tests/test_vllm_serve.py; a compile costs ~35 s on 2 cores)
+    with VLLMServer(quantized, *serve_args(*(["--enforce-eager"] if arch == "llama" else [])),
+                    log_path=root / "w8a8.log") as server:
         yield arch, out, quantized, cfg, server
 
 
@@ -94,24 +97,33 @@ def test_tp2_w8a8_matches_model_defs_with_per_rank_rounding(served, tmp_path):
     layers shard the weights (tests/test_vllm_tensor_parallel.py), and each rank quantizes its own shard of a
     row-parallel linear's input (o_proj, down_proj), with its own per-token scale. The reference rounds the same
     way (`reference_w8a8(..., tensor_parallel=2)`); measured with the one-process rounding instead, 99 % of the
-    Llama case's positions differed by more than 1e-3, up to 0.54."""
+    Llama case's positions differed by more than 1e-3, up to 0.54. Also the suite's TP test of the Llama class (its
+    kv_b_proj unquantized, split by heads): both ranks bind KV tensors of the checkpoint's per-layer widths."""
 
     arch, out, quantized, cfg, _ = served
     reference, _ = reference_w8a8(quantized, tensor_parallel=2)
     with VLLMServer(quantized, *serve_args("--enforce-eager", "--tensor-parallel-size", "2"),
                     log_path=tmp_path / "tp2.log", env=one_core_per_rank()) as server:
         assert_within_rounding_flips(served_vs_reference(server, reference, random_prompts(cfg["vocab_size"]), N_NEW))
+        bound = worker_kv_shapes(server.log_text(), "TP")
+    widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
+    assert sorted(bound) == [0, 1], "both TP workers must report their KV tensors"
+    for rank, layers in bound.items():
+        assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
 
 
+# (one architecture: a refused start costs ~40 s on 2 cores; Qwen3's q_rope_proj is refused by the same check, the
+# loader's test of UNQUANTIZED_MAPS, and named in the same message)
+@pytest.mark.parametrize("served", ["llama"], indirect=True)
 def test_a_quantized_weight_map_is_refused(served, tmp_path):
-    """kv_b_proj (Llama) or q_rope_proj (Qwen3) stored as int8 codes with per-channel scales, as a recipe that
-    targeted it would write: `vllm serve` stops at load and names the module and the fix."""
+    """kv_b_proj stored as int8 codes with per-channel scales, as a recipe that targeted it would write: `vllm serve`
+    stops at load and names the module and the fix."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     arch, out, quantized, cfg, _ = served
-    module = "kv_b_proj" if arch == "llama" else "q_rope_proj"
+    module = "kv_b_proj"
     bad = tmp_path / f"{module}_int8"
     shutil.copytree(quantized, bad)
     f = next(bad.glob("*.safetensors"))

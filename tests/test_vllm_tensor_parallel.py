@@ -1,13 +1,18 @@
-"""Tensor parallelism: `vllm serve OUT --tensor-parallel-size 2` (two CPU workers, gloo) on
-converted tiny Llama-3, Qwen3 and Mixtral models with per-layer ranks (the MoE experts are sharded by vLLM's
-FusedMoE, as for a stock Qwen3-MoE; the Mixtral conversion is served by CareMixtralForCausalLM, Llama's latent
-attention with vLLM's Qwen3-MoE block: the suite's serving test of that class).
+"""Tensor parallelism: `vllm serve OUT --tensor-parallel-size 2` (two CPU workers, gloo) on a converted tiny
+Mixtral with per-layer ranks: Llama's latent attention (CareMixtralForCausalLM) with its MoE experts sharded by vLLM's
+FusedMoE, as for a stock Qwen3-MoE (the same block a Qwen3-MoE conversion's sparse layers use): the suite's serving
+test of that class.
 
 Under TP the query heads, kv_b_proj (the absorbed up-projections) and o_proj are split by heads and
 the latent projections are replicated (MLA keeps one latent per token, not per head), so every rank
 caches the full `r_K + r_V + d_r` per layer. Checked: greedy tokens on 4 concurrent prompts identical
 to model_defs (fp32, one process), prompt and generated-token logprobs within 1e-3, and both
 workers bind KV tensors of exactly the per-layer widths of the checkpoint.
+
+The other classes are served under TP elsewhere, with the same checks: the Llama class (dense MLP) in
+tests/test_vllm_quantized.py (W8A8, every linear but kv_b_proj int8), the Qwen3 class (q/k norms, q_rope_proj split by
+heads) in tests/test_vllm_lora.py, whose base-model requests are compared with model_defs alone. A TP server costs
+~60 s on 2 cores, so each class is served under TP once.
 """
 from __future__ import annotations
 
@@ -24,9 +29,8 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 
-# (MoE under TP: the Mixtral conversion, served by CareMixtralForCausalLM with vLLM's Qwen3-MoE block, the same block
-# a Qwen3-MoE conversion's sparse layers use; the Qwen3-MoE class itself is served in tests/test_vllm_serve.py)
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])
+# (the Qwen3-MoE class itself is served in tests/test_vllm_serve.py, and under PP in tests/test_vllm_pipeline_parallel.py)
+@pytest.mark.parametrize("arch", ["mixtral"])
 def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
     from converter.pipeline import convert
 
