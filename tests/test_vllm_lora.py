@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args
 from tests.test_lora import adapted_conversion
-from tests.vllm_server import VLLMServer, one_core_per_rank, worker_kv_shapes
+from tests.vllm_server import VLLMServer, assert_tp_ranks_cache_full_widths, one_core_per_rank
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -46,12 +46,9 @@ def served(request, tmp_path_factory, calib_file):
     server = VLLMServer(out, *serve_args(*lora_flags, "--tensor-parallel-size", str(tp)), log_path=root / "care.log",
                         env={**RUNTIME_LORA_ENV, **(one_core_per_rank() if tp > 1 else {})})
     with server:
-        if tp > 1:   # the suite's TP test of the Qwen3 class: every rank caches each layer's whole latent
-            widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
-            bound = worker_kv_shapes(server.log_text(), "TP")
-            assert sorted(bound) == [0, 1], "not served by two ranks"
-            for rank, layers in bound.items():
-                assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
+        if tp > 1:   # (the suite's TP test of the Qwen3 class)
+            assert_tp_ranks_cache_full_widths(server.log_text(), [k + v + cfg["qk_rope_head_dim"]
+                                                                  for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])])
         yield arch, root, out, server
 
 

@@ -21,7 +21,7 @@ from tests.quantized_files import (assert_within_rounding_flips, quantize_tokens
                                    served_vs_reference, write_w8a8)
 from tests.served_reference import KV_BYTES, mixed_rank_conversion, random_prompts, reference_model, serve_args
 from tests.tiny_models import checkpoint_tensors
-from tests.vllm_server import ServerError, VLLMServer, one_core_per_rank, worker_kv_shapes
+from tests.vllm_server import ServerError, VLLMServer, assert_tp_ranks_cache_full_widths, one_core_per_rank
 
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
@@ -105,11 +105,9 @@ def test_tp2_w8a8_matches_model_defs_with_per_rank_rounding(served, tmp_path):
     with VLLMServer(quantized, *serve_args("--enforce-eager", "--tensor-parallel-size", "2"),
                     log_path=tmp_path / "tp2.log", env=one_core_per_rank()) as server:
         assert_within_rounding_flips(served_vs_reference(server, reference, random_prompts(cfg["vocab_size"]), N_NEW))
-        bound = worker_kv_shapes(server.log_text(), "TP")
+        log = server.log_text()
     widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
-    assert sorted(bound) == [0, 1], "both TP workers must report their KV tensors"
-    for rank, layers in bound.items():
-        assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
+    assert_tp_ranks_cache_full_widths(log, widths)
 
 
 # (one architecture: a refused start costs ~40 s on 2 cores; Qwen3's q_rope_proj is refused by the same check, the

@@ -21,7 +21,7 @@ import json
 import pytest
 
 from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args, varied_original
-from tests.vllm_server import VLLMServer, one_core_per_rank, worker_kv_shapes
+from tests.vllm_server import VLLMServer, assert_tp_ranks_cache_full_widths, one_core_per_rank
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -50,10 +50,7 @@ def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
         diff = compare_concurrent(client, model, prompt_ids, 24)
         log = server.log_text()
 
-    bound = worker_kv_shapes(log, "TP")
-    assert sorted(bound) == [0, 1], "both TP workers must report their KV tensors"
-    for rank, layers in bound.items():
-        assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
+    assert_tp_ranks_cache_full_widths(log, widths)
     print(f"[{arch}] TP=2: greedy identical on {len(prompt_ids)} concurrent prompts; max |logprob diff| "
           f"prompt {diff['prompt']:.2e}, generated {diff['generated']:.2e}; per-rank widths {widths}")
     assert diff["prompt"] < 1e-3 and diff["generated"] < 1e-3, diff

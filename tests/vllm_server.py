@@ -17,7 +17,8 @@ from pathlib import Path
 
 from care_vllm.loadtest.server import ServerError, VllmServer, free_port
 
-__all__ = ["ROOT", "ServerError", "VLLMServer", "free_port", "one_core_per_rank", "worker_kv_shapes"]
+__all__ = ["ROOT", "ServerError", "VLLMServer", "assert_tp_ranks_cache_full_widths", "free_port", "one_core_per_rank",
+           "worker_kv_shapes"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,15 @@ def worker_kv_shapes(log: str, kind: str | None) -> dict[int, dict[int, tuple[in
     for m in line.finditer(log):
         shapes.setdefault(int(m.group(1)), {})[int(m.group(2))] = tuple(int(x) for x in m.group(3).split(","))
     return shapes
+
+
+def assert_tp_ranks_cache_full_widths(log: str, widths: list[int]) -> None:
+    """Both workers of a `--tensor-parallel-size 2` server bound every layer's KV tensor at that layer's whole width
+    (`widths`: r_K + r_V + d_r per layer): TP splits the heads, never the latent, which every rank caches."""
+    bound = worker_kv_shapes(log, "TP")
+    assert sorted(bound) == [0, 1], f"both TP workers must report their KV tensors, got ranks {sorted(bound)}"
+    for rank, layers in bound.items():
+        assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
 
 
 def one_core_per_rank() -> dict[str, str]:
