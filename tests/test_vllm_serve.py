@@ -7,8 +7,8 @@ the joint form where the others split key and value.
 
 One care server per variant (module-scoped fixture), plus, for the Llama one, the GQA original served by stock
 vLLM with the same KV-cache budget, started alongside and stopped once its KV cache is allocated (the others compare
-with the original's K+V per token as the converter reports it: stock vLLM's allocation for a GQA model is measured
-once, not four times at ~25 s each).
+with the original's K+V per token from its config.json: stock vLLM's allocation for a GQA model is measured once, not
+four times at ~25 s each).
 Checked through the `openai` client: completions, chat (the checkpoint's chat template), streaming,
 concurrent requests; greedy tokens identical to model_defs (transformers) for 32 tokens on 4
 concurrent prompts; prompt logprobs within 1e-3 (fp32); the KV cache vLLM allocates per token
