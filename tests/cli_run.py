@@ -29,7 +29,8 @@ def run_main(main, prog: str, *args) -> subprocess.CompletedProcess:
 def run_main_alone(module: str, *args) -> tuple[subprocess.CompletedProcess, bool]:
     """`module`.main(ARGS) in a fresh Python process: (the process, whether torch had been imported when main
     returned). A refusal that needs no model should come before that import (~5 s)."""
-    code = f"import sys; from {module} import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
+    code = (f"import sys; from {module} import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); "
+            "sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     imported = proc.stdout.strip()

@@ -166,7 +166,8 @@ def test_a_mistyped_model_is_refused_before_torch_is_imported(command, original,
     models = [missing] if command == "ppl" else [missing, str(original)]
     proc, torch_imported = run_main_alone("converter.eval_cli", command, *models, "--text", texts["a"])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"care-eval: error: not a model folder (no config.json) or .gguf file: {missing}"
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"care-eval: error: not a model folder (no config.json) or .gguf file: {missing}"
     assert not torch_imported
 
 

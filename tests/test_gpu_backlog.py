@@ -116,7 +116,8 @@ def test_the_runner_starts_the_first_pending_item_and_keeps_its_result(tmp_path)
     convert_speed.py; its JSON lands in $OUT and in the work folder (the warm machine's next call)."""
     out, work = tmp_path / "out", tmp_path / "work"
     rc = backlog.main(["run", "--step", "v1", "--hard-stop-s", "600", "--out", str(out), "--work", str(work),
-                       "--device", "cpu", "--speed-args", "--layers 1 --calib-samples 4 --calib-seqlen 64 --no-o-proj-refit",
+                       "--device", "cpu",
+                       "--speed-args", "--layers 1 --calib-samples 4 --calib-seqlen 64 --no-o-proj-refit",
                        "--estimate-factor", "0", "--max-items", "1", "--ignore-committed"])
     assert rc == 0
     res = json.loads((out / "convert_speed_llama3-8b_gpu.json").read_text())

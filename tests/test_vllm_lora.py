@@ -47,8 +47,7 @@ def served(request, tmp_path_factory, calib_file):
                         env={**RUNTIME_LORA_ENV, **(one_core_per_rank() if tp > 1 else {})})
     with server:
         if tp > 1:   # (the suite's TP test of the Qwen3 class)
-            assert_tp_ranks_cache_full_widths(server.log_text(), [k + v + cfg["qk_rope_head_dim"]
-                                                                  for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])])
+            assert_tp_ranks_cache_full_widths(server.log_text(), cfg)
         yield arch, root, out, server
 
 

@@ -257,8 +257,8 @@ def test_kv_cache_per_token_is_the_sum_of_layer_widths(served):
     # 3) below the GQA original's K+V (for Llama: served by stock vLLM with the same budget)
     orig_per_token = report["original_cache_values_per_token"] * FP32
     orig_cfg = json.loads((out.parent / "orig" / "config.json").read_text())   # the original's own config
-    assert orig_per_token == 2 * orig_cfg["num_key_value_heads"] * orig_cfg["head_dim"] * orig_cfg["num_hidden_layers"] \
-        * FP32
+    assert orig_per_token == \
+        2 * orig_cfg["num_key_value_heads"] * orig_cfg["head_dim"] * orig_cfg["num_hidden_layers"] * FP32
     assert per_token_bytes < orig_per_token
     if orig_tokens is not None:
         assert care_tokens > orig_tokens

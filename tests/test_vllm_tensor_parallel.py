@@ -29,7 +29,8 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 
-# (the Qwen3-MoE class itself is served in tests/test_vllm_serve.py, and under PP in tests/test_vllm_pipeline_parallel.py)
+# (the Qwen3-MoE class itself is served in tests/test_vllm_serve.py, and under PP in
+# tests/test_vllm_pipeline_parallel.py)
 @pytest.mark.parametrize("arch", ["mixtral"])
 def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
     from converter.pipeline import convert
@@ -50,7 +51,7 @@ def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
         diff = compare_concurrent(client, model, prompt_ids, 24)
         log = server.log_text()
 
-    assert_tp_ranks_cache_full_widths(log, widths)
+    assert_tp_ranks_cache_full_widths(log, cfg)
     print(f"[{arch}] TP=2: greedy identical on {len(prompt_ids)} concurrent prompts; max |logprob diff| "
           f"prompt {diff['prompt']:.2e}, generated {diff['generated']:.2e}; per-rank widths {widths}")
     assert diff["prompt"] < 1e-3 and diff["generated"] < 1e-3, diff

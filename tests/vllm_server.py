@@ -54,9 +54,11 @@ def worker_kv_shapes(log: str, kind: str | None) -> dict[int, dict[int, tuple[in
     return shapes
 
 
-def assert_tp_ranks_cache_full_widths(log: str, widths: list[int]) -> None:
-    """Both workers of a `--tensor-parallel-size 2` server bound every layer's KV tensor at that layer's whole width
-    (`widths`: r_K + r_V + d_r per layer): TP splits the heads, never the latent, which every rank caches."""
+def assert_tp_ranks_cache_full_widths(log: str, cfg: dict) -> None:
+    """Both workers of a `--tensor-parallel-size 2` server bound every layer's KV tensor at that layer's whole width,
+    r_K + r_V + d_r from the checkpoint's config.json (`cfg`): TP splits the heads, never the latent, which every
+    rank caches."""
+    widths = [k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"])]
     bound = worker_kv_shapes(log, "TP")
     assert sorted(bound) == [0, 1], f"both TP workers must report their KV tensors, got ranks {sorted(bound)}"
     for rank, layers in bound.items():
