@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .attention_weights import llama_query_cov
-from .errors import ConversionError
 
 STATS_VERSION = 4   # 4: + the key/value cross moment; 3: output-space moments (2 held the whole C_x of every layer)
 
@@ -121,15 +119,6 @@ def _with_bias(moment: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor, token
     """Second moments [H, d, d] of W x over tokens -> of W x + b, given W sum(x) `ws` [H, d] and b [H, d]."""
     cross = torch.einsum("hd,he->hde", ws, bias)
     return moment + cross + cross.transpose(1, 2) + tokens * torch.einsum("hd,he->hde", bias, bias)
-
-
-def check_device(device: str, error: type[ConversionError] = ConversionError) -> None:
-    """care-convert's and care-heal's --device: cpu, cuda or cuda:N, and CUDA present for the latter (checked
-    with the other options, so that a typo fails before the model loads, not in torch after it)."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise error(f"--device must be cpu, cuda or cuda:N (got {device!r})")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise error("--device cuda requested but no CUDA device is available")
 
 
 def hidden_home(device: str, nbytes: int) -> str:

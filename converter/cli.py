@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import ConversionError, run_tool
 from .versions import add_version_flag
@@ -148,9 +149,11 @@ def auto_or_number(value: str) -> float | str:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Refuse a missing SRC path or calibration file before torch and transformers are imported (~5 s): a
-    mistyped path is answered at once. convert() checks the same again (converter/hub.py, calib_data.py)."""
+    """Refuse a missing SRC path or calibration file, or an existing OUT, before torch and transformers are
+    imported (~5 s): a mistyped path is answered at once. convert() checks the same again (converter/hub.py,
+    calib_data.py, cli_checks.py)."""
     from .calib_data import check_files
+    from .cli_checks import prepare_out
     from .hub import SMOLLM2_ALIAS, HubError, check_local
 
     if args.src != SMOLLM2_ALIAS:
@@ -159,6 +162,7 @@ def check_paths(args: argparse.Namespace) -> None:
         except HubError as e:
             raise ConversionError(f"source {e}") from None
     check_files(args.calib)
+    prepare_out(Path(args.out), args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

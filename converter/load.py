@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
+from .cli_checks import read_json
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
 from .hub import SMOLLM2_ALIAS
@@ -301,10 +302,7 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
 
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}: not a transformers checkpoint folder (no config.json) nor a .gguf file")
-    try:
-        raw = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{src}/config.json: invalid JSON ({e.msg})") from None
+    raw = read_json(src / "config.json")
     archs = raw.get("architectures") or []
     if raw.get("model_type") == "care_mla":
         raise ConversionError(f"{src}: already a care-convert output (model_type care_mla); convert its source "

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 from .errors import ConversionError
+from .lora_checks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_request, read_adapter_config
 from .lora_map import (Delta, Fit, map_columns, map_per_head, map_rows, padded, per_head_fits, solve,
                        solve_input_side, solve_scale, stack_rows)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT = "care_lora_report.json"
 # vLLM's --max-lora-rank choices (vllm/config/lora.py MaxLoRARanks)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -72,27 +71,8 @@ def read_adapter(path: str | Path) -> SourceAdapter:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    if not cfg_file.is_file():
-        raise ConversionError(f"{path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    if not weights.is_file():
-        other = " (adapter_model.bin is not read: save it with safe_serialization)" if (
-            path / "adapter_model.bin").is_file() else ""
-        raise ConversionError(f"{path}: no {ADAPTER_WEIGHTS}{other}")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{cfg_file}: invalid JSON ({e.msg})") from None
-    refusals = [
-        (cfg.get("peft_type", "LORA") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
-        (cfg.get("use_dora"), "use_dora (DoRA's magnitude vector does not map through the conversion)"),
-        (cfg.get("bias", "none") != "none", f"bias {cfg.get('bias')!r} (only 'none')"),
-        (cfg.get("modules_to_save"), f"modules_to_save {cfg.get('modules_to_save')}"),
-        (cfg.get("fan_in_fan_out"), "fan_in_fan_out (Conv1D-style weights)"),
-    ]
-    for bad, what in refusals:
-        if bad:
-            raise ConversionError(f"{cfg_file}: {what} is not supported")
+    cfg = read_adapter_config(path)
+    weights = path / ADAPTER_WEIGHTS
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(str(weights), framework="pt") as fh:
@@ -278,31 +258,11 @@ def convert_adapter(adapter: str | Path, checkpoint: str | Path, out: str | Path
     """Rewrite `adapter` (a PEFT LoRA of `source`) for the converted `checkpoint`; write it to `out` atomically.
     `source`: what care-convert was given (default: what the checkpoint's care_report.json records)."""
     from .load import load_source
-    from .write import atomic_dir, prepare_out
+    from .write import atomic_dir
 
     t0 = time.time()
     checkpoint, out = Path(checkpoint), Path(out)
-    prepare_out(out, overwrite)
-    if not (checkpoint / "config.json").is_file():
-        raise ConversionError(f"{checkpoint}: not a converted checkpoint folder (no config.json)")
-    cfg = json.loads((checkpoint / "config.json").read_text())
-    if cfg.get("model_type") != "care_mla":
-        raise ConversionError(f"{checkpoint}: model_type {cfg.get('model_type')!r}, not a care_mla checkpoint")
-    if cfg.get("num_experts"):
-        raise ConversionError(f"{checkpoint}: a MoE checkpoint; LoRA adapters are carried over for dense models only")
-    quantized = cfg.get("quantization_config")
-    if quantized:
-        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
-        raise ConversionError(f"{checkpoint}: a quantized checkpoint ({method}): its weights are not the converted "
-                              f"ones the adapter is solved against; pass the unquantized care-convert output it was "
-                              f"made from (the adapter written for it serves on the quantized copy too)")
-    report_file = checkpoint / "care_report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-    if source is None:
-        source = report.get("source")
-        if source is None:
-            raise ConversionError(f"{checkpoint}: no care_report.json naming its source; pass --source")
-        revision = revision or report.get("source_revision")
+    cfg, source, revision = check_request(Path(adapter), checkpoint, out, source, revision, overwrite)
     adapter_data = read_adapter(adapter)
     ckpt = CheckpointTensors(checkpoint)
     src = load_source(source, revision)

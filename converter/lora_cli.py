@@ -1,14 +1,17 @@
 """`care-convert-lora ADAPTER CHECKPOINT OUT`: front end of converter.lora.convert_adapter.
 
-Bad input exits with code 2 and one line naming the problem, with nothing written at OUT.
+Bad input exits with code 2 and one line naming the problem, with nothing written at OUT; what needs no model
+(converter/lora_checks.py) is refused before torch is imported.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import run_tool
+from .lora_checks import check_request
 from .versions import add_version_flag
 
 
@@ -31,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .lora import convert_adapter
+    _, code = run_tool("care-convert-lora", lambda: check_request(Path(args.adapter), Path(args.checkpoint),
+                                                                  Path(args.out), args.source, args.revision,
+                                                                  args.overwrite))
+    if code:
+        return code
+    from .lora import convert_adapter   # torch, transformers: ~5 s
 
     summary, code = run_tool("care-convert-lora", lambda: convert_adapter(
         args.adapter, args.checkpoint, args.out, source=args.source, revision=args.revision,

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, joint_latent, kshare_auto, load,
                model_card, refit, rope_map, source_rope, write)
+from .cli_checks import check_device, prepare_out
 from .errors import ConversionError
 from .plot import plot_ranks
 
@@ -161,7 +162,7 @@ class Options:
                                       f"e.g. {cache / 'stats.pt'}")
             if not cache.parent.is_dir():
                 raise ConversionError(f"--stats-cache {cache}: its folder does not exist")
-        calibrate.check_device(self.device)
+        check_device(self.device)
 
 
 @dataclass
@@ -255,7 +256,7 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     opts = Options(**kw)
     opts.validate()
     out = Path(out)
-    write.prepare_out(out, opts.overwrite)
+    prepare_out(out, opts.overwrite)
     timer = Timer()
     with timer.stage("load"):
         docs = calib_data.read_texts(list(calib_files))
@@ -278,7 +279,7 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: str | Path, 
     this directly with random-weight models); `convert()` is the file-based entry point."""
     opts.validate()
     out = Path(out)
-    write.prepare_out(out, opts.overwrite)
+    prepare_out(out, opts.overwrite)
     return _convert_loaded(source, windows, out, opts, Timer(),
                            {"stats_version": calibrate.STATS_VERSION, "source": source.name}, [])
 

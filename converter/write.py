@@ -17,15 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .cli_checks import prepare_out
 from .errors import ConversionError
-
-
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing OUT unless --overwrite (checked before any work is done)."""
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists (pass --overwrite to replace it)")
-    if not out.parent.exists():
-        raise ConversionError(f"parent folder of the output does not exist: {out.parent}")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import pytest
 
 from tests.vllm_server import ROOT
 
-TOOLS = {"care-convert": "converter.cli", "care-eval": "converter.eval_cli", "care-heal": "converter.heal",
+TOOLS = {"care-convert": "converter.cli", "care-eval": "converter.eval_cli", "care-heal": "converter.heal_cli",
          "care-bench": "care_vllm.loadtest.cli", "care-convert-lora": "converter.lora_cli"}
 
 

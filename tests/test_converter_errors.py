@@ -353,12 +353,14 @@ def test_the_deployment_command_in_help_and_readme_parses():
 
 
 def test_existing_out_needs_overwrite(tiny, tmp_path):
+    """An existing OUT is kept, and refused before torch is imported (converter/cli.py check_paths)."""
     _, src, calib = tiny
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = run_convert(src, out, "--calib", calib)
+    proc, torch_imported = run_main_alone("converter.cli", src, out, "--calib", calib)
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert not torch_imported
     assert (out / "keep.txt").read_text() == "mine"
     proc = run_convert(src, out, "--calib", calib, "--overwrite", "--calib-samples", "4", "--calib-seqlen", "32")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,10 +15,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,11 +23,13 @@ import torch
 from safetensors.torch import load_file
 
 from converter import heal as heal_mod
+from converter import heal_cli
 from converter.heal_data import pack_windows
+from converter.heal_options import parse_tokens
 from converter.pipeline import convert
+from tests.cli_run import assert_refused_by, run_main_alone
 from tests.tiny_models import make_tiny_original
 
-ROOT = Path(__file__).resolve().parents[1]
 
 HELD = ("A quiet letter arrived at the station before noon. The clerk read it twice, folded it, and "
         "walked to the harbour where the ships were loading grain for the winter. ") * 6
@@ -84,7 +83,7 @@ def heal_args(tiny, out, *extra):
 def healed(tiny):
     """The uninterrupted reference run (train all)."""
     out = tiny[0] / "healed"
-    assert heal_mod.main(heal_args(tiny, out, "--eval-teacher")) == 0
+    assert heal_cli.main(heal_args(tiny, out, "--eval-teacher")) == 0
     return out
 
 
@@ -92,7 +91,7 @@ def healed(tiny):
 def healed_blocks_kept(tiny):
     """The same run with `--kv-blocks keep`: kv_b_proj's zero blocks stay zero."""
     out = tiny[0] / "healed_blocks_kept"
-    assert heal_mod.main(heal_args(tiny, out, "--kv-blocks", "keep")) == 0
+    assert heal_cli.main(heal_args(tiny, out, "--kv-blocks", "keep")) == 0
     return out
 
 
@@ -196,7 +195,7 @@ def test_train_attention_only_touches_attention(tiny):
     out = tiny[0] / "healed_attn"
     args = heal_args(tiny, out, "--train", "attention", "--gradient-checkpointing", "--keep-checkpoint")
     args[args.index("--tokens") + 1] = str(TOKENS // 4)         # 2 steps are enough here
-    assert heal_mod.main(args) == 0
+    assert heal_cli.main(args) == 0
     a, b = load_file(conv / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
     changed = [k for k in a if not torch.equal(a[k], b[k])]
@@ -212,15 +211,15 @@ def test_train_attention_only_touches_attention(tiny):
 def test_resume_equals_uninterrupted(tiny, healed):
     out = tiny[0] / "resumed"
     partial = tiny[0] / "resumed.partial"
-    assert heal_mod.main(heal_args(tiny, out, "--eval-teacher", "--save-every", "3", "--stop-after", "5")) == 0
+    assert heal_cli.main(heal_args(tiny, out, "--eval-teacher", "--save-every", "3", "--stop-after", "5")) == 0
     assert not out.exists()
     state = torch.load(partial / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 5 and state["samples_seen"] == 5 * BATCH * ACCUM
     # a plain re-run refuses to clobber the interrupted run; other settings refuse to resume
-    assert heal_mod.main(heal_args(tiny, out)) == 2
-    assert heal_mod.main(heal_args(tiny, out, "--resume", "--tau", "2")) == 2
+    assert heal_cli.main(heal_args(tiny, out)) == 2
+    assert heal_cli.main(heal_args(tiny, out, "--resume", "--tau", "2")) == 2
     assert partial.is_dir() and not out.exists()
-    assert heal_mod.main(heal_args(tiny, out, "--eval-teacher", "--resume")) == 0
+    assert heal_cli.main(heal_args(tiny, out, "--eval-teacher", "--resume")) == 0
     assert not partial.exists()
     a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys()
@@ -247,13 +246,13 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
     out = tmp_path / "out"
 
     def run(*args):
-        return heal_mod.main(heal_args(tiny, out, *args))
+        return heal_cli.main(heal_args(tiny, out, *args))
 
     a = heal_args(tiny, out)
     a[0] = str(tmp_path / "missing")
-    _refused(capsys, heal_mod.main(a), out, "not found")
+    _refused(capsys, heal_cli.main(a), out, "not found")
     a[0] = str(orig)                                    # an original is not a care_mla checkpoint
-    _refused(capsys, heal_mod.main(a), out, "care_mla")
+    _refused(capsys, heal_cli.main(a), out, "care_mla")
 
     bad_teacher = tmp_path / "teacher"
     shutil.copytree(orig, bad_teacher)
@@ -262,17 +261,17 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
     (bad_teacher / "config.json").write_text(json.dumps(cfg))
     a = heal_args(tiny, out)
     a[a.index("--teacher") + 1] = str(bad_teacher)
-    _refused(capsys, heal_mod.main(a), out, "vocab_size")
+    _refused(capsys, heal_cli.main(a), out, "vocab_size")
     a[a.index("--teacher") + 1] = str(conv)             # the teacher must be the original
-    _refused(capsys, heal_mod.main(a), out, "ORIGINAL")
+    _refused(capsys, heal_cli.main(a), out, "ORIGINAL")
 
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     a = heal_args(tiny, out)
     a[a.index("--text") + 1] = str(empty)
-    _refused(capsys, heal_mod.main(a), out, "empty")
+    _refused(capsys, heal_cli.main(a), out, "empty")
     a[a.index("--text") + 1] = str(tmp_path / "nope.txt")
-    _refused(capsys, heal_mod.main(a), out, "not found")
+    _refused(capsys, heal_cli.main(a), out, "not found")
 
     _refused(capsys, run("--resume"), out, "no checkpoint")
     for flag in ("--lr", "--tau", "--beta", "--max-grad-norm"):   # nan passed the range checks before
@@ -289,20 +288,29 @@ def test_diverged_training_writes_nothing(tiny, tmp_path, capsys):
     """A learning rate that blows the weights up (here 1e30, no clipping) makes the loss non-finite: care-heal
     stops there with exit 2 naming the step, instead of writing the broken weights as OUT."""
     out = tmp_path / "out"
-    _refused(capsys, heal_mod.main(heal_args(tiny, out, "--lr", "1e30", "--max-grad-norm", "0")), out,
+    _refused(capsys, heal_cli.main(heal_args(tiny, out, "--lr", "1e30", "--max-grad-norm", "0")), out,
              "training diverged", "lower --lr")
 
 
-def test_cli_entry_point_refuses_bad_input(tiny, tmp_path):
+def test_cli_refuses_bad_input_before_importing_torch(tiny, tmp_path):
+    """`care-heal` in a process of its own: a bad option, a missing path, an existing OUT and a leftover
+    OUT.partial/ are refused (exit 2, one line) before torch is imported, so a mistyped command is answered at
+    once (converter/heal_options.py)."""
     out = tmp_path / "out"
     args = heal_args(tiny, out)
     args[args.index("--tokens") + 1] = "0"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "converter.heal", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("care-heal: error: --tokens")
-    assert "Traceback" not in proc.stderr and not out.exists()
+    proc, imported_torch = run_main_alone("converter.heal_cli", *args)
+    assert_refused_by("care-heal", proc, out, "--tokens must be positive")
+    assert not imported_torch
+    args = heal_args(tiny, out)
+    args[args.index("--text") + 1] = str(tmp_path / "nope.txt")
+    proc, imported_torch = run_main_alone("converter.heal_cli", *args)
+    assert_refused_by("care-heal", proc, out, "--text file not found", "nope.txt")
+    assert not imported_torch
+    (tmp_path / "out.partial").mkdir()                   # kept: it may hold a checkpoint to --resume from
+    proc, imported_torch = run_main_alone("converter.heal_cli", *heal_args(tiny, out))
+    assert_refused_by("care-heal", proc, out, "an interrupted run", "--resume")
+    assert not imported_torch and (tmp_path / "out.partial").is_dir()
 
 
 def test_heal_qwen3_moe_keeps_the_sparse_layout(tmp_path):
@@ -324,7 +332,7 @@ def test_heal_qwen3_moe_keeps_the_sparse_layout(tmp_path):
         args = [str(conv), str(out), "--teacher", str(orig), "--text", str(calib), "--tokens",
                 str(2 * SEQLEN * BATCH), "--seqlen", str(SEQLEN), "--batch-size", str(BATCH), "--grad-accum", "1",
                 "--lr", "2e-3", "--warmup-ratio", "0", "--train", train, "--no-progress"]
-        assert heal_mod.main(args) == 0
+        assert heal_cli.main(args) == 0
         log = json.loads((out / "heal_log.json").read_text())
         assert len(log["steps"]) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in log["steps"])
         assert (out / "config.json").read_bytes() == (conv / "config.json").read_bytes()
@@ -339,10 +347,10 @@ def test_heal_qwen3_moe_keeps_the_sparse_layout(tmp_path):
 
 
 def test_parse_tokens():
-    assert heal_mod.parse_tokens("50k") == 50_000
-    assert heal_mod.parse_tokens("1.5M") == 1_500_000
-    assert heal_mod.parse_tokens("2B") == 2_000_000_000
-    assert heal_mod.parse_tokens("1234") == 1234
+    assert parse_tokens("50k") == 50_000
+    assert parse_tokens("1.5M") == 1_500_000
+    assert parse_tokens("2B") == 2_000_000_000
+    assert parse_tokens("1234") == 1234
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def test_heal_teacher_by_repo_id_uses_the_converted_commit(hub, converted, tmp_p
     root, _, calib, env = hub
     _, by_id = converted
     out = tmp_path / "healed"
-    proc = run(env, "converter.heal", by_id, out, "--teacher", REPO, "--text", calib, "--tokens", "256",
+    proc = run(env, "converter.heal_cli", by_id, out, "--teacher", REPO, "--text", calib, "--tokens", "256",
                "--seqlen", "32", "--batch-size", "2", "--grad-accum", "1", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]       # `main` (NEW) would be refused
     assert (out / "config.json").is_file()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.cli_run import assert_refused_by, run_main
+from tests.cli_run import assert_refused_by, run_main, run_main_alone
 from tests.tiny_models import make_tiny_original
 
 IDS = [[5, 17, 99, 1024, 3000, 42, 7, 640, 8191, 12, 77, 501, 64, 2048, 16000, 33]]
@@ -248,3 +248,20 @@ def test_refusals_write_nothing(lossy_case, tmp_path):
     target.mkdir()
     proc = convert_lora(adapter, out, target)
     assert proc.returncode == 2 and "already exists" in proc.stderr
+
+
+def test_a_mistyped_path_is_refused_before_torch_is_imported(lossy_case, tmp_path):
+    """What needs no model (converter/lora_checks.py: OUT, the checkpoint's config, the adapter's) is refused in a
+    process that never imported torch: a typo is answered without the ~5 s of importing torch and transformers."""
+    root, src, out, adapter = lossy_case
+    target = tmp_path / "out"
+    dora = _copy(adapter, tmp_path / "dora")
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    for args, needles in (((tmp_path / "nowhere", out), ["nowhere", "no adapter_config.json"]),
+                          ((adapter, tmp_path / "no-checkpoint"), ["no-checkpoint", "no config.json"]),
+                          ((adapter, src), ["not a care_mla checkpoint"]),
+                          ((dora, out), ["use_dora"])):
+        proc, torch_imported = run_main_alone("converter.lora_cli", *args, target)
+        assert_refused_by("care-convert-lora", proc, target, *needles)
+        assert not torch_imported, args

@@ -18,9 +18,9 @@ if [ ! -f "$CONV/config.json" ]; then
   $PY -m converter.cli "$SRC" "$CONV" --calib "$CORPUS"/*.train.txt --kv-ratio 0.5 --ranks uniform \
       ${CALIB:---calib-samples 256 --calib-seqlen 256} --device "$DEVICE" --overwrite
 fi
-steps=$($PY -c "import sys; from converter.heal import parse_tokens; t=parse_tokens('$TOKENS'); print(max(1, -(-t // ($BATCH*$ACCUM*$SEQLEN))))")
+steps=$($PY -c "import sys; from converter.heal_options import parse_tokens; t=parse_tokens('$TOKENS'); print(max(1, -(-t // ($BATCH*$ACCUM*$SEQLEN))))")
 every=$(( steps / EVALS > 0 ? steps / EVALS : 1 ))
-$PY -m converter.heal "$CONV" "$WORK/$NAME-healed" --teacher "$SRC" --text "$CORPUS"/*.train.txt --tokens "$TOKENS" \
+$PY -m converter.heal_cli "$CONV" "$WORK/$NAME-healed" --teacher "$SRC" --text "$CORPUS"/*.train.txt --tokens "$TOKENS" \
     --device "$DEVICE" --batch-size "$BATCH" --grad-accum "$ACCUM" --seqlen "$SEQLEN" \
     --eval-text "$CORPUS"/*.test.txt --eval-teacher --eval-every "$every" --eval-tokens "${EVAL_TOKENS:-131072}" \
     --overwrite --no-progress ${EXTRA:-}

@@ -1,0 +1,40 @@
+"""Checks of command-line input that need neither a model nor torch (torch only to ask whether CUDA is there):
+the tools' front ends run them before the ~5 s import of torch and transformers, so that a mistyped path or
+option is answered at once. The Python APIs (convert, heal, convert_adapter) run the same checks."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import ConversionError
+
+
+def check_device(device: str, error: type[ConversionError] = ConversionError) -> None:
+    """--device of care-convert and care-heal: cpu, cuda or cuda:N, and CUDA present for the latter (checked with
+    the other options, so that a typo fails before the model loads, not in torch after it)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise error(f"--device must be cpu, cuda or cuda:N (got {device!r})")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise error("--device cuda requested but no CUDA device is available")
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing OUT unless --overwrite, and an OUT whose folder does not exist (checked before any work
+    is done)."""
+    if out.exists() and not overwrite:
+        raise ConversionError(f"output {out} already exists (pass --overwrite to replace it)")
+    if not out.parent.exists():
+        raise ConversionError(f"parent folder of the output does not exist: {out.parent}")
+
+
+def read_json(file: Path, error: type[ConversionError] = ConversionError, named: str = "") -> dict:
+    """A JSON file the user gave (a config.json, an adapter's config): its parse error named in one line, prefixed
+    with `named` (e.g. "teacher ") where the path alone would not say which input it is."""
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{named}{file}: invalid JSON ({e.msg})") from None

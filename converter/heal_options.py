@@ -1,0 +1,153 @@
+"""care-heal's options and the checks of its input that need no model: torch-free, so that the command line
+(converter/heal_cli.py) refuses a mistyped path or option at once instead of after the ~5 s import of torch
+and transformers. converter.heal.heal() runs the same checks for callers that use it directly."""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .calib_data import check_files
+from .cli_checks import check_device, prepare_out, read_json
+from .errors import HealError
+
+# what must be equal for --resume to continue the same run
+FINGERPRINT_KEYS = ("tokens", "tau", "beta", "lr", "weight_decay", "warmup_ratio", "seqlen", "batch_size",
+                    "grad_accum", "max_grad_norm", "train", "kv_blocks", "seed")
+
+
+@dataclass
+class HealOptions:
+    tokens: int = 0
+    tau: float = 1.0
+    beta: float = 1.0
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seqlen: int = 512
+    batch_size: int = 8
+    grad_accum: int = 8
+    train: str = "all"
+    kv_blocks: str = "train"
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    eval_text: list = field(default_factory=list)
+    eval_every: int | None = None
+    eval_tokens: int = 32768
+    eval_teacher: bool = False
+    save_every: int | None = None
+    stop_after: int | None = None
+    resume: bool = False
+    keep_checkpoint: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.tokens <= 0:
+            raise HealError(f"--tokens must be positive (got {self.tokens})")
+        if self.seqlen < 2:
+            raise HealError(f"--seqlen must be >= 2 (got {self.seqlen})")
+        for name in ("batch_size", "grad_accum", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("eval_every", "save_every", "stop_after"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
+        # (comparisons alone let nan through: a nan --lr trained to nan weights)
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise HealError(f"--tau must be a positive number (got {self.tau})")
+        finite = all(math.isfinite(v) for v in (self.beta, self.lr, self.weight_decay, self.max_grad_norm))
+        if not finite or self.beta < 0 or self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise HealError(f"--beta, --weight-decay, --max-grad-norm must be >= 0 and --lr > 0, all finite (got "
+                            f"{self.beta}, {self.weight_decay}, {self.max_grad_norm}, {self.lr})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise HealError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.train not in ("attention", "all"):
+            raise HealError(f"--train must be 'attention' or 'all' (got {self.train!r})")
+        if self.kv_blocks not in ("keep", "train"):
+            raise HealError(f"--kv-blocks must be 'keep' or 'train' (got {self.kv_blocks!r})")
+        check_device(self.device, HealError)
+        if self.eval_teacher and not self.eval_text:
+            raise HealError("--eval-teacher needs --eval-text")
+
+
+def parse_tokens(s: str) -> int:
+    """'20000', '50k', '10M', '1.5B' -> int."""
+    s = str(s).strip()
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:].lower(), 1)
+    try:
+        return int(float(s[:-1] if mult > 1 else s) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {s!r} (e.g. 200000, 50k, 10M)") from None
+
+
+def check_converted(path: Path) -> dict:
+    if not path.is_dir():
+        raise HealError(f"converted checkpoint not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise HealError(f"{path}: not a checkpoint folder (no config.json)")
+    cfg = read_json(cfg_file, HealError)
+    if cfg.get("model_type") != "care_mla":
+        raise HealError(f"{path}: not a care_mla checkpoint (model_type {cfg.get('model_type')!r}); "
+                        f"convert it with care-convert first")
+    if not list(path.glob("*.safetensors")):
+        raise HealError(f"{path}: no *.safetensors weights")
+    return cfg
+
+
+def check_teacher(teacher: str) -> dict | None:
+    """Cheap checks before loading; returns the teacher's raw config when it is a folder. A Hub repo
+    id is checked when load_source resolves it (converter/hub.py)."""
+    from .hub import SMOLLM2_ALIAS, looks_like_repo_id
+
+    if teacher == SMOLLM2_ALIAS:
+        return None
+    p = Path(teacher)
+    if not p.exists() and looks_like_repo_id(teacher):
+        return None
+    if not p.exists():
+        raise HealError(f"teacher not found: {p}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise HealError(f"teacher {p}: not a checkpoint folder (no config.json)")
+        cfg = read_json(p / "config.json", HealError, named="teacher ")
+        if cfg.get("model_type") == "care_mla":
+            raise HealError(f"teacher {p} is a converted care_mla checkpoint; the teacher is the ORIGINAL model")
+        return cfg
+    return None
+
+
+def check_inputs(converted: Path, out: Path, teacher: str, text_files: list, opts: HealOptions) -> dict:
+    """Everything about a heal request that can be checked without a model: the options, the converted
+    checkpoint (its config.json is returned), the teacher, OUT and OUT.partial/ (an interrupted run), and
+    that the text files exist (their contents are read, and an empty text refused, when the run starts)."""
+    opts.validate()
+    src_cfg = check_converted(converted)
+    teacher_cfg = check_teacher(str(teacher))
+    if teacher_cfg is not None and teacher_cfg.get("vocab_size") != src_cfg.get("vocab_size"):
+        raise HealError(f"teacher vocab_size {teacher_cfg.get('vocab_size')} != converted vocab_size "
+                        f"{src_cfg.get('vocab_size')}: the teacher must be the model {converted} was converted from")
+    if out.resolve() == converted.resolve():
+        raise HealError("OUT must differ from CONVERTED")
+    prepare_out(out, opts.overwrite)
+    work = partial_dir(out)
+    if opts.resume:
+        if not (work / "checkpoint" / "trainer_state.pt").is_file():
+            raise HealError(f"--resume: no checkpoint at {work / 'checkpoint'}")
+    elif work.exists() and not opts.overwrite:
+        raise HealError(f"{work} exists (an interrupted run): pass --resume to continue it or "
+                        f"--overwrite to start over")
+    check_files(text_files, "--text")
+    if opts.eval_text:
+        check_files(opts.eval_text, "--eval-text")
+    return src_cfg
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run works (and keeps its resumable checkpoint) until it renames the result to OUT."""
+    return out.parent / f"{out.name}.partial"

@@ -1,0 +1,65 @@
+"""What care-convert-lora can check without a model or torch: the adapter's config, the converted checkpoint's
+config and report, and OUT. converter/lora_cli.py runs these before the ~5 s import of torch and transformers, so
+that a mistyped path is answered at once; converter.lora.convert_adapter runs them for callers of the API."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cli_checks import prepare_out, read_json
+from .errors import ConversionError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def read_adapter_config(path: Path) -> dict:
+    """A PEFT adapter folder's config, refused by name where it is not plain LoRA (its weights are read later,
+    converter.lora.read_adapter)."""
+    cfg_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not cfg_file.is_file():
+        raise ConversionError(f"{path}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+    if not weights.is_file():
+        other = " (adapter_model.bin is not read: save it with safe_serialization)" if (
+            path / "adapter_model.bin").is_file() else ""
+        raise ConversionError(f"{path}: no {ADAPTER_WEIGHTS}{other}")
+    cfg = read_json(cfg_file)
+    refusals = [
+        (cfg.get("peft_type", "LORA") != "LORA", f"peft_type {cfg.get('peft_type')!r} (only LORA)"),
+        (cfg.get("use_dora"), "use_dora (DoRA's magnitude vector does not map through the conversion)"),
+        (cfg.get("bias", "none") != "none", f"bias {cfg.get('bias')!r} (only 'none')"),
+        (cfg.get("modules_to_save"), f"modules_to_save {cfg.get('modules_to_save')}"),
+        (cfg.get("fan_in_fan_out"), "fan_in_fan_out (Conv1D-style weights)"),
+    ]
+    for bad, what in refusals:
+        if bad:
+            raise ConversionError(f"{cfg_file}: {what} is not supported")
+    return cfg
+
+
+def check_request(adapter: Path, checkpoint: Path, out: Path, source: str | None, revision: str | None,
+                  overwrite: bool) -> tuple[dict, str, str | None]:
+    """OUT, the adapter's config and the converted checkpoint: (the checkpoint's config, the source model,
+    its revision), the source being what the checkpoint's care_report.json records unless `source` is given."""
+    prepare_out(out, overwrite)
+    if not (checkpoint / "config.json").is_file():
+        raise ConversionError(f"{checkpoint}: not a converted checkpoint folder (no config.json)")
+    cfg = read_json(checkpoint / "config.json")
+    if cfg.get("model_type") != "care_mla":
+        raise ConversionError(f"{checkpoint}: model_type {cfg.get('model_type')!r}, not a care_mla checkpoint")
+    if cfg.get("num_experts"):
+        raise ConversionError(f"{checkpoint}: a MoE checkpoint; LoRA adapters are carried over for dense models only")
+    quantized = cfg.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise ConversionError(f"{checkpoint}: a quantized checkpoint ({method}): its weights are not the converted "
+                              f"ones the adapter is solved against; pass the unquantized care-convert output it was "
+                              f"made from (the adapter written for it serves on the quantized copy too)")
+    report_file = checkpoint / "care_report.json"
+    report = read_json(report_file) if report_file.is_file() else {}
+    if source is None:
+        source = report.get("source")
+        if source is None:
+            raise ConversionError(f"{checkpoint}: no care_report.json naming its source; pass --source")
+        revision = revision or report.get("source_revision")
+    read_adapter_config(adapter)
+    return cfg, source, revision
