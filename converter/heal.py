@@ -181,7 +181,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     same_hub_source = teacher == src_cfg.get("source_model") and not Path(teacher).exists()
     # with the rope settings the student was converted with (care-convert --hf-overrides)
     src = load_source(teacher, src_cfg.get("source_revision") if same_hub_source else None,
-                      hf_overrides=src_cfg.get("source_hf_overrides"))
+                      hf_overrides=src_cfg.get("source_hf_overrides"), role="teacher")
     teacher_model = src.model
     if teacher_model.config.vocab_size != src_cfg.get("vocab_size"):
         raise HealError(f"teacher vocab_size {teacher_model.config.vocab_size} != converted vocab_size "

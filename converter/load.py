@@ -246,7 +246,7 @@ def _expand_fused_experts(expected: dict, have: dict) -> None:
 
 
 def load_source(src: str | Path, revision: str | None = None, stream_experts: bool = False,
-                hf_overrides: dict | None = None) -> Source:
+                hf_overrides: dict | None = None, role: str = "source") -> Source:
     """Load and validate a source checkpoint on the CPU, in the dtype it is stored in.
 
     Why not fp32: an 8B bf16 checkpoint is 16 GB as stored and 32 GB in fp32. Nothing is lost by
@@ -259,7 +259,8 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
     `Source.streamed_tensors` read one layer at a time (converter/experts.py: what makes a Qwen3-30B-A3B
     conversion fit in RAM). The converter streams; a model that must run whole (the healing teacher) not.
     `hf_overrides`: rope/context settings put on the source config before the model is built
-    (source_rope.apply_overrides: care-convert --hf-overrides)."""
+    (source_rope.apply_overrides: care-convert --hf-overrides). `role` names the model in a message that
+    `src` could not be found ("teacher" for care-heal)."""
     from . import hub
 
     name = str(src)
@@ -268,7 +269,7 @@ def load_source(src: str | Path, revision: str | None = None, stream_experts: bo
     try:
         resolved = hub.resolve(src, revision)
     except hub.HubError as e:
-        raise ConversionError(f"source {e}") from None
+        raise ConversionError(f"{role} {e}") from None
     src = resolved.path
     if src.is_file() and src.suffix == ".gguf":
         return _load_gguf(src, name, stream_experts, hf_overrides)

@@ -142,6 +142,11 @@ def test_heal_teacher_by_repo_id_uses_the_converted_commit(hub, converted, tmp_p
                "--seqlen", "32", "--batch-size", "2", "--grad-accum", "1", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]       # `main` (NEW) would be refused
     assert (out / "config.json").is_file()
+    missing = tmp_path / "healed_by_missing_teacher"        # the message names the teacher as the missing model
+    proc = run(env, "converter.heal_cli", by_id, missing, "--teacher", "care-tests/not-there", "--text", calib,
+               "--tokens", "256", "--seqlen", "32", "--no-progress")
+    refused(proc, "care-heal", "teacher care-tests/not-there", "local Hugging Face cache")
+    assert not missing.exists()
 
 
 @pytest.mark.parametrize("case", ["not_cached", "unknown_revision", "revision_with_local_path",

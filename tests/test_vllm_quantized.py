@@ -119,7 +119,7 @@ def test_a_quantized_weight_map_is_refused(served, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    arch, out, quantized, cfg, _ = served
+    _, _, quantized, _, _ = served
     module = "kv_b_proj"
     bad = tmp_path / f"{module}_int8"
     shutil.copytree(quantized, bad)
