@@ -32,8 +32,8 @@ import math
 import torch
 
 from .errors import ConversionError
+from .options import POLICIES
 
-POLICIES = ("uniform", "adjusted")
 
 
 def split_budget(latent_total: int, full_k: list[int], full_v: list[int],

@@ -1,7 +1,8 @@
 """`care-convert SRC OUT`: command-line front end of converter.pipeline.convert.
 
-Bad input exits with code 2 and one line naming the problem (no traceback, no OUT on disk);
-Ctrl-C exits 130 and also leaves no OUT.
+Bad input exits with code 2 and one line naming the problem (no traceback, no OUT on disk), before torch is
+imported where no model is needed to see it (the paths, OUT, the options: converter/options.py); Ctrl-C exits
+130 and also leaves no OUT.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConversionError, run_tool
+from .options import AUTO, DTYPE_NAMES, LATENTS, METHODS, OBJECTIVES, POLICIES, RIDGE, SCORE_TOKENS, Options
 from .versions import add_version_flag
 
 
@@ -72,13 +74,13 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
     p.add_argument("--calib-samples", type=int, default=256, help="calibration windows (default 256)")
     p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--calib-batch", type=int, default=8, help="windows per forward batch (default 8)")
-    p.add_argument("--method", default="care", choices=["care", "svd", "asvd"],
+    p.add_argument("--method", default="care", choices=METHODS,
                    help="care: activation-whitened SVD (default); svd: weight SVD; asvd: activation-scaled SVD")
-    p.add_argument("--objective", default="kv", choices=["kv", "attention"],
+    p.add_argument("--objective", default="kv", choices=OBJECTIVES,
                    help="care: what the K/V latents are fitted to. kv = the keys and values themselves "
                         "(the paper; default); attention = the keys' errors as the queries see them (attention "
                         "logits) and the values' as o_proj sees them (lower perplexity in every case measured)")
-    p.add_argument("--ranks", default="adjusted", choices=["uniform", "adjusted"],
+    p.add_argument("--ranks", default="adjusted", choices=POLICIES,
                    help="per-layer rank policy (default adjusted: greedy water-filling)")
     if budget:
         group = p.add_mutually_exclusive_group()
@@ -96,9 +98,9 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                    help="refit each layer's o_proj by least squares to what its converted attention outputs on "
                         "the calibration text (default on; one more pass over the calibration windows; "
                         "--no-o-proj-refit: the factorization alone, as the paper)")
-    p.add_argument("--o-proj-refit-ridge", type=float, default=0.01, metavar="F",
+    p.add_argument("--o-proj-refit-ridge", type=float, default=RIDGE, metavar="F",
                    help="the refit's ridge, as a fraction of the mean energy of the converted attention's output "
-                        "(default 0.01; larger keeps o_proj closer to the original, for calibration text unlike "
+                        f"(default {RIDGE}; larger keeps o_proj closer to the original, for calibration text unlike "
                         "what will be served)")
     p.add_argument("--min-rank-frac", type=float, default=0.5, help="adjusted: per-layer min as a fraction of uniform")
     p.add_argument("--max-rank-frac", type=float, default=2.0, help="adjusted: per-layer max as a fraction of uniform")
@@ -111,7 +113,7 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "split, of several, whose converted model (without the refit) is closest to the original "
                         "on the calibration text (default: proportional to the lossless K and V widths; often "
                         "less is better: `care-eval sweep --k-shares` measures it on your text)")
-    p.add_argument("--latent", default="separate", choices=["separate", "joint"],
+    p.add_argument("--latent", default="separate", choices=LATENTS,
                    help="separate: a K latent and a V latent per layer (the CARE paper; default); joint: one latent "
                         "of the same cache width that keys and values both read (DeepSeek's MLA form; no --k-share; "
                         "for Qwen3 the sum of a map of the k_norm'd keys and one of the layer input): keeps more of "
@@ -121,12 +123,11 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                         "counts against one of relative value output error (default 1), or auto: the weight, of "
                         "0.25, 0.5, 1, 2, 4, 8, whose converted model (without the refit) is closest to the original on "
                         "the calibration text, as --k-share auto chooses a split")
-    # (default: kshare_auto.SCORE_TOKENS, written out so that --help needs no torch; tests/test_converter_errors.py's
-    # test_cli_defaults_are_the_python_api_defaults ties it to Options' default, which is that constant)
-    p.add_argument("--k-share-score-tokens", type=int, default=4096, metavar="N",
+    p.add_argument("--k-share-score-tokens", type=int, default=SCORE_TOKENS, metavar="N",
                    help="--k-share auto, --joint-key-weight auto: how many calibration tokens (the first whole windows, "
-                        "at least one) each candidate is scored on (default 4096; its cost grows in proportion)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        f"at least one) each candidate is scored on (default {SCORE_TOKENS}; its cost grows in "
+                        "proportion)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="output dtype (default auto: the dtype the source is stored in; fp32 for a .gguf source)")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where calibration and the fp64 factorization run (default cpu)")
@@ -139,9 +140,9 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
 
 def auto_or_number(value: str) -> float | str:
     """--k-share and --joint-key-weight as argparse reads them: 'auto' (converter/kshare_auto.py,
-    converter/joint_latent.py) or a number (its range is checked with the other options, converter/pipeline.py)."""
-    if value.strip() == "auto":
-        return "auto"
+    converter/joint_latent.py) or a number (its range is checked with the other options, converter/options.py)."""
+    if value.strip() == AUTO:
+        return AUTO
     try:
         return float(value)
     except ValueError:
@@ -167,12 +168,13 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _, code = run_tool("care-convert", lambda: check_paths(args))
+    kw = {k: v for k, v in vars(args).items() if k not in ("src", "out", "calib")}
+    # what needs no model, before torch and transformers are imported (~5 s): a typo is answered at once
+    _, code = run_tool("care-convert", lambda: (check_paths(args), Options(**kw).validate()))
     if code:
         return code
     from .pipeline import convert
 
-    kw = {k: v for k, v in vars(args).items() if k not in ("src", "out", "calib")}
     report, code = run_tool("care-convert", lambda: convert(args.src, args.out, calib_files=args.calib, **kw))
     if code:
         return code

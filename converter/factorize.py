@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("care", "svd", "asvd")
+from .options import METHODS
+
 DAMPING = 0.01
 ASVD_ALPHA = 0.5
 

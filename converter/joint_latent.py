@@ -29,7 +29,6 @@ import torch
 
 from . import factorize, kshare_auto
 
-AUTO = "auto"   # the --joint-key-weight value (converter/cli.py parses it without importing this module)
 KEY_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)   # --joint-key-weight auto's candidates
 DEFAULT_KEY_WEIGHT = 1.0   # without --joint-key-weight: a unit of relative key error counts as one of value error
 

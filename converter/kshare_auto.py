@@ -39,10 +39,9 @@ from tqdm.auto import tqdm
 
 from . import allocate, calibrate
 from .errors import ConversionError
+from .options import SCORE_TOKENS
 
-AUTO = "auto"   # the --k-share value (converter/cli.py parses it without importing this module)
 CANDIDATES = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)   # besides the proportional default
-SCORE_TOKENS = 4096    # calibration tokens the candidates are scored on (whole windows, at least one)
 LOGIT_CHUNK = 1024     # tokens per LM-head call when scoring (a 128K vocabulary: 0.5 GB of fp32 logits)
 
 Ranks = tuple[list[int], list[int]]

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, joint_latent, kshare_auto, load,
                model_card, refit, rope_map, source_rope, write)
-from .cli_checks import check_device, prepare_out
+from .cli_checks import prepare_out
 from .errors import ConversionError
+from .options import AUTO, DTYPE_NAMES, Options
 from .plot import plot_ranks
 
 MODEL_TYPE = "care_mla"
@@ -37,9 +38,7 @@ MODEL_TYPE = "care_mla"
 MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                    "decoder_sparse_step", "mlp_only_layers")
 
-OBJECTIVES = ("kv", "attention")
-LATENTS = ("separate", "joint")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def moe_config(cfg) -> dict:
@@ -51,118 +50,6 @@ def moe_config(cfg) -> dict:
                 "moe_intermediate_size": cfg.intermediate_size, "norm_topk_prob": True, "decoder_sparse_step": 1,
                 "mlp_only_layers": []}
     return {k: getattr(cfg, k) for k in MOE_CONFIG_KEYS}
-
-
-@dataclass
-class Options:
-    method: str = "care"
-    ranks: str = "adjusted"
-    kv_ratio: float | None = None
-    kv_width: int | None = None
-    rope_dim: int | None = None
-    calib_samples: int = 256
-    calib_seqlen: int = 256
-    calib_batch: int = 8
-    device: str = "cpu"
-    seed: int = 0
-    dtype: str = "auto"
-    min_rank_frac: float = 0.5
-    max_rank_frac: float = 2.0
-    k_share: float | str | None = None   # or "auto" (converter/kshare_auto.py)
-    k_share_score_tokens: int = kshare_auto.SCORE_TOKENS   # calibration tokens "auto" scores its candidates on
-    rank_multiple: int = 1        # ranks in units of this many values (allocate.py: kernel-friendly widths)
-    overwrite: bool = False
-    stats_cache: str | None = None
-    calib_dtype: str = "float32"
-    rope_select: str = "qk"
-    rope_distance: float = 1024.0
-    objective: str = "kv"
-    latent: str = "separate"      # or "joint": one latent for keys and values (converter/joint_latent.py)
-    joint_key_weight: float | str | None = None  # joint + --objective attention: key errors' weight against values'
-    #                                              (None: joint_latent.DEFAULT_KEY_WEIGHT), or "auto"
-    max_shard_size: str = "2GB"
-    revision: str | None = None   # Hub revision when the source is a repo id
-    o_proj_refit: bool = True     # least-squares refit of o_proj to the converted attention (converter/refit.py)
-    o_proj_refit_ridge: float = refit.RIDGE   # its ridge, as a fraction of the mean diagonal of C_o'o'
-    hf_overrides: dict | None = None   # rope/context settings for the source config (source_rope.apply_overrides)
-
-    @property
-    def applied_refit_ridge(self) -> float | None:
-        """The refit's ridge as config.json and care_report.json record it: None without the refit."""
-        return self.o_proj_refit_ridge if self.o_proj_refit else None
-
-    def validate(self) -> None:
-        if self.hf_overrides is not None:
-            source_rope.check_overrides(self.hf_overrides)
-        if self.method not in factorize.METHODS:
-            raise ConversionError(f"unknown --method {self.method!r} (choose from {', '.join(factorize.METHODS)})")
-        if self.ranks not in allocate.POLICIES:
-            raise ConversionError(f"unknown --ranks {self.ranks!r} (choose from {', '.join(allocate.POLICIES)})")
-        if self.kv_ratio is not None and self.kv_width is not None:
-            raise ConversionError("give either --kv-ratio or --kv-width, not both")
-        if self.kv_ratio is not None and not (0 < self.kv_ratio <= 1.0):
-            raise ConversionError(f"--kv-ratio must be in (0, 1]: a budget above parity (1.0) is refused "
-                                  f"(got {self.kv_ratio})")
-        if self.k_share is not None and self.k_share != kshare_auto.AUTO and not (
-                isinstance(self.k_share, (int, float)) and 0 < self.k_share < 1):
-            raise ConversionError(f"--k-share must be in (0, 1), the fraction of the latent given to K, or "
-                                  f"{kshare_auto.AUTO} (got {self.k_share})")
-        if self.k_share_score_tokens < 1:
-            raise ConversionError(f"--k-share-score-tokens must be >= 1 (got {self.k_share_score_tokens})")
-        if self.rope_dim is not None and (self.rope_dim <= 0 or self.rope_dim % 2):
-            raise ConversionError(f"--rope-dim must be a positive even number (got {self.rope_dim})")
-        if self.rank_multiple < 1:
-            raise ConversionError(f"--rank-multiple must be a positive number of values (got {self.rank_multiple})")
-        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.calib_batch < 1:
-            raise ConversionError(f"--calib-samples and --calib-batch must be >= 1 and --calib-seqlen >= 2 (got "
-                                  f"{self.calib_samples}, {self.calib_batch}, {self.calib_seqlen})")
-        if not (math.isfinite(self.min_rank_frac) and math.isfinite(self.max_rank_frac)
-                and 0 <= self.min_rank_frac <= 1 <= self.max_rank_frac):
-            raise ConversionError(f"--min-rank-frac must be in [0, 1] and --max-rank-frac >= 1: the per-layer bounds "
-                                  f"of adjusted ranks as fractions of the uniform rank (got {self.min_rank_frac}, "
-                                  f"{self.max_rank_frac})")
-        if not (math.isfinite(self.rope_distance) and self.rope_distance > 0):
-            raise ConversionError(f"--rope-distance must be a positive number of tokens (got {self.rope_distance})")
-        if self.rope_select not in ("qk", "key"):
-            raise ConversionError(f"unknown --rope-select {self.rope_select!r} (choose from qk, key)")
-        if self.objective not in OBJECTIVES:
-            raise ConversionError(f"unknown --objective {self.objective!r} (choose from {', '.join(OBJECTIVES)})")
-        if self.latent not in LATENTS:
-            raise ConversionError(f"unknown --latent {self.latent!r} (choose from {', '.join(LATENTS)})")
-        if self.latent == "joint" and self.k_share is not None:
-            raise ConversionError("--k-share splits separate K and V latents: a joint latent (--latent joint) has no "
-                                  "split; drop --k-share")
-        if self.joint_key_weight is not None:
-            if self.latent != "joint" or self.objective != "attention":
-                raise ConversionError("--joint-key-weight sets how a joint latent's attention objective weighs keys "
-                                      "against values: it needs --latent joint --objective attention")
-            if self.joint_key_weight != joint_latent.AUTO and not (
-                    isinstance(self.joint_key_weight, (int, float)) and math.isfinite(self.joint_key_weight)
-                    and self.joint_key_weight > 0):
-                raise ConversionError(f"--joint-key-weight must be a positive number or {joint_latent.AUTO} "
-                                      f"(got {self.joint_key_weight})")
-        if self.objective != "kv" and self.method != "care":
-            raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
-        if not (math.isfinite(self.o_proj_refit_ridge) and self.o_proj_refit_ridge > 0):
-            raise ConversionError(f"--o-proj-refit-ridge must be a positive number: the ridge that keeps o_proj "
-                                  f"near the original where calibration says little (got {self.o_proj_refit_ridge})")
-        if self.calib_dtype not in ("float32", "bfloat16"):
-            raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from float32, bfloat16)")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from auto, {', '.join(DTYPES)})")
-        try:
-            write.parse_shard_size(self.max_shard_size)
-        except ValueError:
-            raise ConversionError(f"--max-shard-size must be a positive size such as 2GB or 500MB "
-                                  f"(got {self.max_shard_size!r})") from None
-        if self.stats_cache is not None:
-            cache = Path(self.stats_cache)
-            if cache.is_dir():
-                raise ConversionError(f"--stats-cache {cache}: is a folder; give a file path, "
-                                      f"e.g. {cache / 'stats.pt'}")
-            if not cache.parent.is_dir():
-                raise ConversionError(f"--stats-cache {cache}: its folder does not exist")
-        check_device(self.device)
 
 
 @dataclass
@@ -349,7 +236,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     # a joint latent's candidate key weights (several: --joint-key-weight auto) and, per candidate, each layer's
     # (light factor, K error curve, V error curve); with several, each factor is kept only up to any rank a layer
     # can be given, until one is chosen
-    key_weights = (list(joint_latent.KEY_WEIGHTS) if opts.joint_key_weight == joint_latent.AUTO
+    key_weights = (list(joint_latent.KEY_WEIGHTS) if opts.joint_key_weight == AUTO
                    else [opts.joint_key_weight or joint_latent.DEFAULT_KEY_WEIGHT])
     joint_cands = [[] for _ in key_weights]
     cap = (joint_latent.rank_cap(budget - n_layers * d_r, n_layers, opts.max_rank_frac, opts.rank_multiple)
@@ -449,7 +336,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
             yield layer_tensors(l, k_factors[l], v_factors[l], k_rank, v_rank, qkv)
 
     k_share, auto_report = opts.k_share, None
-    if k_share == kshare_auto.AUTO:
+    if k_share == AUTO:
         with timer.stage("k_share_auto"):
             k_share, auto_report = kshare_auto.choose(
                 plan, lambda ranks: CareMLAConfig(**_config(source, cfg, opts, d_h, d_r, *ranks, maps[0].inv_freq,

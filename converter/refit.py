@@ -31,8 +31,8 @@ import contextlib
 import torch
 
 from . import calibrate
+from .options import RIDGE
 
-RIDGE = 0.01   # lam as a fraction of mean diag(C_o'o'): care-convert --o-proj-refit-ridge (docs/RESULTS.md: how it was chosen)
 
 
 class OutputRefit:

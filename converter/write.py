@@ -19,6 +19,7 @@ import torch
 
 from .cli_checks import prepare_out
 from .errors import ConversionError
+from .options import parse_shard_size
 
 
 @contextlib.contextmanager
@@ -45,16 +46,6 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
-
-
-def parse_shard_size(size: int | str) -> int:
-    """Bytes of a shard size such as "2GB" or "500MB" (huggingface_hub's units); ValueError unless positive."""
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    nbytes = parse_size_to_int(size) if isinstance(size, str) else int(size)
-    if nbytes <= 0:
-        raise ValueError(f"shard size must be positive, got {size!r}")
-    return nbytes
 
 
 class ShardWriter:

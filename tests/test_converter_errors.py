@@ -230,16 +230,22 @@ def test_missing_calibration_file(tiny, tmp_path):
     assert_refused(run_convert(src, out, "--calib", tmp_path), out, "not found", "a folder: name its files")
 
 
-@pytest.mark.parametrize("case", ["missing_source", "revision_with_local_path", "missing_calib", "calib_folder"])
-def test_a_mistyped_path_is_refused_before_torch_is_imported(tiny, tmp_path, case):
-    """The paths are checked first (converter/cli.py check_paths), so a typo is answered without the ~5 s of
-    importing torch and transformers: the process that refuses it never imported torch."""
+@pytest.mark.parametrize("case", ["missing_source", "revision_with_local_path", "missing_calib", "calib_folder",
+                                  "kv_ratio_above_parity", "k_share_with_joint_latent", "shard_size"])
+def test_what_needs_no_model_is_refused_before_torch_is_imported(tiny, tmp_path, case):
+    """The paths and the options are checked first (converter/cli.py check_paths, converter/options.py), so a typo
+    is answered without the ~5 s of importing torch and transformers: the process that refuses it never imported
+    torch."""
     _, src, calib = tiny
     args, needles = {
         "missing_source": ([tmp_path / "no-such-model", "--calib", calib], ["no-such-model", "no such file or folder"]),
         "revision_with_local_path": ([src, "--calib", calib, "--revision", "v1"], ["--revision v1", "local path"]),
         "missing_calib": ([src, "--calib", calib, tmp_path / "nope.txt"], ["not found", "nope.txt"]),
         "calib_folder": ([src, "--calib", tmp_path], ["not found", "a folder: name its files"]),
+        "kv_ratio_above_parity": ([src, "--calib", calib, "--kv-ratio", "1.5"], ["--kv-ratio", "above parity"]),
+        "k_share_with_joint_latent": ([src, "--calib", calib, "--latent", "joint", "--k-share", "0.3"],
+                                      ["--k-share", "joint latent"]),
+        "shard_size": ([src, "--calib", calib, "--max-shard-size", "0"], ["--max-shard-size"]),
     }[case]
     out = tmp_path / "out"
     proc, torch_imported = run_main_alone("converter.cli", args[0], out, *args[1:])
