@@ -88,7 +88,7 @@ def is_joint(share) -> bool:
 
 
 def share_options(share) -> dict:
-    """The care-convert options (converter.pipeline.Options fields) of one --k-shares value: a K share (a number,
+    """The care-convert options (converter.options.Options fields) of one --k-shares value: a K share (a number,
     'auto' or None, the default split), or a joint latent: 'joint' -> --latent joint, 'joint:W' -> with
     --joint-key-weight W (a number or auto). Also what benchmarks/kshare.py's --shares means."""
     import argparse
@@ -124,7 +124,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
           **convert_options) -> dict[str, Any]:
     """Convert `src` at each KV ratio (and each of `rope_dims` and of `k_shares`, if given, in place of
     the rope_dim and k_share options; a k_share of None is the converter's default) with
-    `convert_options` (converter.pipeline.Options fields) and compare each conversion
+    `convert_options` (converter.options.Options fields) and compare each conversion
     with `src` on `texts` (documents as eval_cli.read_texts returns them).
 
     Returns {"original_model", "original": {"ppl", "nll"}, "rows": [per ratio (and rope width, K share):
@@ -137,7 +137,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     anything is converted where the input allows it."""
     from . import calib_data
     from .eval_cli import compare, load_model, text_windows
-    from .pipeline import Options, cache_shape, convert
+    from .options import Options
 
     if not ratios:
         raise SweepError("--kv-ratios: no ratio given")
@@ -158,6 +158,8 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         if not keep.parent.is_dir():
             raise SweepError(f"parent folder of --keep does not exist: {keep.parent}")
     calib_data.read_texts(list(calib_files))   # a bad or empty calibration file fails now, not after loading
+    from .pipeline import cache_shape, convert   # torch, transformers: ~5 s (a bad option was refused before it)
+
     device = convert_options.get("device", "cpu")
     original, tokenizer = load_model(src, device, eval_dtype, convert_options.get("revision"),
                                      convert_options.get("hf_overrides"))

@@ -236,3 +236,15 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
     assert "converting at KV" not in err                        # refused before the first conversion
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         {"keep exists": ["keep"], "empty held-out text": ["empty.txt"], "one-token held-out text": ["short.txt"]}.get(case, []))
+
+
+def test_sweep_refuses_a_bad_option_before_torch_is_imported(original, held_out, calib_file, tmp_path):
+    """Every run's care-convert options are checked (converter/options.py) before the converter is imported: a
+    process refusing one never imported torch."""
+    from tests.cli_run import run_main_alone
+
+    proc, torch_imported = run_main_alone("converter.eval_cli", "sweep", original, "--calib", calib_file, "--text",
+                                          held_out, "--kv-ratios", "0.5,1", "--rope-dims", "16,32", "--k-share", "1.5")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--k-share must be in (0, 1)" in proc.stderr.strip().splitlines()[-1]
+    assert not torch_imported
