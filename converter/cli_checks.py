@@ -31,6 +31,19 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise ConversionError(f"parent folder of the output does not exist: {out.parent}")
 
 
+def read_converted_config(path: Path, error: type[ConversionError] = ConversionError) -> dict:
+    """The config.json of a care-convert output (care-heal's CONVERTED, care-convert-lora's CHECKPOINT), refused by
+    name where `path` is not one."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise error(f"{path}: not a converted checkpoint folder (no config.json)")
+    cfg = read_json(cfg_file, error)
+    if cfg.get("model_type") != "care_mla":
+        raise error(f"{path}: not a care_mla checkpoint (model_type {cfg.get('model_type')!r}); convert it with "
+                    f"care-convert first")
+    return cfg
+
+
 def read_json(file: Path, error: type[ConversionError] = ConversionError, named: str = "") -> dict:
     """A JSON file the user gave (a config.json, an adapter's config): its parse error named in one line, prefixed
     with `named` (e.g. "teacher ") where the path alone would not say which input it is."""

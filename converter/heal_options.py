@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .calib_data import check_files
-from .cli_checks import check_device, prepare_out, read_json
+from .cli_checks import check_device, prepare_out, read_converted_config, read_json
 from .errors import HealError
 
 # what must be equal for --resume to continue the same run
@@ -88,13 +88,7 @@ def parse_tokens(s: str) -> int:
 def check_converted(path: Path) -> dict:
     if not path.is_dir():
         raise HealError(f"converted checkpoint not found: {path}")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise HealError(f"{path}: not a checkpoint folder (no config.json)")
-    cfg = read_json(cfg_file, HealError)
-    if cfg.get("model_type") != "care_mla":
-        raise HealError(f"{path}: not a care_mla checkpoint (model_type {cfg.get('model_type')!r}); "
-                        f"convert it with care-convert first")
+    cfg = read_converted_config(path, HealError)
     if not list(path.glob("*.safetensors")):
         raise HealError(f"{path}: no *.safetensors weights")
     return cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_checks import prepare_out, read_json
+from .cli_checks import prepare_out, read_converted_config, read_json
 from .errors import ConversionError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -41,11 +41,7 @@ def check_request(adapter: Path, checkpoint: Path, out: Path, source: str | None
     """OUT, the adapter's config and the converted checkpoint: (the checkpoint's config, the source model,
     its revision), the source being what the checkpoint's care_report.json records unless `source` is given."""
     prepare_out(out, overwrite)
-    if not (checkpoint / "config.json").is_file():
-        raise ConversionError(f"{checkpoint}: not a converted checkpoint folder (no config.json)")
-    cfg = read_json(checkpoint / "config.json")
-    if cfg.get("model_type") != "care_mla":
-        raise ConversionError(f"{checkpoint}: model_type {cfg.get('model_type')!r}, not a care_mla checkpoint")
+    cfg = read_converted_config(checkpoint)
     if cfg.get("num_experts"):
         raise ConversionError(f"{checkpoint}: a MoE checkpoint; LoRA adapters are carried over for dense models only")
     quantized = cfg.get("quantization_config")
