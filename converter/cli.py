@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from .errors import ConversionError, run_tool
-from .options import AUTO, DTYPE_NAMES, LATENTS, METHODS, OBJECTIVES, POLICIES, RIDGE, SCORE_TOKENS, Options
+from .options import (AUTO, CALIB_DTYPES, DTYPE_NAMES, LATENTS, METHODS, OBJECTIVES, POLICIES, RIDGE, SCORE_TOKENS,
+                      Options)
 from .versions import add_version_flag
 
 
@@ -131,7 +132,7 @@ def add_conversion_args(p: argparse.ArgumentParser, budget: bool = True) -> None
                    help="output dtype (default auto: the dtype the source is stored in; fp32 for a .gguf source)")
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda: where calibration and the fp64 factorization run (default cpu)")
-    p.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--calib-dtype", default="float32", choices=CALIB_DTYPES,
                    help="dtype of the calibration forward (statistics are fp64 either way; default float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-cache", default=None, metavar="PT",

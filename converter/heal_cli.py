@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConversionError
-from .heal_options import HealOptions, check_inputs, parse_tokens, partial_dir
+from .heal_options import KV_BLOCKS, TRAIN, HealOptions, check_inputs, parse_tokens, partial_dir
 from .versions import add_version_flag
 
 PROG = "care-heal"
@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"windows per micro-batch (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum,
                    help=f"micro-batches per update (default {d.grad_accum})")
-    p.add_argument("--train", choices=["attention", "all"], default=d.train,
+    p.add_argument("--train", choices=TRAIN, default=d.train,
                    help="all: every parameter (default, as in the paper); attention: only the MLA self_attn "
                         "parameters, everything else stays bit-identical")
-    p.add_argument("--kv-blocks", choices=["keep", "train"], default=d.kv_blocks,
+    p.add_argument("--kv-blocks", choices=KV_BLOCKS, default=d.kv_blocks,
                    help="kv_b_proj's zero blocks (keys reading c_V, values reading c_K): train them (default), "
                         "or keep them zero so that vLLM's CPU backend keeps the key/value split decode")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                "seconds": log["seconds"]}
     if "stopped_at_step" in log:
         summary["stopped_at_step"] = log["stopped_at_step"]
-        summary["note"] = f"stopped early; continue with --resume (state in {args.out}.partial/checkpoint)"
+        state = partial_dir(Path(args.out)) / "checkpoint"
+        summary["note"] = f"stopped early; continue with --resume (state in {state})"
     print(json.dumps(summary, indent=2))
     return 0
 

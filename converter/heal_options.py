@@ -12,6 +12,9 @@ from .calib_data import check_files
 from .cli_checks import check_device, prepare_out, read_converted_config, read_json
 from .errors import HealError
 
+TRAIN = ("attention", "all")     # --train: the MLA self_attn parameters only, or every parameter
+KV_BLOCKS = ("keep", "train")    # --kv-blocks: kv_b_proj's zero blocks kept zero, or trained
+
 # what must be equal for --resume to continue the same run
 FINGERPRINT_KEYS = ("tokens", "tau", "beta", "lr", "weight_decay", "warmup_ratio", "seqlen", "batch_size",
                     "grad_accum", "max_grad_norm", "train", "kv_blocks", "seed")
@@ -66,9 +69,9 @@ class HealOptions:
                             f"{self.beta}, {self.weight_decay}, {self.max_grad_norm}, {self.lr})")
         if not 0 <= self.warmup_ratio < 1:
             raise HealError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
-        if self.train not in ("attention", "all"):
+        if self.train not in TRAIN:
             raise HealError(f"--train must be 'attention' or 'all' (got {self.train!r})")
-        if self.kv_blocks not in ("keep", "train"):
+        if self.kv_blocks not in KV_BLOCKS:
             raise HealError(f"--kv-blocks must be 'keep' or 'train' (got {self.kv_blocks!r})")
         check_device(self.device, HealError)
         if self.eval_teacher and not self.eval_text:

@@ -20,6 +20,7 @@ POLICIES = ("uniform", "adjusted")                # per-layer ranks, converter/a
 OBJECTIVES = ("kv", "attention")
 LATENTS = ("separate", "joint")                   # joint: converter/joint_latent.py
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # --dtype's, besides auto
+CALIB_DTYPES = ("float32", "bfloat16")            # --calib-dtype's
 AUTO = "auto"   # --k-share and --joint-key-weight: chosen by scoring candidates (kshare_auto.py, joint_latent.py)
 SCORE_TOKENS = 4096   # calibration tokens those candidates are scored on (whole windows, at least one)
 RIDGE = 0.01   # the o_proj refit's ridge as a fraction of mean diag(C_o'o'): --o-proj-refit-ridge (docs/RESULTS.md)
@@ -128,8 +129,8 @@ class Options:
         if not (math.isfinite(self.o_proj_refit_ridge) and self.o_proj_refit_ridge > 0):
             raise ConversionError(f"--o-proj-refit-ridge must be a positive number: the ridge that keeps o_proj "
                                   f"near the original where calibration says little (got {self.o_proj_refit_ridge})")
-        if self.calib_dtype not in ("float32", "bfloat16"):
-            raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from float32, bfloat16)")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from {', '.join(CALIB_DTYPES)})")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ConversionError(f"unknown --dtype {self.dtype!r} (choose from auto, {', '.join(DTYPE_NAMES)})")
         try:
