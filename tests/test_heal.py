@@ -293,8 +293,8 @@ def test_diverged_training_writes_nothing(tiny, tmp_path, capsys):
 
 
 def test_cli_refuses_bad_input_before_importing_torch(tiny, tmp_path):
-    """`care-heal` in a process of its own: a bad option, a missing path, an existing OUT and a leftover
-    OUT.partial/ are refused (exit 2, one line) before torch is imported, so a mistyped command is answered at
+    """`care-heal` in a process of its own: a bad option, a missing text file and a leftover OUT.partial/ are
+    refused (exit 2, one line) before torch is imported, so a mistyped command is answered at
     once (converter/heal_options.py)."""
     out = tmp_path / "out"
     args = heal_args(tiny, out)

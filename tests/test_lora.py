@@ -207,6 +207,14 @@ def _copy(adapter, dest):
     return dest
 
 
+def _dora_copy(adapter, dest):
+    """A copy of `adapter` whose config asks for DoRA (refused: its magnitude vector does not map)."""
+    _copy(adapter, dest)
+    cfg = json.loads((dest / "adapter_config.json").read_text())
+    (dest / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    return dest
+
+
 def test_refusals_write_nothing(lossy_case, tmp_path):
     root, src, out, adapter = lossy_case
     target = tmp_path / "out"
@@ -216,9 +224,7 @@ def test_refusals_write_nothing(lossy_case, tmp_path):
                           *needles)
 
     refused(tmp_path / "nowhere", "no adapter_config.json")
-    dora = _copy(adapter, tmp_path / "dora")
-    cfg = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    dora = _dora_copy(adapter, tmp_path / "dora")
     refused(dora, "use_dora")
     embed = _copy(adapter, tmp_path / "embed")
     tensors = load_file(embed / "adapter_model.safetensors")
@@ -255,9 +261,7 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(lossy_case, tmp_pat
     process that never imported torch: a typo is answered without the ~5 s of importing torch and transformers."""
     root, src, out, adapter = lossy_case
     target = tmp_path / "out"
-    dora = _copy(adapter, tmp_path / "dora")
-    cfg = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    dora = _dora_copy(adapter, tmp_path / "dora")
     for args, needles in (((tmp_path / "nowhere", out), ["nowhere", "no adapter_config.json"]),
                           ((adapter, tmp_path / "no-checkpoint"), ["no-checkpoint", "no config.json"]),
                           ((adapter, src), ["not a care_mla checkpoint"]),
