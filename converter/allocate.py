@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from .cache_plan import check_latent_room
 from .errors import ConversionError
 from .options import POLICIES
 
@@ -93,20 +94,6 @@ def adjusted_ranks(total: int, sigmas: list[torch.Tensor], full: list[int], min_
         if ranks[l] < hi[l]:
             heapq.heappush(heap, (-_score(sig2[l], tails[l], ranks[l]), l))
     return ranks
-
-
-def check_latent_room(cache_budget: int, num_layers: int, rope_dim: int, multiple: int = 1) -> None:
-    """Refuse a budget whose rope keys leave less than one latent value (one unit of `multiple` values) per
-    layer, and a rope key that is not a whole number of units (the latent projections' widths would not be)."""
-    latent = cache_budget - num_layers * rope_dim
-    if latent < num_layers * multiple:
-        unit = "" if multiple == 1 else f" (--rank-multiple {multiple}: at least {multiple} per layer)"
-        raise ConversionError(f"KV budget of {cache_budget} values/token leaves {latent} for the latents of "
-                              f"{num_layers} layers after the rope keys ({rope_dim} each){unit}; raise the budget "
-                              f"or lower --rope-dim")
-    if rope_dim % multiple:
-        raise ConversionError(f"--rank-multiple {multiple} needs a rope key width that is a multiple of it (got "
-                              f"{rope_dim}): set --rope-dim, or a multiple that divides {rope_dim}")
 
 
 def unit_sigmas(sigma: torch.Tensor, multiple: int) -> torch.Tensor:

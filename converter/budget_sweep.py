@@ -41,7 +41,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cache_plan import AttentionShape, cache_shape
 from .errors import ConversionError
+from .options import Options
+from .source_checks import check_stored_source
 
 DEFAULT_RATIOS = "0.25,0.5,0.75,1"
 JOINT = "joint"   # the --k-shares value of a joint latent ('joint:W': with --joint-key-weight W)
@@ -137,7 +140,6 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     anything is converted where the input allows it."""
     from . import calib_data
     from .eval_cli import compare, load_model, text_windows
-    from .options import Options
 
     if not ratios:
         raise SweepError("--kv-ratios: no ratio given")
@@ -158,17 +160,16 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         if not keep.parent.is_dir():
             raise SweepError(f"parent folder of --keep does not exist: {keep.parent}")
     calib_data.read_texts(list(calib_files))   # a bad or empty calibration file fails now, not after loading
-    from .pipeline import cache_shape, convert   # torch, transformers: ~5 s (a bad option was refused before it)
+    shape = check_stored_source(src, convert_options.get("revision"))
+    if shape is not None:   # a rope width the budget or the keys cannot hold, from config.json: before loading
+        _check_cache_shapes(runs, convert_options, shape)
+    from .pipeline import convert   # torch, transformers: ~5 s (a bad option was refused before it)
 
     device = convert_options.get("device", "cpu")
     original, tokenizer = load_model(src, device, eval_dtype, convert_options.get("revision"),
                                      convert_options.get("hf_overrides"))
     text_windows(tokenizer, texts, seqlen, max_tokens)   # empty or too short held-out text: fail before converting
-    for r, opt, share in runs:   # and a rope width the budget or the keys cannot hold
-        try:
-            cache_shape(Options(**{**convert_options, **opt}, kv_ratio=r), original.config)
-        except ConversionError as e:
-            raise SweepError(f"KV {r:g}{_options_text(opt, share)}: {e}") from None
+    _check_cache_shapes(runs, convert_options, AttentionShape.of_config(original.config))   # (any source)
     rows: list[dict] = []
     measured: dict = {}
     with tempfile.TemporaryDirectory(prefix="care-sweep-") as work:
@@ -194,6 +195,15 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     return {"original_model": src, "original": measured["original"], "rows": rows,
             **{k: measured[k] for k in ("tokens", "input_tokens", "seqlen", "windows")},
             "eval_dtype": eval_dtype, "calib_files": [str(f) for f in calib_files], "convert_options": convert_options}
+
+
+def _check_cache_shapes(runs: list, convert_options: dict, shape: AttentionShape) -> None:
+    """Refuse a run whose rope width the budget or the keys of a source of `shape` cannot hold (cache_plan.py)."""
+    for r, opt, share in runs:
+        try:
+            cache_shape(Options(**{**convert_options, **opt}, kv_ratio=r), shape)
+        except ConversionError as e:
+            raise SweepError(f"KV {r:g}{_options_text(opt, share)}: {e}") from None
 
 
 def _options_text(opt: dict, share) -> str:

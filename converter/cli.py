@@ -1,8 +1,8 @@
 """`care-convert SRC OUT`: command-line front end of converter.pipeline.convert.
 
 Bad input exits with code 2 and one line naming the problem (no traceback, no OUT on disk), before torch is
-imported where no model is needed to see it (the paths, OUT, the options: converter/options.py); Ctrl-C exits
-130 and also leaves no OUT.
+imported where no model is needed to see it (the paths, OUT, the options: converter/options.py; what the
+source's config.json says of them: converter/source_checks.py); Ctrl-C exits 130 and also leaves no OUT.
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from .cache_plan import cache_shape
 from .errors import ConversionError, run_tool
 from .options import (AUTO, CALIB_DTYPES, DTYPE_NAMES, LATENTS, METHODS, OBJECTIVES, POLICIES, RIDGE, SCORE_TOKENS,
                       Options)
+from .source_checks import check_stored_source
 from .versions import add_version_flag
 
 
@@ -167,11 +169,21 @@ def check_paths(args: argparse.Namespace) -> None:
     prepare_out(Path(args.out), args.overwrite)
 
 
+def check_before_loading(args: argparse.Namespace, opts: Options) -> None:
+    """What needs no model, before torch and transformers are imported (~5 s) and the source is loaded (minutes
+    for an 8B on a CPU): the paths, the options, then what the source's config.json says of them
+    (converter/source_checks.py)."""
+    check_paths(args)
+    opts.validate()
+    shape = check_stored_source(args.src, args.revision)
+    if shape is not None:
+        cache_shape(opts, shape)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kw = {k: v for k, v in vars(args).items() if k not in ("src", "out", "calib")}
-    # what needs no model, before torch and transformers are imported (~5 s): a typo is answered at once
-    _, code = run_tool("care-convert", lambda: (check_paths(args), Options(**kw).validate()))
+    _, code = run_tool("care-convert", lambda: check_before_loading(args, Options(**kw)))
     if code:
         return code
     from .pipeline import convert

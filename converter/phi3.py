@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import llama_view
+from . import architectures, llama_view
 from .errors import ConversionError
 
-ARCHITECTURE = "Phi3ForCausalLM"
+ARCHITECTURE = architectures.PHI3
 
 
 def check_config(cfg, where: str) -> None:

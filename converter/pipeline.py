@@ -17,7 +17,6 @@ of one layer. benchmarks/convert_memory.py measures it on 8B shapes.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ import torch
 from model_defs.configuration_care import AUTO_MAP, CareMLAConfig, variant_architecture
 from tqdm.auto import tqdm
 
-from . import (allocate, assemble, attention_weights, calib_data, calibrate, factorize, joint_latent, kshare_auto, load,
-               model_card, refit, rope_map, source_rope, write)
+from . import (allocate, assemble, attention_weights, cache_plan, calib_data, calibrate, factorize, joint_latent,
+               kshare_auto, load, model_card, refit, rope_map, source_rope, write)
+from .cache_plan import AttentionShape
 from .cli_checks import prepare_out
 from .errors import ConversionError
 from .options import AUTO, DTYPE_NAMES, Options
@@ -79,43 +79,12 @@ def output_dtype(opts: Options, model: torch.nn.Module) -> str:
     return names.get(next(model.parameters()).dtype, "float32")
 
 
-def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int:
-    """Total per-token cache values over all layers; refuses anything above parity."""
-    parity = num_layers * original_per_layer
-    if opts.kv_width is not None:
-        if opts.kv_width > original_per_layer:
-            raise ConversionError(f"--kv-width {opts.kv_width} is above parity: the original caches "
-                                  f"{original_per_layer} values per token per layer")
-        if opts.kv_width <= 0:
-            raise ConversionError(f"--kv-width must be positive (got {opts.kv_width})")
-        return opts.kv_width * num_layers
-    ratio = 1.0 if opts.kv_ratio is None else opts.kv_ratio
-    return min(parity, math.floor(ratio * parity + 1e-9))
-
-
-def head_dim(cfg) -> int:
-    """The source's attention head width (configs without `head_dim` imply hidden / heads)."""
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 def cache_shape(opts: Options, cfg) -> tuple[int, int]:
-    """(cache values per token over all layers, rope key width) of converting a model of config `cfg`
-    with `opts`. Refuses, before anything slow runs, a budget above parity, a rope key wider than the
-    original keys, and rope keys that leave the latents no room."""
-    n_layers, g, d_h = cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim(cfg)
-    budget = cache_budget(opts, n_layers, 2 * g * d_h)
-    d_r = opts.rope_dim if opts.rope_dim is not None else default_rope_dim(d_h, budget // n_layers)
-    rope_map.check_rope_dim(d_r, g, d_h)
-    allocate.check_latent_room(budget, n_layers, d_r, opts.rank_multiple)
-    return budget, d_r
-
-
-def default_rope_dim(head_dim: int, per_layer_budget: int) -> int:
-    """min(64, head_dim), shrunk (even) to at most half the per-layer budget so latents keep room."""
-    d_r = min(64, head_dim)
-    if per_layer_budget - d_r < d_r:
-        d_r = max(2, (per_layer_budget // 2) // 2 * 2)
-    return d_r
+    """(cache values per token over all layers, rope key width) of converting a model of config `cfg` with
+    `opts`. Refuses, before anything slow runs, a budget above parity, a rope key wider than the original keys,
+    and rope keys that leave the latents no room (converter/cache_plan.py; care-convert asked the same of the
+    source's config.json before loading it, where it could read it: converter/source_checks.py)."""
+    return cache_plan.cache_shape(opts, AttentionShape.of_config(cfg))
 
 
 def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Options, meta: dict) -> calibrate.CalibStats:
@@ -178,7 +147,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     src = source.name
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
-    d_h = head_dim(cfg)
+    d_h = AttentionShape.of_config(cfg).head_dim
     per_layer_orig = 2 * g * d_h
     budget, d_r = cache_shape(opts, cfg)
     joint = opts.latent == "joint"

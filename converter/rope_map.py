@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConversionError
 
 
 @dataclass
@@ -36,14 +35,6 @@ class RopeMap:
     def group_block(self, mat: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
         """Columns of `mat` (Q_S or Q_N) acting on KV head `group`: [rows, d_h]."""
         return mat[:, group * head_dim:(group + 1) * head_dim]
-
-
-def check_rope_dim(rope_dim: int, num_kv_heads: int, head_dim: int) -> None:
-    if rope_dim <= 0 or rope_dim % 2:
-        raise ConversionError(f"--rope-dim must be a positive even number (got {rope_dim})")
-    if rope_dim > num_kv_heads * head_dim:
-        raise ConversionError(f"--rope-dim {rope_dim} exceeds the original key width "
-                              f"{num_kv_heads} x {head_dim} = {num_kv_heads * head_dim}")
 
 
 def frequency_pca(key_moment: torch.Tensor, num_kv_heads: int, head_dim: int

@@ -22,7 +22,7 @@ OVERRIDE_KEYS = ("rope_scaling", "rope_parameters", "rope_theta", "max_position_
 # rope types for which vLLM 0.32 multiplies max_position_embeddings by `factor` to get the default
 # max_model_len (vllm/config/model.py, _get_and_verify_max_len: every type that has a factor except
 # llama3, yarn and longrope variants, whose max_position_embeddings is already the extended length).
-# Of the types care-convert accepts (load.STATIC_ROPE_TYPES), that is linear.
+# Of the types care-convert accepts (architectures.STATIC_ROPE_TYPES), that is linear.
 CONTEXT_SCALING_ROPE_TYPES = ("linear",)
 
 

@@ -26,13 +26,14 @@ def run_main(main, prog: str, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([prog, *argv], code, out.getvalue(), err.getvalue())
 
 
-def run_main_alone(module: str, *args) -> tuple[subprocess.CompletedProcess, bool]:
-    """`module`.main(ARGS) in a fresh Python process: (the process, whether torch had been imported when main
-    returned). A refusal that needs no model should come before that import (~5 s)."""
+def run_main_alone(module: str, *args, env: dict | None = None) -> tuple[subprocess.CompletedProcess, bool]:
+    """`module`.main(ARGS) in a fresh Python process (with environment `env`, default this one's): (the process,
+    whether torch had been imported when main returned). A refusal that needs no model should come before that
+    import (~5 s)."""
     code = (f"import sys; from {module} import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); "
             "sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     imported = proc.stdout.strip()
     assert imported in ("True", "False"), proc.stdout
     return proc, imported == "True"

@@ -2,7 +2,8 @@
 
 Runs `care-convert`'s entry point, converter.cli.main, with its argv: in this process (each subprocess
 would pay ~8 s of importing torch and transformers), except where the process boundary is what is
-tested (the console module refusing a bad source; two separate runs writing identical bytes).
+tested (what is refused before torch is imported: tests/cli_run.py run_main_alone; two separate runs writing
+identical bytes; Ctrl-C).
 """
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def assert_refused(proc, out: Path, *needles: str):
 
 
 def test_unsupported_architecture(tiny, tmp_path):
+    """Refused from config.json before torch is imported (converter/source_checks.py), and by load_source, which
+    the Python API and every source whose config.json cannot be read up front go through."""
+    from converter.errors import ConversionError
+    from converter.load import load_source
+
     _, src, calib = tiny
     bad = tmp_path / "gpt2"
     shutil.copytree(src, bad)
@@ -58,11 +64,18 @@ def test_unsupported_architecture(tiny, tmp_path):
     cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (bad / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    assert_refused(run_convert_process(bad, out, "--calib", calib), out, "unsupported architecture",
-                   "GPT2LMHeadModel")
+    proc, torch_imported = run_main_alone("converter.cli", bad, out, "--calib", calib)
+    assert_refused(proc, out, "unsupported architecture", "GPT2LMHeadModel")
+    assert not torch_imported
+    with pytest.raises(ConversionError, match=f"^{bad}: unsupported architecture 'GPT2LMHeadModel'; care-convert "
+                                              "supports LlamaForCausalLM, "):
+        load_source(bad)
 
 
 def test_a_converted_checkpoint_is_not_a_source(tiny, tmp_path):
+    from converter.errors import ConversionError
+    from converter.load import load_source
+
     _, src, calib = tiny
     once = tmp_path / "once"
     assert run_convert(src, once, "--calib", calib, "--calib-samples", "4", "--calib-seqlen", "32",
@@ -71,6 +84,8 @@ def test_a_converted_checkpoint_is_not_a_source(tiny, tmp_path):
     out = tmp_path / "twice"
     assert_refused(run_convert(once, out, "--calib", calib), out, "already a care-convert output",
                    "care_report.json's \"source\"")
+    with pytest.raises(ConversionError, match="already a care-convert output"):   # the Python API's check
+        load_source(once)
 
 
 def test_position_dependent_rope_scaling(tiny, tmp_path):
@@ -253,31 +268,49 @@ def test_what_needs_no_model_is_refused_before_torch_is_imported(tiny, tmp_path,
     assert not torch_imported
 
 
-@pytest.mark.parametrize("flags,needle", [(["--kv-ratio", "1.5"], "above parity"),
-                                          (["--kv-width", "129"], "above parity")])
-def test_budget_above_parity(tiny, tmp_path, flags, needle):
-    _, src, calib = tiny  # the original caches 2 x 2 kv heads x 16 = 64 values/token/layer
-    out = tmp_path / "out"
-    assert_refused(run_convert(src, out, "--calib", calib, *flags), out, needle)
+# the tiny source: 2 layers, 2 kv heads x 16: keys 32 wide, 64 values/token/layer
+SOURCE_CACHE_CASES = {
+    "kv_width_above_parity": (["--kv-width", "129"], ["--kv-width 129 is above parity", "caches 64 values"]),
+    "odd_rope_dim": (["--rope-dim", "7"], ["--rope-dim", "even"]),
+    "rope_wider_than_the_keys": (["--rope-dim", "40"], ["--rope-dim 40 exceeds the original key width 2 x 16"]),
+    "rope_leaves_no_latent": (["--kv-width", "32", "--rope-dim", "32"], ["leaves 0 for the latents", "--rope-dim"]),
+    "rope_not_a_unit": (["--rope-dim", "8", "--rank-multiple", "16"],
+                        ["--rank-multiple 16 needs a rope key width that is a multiple of it", "--rope-dim"]),
+    "latent_below_a_unit": (["--kv-width", "28", "--rope-dim", "16", "--rank-multiple", "16"],
+                            ["--rank-multiple 16: at least 16 per layer", "--rope-dim"]),
+}
 
 
-def test_odd_rope_dim(tiny, tmp_path):
+@pytest.mark.parametrize("case", SOURCE_CACHE_CASES)
+def test_a_cache_the_source_cannot_have_is_refused_from_its_config_before_torch_is_imported(tiny, tmp_path, case):
+    """A budget above the source's parity or a rope key its keys or the budget cannot hold is seen in config.json
+    (converter/source_checks.py): refused before torch is imported and the source loaded (minutes for an 8B)."""
     _, src, calib = tiny
+    flags, needles = SOURCE_CACHE_CASES[case]
     out = tmp_path / "out"
-    assert_refused(run_convert(src, out, "--calib", calib, "--rope-dim", "7"), out, "--rope-dim", "even")
+    proc, torch_imported = run_main_alone("converter.cli", src, out, "--calib", calib, *flags)
+    assert_refused(proc, out, *needles)
+    assert not torch_imported
 
 
-@pytest.mark.parametrize("flags,needle", [(["--kv-width", "32", "--rope-dim", "32"], "leaves 0 for the latents"),
-                                          (["--rope-dim", "40"], "exceeds the original key width 2 x 16"),
-                                          (["--rope-dim", "8", "--rank-multiple", "16"],
-                                           "--rank-multiple 16 needs a rope key width that is a multiple of it"),
-                                          (["--kv-width", "28", "--rope-dim", "16", "--rank-multiple", "16"],
-                                           "--rank-multiple 16: at least 16 per layer")])
-def test_rope_dim_the_budget_or_keys_cannot_hold_is_refused_before_calibrating(tiny, tmp_path, flags, needle):
-    _, src, calib = tiny   # 2 layers, 2 kv heads x 16: keys 32 wide, 64 values/token/layer
+@pytest.mark.parametrize("case", SOURCE_CACHE_CASES)
+def test_the_python_api_refuses_the_same_caches_from_the_loaded_model_before_calibrating(tiny, tmp_path, case):
+    """convert() checks the loaded model's config (converter/pipeline.py cache_shape): what a .gguf source or a
+    repo id not in the local cache relies on, as their config.json cannot be read up front. Same messages,
+    before calibration (which would have written the statistics cache)."""
+    from converter.cli import build_parser
+    from converter.errors import ConversionError
+    from converter.pipeline import convert
+
+    _, src, calib = tiny
+    flags, needles = SOURCE_CACHE_CASES[case]
     out, stats = tmp_path / "out", tmp_path / "stats.pt"
-    assert_refused(run_convert(src, out, "--calib", calib, "--stats-cache", stats, *flags), out, needle, "--rope-dim")
-    assert not stats.exists()   # refused before the calibration (which would have written the cache)
+    args = vars(build_parser().parse_args([str(src), str(out), "--calib", str(calib), *flags]))
+    options = {k: v for k, v in args.items() if k not in ("src", "out", "calib")}
+    with pytest.raises(ConversionError) as e:
+        convert(src, out, calib_files=[calib], **{**options, "stats_cache": str(stats)})
+    assert all(n in str(e.value) for n in needles), str(e.value)
+    assert not out.exists() and not stats.exists()
 
 
 @pytest.mark.parametrize("share", ["0", "1", "1.2"])

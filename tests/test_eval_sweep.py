@@ -238,13 +238,17 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
         {"keep exists": ["keep"], "empty held-out text": ["empty.txt"], "one-token held-out text": ["short.txt"]}.get(case, []))
 
 
-def test_sweep_refuses_a_bad_option_before_torch_is_imported(original, held_out, calib_file, tmp_path):
-    """Every run's care-convert options are checked (converter/options.py) before the converter is imported: a
-    process refusing one never imported torch."""
+@pytest.mark.parametrize("flags,needle", [
+    (["--k-share", "1.5"], "--k-share must be in (0, 1)"),
+    ([], "KV 0.5, rope 32: KV budget of 64 values/token leaves 0")])   # 0.5 x 64 = 32 values a layer: all rope
+def test_sweep_refuses_a_bad_option_before_torch_is_imported(original, held_out, calib_file, tmp_path, flags, needle):
+    """Every run's care-convert options are checked (converter/options.py), and what the source's config.json
+    says of them (converter/source_checks.py), before the converter is imported: a process refusing one never
+    imported torch."""
     from tests.cli_run import run_main_alone
 
     proc, torch_imported = run_main_alone("converter.eval_cli", "sweep", original, "--calib", calib_file, "--text",
-                                          held_out, "--kv-ratios", "0.5,1", "--rope-dims", "16,32", "--k-share", "1.5")
+                                          held_out, "--kv-ratios", "0.5,1", "--rope-dims", "16,32", *flags)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "--k-share must be in (0, 1)" in proc.stderr.strip().splitlines()[-1]
+    assert needle in proc.stderr.strip().splitlines()[-1]
     assert not torch_imported

@@ -8,6 +8,7 @@ with a vocabulary entry more in its config, so its embedding no longer matches i
 * `care-convert NS/NAME --revision OLD` writes exactly the tensors that converting the OLD folder by
   path writes, and records the repo id and commit in config.json and care_report.json;
 * `care-convert NS/NAME` (no revision) reads `main`, i.e. NEW, and is refused for NEW's shape mismatch;
+* a budget above parity is refused from the cached commit's config.json, before torch is imported;
 * `care-eval ppl NS/NAME --revision OLD` equals `care-eval ppl <OLD folder>`;
 * `care-heal --teacher NS/NAME` loads the commit the checkpoint was converted from (OLD), not `main`;
 * a repo id absent from the cache, an unknown revision, --revision with a local path, and a missing
@@ -121,6 +122,19 @@ def test_repo_id_without_revision_reads_main(hub, tmp_path):
     refused(run(env, "converter.cli", REPO, out, "--calib", calib, *CONVERT_FLAGS),
             "care-convert", "model.embed_tokens.weight")      # NEW's config no longer fits its weights
     assert not out.exists()
+
+
+def test_a_cached_repo_id_is_checked_from_its_config_before_torch_is_imported(hub, tmp_path):
+    """The commit's config.json is read from the local cache (converter/source_checks.py): a budget above the
+    source's parity is refused before torch is imported and the model loaded."""
+    from tests.cli_run import run_main_alone
+
+    root, _, calib, env = hub
+    out = tmp_path / "out"
+    proc, torch_imported = run_main_alone("converter.cli", REPO, out, "--calib", calib, "--revision", OLD,
+                                          "--kv-width", "65", env=env)
+    refused(proc, "care-convert", "--kv-width 65 is above parity", "64 values per token per layer")
+    assert not torch_imported and not out.exists()
 
 
 def test_care_eval_by_repo_id(hub):
