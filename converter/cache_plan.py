@@ -3,8 +3,7 @@ layers and the rope key width, with the refusals of a budget above parity, a rop
 keys, and rope keys that leave the latents no room.
 
 Torch-free, so that care-convert can answer these from the source's config.json alone before torch and
-transformers are imported and the model is loaded (converter/source_checks.py): for an 8B source the load is
-the slow part. The pipeline applies the same checks to the loaded model's config (converter/pipeline.py
+transformers are imported and the model is loaded (converter/source_checks.py). The pipeline applies the same checks to the loaded model's config (converter/pipeline.py
 cache_shape), which also covers sources whose config.json cannot be read up front (a .gguf file, a repo id
 not in the local Hugging Face cache).
 """

