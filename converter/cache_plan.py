@@ -2,10 +2,10 @@
 layers and the rope key width, with the refusals of a budget above parity, a rope key wider than the original
 keys, and rope keys that leave the latents no room.
 
-Torch-free, so that care-convert can answer these from the source's config.json alone before torch and
-transformers are imported and the model is loaded (converter/source_checks.py). The pipeline applies the same checks to the loaded model's config (converter/pipeline.py
-cache_shape), which also covers sources whose config.json cannot be read up front (a .gguf file, a repo id
-not in the local Hugging Face cache).
+Torch-free, so that care-convert can answer these from the source's config.json (or GGUF metadata) before torch
+and transformers are imported and the model is loaded (converter/source_checks.py). The pipeline applies the
+same checks to the loaded model's config (converter/pipeline.py cache_shape), which also covers sources whose
+shape cannot be read up front (a repo id not in the local Hugging Face cache).
 """
 from __future__ import annotations
 

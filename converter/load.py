@@ -25,7 +25,7 @@ from .architectures import MODEL_TYPES, SLIDING_WINDOW_ARCHS, STATIC_ROPE_TYPES,
 from .cli_checks import read_json
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
-from .hub import SMOLLM2_ALIAS, smollm2_gguf_path  # noqa: F401  (smollm2_gguf_path: also imported from here)
+from .hub import SMOLLM2_ALIAS, smollm2_gguf_path
 
 # the loaded model of these architectures -> the LlamaForCausalLM it is re-expressed as
 AS_LLAMA = {phi3.ARCHITECTURE: phi3.as_llama, granite.ARCHITECTURE: granite.as_llama}

@@ -3,8 +3,8 @@
 Torch-free (as are the constants the converter's modules take from here), so that care-convert's command line
 refuses a bad option before the ~5 s import of torch and transformers (converter/cli.py), as it refuses a
 mistyped path. What needs the source's shape (a budget above its parity, a rope key wider than its keys) is
-checked from its config.json before loading where that can be read (converter/source_checks.py), and from the
-loaded model's config in any case (converter/cache_plan.py).
+checked from its config.json or GGUF metadata before loading where that can be read (converter/source_checks.py),
+and from the loaded model's config in any case (converter/cache_plan.py).
 """
 from __future__ import annotations
 
