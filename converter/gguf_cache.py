@@ -21,21 +21,23 @@ evicted.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import ConversionError
 
 MARKER = "care_gguf.json"   # written last: a folder without it is incomplete and is rebuilt
 FORMAT = 2                  # bump when what the folder holds changes
 SPARE_BYTES = 1 << 30       # free space to leave beside the cached weights
+
+if TYPE_CHECKING:   # (torch is imported where a model is loaded: where the cache folder is only looked up, not)
+    import torch
 
 
 def cache_root() -> Path | None:
@@ -51,12 +53,11 @@ def cache_root() -> Path | None:
 
 def folder_for(gguf: Path, root: Path) -> Path:
     """Where the dequantized folder of `gguf` lives under `root` (whether or not it exists yet)."""
-    import gguf as gguf_pkg
-    import transformers
+    import gguf as gguf_pkg   # (numpy only: converter/source_checks.py asks this before torch is imported)
 
     gguf = gguf.resolve()
     st = gguf.stat()
-    ident = json.dumps([FORMAT, str(gguf), st.st_size, st.st_mtime_ns, transformers.__version__,
+    ident = json.dumps([FORMAT, str(gguf), st.st_size, st.st_mtime_ns, importlib.metadata.version("transformers"),
                         getattr(gguf_pkg, "__version__", "?")])
     return root / "gguf" / f"{gguf.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
@@ -74,6 +75,7 @@ def load_direct(gguf: Path, check=None) -> Direct:
     (converter/gguf_meta.py).
     A parameter the file does not provide is refused (transformers would initialize it at random).
     `check(config)`, when given, runs before the model is dequantized."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from . import gguf_meta

