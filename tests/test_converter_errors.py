@@ -284,7 +284,7 @@ SOURCE_CACHE_CASES = {
 @pytest.mark.parametrize("case", SOURCE_CACHE_CASES)
 def test_a_cache_the_source_cannot_have_is_refused_from_its_config_before_torch_is_imported(tiny, tmp_path, case):
     """A budget above the source's parity or a rope key its keys or the budget cannot hold is seen in config.json
-    (converter/source_checks.py): refused before torch is imported and the source loaded (minutes for an 8B)."""
+    (converter/source_checks.py): refused before torch is imported and the source loaded."""
     _, src, calib = tiny
     flags, needles = SOURCE_CACHE_CASES[case]
     out = tmp_path / "out"
@@ -295,9 +295,9 @@ def test_a_cache_the_source_cannot_have_is_refused_from_its_config_before_torch_
 
 @pytest.mark.parametrize("case", SOURCE_CACHE_CASES)
 def test_the_python_api_refuses_the_same_caches_from_the_loaded_model_before_calibrating(tiny, tmp_path, case):
-    """convert() checks the loaded model's config (converter/pipeline.py cache_shape): what a .gguf source or a
-    repo id not in the local cache relies on, as their config.json cannot be read up front. Same messages,
-    before calibration (which would have written the statistics cache)."""
+    """convert() checks the loaded model's config (converter/pipeline.py cache_shape): what a repo id not in the
+    local cache, or a config.json that leaves the shape to its class's defaults, relies on. Same messages, before
+    calibration (which would have written the statistics cache)."""
     from converter.cli import build_parser
     from converter.errors import ConversionError
     from converter.pipeline import convert
