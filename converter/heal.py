@@ -77,7 +77,6 @@ from .write import replace_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 HEAL_FILES = ("heal_log.json", "heal_curve.png")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ----------------------------------------------------------------------------------------- losses
 
 def heal_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tensor, tau: float):
@@ -315,6 +314,8 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
 
 
 def _write_output(student, converted: Path, out: Path, work: Path, log: dict, opts: HealOptions) -> None:
+    from .load import DTYPES
+
     src_cfg = json.loads((converted / "config.json").read_text())
     dtype = DTYPES.get(str(src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "float32"), torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

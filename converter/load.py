@@ -26,6 +26,7 @@ from .cli_checks import read_json
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
 from .hub import SMOLLM2_ALIAS, smollm2_gguf_path
+from .options import DTYPE_NAMES
 
 # the loaded model of these architectures -> the LlamaForCausalLM it is re-expressed as
 AS_LLAMA = {phi3.ARCHITECTURE: phi3.as_llama, granite.ARCHITECTURE: granite.as_llama}
@@ -313,7 +314,9 @@ def _as_supported(model):
     return model
 
 
-LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# care-convert --dtype / --calib-dtype and a checkpoint's stored dtype name -> torch dtype (pipeline, heal)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+LOAD_DTYPES = tuple(DTYPES.values())
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 

@@ -30,7 +30,7 @@ from . import (allocate, assemble, attention_weights, cache_plan, calib_data, ca
 from .cache_plan import AttentionShape
 from .cli_checks import prepare_out
 from .errors import ConversionError
-from .options import AUTO, DTYPE_NAMES, Options
+from .options import AUTO, Options
 from .plot import plot_ranks
 
 MODEL_TYPE = "care_mla"
@@ -38,7 +38,7 @@ MODEL_TYPE = "care_mla"
 MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                    "decoder_sparse_step", "mlp_only_layers")
 
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+DTYPES = load.DTYPES
 
 
 def moe_config(cfg) -> dict:
