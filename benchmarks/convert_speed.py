@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import shapes  # noqa: E402
 
-from converter import cli, load, pipeline  # noqa: E402
+from converter import architectures, cli, load, pipeline  # noqa: E402
 
 
 def random_model(cfg: dict, seed: int, dtype: torch.dtype = torch.float32, draw_on: str = "cpu"):
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     model = random_model(cfg, seed=0, draw_on="cuda" if args.device.startswith("cuda") else "cpu")
     build_s = time.perf_counter() - t0
     n_params = sum(t.numel() for t in model.parameters())
-    source = load.Source(model=model, tokenizer=None, arch=load.SUPPORTED[cfg["architectures"][0]],
+    source = load.Source(model=model, tokenizer=None, arch=architectures.SUPPORTED[cfg["architectures"][0]],
                          name=f"random-{args.shape}", src_dir=None)
     windows = torch.randint(3, cfg["vocab_size"], (args.calib_samples, args.calib_seqlen),
                             generator=torch.Generator().manual_seed(0))

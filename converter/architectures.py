@@ -26,13 +26,19 @@ SLIDING_WINDOW_ARCHS = ("MistralForCausalLM", "MixtralForCausalLM", PHI3)
 STATIC_ROPE_TYPES = {"default", "llama3", "linear", "yarn"}
 
 
+def attention_family(arch_name: str, where: str) -> str:
+    """SUPPORTED[arch_name], or the refusal of an architecture care-convert does not take (of a stored config.json
+    here, of a loaded config in converter/load.py)."""
+    if arch_name not in SUPPORTED:
+        raise ConversionError(f"{where}: unsupported architecture {arch_name!r}; care-convert supports "
+                              f"{', '.join(SUPPORTED)}")
+    return SUPPORTED[arch_name]
+
+
 def check_stored_config(raw: dict, where: str) -> None:
     """Refuse a config.json (as stored) of a care-convert output or of an architecture not in SUPPORTED."""
     if raw.get("model_type") == "care_mla":
         raise ConversionError(f"{where}: already a care-convert output (model_type care_mla); convert its source "
                               f"instead (care_report.json's \"source\" names it)")
     archs = raw.get("architectures") or []
-    if not archs or archs[0] not in SUPPORTED:
-        got = archs[0] if archs else f"model_type={raw.get('model_type')!r}"
-        raise ConversionError(f"{where}: unsupported architecture {got!r}; care-convert supports "
-                              f"{', '.join(SUPPORTED)}")
+    attention_family(archs[0] if archs else f"model_type={raw.get('model_type')!r}", where)

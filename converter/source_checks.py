@@ -29,8 +29,6 @@ def stored_config(spec: str | Path, revision: str | None = None) -> tuple[Path, 
     """(the folder, its config.json) of source folder or cached repo id `spec`, else None (a .gguf file, a repo id
     not in the cache, a folder without config.json: load_source says what that is). A mistyped local path
     raises HubError, as care-convert's path check does."""
-    if str(spec) == SMOLLM2_ALIAS:
-        return None
     path = check_local(spec, revision)
     if path is None:
         from huggingface_hub import try_to_load_from_cache   # (no torch; reads the cache's files only)
