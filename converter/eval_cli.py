@@ -284,11 +284,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compare_command(args, texts: list) -> dict[str, Any]:
     # both located before either loads: a mistyped ORIGINAL is refused before CONVERTED has loaded
     conv_path, orig_path = locate_model(args.converted), locate_model(args.original, args.revision)
+    from .cli_checks import read_json
+    from .source_match import mismatch, shape_of_config, stored_mismatch
+
+    conv_cfg = read_json(conv_path / "config.json", EvalError) if conv_path.is_dir() else {}
+    # ORIGINAL must be the model CONVERTED was converted from: its shape, from its files, before either loads
+    problem = stored_mismatch(conv_cfg, orig_path, role="ORIGINAL", converted_name=args.converted,
+                              original_name=args.original)
+    if problem:
+        raise EvalError(problem)
     converted, conv_tokenizer = load_model(args.converted, args.device, args.dtype, path=conv_path)
     # the original as it was converted: with the rope settings the conversion was given, unless told otherwise
     overrides = args.hf_overrides if args.hf_overrides is not None else \
         getattr(converted.config, "source_hf_overrides", None)
     original, tokenizer = load_model(args.original, args.device, args.dtype, args.revision, overrides, orig_path)
+    problem = mismatch(conv_cfg, shape_of_config(original.config), role="ORIGINAL", original_name=args.original,
+                       converted_name=args.converted)
+    if problem:   # (where its files could not be read before loading)
+        raise EvalError(problem)
     v_o, v_c = original.config.vocab_size, converted.config.vocab_size
     if v_o != v_c or len(tokenizer) != len(conv_tokenizer):
         raise EvalError(f"{args.converted} was not converted from {args.original}: vocabulary sizes differ "

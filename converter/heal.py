@@ -69,10 +69,11 @@ import torch.nn.functional as F
 from .errors import HealError
 from .heal_data import WindowOrder, pack_windows, read_docs
 from .heal_cli import main  # noqa: F401  (care-heal's entry point until it had a module of its own: old installs)
-from .heal_options import FINGERPRINT_KEYS, HealOptions, check_inputs, partial_dir
+from .heal_options import FINGERPRINT_KEYS, HealOptions, check_inputs, partial_dir, teacher_revision
 from .heal_state import load_checkpoint_weights, load_trainer_state, save_checkpoint, set_rng_state
 from .model_card import add_healing
 from .plot import plot_heal_curve
+from .source_match import mismatch, shape_of_config
 from .write import replace_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
@@ -176,15 +177,14 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     from .load import load_source
 
     device = opts.device
-    # a Hub teacher named as at conversion time is loaded at the commit the student was converted from
-    same_hub_source = teacher == src_cfg.get("source_model") and not Path(teacher).exists()
     # with the rope settings the student was converted with (care-convert --hf-overrides)
-    src = load_source(teacher, src_cfg.get("source_revision") if same_hub_source else None,
-                      hf_overrides=src_cfg.get("source_hf_overrides"), role="teacher")
+    src = load_source(teacher, teacher_revision(teacher, src_cfg), hf_overrides=src_cfg.get("source_hf_overrides"),
+                      role="teacher")
     teacher_model = src.model
-    if teacher_model.config.vocab_size != src_cfg.get("vocab_size"):
-        raise HealError(f"teacher vocab_size {teacher_model.config.vocab_size} != converted vocab_size "
-                        f"{src_cfg.get('vocab_size')}")
+    problem = mismatch(src_cfg, shape_of_config(teacher_model.config), role="teacher", original_name=str(teacher),
+                       converted_name=str(converted))
+    if problem:   # (checked before loading where the teacher's files could be read: heal_options.check_teacher)
+        raise HealError(problem)
     teacher_model.requires_grad_(False).eval()
     teacher_model.to(device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
 

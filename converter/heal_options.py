@@ -97,38 +97,54 @@ def check_converted(path: Path) -> dict:
     return cfg
 
 
-def check_teacher(teacher: str) -> dict | None:
-    """Cheap checks before loading; returns the teacher's raw config when it is a folder. A Hub repo
-    id is checked when load_source resolves it (converter/hub.py)."""
-    from .hub import SMOLLM2_ALIAS, looks_like_repo_id
+def teacher_revision(teacher: str, converted_cfg: dict) -> str | None:
+    """A Hub teacher named as at conversion time is read at the commit the student was converted from."""
+    same_hub_source = teacher == converted_cfg.get("source_model") and not Path(teacher).exists()
+    return converted_cfg.get("source_revision") if same_hub_source else None
 
-    if teacher == SMOLLM2_ALIAS:
-        return None
+
+def check_teacher(teacher: str, converted: Path, converted_cfg: dict) -> None:
+    """Before loading: the teacher exists, is not a care_mla checkpoint, is of an architecture care-convert takes,
+    and has the shape of the model `converted` was converted from (converter/source_match.py), as far as its
+    config.json or GGUF metadata can be read without loading it. A repo id not in the local Hugging Face cache is
+    checked once loaded (converter/heal.py)."""
+    from .architectures import check_stored_config
+    from .errors import ConversionError
+    from .hub import SMOLLM2_ALIAS, looks_like_repo_id
+    from .source_checks import source_config
+    from .source_match import mismatch, shape_of_json
+
     p = Path(teacher)
-    if not p.exists() and looks_like_repo_id(teacher):
-        return None
-    if not p.exists():
+    if teacher != SMOLLM2_ALIAS and not p.exists() and not looks_like_repo_id(teacher):
         raise HealError(f"teacher not found: {p}")
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise HealError(f"teacher {p}: not a checkpoint folder (no config.json)")
-        cfg = read_json(p / "config.json", HealError, named="teacher ")
-        if cfg.get("model_type") == "care_mla":
-            raise HealError(f"teacher {p} is a converted care_mla checkpoint; the teacher is the ORIGINAL model")
-        return cfg
-    return None
+        read_json(p / "config.json", HealError, named="teacher ")
+    found = source_config(teacher, teacher_revision(teacher, converted_cfg))
+    if found is None:
+        return
+    where, raw, from_gguf_metadata = found
+    if raw.get("model_type") == "care_mla":
+        raise HealError(f"teacher {teacher} is a converted care_mla checkpoint; the teacher is the ORIGINAL model")
+    if not from_gguf_metadata:
+        try:
+            check_stored_config(raw, f"teacher {where}")
+        except ConversionError as e:
+            raise HealError(str(e)) from None
+    problem = mismatch(converted_cfg, shape_of_json(raw), role="teacher", original_name=teacher,
+                       converted_name=str(converted))
+    if problem:
+        raise HealError(problem)
 
 
 def check_inputs(converted: Path, out: Path, teacher: str, text_files: list, opts: HealOptions) -> dict:
     """Everything about a heal request that can be checked without a model: the options, the converted
-    checkpoint (its config.json is returned), the teacher, OUT and OUT.partial/ (an interrupted run), and
-    that the text files exist (their contents are read, and an empty text refused, when the run starts)."""
+    checkpoint (its config.json is returned), the teacher (check_teacher), OUT and OUT.partial/ (an interrupted
+    run), and that the text files exist (their contents are read, and an empty text refused, when the run starts)."""
     opts.validate()
     src_cfg = check_converted(converted)
-    teacher_cfg = check_teacher(str(teacher))
-    if teacher_cfg is not None and teacher_cfg.get("vocab_size") != src_cfg.get("vocab_size"):
-        raise HealError(f"teacher vocab_size {teacher_cfg.get('vocab_size')} != converted vocab_size "
-                        f"{src_cfg.get('vocab_size')}: the teacher must be the model {converted} was converted from")
+    check_teacher(str(teacher), converted, src_cfg)
     if out.resolve() == converted.resolve():
         raise HealError("OUT must differ from CONVERTED")
     prepare_out(out, opts.overwrite)

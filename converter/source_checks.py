@@ -40,9 +40,10 @@ def stored_config(spec: str | Path, revision: str | None = None) -> tuple[Path, 
     return path, read_json(path / "config.json")
 
 
-def gguf_shape(path: Path) -> AttentionShape | None:
-    """The attention shape a .gguf file's metadata gives (as transformers and converter/gguf_meta.py read it:
-    the head dimension is `<arch>.attention.key_length` where written), or None where it does not give one."""
+def gguf_config(path: Path) -> dict | None:
+    """The config.json fields a .gguf file's metadata gives, as transformers and converter/gguf_meta.py read them
+    (the head dimension is `<arch>.attention.key_length` where written; the vocabulary is `<arch>.vocab_size`, else
+    the tokenizer's token count), or None where the reader cannot parse it. Absent keys are None."""
     from gguf import GGUFReader   # (numpy only)
 
     try:
@@ -55,30 +56,42 @@ def gguf_shape(path: Path) -> AttentionShape | None:
         return field.contents() if field is not None else None
 
     arch = value("general.architecture") or ""
-    return AttentionShape.of_json({
-        "model_type": GGUF_MODEL_TYPES.get(arch, arch), "num_hidden_layers": value(f"{arch}.block_count"),
-        "num_attention_heads": value(f"{arch}.attention.head_count"),
-        "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
-        "hidden_size": value(f"{arch}.embedding_length"), "head_dim": value(f"{arch}.attention.key_length")})
+    tokens = fields.get("tokenizer.ggml.tokens")
+    return {"model_type": GGUF_MODEL_TYPES.get(arch, arch), "num_hidden_layers": value(f"{arch}.block_count"),
+            "num_attention_heads": value(f"{arch}.attention.head_count"),
+            "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
+            "hidden_size": value(f"{arch}.embedding_length"), "head_dim": value(f"{arch}.attention.key_length"),
+            "vocab_size": value(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)}
 
 
-def check_stored_source(spec: str | Path, revision: str | None = None) -> AttentionShape | None:
-    """Refuse, from its config.json, a source care-convert cannot take; return its attention shape from that or
-    from a .gguf file's metadata (None where neither can be read up front or gives the whole shape). A .gguf
-    file already dequantized (converter/gguf_cache.py) is read as the folder the load will read."""
+def source_config(spec: str | Path, revision: str | None = None) -> tuple[str, dict, bool] | None:
+    """(where, config, from_gguf_metadata) of source `spec`, read without loading it: a folder's or cached repo
+    id's config.json, that of a .gguf file's dequantized cache folder (converter/gguf_cache.py) when it exists,
+    else the file's metadata (gguf_config: ~2 s for SmolLM2's, before ~25 s of building the folder). None where
+    none of these can be read, and for a mistyped local path (the path checks and load_source say what that is)."""
     try:
         gguf = smollm2_gguf_path() if str(spec) == SMOLLM2_ALIAS else check_local(spec, revision)
         if gguf is not None and gguf.is_file() and gguf.suffix == ".gguf":
             root = gguf_cache.cache_root()
             folder = gguf_cache.folder_for(gguf, root) if root is not None else None
             if folder is None or not (folder / gguf_cache.MARKER).is_file():
-                return gguf_shape(gguf)   # (a parse of its metadata: ~2 s for SmolLM2's, before ~25 s of building)
+                raw = gguf_config(gguf)
+                return None if raw is None else (str(gguf), raw, True)
             spec, revision = folder, None
         found = stored_config(spec, revision)
     except HubError:
-        return None   # the path checks say it (converter/cli.py check_paths), and so does load_source
+        return None
+    return None if found is None else (str(found[0]), found[1], False)
+
+
+def check_stored_source(spec: str | Path, revision: str | None = None) -> AttentionShape | None:
+    """Refuse, from its config.json, a source care-convert cannot take; return its attention shape from that or
+    from a .gguf file's metadata (None where neither can be read up front or gives the whole shape). A .gguf
+    file already dequantized (converter/gguf_cache.py) is read as the folder the load will read."""
+    found = source_config(spec, revision)
     if found is None:
         return None
-    folder, raw = found
-    check_stored_config(raw, str(folder))
+    where, raw, from_gguf_metadata = found
+    if not from_gguf_metadata:   # (a GGUF's architecture is checked as it loads: converter/gguf_meta.py)
+        check_stored_config(raw, where)
     return AttentionShape.of_json(raw)

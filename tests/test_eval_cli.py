@@ -245,11 +245,23 @@ def test_compare_a_model_with_itself_is_zero_kl_full_agreement(original, texts, 
 
 
 def test_compare_refuses_a_model_of_another_vocabulary(original, texts, tmp_path, capsys):
+    """A care_mla checkpoint converted from another model is refused by the shape its config.json records for its
+    source (tests/test_source_match.py has the rest); two models that are not conversions, by their vocabularies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from tests.test_model_defs import tiny_model
 
     other = tmp_path / "other"
     tiny_model("llama", seed=3, vocab_size=8192).save_pretrained(other)
-    for f in TOKENIZER_FILES:
-        shutil.copy(TOKENIZER_SRC / f, other / f)
+    plain = tmp_path / "plain"
+    LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(plain)
+    for folder in (other, plain):
+        for f in TOKENIZER_FILES:
+            shutil.copy(TOKENIZER_SRC / f, folder / f)
     code, _, err = run_main(capsys, "compare", str(original), str(other), "--text", str(texts["a"]))
+    assert code == 2 and "Traceback" not in err
+    assert f"ORIGINAL {original} is not the model {other} was converted from: " in err
+    assert "vocab_size 16384 where the source's was 8192" in err
+    code, _, err = run_main(capsys, "compare", str(original), str(plain), "--text", str(texts["a"]))
     assert code == 2 and "vocabulary sizes differ" in err and "Traceback" not in err

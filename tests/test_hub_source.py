@@ -10,7 +10,8 @@ with a vocabulary entry more in its config, so its embedding no longer matches i
 * `care-convert NS/NAME` (no revision) reads `main`, i.e. NEW, and is refused for NEW's shape mismatch;
 * a budget above parity is refused from the cached commit's config.json, before torch is imported;
 * `care-eval ppl NS/NAME --revision OLD` equals `care-eval ppl <OLD folder>`;
-* `care-heal --teacher NS/NAME` loads the commit the checkpoint was converted from (OLD), not `main`;
+* `care-heal --teacher NS/NAME` loads the commit the checkpoint was converted from (OLD), not `main`, and refuses
+  `main` (NEW's config) for a checkpoint converted from OLD's folder, before torch is imported;
 * a repo id absent from the cache, an unknown revision, --revision with a local path, and a missing
   relative path exit 2 with one line naming the problem, and write nothing.
 """
@@ -161,6 +162,22 @@ def test_heal_teacher_by_repo_id_uses_the_converted_commit(hub, converted, tmp_p
                "--tokens", "256", "--seqlen", "32", "--no-progress")
     refused(proc, "care-heal", "teacher care-tests/not-there", "local Hugging Face cache")
     assert not missing.exists()
+
+
+def test_heal_teacher_by_repo_id_at_another_commit_is_refused_before_torch_is_imported(hub, converted, tmp_path):
+    """The checkpoint converted from the OLD folder by path records no commit, so `--teacher NS/NAME` means `main`
+    (NEW), whose cached config.json has a vocabulary entry more: refused from that file (converter/source_match.py)."""
+    from tests.cli_run import run_main_alone
+
+    root, orig, calib, env = hub
+    by_path, _ = converted
+    vocab = json.loads((orig / "config.json").read_text())["vocab_size"]
+    out = tmp_path / "healed"
+    proc, torch_imported = run_main_alone("converter.heal_cli", by_path, out, "--teacher", REPO, "--text", calib,
+                                          "--tokens", "256", env=env)
+    assert refused(proc, "care-heal") == (f"care-heal: error: teacher {REPO} is not the model {by_path} was "
+                                          f"converted from: vocab_size {vocab + 1} where the source's was {vocab}")
+    assert not torch_imported and not out.exists()
 
 
 @pytest.mark.parametrize("case", ["not_cached", "unknown_revision", "revision_with_local_path",

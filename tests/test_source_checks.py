@@ -86,7 +86,7 @@ def test_the_shape_of_a_gguf_file_is_the_loaded_sources(tmp_path, monkeypatch, a
     cached = gguf_cache.folder_for(gguf, gguf_cache.cache_root())
     # (a Qwen2 tokenizer does not load back as saved, so such a GGUF is never cached: read directly every time)
     assert (cached / gguf_cache.MARKER).is_file() == (arch != "qwen2")
-    monkeypatch.setattr(source_checks, "gguf_shape", None)   # (calling it now would fail the test)
+    monkeypatch.setattr(source_checks, "gguf_config", None)   # (calling it now would fail the test)
     if arch != "qwen2":
         assert check_stored_source(gguf) == shape
 

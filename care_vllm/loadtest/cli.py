@@ -151,10 +151,30 @@ def original_folder(spec: str) -> str:
     return str(opened.folder)
 
 
+def check_pair(original: str, converted: str) -> None:
+    """ORIGINAL must be the model CONVERTED was converted from (converter/source_match.py): compared from their
+    config.json (or ORIGINAL's GGUF metadata) before a server starts or a GGUF is dequantized. Raises ValueError
+    with a message for the user."""
+    from converter.cli_checks import read_json
+    from converter.errors import ConversionError
+    from converter.source_match import stored_mismatch
+
+    config = Path(converted) / "config.json"
+    if not config.is_file():
+        return   # (main says so)
+    try:
+        problem = stored_mismatch(read_json(config), original, role="ORIGINAL", converted_name=converted)
+    except ConversionError as e:
+        raise ValueError(str(e)) from None
+    if problem:
+        raise ValueError(problem)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
+        check_pair(args.original, args.converted)
         args.original = original_folder(args.original)
     except ValueError as e:
         print(f"care-bench: error: {e}", file=sys.stderr)

@@ -1,0 +1,81 @@
+"""Is the model named as a converted checkpoint's original the model it was converted from? care-heal's --teacher,
+care-eval compare's and care-bench's ORIGINAL must be: care-heal distills the checkpoint towards it, the other two
+measure the checkpoint against it.
+
+Why more than the vocabulary (all these tools checked before): a model family shares one. Llama-3.2-1B, 3B and
+Llama-3.1-8B all have 128256 tokens, Qwen3's sizes 151936, so the 3B named as the teacher of a 1B conversion
+healed it towards the wrong model, and care-eval and care-bench reported against it, without a word. A converted
+config.json records its source's shape (docs/FORMAT.md: the layers, hidden size, query heads and vocabulary are
+kept; `original_num_key_value_heads` and `original_head_dim` are the source's KV heads). That is compared with the
+original's: from its config.json or GGUF metadata before anything loads (converter/source_checks.py, torch-free),
+and from the loaded config afterwards (a repo id not in the local cache is only known then). Shapes cannot tell
+a base model from its instruct variant; they do tell every other mix-up within a family.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cache_plan import AttentionShape
+from .source_checks import source_config
+
+FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def _number(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def recorded_source(converted: dict) -> dict[str, int | None] | None:
+    """The source's shape as a converted (care_mla) config.json records it; None for any other checkpoint."""
+    if converted.get("model_type") != "care_mla":
+        return None
+    return {"num_hidden_layers": _number(converted.get("num_hidden_layers")),
+            "hidden_size": _number(converted.get("hidden_size")),
+            "num_attention_heads": _number(converted.get("num_attention_heads")),
+            "num_key_value_heads": _number(converted.get("original_num_key_value_heads")),
+            "head_dim": _number(converted.get("original_head_dim")),
+            "vocab_size": _number(converted.get("vocab_size"))}
+
+
+def shape_of_json(raw: dict) -> dict[str, int | None]:
+    """An original's shape from its config.json as stored (or converter/source_checks.gguf_config's fields):
+    None for what it leaves to the config class's defaults (cache_plan.AttentionShape.of_json)."""
+    attention = AttentionShape.of_json(raw)
+    return {"num_hidden_layers": _number(raw.get("num_hidden_layers")), "hidden_size": _number(raw.get("hidden_size")),
+            "num_attention_heads": _number(raw.get("num_attention_heads")),
+            "num_key_value_heads": attention.num_kv_heads if attention else None,
+            "head_dim": attention.head_dim if attention else None, "vocab_size": _number(raw.get("vocab_size"))}
+
+
+def shape_of_config(cfg) -> dict[str, int | None]:
+    """A loaded original's shape (a transformers config)."""
+    attention = AttentionShape.of_config(cfg)
+    return {"num_hidden_layers": attention.num_layers, "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": attention.num_kv_heads,
+            "head_dim": attention.head_dim, "vocab_size": cfg.vocab_size}
+
+
+def mismatch(converted: dict, original: dict[str, int | None], *, role: str, original_name: str,
+             converted_name: str) -> str | None:
+    """The message refusing `original` as the original of `converted` (a config.json as a dict), naming every field
+    known on both sides that differs; None when none does or `converted` is not a care_mla checkpoint."""
+    source = recorded_source(converted)
+    if source is None:
+        return None
+    diffs = [f"{field} {original[field]} where the source's was {source[field]}" for field in FIELDS
+             if original.get(field) is not None and source[field] is not None and original[field] != source[field]]
+    if not diffs:
+        return None
+    return f"{role} {original_name} is not the model {converted_name} was converted from: {'; '.join(diffs)}"
+
+
+def stored_mismatch(converted: dict, original_spec: str | Path, revision: str | None = None, *, role: str,
+                    converted_name: str, original_name: str | None = None) -> str | None:
+    """mismatch() with the original's shape read from its files, without loading it (torch-free); None also where
+    they cannot be read up front (the loaded config is checked then). `original_name`: how the user named it
+    (default: `original_spec`)."""
+    found = source_config(original_spec, revision)
+    if found is None:
+        return None
+    return mismatch(converted, shape_of_json(found[1]), role=role, original_name=original_name or str(original_spec),
+                    converted_name=converted_name)
