@@ -57,5 +57,11 @@ def check_request(adapter: Path, checkpoint: Path, out: Path, source: str | None
         if source is None:
             raise ConversionError(f"{checkpoint}: no care_report.json naming its source; pass --source")
         revision = revision or report.get("source_revision")
+    else:   # a source named by hand must be the one the checkpoint was converted from (its shape, from its files)
+        from .source_match import stored_mismatch
+
+        problem = stored_mismatch(cfg, source, revision, role="--source", converted_name=str(checkpoint))
+        if problem:
+            raise ConversionError(problem)
     read_adapter_config(adapter)
     return cfg, source, revision

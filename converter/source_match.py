@@ -1,6 +1,6 @@
 """Is the model named as a converted checkpoint's original the model it was converted from? care-heal's --teacher,
 care-eval compare's and care-bench's ORIGINAL must be: care-heal distills the checkpoint towards it, the other two
-measure the checkpoint against it.
+measure the checkpoint against it. So must care-convert-lora's --source, when given by hand.
 
 Why more than the vocabulary (all these tools checked before): a model family shares one. Llama-3.2-1B, 3B and
 Llama-3.1-8B all have 128256 tokens, Qwen3's sizes 151936, so the 3B named as the teacher of a 1B conversion

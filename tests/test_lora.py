@@ -269,3 +269,9 @@ def test_a_mistyped_path_is_refused_before_torch_is_imported(lossy_case, tmp_pat
         proc, torch_imported = run_main_alone("converter.lora_cli", *args, target)
         assert_refused_by("care-convert-lora", proc, target, *needles)
         assert not torch_imported, args
+    # a --source that is not the model OUT was converted from (one layer fewer: converter/source_match.py)
+    other = make_tiny_original(tmp_path / "other", "llama", num_layers=2)
+    proc, torch_imported = run_main_alone("converter.lora_cli", adapter, out, target, "--source", other)
+    assert_refused_by("care-convert-lora", proc, target, f"--source {other} is not the model {out} was converted "
+                      "from: num_hidden_layers 2 where the source's was 3")
+    assert not torch_imported
