@@ -72,10 +72,13 @@ def mismatch(converted: dict, original: dict[str, int | None], *, role: str, ori
 def stored_mismatch(converted: dict, original_spec: str | Path, revision: str | None = None, *, role: str,
                     converted_name: str, original_name: str | None = None) -> str | None:
     """mismatch() with the original's shape read from its files, without loading it (torch-free); None also where
-    they cannot be read up front (the loaded config is checked then). `original_name`: how the user named it
-    (default: `original_spec`)."""
+    they cannot be read up front (the loaded config is checked then). Also refuses a care_mla original of a
+    checkpoint that is not one (the two swapped). `original_name`: how the user named it (default: `original_spec`)."""
     found = source_config(original_spec, revision)
     if found is None:
         return None
-    return mismatch(converted, shape_of_json(found[1]), role=role, original_name=original_name or str(original_spec),
-                    converted_name=converted_name)
+    name = original_name or str(original_spec)
+    if found[1].get("model_type") == "care_mla" and converted.get("model_type") != "care_mla":
+        return (f"{role} {name} is a converted care_mla checkpoint and {converted_name} is not: the GQA original "
+                f"comes first")   # (the two given the other way round; two conversions may be compared)
+    return mismatch(converted, shape_of_json(found[1]), role=role, original_name=name, converted_name=converted_name)

@@ -122,6 +122,22 @@ def test_each_tool_refuses_another_original_before_importing_torch(family, tmp_p
         assert not gguf_cache.folder_for(bad, gguf_cache.cache_root()).exists()
 
 
+def test_the_original_and_the_conversion_given_the_other_way_round_are_refused(family, tmp_path):
+    """care-eval compare and care-bench with CONVERTED first: refused before torch is imported. Two conversions (a
+    checkpoint and its healed copy) may still be compared."""
+    root, orig, conv, calib, _ = family
+    for prog, module, extra in (("care-eval", "converter.eval_cli", ("--text", calib)),
+                                ("care-bench", "care_vllm.loadtest.cli", (tmp_path / "report",))):
+        args = ("compare", conv, orig, *extra) if prog == "care-eval" else (conv, orig, *extra)
+        proc, torch_imported = run_main_alone(module, *args)
+        assert proc.returncode == 2 and not torch_imported, (prog, proc.stderr[-2000:])
+        assert proc.stderr.strip().splitlines()[-1] == (f"{prog}: error: ORIGINAL {conv} is a converted care_mla "
+                                                        f"checkpoint and {orig} is not: the GQA original comes first")
+    assert not (tmp_path / "report").exists()
+    cfg = json.loads((conv / "config.json").read_text())
+    assert stored_mismatch(cfg, conv, role="ORIGINAL", converted_name="c") is None
+
+
 def test_the_loaded_original_is_checked_where_its_files_cannot_be_read_first(family, tmp_path, monkeypatch, capsys):
     """As for a repo id not in the local cache: the refusal comes once the original has loaded, with the same
     message, before care-heal trains or care-eval compares anything."""
