@@ -20,6 +20,12 @@ from .options import Options
 DERIVED_HEAD_DIM = ("llama", "mistral", "mixtral", "qwen2", "phi3", "granite", "qwen3_moe")
 
 
+def stored_count(value) -> int | None:
+    """A count (layers, heads, widths) as config.json stores it, or None where it is absent, null or not a positive
+    int (then the config class's default, or nothing, stands for it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     """What the cache budget depends on: layers, KV heads and their width."""
@@ -43,8 +49,7 @@ class AttentionShape:
         """Of a config.json as stored, or None where it leaves a field to the config class's default (which
         differ between architectures: then only the loaded config says)."""
         def number(key: str) -> int | None:
-            value = raw.get(key)
-            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+            return stored_count(raw.get(key))
 
         layers, kv_heads, d_h = number("num_hidden_layers"), number("num_key_value_heads"), number("head_dim")
         heads = number("num_attention_heads")

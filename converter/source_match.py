@@ -15,36 +15,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cache_plan import AttentionShape
+from .cache_plan import AttentionShape, stored_count
 from .source_checks import source_config
 
 FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
-
-
-def _number(value) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+# the fields a converted config.json records under another name (the converted model's own differ)
+RECORDED_AS = {"num_key_value_heads": "original_num_key_value_heads", "head_dim": "original_head_dim"}
 
 
 def recorded_source(converted: dict) -> dict[str, int | None] | None:
     """The source's shape as a converted (care_mla) config.json records it; None for any other checkpoint."""
     if converted.get("model_type") != "care_mla":
         return None
-    return {"num_hidden_layers": _number(converted.get("num_hidden_layers")),
-            "hidden_size": _number(converted.get("hidden_size")),
-            "num_attention_heads": _number(converted.get("num_attention_heads")),
-            "num_key_value_heads": _number(converted.get("original_num_key_value_heads")),
-            "head_dim": _number(converted.get("original_head_dim")),
-            "vocab_size": _number(converted.get("vocab_size"))}
+    return {field: stored_count(converted.get(RECORDED_AS.get(field, field))) for field in FIELDS}
 
 
 def shape_of_json(raw: dict) -> dict[str, int | None]:
     """An original's shape from its config.json as stored (or converter/source_checks.gguf_config's fields):
     None for what it leaves to the config class's defaults (cache_plan.AttentionShape.of_json)."""
     attention = AttentionShape.of_json(raw)
-    return {"num_hidden_layers": _number(raw.get("num_hidden_layers")), "hidden_size": _number(raw.get("hidden_size")),
-            "num_attention_heads": _number(raw.get("num_attention_heads")),
+    return {**{field: stored_count(raw.get(field)) for field in FIELDS},
             "num_key_value_heads": attention.num_kv_heads if attention else None,
-            "head_dim": attention.head_dim if attention else None, "vocab_size": _number(raw.get("vocab_size"))}
+            "head_dim": attention.head_dim if attention else None}
 
 
 def shape_of_config(cfg) -> dict[str, int | None]:
