@@ -17,13 +17,14 @@ rows already there with identical settings). Widths not below the per-layer budg
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import sweep  # noqa: E402
+
+from converter.cache_plan import original_shape  # noqa: E402
 
 
 def build_parser():
@@ -40,9 +41,7 @@ def build_parser():
 
 def per_layer_budget(name: str, ratio: float, data: Path) -> int:
     """Values per token per layer the budget allows (care-convert's arithmetic: ratio x 2 g d_h)."""
-    cfg = json.loads((common.model_path(name, data) / "config.json").read_text())
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return int(ratio * 2 * cfg["num_key_value_heads"] * head_dim)
+    return int(ratio * original_shape(common.model_path(name, data)).parity)
 
 
 def render_md(res: dict) -> str:

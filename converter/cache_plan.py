@@ -61,6 +61,20 @@ class AttentionShape:
         return cls(layers, kv_heads, d_h)
 
 
+def original_shape(folder) -> AttentionShape:
+    """The attention shape of a GQA checkpoint folder: from its config.json where that stores every field, else
+    from transformers' config class (which fills the defaults it leaves out)."""
+    import json
+    from pathlib import Path
+
+    shape = AttentionShape.of_json(json.loads((Path(folder) / "config.json").read_text()))
+    if shape is None:
+        from transformers import AutoConfig
+
+        shape = AttentionShape.of_config(AutoConfig.from_pretrained(folder))
+    return shape
+
+
 def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int:
     """Total per-token cache values over all layers; refuses anything above parity."""
     parity = num_layers * original_per_layer

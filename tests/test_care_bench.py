@@ -98,6 +98,24 @@ def test_report_files_and_kv_tokens(bench):
         assert (report / name).is_file(), name
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
+def test_an_originals_cache_size_follows_its_config_class(tmp_path, model_type):
+    """The report's cache values per token of a GQA original whose config.json leaves head_dim (and, for one,
+    the KV-head count) to its config class: transformers' values (Qwen3's default head_dim is 128, not
+    hidden / heads; an absent num_key_value_heads is the query-head count)."""
+    from transformers import AutoConfig
+
+    from care_vllm.loadtest.cli import _cache_values
+
+    raw = {"model_type": model_type, "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 3,
+           "vocab_size": 1000, **({} if model_type == "mistral" else {"num_key_value_heads": 2})}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert _cache_values(tmp_path) == 3 * 2 * cfg.num_key_value_heads * head_dim
+    assert (model_type != "qwen3") or head_dim == 128   # (the case hidden / heads got wrong)
+
+
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts",
                                   "missing_dataset", "range_ratio_of_1", "range_ratio_with_prefix",
                                   "concurrency_0", "output_len_0", "request_rate_word", "ppl_seqlen_1"])

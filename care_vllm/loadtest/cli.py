@@ -66,12 +66,17 @@ def _served_name(base_url: str) -> str:
     return json.loads(fetch(f"{base_url}/v1/models"))["data"][0]["id"]
 
 
-def _cache_values(path: Path) -> int | None:
+def _cache_values(path: Path) -> int:
+    """KV-cache values one token costs over all layers: the latent widths of a care_mla checkpoint, else the
+    original's 2 x KV heads x head_dim per layer, with the fields config.json leaves out as its config class
+    fills them (Qwen3's absent head_dim is 128, not hidden / heads)."""
+    from converter.cache_plan import original_shape
+
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") == "care_mla":
         return sum(k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"]))
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim
+    shape = original_shape(path)
+    return shape.num_layers * shape.parity
 
 
 def _label(path: Path) -> str:
