@@ -13,6 +13,7 @@ refusals earlier.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from . import gguf_cache
@@ -43,7 +44,18 @@ def stored_config(spec: str | Path, revision: str | None = None) -> tuple[Path, 
 def gguf_config(path: Path) -> dict | None:
     """The config.json fields a .gguf file's metadata gives, as transformers and converter/gguf_meta.py read them
     (the head dimension is `<arch>.attention.key_length` where written; the vocabulary is `<arch>.vocab_size`, else
-    the tokenizer's token count), or None where the reader cannot parse it. Absent keys are None."""
+    the tokenizer's token count), or None where the reader cannot parse it. Absent keys are None.
+
+    Remembered per file (path, size, modification time): care-heal checks its teacher in the CLI, before torch
+    is imported, and again in heal() for callers of the function, and reading SmolLM2's metadata takes ~2 s."""
+    stat = Path(path).stat()
+    found = _gguf_config(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return None if found is None else dict(found)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> dict | None:
+    """gguf_config of one version of a file (the size and time are only the cache key)."""
     from gguf import GGUFReader   # (numpy only)
 
     try:

@@ -48,6 +48,20 @@ def test_a_gguf_sources_metadata_gives_the_recorded_shape(tmp_path, calib_file):
     assert metadata == recorded == shape_of_config(AutoConfig.from_pretrained(folder))
 
 
+def test_gguf_metadata_is_read_again_when_the_file_changes(tmp_path):
+    """gguf_config remembers a file's metadata (care-heal reads its teacher's twice): a file rewritten in place
+    with another model is read anew, and the dict returned is the caller's own."""
+    from tests.gguf_files import write_gguf
+
+    gguf = tmp_path / "model.gguf"
+    write_gguf(make_tiny_original(tmp_path / "two", "llama", num_layers=2, rope=PLAIN_ROPE), gguf)
+    first = gguf_config(gguf)
+    first["num_hidden_layers"] = None   # (a caller's edit must not reach the remembered copy)
+    assert gguf_config(gguf)["num_hidden_layers"] == 2
+    write_gguf(make_tiny_original(tmp_path / "three", "llama", num_layers=3, rope=PLAIN_ROPE), gguf)
+    assert gguf_config(gguf)["num_hidden_layers"] == 3
+
+
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_fields_a_config_json_leaves_out_are_not_compared(tmp_path, model_type):
     """A field config.json leaves to the config class's default is None (not compared before loading); every
