@@ -102,7 +102,7 @@ def test_report_files_and_kv_tokens(bench):
 def test_an_originals_cache_size_follows_its_config_class(tmp_path, model_type):
     """The report's cache values per token of a GQA original whose config.json leaves head_dim (and, for one,
     the KV-head count) to its config class: transformers' values (Qwen3's default head_dim is 128, not
-    hidden / heads; an absent num_key_value_heads is the query-head count)."""
+    hidden / heads; Mistral's absent num_key_value_heads is 8, whatever the query-head count)."""
     from transformers import AutoConfig
 
     from care_vllm.loadtest.cli import _cache_values
