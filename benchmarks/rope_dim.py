@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import sweep  # noqa: E402
 
-from converter.cache_plan import original_shape  # noqa: E402
+from converter.cache_plan import AttentionShape  # noqa: E402
 
 
 def build_parser():
@@ -41,7 +41,7 @@ def build_parser():
 
 def per_layer_budget(name: str, ratio: float, data: Path) -> int:
     """Values per token per layer the budget allows (care-convert's arithmetic: ratio x 2 g d_h)."""
-    return int(ratio * original_shape(common.model_path(name, data)).parity)
+    return int(ratio * AttentionShape.of_folder(common.model_path(name, data)).parity)
 
 
 def render_md(res: dict) -> str:

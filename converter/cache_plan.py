@@ -9,8 +9,10 @@ shape cannot be read up front (a repo id not in the local Hugging Face cache).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ConversionError
 from .options import Options
@@ -60,19 +62,16 @@ class AttentionShape:
             return None
         return cls(layers, kv_heads, d_h)
 
+    @classmethod
+    def of_folder(cls, folder: str | Path) -> AttentionShape:
+        """Of a GQA checkpoint folder: of_json where its config.json stores every field, else of_config of
+        transformers' config class (which fills the defaults it leaves out; imported only then)."""
+        shape = cls.of_json(json.loads((Path(folder) / "config.json").read_text()))
+        if shape is None:
+            from transformers import AutoConfig
 
-def original_shape(folder) -> AttentionShape:
-    """The attention shape of a GQA checkpoint folder: from its config.json where that stores every field, else
-    from transformers' config class (which fills the defaults it leaves out)."""
-    import json
-    from pathlib import Path
-
-    shape = AttentionShape.of_json(json.loads((Path(folder) / "config.json").read_text()))
-    if shape is None:
-        from transformers import AutoConfig
-
-        shape = AttentionShape.of_config(AutoConfig.from_pretrained(folder))
-    return shape
+            shape = cls.of_config(AutoConfig.from_pretrained(folder))
+        return shape
 
 
 def cache_budget(opts: Options, num_layers: int, original_per_layer: int) -> int:

@@ -70,12 +70,12 @@ def _cache_values(path: Path) -> int:
     """KV-cache values one token costs over all layers: the latent widths of a care_mla checkpoint, else the
     original's 2 x KV heads x head_dim per layer, with the fields config.json leaves out as its config class
     fills them (Qwen3's absent head_dim is 128, not hidden / heads)."""
-    from converter.cache_plan import original_shape
+    from converter.cache_plan import AttentionShape
 
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") == "care_mla":
         return sum(k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"]))
-    shape = original_shape(path)
+    shape = AttentionShape.of_folder(path)
     return shape.num_layers * shape.parity
 
 
