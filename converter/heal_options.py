@@ -147,7 +147,9 @@ def check_inputs(converted: Path, out: Path, teacher: str, text_files: list, opt
     check_teacher(str(teacher), converted, src_cfg)
     if out.resolve() == converted.resolve():
         raise HealError("OUT must differ from CONVERTED")
-    prepare_out(out, opts.overwrite)
+    prepare_out(out, opts.overwrite, [("converted checkpoint", converted), ("teacher", teacher),
+                                      *(("--text file", f) for f in text_files),
+                                      *(("--eval-text file", f) for f in opts.eval_text or ())])
     work = partial_dir(out)
     if opts.resume:
         if not (work / "checkpoint" / "trainer_state.pt").is_file():

@@ -40,7 +40,7 @@ def check_request(adapter: Path, checkpoint: Path, out: Path, source: str | None
                   overwrite: bool) -> tuple[dict, str, str | None]:
     """OUT, the adapter's config and the converted checkpoint: (the checkpoint's config, the source model,
     its revision), the source being what the checkpoint's care_report.json records unless `source` is given."""
-    prepare_out(out, overwrite)
+    prepare_out(out, overwrite, [("adapter", adapter), ("checkpoint", checkpoint), ("source", source)])
     cfg = read_converted_config(checkpoint)
     if cfg.get("num_experts"):
         raise ConversionError(f"{checkpoint}: a MoE checkpoint; LoRA adapters are carried over for dense models only")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import (allocate, assemble, attention_weights, cache_plan, calib_data, calibrate, factorize, joint_latent,
                kshare_auto, load, model_card, refit, rope_map, source_rope, write)
 from .cache_plan import AttentionShape
-from .cli_checks import prepare_out
+from .cli_checks import convert_inputs, prepare_out
 from .errors import ConversionError
 from .options import AUTO, Options
 from .plot import plot_ranks
@@ -112,7 +112,7 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     opts = Options(**kw)
     opts.validate()
     out = Path(out)
-    prepare_out(out, opts.overwrite)
+    prepare_out(out, opts.overwrite, convert_inputs(src, calib_files, opts.stats_cache))
     timer = Timer()
     with timer.stage("load"):
         docs = calib_data.read_texts(list(calib_files))
@@ -135,7 +135,7 @@ def convert_source(source: load.Source, windows: torch.Tensor, out: str | Path, 
     this directly with random-weight models); `convert()` is the file-based entry point."""
     opts.validate()
     out = Path(out)
-    prepare_out(out, opts.overwrite)
+    prepare_out(out, opts.overwrite, convert_inputs(source.name, [], opts.stats_cache))
     return _convert_loaded(source, windows, out, opts, Timer(),
                            {"stats_version": calibrate.STATS_VERSION, "source": source.name}, [])
 

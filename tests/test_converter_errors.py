@@ -406,6 +406,32 @@ def test_existing_out_needs_overwrite(tiny, tmp_path):
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
 
 
+def test_overwrite_never_deletes_an_input(tiny, tmp_path):
+    """--overwrite replaces OUT by renaming it away and deleting it: an OUT that is the source, or a folder holding
+    the source or a calibration file, is refused (before torch is imported, and by convert() itself), and every
+    input file is left as it was. Before, `care-convert model model --overwrite` replaced the original by its
+    conversion."""
+    from converter.errors import ConversionError
+    from converter.pipeline import convert
+
+    _, src, calib = tiny
+    models = tmp_path / "models"
+    shutil.copytree(src, models / "orig")
+    shutil.copy(calib, models / "calib.txt")
+    before = {f: f.read_bytes() for f in models.rglob("*") if f.is_file()}
+    cases = [(models / "orig", models / "orig", calib, "the source", "it is OUT"),
+             (models, models / "orig", calib, "the source", "it is inside OUT"),
+             (models, src, models / "calib.txt", "the calibration file", "it is inside OUT")]
+    for out, source, cal, role, where in cases:
+        proc, torch_imported = run_main_alone("converter.cli", source, out, "--calib", cal, "--overwrite")
+        assert proc.returncode == 2 and f"--overwrite would delete {role}" in proc.stderr, proc.stderr
+        assert where in proc.stderr and not torch_imported
+        with pytest.raises(ConversionError, match=f"--overwrite would delete {role}"):
+            convert(source, out, calib_files=[cal], overwrite=True)
+    assert {f: f.read_bytes() for f in models.rglob("*") if f.is_file()} == before
+    assert not list(tmp_path.rglob(".*.tmp-*"))
+
+
 def test_same_inputs_give_identical_checkpoint(tiny, tmp_path):
     _, src, calib = tiny
     outs = [tmp_path / "a", tmp_path / "b"]

@@ -282,6 +282,15 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
     assert run() == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep").read_text() == "x"
+    # --overwrite deletes OUT: an OUT holding an input is refused (converter/cli_checks.py prepare_out)
+    shutil.copy(train, out / "train.txt")
+    a = heal_args(tiny, out, "--overwrite")
+    a[a.index("--text") + 1] = str(out / "train.txt")
+    assert heal_cli.main(a) == 2
+    assert f"--overwrite would delete the --text file {out / 'train.txt'}: it is inside OUT" in capsys.readouterr().err
+    assert heal_cli.main(heal_args(tiny, root, "--overwrite")) == 2
+    assert f"would delete the converted checkpoint {conv}: it is inside OUT" in capsys.readouterr().err
+    assert (out / "keep").read_text() == "x" and (conv / "config.json").is_file()
 
 
 def test_diverged_training_writes_nothing(tiny, tmp_path, capsys):

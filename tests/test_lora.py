@@ -254,6 +254,10 @@ def test_refusals_write_nothing(lossy_case, tmp_path):
     target.mkdir()
     proc = convert_lora(adapter, out, target)
     assert proc.returncode == 2 and "already exists" in proc.stderr
+    inside = _copy(adapter, target / "adapter")      # --overwrite would delete it with OUT
+    proc = convert_lora(inside, out, target, "--overwrite")
+    assert proc.returncode == 2 and f"would delete the adapter {inside}: it is inside OUT" in proc.stderr
+    assert (inside / "adapter_config.json").is_file()
 
 
 def test_a_mistyped_path_is_refused_before_torch_is_imported(lossy_case, tmp_path):
