@@ -67,14 +67,16 @@ def _served_name(base_url: str) -> str:
 
 
 def _cache_values(path: Path) -> int:
-    """KV-cache values one token costs over all layers: the latent widths of a care_mla checkpoint, else the
-    original's 2 x KV heads x head_dim per layer, with the fields config.json leaves out as its config class
-    fills them (Qwen3's absent head_dim is 128, not hidden / heads)."""
+    """KV-cache values one token costs over all layers: the latent widths of a care_mla checkpoint (as its config
+    class counts them), else the original's 2 x KV heads x head_dim per layer, with the fields config.json leaves
+    out as its config class fills them (Qwen3's absent head_dim is 128, not hidden / heads)."""
     from converter.cache_plan import AttentionShape
 
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") == "care_mla":
-        return sum(k + v + cfg["qk_rope_head_dim"] for k, v in zip(cfg["k_ranks"], cfg["v_ranks"]))
+        from model_defs.configuration_care import CareMLAConfig
+
+        return CareMLAConfig.from_dict(cfg).cache_values_per_token()
     shape = AttentionShape.of_folder(path)
     return shape.num_layers * shape.parity
 
