@@ -74,6 +74,7 @@ from .heal_state import load_checkpoint_weights, load_trainer_state, save_checkp
 from .model_card import add_healing
 from .plot import plot_heal_curve
 from .source_match import mismatch, shape_of_config
+from .versions import recorded_versions
 from .write import replace_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
@@ -215,7 +216,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
            "trainable_parameters": sum(p.numel() for _, p in trainable),
            "kv_split_layers": len(split_masks),
            "steps": [], "eval": [], "teacher_ppl": None, "tokens_seen": 0, "seconds": 0.0,
-           "resumed_at_steps": []}
+           "resumed_at_steps": [], "versions": recorded_versions()}
     step = 0
     if opts.resume:
         load_checkpoint_weights(ckpt, student)
@@ -227,6 +228,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         state = None
         log["resumed_at_steps"].append(step)
         log["args"].update(save_every=opts.save_every, stop_after=opts.stop_after, resume=True)
+        log["versions"] = recorded_versions()   # (what finished the run)
     work.mkdir(exist_ok=True)
 
     def evaluate(at: int) -> None:

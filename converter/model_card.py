@@ -109,6 +109,7 @@ def _body(name: str, config: dict, report: dict, base_model: str | None, metadat
     licence = "the source's license applies" + (f" (`{metadata['license']}`)" if metadata.get("license") else "")
     licence += (f"; its license files are copied here: {', '.join(f'`{n}`' for n in license_names)}."
                 if license_names else ".")
+    written_by = report.get("versions", {}).get("care-vllm") or "(version unknown: not installed)"
     return f"""# {name}
 
 {source} ({arch}) converted from grouped-query attention to multi-head latent attention (MLA) with the
@@ -122,7 +123,8 @@ fitted to the model's activations, plus a small shared RoPE key.
 
 Conversion: method `{care['method']}`, objective `{care['objective']}`, ranks `{care['rank_policy']}` ({split}),
 {care['rope_dim']} RoPE dims, {refit}; calibrated on {calib['samples']} windows of {calib['seqlen']}
-tokens ({files}). Per-layer ranks and activation errors: `care_report.json`, `care_ranks.png`.
+tokens ({files}), with care-vllm {written_by}. Per-layer ranks and activation errors: `care_report.json`,
+`care_ranks.png`.
 A one-shot conversion loses some quality against the original until it is healed (`care-heal`).
 
 ## Use

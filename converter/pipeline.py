@@ -32,6 +32,7 @@ from .cli_checks import convert_inputs, prepare_out
 from .errors import ConversionError
 from .options import AUTO, Options
 from .plot import plot_ranks
+from .versions import installed_version, recorded_versions
 
 MODEL_TYPE = "care_mla"
 # Qwen3-MoE config fields carried over unchanged (the sparse MLP is copied as it is)
@@ -389,6 +390,7 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                            if opts.latent == "joint" and opts.objective == "attention" else {}),
                         "dtype": opts.dtype},
             "seconds": timer.seconds,
+            "versions": recorded_versions(),
         }
         with timer.stage("write"):
             shards.close()
@@ -506,6 +508,7 @@ def _config(source, cfg, opts, d_h, d_r, k_ranks, v_ranks, inv_freq, src_name) -
         "source_model": src_name,
         "source_revision": source.revision,
         "source_architecture": cfg.architectures[0] if cfg.architectures else None,
+        "care_vllm_version": installed_version("care-vllm"),   # (as transformers records transformers_version)
         **(moe_config(cfg) if source.num_experts else {}),
         "care": {"method": opts.method, "objective": opts.objective, "rank_policy": opts.ranks,
                  **({"latent": "joint"} if opts.latent == "joint" else {}),

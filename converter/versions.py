@@ -1,4 +1,5 @@
-"""`--version` of the command-line tools (care-convert, care-eval, care-heal, care-bench).
+"""`--version` of the command-line tools (care-convert, care-eval, care-heal, care-bench), and the versions an
+output records of what wrote it.
 
 What a bug report needs in one line: care-vllm's version, the versions of the libraries a conversion
 or a served checkpoint depends on, and whether the installed vLLM is in the range the plugin accepts
@@ -19,6 +20,12 @@ def installed_version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def recorded_versions() -> dict[str, str | None]:
+    """What an output records of the software that wrote it (care_report.json and heal_log.json "versions"):
+    care-vllm, torch and transformers as installed; None where one is not installed (run from a source tree)."""
+    return {dist: installed_version(dist) for dist in ("care-vllm", *LIBRARIES)}
 
 
 def vllm_text() -> str:

@@ -229,6 +229,8 @@ def test_resume_equals_uninterrupted(tiny, healed):
     assert la["steps"] == lb["steps"]
     assert la["eval"] == lb["eval"] and la["teacher_ppl"] == lb["teacher_ppl"]
     assert lb["resumed_at_steps"] == [5]
+    # what wrote the log (a resumed run: what finished it; converter/versions.py recorded_versions)
+    assert la["versions"] == lb["versions"] and lb["versions"]["torch"] == torch.__version__
 
 
 def _refused(capsys, rc, out: Path, *needles):

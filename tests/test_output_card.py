@@ -61,6 +61,26 @@ def test_card_keeps_the_source_licence_and_states_the_cache(converted):
     assert str(src.parent) not in card.text          # no local paths in a card meant for publishing
 
 
+def test_the_output_names_the_software_that_wrote_it(converted):
+    """config.json, care_report.json and the card name the care-vllm that wrote the checkpoint (for a bug report on
+    a checkpoint made elsewhere), and the report the torch and transformers it ran with. References: the version
+    pyproject.toml declares and the modules' own __version__."""
+    import tomllib
+
+    import torch
+    import transformers
+
+    from tests.vllm_server import ROOT
+
+    _, out = converted
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    cfg, report = (json.loads((out / name).read_text()) for name in ("config.json", "care_report.json"))
+    assert cfg["care_vllm_version"] == declared
+    assert report["versions"] == {"care-vllm": declared, "torch": torch.__version__,
+                                  "transformers": transformers.__version__}
+    assert f"with care-vllm {declared}." in " ".join(ModelCard.load(out / "README.md").text.split())
+
+
 def test_source_readme_without_metadata_gives_a_card_without_licence(tmp_path, calib_file):
     src = make_tiny_original(tmp_path / "orig", "llama", num_layers=2)
     (src / "README.md").write_text("# Just prose, no YAML header\n")
