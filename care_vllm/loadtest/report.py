@@ -106,6 +106,15 @@ def _reset_line(o: dict, c: dict) -> str:
             f"an earlier level")
 
 
+def _versions_line(report: dict) -> str:
+    """Which vLLM (and care-vllm, torch) served the models started here: a run is only comparable with another on
+    the same versions. (A report.json from before it was recorded has none.)"""
+    v = report.get("machine", {}).get("versions")
+    if not v:
+        return "- versions: not recorded"
+    return f"- versions: vllm {v.get('vllm')}, care-vllm {v.get('care-vllm')}, torch {v.get('torch')}"
+
+
 def summary_markdown(report: dict) -> str:
     o, c = report["models"]["original"], report["models"]["converted"]
     wl = report["workload"]
@@ -120,6 +129,7 @@ def summary_markdown(report: dict) -> str:
         f"- KV values per token (all layers): original {o.get('cache_values_per_token')}, "
         f"converted {c.get('cache_values_per_token')}",
         _reset_line(o, c),
+        _versions_line(report),
         "", "| concurrency | model | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | prefix-cache hits |",
         "|---|---|---|---|---|---|",
     ]
