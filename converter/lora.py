@@ -27,6 +27,7 @@ from .errors import ConversionError
 from .lora_checks import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_request, read_adapter_config
 from .lora_map import (Delta, Fit, map_columns, map_per_head, map_rows, padded, per_head_fits, solve,
                        solve_input_side, solve_scale, stack_rows)
+from .versions import recorded_versions
 
 REPORT = "care_lora_report.json"
 # vLLM's --max-lora-rank choices (vllm/config/lora.py MaxLoRARanks)
@@ -291,6 +292,7 @@ def convert_adapter(adapter: str | Path, checkpoint: str | Path, out: str | Path
             "worst_exact_residual": float(f"{converted.worst_exact_residual:.3g}"),
             "approximate": converted.approximate,
             "seconds": round(time.time() - t0, 1),
+            "versions": recorded_versions(),
         }
         (tmp / REPORT).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -120,7 +120,8 @@ def test_converted_adapter_is_a_plain_peft_lora(exact_case):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == cfg["lora_alpha"] == summary["rank"]
     tensors = load_file(converted / "adapter_model.safetensors")
     assert all(t.shape[0] == summary["rank"] for n, t in tensors.items() if ".lora_A." in n)
-    assert (converted / "care_lora_report.json").is_file()
+    report = json.loads((converted / "care_lora_report.json").read_text())
+    assert report["versions"]["torch"] == torch.__version__ and report["rank"] == summary["rank"]
 
 
 def test_a_qwen3_joint_latent_carries_an_adapter_as_separate_latents_do(tmp_path, calib_file):
