@@ -23,9 +23,9 @@ def installed_version(dist: str) -> str | None:
 
 
 def recorded_versions(with_vllm: bool = False) -> dict[str, str | None]:
-    """What an output records of the software that wrote it (care_report.json and heal_log.json "versions"; with
-    vLLM's, care-bench's report.json): care-vllm, torch and transformers as installed; None where one is not
-    installed (run from a source tree)."""
+    """What an output records of the software that wrote it ("versions" of care_report.json, heal_log.json and
+    care_lora_report.json; with vLLM's, care-bench's report.json): care-vllm, torch and transformers as installed;
+    None where one is not installed (run from a source tree)."""
     versions = {dist: installed_version(dist) for dist in ("care-vllm", *LIBRARIES)}
     return {**versions, "vllm": vllm_version()} if with_vllm else versions
 
