@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 VOCAB = 16384
@@ -93,6 +94,15 @@ def inv_freq(cfg: dict):
     return rot.inv_freq.float()
 
 
+def _installed_care_vllm() -> str | None:
+    """config.json's care_vllm_version, as care-convert records it (converter/versions.py; not imported, for the
+    reason above): None where care-vllm is not installed (the GPU runbook may run from the tree)."""
+    try:
+        return metadata.version("care-vllm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int = 64) -> dict:
     """care_mla config.json for a source shape and per-layer ranks (rope on the rope_dim/2 fastest pairs)."""
     d_h = cfg["head_dim"]
@@ -122,6 +132,7 @@ def care_config(cfg: dict, k_ranks: list[int], v_ranks: list[int], rope_dim: int
                                        rope_theta=cfg["rope_theta"]),
         "source_model": f"random {cfg['model_type']} shape", "source_revision": None,
         "source_architecture": cfg["architectures"][0],
+        "care_vllm_version": _installed_care_vllm(),
         **{k: cfg[k] for k in MOE_CONFIG_KEYS if "num_experts" in cfg},
         "care": {"method": "care", "objective": "kv", "rank_policy": "given", "o_proj_refit": False,
                  "o_proj_refit_ridge": None, "kv_ratio": round(total / parity, 6),
