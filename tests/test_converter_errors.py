@@ -428,6 +428,9 @@ def test_overwrite_never_deletes_an_input(tiny, tmp_path):
         assert where in proc.stderr and not torch_imported
         with pytest.raises(ConversionError, match=f"--overwrite would delete {role}"):
             convert(source, out, calib_files=[cal], overwrite=True)
+    # without --overwrite the same refusal, not the advice to pass it
+    proc, _ = run_main_alone("converter.cli", models / "orig", models / "orig", "--calib", calib)
+    assert proc.returncode == 2 and "would delete the source" in proc.stderr and "pass --overwrite" not in proc.stderr
     assert {f: f.read_bytes() for f in models.rglob("*") if f.is_file()} == before
     assert not list(tmp_path.rglob(".*.tmp-*"))
 
