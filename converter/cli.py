@@ -2,7 +2,8 @@
 
 Bad input exits with code 2 and one line naming the problem (no traceback, no OUT on disk), before torch is
 imported where no model is needed to see it (the paths, OUT, the options: converter/options.py; what the
-source's config.json says of them: converter/source_checks.py); Ctrl-C exits 130 and also leaves no OUT.
+source's config.json says of them: converter/source_checks.py); Ctrl-C exits 130 and also leaves no OUT, and so do
+SIGTERM (exit 143) and SIGHUP (129): converter/interrupts.py.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from .cache_plan import cache_shape
 from .errors import ConversionError, run_tool
+from .interrupts import stops_cleanly
 from .options import (AUTO, CALIB_DTYPES, DTYPE_NAMES, LATENTS, METHODS, OBJECTIVES, POLICIES, RIDGE, SCORE_TOKENS,
                       Options)
 from .source_checks import check_stored_source
@@ -180,6 +182,7 @@ def check_before_loading(args: argparse.Namespace, opts: Options) -> None:
         cache_shape(opts, shape)
 
 
+@stops_cleanly("care-convert")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kw = {k: v for k, v in vars(args).items() if k not in ("src", "out", "calib")}

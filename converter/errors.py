@@ -15,15 +15,18 @@ class HealError(ConversionError):
 
 def run_tool(prog: str, action):
     """Run a command-line tool's work: (its result, 0); or (None, 2) after one line naming the problem of a
-    ConversionError; or (None, 130) after Ctrl-C. Only for tools that write their output atomically
+    ConversionError; or (None, 128 + the signal's number) after Ctrl-C, or after SIGTERM or SIGHUP under
+    converter/interrupts.py's stops_cleanly. Only for tools that write their output atomically
     (converter/write.py atomic_dir), which is why an interrupted run can say that nothing was written."""
     import sys
+
+    from .interrupts import describe, exit_code
 
     try:
         return action(), 0
     except ConversionError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return None, 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
-        return None, 130
+    except KeyboardInterrupt as e:
+        print(f"{prog}: {describe(e)}; nothing was written", file=sys.stderr)
+        return None, exit_code(e)

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from . import budget_sweep
 from .cli import overrides_arg
 from .errors import ConversionError
+from .interrupts import stops_cleanly
 from .versions import add_version_flag
 
 EXIT_USAGE = 2
@@ -257,6 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@stops_cleanly("care-eval")
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

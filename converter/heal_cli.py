@@ -3,8 +3,8 @@ converter.heal.heal (the healing fine-tune; its module docstring says what it do
 
 Bad input exits with code 2 and one line naming the problem, and leaves neither OUT nor OUT.partial/. What
 can be checked without a model (converter/heal_options.py) is checked before torch is imported, so that a
-mistyped path or option is answered at once. Ctrl-C exits 130 and keeps OUT.partial/ only when it holds a
-checkpoint to --resume from.
+mistyped path or option is answered at once. Ctrl-C exits 130 (SIGTERM 143, SIGHUP 129: converter/interrupts.py)
+and keeps OUT.partial/ only when it holds a checkpoint to --resume from.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import ConversionError
 from .heal_options import KV_BLOCKS, TRAIN, HealOptions, check_inputs, parse_tokens, partial_dir
+from .interrupts import describe, exit_code, stops_cleanly
 from .versions import add_version_flag
 
 PROG = "care-heal"
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stops_cleanly(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kw = {k: v for k, v in vars(args).items() if k not in ("converted", "out", "teacher", "text")}
@@ -80,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; OUT was not written"
+    except KeyboardInterrupt as e:   # (Ctrl-C, or SIGTERM/SIGHUP: stops_cleanly)
+        print(f"{PROG}: {describe(e)}; OUT was not written"
               + (" (resume with --resume)" if (partial_dir(Path(args.out)) / "checkpoint").is_dir() else ""),
               file=sys.stderr)
-        return 130
+        return exit_code(e)
     summary = {"out": args.out, "steps": len(log["steps"]), "tokens_seen": log["tokens_seen"],
                "first_loss": log["steps"][0]["loss"] if log["steps"] else None,
                "last_loss": log["steps"][-1]["loss"] if log["steps"] else None,

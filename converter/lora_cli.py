@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import run_tool
+from .interrupts import stops_cleanly
 from .lora_checks import check_request
 from .versions import add_version_flag
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stops_cleanly("care-convert-lora")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _, code = run_tool("care-convert-lora", lambda: check_request(Path(args.adapter), Path(args.checkpoint),

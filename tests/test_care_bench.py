@@ -9,14 +9,19 @@ greedy agreement must be exact and held-out perplexity equal. Also checked: ever
 at every level, both servers found the shared prefix in their prefix cache (for the converted model
 that needs care_vllm/cpu_scheduling.py) but each level only within itself (the cache is emptied
 between levels, which send the same prompts), the KV-cache tokens the report gives are the budget over
-the bytes a token takes, and the summary, plots and raw `vllm bench serve` results are written.
+the bytes a token takes, and the summary, plots and raw `vllm bench serve` results are written. And
+SIGTERM, while a server starts or a level runs, stops the server before care-bench exits.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +38,8 @@ HEAD_DIM = 32
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, calib_file):
+def pair(tmp_path_factory, calib_file):
+    """(a tiny GQA original, its exact conversion)."""
     from converter.pipeline import convert
 
     root = tmp_path_factory.mktemp("care_bench")
@@ -41,14 +47,26 @@ def bench(tmp_path_factory, calib_file):
     out = root / "mla"
     convert(src, out, calib_files=[calib_file], kv_ratio=1.0, rope_dim=2 * HEAD_DIM, calib_samples=8,
             calib_seqlen=64, ranks="uniform")
-    report = root / "report"
-    cmd = [sys.executable, "-m", "care_vllm.loadtest.cli", str(src), str(out), str(report),
-           "--concurrency", "1", "2", "--num-prompts", str(PROMPTS), "--prefix-len", str(PREFIX),
-           "--input-len", str(OWN), "--output-len", "8", "--kv-cache-memory-bytes", str(KV_BYTES),
-           "--max-model-len", str(MAX_LEN), "--serve-args=--enforce-eager", "--agreement-tokens", "8",
-           "--ppl-text", str(calib_file), "--ppl-tokens", "1024", "--ppl-seqlen", "64"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    return src, out
+
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+
+
+def bench_command(src, out, report, *extra) -> list[str]:
+    return [sys.executable, "-m", "care_vllm.loadtest.cli", str(src), str(out), str(report),
+            "--num-prompts", str(PROMPTS), "--prefix-len", str(PREFIX), "--input-len", str(OWN), "--output-len", "8",
+            "--kv-cache-memory-bytes", str(KV_BYTES), "--max-model-len", str(MAX_LEN), "--serve-args=--enforce-eager",
+            "--agreement-tokens", "8", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def bench(pair, calib_file):
+    src, out = pair
+    report = src.parent / "report"
+    cmd = bench_command(src, out, report, "--concurrency", "1", "2", "--ppl-text", calib_file, "--ppl-tokens", "1024",
+                        "--ppl-seqlen", "64")
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return report, json.loads((report / "report.json").read_text()), r.stdout
 
@@ -103,6 +121,61 @@ def test_report_files_and_kv_tokens(bench):
     assert f"- versions: vllm {versions['vllm']}, care-vllm {versions['care-vllm']}, torch {torch.__version__}" in summary
     for name in ("throughput.png", "latency.png", "kv_usage.png", "raw/original_c2.json", "raw/converted_c2.json"):
         assert (report / name).is_file(), name
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (process group, command line) of every process this user can see."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            found[int(d.name)] = (int(stat.rsplit(")", 1)[1].split()[2]), cmdline)
+    return found
+
+
+@pytest.mark.parametrize("when", ["starting", "benchmarking"])
+def test_sigterm_stops_the_server_it_started(pair, tmp_path, when):
+    """`timeout`, a scheduler's time limit or `docker stop` end care-bench with SIGTERM, which by default kills
+    Python without unwinding: the `vllm serve` it had started (in a session of its own, to be stopped as a process
+    group: engine core and workers) ran on, holding its port and the accelerator. Now care-bench stops it and
+    exits 143 with one line, whether the server was still starting or a level was running `vllm bench serve`
+    (converter/interrupts.py, care_vllm/loadtest/server.py)."""
+    src, out = pair
+    report = tmp_path / "report"
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(bench_command(src, out, report, "--concurrency", "1"), cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline, group = time.monotonic() + 600, None
+        while True:
+            assert proc.poll() is None, err.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not {when} after 600 s: {err.read_text()[-3000:]}"
+            servers = [g for g, cmd in _processes().values() if f" serve {src} --host" in cmd]   # (not bench serve)
+            group = servers[0] if servers else None
+            if group and (when == "starting" or "[care-bench] original: concurrency 1" in err.read_text()):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    left = {}
+    for _ in range(100):   # (stop() waits for `vllm serve`; its engine core may take a moment longer)
+        left = {pid: cmd for pid, (g, cmd) in _processes().items() if g == group or str(tmp_path) in cmd}
+        if not left:
+            break
+        time.sleep(0.1)
+    for pid in left:   # (so that a failure here does not leave them to the tests that follow)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 143, err.read_text()[-3000:]
+    assert err.read_text().strip().splitlines()[-1] == "care-bench: terminated (SIGTERM)"
+    assert not left, left
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])

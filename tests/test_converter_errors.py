@@ -446,16 +446,17 @@ def test_same_inputs_give_identical_checkpoint(tiny, tmp_path):
     assert (outs[0] / "config.json").read_text() == (outs[1] / "config.json").read_text()
 
 
-def _shell_like_sigint() -> None:
+def _shell_like_signals() -> None:
     """(preexec_fn) What an interactive shell gives a command it starts: SIGINT at its default disposition and
-    unblocked, whatever the test process inherited. In two parallel fresh-clone runs (never alone) the child
-    ran to the end and exited 0 after SIGINT, as it does when SIGINT reaches it ignored or blocked."""
+    SIGINT, SIGTERM and SIGHUP unblocked, whatever the test process inherited. In two parallel fresh-clone runs
+    (never alone) the child ran to the end and exited 0 after SIGINT, as it does when SIGINT reaches it ignored
+    or blocked."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 def _signal_masks(pid: int) -> str:
-    """The process's SigBlk/SigIgn/SigCgt lines (SIGINT is bit 0x2): for the failure message."""
+    """The process's SigBlk/SigIgn/SigCgt lines (SIGINT is bit 0x2, SIGTERM 0x4000): for the failure message."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
@@ -463,15 +464,19 @@ def _signal_masks(pid: int) -> str:
     return " ".join(ln for ln in lines if ln.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
-def test_ctrl_c_while_writing_leaves_nothing(tmp_path, calib_file):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_signal_while_writing_leaves_nothing(tmp_path, calib_file, sig, code, said):
     """Ctrl-C once the output is being written (its temporary folder exists: the refit and shards come
-    next) exits 130 with one line, and neither OUT nor the temporary folder is left."""
+    next) exits 130 with one line, and neither OUT nor the temporary folder is left. So does SIGTERM, how
+    `timeout`, a scheduler's time limit or `docker stop` end a run (exit 143): by default it kills Python
+    without unwinding, which left the temporary folder and the shards written so far (converter/interrupts.py)."""
     src = make_tiny_original(tmp_path / "orig", "llama", num_layers=24)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "converter.cli", str(src), str(out), "--calib", str(calib_file),
                              "--calib-samples", "64", "--calib-seqlen", "128"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_shell_like_sigint)
+                            preexec_fn=_shell_like_signals)
     try:
         deadline = time.monotonic() + 240
         while not list(tmp_path.glob(".out.tmp-*")):
@@ -479,12 +484,12 @@ def test_ctrl_c_while_writing_leaves_nothing(tmp_path, calib_file):
             assert time.monotonic() < deadline, "the temporary output folder never appeared"
             time.sleep(0.01)
         masks = f"child {_signal_masks(proc.pid)}; test process {_signal_masks(os.getpid())}"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, f"{masks}\n{err[-2000:]}"
-    assert err.strip().splitlines()[-1] == "care-convert: interrupted; nothing was written", err[-2000:]
+    assert proc.returncode == code, f"{masks}\n{err[-2000:]}"
+    assert err.strip().splitlines()[-1] == f"care-convert: {said}; nothing was written", err[-2000:]
     assert not out.exists() and not list(tmp_path.glob(".out.*")), list(tmp_path.iterdir())
 
 

@@ -9,13 +9,16 @@
 * kv_b_proj's zero blocks (keys reading c_V, values reading c_K) are trained by default, and vLLM
   serves the result with the joint latent; with `--kv-blocks keep` they stay exactly zero, so
   vLLM's CPU backend still decodes the healed layers with the key/value split;
-* a run stopped at a checkpoint and resumed equals the uninterrupted run, bit for bit;
+* a run stopped at a checkpoint and resumed equals the uninterrupted run, bit for bit, and so does one
+  ended by SIGTERM after a checkpoint;
 * bad input exits 2 with one line and leaves neither OUT nor OUT.partial behind.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,7 @@ from converter import heal_cli
 from converter.heal_data import pack_windows
 from converter.heal_options import parse_tokens
 from converter.pipeline import convert
-from tests.cli_run import assert_refused_by, run_main_alone
+from tests.cli_run import ROOT, assert_refused_by, run_main_alone
 from tests.tiny_models import make_tiny_original
 
 
@@ -231,6 +234,44 @@ def test_resume_equals_uninterrupted(tiny, healed):
     assert lb["resumed_at_steps"] == [5]
     # what wrote the log (a resumed run: what finished it; converter/versions.py recorded_versions)
     assert la["versions"] == lb["versions"] and lb["versions"]["torch"] == torch.__version__
+
+
+# care-heal in a process of its own that sends itself SIGTERM right after its first checkpoint is written: a
+# scheduler's preemption or time limit at a known step (one thread, as the reference run in this process)
+SIGTERM_AFTER_FIRST_CHECKPOINT = """
+import os, signal, sys
+import torch
+from converter import heal, heal_cli
+torch.set_num_threads(1)
+save = heal.save_checkpoint
+def save_then_sigterm(*args, **kwargs):
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+heal.save_checkpoint = save_then_sigterm
+sys.exit(heal_cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_keeps_the_checkpoint_and_resume_finishes_the_run(tiny, healed, tmp_path):
+    """SIGTERM (a scheduler's preemption or time limit, `timeout`) ends a `--save-every` run like Ctrl-C: exit
+    143 with one line that says to --resume, OUT.partial/ keeping the last checkpoint, no OUT, and `--resume`
+    then gives the uninterrupted run's weights. By default SIGTERM kills Python without unwinding
+    (converter/interrupts.py)."""
+    out = tmp_path / "out"
+    args = heal_args(tiny, out, "--eval-teacher", "--save-every", "3")
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_FIRST_CHECKPOINT, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "care-heal: terminated (SIGTERM); OUT was not written (resume with --resume)", proc.stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    state = torch.load(tmp_path / "out.partial" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3
+    assert heal_cli.main(args + ["--resume"]) == 0
+    a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((out / "heal_log.json").read_text())["resumed_at_steps"] == [3]
 
 
 def _refused(capsys, rc, out: Path, *needles):

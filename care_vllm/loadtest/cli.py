@@ -4,6 +4,7 @@ and the converted checkpoint, at several concurrencies, plus quality (perplexity
 Servers are started here one after the other (fair on a small machine: never two at once), or taken
 as running OpenAI-compatible base URLs (--original-url/--converted-url). Output folder: report.json
 (every number, every command line), throughput.png, latency.png, kv_usage.png, summary.md, raw/.
+Ctrl-C, SIGTERM (`timeout`, a scheduler's time limit) and SIGHUP stop the servers it started before it exits.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+
+from converter.interrupts import stops_cleanly   # (converter: the same distribution)
 
 from . import quality, report as report_mod
 from .server import VllmServer, fetch, kv_cache_tokens, reset_prefix_cache
@@ -177,6 +180,7 @@ def check_pair(original: str, converted: str) -> None:
         raise ValueError(problem)
 
 
+@stops_cleanly("care-bench")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)

@@ -319,7 +319,12 @@ class VllmServer:
         atexit.unregister(self.stop)
 
     def __enter__(self) -> "VllmServer":
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:   # Ctrl-C or SIGTERM while it starts: __exit__ will not run
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

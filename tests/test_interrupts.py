@@ -1,0 +1,99 @@
+"""converter/interrupts.py: under `stops_cleanly`, SIGTERM and SIGHUP unwind a tool like Ctrl-C.
+
+Real signals, sent to this process with os.kill while a decorated main runs: the exit code is the shell's
+128 + the signal's number, the tool says so in one line, a repeat during the cleanup does not cut it short,
+and the handlers the caller had are back afterwards. What the unwinding saves is tested where it happens:
+care-convert's temporary folder (test_converter_errors), care-heal's checkpoint (test_heal) and care-bench's
+servers (test_care_bench).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import threading
+import time
+import tomllib
+
+import pytest
+
+from converter.interrupts import Terminated, stops_cleanly
+from tests.cli_run import ROOT
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGHUP, 129, "terminated (SIGHUP)")])
+def test_a_signal_ends_main_with_one_line_and_its_exit_code(sig, code, said, capsys):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+    @stops_cleanly("care-test")
+    def main(argv=None):
+        os.kill(os.getpid(), sig)
+        time.sleep(30)
+        raise AssertionError("the signal did not interrupt main")
+
+    t0 = time.monotonic()
+    assert main([]) == code
+    assert time.monotonic() - t0 < 10
+    assert capsys.readouterr().err == f"care-test: {said}\n"
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_repeated_signal_does_not_cut_the_cleanup_short(capsys):
+    """`timeout -k`, systemd and `docker stop` may signal again; the cleanup (deleting a temporary folder,
+    stopping servers) runs to its end, and only then does main end."""
+    done = []
+
+    @stops_cleanly("care-test")
+    def main(argv=None):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except Terminated as e:
+            assert e.signum == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)   # (the handlers would run here)
+            done.append(True)
+            raise
+        return 0
+
+    assert main([]) == 143
+    assert done == [True]
+    assert capsys.readouterr().err == "care-test: terminated (SIGTERM)\n"
+
+
+def test_ctrl_c_is_answered_in_one_line_with_130(capsys):
+    @stops_cleanly("care-test")
+    def main(argv=None):
+        raise KeyboardInterrupt
+
+    assert main([]) == 130
+    assert capsys.readouterr().err == "care-test: interrupted\n"
+
+
+def test_outside_the_main_thread_the_default_handlers_stay():
+    """Python handles signals only in the main thread: a main called from another one runs unchanged."""
+    result = []
+
+    @stops_cleanly("care-test")
+    def main(argv=None):
+        result.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    t = threading.Thread(target=lambda: result.append(main([])))
+    t.start()
+    t.join()
+    assert result == [before, 0]
+
+
+def test_every_console_script_stops_cleanly():
+    """Each `care-*` command pyproject.toml installs is a main under stops_cleanly."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 5
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        main = getattr(importlib.import_module(module), func)
+        # (every function stops_cleanly returns shares the code of its inner `run`)
+        assert main.__code__ is stops_cleanly("x")(lambda argv=None: 0).__code__, name
