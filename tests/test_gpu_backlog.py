@@ -5,7 +5,8 @@ and a result key that perf.py really writes; an item counts as done exactly when
 is there (on a GPU: a perf run with exit code 0 and a measurement; a complete correctness file, pass
 or fail; a full-size conversion; never a CPU dry run); items that do not fit the time left are skipped without starting anything; the runner
 really starts the first pending item (conversion speed, toy size) and keeps its result; collect
-merges per-architecture correctness files and names the GPU.
+merges per-architecture correctness files and names the GPU; SIGTERM to the runner leaves no process of
+the sessions it started behind.
 """
 from __future__ import annotations
 
@@ -150,3 +151,50 @@ def test_collect_merges_correctness_per_architecture_and_names_the_gpu(tmp_path)
         assert f"| {name} |" in report
     assert "care576 / stock MLA 576 = 0.972 (within 5 %)" in report        # 700 / 720
     assert "best converted width care576 = 1.40x GQA (target >= 1.3x: met)" in report
+
+
+RUNNER = """
+import sys
+sys.path.insert(0, {gpu!r})
+import perf
+from pathlib import Path
+sys.exit(perf.stopping_cleanly(lambda argv=None: perf.run_logged(sys.argv[2:], Path(sys.argv[1]), 600), "runner")())
+"""
+
+
+def test_sigterm_to_a_runner_stops_the_groups_it_started_down_to_the_last(tmp_path):
+    """The device machine keeps a process of a session of its own running after its command has ended, on the
+    GPU, into the next call (the device README). backlog.py runs perf.py, and perf.py runs vLLM, each in a session
+    of its own (run_logged). SIGTERM to the outer runner alone, as a command stopped at its limit gets it, now
+    reaches the innermost process: each runner stops its group before it exits (143)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(gpu=str(ROOT / "benchmarks" / "gpu")))
+    pid_file = tmp_path / "innermost.pid"
+    innermost = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    cmd = [sys.executable, str(runner), str(tmp_path / "outer.log"),
+           sys.executable, str(runner), str(tmp_path / "inner.log"), sys.executable, "-c", innermost]
+    outer = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() or not pid_file.read_text():
+            assert outer.poll() is None and time.monotonic() < deadline, (tmp_path / "outer.log").read_text()
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        assert os.getsid(pid) != os.getsid(outer.pid)      # (the signal cannot reach it as a group member)
+        outer.send_signal(signal.SIGTERM)
+        assert outer.wait(timeout=60) == 143
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)
+        alive = Path(f"/proc/{pid}").exists()
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, "the innermost process outlived the runners"
+    finally:
+        outer.kill()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from perf import run_key, run_logged  # noqa: E402
+from perf import run_key, run_logged, stopping_cleanly  # noqa: E402
 RESULTS = HERE.parents[0] / "results" / "gpu"
 
 FULL_CALIBRATION_TOKENS = 256 * 2048          # the conversion-speed setting
@@ -294,4 +294,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping_cleanly(main, "backlog.py")())

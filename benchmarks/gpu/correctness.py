@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from care_vllm.loadtest.server import CARE_KV_LAYER  # noqa: E402  (the plugin's per-layer log line)
-from perf import device_name, run_logged  # noqa: E402  (same env, own process group: no engine core left on the GPU)
+from perf import device_name, run_logged, stopping_cleanly  # noqa: E402  (same env, own process group: no engine core left on the GPU)
 
 GEN_TOKENS = 32
 WORKER_TIMEOUT_S = 3600   # far beyond a device call; the timeout only guarantees the group is killed
@@ -340,4 +340,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping_cleanly(main, "correctness.py")())

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shapes  # noqa: E402
 
 OUTPUT_LEN = 512
+STOP_GRACE_S = 20   # an interrupted run's group: from SIGTERM to SIGKILL (vLLM stops its engine core in seconds)
 PROMPTS = {1024: 256, 8192: 160, 16384: 96}   # anchors: 160 @ 8K, 96 @ 16K (../shared/gpu/README.md)
 
 
@@ -122,7 +123,11 @@ def log_facts(text: str) -> dict:
 
 def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
     """Run `cmd` in its own process group with output to `log`; past `timeout` the whole group is
-    killed (vLLM's engine-core child must not keep the GPU for the next run). rc -9 = timed out."""
+    killed (vLLM's engine-core child must not keep the GPU for the next run). rc -9 = timed out.
+    Interrupted itself (Ctrl-C, or SIGTERM under main()'s stops_cleanly), it stops the group before it
+    returns: SIGTERM first, so that a child that is itself a runner (backlog.py runs perf.py) stops its own
+    groups, then SIGKILL. The device machine keeps a process of a session of its own running after the
+    command that started it has ended (the device README), on the GPU, into the next call."""
     import signal
 
     from care_vllm.loadtest.server import signal_group
@@ -136,6 +141,15 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
             proc.wait()
             f.write(f"\nKILLED by perf.py after {timeout:.0f} s\n")
             return -9
+        except BaseException:
+            signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            signal_group(proc.pid, signal.SIGKILL)   # (what is left of the group, e.g. an engine core)
+            proc.wait()
+            raise
 
 
 def device_name() -> str:
@@ -303,5 +317,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def stopping_cleanly(main, prog: str):
+    """`main` under converter/interrupts.py's stops_cleanly (SIGTERM unwinds it like Ctrl-C: run_logged then
+    stops its groups); the repository root goes on the path for it, as bench_env() gives it to the children."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from converter.interrupts import stops_cleanly
+
+    return stops_cleanly(prog)(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stopping_cleanly(main, "perf.py")())
