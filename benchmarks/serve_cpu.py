@@ -40,6 +40,7 @@ import common  # noqa: E402  (also puts the repo root on sys.path)
 from care_vllm.loadtest.server import (VllmServer, cache_config_info, fetch, prefix_cache_counters,  # noqa: E402
                                        prefix_cache_use, spec_decode_counters, spec_decode_use)
 from care_vllm.loadtest.workload import Workload, bench_command  # noqa: E402
+from converter.interrupts import stops_cleanly  # noqa: E402  (SIGTERM stops the servers, as in care-bench)
 
 PROMPT = "The three most important ideas in operating system design are"
 
@@ -415,4 +416,4 @@ def render_md(res: dict, order: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stops_cleanly("serve_cpu.py")(main)())
