@@ -43,17 +43,21 @@ def _raise_terminated(signum, frame):
 
 
 def stops_cleanly(prog: str):
-    """Decorator for a tool's `main(argv) -> int`. While main runs, SIGTERM and SIGHUP raise Terminated. An
+    """Decorator for a tool's `main(argv) -> int`. While main runs, SIGTERM and SIGHUP raise Terminated (one that
+    the caller ignores stays ignored: `nohup care-convert ...` outlives its terminal as before). An
     interruption that main does not answer itself ends the tool with one line ('care-bench: interrupted') and
     128 + the signal's number instead of a traceback. The previous handlers are restored when main returns (the
     tests call main in their own process)."""
     def wrap(main):
         @functools.wraps(main)
         def run(argv=None):
+            previous = {}
             try:
-                previous = {s: signal.signal(s, _raise_terminated) for s in SIGNALS}
+                for s in SIGNALS:
+                    if signal.getsignal(s) is not signal.SIG_IGN:   # (`nohup` ignores SIGHUP: it stays ignored)
+                        previous[s] = signal.signal(s, _raise_terminated)
             except ValueError:   # not the main thread, where Python cannot handle signals: defaults stay
-                previous = {}
+                pass
             try:
                 return main(argv)
             except KeyboardInterrupt as e:

@@ -63,6 +63,22 @@ def test_a_repeated_signal_does_not_cut_the_cleanup_short(capsys):
     assert capsys.readouterr().err == "care-test: terminated (SIGTERM)\n"
 
 
+def test_a_signal_the_caller_ignores_stays_ignored():
+    """`nohup care-convert ...` starts it with SIGHUP ignored, so that it outlives its terminal: it still does."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        @stops_cleanly("care-test")
+        def main(argv=None):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+            return 0
+
+        assert main([]) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_ctrl_c_is_answered_in_one_line_with_130(capsys):
     @stops_cleanly("care-test")
     def main(argv=None):
