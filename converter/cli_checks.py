@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,6 +37,32 @@ def prepare_out(out: Path, overwrite: bool, inputs: Iterable[tuple[str, str | Pa
             raise ConversionError(f"output {out} already exists (pass --overwrite to replace it)")
     if not out.parent.exists():
         raise ConversionError(f"parent folder of the output does not exist: {out.parent}")
+
+
+def check_free_space(out: Path, need: int, what: str, error: type[ConversionError] = ConversionError) -> None:
+    """Refuse an output that cannot fit: `need` bytes, a lower bound of what will be written, against the space
+    free on OUT's filesystem (the temporary folder is made beside OUT). Why: a full disk otherwise shows as an
+    OSError traceback at the very end, after the calibration (minutes to hours for a large model) or the whole
+    healing run. A lower bound, so that it never refuses a run that would have fit."""
+    folder = Path(out).absolute().parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise error(f"not enough disk space for {what}: {folder} has {_size(free)} free, and it needs more "
+                    f"than {_size(need)}; free some space or write OUT elsewhere")
+
+
+def tensor_bytes(folder: Path) -> int:
+    """The bytes of tensor data in a checkpoint folder's .safetensors files (each file less its 8-byte length and
+    its JSON header), read without torch."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            total += f.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
+    return total
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def convert_inputs(src: str | Path, calib_files: Iterable[str | Path],

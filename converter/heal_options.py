@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .calib_data import check_files
-from .cli_checks import check_device, prepare_out, read_converted_config, read_json
+from .cli_checks import check_device, check_free_space, prepare_out, read_converted_config, read_json, tensor_bytes
 from .errors import HealError
 
 TRAIN = ("attention", "all")     # --train: the MLA self_attn parameters only, or every parameter
@@ -148,6 +148,7 @@ def check_inputs(converted: Path, out: Path, teacher: str, text_files: list, opt
     prepare_out(out, opts.overwrite, [("converted checkpoint", converted), ("teacher", teacher),
                                       *(("--text file", f) for f in text_files),
                                       *(("--eval-text file", f) for f in opts.eval_text or ())])
+    check_free_space(out, tensor_bytes(converted), "the healed checkpoint", HealError)   # (its size: same tensors)
     work = partial_dir(out)
     if opts.resume:
         if not (work / "checkpoint" / "trainer_state.pt").is_file():

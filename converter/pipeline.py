@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import (allocate, assemble, attention_weights, cache_plan, calib_data, calibrate, factorize, joint_latent,
                kshare_auto, load, model_card, refit, rope_map, source_rope, write)
 from .cache_plan import AttentionShape
-from .cli_checks import convert_inputs, prepare_out
+from .cli_checks import check_free_space, convert_inputs, prepare_out
 from .errors import ConversionError
 from .options import AUTO, Options
 from .plot import plot_ranks
@@ -145,6 +145,9 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
                     stats_meta: dict, calib_files: list[str]) -> dict:
     """Everything after loading and tokenizing; the options and OUT were checked by the caller."""
     opts = dataclasses.replace(opts, dtype=output_dtype(opts, source.model))
+    # (not kept: calibration may move layers between devices, and references would hold the old copies)
+    check_free_space(Path(out), _bytes_in(_copied_tensors(source.model), DTYPES[opts.dtype]),
+                     "the converted checkpoint")
     src = source.name
     cfg = source.config
     n_layers, n_heads, g = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -468,6 +471,12 @@ def _copied_tensors(model) -> dict[int | None, list[tuple[str, torch.Tensor]]]:
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
         out[layer].append((name, t))
     return out
+
+
+def _bytes_in(copied: dict, dtype: torch.dtype) -> int:
+    """What the copied tensors take in the checkpoint (cast to its dtype): a lower bound of its size, known before
+    calibrating (the attention tensors are rebuilt at ranks decided later; streamed MoE experts are not counted)."""
+    return sum(t.numel() for tensors in copied.values() for _, t in tensors) * dtype.itemsize
 
 
 def _layer_report(l, rm, k_errors, v_errors, k_rank, v_rank, joint: bool = False) -> dict:

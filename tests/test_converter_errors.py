@@ -406,6 +406,32 @@ def test_existing_out_needs_overwrite(tiny, tmp_path):
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
 
 
+def test_an_out_that_cannot_fit_is_refused_before_calibrating(tiny, tmp_path, monkeypatch):
+    """Less space free on OUT's filesystem than the tensors the checkpoint copies from the source (a lower bound of
+    its size) is refused once the model is loaded, before calibrating (minutes to hours for a large model): on a
+    full disk the run failed at the very end, with an OSError traceback while writing. The free space the OS reports
+    is set here (a test cannot fill a filesystem); exactly the checkpoint's own size is enough."""
+    from converter.cli_checks import tensor_bytes
+
+    _, src, calib = tiny
+    done = tmp_path / "done"
+    small = ("--calib-samples", "4", "--calib-seqlen", "32")
+    assert run_convert(src, done, "--calib", calib, *small).returncode == 0
+    need = tensor_bytes(done)
+    real = shutil.disk_usage
+    for free in (need, need // 2):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+        out, stats = tmp_path / f"out{free}", tmp_path / f"stats{free}.pt"
+        proc = run_convert(src, out, "--calib", calib, "--stats-cache", stats, *small)
+        if free == need:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert tensor_bytes(out) == need
+        else:
+            assert_refused(proc, out, "not enough disk space for the converted checkpoint", f"{tmp_path} has ",
+                           "write OUT elsewhere")
+            assert not stats.exists(), "calibrated before refusing"
+
+
 def test_overwrite_never_deletes_an_input(tiny, tmp_path):
     """--overwrite replaces OUT by renaming it away and deleting it: an OUT that is the source, or a folder holding
     the source or a calibration file, is refused (before torch is imported, and by convert() itself), and every

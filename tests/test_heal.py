@@ -336,6 +336,21 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
     assert (out / "keep").read_text() == "x" and (conv / "config.json").is_file()
 
 
+def test_an_out_that_cannot_fit_is_refused_before_training(tiny, healed, tmp_path, monkeypatch, capsys):
+    """The healed checkpoint holds the converted one's tensors (same names, shapes and dtype), so it needs their
+    bytes: less free space on OUT's filesystem is refused before the models load (converter/heal_options.py), not
+    with an OSError after the whole run. The
+    free space the OS reports is set here (a test cannot fill a filesystem)."""
+    from converter.cli_checks import tensor_bytes
+
+    conv = tiny[2]
+    assert tensor_bytes(healed) == tensor_bytes(conv) > 0
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=tensor_bytes(conv) - 1))
+    out = tmp_path / "out"
+    _refused(capsys, heal_cli.main(heal_args(tiny, out)), out, "not enough disk space for the healed checkpoint")
+
+
 def test_diverged_training_writes_nothing(tiny, tmp_path, capsys):
     """A learning rate that blows the weights up (here 1e30, no clipping) makes the loss non-finite: care-heal
     stops there with exit 2 naming the step, instead of writing the broken weights as OUT."""
