@@ -409,7 +409,7 @@ def test_existing_out_needs_overwrite(tiny, tmp_path):
 def test_an_out_that_cannot_fit_is_refused_before_calibrating(tiny, tmp_path, monkeypatch):
     """Less space free on OUT's filesystem than the tensors the checkpoint copies from the source (a lower bound of
     its size) is refused once the model is loaded, before calibrating (minutes to hours for a large model): on a
-    full disk the run failed at the very end, with an OSError traceback while writing. The free space the OS reports
+    full disk the run failed at the very end, with a traceback from safetensors' writer. The free space the OS reports
     is set here (a test cannot fill a filesystem); exactly the checkpoint's own size is enough."""
     from converter.cli_checks import tensor_bytes
 

@@ -339,7 +339,7 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
 def test_an_out_that_cannot_fit_is_refused_before_training(tiny, healed, tmp_path, monkeypatch, capsys):
     """The healed checkpoint holds the converted one's tensors (same names, shapes and dtype), so it needs their
     bytes: less free space on OUT's filesystem is refused before the models load (converter/heal_options.py), not
-    with an OSError after the whole run. The
+    with a write error after the whole run. The
     free space the OS reports is set here (a test cannot fill a filesystem)."""
     from converter.cli_checks import tensor_bytes
 
