@@ -45,8 +45,9 @@ def check_free_space(out: Path, need: int, what: str, error: type[ConversionErro
     traceback at the very end ("SafetensorError: ... No space left on device"), after the calibration (minutes to
     hours for a large model) or the whole healing run. A lower bound, so that it never refuses a run that would have fit."""
     folder = Path(out).absolute().parent
-    free = shutil.disk_usage(folder).free
-    if free < need:
+    usage = shutil.disk_usage(folder)
+    free = usage.free
+    if usage.total and free < need:   # (a filesystem that reports no size at all, total 0, is not judged)
         raise error(f"not enough disk space for {what}: {folder} has {_size(free)} free, and it needs more "
                     f"than {_size(need)}; free some space or write OUT elsewhere")
 
