@@ -17,6 +17,7 @@ of one layer. benchmarks/convert_memory.py measures it on 8B shapes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,11 @@ def cache_shape(opts: Options, cfg) -> tuple[int, int]:
 def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Options, meta: dict) -> calibrate.CalibStats:
     path = Path(opts.stats_cache) if opts.stats_cache else None
     if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=False)
+        try:
+            saved = torch.load(path, weights_only=False)
+        except Exception as e:   # noqa: BLE001  (truncated by a full disk, or written by something else)
+            raise ConversionError(f"stats cache {path} cannot be read ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); delete it") from None
         version = saved.get("meta", {}).get("stats_version")
         if version != calibrate.STATS_VERSION:
             raise ConversionError(f"stats cache {path} was written by an older care-convert (statistics version "
@@ -103,8 +108,13 @@ def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Option
     stats = calibrate.collect_stats(src.model, windows, src.arch, opts.device, opts.calib_batch,
                                     dtype=DTYPES[opts.calib_dtype], layer_in_memory=src.layer_in_memory)
     stats.meta = meta
-    if path is not None:
-        torch.save(stats.to_dict(), path)
+    if path is not None:   # whole or not at all: a file cut short (Ctrl-C, SIGTERM, a full disk) would be read next time
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(stats.to_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return stats
 
 

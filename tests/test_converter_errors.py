@@ -548,6 +548,33 @@ def test_stats_cache_of_an_older_version_is_refused(tmp_path):
                    "delete it")
 
 
+def test_a_stats_cache_is_written_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
+    """--stats-cache: a save cut short (here Ctrl-C once torch.save has written part of it; equally SIGTERM or a
+    full disk) leaves no file, where it left a truncated one that the next run failed to read with a traceback
+    (PytorchStreamReader: failed finding central directory); a cache that cannot be read is refused by name."""
+    import torch
+
+    _, src, calib = tiny
+    cache = tmp_path / "stats.pt"
+    small = ("--calib-samples", "4", "--calib-seqlen", "32", "--stats-cache", cache)
+    save = torch.save
+
+    def save_part_then_ctrl_c(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:1000])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_part_then_ctrl_c)
+    out = tmp_path / "out"
+    proc = run_convert(src, out, "--calib", calib, *small)
+    assert proc.returncode == 130 and proc.stderr.strip().endswith("interrupted; nothing was written"), proc.stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    monkeypatch.setattr(torch, "save", save)
+    save({"layers": []}, cache)
+    cache.write_bytes(cache.read_bytes()[:100])           # what the old direct save left
+    assert_refused(run_convert(src, out, "--calib", calib, *small), out, str(cache), "cannot be read", "delete it")
+
+
 @pytest.mark.parametrize("size", ["abc", "0GB"])
 def test_bad_max_shard_size(tiny, tmp_path, size):
     _, src, calib = tiny
