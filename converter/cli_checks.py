@@ -43,7 +43,8 @@ def check_free_space(out: Path, need: int, what: str, error: type[ConversionErro
     """Refuse an output that cannot fit: `need` bytes, a lower bound of what will be written, against the space
     free on OUT's filesystem (the temporary folder is made beside OUT). Why: a full disk otherwise showed as a
     traceback at the very end ("SafetensorError: ... No space left on device"), after the calibration (minutes to
-    hours for a large model) or the whole healing run. A lower bound, so that it never refuses a run that would have fit."""
+    hours for a large model) or the whole healing run. A lower bound, so that it never refuses a run that would
+    have fit."""
     folder = Path(out).absolute().parent
     usage = shutil.disk_usage(folder)
     free = usage.free

@@ -108,7 +108,8 @@ def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Option
     stats = calibrate.collect_stats(src.model, windows, src.arch, opts.device, opts.calib_batch,
                                     dtype=DTYPES[opts.calib_dtype], layer_in_memory=src.layer_in_memory)
     stats.meta = meta
-    if path is not None:   # whole or not at all: a file cut short (Ctrl-C, SIGTERM, a full disk) would be read next time
+    # whole or not at all: a file cut short (Ctrl-C, SIGTERM, a full disk) would be read by the next run
+    if path is not None:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             torch.save(stats.to_dict(), tmp)
