@@ -45,10 +45,10 @@ Output: OUT has the converted layout exactly (config.json copied verbatim, same 
 shapes and dtype, tied embeddings still tied) plus heal_log.json, heal_curve.png and the model card
 with a "Healing" section added. Work happens
 in OUT.partial/ beside OUT and is renamed to OUT only at the end, so an error never leaves a
-partial OUT. With --save-every the resumable state lives in OUT.partial/checkpoint/ (model,
-optimizer, scheduler, step, RNG, data position, log so far); `--resume` continues from it and gives
-the same result as an uninterrupted run (converter/heal_state.py). Bad input exits with code 2 and
-one line.
+partial OUT. The resumable state lives in OUT.partial/checkpoint/ (model, optimizer, scheduler, step, RNG, data
+position, log so far), written every --save-every steps and when the run is interrupted (Ctrl-C, SIGTERM, SIGHUP:
+the state after the last finished update, _save_at_interrupt); `--resume` continues from it and gives the same
+result as an uninterrupted run (converter/heal_state.py). Bad input exits with code 2 and one line.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ from .errors import HealError
 from .heal_data import WindowOrder, pack_windows, read_docs
 from .heal_cli import main  # noqa: F401  (care-heal's entry point until it had a module of its own: old installs)
 from .heal_options import FINGERPRINT_KEYS, HealOptions, check_inputs, partial_dir, teacher_revision
-from .heal_state import load_checkpoint_weights, load_trainer_state, save_checkpoint, set_rng_state
+from .heal_state import load_checkpoint_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .interrupts import describe, interrupts_held
 from .model_card import add_healing
 from .plot import plot_heal_curve
 from .source_match import mismatch, shape_of_config
@@ -240,11 +241,23 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         ppl = perplexity(student, tokenizer, eval_docs, opts.seqlen, opts.eval_tokens, device, opts.batch_size)
         log["eval"].append({"step": at, "tokens": at * tokens_per_step, "ppl": ppl})
 
+    def save(rng: dict | None = None) -> None:
+        nonlocal saved_step
+        log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
+        save_checkpoint(work, student, optimizer, scheduler,
+                        {"step": step, "samples_seen": step * per_step, "fingerprint": fingerprint, "log": log},
+                        rng=rng)
+        saved_step = step
+
     seconds_before = log["seconds"]
     t_loop = time.perf_counter()
+    saved_step = step                 # the step the checkpoint in OUT.partial/ holds (0: none)
+    rng_at_step = rng_state()         # the RNG streams as the last finished update left them
+    training = True
     try:
-        if step == 0:
-            evaluate(0)
+        if (step % eval_every == 0 or step == total_steps) and \
+                not any(e["step"] == step for e in log["eval"]):   # (a resumed run stopped during this evaluation)
+            evaluate(step)
         order = WindowOrder(len(windows), opts.seed)
         from tqdm.auto import tqdm
 
@@ -273,17 +286,19 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                     p.grad.mul_(mask)
             if opts.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for _, p in trainable], opts.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            ce_m, kd_m = ce_sum / opts.grad_accum, kd_sum / opts.grad_accum
-            loss_m = ce_m + opts.beta * opts.tau ** 2 * kd_m
-            if not math.isfinite(loss_m):   # the weights are lost from here on: stop before writing them
-                raise HealError(f"training diverged: the loss was {loss_m} at step {step} (lr {lr:.3g}); nothing "
-                                f"was written: lower --lr (and keep --max-grad-norm > 0)")
-            log["steps"].append({"step": step, "tokens": step * tokens_per_step, "loss": loss_m, "ce": ce_m,
-                                 "kd": kd_m, "lr": lr})
-            log["tokens_seen"] = step * tokens_per_step
+            with interrupts_held():   # weights, optimizer, schedule, count and log move to the next step together
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                ce_m, kd_m = ce_sum / opts.grad_accum, kd_sum / opts.grad_accum
+                loss_m = ce_m + opts.beta * opts.tau ** 2 * kd_m
+                if not math.isfinite(loss_m):   # the weights are lost from here on: stop before writing them
+                    raise HealError(f"training diverged: the loss was {loss_m} at step {step} (lr {lr:.3g}); "
+                                    f"nothing was written: lower --lr (and keep --max-grad-norm > 0)")
+                log["steps"].append({"step": step, "tokens": step * tokens_per_step, "loss": loss_m, "ce": ce_m,
+                                     "kd": kd_m, "lr": lr})
+                log["tokens_seen"] = step * tokens_per_step
+                rng_at_step = rng_state()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_m:.4f}", ce=f"{ce_m:.3f}", kd=f"{kd_m:.4f}", lr=f"{lr:.2e}")
             if step % eval_every == 0 or step == total_steps:
@@ -293,26 +308,55 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
             stop_now = opts.stop_after is not None and step >= opts.stop_after and step < total_steps
             periodic = bool(opts.save_every) and step % opts.save_every == 0
             if (step < total_steps and (periodic or stop_now)) or (step == total_steps and opts.keep_checkpoint):
-                log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
-                save_checkpoint(work, student, optimizer, scheduler,
-                                {"step": step, "samples_seen": step * per_step, "fingerprint": fingerprint,
-                                 "log": log})
+                save()
             if stop_now:
                 stopped = True
                 break
         bar.close()
+        training = False
         log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
         if stopped:
             log["stopped_at_step"] = step
             return log
         log["setup_seconds_last_run"] = round(t_loop - t_start, 3)
         _write_output(student, converted, out, work, log, opts)
+    except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py)
+        if training and step > saved_step:
+            _save_at_interrupt(e, save, rng_at_step, step, total_steps, work)
+        if not (ckpt / "trainer_state.pt").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     except BaseException:
         # keep OUT.partial only when it holds something to resume from
         if not (ckpt / "trainer_state.pt").is_file():
             shutil.rmtree(work, ignore_errors=True)
         raise
     return log
+
+
+def _save_at_interrupt(e: KeyboardInterrupt, save, rng: dict, step: int, total_steps: int, work: Path) -> None:
+    """Save the state of the last finished update (`step`) when a run is interrupted within the training loop, so
+    that `--resume` continues from there, to the weights the uninterrupted run gives. Why it is that state: an
+    interruption lands either within a step's forward and backward passes, which change no weights, optimizer
+    or schedule state (the gradients, which are discarded, are all they touch), or within an evaluation or a
+    checkpoint save, and never within the update itself (interrupts_held). The step's RNG streams are the
+    ones saved when the update finished. A second Ctrl-C abandons the save (the previous checkpoint, if any,
+    stays); a repeated SIGTERM or SIGHUP is ignored, and a scheduler's SIGKILL ends the save, which happens the
+    same way. The step saved is recorded on the exception for care-heal's last line."""
+    _say(f"care-heal: {describe(e)}; saving the state after step {step} of {total_steps} to {work / 'checkpoint'}")
+    try:
+        save(rng)
+    except Exception as err:   # (a full disk): the interruption stays what ends the run
+        _say(f"care-heal: could not save the state ({type(err).__name__}: {err})")
+        return
+    e.heal_saved = (step, total_steps)
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:   # SIGHUP: the terminal may be gone
+        pass
 
 
 def _write_output(student, converted: Path, out: Path, work: Path, log: dict, opts: HealOptions) -> None:

@@ -4,7 +4,8 @@ converter.heal.heal (the healing fine-tune; its module docstring says what it do
 Bad input exits with code 2 and one line naming the problem, and leaves neither OUT nor OUT.partial/. What
 can be checked without a model (converter/heal_options.py) is checked before torch is imported, so that a
 mistyped path or option is answered at once. Ctrl-C exits 130 (SIGTERM 143, SIGHUP 129: converter/interrupts.py)
-and keeps OUT.partial/ only when it holds a checkpoint to --resume from.
+after saving the state of the last finished update in OUT.partial/checkpoint/, to --resume from (converter/heal.py
+_save_at_interrupt).
 """
 from __future__ import annotations
 
@@ -83,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:   # (Ctrl-C, or SIGTERM/SIGHUP: stops_cleanly)
+        ckpt = partial_dir(Path(args.out)) / "checkpoint"
+        saved = getattr(e, "heal_saved", None)   # (step, total steps) that heal saved at the interruption
         print(f"{PROG}: {describe(e)}; OUT was not written"
-              + (" (resume with --resume)" if (partial_dir(Path(args.out)) / "checkpoint").is_dir() else ""),
-              file=sys.stderr)
+              + (f"; {ckpt} holds step {saved[0]} of {saved[1]}" if saved else "")
+              + (" (resume with --resume)" if ckpt.is_dir() else ""), file=sys.stderr)
         return exit_code(e)
     summary = {"out": args.out, "steps": len(log["steps"]), "tokens_seen": log["tokens_seen"],
                "first_loss": log["steps"][0]["loss"] if log["steps"] else None,

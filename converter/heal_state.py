@@ -34,17 +34,22 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(work: Path, model, optimizer, scheduler, state: dict) -> None:
-    """Write work/checkpoint/ completely, then swap it in (an interruption keeps the previous one)."""
+def save_checkpoint(work: Path, model, optimizer, scheduler, state: dict, rng: dict | None = None) -> None:
+    """Write work/checkpoint/ completely, then swap it in (an interruption keeps the previous one). `rng`: the
+    RNG streams to record, when they are not the current ones (care-heal interrupted within a step)."""
     from safetensors.torch import save_model
 
     tmp = work / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "trainer_state.pt")
-    replace_dir(tmp, work / "checkpoint")
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rng if rng is not None else rng_state()}, tmp / "trainer_state.pt")
+        replace_dir(tmp, work / "checkpoint")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -10,6 +10,7 @@ process group), holding its port and the accelerator's memory.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
@@ -72,3 +73,34 @@ def stops_cleanly(prog: str):
                         signal.signal(s, handler)
         return run
     return wrap
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C, SIGTERM and SIGHUP while the block runs; the first one that came is delivered as the block
+    ends, to whatever handled it before (so it raises there, or ends the process if nothing handled it).
+
+    Why: care-heal's optimizer update, scheduler step and step count must change together. An interruption
+    between them leaves weights of one step with the count of another, and the checkpoint care-heal saves when
+    it is interrupted would then resume to other weights than the uninterrupted run's. The block is short (one
+    AdamW update), so the stop is delayed by that much. Outside the main thread nothing is held."""
+    held: list[int] = []
+
+    def hold(signum, frame):
+        held.append(signum)
+
+    previous = {}
+    try:
+        for s in (signal.SIGINT, *SIGNALS):
+            handler = signal.getsignal(s)
+            if handler is not None and handler is not signal.SIG_IGN:   # (None: set outside Python, cannot restore)
+                previous[s] = signal.signal(s, hold)
+    except ValueError:   # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])

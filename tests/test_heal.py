@@ -10,13 +10,14 @@
   serves the result with the joint latent; with `--kv-blocks keep` they stay exactly zero, so
   vLLM's CPU backend still decodes the healed layers with the key/value split;
 * a run stopped at a checkpoint and resumed equals the uninterrupted run, bit for bit, and so does one
-  ended by SIGTERM after a checkpoint;
+  ended by Ctrl-C, SIGTERM or SIGHUP anywhere in its training loop (it saves its last finished update);
 * bad input exits 2 with one line and leaves neither OUT nor OUT.partial behind.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -236,42 +237,70 @@ def test_resume_equals_uninterrupted(tiny, healed):
     assert la["versions"] == lb["versions"] and lb["versions"]["torch"] == torch.__version__
 
 
-# care-heal in a process of its own that sends itself SIGTERM right after its first checkpoint is written: a
-# scheduler's preemption or time limit at a known step (one thread, as the reference run in this process)
-SIGTERM_AFTER_FIRST_CHECKPOINT = """
+# care-heal in a process of its own that sends itself a signal at a known point of the run (one thread, as the
+# reference run in this process): a scheduler's preemption or time limit, a closed terminal, Ctrl-C
+SIGNAL_AT = """
 import os, signal, sys
 import torch
 from converter import heal, heal_cli
 torch.set_num_threads(1)
-save = heal.save_checkpoint
-def save_then_sigterm(*args, **kwargs):
-    save(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGTERM)
-heal.save_checkpoint = save_then_sigterm
-sys.exit(heal_cli.main(sys.argv[1:]))
+where, sig = sys.argv[1], getattr(signal, sys.argv[2])
+calls = []
+
+def signalling(f, when):
+    def g(*args, **kwargs):
+        calls.append(1)
+        if when(args) == "before":
+            os.kill(os.getpid(), sig)
+        r = f(*args, **kwargs)
+        if when(args) == "after":
+            os.kill(os.getpid(), sig)
+        return r
+    return g
+
+if where == "forward":         # within step 6's first micro-batch (forward and backward passes)
+    heal.heal_losses = signalling(heal.heal_losses, lambda a: "before" if len(calls) == 5 * 2 + 1 else None)
+elif where == "update":        # within step 6's update, after the optimizer's, before care-heal counts the step
+    from torch.optim.lr_scheduler import LambdaLR
+    LambdaLR.step = signalling(LambdaLR.step, lambda a: "after" if a[0].last_epoch == 6 else None)
+elif where == "evaluation":    # within the held-out evaluation at step 4 (its first two: teacher and student at 0)
+    heal.perplexity = signalling(heal.perplexity, lambda a: "before" if len(calls) == 3 else None)
+elif where == "save":          # within the checkpoint at step 3, its weights written and its trainer state not
+    torch.save = signalling(torch.save, lambda a: "before" if len(calls) == 1 else None)
+sys.exit(heal_cli.main(sys.argv[3:]))
 """
 
 
-def test_sigterm_keeps_the_checkpoint_and_resume_finishes_the_run(tiny, healed, tmp_path):
-    """SIGTERM (a scheduler's preemption or time limit, `timeout`) ends a `--save-every` run like Ctrl-C: exit
-    143 with one line that says to --resume, OUT.partial/ keeping the last checkpoint, no OUT, and `--resume`
-    then gives the uninterrupted run's weights. By default SIGTERM kills Python without unwinding
-    (converter/interrupts.py)."""
+@pytest.mark.parametrize("where, sig, saved", [("forward", "SIGINT", 5), ("update", "SIGTERM", 6),
+                                               ("evaluation", "SIGHUP", 4), ("save", "SIGTERM", 3)])
+def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, healed, tmp_path, where, sig, saved):
+    """Ctrl-C, SIGTERM (a scheduler's preemption or time limit, `timeout`) or SIGHUP within a run saves the state
+    of the last finished update to OUT.partial/checkpoint/ and exits 128 + the signal's number with one line that says to --resume; `--resume` then gives the
+    uninterrupted run's weights and log, bit for bit. Within an update (the "update" case) the signal is held
+    until the step is counted; raised there, it saved step 5's count with step 6's weights, which resumed to
+    other weights. By default SIGTERM kills Python without unwinding (converter/interrupts.py)."""
     out = tmp_path / "out"
     args = heal_args(tiny, out, "--eval-teacher", "--save-every", "3")
-    proc = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_FIRST_CHECKPOINT, *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, where, sig, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 143, proc.stderr[-3000:]
+    signum = getattr(signal, sig)
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    said = "interrupted" if sig == "SIGINT" else f"terminated ({sig})"
+    ckpt = tmp_path / "out.partial" / "checkpoint"
     assert proc.stderr.strip().splitlines()[-1] == \
-        "care-heal: terminated (SIGTERM); OUT was not written (resume with --resume)", proc.stderr[-3000:]
+        f"care-heal: {said}; OUT was not written; {ckpt} holds step {saved} of {STEPS} (resume with --resume)", \
+        proc.stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
-    state = torch.load(tmp_path / "out.partial" / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 3
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint"]
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == saved == len(state["log"]["steps"])
     assert heal_cli.main(args + ["--resume"]) == 0
     a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert json.loads((out / "heal_log.json").read_text())["resumed_at_steps"] == [3]
+    la, lb = (json.loads((p / "heal_log.json").read_text()) for p in (healed, out))
+    assert la["steps"] == lb["steps"] and la["eval"] == lb["eval"]
+    assert lb["resumed_at_steps"] == [saved]
 
 
 def _refused(capsys, rc, out: Path, *needles):

@@ -4,7 +4,8 @@ Real signals, sent to this process with os.kill while a decorated main runs: the
 128 + the signal's number, the tool says so in one line, a repeat during the cleanup does not cut it short,
 and the handlers the caller had are back afterwards. What the unwinding saves is tested where it happens:
 care-convert's temporary folder (test_converter_errors), care-heal's checkpoint (test_heal) and care-bench's
-servers (test_care_bench).
+servers (test_care_bench). `interrupts_held` delays them past a block that must not be cut in two (care-heal's
+update: test_heal).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import tomllib
 
 import pytest
 
-from converter.interrupts import Terminated, stops_cleanly
+from converter.interrupts import Terminated, interrupts_held, stops_cleanly
 from tests.cli_run import ROOT
 
 
@@ -113,3 +114,54 @@ def test_every_console_script_stops_cleanly():
         main = getattr(importlib.import_module(module), func)
         # (every function stops_cleanly returns shares the code of its inner `run`)
         assert main.__code__ is stops_cleanly("x")(lambda argv=None: 0).__code__, name
+
+
+@pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated),
+                                         (signal.SIGHUP, Terminated)])
+def test_interrupts_held_delivers_the_first_signal_when_the_block_ends(sig, raised, capsys):
+    """Within the block a signal does nothing; when it ends, the first one is raised where the block was, by the
+    handler that was there before (stops_cleanly's for SIGTERM/SIGHUP, Python's for Ctrl-C)."""
+    steps = []
+
+    @stops_cleanly("care-test")
+    def main(argv=None):
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            with interrupts_held():
+                os.kill(os.getpid(), sig)
+                time.sleep(0.2)   # (an unheld handler would have raised here)
+                steps.append("block ran to its end")
+                os.kill(os.getpid(), signal.SIGTERM if sig != signal.SIGTERM else signal.SIGHUP)
+            steps.append("not reached")
+        except KeyboardInterrupt as e:
+            assert type(e) is raised and getattr(e, "signum", signal.SIGINT) == sig
+            steps.append("raised after the block")
+            raise
+        finally:
+            if sig == signal.SIGINT:   # (stops_cleanly's own handlers are back; the second signal was dropped)
+                assert {s: signal.getsignal(s) for s in before} == before
+        return 0
+
+    assert main([]) == 128 + sig
+    assert steps == ["block ran to its end", "raised after the block"]
+
+
+def test_interrupts_held_without_a_signal_changes_nothing():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    with interrupts_held():
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_interrupts_held_outside_the_main_thread_holds_nothing():
+    result = []
+
+    def block():
+        with interrupts_held():
+            result.append(signal.getsignal(signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    t = threading.Thread(target=block)
+    t.start()
+    t.join()
+    assert result == [before]
