@@ -128,7 +128,8 @@ def factorize(a: torch.Tensor, c: Moment | torch.Tensor | None, abs_mean: torch.
     `out_weight` M [out, out] (care only): minimize tr(M (A - Â) C (A - Â)^T) instead, i.e. the error
     as something downstream that reads y through M's square root sees it (the queries reading the
     keys, o_proj reading the values; see converter/attention_weights.py). Solved exactly the same
-    way on the whitened target M_d^{1/2} A, then mapped back: up = M_d^{-1/2} V, down = V^T M_d^{1/2} A.
+    way on the whitened target M_d^{1/2} A, then mapped back: up = M_d^{-1/2} V, down = V^T M_d^{1/2} A,
+    each latent dimension then rescaled so that up's columns have unit norm (_unit_columns).
     """
     a = a.double()
     if a.shape[0] == 0:  # nothing left to compress (e.g. every key dim keeps RoPE)
@@ -142,7 +143,7 @@ def factorize(a: torch.Tensor, c: Moment | torch.Tensor | None, abs_mean: torch.
         if out_weight is not None:
             root, inv_root = _sqrt_and_inverse(out_weight.to(a.device, torch.float64), alpha)
             vh, sig = _gram_eig(a, m, alpha, root)
-            return _factor(a, vh @ root, inv_root @ vh.T, sig)
+            return _factor(a, *_unit_columns(vh @ root, inv_root @ vh.T), sig)
         vh, sig = _gram_eig(a, m, alpha)
         return _factor(a, vh, vh.T, sig)
     if method == "svd":
@@ -156,6 +157,21 @@ def factorize(a: torch.Tensor, c: Moment | torch.Tensor | None, abs_mean: torch.
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     _, vh = _canonical_signs(u, vh)
     return _factor(a, vh, vh.T, sig)
+
+
+def _unit_columns(basis: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D basis, up D^-1) with D = diag(column norms of up): the same product, with up's columns of unit norm as
+    every unweighted factor's are (up = V, orthonormal), so that the latent carries the outputs' own scale.
+
+    Why: an output weighting's scale is arbitrary (M_K sums query moments over calibration tokens; a joint
+    latent's is divided by its part's energy), and up = M^-1/2 V, down = V^T M^1/2 A put all of it in the
+    split: with SmolLM2's joint attention-objective latent, kv_a_proj's latent rows came out ~1e-4 and kv_b_proj
+    ~60 (up to 850). The product was right, but AdamW moves every entry by ~lr, so care-heal's first update at
+    its default lr (2e-5) raised the KL to the original from 0.16 to 4.9 on held-out chat; and a latent of
+    ~1e-3 is below what an fp8 KV cache (e4m3, scale 1) holds."""
+    norms = up.norm(dim=0)
+    d = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return basis * d[:, None], up / d
 
 
 def _factor(a: torch.Tensor, basis: torch.Tensor, up: torch.Tensor, sigma: torch.Tensor) -> Factor:

@@ -48,6 +48,24 @@ def test_weighted_factor_is_the_eckart_young_optimum():
     torch.testing.assert_close(f.approx(12), a, rtol=0, atol=1e-9)
 
 
+def test_the_weighting_scale_changes_no_factor():
+    """An output weighting's scale is arbitrary (M_K sums query moments over the calibration tokens): the factors
+    do not depend on it, and up's columns have unit norm like the unweighted factor's orthonormal ones, so that
+    the latent carries the outputs' own scale (factorize._unit_columns)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 20, generator=g, dtype=torch.float64)
+    w = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    c, m = x.T @ x, w.T @ w
+    f = factorize.factorize(a, c, None, "care", out_weight=m)
+    for scale in (1e-8, 1e6):
+        f2 = factorize.factorize(a, c, None, "care", out_weight=scale * m)
+        torch.testing.assert_close(f2.down, f.down, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(f2.up, f.up, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(f.up.norm(dim=0), torch.ones(12, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(f.basis @ a, f.down, rtol=1e-9, atol=1e-9)
+
+
 def test_identity_weight_is_plain_care():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(8, 16, generator=g, dtype=torch.float64)
@@ -102,12 +120,21 @@ def test_attention_objective_is_closer_to_the_original_on_held_out_text(name, tm
     require_license_texts()
     source = load.load_source(src)
     cache = tmp_path / "stats.pt"
-    kl = {}
-    for objective in ("kv", "attention"):
-        out = tmp_path / objective
+    kl, up_scale = {}, {}
+    for objective, latent in (("kv", "separate"), ("attention", "separate"), ("attention", "joint")):
+        out = tmp_path / f"{objective}-{latent}"
         convert(str(src), str(out), calib_files=CALIB, kv_ratio=0.25, ranks="uniform", calib_samples=32,
-                calib_seqlen=256, stats_cache=str(cache), objective=objective, dtype="float32")
+                calib_seqlen=256, stats_cache=str(cache), objective=objective, latent=latent, dtype="float32")
         converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        kl[objective] = held_out_kl(source.model, converted, source.tokenizer)
+        if latent == "separate":
+            kl[objective] = held_out_kl(source.model, converted, source.tokenizer)
+        up_scale[objective, latent] = torch.stack([layer.self_attn.kv_b_proj.weight.detach().abs().max()
+                                                   for layer in converted.model.layers])
     print(f"{name}: held-out KL to the original {kl}")
     assert kl["attention"] < 0.95 * kl["kv"], kl
+    # the weighting moves no scale between the latent's down- and up-projections: kv_b_proj is as large as the
+    # plain objective's (orthonormal up-projection), not ~1000x (the joint latent's was, which made care-heal's
+    # first AdamW update at the default lr wreck SmolLM2: factorize._unit_columns)
+    for latent in ("separate", "joint"):
+        ratio = up_scale["attention", latent] / up_scale["kv", "separate"]
+        assert ((ratio > 0.25) & (ratio < 4)).all(), (latent, ratio)
