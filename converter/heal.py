@@ -138,6 +138,22 @@ def kv_split_masks(model) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     return masks
 
 
+def balance_latents(model) -> None:
+    """Give every latent dimension a kv_b_proj column of unit norm, its scale moved to what produces it
+    (CareMLAAttention.scale_latent_): the same model, parametrized so that AdamW's steps, ~lr on every entry,
+    are of one size relative to both factors. Why: the split of scale is free, and care-convert left it to an
+    output weighting's arbitrary scale until factorize._unit_columns (2026-12): SmolLM2 converted with
+    `--latent joint --objective attention` had kv_a_proj latent rows ~1e-4 and kv_b_proj ~60, and 16 updates at
+    the default lr made its held-out perplexity 2.4x worse, not better. Checkpoints converted since are nearly
+    balanced already; this makes older ones heal as well. Zero blocks of kv_b_proj stay zero (--kv-blocks keep)."""
+    from model_defs.modeling_care import CareMLAAttention
+
+    for attn in model.modules():
+        if isinstance(attn, CareMLAAttention) and attn.rank:
+            norms = attn.kv_b_proj.weight.detach().double().norm(dim=0)
+            attn.scale_latent_(torch.where(norms > 0, norms, torch.ones_like(norms)))
+
+
 def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: list, **kw) -> dict:
     """Heal `converted` into `out` (see the module docstring); returns the heal log dict."""
     t_start = time.perf_counter()
@@ -193,6 +209,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     student = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    balance_latents(student)   # (a resumed run loads its checkpoint's weights over these)
     if opts.train == "attention":
         for name, p in student.named_parameters():
             p.requires_grad_(".self_attn." in name)

@@ -179,6 +179,24 @@ class CareMLAAttention(nn.Module):
         self.kv_b_proj = WeightMap(self.rank, n_h * 2 * d_h)
         self.o_proj = nn.Linear(n_h * d_h, D, bias=bool(getattr(config, "attention_bias", False)))
 
+    @torch.no_grad()
+    def scale_latent_(self, d: torch.Tensor) -> None:
+        """Multiply latent dimension j by d[j] ([r_K + r_V], nonzero) where it is produced and divide kv_b_proj's
+        column j by it: the same attention, with another split of scale between the down- and up-projection
+        (healing balances it first: converter/heal.py balance_latents). The producers are kv_a_proj_with_mqa's
+        latent rows (and bias), or Qwen3's k_latent_proj latent rows and v_latent_proj (with a joint latent
+        both make every dimension: c = c_K + c_V)."""
+        d = d.to(self.kv_b_proj.weight)
+        self.kv_b_proj.weight.div_(d)
+        if not self.use_qk_norm:
+            self.kv_a_proj_with_mqa.weight[: self.rank].mul_(d[:, None])
+            if self.kv_a_proj_with_mqa.bias is not None:
+                self.kv_a_proj_with_mqa.bias[: self.rank].mul_(d)
+            return
+        d_k, d_v = (d, d) if self.joint else (d[: self.r_k], d[self.r_k:])
+        self.k_latent_proj.weight[: self.k_latent_rows].mul_(d_k[:, None])
+        self.v_latent_proj.weight.mul_(d_v[:, None])
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> q_nope [B, n_h, T, d_h], q_pe [B, n_h, T, d_r] (pre-rope),
         c [B, T, r_K + r_V], k_pe [B, T, d_r] (pre-rope)."""

@@ -194,6 +194,33 @@ def test_output_keeps_converted_layout(tiny, healed):
     assert not torch.equal(a["model.layers.0.self_attn.kv_b_proj.weight"], b["model.layers.0.self_attn.kv_b_proj.weight"])
 
 
+def test_how_the_latent_scale_is_split_does_not_change_healing(tiny, healed, tmp_path):
+    """The converted checkpoint with its latent dimensions rescaled by 1e-3..1e3 (kv_a_proj's rows times d,
+    kv_b_proj's columns divided by it: the same model, as care-convert wrote it for `--latent joint --objective
+    attention` before its factors were balanced) heals to the same losses and weights: care-heal balances the
+    factors first (balance_latents). Without it AdamW, which moves every entry by ~lr, trains another model."""
+    _, _, conv, _, _ = tiny
+    scaled = tmp_path / "conv_scaled"
+    shutil.copytree(conv, scaled)
+    model = _load(conv)
+    g = torch.Generator().manual_seed(7)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.scale_latent_(torch.exp(torch.empty(attn.rank, dtype=torch.float64).uniform_(-7, 7, generator=g)))
+    model.save_pretrained(tmp_path / "weights")
+    shutil.copy(tmp_path / "weights" / "model.safetensors", scaled / "model.safetensors")
+    out = tmp_path / "healed"
+    args = heal_args(tiny, out, "--eval-teacher")
+    args[0] = str(scaled)
+    assert heal_cli.main(args) == 0
+    la, lb = (json.loads((p / "heal_log.json").read_text()) for p in (healed, out))
+    for a, b in zip(la["steps"], lb["steps"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_train_attention_only_touches_attention(tiny):
     _, _, conv, _, _ = tiny
     out = tiny[0] / "healed_attn"

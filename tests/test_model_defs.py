@@ -152,6 +152,21 @@ def test_plain_equals_absorbed(arch):
     assert (plain - absorbed).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("arch, bias", [("llama", False), ("llama", True), ("qwen3", False), ("qwen3-joint", False)])
+def test_scaling_the_latent_keeps_the_model(arch, bias):
+    """scale_latent_ (what healing balances the factors with) moves scale between a latent dimension's producers
+    and its kv_b_proj column and changes nothing the model computes, by either attention path; fp64."""
+    model = tiny_model(arch, **({"attention_bias": True} if bias else {})).double()
+    x = ids(2, 19)
+    ref = logits(model, x, "plain")
+    g = torch.Generator().manual_seed(5)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.scale_latent_(torch.exp(torch.empty(attn.rank, dtype=torch.float64).uniform_(-7, 7, generator=g)))
+    for path in PATHS:
+        torch.testing.assert_close(logits(model, x, path), ref, rtol=1e-9, atol=1e-9)
+
+
 def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """One attention layer, fp64, written from FORMAT.md with explicit loops over heads and
     rotation pairs; reads only the layer's weights."""
