@@ -24,6 +24,8 @@ Defaults and why:
   one; the CARE paper's LR sweep is {1e-6 .. 5e-4} with its best at 2e-6 for 8B models, small
   models tolerate more). 3 % warmup avoids full-size Adam steps on the freshly converted weights.
 * seqlen 512, batch 8 x grad-accum 8 = 64 sequences per update (the paper's "64" global batch).
+* the latent factors are balanced first (balance_latents: each kv_b_proj column of unit norm, the same model), so
+  that AdamW's steps, ~lr on every entry, are of one relative size on both sides of the latent.
 * --train all (the paper trains the full model); --train attention trains only the MLA layers'
   self_attn parameters and leaves every other tensor bit-identical.
 * --kv-blocks train: as converted, kv_b_proj is block-diagonal (each head's keys read only c_K,
