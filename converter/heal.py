@@ -339,16 +339,13 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
             return log
         log["setup_seconds_last_run"] = round(t_loop - t_start, 3)
         _write_output(student, converted, out, work, log, opts)
-    except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py)
-        if training and step > saved_step:
-            _save_at_interrupt(e, save, rng_at_step, step, total_steps, work)
-        if not (ckpt / "trainer_state.pt").is_file():
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    except BaseException:
-        # keep OUT.partial only when it holds something to resume from
-        if not (ckpt / "trainer_state.pt").is_file():
-            shutil.rmtree(work, ignore_errors=True)
+    except BaseException as e:
+        try:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py) within the loop: save the last finished update
+            if isinstance(e, KeyboardInterrupt) and training and step > saved_step:
+                _save_at_interrupt(e, save, rng_at_step, step, total_steps, work)
+        finally:   # (a second Ctrl-C during that save included) keep OUT.partial only with something to resume from
+            if not (ckpt / "trainer_state.pt").is_file():
+                shutil.rmtree(work, ignore_errors=True)
         raise
     return log
 

@@ -294,6 +294,9 @@ elif where == "evaluation":    # within the held-out evaluation at step 4 (its f
     heal.perplexity = signalling(heal.perplexity, lambda a: "before" if len(calls) == 3 else None)
 elif where == "save":          # within the checkpoint at step 3, its weights written and its trainer state not
     torch.save = signalling(torch.save, lambda a: "before" if len(calls) == 1 else None)
+elif where == "twice":         # within step 6, and again within the save that the first signal starts
+    heal.heal_losses = signalling(heal.heal_losses, lambda a: "before" if len(calls) == 5 * 2 + 1 else None)
+    torch.save = signalling(torch.save, lambda a: "before")
 sys.exit(heal_cli.main(sys.argv[3:]))
 """
 
@@ -328,6 +331,18 @@ def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, h
     la, lb = (json.loads((p / "heal_log.json").read_text()) for p in (healed, out))
     assert la["steps"] == lb["steps"] and la["eval"] == lb["eval"]
     assert lb["resumed_at_steps"] == [saved]
+
+
+def test_a_second_ctrl_c_abandons_the_save_and_leaves_no_partial_folder(tiny, tmp_path):
+    """Ctrl-C twice: the save the first one started is abandoned, and with no earlier checkpoint (no
+    --save-every) nothing is left to resume from, so OUT.partial/ goes too (a run that finds it asks for --resume)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, "twice", "SIGINT", *heal_args(tiny, out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "care-heal: interrupted; OUT was not written", proc.stderr[-3000:]
+    assert "saving the state after step 5 of 8" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def _refused(capsys, rc, out: Path, *needles):
