@@ -271,6 +271,7 @@ import os, signal, sys
 import torch
 from converter import heal, heal_cli
 torch.set_num_threads(1)
+signal.signal(signal.SIGINT, signal.default_int_handler)   # (pytest-xdist's workers ignore Ctrl-C, and so would we)
 where, sig = sys.argv[1], getattr(signal, sys.argv[2])
 calls = []
 

@@ -116,9 +116,18 @@ def test_every_console_script_stops_cleanly():
         assert main.__code__ is stops_cleanly("x")(lambda argv=None: 0).__code__, name
 
 
+@pytest.fixture
+def ctrl_c():
+    """Python's own Ctrl-C handler, as in a terminal: pytest-xdist's workers ignore SIGINT, and an ignored signal
+    stays ignored (by interrupts_held too)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated),
                                          (signal.SIGHUP, Terminated)])
-def test_interrupts_held_delivers_the_first_signal_when_the_block_ends(sig, raised, capsys):
+def test_interrupts_held_delivers_the_first_signal_when_the_block_ends(sig, raised, ctrl_c, capsys):
     """Within the block a signal does nothing; when it ends, the first one is raised where the block was, by the
     handler that was there before (stops_cleanly's for SIGTERM/SIGHUP, Python's for Ctrl-C)."""
     steps = []
@@ -146,7 +155,7 @@ def test_interrupts_held_delivers_the_first_signal_when_the_block_ends(sig, rais
     assert steps == ["block ran to its end", "raised after the block"]
 
 
-def test_interrupts_held_without_a_signal_changes_nothing():
+def test_interrupts_held_without_a_signal_changes_nothing(ctrl_c):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     with interrupts_held():
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
