@@ -306,10 +306,11 @@ sys.exit(heal_cli.main(sys.argv[3:]))
                                                ("evaluation", "SIGHUP", 4), ("save", "SIGTERM", 3)])
 def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, healed, tmp_path, where, sig, saved):
     """Ctrl-C, SIGTERM (a scheduler's preemption or time limit, `timeout`) or SIGHUP within a run saves the state
-    of the last finished update to OUT.partial/checkpoint/ and exits 128 + the signal's number with one line that says to --resume; `--resume` then gives the
-    uninterrupted run's weights and log, bit for bit. Within an update (the "update" case) the signal is held
-    until the step is counted; raised there, it saved step 5's count with step 6's weights, which resumed to
-    other weights. By default SIGTERM kills Python without unwinding (converter/interrupts.py)."""
+    of the last finished update to OUT.partial/checkpoint/ and exits 128 + the signal's number with one line
+    that says to --resume; `--resume` then gives the uninterrupted run's weights and log, bit for bit. Within an
+    update (the "update" case) the signal is held until the step is counted; raised there, it saved step 5's
+    count with step 6's weights, which resumed to other weights. By default SIGTERM kills Python without
+    unwinding (converter/interrupts.py)."""
     out = tmp_path / "out"
     args = heal_args(tiny, out, "--eval-teacher", "--save-every", "3")
     proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, where, sig, *args], cwd=ROOT,
