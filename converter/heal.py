@@ -73,7 +73,7 @@ from .heal_data import WindowOrder, pack_windows, read_docs
 from .heal_cli import main  # noqa: F401  (care-heal's entry point until it had a module of its own: old installs)
 from .heal_options import FINGERPRINT_KEYS, HealOptions, check_inputs, partial_dir, teacher_revision
 from .heal_state import load_checkpoint_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from .interrupts import describe, interrupts_held
+from .interrupts import describe, interrupts_held, say
 from .model_card import add_healing
 from .plot import plot_heal_curve
 from .source_match import mismatch, shape_of_config
@@ -251,6 +251,9 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         log["versions"] = recorded_versions()   # (what finished the run)
     work.mkdir(exist_ok=True)
 
+    def eval_due(at: int) -> bool:
+        return at % eval_every == 0 or at == total_steps
+
     def evaluate(at: int) -> None:
         if eval_docs is None:
             return
@@ -274,8 +277,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     rng_at_step = rng_state()         # the RNG streams as the last finished update left them
     training = True
     try:
-        if (step % eval_every == 0 or step == total_steps) and \
-                not any(e["step"] == step for e in log["eval"]):   # (a resumed run stopped during this evaluation)
+        if eval_due(step) and not any(e["step"] == step for e in log["eval"]):   # (a resumed run stopped in it)
             evaluate(step)
         order = WindowOrder(len(windows), opts.seed)
         from tqdm.auto import tqdm
@@ -320,7 +322,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                 rng_at_step = rng_state()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_m:.4f}", ce=f"{ce_m:.3f}", kd=f"{kd_m:.4f}", lr=f"{lr:.2e}")
-            if step % eval_every == 0 or step == total_steps:
+            if eval_due(step):
                 evaluate(step)
                 if log["eval"]:
                     bar.set_postfix(loss=f"{loss_m:.4f}", ppl=f"{log['eval'][-1]['ppl']:.3f}", lr=f"{lr:.2e}")
@@ -359,20 +361,13 @@ def _save_at_interrupt(e: KeyboardInterrupt, save, rng: dict, step: int, total_s
     ones saved when the update finished. A second Ctrl-C abandons the save (the previous checkpoint, if any,
     stays); a repeated SIGTERM or SIGHUP is ignored, and a scheduler's SIGKILL ends the save, which happens the
     same way. The step saved is recorded on the exception for care-heal's last line."""
-    _say(f"care-heal: {describe(e)}; saving the state after step {step} of {total_steps} to {work / 'checkpoint'}")
+    say(f"care-heal: {describe(e)}; saving the state after step {step} of {total_steps} to {work / 'checkpoint'}")
     try:
         save(rng)
     except Exception as err:   # (a full disk): the interruption stays what ends the run
-        _say(f"care-heal: could not save the state ({type(err).__name__}: {err})")
+        say(f"care-heal: could not save the state ({type(err).__name__}: {err})")
         return
     e.heal_saved = (step, total_steps)
-
-
-def _say(line: str) -> None:
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except OSError:   # SIGHUP: the terminal may be gone
-        pass
 
 
 def _write_output(student, converted: Path, out: Path, work: Path, log: dict, opts: HealOptions) -> None:

@@ -37,6 +37,14 @@ def describe(e: KeyboardInterrupt) -> str:
     return f"terminated ({signal.Signals(e.signum).name})" if isinstance(e, Terminated) else "interrupted"
 
 
+def say(line: str) -> None:
+    """One line to stderr while stopping; after SIGHUP the terminal may be gone, and that must not end the cleanup."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def _raise_terminated(signum, frame):
     for s in SIGNALS:   # a repeat must not cut the cleanup short (`timeout -k` and systemd follow with SIGKILL)
         signal.signal(s, signal.SIG_IGN)
@@ -62,10 +70,7 @@ def stops_cleanly(prog: str):
             try:
                 return main(argv)
             except KeyboardInterrupt as e:
-                try:
-                    print(f"{prog}: {describe(e)}", file=sys.stderr)
-                except OSError:   # SIGHUP: the terminal may be gone
-                    pass
+                say(f"{prog}: {describe(e)}")
                 return exit_code(e)
             finally:
                 for s, handler in previous.items():
