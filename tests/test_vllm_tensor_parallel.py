@@ -7,7 +7,9 @@ Under TP the query heads, kv_b_proj (the absorbed up-projections) and o_proj are
 the latent projections are replicated (MLA keeps one latent per token, not per head), so every rank
 caches the full `r_K + r_V + d_r` per layer. Checked: greedy tokens on 4 concurrent prompts identical
 to model_defs (fp32, one process), prompt and generated-token logprobs within 1e-3, and both
-workers bind KV tensors of exactly the per-layer widths of the checkpoint.
+workers bind KV tensors of exactly the per-layer widths of the checkpoint. And the stopped server leaves nothing
+behind: the IPC sockets' folder, the torch.distributed file store and the two ranks' shared-memory segments that
+vLLM's log names exist while it serves and are gone after (care_vllm/loadtest/leftovers.py).
 
 The other classes are served under TP elsewhere, with the same checks: the Llama class (dense MLP) in
 tests/test_vllm_quantized.py (W8A8, every linear but kv_b_proj int8), the Qwen3 class (q/k norms, q_rope_proj split by
@@ -17,8 +19,11 @@ heads) in tests/test_vllm_lora.py, whose base-model requests are compared with m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+from care_vllm.loadtest.leftovers import file_stores
 
 from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args, varied_original
 from tests.vllm_server import VLLMServer, assert_tp_ranks_cache_full_widths, one_core_per_rank
@@ -50,7 +55,14 @@ def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
         diff = compare_concurrent(client, model, prompt_ids, 24)
         log = server.log_text()
+        ipc, stores = server.ipc, file_stores(log)
+        segments = [seg for name in stores.values() for seg in Path("/dev/shm").glob(f"{name}-*")]
+        assert any(ipc.iterdir()), f"vLLM put no IPC socket in {ipc}"
+        assert len(stores) == 1 and all(p.exists() for p in stores), f"the workers' file store: {stores}"
+        assert len(segments) == 2, f"one shared-memory segment per TP rank, got {segments}"
 
+    left = [p for p in [ipc, *stores, *segments] if p.exists()]
+    assert not left, f"the stopped server left {left}"
     assert_tp_ranks_cache_full_widths(log, cfg)
     print(f"[{arch}] TP=2: greedy identical on {len(prompt_ids)} concurrent prompts; max |logprob diff| "
           f"prompt {diff['prompt']:.2e}, generated {diff['generated']:.2e}; per-rank widths {widths}")

@@ -8,7 +8,8 @@ Why a context manager (and `stop()` on every path): a benchmark or a test must n
 running. The server runs in its own process group (vLLM forks an engine core and workers), stopped
 with SIGTERM, then SIGKILL after a grace period; `stop()` is also registered with atexit for callers
 that use start()/stop() by hand (module-scoped fixtures) and die in between. A server that exits or
-does not come up fails with the server's own log tail, so the reason is in the error.
+does not come up fails with the server's own log tail, so the reason is in the error. A stopped server's
+sockets, file store and shared memory, which vLLM leaves, are removed (leftovers.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from care_vllm.loadtest.leftovers import ipc_folder, remove_leftovers
 
 # vLLM's capacity line, logged once when the engine allocates the KV cache, e.g.
 # "CPU KV cache size: 11,648 tokens, Maximum concurrency for 2,048 tokens per request: 5.69x".
@@ -242,6 +245,7 @@ class VllmServer:
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.cwd = str(cwd) if cwd is not None else None
         self.proc: subprocess.Popen | None = None
+        self.ipc: Path | None = None   # this server's VLLM_RPC_BASE_PATH while it runs (leftovers.py)
         self.startup_seconds: float | None = None
         self._log = None
         self._t0 = 0.0
@@ -257,7 +261,11 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab" if append else "wb")
         self._t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        env = self.env
+        if "VLLM_RPC_BASE_PATH" not in env:   # (one the caller chose is theirs to clean)
+            self.ipc = ipc_folder()
+            env = {**env, "VLLM_RPC_BASE_PATH": str(self.ipc)}
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      cwd=self.cwd, start_new_session=True)
         atexit.register(self.stop)
         return self
@@ -302,7 +310,8 @@ class VllmServer:
 
     def stop(self, grace: float | None = None) -> None:
         """SIGTERM to the process group, SIGKILL after `grace` s; idempotent. The group is signalled
-        even when `vllm serve` itself already exited: its engine-core child may still hold the port."""
+        even when `vllm serve` itself already exited: its engine-core child may still hold the port. Then the
+        sockets, file stores and shared memory vLLM leaves are removed (leftovers.py)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is not None:
             signal_group(proc.pid, signal.SIGKILL)   # leftover children of a dead server
@@ -316,6 +325,8 @@ class VllmServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+            remove_leftovers(self.ipc, self.log_text())
+            self.ipc = None
         atexit.unregister(self.stop)
 
     def __enter__(self) -> "VllmServer":
