@@ -20,7 +20,7 @@ def run_tool(prog: str, action):
     (converter/write.py atomic_dir), which is why an interrupted run can say that nothing was written."""
     import sys
 
-    from .interrupts import describe, exit_code
+    from .interrupts import describe, exit_code, say
 
     try:
         return action(), 0
@@ -28,5 +28,5 @@ def run_tool(prog: str, action):
         print(f"{prog}: error: {e}", file=sys.stderr)
         return None, 2
     except KeyboardInterrupt as e:
-        print(f"{prog}: {describe(e)}; nothing was written", file=sys.stderr)
+        say(f"{prog}: {describe(e)}; nothing was written")   # (after SIGHUP the terminal may be gone)
         return None, exit_code(e)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import ConversionError
 from .heal_options import KV_BLOCKS, TRAIN, HealOptions, check_inputs, parse_tokens, partial_dir
-from .interrupts import describe, exit_code, stops_cleanly
+from .interrupts import describe, exit_code, say, stops_cleanly
 from .versions import add_version_flag
 
 PROG = "care-heal"
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:   # (Ctrl-C, or SIGTERM/SIGHUP: stops_cleanly)
         ckpt = partial_dir(Path(args.out)) / "checkpoint"
         saved = getattr(e, "heal_saved", None)   # (step, total steps) that heal saved at the interruption
-        print(f"{PROG}: {describe(e)}; OUT was not written"
-              + (f"; {ckpt} holds step {saved[0]} of {saved[1]}" if saved else "")
-              + (" (resume with --resume)" if ckpt.is_dir() else ""), file=sys.stderr)
+        say(f"{PROG}: {describe(e)}; OUT was not written"   # (after SIGHUP the terminal may be gone)
+            + (f"; {ckpt} holds step {saved[0]} of {saved[1]}" if saved else "")
+            + (" (resume with --resume)" if ckpt.is_dir() else ""))
         return exit_code(e)
     summary = {"out": args.out, "steps": len(log["steps"]), "tokens_seen": log["tokens_seen"],
                "first_loss": log["steps"][0]["loss"] if log["steps"] else None,

@@ -9,15 +9,19 @@ update: test_heal).
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import io
 import os
 import signal
+import sys
 import threading
 import time
 import tomllib
 
 import pytest
 
+from converter.errors import run_tool
 from converter.interrupts import Terminated, interrupts_held, stops_cleanly
 from tests.cli_run import ROOT
 
@@ -38,6 +42,25 @@ def test_a_signal_ends_main_with_one_line_and_its_exit_code(sig, code, said, cap
     assert time.monotonic() - t0 < 10
     assert capsys.readouterr().err == f"care-test: {said}\n"
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+class _GoneTerminal(io.TextIOBase):
+    """stderr after SIGHUP closed the terminal: every write fails with EIO."""
+
+    def write(self, text):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_terminal_gone_after_sighup_leaves_the_exit_code(monkeypatch):
+    """The tool's interruption line cannot be written (its terminal closed, which is what sent SIGHUP): the tool
+    still ends with 129, not with the OSError's traceback and 1."""
+    @stops_cleanly("care-test")
+    def main(argv=None):
+        _, code = run_tool("care-test", lambda: (os.kill(os.getpid(), signal.SIGHUP), time.sleep(30)))
+        return code
+
+    monkeypatch.setattr(sys, "stderr", _GoneTerminal())
+    assert main([]) == 129
 
 
 def test_a_repeated_signal_does_not_cut_the_cleanup_short(capsys):
