@@ -152,6 +152,22 @@ def test_collect_merges_correctness_per_architecture_and_names_the_gpu(tmp_path)
     assert "care576 / stock MLA 576 = 0.972 (within 5 %)" in report        # 700 / 720
     assert "best converted width care576 = 1.40x GQA (target >= 1.3x: met)" in report
 
+    # a later session lent an H100 measures the converted model again: its run neither replaces the H200's nor is
+    # compared with the H200's GQA run (no baseline on the H100 yet: no target judged there)
+    third = tmp_path / "call3"
+    _write(third / "perf_throughput.json", {"runs": [
+        {"key": "llama3-8b/care576/16384/throughput", "shape": "llama3-8b", "model": "care576", "input_len": 16384,
+         "output_len": 512, "kv_values_per_token": 18432, "rc": 0, "output_tok_s": 650.0, "device_name": "NVIDIA H100"}]})
+    collect.main(["--from", str(third), "--into", str(into)])
+    runs = json.loads((into / "perf_throughput.json").read_text())["runs"]
+    assert sorted((r["model"], r["device_name"]) for r in runs) == [
+        ("care576", "NVIDIA H100"), ("care576", "NVIDIA H200"), ("gqa", "NVIDIA H200"), ("mla576", "NVIDIA H200")]
+    report = (into / "REPORT.md").read_text()
+    assert report.startswith("# GPU results (NVIDIA H100, NVIDIA H200;")
+    assert "llama3-8b 16384 in on NVIDIA H200: care576 / stock MLA 576 = 0.972 (within 5 %)" in report
+    assert "llama3-8b 16384 in on NVIDIA H200: best converted width care576 = 1.40x GQA" in report
+    assert "on NVIDIA H100:" not in report   # (650 / 500 = 1.30x would have been claimed against the H200's GQA)
+
 
 RUNNER = """
 import sys

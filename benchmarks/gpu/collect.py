@@ -32,12 +32,22 @@ def load(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def run_id(run: dict) -> tuple[str, str | None]:
+    """A perf run's identity: what it measured and on which accelerator (sessions may be lent different kinds, an
+    H100 or an H200, and a run on one must not replace the other's)."""
+    return run["key"], run.get("device_name")
+
+
+def gpu_of(run: dict) -> str:
+    return run.get("device_name") or "GPU not recorded"
+
+
 def merge_runs(into: Path, name: str, new: dict | None) -> dict | None:
-    """perf files: keep every run ever brought back, newest wins per key."""
+    """perf files: keep every run ever brought back, newest wins per key and device."""
     old = load(into / name) or {"runs": []}
     if new:
-        keyed = {r["key"]: r for r in old["runs"]}
-        keyed.update({r["key"]: r for r in new.get("runs", [])})
+        keyed = {run_id(r): r for r in old["runs"]}
+        keyed.update({run_id(r): r for r in new.get("runs", [])})
         old["runs"] = list(keyed.values())
         (into / name).write_text(json.dumps(old, indent=1))
     return old if old["runs"] else None
@@ -93,11 +103,13 @@ def correctness_md(c: dict) -> str:
 
 
 def throughput_md(runs: list[dict]) -> tuple[str, list[str]]:
+    """One table per shape, input length and accelerator: a ratio or a target is only ever taken between runs on
+    the same kind of GPU (a GQA run on an H100 against a converted one on an H200 would mostly measure the cards)."""
     by = {}
     for r in runs:
-        by.setdefault((r["shape"], r["input_len"]), {})[r["model"]] = r
+        by.setdefault((r["shape"], r["input_len"], gpu_of(r)), {})[r["model"]] = r
     parts, verdicts = [], []
-    for (shape, n_in), ms in sorted(by.items()):
+    for (shape, n_in, gpu), ms in sorted(by.items()):
         base, mla = ms.get("gqa", {}).get("output_tok_s"), ms.get("mla576", {}).get("output_tok_s")
         rows = []
         for name, r in sorted(ms.items(), key=lambda kv: kv[1]["kv_values_per_token"], reverse=True):
@@ -106,30 +118,32 @@ def throughput_md(runs: list[dict]) -> tuple[str, list[str]]:
                          tok if tok is not None else f"rc {r.get('rc')}", r.get("total_tok_s"),
                          f"{tok / base:.2f}x" if tok and base else "-", f"{tok / mla:.2f}x" if tok and mla else "-",
                          ", ".join(r.get("backends") or []), r.get("num_prompts")])
-        parts.append(f"### {shape}, {n_in} in / {next(iter(ms.values()))['output_len']} out (`vllm bench throughput`)\n\n"
+        parts.append(f"### {shape}, {n_in} in / {next(iter(ms.values()))['output_len']} out on {gpu} "
+                     f"(`vllm bench throughput`)\n\n"
                      + md_table(["model", "KV values/token", "KV cache tokens", "output tok/s", "total tok/s",
                                  "vs GQA", "vs stock MLA 576", "attention backend", "prompts"], rows))
         c576 = ms.get("care576", {}).get("output_tok_s")
         if c576 and mla:
-            verdicts.append(f"{shape} {n_in} in: care576 / stock MLA 576 = {c576 / mla:.3f} "
+            verdicts.append(f"{shape} {n_in} in on {gpu}: care576 / stock MLA 576 = {c576 / mla:.3f} "
                             f"({'within' if c576 >= 0.95 * mla else 'NOT within'} 5 %)")
         if n_in >= 16384 and base:
             best = max(((r.get("output_tok_s") or 0) / base, n) for n, r in ms.items() if n not in ("gqa", "mla576"))
-            verdicts.append(f"{shape} {n_in} in: best converted width {best[1]} = {best[0]:.2f}x GQA "
+            verdicts.append(f"{shape} {n_in} in on {gpu}: best converted width {best[1]} = {best[0]:.2f}x GQA "
                             f"(target >= 1.3x: {'met' if best[0] >= 1.3 else 'NOT met'})")
             mixed = ms.get("mixed", {}).get("output_tok_s")
             if mixed:
-                verdicts.append(f"{shape} {n_in} in: mixed widths = {mixed / base:.2f}x GQA "
+                verdicts.append(f"{shape} {n_in} in on {gpu}: mixed widths = {mixed / base:.2f}x GQA "
                                 f"(target >= 1.2x: {'met' if mixed / base >= 1.2 else 'NOT met'})")
     return "\n\n".join(parts), verdicts
 
 
 def serve_md(runs: list[dict]) -> str:
-    rows = [[r["shape"], r["model"], r["input_len"], r["kv_values_per_token"], r.get("output_throughput"),
+    rows = [[r["shape"], r["model"], r["input_len"], gpu_of(r), r["kv_values_per_token"], r.get("output_throughput"),
              r.get("mean_ttft_ms"), r.get("p99_ttft_ms"), r.get("mean_tpot_ms"), r.get("p99_tpot_ms"),
-             r.get("completed"), r.get("num_prompts")] for r in sorted(runs, key=lambda r: (r["shape"], r["input_len"], r["model"]))]
+             r.get("completed"), r.get("num_prompts")]
+            for r in sorted(runs, key=lambda r: (r["shape"], r["input_len"], gpu_of(r), r["model"]))]
     return ("## `vllm bench serve` (random dataset, all requests at once)\n\n"
-            + md_table(["shape", "model", "in", "KV values/token", "output tok/s", "mean TTFT ms", "p99 TTFT ms",
+            + md_table(["shape", "model", "in", "GPU", "KV values/token", "output tok/s", "mean TTFT ms", "p99 TTFT ms",
                         "mean TPOT ms", "p99 TPOT ms", "completed", "prompts"], rows))
 
 
