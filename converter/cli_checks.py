@@ -49,8 +49,8 @@ def check_free_space(out: Path, need: int, what: str, error: type[ConversionErro
     usage = shutil.disk_usage(folder)
     free = usage.free
     if usage.total and free < need:   # (a filesystem that reports no size at all, total 0, is not judged)
-        raise error(f"not enough disk space for {what}: {folder} has {_size(free)} free, and it needs more "
-                    f"than {_size(need)}; free some space or write OUT elsewhere")
+        raise error(f"not enough disk space for {what}: {folder} has {size_text(free)} free, and it needs more "
+                    f"than {size_text(need)}; free some space or write OUT elsewhere")
 
 
 def tensor_bytes(folder: Path) -> int:
@@ -63,7 +63,7 @@ def tensor_bytes(folder: Path) -> int:
     return total
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 

@@ -68,11 +68,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cli_checks import check_free_space, size_text, tensor_bytes
 from .errors import HealError
 from .heal_data import WindowOrder, pack_windows, read_docs
 from .heal_cli import main  # noqa: F401  (care-heal's entry point until it had a module of its own: old installs)
 from .heal_options import FINGERPRINT_KEYS, HealOptions, check_inputs, partial_dir, teacher_revision
-from .heal_state import load_checkpoint_weights, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from .heal_state import (checkpoint_bytes, disk_needed, load_checkpoint_weights, load_trainer_state, rng_state,
+                         save_checkpoint, saves_planned, set_rng_state)
 from .interrupts import describe, interrupts_held, say
 from .model_card import add_healing
 from .plot import plot_heal_curve
@@ -249,6 +251,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         log["resumed_at_steps"].append(step)
         log["args"].update(save_every=opts.save_every, stop_after=opts.stop_after, resume=True)
         log["versions"] = recorded_versions()   # (what finished the run)
+    check_room_for_checkpoints(student, trainable, converted, out, step, total_steps, opts)
     work.mkdir(exist_ok=True)
 
     def eval_due(at: int) -> bool:
@@ -266,9 +269,14 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     def save(rng: dict | None = None) -> None:
         nonlocal saved_step
         log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
-        save_checkpoint(work, student, optimizer, scheduler,
-                        {"step": step, "samples_seen": step * per_step, "fingerprint": fingerprint, "log": log},
-                        rng=rng)
+        try:
+            save_checkpoint(work, student, optimizer, scheduler,
+                            {"step": step, "samples_seen": step * per_step, "fingerprint": fingerprint, "log": log},
+                            rng=rng)
+        except OSError as err:   # (a full disk, a quota): one line, and what is left to resume from
+            raise HealError(f"could not save the checkpoint after step {step}: {err}"
+                            + (f"; {ckpt} still holds step {saved_step} (--resume continues from there)"
+                               if saved_step else "")) from err
         saved_step = step
 
     seconds_before = log["seconds"]
@@ -350,6 +358,21 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                 shutil.rmtree(work, ignore_errors=True)
         raise
     return log
+
+
+def check_room_for_checkpoints(student, trainable: list, converted: Path, out: Path, step: int, total_steps: int,
+                               opts: HealOptions) -> None:
+    """Refuse, before the first step, a run whose checkpoints (--save-every, --stop-after, --keep-checkpoint) cannot
+    fit beside its output: each holds the fp32 weights and AdamW's moments, 4-12x the output's size (~96 GB for 8B),
+    and a full disk would otherwise end the run at its first save, possibly hours in. check_inputs already made sure
+    of the output alone."""
+    saves, writes_output = saves_planned(step, total_steps, opts.save_every, opts.stop_after, opts.keep_checkpoint)
+    if saves:
+        one = checkpoint_bytes(student, trainable)
+        check_free_space(out, disk_needed(tensor_bytes(converted), one, saves, opts.resume, writes_output),
+                         f"{'the healed checkpoint and ' if writes_output else ''}{saves} training checkpoint"
+                         f"{'s' if saves > 1 else ''} of at least {size_text(one)} each (--save-every / "
+                         f"--stop-after / --keep-checkpoint; two are on disk while one is saved)", HealError)
 
 
 def _save_at_interrupt(e: KeyboardInterrupt, save, rng: dict, step: int, total_steps: int, work: Path) -> None:

@@ -66,3 +66,36 @@ def load_checkpoint_weights(ckpt: Path, model) -> None:
         load_model(model, str(ckpt / "model.safetensors"), device=str(next(model.parameters()).device))
     except Exception as e:
         raise HealError(f"cannot resume from {ckpt}: {e}") from None
+
+
+def checkpoint_bytes(model, trainable: list) -> int:
+    """A lower bound of one checkpoint's size: every parameter as stored (model.safetensors) and AdamW's two moments
+    of each trainable one (trainer_state.pt). For a 135M model trained whole in fp32: 1.6 GB."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + 2 * sum(p.numel() * p.element_size() for _, p in trainable)
+
+
+def saves_planned(step: int, total_steps: int, save_every: int | None, stop_after: int | None,
+                  keep_checkpoint: bool) -> tuple[int, bool]:
+    """(how many checkpoints the run from `step` will write, whether it writes OUT), by heal()'s rule: a checkpoint
+    at every --save-every-th step before the last, at the step where --stop-after stops the run (first step >=
+    stop_after, before the last; OUT is then not written), and at the last step with --keep-checkpoint. An
+    interruption's save is not counted."""
+    stop_at = max(step + 1, stop_after) if stop_after is not None else None
+    if stop_at is not None and stop_at >= total_steps:
+        stop_at = None
+    saves = sum(1 for s in range(step + 1, (stop_at or total_steps) + 1)
+                if (s < total_steps and ((save_every and s % save_every == 0) or s == stop_at))
+                or (s == total_steps and keep_checkpoint))
+    return saves, stop_at is None
+
+
+def disk_needed(output: int, checkpoint: int, saves: int, resuming: bool, writes_output: bool) -> int:
+    """Free space a run needs beyond what is already used, in bytes. A save writes the new checkpoint beside the
+    previous one before swapping them (two at once from the second save on, one more than a resumed run's); the
+    output is written while the last checkpoint still exists."""
+    if not saves:
+        return output if writes_output else 0
+    held = 0 if resuming else checkpoint   # the checkpoint on disk once the run has saved (a resumed one has it)
+    during_saves = checkpoint + (held if saves >= 2 else 0)
+    return max(during_saves, output + held if writes_output else 0)

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import signal
@@ -25,11 +26,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import model_defs  # noqa: F401  (registers care_mla with the Auto classes)
 
 from converter import heal as heal_mod
 from converter import heal_cli
 from converter.heal_data import pack_windows
 from converter.heal_options import parse_tokens
+from converter.heal_state import checkpoint_bytes
 from converter.pipeline import convert
 from tests.cli_run import ROOT, assert_refused_by, run_main_alone
 from tests.tiny_models import make_tiny_original
@@ -237,6 +242,70 @@ def test_train_attention_only_touches_attention(tiny):
     assert log["trainable_parameters"] == n_attn
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == log["total_steps"] == 2
+    # the size care-heal's disk check assumes for a checkpoint is a lower bound of the one written, and close to it
+    student = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    trainable = [(n, p) for n, p in student.named_parameters() if ".self_attn." in n]
+    written = sum(f.stat().st_size for f in (out / "checkpoint").iterdir())
+    assert 0.9 * written < checkpoint_bytes(student, trainable) <= written
+
+
+@pytest.mark.parametrize("save_every, stop_after, keep", [(2, None, False), (3, 5, False), (None, None, True),
+                                                         (3, None, True), (None, 8, False)])
+def test_the_disk_check_counts_the_checkpoints_the_run_writes(tiny, tmp_path, monkeypatch, save_every, stop_after,
+                                                              keep):
+    """heal_state.saves_planned, which the disk check sizes its need by, against the saves a real run makes."""
+    from converter.heal_state import saves_planned
+
+    saved = []
+    real = heal_mod.save_checkpoint
+    monkeypatch.setattr(heal_mod, "save_checkpoint", lambda *a, **k: (saved.append(a[4]["step"]), real(*a, **k)))
+    out = tmp_path / "out"
+    extra = [*(["--save-every", save_every] if save_every else []), *(["--stop-after", stop_after] if stop_after else []),
+             *(["--keep-checkpoint"] if keep else [])]
+    assert heal_cli.main(heal_args(tiny, out, *extra)) == 0
+    assert saves_planned(0, STEPS, save_every, stop_after, keep) == (len(saved), out.is_dir()), saved
+
+
+def test_a_save_that_fails_keeps_the_previous_checkpoint_and_says_so(tiny, tmp_path, monkeypatch, capsys):
+    """The disk fills up anyway (another process wrote to it): the second --save-every checkpoint fails with
+    ENOSPC. care-heal ends with one line naming the step and the checkpoint still there, which --resume continues
+    from."""
+    real, calls = heal_mod.save_checkpoint, []
+
+    def full_disk_at_the_second(*a, **k):
+        calls.append(a[4]["step"])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(heal_mod, "save_checkpoint", full_disk_at_the_second)
+    out = tmp_path / "out"
+    assert heal_cli.main(heal_args(tiny, out, "--save-every", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    partial = tmp_path / "out.partial" / "checkpoint"
+    assert err == (f"care-heal: error: could not save the checkpoint after step 4: [Errno 28] No space left on device; "
+                   f"{partial} still holds step 2 (--resume continues from there)")
+    assert not out.exists() and torch.load(partial / "trainer_state.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(heal_mod, "save_checkpoint", real)
+    assert heal_cli.main(heal_args(tiny, out, "--save-every", "2", "--resume")) == 0
+    assert json.loads((out / "heal_log.json").read_text())["resumed_at_steps"] == [2]
+
+
+def test_checkpoints_that_cannot_fit_are_refused_before_the_first_step(tiny, tmp_path, monkeypatch, capsys):
+    """Room for the healed checkpoint, not for the training checkpoints that --save-every asks for (each holds the
+    fp32 weights and AdamW's moments: 3x this fp32 model's tensors; two are on disk while one is saved): refused
+    once the model is loaded, before the first step, not by the first save; without --save-every the same run
+    goes ahead. The free space the OS reports is set here (a test cannot fill a filesystem)."""
+    from converter.cli_checks import tensor_bytes
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=2 * tensor_bytes(tiny[2])))
+    out = tmp_path / "out"
+    _refused(capsys, heal_cli.main(heal_args(tiny, out, "--save-every", "2")), out,
+             "not enough disk space for the healed checkpoint and 3 training checkpoints of at least")
+    args = heal_args(tiny, out)
+    args[args.index("--tokens") + 1] = str(TOKENS // 4)
+    assert heal_cli.main(args) == 0 and (out / "model.safetensors").is_file()
 
 
 def test_resume_equals_uninterrupted(tiny, healed):
