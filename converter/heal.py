@@ -363,8 +363,8 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
 def check_room_for_checkpoints(student, trainable: list, converted: Path, out: Path, step: int, total_steps: int,
                                opts: HealOptions) -> None:
     """Refuse, before the first step, a run whose checkpoints (--save-every, --stop-after, --keep-checkpoint) cannot
-    fit beside its output: each holds the fp32 weights and AdamW's moments, 4-12x the output's size (~96 GB for 8B),
-    and a full disk would otherwise end the run at its first save, possibly hours in. check_inputs already made sure
+    fit beside its output: each holds the fp32 weights and AdamW's moments (trained whole: 3x an fp32 output's size,
+    6x a bf16 one's, ~96 GB for 8B), and a full disk would otherwise end the run at its first save, possibly hours in. check_inputs already made sure
     of the output alone."""
     saves, writes_output = saves_planned(step, total_steps, opts.save_every, opts.stop_after, opts.keep_checkpoint)
     if saves:
