@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 
 from converter.pipeline import convert
 from tests.served_reference import compare_concurrent, reference_model, serve_args
-from tests.vllm_server import VLLMServer
+from tests.vllm_server import VLLMServer, running_in_group
 
 PROMPTS = ["The Linux kernel is", "def fibonacci(n):", "It is a truth universally acknowledged that",
            "Perl hashes are"]
@@ -38,5 +38,8 @@ def test_smollm2_parity_served_greedy_matches_model_defs(tmp_path):
                     env={"HF_MODULES_CACHE": str(tmp_path / "modules")}) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=300, max_retries=0)
         diff = compare_concurrent(client, model, prompt_ids, 32)   # asserts identical greedy tokens
+        group = server.proc.pid   # (its own process group)
+    # stopped means every process of it, its worker included (it held the model: on a GPU, the device's memory)
+    assert not running_in_group(group), f"the stopped server's processes still run: {running_in_group(group)}"
     print(f"SmolLM2 parity: greedy identical on {len(prompt_ids)} concurrent prompts x 32; max |logprob diff| "
           f"prompt {diff['prompt']:.2e}, generated {diff['generated']:.2e}")

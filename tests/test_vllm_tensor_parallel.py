@@ -9,7 +9,8 @@ caches the full `r_K + r_V + d_r` per layer. Checked: greedy tokens on 4 concurr
 to model_defs (fp32, one process), prompt and generated-token logprobs within 1e-3, and both
 workers bind KV tensors of exactly the per-layer widths of the checkpoint. And the stopped server leaves nothing
 behind: the IPC sockets' folder, the torch.distributed file store and the two ranks' shared-memory segments that
-vLLM's log names exist while it serves and are gone after (care_vllm/loadtest/leftovers.py).
+vLLM's log names exist while it serves and are gone after (care_vllm/loadtest/leftovers.py), and so are its
+processes, workers included, once the server's context has exited.
 
 The other classes are served under TP elsewhere, with the same checks: the Llama class (dense MLP) in
 tests/test_vllm_quantized.py (W8A8, every linear but kv_b_proj int8), the Qwen3 class (q/k norms, q_rope_proj split by
@@ -26,7 +27,7 @@ import pytest
 from care_vllm.loadtest.leftovers import file_stores
 
 from tests.served_reference import PROMPTS, compare_concurrent, reference_model, serve_args, varied_original
-from tests.vllm_server import VLLMServer, assert_tp_ranks_cache_full_widths, one_core_per_rank
+from tests.vllm_server import VLLMServer, assert_tp_ranks_cache_full_widths, one_core_per_rank, running_in_group
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -60,9 +61,11 @@ def test_tp2_serves_the_same_tokens_as_model_defs(arch, tmp_path, calib_file):
         assert any(ipc.iterdir()), f"vLLM put no IPC socket in {ipc}"
         assert len(stores) == 1 and all(p.exists() for p in stores), f"the workers' file store: {stores}"
         assert len(segments) == 2, f"one shared-memory segment per TP rank, got {segments}"
+        group = server.proc.pid   # (the server runs in a process group of its own, which its pid names)
 
     left = [p for p in [ipc, *stores, *segments] if p.exists()]
     assert not left, f"the stopped server left {left}"
+    assert not running_in_group(group), f"the stopped server's processes still run: {running_in_group(group)}"
     assert_tp_ranks_cache_full_widths(log, cfg)
     print(f"[{arch}] TP=2: greedy identical on {len(prompt_ids)} concurrent prompts; max |logprob diff| "
           f"prompt {diff['prompt']:.2e}, generated {diff['generated']:.2e}; per-rank widths {widths}")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 from care_vllm.loadtest.server import ServerError, VllmServer, free_port
 
 __all__ = ["ROOT", "ServerError", "VLLMServer", "assert_tp_ranks_cache_full_widths", "free_port", "one_core_per_rank",
-           "worker_kv_shapes"]
+           "running_in_group", "worker_kv_shapes"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +64,13 @@ def assert_tp_ranks_cache_full_widths(log: str, cfg: dict) -> None:
     assert sorted(bound) == [0, 1], f"both TP workers must report their KV tensors, got ranks {sorted(bound)}"
     for rank, layers in bound.items():
         assert [layers[l][-1] for l in range(len(widths))] == widths, f"rank {rank}: {layers} != {widths}"
+
+
+def running_in_group(pgid: int) -> list[str]:
+    """`ps` lines of the processes of group `pgid` that still run (zombies, which hold nothing, left out): read with
+    ps, not with the psutil scan VllmServer.stop() waits with."""
+    ps = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,comm="], capture_output=True, text=True, check=True).stdout
+    return [line for line in ps.splitlines() if line.split()[1] == str(pgid) and not line.split()[2].startswith("Z")]
 
 
 def one_core_per_rank() -> dict[str, str]:

@@ -203,6 +203,30 @@ def signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (a zombie waiting to be reaped does not count: it holds no memory,
+    port or device)."""
+    import psutil   # (a dependency of vLLM's; the extras name it too)
+
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (OSError, psutil.Error):   # (gone since the listing)
+            continue
+    return False
+
+
+def wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for every process of group `pgid` to end; whether they did."""
+    deadline = time.monotonic() + timeout
+    while group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def parse_kv_line(text: str) -> dict | None:
     """The last KV-capacity line of a vLLM log: {tokens, pool, max_model_len, max_concurrency, line}."""
     m = None
@@ -309,19 +333,28 @@ class VllmServer:
         self.start(append=True)
 
     def stop(self, grace: float | None = None) -> None:
-        """SIGTERM to the process group, SIGKILL after `grace` s; idempotent. The group is signalled
-        even when `vllm serve` itself already exited: its engine-core child may still hold the port. Then the
-        sockets, file stores and shared memory vLLM leaves are removed (leftovers.py)."""
+        """SIGTERM to the process group, SIGKILL after `grace` s; idempotent. Returns once every process of the
+        group has ended, not just `vllm serve`: its workers outlive it by a second or more (measured on CPU), and
+        until they end they hold the model's memory, on a GPU the device's, which the next server or benchmark
+        would find taken. The group is signalled even when `vllm serve` itself already exited: its engine-core
+        child may still hold the port. Then the sockets, file stores and shared memory vLLM leaves are removed
+        (leftovers.py)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is not None:
             signal_group(proc.pid, signal.SIGKILL)   # leftover children of a dead server
+            wait_group_gone(proc.pid, 30)
         elif proc is not None:
+            deadline = time.monotonic() + (self.stop_grace if grace is None else grace)
             signal_group(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=self.stop_grace if grace is None else grace)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                ended = wait_group_gone(proc.pid, max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                ended = False
+            if not ended:
                 signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+                wait_group_gone(proc.pid, 30)
         if self._log is not None:
             self._log.close()
             self._log = None
