@@ -169,6 +169,26 @@ def test_collect_merges_correctness_per_architecture_and_names_the_gpu(tmp_path)
     assert "on NVIDIA H100:" not in report   # (650 / 500 = 1.30x would have been claimed against the H200's GQA)
 
 
+LINGERING_CHILD = """
+import os, sys, time
+if os.fork() == 0:
+    open(sys.argv[1], "w").write(str(os.getpgid(0)))
+    time.sleep(1.5)   # (an engine core still freeing the GPU after the command has exited)
+    os._exit(0)
+time.sleep(0.5)
+"""
+
+
+def test_a_run_returns_once_its_whole_group_has_ended(tmp_path):
+    """The next run must find the GPU free: run_logged returns only after the command's children have ended too."""
+    from tests.vllm_server import running_in_group
+
+    marker = tmp_path / "pgid"
+    assert perf.run_logged([sys.executable, "-c", LINGERING_CHILD, str(marker)], tmp_path / "run.log", 60) == 0
+    group = int(marker.read_text())
+    assert not running_in_group(group), running_in_group(group)
+
+
 RUNNER = """
 import sys
 sys.path.insert(0, {gpu!r})
