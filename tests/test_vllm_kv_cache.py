@@ -75,6 +75,7 @@ def run_engine(out: Path, tmp_path: Path, kv_cache_dtype: str = "auto") -> subpr
     script.write_text(SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "TMPDIR": str(tmp_path),   # (vLLM's file store, which it leaves; eager: no compile cache to keep warm)
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.run([sys.executable, str(script), str(out), str(KV_BYTES), kv_cache_dtype], capture_output=True,
                           text=True, timeout=420, env=env, cwd=str(ROOT))

@@ -138,7 +138,8 @@ def test_dummy_start_then_chunked_updates(served, tmp_path):
     prompts = random_prompts(cfg["vocab_size"], n=4)
     script = tmp_path / "dummy_start.py"
     script.write_text(DUMMY_START_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}   # engine in the script
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # engine in the script
+           "TMPDIR": str(tmp_path)}   # (vLLM's file store, which it leaves; eager: no compile cache to keep warm)
     proc = subprocess.run([sys.executable, str(script), str(base), json.dumps(prompts)], capture_output=True,
                           text=True, timeout=420, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("GENJSON")]
