@@ -73,8 +73,8 @@ from .errors import HealError
 from .heal_data import WindowOrder, pack_windows, read_docs
 from .heal_cli import main  # noqa: F401  (care-heal's entry point until it had a module of its own: old installs)
 from .heal_options import FINGERPRINT_KEYS, HealOptions, check_inputs, partial_dir, teacher_revision
-from .heal_state import (checkpoint_bytes, disk_needed, load_checkpoint_weights, load_trainer_state, rng_state,
-                         save_checkpoint, saves_planned, set_rng_state)
+from .heal_state import (checkpoint_bytes, checkpoint_due, disk_needed, load_checkpoint_weights, load_trainer_state,
+                         rng_state, save_checkpoint, saves_planned, set_rng_state)
 from .interrupts import describe, interrupts_held, say
 from .model_card import add_healing
 from .plot import plot_heal_curve
@@ -334,9 +334,9 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                 evaluate(step)
                 if log["eval"]:
                     bar.set_postfix(loss=f"{loss_m:.4f}", ppl=f"{log['eval'][-1]['ppl']:.3f}", lr=f"{lr:.2e}")
-            stop_now = opts.stop_after is not None and step >= opts.stop_after and step < total_steps
-            periodic = bool(opts.save_every) and step % opts.save_every == 0
-            if (step < total_steps and (periodic or stop_now)) or (step == total_steps and opts.keep_checkpoint):
+            save_now, stop_now = checkpoint_due(step, total_steps, opts.save_every, opts.stop_after,
+                                                opts.keep_checkpoint)
+            if save_now:
                 save()
             if stop_now:
                 stopped = True
@@ -364,8 +364,8 @@ def check_room_for_checkpoints(student, trainable: list, converted: Path, out: P
                                opts: HealOptions) -> None:
     """Refuse, before the first step, a run whose checkpoints (--save-every, --stop-after, --keep-checkpoint) cannot
     fit beside its output: each holds the fp32 weights and AdamW's moments (trained whole: 3x an fp32 output's size,
-    6x a bf16 one's, ~96 GB for 8B), and a full disk would otherwise end the run at its first save, possibly hours in. check_inputs already made sure
-    of the output alone."""
+    6x a bf16 one's, ~96 GB for 8B), and a full disk would otherwise end the run at its first save, possibly hours
+    in. check_inputs already made sure of the output alone."""
     saves, writes_output = saves_planned(step, total_steps, opts.save_every, opts.stop_after, opts.keep_checkpoint)
     if saves:
         one = checkpoint_bytes(student, trainable)

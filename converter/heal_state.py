@@ -75,19 +75,27 @@ def checkpoint_bytes(model, trainable: list) -> int:
     return weights + 2 * sum(p.numel() * p.element_size() for _, p in trainable)
 
 
+def checkpoint_due(at: int, total_steps: int, save_every: int | None, stop_after: int | None,
+                   keep_checkpoint: bool) -> tuple[bool, bool]:
+    """(whether heal() saves a checkpoint after step `at`, whether it stops there): at every --save-every-th step
+    before the last; at the first step >= --stop-after before the last, where the run stops without writing OUT;
+    and at the last step with --keep-checkpoint. The one rule for the loop and for saves_planned."""
+    stop = stop_after is not None and stop_after <= at < total_steps
+    periodic = bool(save_every) and at % save_every == 0
+    return (at < total_steps and (periodic or stop)) or (at == total_steps and keep_checkpoint), stop
+
+
 def saves_planned(step: int, total_steps: int, save_every: int | None, stop_after: int | None,
                   keep_checkpoint: bool) -> tuple[int, bool]:
-    """(how many checkpoints the run from `step` will write, whether it writes OUT), by heal()'s rule: a checkpoint
-    at every --save-every-th step before the last, at the step where --stop-after stops the run (first step >=
-    stop_after, before the last; OUT is then not written), and at the last step with --keep-checkpoint. An
+    """(how many checkpoints the run from `step` will write, whether it writes OUT), by checkpoint_due. An
     interruption's save is not counted."""
-    stop_at = max(step + 1, stop_after) if stop_after is not None else None
-    if stop_at is not None and stop_at >= total_steps:
-        stop_at = None
-    saves = sum(1 for s in range(step + 1, (stop_at or total_steps) + 1)
-                if (s < total_steps and ((save_every and s % save_every == 0) or s == stop_at))
-                or (s == total_steps and keep_checkpoint))
-    return saves, stop_at is None
+    saves = 0
+    for at in range(step + 1, total_steps + 1):
+        save, stop = checkpoint_due(at, total_steps, save_every, stop_after, keep_checkpoint)
+        saves += save
+        if stop:
+            return saves, False
+    return saves, True
 
 
 def disk_needed(output: int, checkpoint: int, saves: int, resuming: bool, writes_output: bool) -> int:

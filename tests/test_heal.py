@@ -260,8 +260,8 @@ def test_the_disk_check_counts_the_checkpoints_the_run_writes(tiny, tmp_path, mo
     real = heal_mod.save_checkpoint
     monkeypatch.setattr(heal_mod, "save_checkpoint", lambda *a, **k: (saved.append(a[4]["step"]), real(*a, **k)))
     out = tmp_path / "out"
-    extra = [*(["--save-every", save_every] if save_every else []), *(["--stop-after", stop_after] if stop_after else []),
-             *(["--keep-checkpoint"] if keep else [])]
+    extra = [*(["--save-every", save_every] if save_every else []),
+             *(["--stop-after", stop_after] if stop_after else []), *(["--keep-checkpoint"] if keep else [])]
     assert heal_cli.main(heal_args(tiny, out, *extra)) == 0
     assert saves_planned(0, STEPS, save_every, stop_after, keep) == (len(saved), out.is_dir()), saved
 
