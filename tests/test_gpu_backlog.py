@@ -157,7 +157,8 @@ def test_collect_merges_correctness_per_architecture_and_names_the_gpu(tmp_path)
     third = tmp_path / "call3"
     _write(third / "perf_throughput.json", {"runs": [
         {"key": "llama3-8b/care576/16384/throughput", "shape": "llama3-8b", "model": "care576", "input_len": 16384,
-         "output_len": 512, "kv_values_per_token": 18432, "rc": 0, "output_tok_s": 650.0, "device_name": "NVIDIA H100"}]})
+         "output_len": 512, "kv_values_per_token": 18432, "rc": 0, "output_tok_s": 650.0,
+         "device_name": "NVIDIA H100"}]})
     collect.main(["--from", str(third), "--into", str(into)])
     runs = json.loads((into / "perf_throughput.json").read_text())["runs"]
     assert sorted((r["model"], r["device_name"]) for r in runs) == [

@@ -32,14 +32,14 @@ def load(p: Path):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def run_id(run: dict) -> tuple[str, str | None]:
-    """A perf run's identity: what it measured and on which accelerator (sessions may be lent different kinds, an
-    H100 or an H200, and a run on one must not replace the other's)."""
-    return run["key"], run.get("device_name")
-
-
 def gpu_of(run: dict) -> str:
     return run.get("device_name") or "GPU not recorded"
+
+
+def run_id(run: dict) -> tuple[str, str]:
+    """A perf run's identity: what it measured and on which accelerator (sessions may be lent different kinds, an
+    H100 or an H200, and a run on one must not replace the other's)."""
+    return run["key"], gpu_of(run)
 
 
 def merge_runs(into: Path, name: str, new: dict | None) -> dict | None:

@@ -130,16 +130,13 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
     command that started it has ended (the device README), on the GPU, into the next call."""
     import signal
 
-    from care_vllm.loadtest.server import signal_group, wait_group_gone
+    from care_vllm.loadtest.server import end_group, signal_group
 
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=bench_env(), start_new_session=True)
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
-            # (an engine core that outlives the command still holds the GPU the next run needs)
-            if not wait_group_gone(proc.pid, STOP_GRACE_S):
-                signal_group(proc.pid, signal.SIGKILL)
-                wait_group_gone(proc.pid, 30)
+            end_group(proc.pid, STOP_GRACE_S)   # (an engine core that outlives the command holds the GPU)
             return rc
         except subprocess.TimeoutExpired:
             signal_group(proc.pid, signal.SIGKILL)

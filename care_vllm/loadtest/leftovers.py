@@ -36,18 +36,14 @@ def file_stores(log: str) -> dict[Path, str]:
     return {Path(m.group(1)): m.group(2) for m in FILE_STORE.finditer(log)}
 
 
-def remove_leftovers(ipc: Path | None, log: str) -> list[Path]:
-    """Delete the IPC folder `ipc` and the file stores and shared-memory segments `log` names; return what was
-    there. Call once the server's processes are gone (a segment still mapped is freed when it is unmapped)."""
-    removed: list[Path] = []
-    if ipc is not None and ipc.exists():
+def remove_leftovers(ipc: Path | None, log: str) -> None:
+    """Delete the IPC folder `ipc` and the file stores and shared-memory segments `log` names. Call once the
+    server's processes are gone (a segment still mapped is freed when it is unmapped)."""
+    if ipc is not None:
         shutil.rmtree(ipc, ignore_errors=True)
-        removed.append(ipc)
     for path, name in file_stores(log).items():
         for leftover in [path, *SHM.glob(f"{name}-*")]:
             try:
                 leftover.unlink()
             except OSError:   # gone already, or not ours to remove: leave it
-                continue
-            removed.append(leftover)
-    return removed
+                pass

@@ -227,6 +227,14 @@ def wait_group_gone(pgid: int, timeout: float) -> bool:
     return True
 
 
+def end_group(pgid: int, wait: float) -> None:
+    """Let the processes of group `pgid` end for up to `wait` s, then SIGKILL what is left and wait for that (30 s
+    at most): whoever returns from this finds their memory, ports and device free."""
+    if not wait_group_gone(pgid, wait):
+        signal_group(pgid, signal.SIGKILL)
+        wait_group_gone(pgid, 30)
+
+
 def parse_kv_line(text: str) -> dict | None:
     """The last KV-capacity line of a vLLM log: {tokens, pool, max_model_len, max_concurrency, line}."""
     m = None
@@ -341,20 +349,16 @@ class VllmServer:
         (leftovers.py)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is not None:
-            signal_group(proc.pid, signal.SIGKILL)   # leftover children of a dead server
-            wait_group_gone(proc.pid, 30)
+            end_group(proc.pid, 0)   # leftover children of a dead server
         elif proc is not None:
             deadline = time.monotonic() + (self.stop_grace if grace is None else grace)
             signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                ended = wait_group_gone(proc.pid, max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                ended = False
-            if not ended:
-                signal_group(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-                wait_group_gone(proc.pid, 30)
+                pass
+            end_group(proc.pid, max(0.0, deadline - time.monotonic()))
+            proc.wait(timeout=30)   # (reap it: killed, it is a zombie the group scan no longer counts)
         if self._log is not None:
             self._log.close()
             self._log = None
