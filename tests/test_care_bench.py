@@ -123,17 +123,37 @@ def test_report_files_and_kv_tokens(bench):
         assert (report / name).is_file(), name
 
 
+def _stat(pid: int | str) -> tuple[int, int] | None:
+    """(parent pid, process group) of a process, from /proc/PID/stat alone: unlike its cmdline, whose read waits
+    for the process's memory-map lock, stat cannot stall behind a process that is busy mapping memory."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), int(fields[2])
+
+
+def _server_group(bench_pid: int) -> int | None:
+    """The process group of the `vllm serve` care-bench started: its child that leads a group of its own (it starts
+    the server in a new session; `vllm bench serve` stays in care-bench's group)."""
+    for d in Path("/proc").iterdir():
+        st = _stat(d.name) if d.name.isdigit() else None
+        if st and st[0] == bench_pid and st[1] == int(d.name):
+            return st[1]
+    return None
+
+
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (process group, command line) of every process this user can see."""
     found = {}
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
+        st = _stat(d.name) if d.name.isdigit() else None
+        if st:
             try:
-                stat = (d / "stat").read_text()
                 cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            found[int(d.name)] = (int(stat.rsplit(")", 1)[1].split()[2]), cmdline)
+            found[int(d.name)] = (st[1], cmdline)
     return found
 
 
@@ -143,27 +163,38 @@ def test_sigterm_stops_the_server_it_started(pair, tmp_path, when):
     Python without unwinding: the `vllm serve` it had started (in a session of its own, to be stopped as a process
     group: engine core and workers) ran on, holding its port and the accelerator. Now care-bench stops it and
     exits 143 with one line, whether the server was still starting or a level was running `vllm bench serve`
-    (converter/interrupts.py, care_vllm/loadtest/server.py)."""
+    (converter/interrupts.py, care_vllm/loadtest/server.py).
+
+    care-bench is frozen (SIGSTOP) while the test looks at where it is, and SIGTERM is sent before it thaws: the
+    signal lands in the phase the test saw, however long the test itself took to look (a 2-core machine running
+    other servers beside it can delay the test by seconds, and it once missed the original's whole level)."""
     src, out = pair
     report = tmp_path / "report"
     err = tmp_path / "stderr.txt"
+    level_line = "[care-bench] original: concurrency 1"
     with open(err, "w") as stderr:
         proc = subprocess.Popen(bench_command(src, out, report, "--concurrency", "1"), cwd=ROOT, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        deadline, group = time.monotonic() + 600, None
-        while True:
+        deadline, group, seen = time.monotonic() + 600, None, ""
+        while group is None:
             assert proc.poll() is None, err.read_text()[-3000:]
             assert time.monotonic() < deadline, f"not {when} after 600 s: {err.read_text()[-3000:]}"
-            servers = [g for g, cmd in _processes().values() if f" serve {src} --host" in cmd]   # (not bench serve)
-            group = servers[0] if servers else None
-            if group and (when == "starting" or "[care-bench] original: concurrency 1" in err.read_text()):
-                break
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                seen = err.read_text()
+                level = level_line in seen
+                if (when == "starting") != level and (level or (report / "raw" / "original_server.log").exists()):
+                    group = _server_group(proc.pid)
+                    if group is not None:
+                        proc.send_signal(signal.SIGTERM)
+            finally:
+                proc.send_signal(signal.SIGCONT)
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         proc.kill()
+    assert "converted" not in seen, f"SIGTERM came after the original's level: {seen}"   # (by construction)
     left = {}
     for _ in range(100):   # (stop() waits for `vllm serve`; its engine core may take a moment longer)
         left = {pid: cmd for pid, (g, cmd) in _processes().items() if g == group or str(tmp_path) in cmd}
