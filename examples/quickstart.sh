@@ -51,11 +51,23 @@ python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"KV cache p
 .venv/bin/python -c "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(('127.0.0.1', int(sys.argv[1])))" "$PORT" 2>/dev/null || {
   echo "quickstart: port $PORT on 127.0.0.1 is in use (another vllm serve?); stop that or set PORT=..." >&2; exit 1; }
-setsid .venv/bin/vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2-care \
-    --dtype float32 > "$OUT.serve.log" 2>&1 &
+#    Its sockets go to a folder of its own, removed with its file store when it stops (vLLM leaves them: LIMITS.md).
+IPC=$(mktemp -d "${TMPDIR:-/tmp}/care-vllm-ipc-XXXXXX")
+VLLM_RPC_BASE_PATH="$IPC" setsid .venv/bin/vllm serve "$OUT" --host 127.0.0.1 --port "$PORT" \
+    --served-model-name smollm2-care --dtype float32 > "$OUT.serve.log" 2>&1 &
 SERVER=$!
-# its own process group: stopping it also stops the engine processes it started
-trap 'kill -- -$SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+SERVER_UP=
+# Stop it whole: SIGTERM to its session (setsid: its pid; the engine processes it started are in it), then SIGKILL
+# what still runs after 30 s, or after 5 s while it starts: its front end can sleep through SIGTERM then (LIMITS.md).
+stop_server() {
+  kill -- -"$SERVER" 2>/dev/null || true
+  local tries=50; [ -n "$SERVER_UP" ] && tries=300
+  for _ in $(seq 1 "$tries"); do ps -o stat= -g "$SERVER" | grep -qv '^Z' || break; sleep 0.1; done
+  kill -KILL -- -"$SERVER" 2>/dev/null || true
+  wait "$SERVER" 2>/dev/null || true
+  .venv/bin/python -m care_vllm.loadtest.leftovers "$IPC" "$OUT.serve.log" || true
+}
+trap stop_server EXIT
 echo "waiting for vllm serve (log: $OUT.serve.log) ..."
 for _ in $(seq 1 900); do  # compiled start: ~80 s on 2 idle cores, minutes on a busy machine
   curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
@@ -63,6 +75,7 @@ for _ in $(seq 1 900); do  # compiled start: ~80 s on 2 idle cores, minutes on a
   sleep 1
 done
 curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { tail -40 "$OUT.serve.log"; exit 1; }
+SERVER_UP=1
 
 # 4. Query it: curl, then the OpenAI Python client.
 curl -s "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' \

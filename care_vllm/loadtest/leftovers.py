@@ -47,3 +47,25 @@ def remove_leftovers(ipc: Path | None, log: str) -> None:
                 leftover.unlink()
             except OSError:   # gone already, or not ours to remove: leave it
                 pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m care_vllm.loadtest.leftovers IPC_DIR SERVER_LOG`: remove_leftovers for a `vllm serve` a shell
+    script ran (examples/quickstart.sh), once its processes are gone. A log that cannot be read removes only the
+    IPC folder."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m care_vllm.loadtest.leftovers", description=main.__doc__)
+    ap.add_argument("ipc", type=Path, help="the folder the server was given as VLLM_RPC_BASE_PATH")
+    ap.add_argument("log", type=Path, help="the server's log (stdout and stderr)")
+    args = ap.parse_args(argv)
+    try:
+        log = args.log.read_text(errors="replace")
+    except OSError:
+        log = ""
+    remove_leftovers(args.ipc, log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -256,12 +256,15 @@ class VllmServer:
     (the model path). `env` is added to os.environ (with HF_HUB_OFFLINE=1), `cwd` is the server's
     working directory, `prefix` wraps the command (e.g. ["nice"]). `port=None` draws a free one (free_port);
     a port found taken when vLLM binds it is replaced by a fresh one, up to `port_retries` times (wait_ready).
+    `stop_grace` is how long stop() lets a server that has answered end on SIGTERM before SIGKILL;
+    `starting_stop_grace` is that time for one that never answered (see stop()).
     """
 
     def __init__(self, model: str | Path, log_path: str | Path | None = None, extra_args: Sequence[str] = (),
                  served_name: str | None = None, startup_timeout: float = 600.0, env: dict | None = None,
                  cwd: str | Path | None = None, prefix: Sequence[str] = (), poll_interval: float = 1.0,
-                 stop_grace: float = 30.0, port_retries: int = 3, port: int | None = None):
+                 stop_grace: float = 30.0, port_retries: int = 3, port: int | None = None,
+                 starting_stop_grace: float = 5.0):
         self.model = str(model)
         self.served_name = served_name
         self.extra_args = list(extra_args)
@@ -274,6 +277,7 @@ class VllmServer:
         self.startup_timeout = startup_timeout
         self.poll_interval = poll_interval
         self.stop_grace = stop_grace
+        self.starting_stop_grace = starting_stop_grace
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.cwd = str(cwd) if cwd is not None else None
         self.proc: subprocess.Popen | None = None
@@ -293,6 +297,7 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab" if append else "wb")
         self._t0 = time.monotonic()
+        self.startup_seconds = None   # (until /health answers: stop() then uses starting_stop_grace)
         env = self.env
         if "VLLM_RPC_BASE_PATH" not in env:   # (one the caller chose is theirs to clean)
             self.ipc = ipc_folder()
@@ -346,12 +351,22 @@ class VllmServer:
         until they end they hold the model's memory, on a GPU the device's, which the next server or benchmark
         would find taken. The group is signalled even when `vllm serve` itself already exited: its engine-core
         child may still hold the port. Then the sockets, file stores and shared memory vLLM leaves are removed
-        (leftovers.py)."""
+        (leftovers.py).
+
+        A server that never answered /health gets `starting_stop_grace` (5 s) where that is the shorter. While
+        vLLM 0.32's front end waits for its engine core's ready message, it sits in a ZMQ poll of up to
+        VLLM_ENGINE_READY_TIMEOUT_S (600 s) that SIGTERM does not end: the engine core ends at once, so no message
+        comes, and the front end's handler runs only when the poll times out (measured on CPU, SIGTERM 9 s into a
+        start: with that timeout at 40 s, it exited 41.9 s later; stop() with the 30 s grace took 30.1 s). A server
+        that is not up has no request to finish, and SIGKILL frees what it holds."""
         proc, self.proc = self.proc, None
+        if grace is None:
+            grace = self.stop_grace if self.startup_seconds is not None else min(self.stop_grace,
+                                                                                  self.starting_stop_grace)
         if proc is not None and proc.poll() is not None:
             end_group(proc.pid, 0)   # leftover children of a dead server
         elif proc is not None:
-            deadline = time.monotonic() + (self.stop_grace if grace is None else grace)
+            deadline = time.monotonic() + grace
             signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
