@@ -162,8 +162,8 @@ def test_sigterm_stops_the_server_it_started(pair, tmp_path, when):
     """`timeout`, a scheduler's time limit or `docker stop` end care-bench with SIGTERM, which by default kills
     Python without unwinding: the `vllm serve` it had started (in a session of its own, to be stopped as a process
     group: engine core and workers) ran on, holding its port and the accelerator. Now care-bench stops it and
-    exits 143 with one line, whether the server was still starting or a level was running `vllm bench serve`
-    (converter/interrupts.py, care_vllm/loadtest/server.py).
+    exits 143 with one line, whether the server was still loading the model or a level was running `vllm bench
+    serve` (converter/interrupts.py, care_vllm/loadtest/server.py).
 
     care-bench is frozen (SIGSTOP) while the test looks at where it is, and SIGTERM is sent before it thaws: the
     signal lands in the phase the test saw, however long the test itself took to look (a 2-core machine running
@@ -183,11 +183,14 @@ def test_sigterm_stops_the_server_it_started(pair, tmp_path, when):
             proc.send_signal(signal.SIGSTOP)
             try:
                 seen = err.read_text()
-                level = level_line in seen
-                if (when == "starting") != level and (level or (report / "raw" / "original_server.log").exists()):
-                    group = _server_group(proc.pid)
-                    if group is not None:
-                        proc.send_signal(signal.SIGTERM)
+                if when == "benchmarking":
+                    ready = level_line in seen
+                else:   # loading the model: its front end waits for the engine core (VllmServer.stop)
+                    server_log = report / "raw" / "original_server.log"
+                    ready = server_log.exists() and "Starting to load model" in server_log.read_text(errors="replace")
+                group = _server_group(proc.pid) if ready else None
+                if group is not None:
+                    proc.send_signal(signal.SIGTERM)
             finally:
                 proc.send_signal(signal.SIGCONT)
             time.sleep(0.2)
