@@ -283,7 +283,6 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     t_loop = time.perf_counter()
     saved_step = step                 # the step the checkpoint in OUT.partial/ holds (0: none)
     rng_at_step = rng_state()         # the RNG streams as the last finished update left them
-    training = True
     try:
         if eval_due(step) and not any(e["step"] == step for e in log["eval"]):   # (a resumed run stopped in it)
             evaluate(step)
@@ -342,7 +341,6 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
                 stopped = True
                 break
         bar.close()
-        training = False
         log["seconds"] = round(seconds_before + time.perf_counter() - t_loop, 3)
         if stopped:
             log["stopped_at_step"] = step
@@ -350,8 +348,9 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         log["setup_seconds_last_run"] = round(t_loop - t_start, 3)
         _write_output(student, converted, out, work, log, opts)
     except BaseException as e:
-        try:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py) within the loop: save the last finished update
-            if isinstance(e, KeyboardInterrupt) and training and step > saved_step:
+        try:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py) within the loop or the write: save the last
+            # finished update (a resumed run whose loop is done writes OUT)
+            if isinstance(e, KeyboardInterrupt) and step > saved_step:
                 _save_at_interrupt(e, save, rng_at_step, step, total_steps, work)
         finally:   # (a second Ctrl-C during that save included) keep OUT.partial only with something to resume from
             if not (ckpt / "trainer_state.pt").is_file():
@@ -376,11 +375,12 @@ def check_room_for_checkpoints(student, trainable: list, converted: Path, out: P
 
 
 def _save_at_interrupt(e: KeyboardInterrupt, save, rng: dict, step: int, total_steps: int, work: Path) -> None:
-    """Save the state of the last finished update (`step`) when a run is interrupted within the training loop, so
-    that `--resume` continues from there, to the weights the uninterrupted run gives. Why it is that state: an
-    interruption lands either within a step's forward and backward passes, which change no weights, optimizer
-    or schedule state (the gradients, which are discarded, are all they touch), or within an evaluation or a
-    checkpoint save, and never within the update itself (interrupts_held). The step's RNG streams are the
+    """Save the state of the last finished update (`step`) when a run is interrupted within the training loop or
+    while OUT is written after it, so that `--resume` continues from there (or only writes OUT), to the weights the
+    uninterrupted run gives. Why it is that state: an interruption lands either within a step's forward and
+    backward passes, which change no weights, optimizer or schedule state (the gradients, which are discarded,
+    are all they touch), or within an evaluation, a checkpoint save or the write (which casts copies:
+    output_state_dict), and never within the update itself (interrupts_held). The step's RNG streams are the
     ones saved when the update finished. A second Ctrl-C abandons the save (the previous checkpoint, if any,
     stays); a repeated SIGTERM or SIGHUP is ignored, and a scheduler's SIGKILL ends the save, which happens the
     same way. The step saved is recorded on the exception for care-heal's last line."""
@@ -400,10 +400,9 @@ def _write_output(student, converted: Path, out: Path, work: Path, log: dict, op
     dtype = DTYPES.get(str(src_cfg.get("dtype") or src_cfg.get("torch_dtype") or "float32"), torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        student.to("cpu", dtype=dtype)
         if opts.gradient_checkpointing:
             student.gradient_checkpointing_disable()
-        student.save_pretrained(tmp)
+        student.save_pretrained(tmp, state_dict=output_state_dict(student, dtype))
         for f in converted.iterdir():  # config (verbatim), tokenizer, templates, care_report, plot
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in HEAL_FILES:
                 shutil.copy(f, tmp / f.name)
@@ -415,9 +414,27 @@ def _write_output(student, converted: Path, out: Path, work: Path, log: dict, op
             shutil.move(work / "checkpoint", tmp / "checkpoint")
         replace_dir(tmp, out)
     except BaseException:
+        if (tmp / "checkpoint").is_dir() and not (work / "checkpoint").exists():   # (--keep-checkpoint's, kept)
+            shutil.move(tmp / "checkpoint", work / "checkpoint")
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
+
+
+def output_state_dict(student, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The student's weights as the output stores them (floating point ones in `dtype`, on the CPU), as copies:
+    the student keeps its training weights while OUT is written, so that an interruption then can still save
+    them to resume from (heal). Tensors the model ties (an embedding shared with the LM head) stay one tensor, as
+    save_pretrained expects; those already in `dtype` on the CPU are not copied. The copies take the output's
+    size in host memory (16 GB for an 8B model in bf16)."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in student.state_dict().items():
+        key = (t.data_ptr(), t.device, t.dtype, tuple(t.shape), t.stride())
+        if key not in cast:
+            cast[key] = t.detach().to("cpu", dtype=dtype) if t.is_floating_point() else t.detach().cpu()
+        out[name] = cast[key]
+    return out
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -364,6 +364,10 @@ elif where == "evaluation":    # within the held-out evaluation at step 4 (its f
     heal.perplexity = signalling(heal.perplexity, lambda a: "before" if len(calls) == 3 else None)
 elif where == "save":          # within the checkpoint at step 3, its weights written and its trainer state not
     torch.save = signalling(torch.save, lambda a: "before" if len(calls) == 1 else None)
+elif where == "write":         # within writing OUT after the last step, its weights written
+    heal.plot_heal_curve = signalling(heal.plot_heal_curve, lambda a: "before")
+elif where == "write_kept":    # the same with --keep-checkpoint, its checkpoint moved into OUT's temporary folder
+    heal.replace_dir = signalling(heal.replace_dir, lambda a: "before")
 elif where == "twice":         # within step 6, and again within the save that the first signal starts
     heal.heal_losses = signalling(heal.heal_losses, lambda a: "before" if len(calls) == 5 * 2 + 1 else None)
     torch.save = signalling(torch.save, lambda a: "before")
@@ -372,36 +376,42 @@ sys.exit(heal_cli.main(sys.argv[3:]))
 
 
 @pytest.mark.parametrize("where, sig, saved", [("forward", "SIGINT", 5), ("update", "SIGTERM", 6),
-                                               ("evaluation", "SIGHUP", 4), ("save", "SIGTERM", 3)])
+                                               ("evaluation", "SIGHUP", 4), ("save", "SIGTERM", 3),
+                                               ("write", "SIGTERM", 8), ("write_kept", "SIGINT", None)])
 def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, healed, tmp_path, where, sig, saved):
     """Ctrl-C, SIGTERM (a scheduler's preemption or time limit, `timeout`) or SIGHUP within a run saves the state
     of the last finished update to OUT.partial/checkpoint/ and exits 128 + the signal's number with one line
     that says to --resume; `--resume` then gives the uninterrupted run's weights and log, bit for bit. Within an
     update (the "update" case) the signal is held until the step is counted; raised there, it saved step 5's
     count with step 6's weights, which resumed to other weights. By default SIGTERM kills Python without
-    unwinding (converter/interrupts.py)."""
+    unwinding (converter/interrupts.py). While OUT is written after the last step ("write"), the training is
+    saved too: the student was cast to OUT's dtype in place then, and all of it was lost. With --keep-checkpoint
+    ("write_kept") the last step's checkpoint, already moved into OUT's temporary folder, goes back to
+    OUT.partial/ (saved None: nothing new to save)."""
     out = tmp_path / "out"
-    args = heal_args(tiny, out, "--eval-teacher", "--save-every", "3")
+    args = heal_args(tiny, out, "--eval-teacher", "--save-every", "3",
+                     *(["--keep-checkpoint"] if where == "write_kept" else []))
     proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, where, sig, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     signum = getattr(signal, sig)
     assert proc.returncode == 128 + signum, proc.stderr[-3000:]
     said = "interrupted" if sig == "SIGINT" else f"terminated ({sig})"
     ckpt = tmp_path / "out.partial" / "checkpoint"
+    holds = f"; {ckpt} holds step {saved} of {STEPS}" if saved else ""
     assert proc.stderr.strip().splitlines()[-1] == \
-        f"care-heal: {said}; OUT was not written; {ckpt} holds step {saved} of {STEPS} (resume with --resume)", \
-        proc.stderr[-3000:]
+        f"care-heal: {said}; OUT was not written{holds} (resume with --resume)", proc.stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint"]
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    assert state["step"] == saved == len(state["log"]["steps"])
+    assert state["step"] == (saved or STEPS) == len(state["log"]["steps"])
     assert heal_cli.main(args + ["--resume"]) == 0
     a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
     la, lb = (json.loads((p / "heal_log.json").read_text()) for p in (healed, out))
     assert la["steps"] == lb["steps"] and la["eval"] == lb["eval"]
-    assert lb["resumed_at_steps"] == [saved]
+    assert lb["resumed_at_steps"] == [saved or STEPS]
+    assert (out / "checkpoint").is_dir() == (where == "write_kept")
 
 
 def test_a_second_ctrl_c_abandons_the_save_and_leaves_no_partial_folder(tiny, tmp_path):
