@@ -19,6 +19,7 @@ import torch
 
 from .cli_checks import prepare_out
 from .errors import ConversionError
+from .interrupts import interrupts_held
 from .options import parse_shard_size
 
 
@@ -38,14 +39,30 @@ def atomic_dir(out: Path, overwrite: bool):
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`, replacing an existing `out` (renames, same filesystem)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
+    """Move the finished folder `tmp` to `out`, replacing an existing `out` (renames, same filesystem).
+
+    A replacement is two renames, `out` aside and `tmp` in, and between them neither is at `out`. Ctrl-C, SIGTERM
+    and SIGHUP are held across both (interrupts_held): one landing between them left the old folder hidden at
+    .OUT.old-PID and the new one at `tmp`, which every caller deletes on an interruption. For care-heal's
+    checkpoint that lost both checkpoints: OUT.partial/ without a checkpoint is deleted, with the hidden one in
+    it. A second rename that fails puts the old folder back."""
+    if not out.exists():
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    swapped = False
+    try:
+        with interrupts_held():
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)
+                raise
+            swapped = True
+    finally:   # (also when a held signal is raised as the block ends)
+        if swapped:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardWriter:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +198,41 @@ def test_interrupts_held_outside_the_main_thread_holds_nothing():
     t.start()
     t.join()
     assert result == [before]
+
+
+@pytest.mark.parametrize("second_rename", ["works", "fails"])
+def test_a_replaced_folder_is_never_lost_between_the_two_renames(tmp_path, monkeypatch, capsys, second_rename):
+    """converter/write.replace_dir (care-convert --overwrite, care-heal's output and every checkpoint it saves)
+    moves OUT aside, then the new folder in. SIGTERM right after the first rename is held until the second is
+    done, so OUT holds the new folder and nothing is left hidden; a second rename that fails puts the old OUT
+    back. Raised between them, the signal left OUT missing, the old folder at .OUT.old-PID and the new one where
+    the callers delete it."""
+    from converter import write
+
+    out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
+    for folder, text in ((out, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "weights").write_text(text)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == new and second_rename == "fails":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst)
+        if Path(src) == out:   # OUT is aside now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+    @stops_cleanly("care-test")
+    def main(argv=None):
+        try:
+            write.replace_dir(new, out)
+        except OSError:
+            return 2
+        return 0
+
+    assert main([]) == 143
+    assert capsys.readouterr().err == "care-test: terminated (SIGTERM)\n"
+    kept = {"works": ("new", ["out"]), "fails": ("old", [".out.tmp-1", "out"])}[second_rename]
+    assert ((out / "weights").read_text(), sorted(p.name for p in tmp_path.iterdir())) == kept
