@@ -283,6 +283,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     t_loop = time.perf_counter()
     saved_step = step                 # the step the checkpoint in OUT.partial/ holds (0: none)
     rng_at_step = rng_state()         # the RNG streams as the last finished update left them
+    written = False                   # OUT is in place (what is left is removing OUT.partial/)
     try:
         if eval_due(step) and not any(e["step"] == step for e in log["eval"]):   # (a resumed run stopped in it)
             evaluate(step)
@@ -347,14 +348,18 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
             return log
         log["setup_seconds_last_run"] = round(t_loop - t_start, 3)
         _write_output(student, converted, out, work, log, opts)
+        written = True
+        shutil.rmtree(work, ignore_errors=True)
     except BaseException as e:
         try:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py) within the loop or the write: save the last
             # finished update (a resumed run whose loop is done writes OUT)
-            if isinstance(e, KeyboardInterrupt) and step > saved_step:
+            if isinstance(e, KeyboardInterrupt) and not written and step > saved_step:
                 _save_at_interrupt(e, save, rng_at_step, step, total_steps, work)
         finally:   # (a second Ctrl-C during that save included) keep OUT.partial only with something to resume from
-            if not (ckpt / "trainer_state.pt").is_file():
+            if written or not (ckpt / "trainer_state.pt").is_file():
                 shutil.rmtree(work, ignore_errors=True)
+            if written:
+                e.heal_written = True   # (an interruption once OUT was in place: care-heal's last line says so)
         raise
     return log
 
@@ -418,7 +423,6 @@ def _write_output(student, converted: Path, out: Path, work: Path, log: dict, op
             shutil.move(tmp / "checkpoint", work / "checkpoint")
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def output_state_dict(student, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:   # (Ctrl-C, or SIGTERM/SIGHUP: stops_cleanly)
+        if getattr(e, "heal_written", False):   # (as it removed OUT.partial/, the last thing it does)
+            say(f"{PROG}: {describe(e)}; OUT was written")
+            return exit_code(e)
         ckpt = partial_dir(Path(args.out)) / "checkpoint"
         saved = getattr(e, "heal_saved", None)   # (step, total steps) that heal saved at the interruption
         say(f"{PROG}: {describe(e)}; OUT was not written"   # (after SIGHUP the terminal may be gone)

@@ -368,6 +368,9 @@ elif where == "write":         # within writing OUT after the last step, its wei
     heal.plot_heal_curve = signalling(heal.plot_heal_curve, lambda a: "before")
 elif where == "write_kept":    # the same with --keep-checkpoint, its checkpoint moved into OUT's temporary folder
     heal.replace_dir = signalling(heal.replace_dir, lambda a: "before")
+elif where == "written":       # once OUT is in place, as OUT.partial/ is removed
+    import shutil
+    shutil.rmtree = signalling(shutil.rmtree, lambda a: "before" if str(a[0]).endswith(".partial") else None)
 elif where == "twice":         # within step 6, and again within the save that the first signal starts
     heal.heal_losses = signalling(heal.heal_losses, lambda a: "before" if len(calls) == 5 * 2 + 1 else None)
     torch.save = signalling(torch.save, lambda a: "before")
@@ -412,6 +415,21 @@ def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, h
     assert la["steps"] == lb["steps"] and la["eval"] == lb["eval"]
     assert lb["resumed_at_steps"] == [saved or STEPS]
     assert (out / "checkpoint").is_dir() == (where == "write_kept")
+
+
+def test_an_interruption_once_out_is_written_says_so_and_leaves_no_partial_folder(tiny, healed, tmp_path):
+    """SIGTERM after HEALED is in place, while OUT.partial/ (its checkpoints) is removed: HEALED is the finished
+    run's, OUT.partial/ goes, and the last line says HEALED was written (not "OUT was not written", with a
+    checkpoint of the last step saved for a --resume that had nothing left to do)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, "written", "SIGTERM",
+                           *heal_args(tiny, out, "--eval-teacher", "--save-every", "3")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "care-heal: terminated (SIGTERM); OUT was written", proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_second_ctrl_c_abandons_the_save_and_leaves_no_partial_folder(tiny, tmp_path):
