@@ -17,7 +17,8 @@ def run_tool(prog: str, action):
     """Run a command-line tool's work: (its result, 0); or (None, 2) after one line naming the problem of a
     ConversionError; or (None, 128 + the signal's number) after Ctrl-C, or after SIGTERM or SIGHUP under
     converter/interrupts.py's stops_cleanly. Only for tools that write their output atomically
-    (converter/write.py atomic_dir), which is why an interrupted run can say that nothing was written."""
+    (converter/write.py atomic_dir), which is why an interrupted run can say that nothing was written, or, for a
+    signal that came as OUT was swapped in (write.replace_dir), that OUT was."""
     import sys
 
     from .interrupts import describe, exit_code, say
@@ -28,5 +29,6 @@ def run_tool(prog: str, action):
         print(f"{prog}: error: {e}", file=sys.stderr)
         return None, 2
     except KeyboardInterrupt as e:
-        say(f"{prog}: {describe(e)}; nothing was written")   # (after SIGHUP the terminal may be gone)
+        written = "OUT was written" if getattr(e, "out_written", False) else "nothing was written"
+        say(f"{prog}: {describe(e)}; {written}")   # (after SIGHUP the terminal may be gone)
         return None, exit_code(e)

@@ -351,6 +351,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         written = True
         shutil.rmtree(work, ignore_errors=True)
     except BaseException as e:
+        written = written or getattr(e, "out_written", False)   # (a signal held while OUT was swapped in)
         try:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py) within the loop or the write: save the last
             # finished update (a resumed run whose loop is done writes OUT)
             if isinstance(e, KeyboardInterrupt) and not written and step > saved_step:
@@ -359,7 +360,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
             if written or not (ckpt / "trainer_state.pt").is_file():
                 shutil.rmtree(work, ignore_errors=True)
             if written:
-                e.heal_written = True   # (an interruption once OUT was in place: care-heal's last line says so)
+                e.out_written = True   # (an interruption once OUT was in place: care-heal's last line says so)
         raise
     return log
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:   # (Ctrl-C, or SIGTERM/SIGHUP: stops_cleanly)
-        if getattr(e, "heal_written", False):   # (as it removed OUT.partial/, the last thing it does)
+        if getattr(e, "out_written", False):   # (as OUT was swapped in, or OUT.partial/ removed after it)
             say(f"{PROG}: {describe(e)}; OUT was written")
             return exit_code(e)
         ckpt = partial_dir(Path(args.out)) / "checkpoint"

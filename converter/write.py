@@ -45,7 +45,8 @@ def replace_dir(tmp: Path, out: Path) -> None:
     and SIGHUP are held across both (interrupts_held): one landing between them left the old folder hidden at
     .OUT.old-PID and the new one at `tmp`, which every caller deletes on an interruption. For care-heal's
     checkpoint that lost both checkpoints: OUT.partial/ without a checkpoint is deleted, with the hidden one in
-    it. A second rename that fails puts the old folder back."""
+    it. A second rename that fails puts the old folder back. A signal held past the swap is raised with
+    `out_written` set on it, for the tool's last line."""
     if not out.exists():
         os.rename(tmp, out)
         return
@@ -60,7 +61,10 @@ def replace_dir(tmp: Path, out: Path) -> None:
                 os.rename(old, out)
                 raise
             swapped = True
-    finally:   # (also when a held signal is raised as the block ends)
+    except KeyboardInterrupt as e:   # (Ctrl-C, SIGTERM, SIGHUP: held until here)
+        e.out_written = swapped
+        raise
+    finally:
         if swapped:
             shutil.rmtree(old, ignore_errors=True)
 

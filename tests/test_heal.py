@@ -371,6 +371,13 @@ elif where == "write_kept":    # the same with --keep-checkpoint, its checkpoint
 elif where == "written":       # once OUT is in place, as OUT.partial/ is removed
     import shutil
     shutil.rmtree = signalling(shutil.rmtree, lambda a: "before" if str(a[0]).endswith(".partial") else None)
+elif where == "swap":          # as the healed folder replaces an existing OUT (--overwrite), OUT moved aside
+    rename = os.rename
+    def aside(src, dst):
+        rename(src, dst)
+        if os.path.basename(src) == "out":
+            os.kill(os.getpid(), sig)
+    os.rename = aside
 elif where == "twice":         # within step 6, and again within the save that the first signal starts
     heal.heal_losses = signalling(heal.heal_losses, lambda a: "before" if len(calls) == 5 * 2 + 1 else None)
     torch.save = signalling(torch.save, lambda a: "before")
@@ -417,17 +424,22 @@ def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, h
     assert (out / "checkpoint").is_dir() == (where == "write_kept")
 
 
-def test_an_interruption_once_out_is_written_says_so_and_leaves_no_partial_folder(tiny, healed, tmp_path):
-    """SIGTERM after HEALED is in place, while OUT.partial/ (its checkpoints) is removed: HEALED is the finished
-    run's, OUT.partial/ goes, and the last line says HEALED was written (not "OUT was not written", with a
-    checkpoint of the last step saved for a --resume that had nothing left to do)."""
+@pytest.mark.parametrize("where", ["written", "swap"])
+def test_an_interruption_once_out_is_written_says_so_and_leaves_no_partial_folder(tiny, healed, tmp_path, where):
+    """SIGTERM after HEALED is in place, while OUT.partial/ (its checkpoints) is removed ("written"), or between
+    the two renames that replace an existing HEALED ("swap": held until both are done, converter/write.py): HEALED
+    is the finished run's, OUT.partial/ and the old HEALED go, and the last line says HEALED was written (not "OUT
+    was not written", with a checkpoint of the last step saved for a --resume that had nothing left to do)."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, "written", "SIGTERM",
-                           *heal_args(tiny, out, "--eval-teacher", "--save-every", "3")],
+    if where == "swap":
+        out.mkdir()
+        (out / "old").touch()
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, where, "SIGTERM",
+                           *heal_args(tiny, out, "--eval-teacher", "--save-every", "3", "--overwrite")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "care-heal: terminated (SIGTERM); OUT was written", proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (out / "old").exists()
     a, b = load_file(healed / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -204,9 +204,9 @@ def test_interrupts_held_outside_the_main_thread_holds_nothing():
 def test_a_replaced_folder_is_never_lost_between_the_two_renames(tmp_path, monkeypatch, capsys, second_rename):
     """converter/write.replace_dir (care-convert --overwrite, care-heal's output and every checkpoint it saves)
     moves OUT aside, then the new folder in. SIGTERM right after the first rename is held until the second is
-    done, so OUT holds the new folder and nothing is left hidden; a second rename that fails puts the old OUT
-    back. Raised between them, the signal left OUT missing, the old folder at .OUT.old-PID and the new one where
-    the callers delete it."""
+    done, so OUT holds the new folder and nothing is left hidden, and the tool's line says OUT was written; a
+    second rename that fails puts the old OUT back. Raised between them, the signal left OUT missing, the old
+    folder at .OUT.old-PID and the new one where the callers delete it."""
     from converter import write
 
     out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
@@ -226,13 +226,10 @@ def test_a_replaced_folder_is_never_lost_between_the_two_renames(tmp_path, monke
 
     @stops_cleanly("care-test")
     def main(argv=None):
-        try:
-            write.replace_dir(new, out)
-        except OSError:
-            return 2
-        return 0
+        return run_tool("care-test", lambda: write.replace_dir(new, out))[1]
 
     assert main([]) == 143
-    assert capsys.readouterr().err == "care-test: terminated (SIGTERM)\n"
+    written = {"works": "OUT was written", "fails": "nothing was written"}[second_rename]
+    assert capsys.readouterr().err == f"care-test: terminated (SIGTERM); {written}\n"
     kept = {"works": ("new", ["out"]), "fails": ("old", [".out.tmp-1", "out"])}[second_rename]
     assert ((out / "weights").read_text(), sorted(p.name for p in tmp_path.iterdir())) == kept
