@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,40 @@ def test_the_leftovers_command_removes_what_a_server_log_names(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not ipc.exists() and not store.exists()
     assert other.exists() and log.exists()
+
+
+# A front end that sleeps through SIGTERM, like vLLM's while it starts, holding a shared-memory segment it never
+# unlinks (as vLLM's engine leaves its message queues when it dies starting): only the multiprocessing resource
+# tracker it started (same group) unlinks it, as the tracker ends.
+LEAVES_SHARED_MEMORY = """
+import signal, sys, time
+from multiprocessing import shared_memory
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+segment = shared_memory.SharedMemory(create=True, size=1 << 20)
+open(sys.argv[1], "w").write(segment.name)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_killed_server_leaves_no_shared_memory(tmp_path):
+    """stop() SIGKILLs a server that did not end on SIGTERM, but not its multiprocessing resource tracker, which
+    then unlinks the shared memory the server left: killed with the rest, it left vLLM's message queues (240 and
+    160 MiB segments) in /dev/shm (server.end_group)."""
+    marker = tmp_path / "segment"
+    srv = VllmServer("unused", tmp_path / "server.log", starting_stop_grace=0.5)
+    srv.args = [sys.executable, "-c", LEAVES_SHARED_MEMORY, str(marker)]
+    srv.start()
+    group = srv.proc.pid
+    deadline = time.monotonic() + 20
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    segment = Path("/dev/shm") / marker.read_text().lstrip("/")
+    try:
+        assert segment.exists() and len(running_in_group(group)) == 2, running_in_group(group)   # (and its tracker)
+        srv.stop()
+        assert not running_in_group(group), running_in_group(group)
+        assert not segment.exists(), f"{segment} left in /dev/shm"
+    finally:
+        srv.stop()
+        segment.unlink(missing_ok=True)
