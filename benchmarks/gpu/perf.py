@@ -139,17 +139,18 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
             end_group(proc.pid, STOP_GRACE_S)   # (an engine core that outlives the command holds the GPU)
             return rc
         except subprocess.TimeoutExpired:
-            signal_group(proc.pid, signal.SIGKILL)
+            end_group(proc.pid, 0)   # (SIGKILL at once, but to Python's resource tracker: see end_group)
             proc.wait()
             f.write(f"\nKILLED by perf.py after {timeout:.0f} s\n")
             return -9
         except BaseException:
+            deadline = time.monotonic() + STOP_GRACE_S
             signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-            signal_group(proc.pid, signal.SIGKILL)   # (what is left of the group, e.g. an engine core)
+            end_group(proc.pid, max(0.0, deadline - time.monotonic()))   # (what is left, e.g. an engine core)
             proc.wait()
             raise
 
