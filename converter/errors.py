@@ -29,6 +29,6 @@ def run_tool(prog: str, action):
         print(f"{prog}: error: {e}", file=sys.stderr)
         return None, 2
     except KeyboardInterrupt as e:
-        written = "OUT was written" if getattr(e, "out_written", False) else "nothing was written"
+        written = "OUT was written" if getattr(e, "swapped_in", None) else "nothing was written"   # (atomic_dir's)
         say(f"{prog}: {describe(e)}; {written}")   # (after SIGHUP the terminal may be gone)
         return None, exit_code(e)

@@ -351,7 +351,8 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
         written = True
         shutil.rmtree(work, ignore_errors=True)
     except BaseException as e:
-        written = written or getattr(e, "out_written", False)   # (a signal held while OUT was swapped in)
+        # (a signal held while write.replace_dir swapped OUT in; one held at a checkpoint's swap names the checkpoint)
+        written = written or getattr(e, "swapped_in", None) == out
         try:   # Ctrl-C, SIGTERM, SIGHUP (converter/interrupts.py) within the loop or the write: save the last
             # finished update (a resumed run whose loop is done writes OUT)
             if isinstance(e, KeyboardInterrupt) and not written and step > saved_step:

@@ -46,7 +46,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     .OUT.old-PID and the new one at `tmp`, which every caller deletes on an interruption. For care-heal's
     checkpoint that lost both checkpoints: OUT.partial/ without a checkpoint is deleted, with the hidden one in
     it. A second rename that fails puts the old folder back. A signal held past the swap is raised with
-    `out_written` set on it, for the tool's last line."""
+    `swapped_in` = `out` set on it, for the tool's last line."""
     if not out.exists():
         os.rename(tmp, out)
         return
@@ -62,7 +62,8 @@ def replace_dir(tmp: Path, out: Path) -> None:
                 raise
             swapped = True
     except KeyboardInterrupt as e:   # (Ctrl-C, SIGTERM, SIGHUP: held until here)
-        e.out_written = swapped
+        if swapped:
+            e.swapped_in = out
         raise
     finally:
         if swapped:

@@ -371,11 +371,11 @@ elif where == "write_kept":    # the same with --keep-checkpoint, its checkpoint
 elif where == "written":       # once OUT is in place, as OUT.partial/ is removed
     import shutil
     shutil.rmtree = signalling(shutil.rmtree, lambda a: "before" if str(a[0]).endswith(".partial") else None)
-elif where == "swap":          # as the healed folder replaces an existing OUT (--overwrite), OUT moved aside
-    rename = os.rename
+elif where in ("swap", "swap_checkpoint"):   # as the healed folder replaces an existing OUT (--overwrite), or
+    rename = os.rename                        # step 6's checkpoint step 3's, the old one moved aside
     def aside(src, dst):
         rename(src, dst)
-        if os.path.basename(src) == "out":
+        if os.path.basename(src) == ("out" if where == "swap" else "checkpoint"):
             os.kill(os.getpid(), sig)
     os.rename = aside
 elif where == "twice":         # within step 6, and again within the save that the first signal starts
@@ -387,7 +387,8 @@ sys.exit(heal_cli.main(sys.argv[3:]))
 
 @pytest.mark.parametrize("where, sig, saved", [("forward", "SIGINT", 5), ("update", "SIGTERM", 6),
                                                ("evaluation", "SIGHUP", 4), ("save", "SIGTERM", 3),
-                                               ("write", "SIGTERM", 8), ("write_kept", "SIGINT", None)])
+                                               ("write", "SIGTERM", 8), ("write_kept", "SIGINT", None),
+                                               ("swap_checkpoint", "SIGTERM", 6)])
 def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, healed, tmp_path, where, sig, saved):
     """Ctrl-C, SIGTERM (a scheduler's preemption or time limit, `timeout`) or SIGHUP within a run saves the state
     of the last finished update to OUT.partial/checkpoint/ and exits 128 + the signal's number with one line
@@ -397,7 +398,8 @@ def test_an_interrupted_run_saves_its_last_update_and_resume_finishes_it(tiny, h
     unwinding (converter/interrupts.py). While OUT is written after the last step ("write"), the training is
     saved too: the student was cast to OUT's dtype in place then, and all of it was lost. With --keep-checkpoint
     ("write_kept") the last step's checkpoint, already moved into OUT's temporary folder, goes back to
-    OUT.partial/ (saved None: nothing new to save)."""
+    OUT.partial/ (saved None: nothing new to save). Between the two renames that swap a checkpoint in
+    ("swap_checkpoint"), the signal is held until both are done (converter/write.py)."""
     out = tmp_path / "out"
     args = heal_args(tiny, out, "--eval-teacher", "--save-every", "3",
                      *(["--keep-checkpoint"] if where == "write_kept" else []))
