@@ -42,23 +42,23 @@ def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder `tmp` to `out`, replacing an existing `out` (renames, same filesystem).
 
     A replacement is two renames, `out` aside and `tmp` in, and between them neither is at `out`. Ctrl-C, SIGTERM
-    and SIGHUP are held across both (interrupts_held): one landing between them left the old folder hidden at
+    and SIGHUP are held across them (interrupts_held): one landing between them left the old folder hidden at
     .OUT.old-PID and the new one at `tmp`, which every caller deletes on an interruption. For care-heal's
     checkpoint that lost both checkpoints: OUT.partial/ without a checkpoint is deleted, with the hidden one in
-    it. A second rename that fails puts the old folder back. A signal held past the swap is raised with
-    `swapped_in` = `out` set on it, for the tool's last line."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    it. A second rename that fails puts the old folder back. A signal held past the move (a single rename when
+    there is no `out`) is raised with `swapped_in` = `out` set on it: the tool's last line then says OUT was
+    written, as it was."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
     swapped = False
     try:
         with interrupts_held():
-            os.rename(out, old)
+            if old is not None:
+                os.rename(out, old)
             try:
                 os.rename(tmp, out)
             except OSError:
-                os.rename(old, out)
+                if old is not None:
+                    os.rename(old, out)
                 raise
             swapped = True
     except KeyboardInterrupt as e:   # (Ctrl-C, SIGTERM, SIGHUP: held until here)
@@ -66,7 +66,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
             e.swapped_in = out
         raise
     finally:
-        if swapped:
+        if swapped and old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -496,7 +496,8 @@ def test_a_signal_while_writing_leaves_nothing(tmp_path, calib_file, sig, code, 
     """Ctrl-C once the output is being written (its temporary folder exists: the refit and shards come
     next) exits 130 with one line, and neither OUT nor the temporary folder is left. So does SIGTERM, how
     `timeout`, a scheduler's time limit or `docker stop` end a run (exit 143): by default it kills Python
-    without unwinding, which left the temporary folder and the shards written so far (converter/interrupts.py)."""
+    without unwinding, which left the temporary folder and the shards written so far (converter/interrupts.py).
+    care-convert is frozen while the test looks for the folder, so a slow test cannot signal after it finished."""
     src = make_tiny_original(tmp_path / "orig", "llama", num_layers=24)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "converter.cli", str(src), str(out), "--calib", str(calib_file),
@@ -504,13 +505,18 @@ def test_a_signal_while_writing_leaves_nothing(tmp_path, calib_file, sig, code, 
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_shell_like_signals)
     try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob(".out.tmp-*")):
+        deadline, masks = time.monotonic() + 240, None
+        while masks is None:   # care-convert frozen (SIGSTOP) while the test looks: the signal lands while it writes
             assert proc.poll() is None, f"exited before writing: {proc.communicate()[1][-2000:]}"
             assert time.monotonic() < deadline, "the temporary output folder never appeared"
-            time.sleep(0.01)
-        masks = f"child {_signal_masks(proc.pid)}; test process {_signal_masks(os.getpid())}"
-        proc.send_signal(sig)
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                if list(tmp_path.glob(".out.tmp-*")):
+                    masks = f"child {_signal_masks(proc.pid)}; test process {_signal_masks(os.getpid())}"
+                    proc.send_signal(sig)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

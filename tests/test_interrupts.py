@@ -200,17 +200,20 @@ def test_interrupts_held_outside_the_main_thread_holds_nothing():
     assert result == [before]
 
 
-@pytest.mark.parametrize("second_rename", ["works", "fails"])
+@pytest.mark.parametrize("second_rename", ["works", "fails", "no_old_out"])
 def test_a_replaced_folder_is_never_lost_between_the_two_renames(tmp_path, monkeypatch, capsys, second_rename):
     """converter/write.replace_dir (care-convert --overwrite, care-heal's output and every checkpoint it saves)
     moves OUT aside, then the new folder in. SIGTERM right after the first rename is held until the second is
     done, so OUT holds the new folder and nothing is left hidden, and the tool's line says OUT was written; a
     second rename that fails puts the old OUT back. Raised between them, the signal left OUT missing, the old
-    folder at .OUT.old-PID and the new one where the callers delete it."""
+    folder at .OUT.old-PID and the new one where the callers delete it. With no OUT before ("no_old_out"), a
+    signal as the one rename happens also says OUT was written (it said nothing was)."""
     from converter import write
 
     out, new = tmp_path / "out", tmp_path / ".out.tmp-1"
     for folder, text in ((out, "old"), (new, "new")):
+        if folder == out and second_rename == "no_old_out":
+            continue
         folder.mkdir()
         (folder / "weights").write_text(text)
     real_rename = os.rename
@@ -219,7 +222,7 @@ def test_a_replaced_folder_is_never_lost_between_the_two_renames(tmp_path, monke
         if Path(src) == new and second_rename == "fails":
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real_rename(src, dst)
-        if Path(src) == out:   # OUT is aside now
+        if Path(src) == (new if second_rename == "no_old_out" else out):   # OUT is aside now (or in place)
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(os, "rename", rename)
@@ -229,7 +232,8 @@ def test_a_replaced_folder_is_never_lost_between_the_two_renames(tmp_path, monke
         return run_tool("care-test", lambda: write.replace_dir(new, out))[1]
 
     assert main([]) == 143
-    written = {"works": "OUT was written", "fails": "nothing was written"}[second_rename]
+    written = "nothing was written" if second_rename == "fails" else "OUT was written"
     assert capsys.readouterr().err == f"care-test: terminated (SIGTERM); {written}\n"
-    kept = {"works": ("new", ["out"]), "fails": ("old", [".out.tmp-1", "out"])}[second_rename]
+    kept = {"works": ("new", ["out"]), "fails": ("old", [".out.tmp-1", "out"]), "no_old_out": ("new", ["out"])}[
+        second_rename]
     assert ((out / "weights").read_text(), sorted(p.name for p in tmp_path.iterdir())) == kept
