@@ -48,3 +48,18 @@ def assert_refused_by(prog: str, proc, out: Path, *needles: str):
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.tmp-*")), "temporary folder left behind"
+
+
+@contextlib.contextmanager
+def frozen(proc: subprocess.Popen):
+    """SIGSTOP `proc` for the block, SIGCONT after: a test that looks at where a tool is (a file it wrote, a line it
+    printed) and then signals it, signals it where it looked. A 2-core machine running servers beside the test can
+    stall the test for seconds, and a tool left running finished first (test_care_bench once got exit 0, not 143).
+    A signal sent within the block is delivered as the tool resumes."""
+    import signal
+
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_run import frozen
 from tests.served_reference import KV_BYTES, MAX_LEN, varied_original
 from tests.vllm_server import ROOT
 
@@ -124,11 +125,14 @@ def test_report_files_and_kv_tokens(bench):
 
 
 def _stat(pid: int | str) -> tuple[int, int] | None:
-    """(parent pid, process group) of a process, from /proc/PID/stat alone: unlike its cmdline, whose read waits
-    for the process's memory-map lock, stat cannot stall behind a process that is busy mapping memory."""
+    """(parent pid, process group) of a live process (None: gone, or a zombie), from /proc/PID/stat alone: unlike
+    its cmdline, whose read waits for the process's memory-map lock, stat cannot stall behind a process that is
+    busy mapping memory."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+    if fields[0] == "Z":   # a zombie holds nothing, and whether one is reaped yet is up to its new parent (init)
         return None
     return int(fields[1]), int(fields[2])
 
@@ -144,7 +148,7 @@ def _server_group(bench_pid: int) -> int | None:
 
 
 def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (process group, command line) of every process this user can see."""
+    """pid -> (process group, command line) of every process this user can see, zombies aside."""
     found = {}
     for d in Path("/proc").iterdir():
         st = _stat(d.name) if d.name.isdigit() else None
@@ -165,9 +169,9 @@ def test_sigterm_stops_the_server_it_started(pair, tmp_path, when):
     exits 143 with one line, whether the server was still loading the model or a level was running `vllm bench
     serve` (converter/interrupts.py, care_vllm/loadtest/server.py).
 
-    care-bench is frozen (SIGSTOP) while the test looks at where it is, and SIGTERM is sent before it thaws: the
-    signal lands in the phase the test saw, however long the test itself took to look (a 2-core machine running
-    other servers beside it can delay the test by seconds, and it once missed the original's whole level)."""
+    care-bench is frozen while the test looks at where it is (tests/cli_run.py frozen), and SIGTERM is sent before
+    it thaws: the signal lands in the phase the test saw, however long the test took to look (it once missed the
+    original's whole level)."""
     src, out = pair
     report = tmp_path / "report"
     err = tmp_path / "stderr.txt"
@@ -180,8 +184,7 @@ def test_sigterm_stops_the_server_it_started(pair, tmp_path, when):
         while group is None:
             assert proc.poll() is None, err.read_text()[-3000:]
             assert time.monotonic() < deadline, f"not {when} after 600 s: {err.read_text()[-3000:]}"
-            proc.send_signal(signal.SIGSTOP)
-            try:
+            with frozen(proc):
                 seen = err.read_text()
                 if when == "benchmarking":
                     ready = level_line in seen
@@ -191,8 +194,6 @@ def test_sigterm_stops_the_server_it_started(pair, tmp_path, when):
                 group = _server_group(proc.pid) if ready else None
                 if group is not None:
                     proc.send_signal(signal.SIGTERM)
-            finally:
-                proc.send_signal(signal.SIGCONT)
             time.sleep(0.2)
         proc.wait(timeout=120)
     finally:

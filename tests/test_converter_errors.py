@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.cli_run import assert_refused_by, run_main, run_main_alone
+from tests.cli_run import assert_refused_by, frozen, run_main, run_main_alone
 from tests.tiny_models import make_tiny_original
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -509,13 +509,10 @@ def test_a_signal_while_writing_leaves_nothing(tmp_path, calib_file, sig, code, 
         while masks is None:   # care-convert frozen (SIGSTOP) while the test looks: the signal lands while it writes
             assert proc.poll() is None, f"exited before writing: {proc.communicate()[1][-2000:]}"
             assert time.monotonic() < deadline, "the temporary output folder never appeared"
-            proc.send_signal(signal.SIGSTOP)
-            try:
+            with frozen(proc):
                 if list(tmp_path.glob(".out.tmp-*")):
                     masks = f"child {_signal_masks(proc.pid)}; test process {_signal_masks(os.getpid())}"
                     proc.send_signal(sig)
-            finally:
-                proc.send_signal(signal.SIGCONT)
             time.sleep(0.02)
         _, err = proc.communicate(timeout=120)
     finally:
