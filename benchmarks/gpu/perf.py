@@ -128,9 +128,7 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
     returns: SIGTERM first, so that a child that is itself a runner (backlog.py runs perf.py) stops its own
     groups, then SIGKILL. The device machine keeps a process of a session of its own running after the
     command that started it has ended (the device README), on the GPU, into the next call."""
-    import signal
-
-    from care_vllm.loadtest.server import end_group, signal_group
+    from care_vllm.loadtest.server import end_group, stop_group
 
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=bench_env(), start_new_session=True)
@@ -144,14 +142,7 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
             f.write(f"\nKILLED by perf.py after {timeout:.0f} s\n")
             return -9
         except BaseException:
-            deadline = time.monotonic() + STOP_GRACE_S
-            signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
-            end_group(proc.pid, max(0.0, deadline - time.monotonic()))   # (what is left, e.g. an engine core)
-            proc.wait()
+            stop_group(proc, STOP_GRACE_S)   # (SIGTERM first, so that a runner inside stops its own groups)
             raise
 
 

@@ -206,18 +206,22 @@ def signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether a process of group `pgid` still runs (a zombie waiting to be reaped does not count: it holds no memory,
-    port or device)."""
+def group_members(pgid: int):
+    """The processes of group `pgid` that still run, as psutil.Process (a zombie waiting to be reaped does not count:
+    it holds no memory, port or device)."""
     import psutil   # (a dependency of vLLM's; the extras name it too)
 
     for proc in psutil.process_iter(["status"]):
         try:
             if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                return True
+                yield proc
         except (OSError, psutil.Error):   # (gone since the listing)
             continue
-    return False
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (group_members)."""
+    return next(group_members(pgid), None) is not None
 
 
 def wait_group_gone(pgid: int, timeout: float) -> bool:
@@ -252,12 +256,26 @@ def kill_group_but_trackers(pgid: int) -> None:
     """SIGKILL every process of group `pgid` but multiprocessing's resource trackers (see end_group)."""
     import psutil
 
-    for proc in psutil.process_iter():
+    for proc in group_members(pgid):
         try:
-            if os.getpgid(proc.pid) == pgid and RESOURCE_TRACKER not in " ".join(proc.cmdline()):
+            if RESOURCE_TRACKER not in " ".join(proc.cmdline()):
                 proc.send_signal(signal.SIGKILL)
         except (OSError, psutil.Error):   # (gone since the listing)
             continue
+
+
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """Stop the process group `proc` leads (started with start_new_session): SIGTERM to the group, then end_group
+    with what is left of `grace` once `proc` itself has ended, then reap `proc`. VllmServer.stop() and the GPU
+    runbook's interrupted runs (benchmarks/gpu/perf.py run_logged) stop their groups this way."""
+    deadline = time.monotonic() + grace
+    signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    end_group(proc.pid, max(0.0, deadline - time.monotonic()))
+    proc.wait(timeout=30)   # (reap it: killed, it is a zombie the group scan no longer counts)
 
 
 def parse_kv_line(text: str) -> dict | None:
@@ -391,14 +409,7 @@ class VllmServer:
         if proc is not None and proc.poll() is not None:
             end_group(proc.pid, 0)   # leftover children of a dead server
         elif proc is not None:
-            deadline = time.monotonic() + grace
-            signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            end_group(proc.pid, max(0.0, deadline - time.monotonic()))
-            proc.wait(timeout=30)   # (reap it: killed, it is a zombie the group scan no longer counts)
+            stop_group(proc, grace)
         if self._log is not None:
             self._log.close()
             self._log = None
