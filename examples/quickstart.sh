@@ -57,20 +57,15 @@ VLLM_RPC_BASE_PATH="$IPC" setsid .venv/bin/vllm serve "$OUT" --host 127.0.0.1 --
     --served-model-name smollm2-care --dtype float32 > "$OUT.serve.log" 2>&1 &
 SERVER=$!
 SERVER_UP=
-# Stop it whole: SIGTERM to its session (setsid: its pid; the engine processes it started are in it), then SIGKILL
-# what still runs after 30 s, or after 5 s while it starts: its front end can sleep through SIGTERM then. Python's
-# resource tracker is spared: it ends by itself and unlinks the shared memory a dead engine left (LIMITS.md).
-server_running() { ps -o stat= -g "$SERVER" | grep -qv '^Z'; }
+# Stop it whole, as care-bench and the tests do (care_vllm/loadtest/leftovers.py): SIGTERM to its session (setsid: its
+# pid; the engine processes it started are in it), SIGKILL what still runs after 30 s, or after 5 s while it starts (its
+# front end can sleep through SIGTERM then), sparing Python's resource tracker, which unlinks the shared memory a dead
+# engine left (LIMITS.md); then remove the sockets and file store vLLM leaves. A second Ctrl-C does not cut that short.
 stop_server() {
-  kill -- -"$SERVER" 2>/dev/null || true
-  local tries=50; [ -n "$SERVER_UP" ] && tries=300
-  for _ in $(seq 1 "$tries"); do server_running || break; sleep 0.1; done
-  { ps -o pid=,args= -g "$SERVER" | grep -v multiprocessing.resource_tracker || true; } | while read -r pid _; do
-    kill -KILL "$pid" 2>/dev/null || true; done
-  for _ in $(seq 1 100); do server_running || break; sleep 0.1; done
-  kill -KILL -- -"$SERVER" 2>/dev/null || true
+  trap '' INT
+  local grace=5; [ -n "$SERVER_UP" ] && grace=30
+  .venv/bin/python -m care_vllm.loadtest.leftovers --group "$SERVER" --grace "$grace" "$IPC" "$OUT.serve.log" || true
   wait "$SERVER" 2>/dev/null || true
-  .venv/bin/python -m care_vllm.loadtest.leftovers "$IPC" "$OUT.serve.log" || true
 }
 trap stop_server EXIT
 echo "waiting for vllm serve (log: $OUT.serve.log) ..."

@@ -129,11 +129,14 @@ while True:
 """
 
 
-def test_a_killed_server_leaves_no_shared_memory(tmp_path):
+@pytest.mark.parametrize("stopper", ["VllmServer.stop", "leftovers_command"])
+def test_a_killed_server_leaves_no_shared_memory(stopper, tmp_path):
     """stop() SIGKILLs a server that did not end on SIGTERM, but not its multiprocessing resource tracker, which
     then unlinks the shared memory the server left: killed with the rest, it left vLLM's message queues (240 and
-    160 MiB segments) in /dev/shm (server.end_group)."""
-    marker = tmp_path / "segment"
+    160 MiB segments) in /dev/shm (server.end_group). `python -m care_vllm.loadtest.leftovers --group`, which
+    examples/quickstart.sh runs to stop its server, stops a group the same way and then removes the socket folder."""
+    marker, ipc = tmp_path / "segment", tmp_path / "ipc"
+    ipc.mkdir()
     srv = VllmServer("unused", tmp_path / "server.log", starting_stop_grace=0.5)
     srv.args = [sys.executable, "-c", LEAVES_SHARED_MEMORY, str(marker)]
     srv.start()
@@ -144,7 +147,14 @@ def test_a_killed_server_leaves_no_shared_memory(tmp_path):
     segment = Path("/dev/shm") / marker.read_text().lstrip("/")
     try:
         assert segment.exists() and len(running_in_group(group)) == 2, running_in_group(group)   # (and its tracker)
-        srv.stop()
+        if stopper == "VllmServer.stop":
+            srv.stop()
+        else:
+            r = subprocess.run([sys.executable, "-m", "care_vllm.loadtest.leftovers", "--group", str(group),
+                                "--grace", "0.5", str(ipc), str(srv.log_path)], cwd=ROOT, capture_output=True, text=True,
+                               timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert not ipc.exists()
         assert not running_in_group(group), running_in_group(group)
         assert not segment.exists(), f"{segment} left in /dev/shm"
     finally:

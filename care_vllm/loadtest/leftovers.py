@@ -50,15 +50,28 @@ def remove_leftovers(ipc: Path | None, log: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m care_vllm.loadtest.leftovers IPC_DIR SERVER_LOG`: remove_leftovers for a `vllm serve` a shell
-    script ran (examples/quickstart.sh), once its processes are gone. A log that cannot be read removes only the
-    IPC folder."""
+    """`python -m care_vllm.loadtest.leftovers [--group PGID --grace S] IPC_DIR SERVER_LOG`: for a `vllm serve` a
+    shell script ran in its own session (examples/quickstart.sh). With --group, first stop that process group as
+    VllmServer.stop() does (server.signal_group and end_group: SIGTERM, up to S seconds, then SIGKILL for all but
+    the resource tracker, which unlinks the shared memory a dead engine left). Then remove_leftovers. A log that
+    cannot be read removes only the IPC folder."""
     import argparse
+    import signal
 
     ap = argparse.ArgumentParser(prog="python -m care_vllm.loadtest.leftovers", description=main.__doc__)
     ap.add_argument("ipc", type=Path, help="the folder the server was given as VLLM_RPC_BASE_PATH")
     ap.add_argument("log", type=Path, help="the server's log (stdout and stderr)")
+    ap.add_argument("--group", type=int, metavar="PGID",
+                    help="stop this process group first (the server's pid, started with setsid)")
+    ap.add_argument("--grace", type=float, default=30.0,
+                    help="seconds the group gets to end after SIGTERM before SIGKILL (default 30; a server that "
+                         "never answered /health: 5, see VllmServer's starting_stop_grace)")
     args = ap.parse_args(argv)
+    if args.group is not None:
+        from care_vllm.loadtest.server import end_group, signal_group
+
+        signal_group(args.group, signal.SIGTERM)
+        end_group(args.group, args.grace)
     try:
         log = args.log.read_text(errors="replace")
     except OSError:
