@@ -96,9 +96,9 @@ def test_a_server_that_never_answered_is_killed_after_the_short_grace(mode, tmp_
 
 
 def test_the_leftovers_command_removes_what_a_server_log_names(tmp_path):
-    """`python -m care_vllm.loadtest.leftovers IPC LOG` (examples/quickstart.sh runs it, with --group, to stop its
-    server) removes the socket folder and the file store the log names, and nothing else (care_vllm/loadtest/leftovers.py).
-    The log line is one a vLLM 0.32 CPU worker wrote."""
+    """`python -m care_vllm.loadtest.leftovers IPC LOG` (examples/quickstart.sh runs it, with --group, to stop
+    its server) removes the socket folder and the file store the log names, and nothing else
+    (care_vllm/loadtest/leftovers.py). The log line is one a vLLM 0.32 CPU worker wrote."""
     ipc, other = tmp_path / "ipc", tmp_path / f"vllm_dist_{'1' * 32}"
     ipc.mkdir()
     (ipc / "2d1c9d4e-0b1e-4c6a-9f3e-5a6b7c8d9e0f").touch()
