@@ -60,6 +60,7 @@ class CareMLAConfig(PretrainedConfig):
     """
 
     model_type = "care_mla"
+    _auto_class = "AutoConfig"   # save_pretrained writes this file and its auto_map entry (see modeling_care.py)
     keys_to_ignore_at_inference = ["past_key_values"]
 
     vocab_size: int = 32000
@@ -141,6 +142,12 @@ class CareMLAConfig(PretrainedConfig):
     def variant_architecture(self) -> str:
         """The class name a checkpoint of this config is served and saved under (vLLM dispatches on it)."""
         return variant_architecture(bool(self.use_qk_norm), bool(self.num_experts))
+
+    def validate(self) -> None:
+        """transformers' checks, which save_pretrained runs, and validate_care: a value set after __init__
+        (from_pretrained's keyword overrides) is refused before it is written."""
+        super().validate()
+        self.validate_care()
 
     def validate_care(self) -> None:
         """Reject configs the model code cannot run correctly (fail at load, not deep in a matmul)."""

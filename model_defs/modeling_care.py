@@ -132,17 +132,36 @@ def moe_block(config: CareMLAConfig) -> nn.Module:
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-              scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v. MLA's values are narrower than its queries and keys (d_h vs
+              scale: float, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(softmax(q k^T * scale + mask) v, the softmax when `eager`, else None). `eager` (attn_implementation
+    "eager") spells the product out, so that output_attentions has the weights to return, as transformers' eager
+    attention does; otherwise SDPA. MLA's values are narrower than its queries and keys (d_h vs
     d_h + d_r; r vs r + d_r absorbed), and PyTorch's CPU SDPA then falls back to its unfused math path:
     on CPU the values are zero-padded to the key width for the fused kernel and the padding sliced off
     again (the same result to fp32 rounding; 1.5x faster with a boolean causal mask at d_h = d_r = 64,
     9 heads, 8 x 256 tokens, 2 cores). CUDA's fused kernels take the narrower values as they are."""
+    if eager:
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+                else scores + mask
+        weights = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(weights, value), weights
     d_v, d_k = value.shape[-1], key.shape[-1]
     if query.device.type != "cpu" or d_v >= d_k:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale), None
     out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, d_k - d_v)), attn_mask=mask, scale=scale)
-    return out[..., :d_v]
+    return out[..., :d_v], None
+
+
+def mask_unwritten_rows(mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """`mask` [B, 1, T, keys] widened to `rows` keys, the added ones masked. Why: a StaticCache
+    (generate(cache_implementation="static"), the route to torch.compile) returns all of its preallocated rows,
+    the unwritten ones zero, where the mask covers the past and new tokens only."""
+    if mask is None or mask.shape[-1] >= rows:
+        return mask
+    fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    return F.pad(mask, (0, rows - mask.shape[-1]), value=fill)
 
 
 class CareMLAAttention(nn.Module):
@@ -223,7 +242,8 @@ class CareMLAAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, the attention weights [B, n_h, T, keys] with attn_implementation "eager", else None)."""
         B, T, _ = hidden_states.shape
         cos, sin = position_embeddings
         q_nope, q_pe, c, k_pe = self.project(hidden_states)
@@ -232,23 +252,28 @@ class CareMLAAttention(nn.Module):
         k_pe = apply_rope(k_pe[:, None], cos, sin)       # [B, 1, T, d_r]
         if past_key_values is not None:
             c, k_pe = past_key_values.update(c, k_pe, self.layer_idx)
+            attention_mask = mask_unwritten_rows(attention_mask, c.shape[2])
         if self.config.care_attention_path == "absorbed":
-            out = self._absorbed(q_nope, q_pe, c, k_pe, attention_mask)
+            out, weights = self._absorbed(q_nope, q_pe, c, k_pe, attention_mask)
         else:
-            out = self._plain(q_nope, q_pe, c, k_pe, attention_mask)
+            out, weights = self._plain(q_nope, q_pe, c, k_pe, attention_mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_h * self.d_h)
-        return self.o_proj(out), None
+        return self.o_proj(out), weights
 
-    def _plain(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
+    @property
+    def _eager(self) -> bool:
+        return self.config._attn_implementation == "eager"
+
+    def _plain(self, q_nope, q_pe, c, k_pe, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decompress: k_h = [W_UK_h c | rope(k_pe)], v_h = W_UV_h c; standard attention."""
         B, _, S, _ = c.shape
         kv = self.kv_b_proj(c[:, 0]).view(B, S, self.n_h, 2 * self.d_h).transpose(1, 2)
         k_nope, v = kv.split([self.d_h, self.d_h], -1)
         key = torch.cat([k_nope, k_pe.expand(B, self.n_h, S, self.d_r)], -1)
         query = torch.cat([q_nope, q_pe], -1)
-        return attention(query, key, v, mask, self.scale)
+        return attention(query, key, v, mask, self.scale, self._eager)
 
-    def _absorbed(self, q_nope, q_pe, c, k_pe, mask) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, c, k_pe, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """vLLM's MLA decode form: ql_h = W_UK_h^T q_nope_h scores against the latent c itself
         (one shared "head" of width r + d_r), the output is W_UV_h (softmax @ c)."""
         B, _, S, _ = c.shape
@@ -258,8 +283,8 @@ class CareMLAAttention(nn.Module):
         query = torch.cat([ql, q_pe], -1)                         # [B, n_h, T, r + d_r]
         key = torch.cat([c, k_pe], -1).expand(B, self.n_h, S, self.rank + self.d_r)
         value = c.expand(B, self.n_h, S, self.rank)
-        o_latent = attention(query, key, value, mask, self.scale)
-        return torch.einsum("bhtr,hdr->bhtd", o_latent, w_uv)
+        o_latent, weights = attention(query, key, value, mask, self.scale, self._eager)
+        return torch.einsum("bhtr,hdr->bhtd", o_latent, w_uv), weights
 
 
 class CareMLADecoderLayer(GradientCheckpointingLayer):
@@ -319,7 +344,7 @@ class CareMLAPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CareMLADecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    _can_record_outputs = {"hidden_states": CareMLADecoderLayer}
+    _can_record_outputs = {"hidden_states": CareMLADecoderLayer, "attentions": CareMLAAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
         """Generic init (normal linears/embeddings, unit norms) plus the rope buffer, which
@@ -346,7 +371,10 @@ class CareMLAPreTrainedModel(PreTrainedModel):
 
 
 class CareMLAModel(CareMLAPreTrainedModel):
+    _auto_class = "AutoModel"   # (see CareMLAForCausalLM)
+
     def __init__(self, config: CareMLAConfig) -> None:
+        config.validate_care()   # (from_pretrained sets its keyword overrides after the config's own checks)
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
@@ -393,12 +421,16 @@ class CareMLAModel(CareMLAPreTrainedModel):
     @staticmethod
     def _default_position_ids(attention_mask, batch, q_len, past_len, device) -> torch.Tensor:
         """Positions count real tokens only, so a left-padded row is rotated exactly like the
-        same row without padding (generate() passes the same thing explicitly)."""
+        same row without padding (generate() passes the same thing explicitly). A 2-D mask shorter than
+        past + new tokens covers the newest ones, the past before it real, as build_attention_mask reads it:
+        a decode step given the new token's mask alone sits at position past_len, not 0."""
         if attention_mask is not None and attention_mask.ndim == 2:
-            pos = attention_mask.long().cumsum(-1) - 1
-            pos = pos.clamp(min=0)[:, -q_len:]
-            if pos.shape[-1] == q_len:
-                return pos.to(device)
+            real = attention_mask.long()
+            short = past_len + q_len - real.shape[-1]
+            if short > 0:
+                real = F.pad(real, (short, 0), value=1)
+            pos = (real.cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            return pos.to(device)
         return (torch.arange(q_len, device=device) + past_len)[None].expand(batch, q_len)
 
 
@@ -411,6 +443,10 @@ class CareMLAForCausalLM(CareMLAPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # save_pretrained copies this file and configuration_care.py beside the weights, as for a model loaded with
+    # trust_remote_code: the auto_map a converted config carries names them, and a folder saved after
+    # `import model_defs` (a user's own fine-tune, pushed to the Hub) would otherwise not load without care-vllm
+    _auto_class = "AutoModelForCausalLM"
 
     def __new__(cls, *args, **kwargs):
         config = args[0] if args else kwargs.get("config")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,10 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def tiny_model(arch: str, tied: bool = True, seed: int = 0, **overrides) -> CareMLAForCausalLM:
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, tied, **overrides))
+def tiny_model(arch: str, tied: bool = True, seed: int = 0, attn_implementation: str | None = None,
+               **overrides) -> CareMLAForCausalLM:
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tied, **overrides),
+                                             attn_implementation=attn_implementation)
     return randomize(model, seed).eval()
 
 
@@ -167,9 +170,10 @@ def test_scaling_the_latent_keeps_the_model(arch, bias):
         torch.testing.assert_close(logits(model, x, path), ref, rtol=1e-9, atol=1e-9)
 
 
-def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor,
+                        pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention layer, fp64, written from FORMAT.md with explicit loops over heads and
-    rotation pairs; reads only the layer's weights."""
+    rotation pairs; reads only the layer's weights. (output [T, D], attention weights [n_h, T, T])."""
     w = {k: v.double() for k, v in attn.state_dict().items()}
     n_h, d_h, d_r, g = cfg.num_attention_heads, cfg.original_head_dim, cfg.qk_rope_head_dim, cfg.original_num_key_value_heads
     r_k, r_v = cfg.k_ranks[layer], cfg.v_ranks[layer]
@@ -208,7 +212,7 @@ def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor, p
         c, k_pe = a[:, :r_k + r_v], a[:, r_k + r_v:]
     k_pe = rope(k_pe)
     wb = w["kv_b_proj.weight"]
-    outs = []
+    outs, probs = [], torch.zeros(n_h, T, T, dtype=torch.float64)
     for h in range(n_h):
         w_uk, w_uv = wb[h * 2 * d_h:h * 2 * d_h + d_h], wb[h * 2 * d_h + d_h:(h + 1) * 2 * d_h]
         k_nope, v = c @ w_uk.T, c @ w_uv.T
@@ -216,9 +220,10 @@ def _per_head_reference(attn, cfg: CareMLAConfig, layer: int, x: torch.Tensor, p
         out = torch.zeros(T, d_h, dtype=torch.float64)
         for t in range(T):
             s = torch.tensor([cfg.softmax_scale * (q_nope[h][t] @ k_nope[s_] + qp[t] @ k_pe[s_]) for s_ in range(t + 1)])
-            out[t] = torch.softmax(s.double(), 0) @ v[:t + 1]
+            probs[h, t, :t + 1] = torch.softmax(s.double(), 0)
+            out[t] = probs[h, t, :t + 1] @ v[:t + 1]
         outs.append(out)
-    return torch.cat(outs, -1) @ w["o_proj.weight"].T
+    return torch.cat(outs, -1) @ w["o_proj.weight"].T, probs
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -237,9 +242,32 @@ def test_one_layer_against_per_head_loop(arch, layer, path):
 
     with torch.no_grad():
         got, _ = attn(x, cos_sin, attention_mask=build_attention_mask(None, 1, T, 0, x.device))
-    ref = _per_head_reference(attn, cfg, layer, x[0], pos)
+    ref, _ = _per_head_reference(attn, cfg, layer, x[0], pos)
     assert ref.abs().max() > 0.1
     assert (got[0].double() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("path", PATHS)
+def test_eager_attention_returns_the_per_head_weights(arch, path):
+    """attn_implementation="eager" (what output_attentions needs) returns every layer's softmax weights, equal to
+    the per-head loop's, and the same logits as SDPA."""
+    x = ids(1, 9, seed=4)
+    sdpa = logits(tiny_model(arch, seed=3), x, path)
+    model = tiny_model(arch, seed=3, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    model.set_attention_path(path)
+    with torch.no_grad():
+        out = model(x, output_attentions=True, output_hidden_states=True)
+    assert (out.logits - sdpa).abs().max().item() < 1e-5
+    assert len(out.attentions) == model.config.num_hidden_layers
+    pos = torch.arange(9)
+    for layer, weights in enumerate(out.attentions):
+        assert weights.shape == (1, model.config.num_attention_heads, 9, 9)
+        attn = model.model.layers[layer].self_attn
+        normed = model.model.layers[layer].input_layernorm(out.hidden_states[layer])[0]
+        _, ref = _per_head_reference(attn, model.config, layer, normed.detach(), pos)
+        assert (weights[0].double() - ref).abs().max().item() < 1e-5, layer
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -301,6 +329,35 @@ def test_generate_with_cache_equals_recomputation(arch, path):
     with torch.no_grad():
         ref_logits = model(ref[:, :-1]).logits[:, 5:]
     assert (torch.stack(gen.scores, 1) - ref_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_step_given_only_the_new_tokens_mask_is_placed_after_the_past(arch):
+    """A 2-D attention_mask covering only the new tokens means a real past (build_attention_mask): the positions
+    must then continue from the cache, as with the full mask, not restart at 0."""
+    model = tiny_model(arch, seed=7)
+    x = ids(2, 12, seed=8)
+    full = logits(model, x, "plain")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        steps = [model(x[:, :5], past_key_values=cache, use_cache=True).logits]
+        steps.append(model(x[:, 5:6], attention_mask=torch.ones(2, 1), past_key_values=cache, use_cache=True).logits)
+        steps.append(model(x[:, 6:], attention_mask=torch.ones(2, 6), past_key_values=cache, use_cache=True).logits)
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 5e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("path", PATHS)
+def test_generate_with_a_static_cache_equals_recomputation(arch, path):
+    """generate(cache_implementation="static") (preallocated rows, the route to torch.compile): the unwritten rows
+    are masked."""
+    model = tiny_model(arch, seed=9)
+    model.set_attention_path(path)
+    x = ids(2, 6, seed=10)
+    with torch.no_grad():
+        gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
+                             cache_implementation="static")
+    assert torch.equal(gen, _greedy_by_recomputation(model, x, 10))
 
 
 # ---------------------------------------------------------------- padding
@@ -378,6 +435,41 @@ def test_save_load_round_trip_with_exact_format_tensors(arch, tied, tmp_path):
         assert torch.equal(logits(loaded, x, path), logits(model, x, path))
     if tied:
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_folder_saved_after_import_loads_with_trust_remote_code_alone(tmp_path):
+    """save_pretrained writes the code its config's auto_map names, so a model fine-tuned with `import model_defs`
+    and saved (or pushed to the Hub) loads where care-vllm is not installed."""
+    model = tiny_model("qwen3", seed=14)
+    model.save_pretrained(tmp_path)
+    x = ids(1, 10, seed=15)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch\n"
+            "sys.path = [p for p in sys.path if p not in ('', sys.argv[2])]\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32)\n"
+            "assert not any(n.startswith('model_defs') for n in sys.modules), 'model_defs was imported'\n"
+            "with torch.no_grad():\n"
+            "    torch.save(m(torch.load(sys.argv[1] + '/x.pt')).logits, sys.argv[1] + '/logits.pt')\n"
+            "print(type(m).__name__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "CareQwen3ForCausalLM"
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), logits(model, x, "plain"))
+
+
+def test_config_values_given_to_from_pretrained_are_checked(tmp_path):
+    """from_pretrained's keyword overrides are set after the config's own checks: the model and save_pretrained
+    check them again."""
+    model = tiny_model("llama", seed=14)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="care_attention_path must be one of"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, care_attention_path="fast")
+    model.config.care_attention_path = "fast"
+    with pytest.raises(ValueError, match="care_attention_path must be one of"):
+        model.save_pretrained(tmp_path / "again")
 
 
 # ---------------------------------------------------------------- training / dtypes
