@@ -203,7 +203,9 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
         folder = str(path)
 
     import model_defs  # noqa: F401  (registers care_mla so converted folders resolve)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .checked_load import load_causal_lm
 
     # config first: an unknown model type should be reported as such, not as a tokenizer failure
     config = _load_step("read the config of", spec, AutoConfig.from_pretrained, folder)
@@ -215,8 +217,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", revision:
             source_rope.apply_overrides(config, hf_overrides)
         except ConversionError as e:
             raise EvalError(str(e)) from None
-    model = _load_step("load the model", spec, AutoModelForCausalLM.from_pretrained, folder,
-                       config=config, dtype=torch_dtype)
+    model = load_causal_lm(folder, f"the model {spec}", EvalError, config=config, dtype=torch_dtype)
     tokenizer = _load_step("load the tokenizer of", spec, AutoTokenizer.from_pretrained, folder)
     return model.to(device).eval(), tokenizer
 

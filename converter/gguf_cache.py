@@ -106,10 +106,11 @@ def _refuse_incomplete(gguf: Path, info: dict) -> None:
     """transformers fills a parameter the GGUF does not provide with random values and only logs it (a
     missing tensor, or one stored under a name it does not map): converting that would silently give a
     random model. Refuse it, naming the parameters."""
-    missing = sorted(info.get("missing_keys") or ()) + sorted(info.get("mismatched_keys") or ())
+    from .checked_load import listed, missing_parameters
+
+    missing = missing_parameters(info)
     if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ConversionError(f"{gguf}: no tensor in the file for {', '.join(map(str, missing[:5]))}{more} "
+        raise ConversionError(f"{gguf}: no tensor in the file for {listed(missing)} "
                               f"(a GGUF missing them, or storing them under names transformers does not map)")
 
 

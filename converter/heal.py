@@ -171,9 +171,11 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
     docs = read_docs(text_files, "--text")
     eval_docs = read_docs(opts.eval_text, "--eval-text") if opts.eval_text else None
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import model_defs  # noqa: F401  (registers care_mla with the Auto classes)
+
+    from .checked_load import load_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(converted)
     windows = pack_windows(tokenizer, docs, opts.seqlen)
@@ -212,7 +214,7 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
 
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
-    student = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    student = load_causal_lm(converted, f"the converted model {converted}", HealError, dtype=torch.float32)
     balance_latents(student)   # (a resumed run loads its checkpoint's weights over these)
     if opts.train == "attention":
         for name, p in student.named_parameters():

@@ -84,7 +84,7 @@ def parse_tokens(s: str) -> int:
     mult = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(s[-1:].lower(), 1)
     try:
         return int(float(s[:-1] if mult > 1 else s) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):   # (int() of nan: ValueError; of inf: OverflowError)
         raise argparse.ArgumentTypeError(f"not a token count: {s!r} (e.g. 200000, 50k, 10M)") from None
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from converter.eval_cli import main, perplexity
 from tests.cli_run import run_main_alone
 from tests.gguf_files import write_gguf
-from tests.tiny_models import TOKENIZER_FILES, TOKENIZER_SRC, make_tiny_original, require_shared
+from tests.tiny_models import TOKENIZER_FILES, TOKENIZER_SRC, damaged_copy, make_tiny_original, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the model cache attention key value rope layer latent rank token query head of and to in a "
@@ -129,6 +129,24 @@ def _unknown_model(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "no_such_model_type"}))
     return d
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("missing_tensor", "no tensor in its files for model.layers.1."),
+    ("wrong_shape", "cannot load the model"),
+    ("truncated", "cannot load the model"),
+])
+def test_a_damaged_checkpoint_is_refused_not_measured(how, needle, original, converted_half, texts, tmp_path, capsys):
+    """transformers fills a tensor the files lack with random values and only logs it: care-eval reported a
+    perplexity and a KL for such a partly random model, exit 0. Unreadable files gave a traceback. Both are one
+    line and exit 2 now, for the original (ppl) and the converted model (compare)."""
+    bad_original = damaged_copy(original, tmp_path / "orig", how)
+    code, _, err = run_main(capsys, "ppl", str(bad_original), "--text", str(texts["a"]), "--max-tokens", "64")
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    bad_converted = damaged_copy(converted_half, tmp_path / "conv", how)
+    code, _, err = run_main(capsys, "compare", str(original), str(bad_converted), "--text", str(texts["a"]),
+                            "--max-tokens", "64", "--seqlen", "32")
+    assert code == 2 and needle in err and str(bad_converted) in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("case, needle", [

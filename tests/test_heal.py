@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import shutil
@@ -37,7 +38,7 @@ from converter.heal_options import parse_tokens
 from converter.heal_state import checkpoint_bytes
 from converter.pipeline import convert
 from tests.cli_run import ROOT, assert_refused_by, run_main_alone
-from tests.tiny_models import make_tiny_original
+from tests.tiny_models import damaged_copy, make_tiny_original
 
 
 HELD = ("A quiet letter arrived at the station before noon. The clerk read it twice, folded it, and "
@@ -520,6 +521,17 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
     assert (out / "keep").read_text() == "x" and (conv / "config.json").is_file()
 
 
+@pytest.mark.parametrize("how", ["missing_tensor", "truncated"])
+def test_a_damaged_converted_checkpoint_is_refused_not_trained(tiny, tmp_path, capsys, how):
+    """transformers fills a tensor the files lack with random values and only logs it: care-heal would have trained
+    that model. A file it cannot read gave a traceback. Both are one line and exit 2, and nothing is written."""
+    bad = damaged_copy(tiny[2], tmp_path / "conv", how)
+    a = heal_args(tiny, tmp_path / "out")
+    a[0] = str(bad)
+    _refused(capsys, heal_cli.main(a), tmp_path / "out", f"cannot load the converted model {bad}",
+             *(["no tensor in its files for model.layers.1."] if how == "missing_tensor" else []))
+
+
 def test_an_out_that_cannot_fit_is_refused_before_training(tiny, healed, tmp_path, monkeypatch, capsys):
     """The healed checkpoint holds the converted one's tensors (same names, shapes and dtype), so it needs their
     bytes: less free space on OUT's filesystem is refused before the models load (converter/heal_options.py), not
@@ -602,6 +614,9 @@ def test_parse_tokens():
     assert parse_tokens("1.5M") == 1_500_000
     assert parse_tokens("2B") == 2_000_000_000
     assert parse_tokens("1234") == 1234
+    for bad in ("inf", "-inf", "nan", "abc", "1e400"):   # (inf gave an OverflowError traceback)
+        with pytest.raises(argparse.ArgumentTypeError, match="not a token count"):
+            parse_tokens(bad)
 
 
 @pytest.mark.slow

@@ -148,3 +148,24 @@ def make_tiny_original(out: Path, arch: str = "llama", *, num_layers: int = 3, h
     for f in TOKENIZER_FILES:
         shutil.copy(TOKENIZER_SRC / f, out / f)
     return out
+
+
+def damaged_copy(folder: Path, dest: Path, how: str) -> Path:
+    """A copy of checkpoint `folder` whose model.safetensors lacks layer 1's k_proj ("missing_tensor"), holds it
+    with one row too many ("wrong_shape"), or is cut short ("truncated")."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    weights = dest / "model.safetensors"
+    if how == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        return dest
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.startswith("model.layers.1.") and "self_attn" in k and "k" in k.split(".")[-2])
+    if how == "missing_tensor":
+        del tensors[name]
+    else:
+        tensors[name] = torch.cat([tensors[name], tensors[name][:1]])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return dest
