@@ -74,6 +74,31 @@ def check_overrides(overrides) -> None:
     for key in ("rope_scaling", "rope_parameters"):
         if key in overrides and not isinstance(overrides[key], dict):
             raise ConversionError(f"--hf-overrides: {key} must be a JSON object")
+    _check_values(overrides)
+    for key in ("rope_scaling", "rope_parameters"):
+        _check_values(overrides.get(key) or {}, f"{key}.")
+
+
+# values a rope field must have: a positive number, a positive integer, or any finite number. Why checked here:
+# transformers takes a string or a negative base as given, so a typo surfaced as a traceback (int("x")), or
+# after the calibration as a failed eigendecomposition of the rope map (rope_theta -1).
+POSITIVE = ("rope_theta", "factor")
+POSITIVE_INT = ("max_position_embeddings", "original_max_position_embeddings")
+FINITE = ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
+          "mscale_all_dim")
+
+
+def _check_values(values: dict, prefix: str = "") -> None:
+    for key, value in values.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key in ("rope_type", "type") and not isinstance(value, str):
+            raise ConversionError(f"--hf-overrides: {prefix}{key} must be a string, got {value!r}")
+        if key in POSITIVE and not (number and value > 0):
+            raise ConversionError(f"--hf-overrides: {prefix}{key} must be a positive number, got {value!r}")
+        if key in POSITIVE_INT and not (number and value > 0 and value == int(value)):
+            raise ConversionError(f"--hf-overrides: {prefix}{key} must be a positive integer, got {value!r}")
+        if key in FINITE and not number:
+            raise ConversionError(f"--hf-overrides: {prefix}{key} must be a number, got {value!r}")
 
 
 def apply_overrides(cfg, overrides: dict | None) -> None:

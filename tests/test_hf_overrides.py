@@ -106,6 +106,14 @@ def test_care_bench_serves_and_measures_the_original_with_the_recorded_overrides
     ('["rope_scaling"]', "--hf-overrides must be a JSON object"),
     ('{"num_hidden_layers": 1}', "can set rope_scaling, rope_parameters, rope_theta, max_position_embeddings"),
     ('{"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}', "rope_type 'dynamic' is not supported"),
+    # values transformers takes as given: a traceback (int("x")), or a failed rope map after calibrating (-1)
+    ('{"rope_theta": "abc"}', "rope_theta must be a positive number, got 'abc'"),
+    ('{"rope_theta": -1}', "rope_theta must be a positive number, got -1"),
+    ('{"max_position_embeddings": "x"}', "max_position_embeddings must be a positive integer, got 'x'"),
+    ('{"max_position_embeddings": 100.5}', "max_position_embeddings must be a positive integer, got 100.5"),
+    ('{"rope_scaling": {"rope_type": "yarn", "factor": 0}}', "rope_scaling.factor must be a positive number"),
+    ('{"rope_parameters": {"rope_type": "llama3", "factor": 8, "low_freq_factor": "1"}}',
+     "rope_parameters.low_freq_factor must be a number"),
 ])
 def test_bad_overrides_are_refused(pair, tmp_path, calib_file, value, needle):
     _, plain, _, _, _ = pair
