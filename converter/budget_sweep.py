@@ -139,7 +139,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     "convert_options"}. Raises SweepError / ConversionError / eval_cli.EvalError on bad input, before
     anything is converted where the input allows it."""
     from . import calib_data
-    from .eval_cli import compare, load_model, text_windows
+    from .eval_cli import compare, load_model, locate_model, text_windows
 
     if not ratios:
         raise SweepError("--kv-ratios: no ratio given")
@@ -152,6 +152,10 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
     # (ratio, the conversion's own options, the K share asked for)
     runs = [(r, {**ro, **({} if sh is _NOT_SWEPT else share_options(sh))}, sh)
             for r in ratios for ro, sh in itertools.product(rope_options, shares)]
+    weighted = [sh for sh in shares if is_joint(sh) and sh != JOINT]
+    if weighted and Options(**convert_options).objective != "attention":
+        raise SweepError(f"--k-shares {weighted[0]}: the key weight W of 'joint:W' is the attention objective's; add "
+                         f"--objective attention, or give 'joint'")
     for r, opt, _ in runs:   # every option checked before the first (slow) conversion
         Options(**{**convert_options, **opt}, kv_ratio=r).validate()
     if keep is not None:
@@ -160,6 +164,7 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         if not keep.parent.is_dir():
             raise SweepError(f"parent folder of --keep does not exist: {keep.parent}")
     calib_data.read_texts(list(calib_files))   # a bad or empty calibration file fails now, not after loading
+    locate_model(src, convert_options.get("revision"))   # a mistyped SRC too
     shape = check_stored_source(src, convert_options.get("revision"))
     if shape is not None:   # a rope width the budget or the keys cannot hold, from config.json: before loading
         _check_cache_shapes(runs, convert_options, shape)

@@ -267,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.max_tokens is not None and args.max_tokens < 2:
             raise EvalError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+        if args.seqlen < 2:   # (make_windows says the same, but only once the model has loaded)
+            raise EvalError(f"--seqlen must be >= 2, got {args.seqlen}")
         texts = read_texts(args.text)  # before loading: a bad path fails in milliseconds
         if args.command == "sweep":   # its --dtype is the checkpoints' (care-convert's); it reports eval_dtype
             result = budget_sweep.run(args, texts)

@@ -189,6 +189,15 @@ def test_a_mistyped_model_is_refused_before_torch_is_imported(command, original,
     assert not torch_imported
 
 
+def test_a_bad_seqlen_is_refused_before_torch_is_imported(original, texts):
+    """(It was refused by make_windows, once the model had loaded.)"""
+    proc, torch_imported = run_main_alone("converter.eval_cli", "ppl", str(original), "--text", texts["a"],
+                                          "--seqlen", "1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "care-eval: error: --seqlen must be >= 2, got 1"
+    assert not torch_imported
+
+
 @pytest.mark.parametrize("caching", ["on", "off"])
 def test_gguf_file_gives_the_same_ppl_as_its_source(tmp_path, texts, capsys, monkeypatch, caching):
     """Read through its dequantized cache folder (converter/gguf_cache.py) or directly."""

@@ -240,15 +240,22 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
 
 @pytest.mark.parametrize("flags,needle", [
     (["--k-share", "1.5"], "--k-share must be in (0, 1)"),
-    ([], "KV 0.5, rope 32: KV budget of 64 values/token leaves 0")])   # 0.5 x 64 = 32 values a layer: all rope
+    ([], "KV 0.5, rope 32: KV budget of 64 values/token leaves 0"),   # 0.5 x 64 = 32 values a layer: all rope
+    # README's example, without --objective attention (the default is kv): refused by what it lacks
+    (["--rope-dims", "16", "--k-shares", "default,joint:auto"],
+     "--k-shares joint:auto: the key weight W of 'joint:W' is the attention objective's; add --objective attention"),
+    (["--rope-dims", "16", "SRC=missing"], "not a model folder (no config.json) or .gguf file: ")])
 def test_sweep_refuses_a_bad_option_before_torch_is_imported(original, held_out, calib_file, tmp_path, flags, needle):
     """Every run's care-convert options are checked (converter/options.py), and what the source's config.json
     says of them (converter/source_checks.py), before the converter is imported: a process refusing one never
-    imported torch."""
+    imported torch. So is a mistyped SRC (it was refused once the original had loaded)."""
     from tests.cli_run import run_main_alone
 
-    proc, torch_imported = run_main_alone("converter.eval_cli", "sweep", original, "--calib", calib_file, "--text",
-                                          held_out, "--kv-ratios", "0.5,1", "--rope-dims", "16,32", *flags)
+    src = tmp_path / "missing" if "SRC=missing" in flags else original
+    flags = [f for f in flags if f != "SRC=missing"]
+    rope_dims = [] if "--rope-dims" in flags else ["--rope-dims", "16,32"]
+    proc, torch_imported = run_main_alone("converter.eval_cli", "sweep", src, "--calib", calib_file, "--text",
+                                          held_out, "--kv-ratios", "0.5,1", *rope_dims, *flags)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr.strip().splitlines()[-1]
     assert not torch_imported
