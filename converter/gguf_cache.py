@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import ConversionError
+from .file_modes import modes_from_umask
 
 MARKER = "care_gguf.json"   # written last: a folder without it is incomplete and is rebuilt
 FORMAT = 2                  # bump when what the folder holds changes
@@ -195,6 +196,7 @@ def open_gguf(gguf: Path, check=None) -> Opened:
         if not (folder / MARKER).is_file():   # (else another process finished first: use its folder)
             if folder.exists():   # incomplete (its marker removed by hand): replaced
                 shutil.rmtree(folder)
+            modes_from_umask(tmp)   # (readable by others as any new folder: a CARE_VLLM_CACHE shared by users)
             os.rename(tmp, folder)
     except (OSError, ConversionError) as e:
         _note(f"cannot write the GGUF cache folder {folder} ({getattr(e, 'strerror', None) or e}); {gguf.name} "

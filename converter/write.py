@@ -19,6 +19,7 @@ import torch
 
 from .cli_checks import prepare_out
 from .errors import ConversionError
+from .file_modes import modes_from_umask
 from .interrupts import interrupts_held
 from .options import parse_shard_size
 
@@ -48,6 +49,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     it. A second rename that fails puts the old folder back. A signal held past the move (a single rename when
     there is no `out`) is raised with `swapped_in` = `out` set on it: the tool's last line then says OUT was
     written, as it was."""
+    modes_from_umask(tmp)
     old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
     swapped = False
     try:

@@ -20,6 +20,7 @@ import errno
 import json
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ import model_defs  # noqa: F401  (registers care_mla with the Auto classes)
 
 from converter import heal as heal_mod
 from converter import heal_cli
+from converter.file_modes import current_umask
 from converter.heal_data import pack_windows
 from converter.heal_options import parse_tokens
 from converter.heal_state import checkpoint_bytes
@@ -179,6 +181,12 @@ def test_output_keeps_converted_layout(tiny, healed):
     assert f"{log['eval'][-1]['ppl']:.3f} at {log['eval'][-1]['tokens']:,}" in card
     assert not (healed.parent / "healed.partial").exists()
     assert not list(healed.parent.glob(".healed.tmp-*"))
+    # modes as any new folder and file get from the umask (it was written in a 0700 mkdtemp folder, its weights
+    # by safetensors, 0600: converter/file_modes.py)
+    mask = current_umask()
+    wrong = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in [healed, *healed.rglob("*")]
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~mask}
+    assert not wrong, wrong
 
     model = _load(healed)
     cfg = json.loads((conv / "config.json").read_text())

@@ -8,6 +8,8 @@ and the two loaded with transformers (through model_defs) giving the same logits
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import torch
 from safetensors import safe_open
@@ -56,3 +58,22 @@ def test_sharded_checkpoint_equals_the_single_file_one(tmp_path, calib_file):
     logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d, dtype=torch.float32).eval()(ids).logits
               for d in ("single", "sharded")]
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_the_checkpoint_gets_the_modes_the_umask_gives(tmp_path, calib_file):
+    """OUT is written in a tempfile.mkdtemp folder (mode 0700) and safetensors writes its files 0600: renamed into
+    place as they were, a checkpoint was readable by its owner only, not by the account `vllm serve` runs as.
+    It gets the modes any new folder and file get from the umask (here 027: 0750 and 0640)."""
+    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=2)
+    previous = os.umask(0o027)
+    try:
+        convert(src, tmp_path / "out", calib_files=[calib_file], kv_ratio=0.5, calib_samples=4, calib_seqlen=32,
+                max_shard_size="300KB")
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
+    assert any(name.endswith(".safetensors") for name in modes) and len(modes) > 5, modes
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o750 if (tmp_path / name).is_dir() else 0o640)}
+    assert not wrong, wrong
