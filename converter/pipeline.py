@@ -92,16 +92,24 @@ def cache_shape(opts: Options, cfg) -> tuple[int, int]:
 def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Options, meta: dict) -> calibrate.CalibStats:
     path = Path(opts.stats_cache) if opts.stats_cache else None
     if path is not None and path.is_file():
-        try:
-            saved = torch.load(path, weights_only=False)
+        try:   # (weights_only: tensors, numbers, strings and containers; a pickle naming code is refused)
+            saved = torch.load(path, weights_only=True)
         except Exception as e:   # noqa: BLE001  (truncated by a full disk, or written by something else)
             raise ConversionError(f"stats cache {path} cannot be read ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); delete it") from None
-        version = saved.get("meta", {}).get("stats_version")
+        meta = saved.get("meta") if isinstance(saved, dict) else None
+        if not isinstance(meta, dict):
+            raise ConversionError(f"stats cache {path} is not a care-convert statistics file (a torch file holding "
+                                  f"{type(saved).__name__}); delete it")
+        version = meta.get("stats_version")
         if version != calibrate.STATS_VERSION:
             raise ConversionError(f"stats cache {path} was written by an older care-convert (statistics version "
                                   f"{version}, this one reads {calibrate.STATS_VERSION}); delete it")
-        stats = calibrate.CalibStats.from_dict(saved)
+        try:
+            stats = calibrate.CalibStats.from_dict(saved)
+        except (KeyError, TypeError) as e:
+            raise ConversionError(f"stats cache {path} is not a complete care-convert statistics file ({e!r}); "
+                                  f"delete it") from None
         if stats.meta == meta:
             return stats
         raise ConversionError(f"stats cache {path} was made for other inputs ({stats.meta}); delete it")

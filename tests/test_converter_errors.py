@@ -7,6 +7,7 @@ identical bytes; Ctrl-C).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -548,6 +549,22 @@ def test_stats_cache_of_an_older_version_is_refused(tmp_path):
     torch.save(stats, cache)
     out = tmp_path / "out"
     assert_refused(run_convert(src, out, "--calib", calib, *small), out, str(cache), "older care-convert",
+                   "delete it")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ([1, 2], "is not a care-convert statistics file (a torch file holding list)"),
+    ({"meta": {"stats_version": "?"}, "layers": []}, "older care-convert"),
+    ("code", "cannot be read (UnpicklingError"),   # a pickle naming a callable: never run
+])
+def test_a_stats_cache_that_is_not_one_is_refused_by_name(tiny, tmp_path, content, needle):
+    """(A list gave AttributeError: 'list' object has no attribute 'get', a traceback.)"""
+    import torch
+
+    _, src, calib = tiny
+    cache, out = tmp_path / "stats.pt", tmp_path / "out"
+    torch.save(collections.OrderedDict(a=print) if content == "code" else content, cache)
+    assert_refused(run_convert(src, out, "--calib", calib, "--stats-cache", cache), out, str(cache), needle,
                    "delete it")
 
 
