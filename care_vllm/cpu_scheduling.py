@@ -39,7 +39,7 @@ def install() -> None:
     from vllm.logger import init_logger
     from vllm.platforms import current_platform
 
-    logger = init_logger(__name__)
+    logger = init_logger("vllm.care_vllm")   # (under "vllm": vLLM's handlers and level; a logger of its own has none)
 
     if not current_platform.is_cpu():
         return

@@ -37,6 +37,46 @@ def test_installed_vllm_is_supported():
     check_vllm_version()
 
 
+UNDER_ANOTHER_VLLM = """
+import sys
+import vllm
+vllm.__version__ = "0.33.0"   # (as after `pip install -U vllm` beside care-vllm)
+from vllm.engine.arg_utils import EngineArgs
+for model in sys.argv[1:]:
+    try:
+        print("RESULT", model, "built",
+              EngineArgs(model=model, dtype="float32").create_engine_config().model_config.architectures)
+    except Exception as e:
+        print("RESULT", model, "refused", type(e).__name__)
+"""
+
+
+def test_an_unsupported_vllm_refuses_care_models_only(tmp_path, calib_file):
+    """Outside the supported range the plugin warns and refuses care_mla checkpoints with the reason, and vLLM
+    still builds stock models: vLLM loads every installed plugin for every model and does not catch their errors,
+    so the plugin's exception had stopped every `vllm serve`. (The faked version holds in this process only: the
+    model-inspection subprocess vLLM starts sees the real one, so its message names 0.32 there.)"""
+    import subprocess
+    import sys
+
+    from converter.pipeline import convert
+    from tests.tiny_models import make_tiny_original
+    from tests.vllm_server import ROOT
+
+    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=2)
+    convert(src, tmp_path / "mla", calib_files=[calib_file], kv_ratio=0.5, rope_dim=8, calib_samples=4,
+            calib_seqlen=32)
+    proc = subprocess.run([sys.executable, "-c", UNDER_ANOTHER_VLLM, str(src), str(tmp_path / "mla")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr   # (vLLM logs to stdout)
+    results = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results == [f"{src} built ['LlamaForCausalLM']", f"{tmp_path / 'mla'} refused ValidationError"], log[-3000:]
+    assert "care_vllm supports vllm>=0.32.0,<0.33, but vLLM 0.33.0 is installed. Install a supported vLLM" in log
+    assert "care_mla checkpoints cannot be served; other models are served as usual" in log
+    assert "care_vllm.UnsupportedVLLMVersion: care_vllm supports vllm>=0.32.0,<0.33" in log, log[-3000:]
+
+
 def test_register_is_idempotent_and_registers_everything():
     import care_vllm
     from transformers import AutoConfig

@@ -274,6 +274,10 @@ def test_prefix_cache_hits_and_chunked_prefill_match_model_defs(served, referenc
     client = _client(server)
     settings = re.search(r"enable_prefix_caching=(\w+), enable_chunked_prefill=(\w+)", server.log_text())
     assert settings and settings.groups() == ("True", "True"), server.log_tail()
+    # vLLM logs that it turns both off for MLA on CPU: the plugin's line after it says they stay on (it was logged
+    # under a logger of its own, which has no handler: nothing said so)
+    assert "care_vllm: care_mla's CPU latent backend prefills over cached context: chunked prefill on, prefix " \
+           "caching on" in server.log_text(), server.log_tail()
     from care_vllm.backends.cpu import DEFAULT_LATENT_PREFILL_TOKENS
 
     latent = f"requests with up to {DEFAULT_LATENT_PREFILL_TOKENS} new tokens attend in the latent" in server.log_text()
