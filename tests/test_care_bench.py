@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -233,11 +234,17 @@ def test_an_originals_cache_size_follows_its_config_class(tmp_path, model_type):
 
 @pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts",
                                   "missing_dataset", "range_ratio_of_1", "range_ratio_with_prefix",
-                                  "concurrency_0", "output_len_0", "request_rate_word", "ppl_seqlen_1"])
+                                  "concurrency_0", "output_len_0", "request_rate_word", "ppl_seqlen_1",
+                                  "missing_ppl_text", "bad_ppl_jsonl", "unreachable_url", "out_is_a_file"])
 def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
+    """Refused before a server starts. (The last four: a bad --ppl-text was read after both servers had run, with a
+    traceback and no report; an unreachable --original-url and an OUT that is a file gave tracebacks.)"""
     from care_vllm.loadtest.cli import main
 
     orig = varied_original(tmp_path / "orig", "llama")
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text"}\n')
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))   # (bound, never listening: a connection is refused)
     args = {"not_a_checkpoint": [str(orig), str(calib_file.parent)],
             "negative_prefix": [str(orig), str(orig), "--prefix-len", "-1"],
             "more_prefixes_than_prompts": [str(orig), str(orig), "--prefix-len", "64", "--num-prefixes", "9",
@@ -249,10 +256,44 @@ def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
             "concurrency_0": [str(orig), str(orig), "--concurrency", "1", "0"],
             "output_len_0": [str(orig), str(orig), "--output-len", "0"],
             "request_rate_word": [str(orig), str(orig), "--request-rate", "fast"],
-            "ppl_seqlen_1": [str(orig), str(orig), "--ppl-seqlen", "1"]}[case]
+            "ppl_seqlen_1": [str(orig), str(orig), "--ppl-seqlen", "1"],
+            "missing_ppl_text": [str(orig), str(orig), "--ppl-text", str(tmp_path / "held-out.txt")],
+            "bad_ppl_jsonl": [str(orig), str(orig), "--ppl-text", str(tmp_path / "bad.jsonl")],
+            "unreachable_url": [str(orig), str(orig), "--original-url",
+                                f"http://127.0.0.1:{closed.getsockname()[1]}"],
+            "out_is_a_file": [str(orig), str(orig)]}[case]
     out = tmp_path / "report"
-    assert main([*args[:2], str(out), *args[2:]]) == 2
-    assert not out.exists()
+    if case == "out_is_a_file":
+        out.write_text("kept")
+    try:
+        assert main([*args[:2], str(out), *args[2:]]) == 2
+    finally:
+        closed.close()
+    assert out.read_text() == "kept" if case == "out_is_a_file" else not out.exists()
+
+
+def test_a_server_that_does_not_start_is_one_error_line_and_a_report_of_what_finished(tmp_path):
+    """(It was a ServerError traceback; had the converted model's server failed, the original's finished results
+    were lost with it.)"""
+    orig = varied_original(tmp_path / "orig", "llama", head_dim=HEAD_DIM)
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "care_vllm.loadtest.cli", str(orig), str(orig), str(out),
+                        "--serve-args=--no-such-flag"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"care-bench: error: vllm serve {orig} exited with 2:" in r.stderr
+    assert "unrecognized arguments: --no-such-flag" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"care-bench: what finished is in {out / 'report.json'}"
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"] == {} and "exited with 2" in report["error"]
+
+
+def test_the_workload_line_puts_the_length_spread_after_the_lengths():
+    from care_vllm.loadtest.workload import Workload
+
+    wl = Workload(8, 128, 32, "inf", 0, temperature=0.0, range_ratio=0.5)
+    assert wl.describe() == "random dataset, 128 in / 32 out tokens (each drawn from +-50 %), temperature 0"
 
 
 def test_a_mistyped_folder_is_refused_before_torch_is_imported(tmp_path, calib_file):

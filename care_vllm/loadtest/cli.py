@@ -20,7 +20,7 @@ from pathlib import Path
 from converter.interrupts import stops_cleanly   # (converter: the same distribution)
 
 from . import quality, report as report_mod
-from .server import VllmServer, fetch, kv_cache_tokens, reset_prefix_cache
+from .server import ServerError, VllmServer, fetch, kv_cache_tokens, reset_prefix_cache
 from .workload import Workload, run_level
 
 
@@ -67,6 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _served_name(base_url: str) -> str:
     return json.loads(fetch(f"{base_url}/v1/models"))["data"][0]["id"]
+
+
+def _read_ppl_texts(files: list[str]) -> list:
+    """--ppl-text's documents, read before any server starts (a missing file, an empty one or a bad .jsonl line
+    raises ValueError with the calibration reader's message)."""
+    if not files:
+        return []
+    from converter.calib_data import read_texts
+    from converter.errors import ConversionError
+
+    try:
+        return read_texts(files)
+    except ConversionError as e:
+        raise ValueError(f"--ppl-text: {e}") from None
+
+
+def _reachable(role: str, url: str) -> None:
+    """A server given by --original-url / --converted-url answers /v1/models, or ValueError says why."""
+    try:
+        _served_name(url)
+    except (OSError, ValueError, KeyError, IndexError) as e:   # (URLError is an OSError)
+        raise ValueError(f"--{role}-url {url}: no OpenAI-compatible server answers there "
+                         f"({getattr(e, 'reason', None) or e})") from None
 
 
 def _cache_values(path: Path) -> int:
@@ -217,17 +240,34 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"care-bench: error: {e}", file=sys.stderr)
         return 2
+    try:   # before any server starts: a bad --ppl-text file was found after both had run, losing the report
+        ppl_texts = _read_ppl_texts(args.ppl_text)
+        for role, url in (("original", args.original_url), ("converted", args.converted_url)):
+            if url:
+                _reachable(role, url)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"OUT {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        print(f"care-bench: error: {e}", file=sys.stderr)
+        return 2
     from converter.versions import recorded_versions
 
-    out.mkdir(parents=True, exist_ok=True)
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
            "machine": {"platform": platform.platform(), "python": platform.python_version(),
                        "versions": recorded_versions(with_vllm=True)},   # (of servers started here)
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}
     overrides = recorded_overrides(args.converted)
-    rep["models"]["original"] = bench_model("original", Path(args.original), args.original_url, args, wl, out,
-                                            overrides)
-    rep["models"]["converted"] = bench_model("converted", Path(args.converted), args.converted_url, args, wl, out)
+    try:
+        rep["models"]["original"] = bench_model("original", Path(args.original), args.original_url, args, wl, out,
+                                                overrides)
+        rep["models"]["converted"] = bench_model("converted", Path(args.converted), args.converted_url, args, wl,
+                                                 out)
+    except (ServerError, RuntimeError) as e:   # (a server that did not start; a `vllm bench serve` that failed)
+        rep["error"] = str(e)
+        (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")   # (what finished: the original's)
+        print(f"care-bench: error: {e}\ncare-bench: what finished is in {out / 'report.json'}", file=sys.stderr)
+        return 1
 
     from transformers import AutoTokenizer
 
@@ -235,11 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     rep["quality"] = {"agreement_max_tokens": args.agreement_tokens,
                       "greedy_agreement": quality.agreement(tok, rep["models"]["original"]["greedy_completions"],
                                                             rep["models"]["converted"]["greedy_completions"])}
-    if args.ppl_text:
-        from converter.calib_data import read_texts
-
+    if ppl_texts:
         rep["quality"]["perplexity"] = quality.perplexities(
-            {"original": args.original, "converted": args.converted}, read_texts(args.ppl_text),
+            {"original": args.original, "converted": args.converted}, ppl_texts,
             args.ppl_seqlen, args.ppl_tokens, {"original": overrides} if overrides else None)
         rep["quality"]["perplexity_text"] = args.ppl_text
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")

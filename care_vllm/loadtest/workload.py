@@ -72,12 +72,12 @@ class Workload:
         if self.dataset_path:
             return (f"custom dataset {Path(self.dataset_path).name} (chat template), {self.output_len} out tokens"
                     f"{sampling}")
-        tokens = f"{self.input_len} in / {self.output_len} out tokens{sampling}"
-        if not self.prefix_len:
+        tokens = f"{self.input_len} in / {self.output_len} out tokens"
+        if not self.prefix_len:   # (the spread is the lengths', so it follows them, before the temperature)
             spread = f" (each drawn from +-{100 * self.range_ratio:.0f} %)" if self.range_ratio else ""
-            return f"random dataset, {tokens}{spread}"
+            return f"random dataset, {tokens}{spread}{sampling}"
         return (f"prefix_repetition dataset, {self.prefix_len} shared (one of {self.num_prefixes} prefixes) "
-                f"+ {tokens}")
+                f"+ {tokens}{sampling}")
 
 
 class MetricsScraper(threading.Thread):
