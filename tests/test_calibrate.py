@@ -9,6 +9,8 @@ to the weights' linear part: Qwen2).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -16,9 +18,16 @@ from converter import calibrate, load
 from tests.tiny_models import make_tiny_original
 
 
-@pytest.mark.parametrize("source", ["llama", "qwen3", "qwen3_moe", "qwen2"])
+@pytest.mark.parametrize("source", ["llama", "qwen3", "qwen3_moe", "qwen2", "llama_eager"])
 def test_statistics_are_those_of_a_forward_pass(source, tmp_path):
-    src = load.load_source(make_tiny_original(tmp_path / source, source, num_layers=2))
+    """(llama_eager: a config.json naming eager attention, which reads a missing mask as "attend to everything":
+    calibrating layer by layer without a mask had made its statistics non-causal from layer 1 on.)"""
+    folder = make_tiny_original(tmp_path / source, source.removesuffix("_eager"), num_layers=2)
+    if source.endswith("_eager"):
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "attn_implementation": "eager"}))
+    src = load.load_source(folder)
+    assert src.model.config._attn_implementation == ("eager" if source.endswith("_eager") else "sdpa")
     arch = src.arch          # attention family: qwen3_moe has Qwen3's attention
     windows = torch.randint(0, 16384, (3, 24), generator=torch.Generator().manual_seed(5))
     stats = calibrate.collect_stats(src.model, windows, arch, batch_size=2)
