@@ -97,11 +97,11 @@ def _load_or_collect_stats(src: load.Source, windows: torch.Tensor, opts: Option
         except Exception as e:   # noqa: BLE001  (truncated by a full disk, or written by something else)
             raise ConversionError(f"stats cache {path} cannot be read ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); delete it") from None
-        meta = saved.get("meta") if isinstance(saved, dict) else None
-        if not isinstance(meta, dict):
+        saved_meta = saved.get("meta") if isinstance(saved, dict) else None   # (`meta`: what this run expects)
+        if not isinstance(saved_meta, dict):
             raise ConversionError(f"stats cache {path} is not a care-convert statistics file (a torch file holding "
                                   f"{type(saved).__name__}); delete it")
-        version = meta.get("stats_version")
+        version = saved_meta.get("stats_version")
         if version != calibrate.STATS_VERSION:
             raise ConversionError(f"stats cache {path} was written by an older care-convert (statistics version "
                                   f"{version}, this one reads {calibrate.STATS_VERSION}); delete it")

@@ -568,6 +568,18 @@ def test_a_stats_cache_that_is_not_one_is_refused_by_name(tiny, tmp_path, conten
                    "delete it")
 
 
+def test_a_stats_cache_made_for_other_inputs_is_refused(tiny, tmp_path):
+    """The cache is reused only for the calibration it holds: here 4 windows asked, 2 cached. (33799b1 compared
+    the cache's metadata with itself and took any cache of the current version.)"""
+    _, src, calib = tiny
+    cache = tmp_path / "stats.pt"
+    small = ("--calib", calib, "--calib-seqlen", "32", "--stats-cache", cache)
+    assert run_convert(src, tmp_path / "first", *small, "--calib-samples", "2").returncode == 0
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, *small, "--calib-samples", "4"), out, str(cache),
+                   "was made for other inputs", "delete it")
+
+
 def test_a_stats_cache_is_written_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
     """--stats-cache: a save cut short (here Ctrl-C once torch.save has written part of it; equally SIGTERM or a
     full disk) leaves no file, where it left a truncated one that the next run failed to read with a traceback
