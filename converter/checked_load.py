@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import first_line
+
 
 def missing_parameters(info: dict) -> list[str]:
     """The parameters `from_pretrained(..., output_loading_info=True)` left at their initial values: missing from
@@ -31,8 +33,7 @@ def load_causal_lm(folder: str | Path, what: str, error: type[Exception], **kwar
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
     except Exception as e:   # noqa: BLE001  (a truncated or mis-shaped file: its reader's own exception types)
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise error(f"cannot load {what}: {first}") from None
+        raise error(f"cannot load {what}: {first_line(e)}") from None
     missing = missing_parameters(info)
     if missing:
         raise error(f"cannot load {what}: no tensor in its files for {listed(missing)} (transformers would have "

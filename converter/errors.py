@@ -13,6 +13,12 @@ class HealError(ConversionError):
     """Bad input for care-heal (one line, exit code 2)."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type's name if there is none): what a tool's
+    one-line error quotes of a library's multi-line one."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def run_tool(prog: str, action):
     """Run a command-line tool's work: (its result, 0); or (None, 2) after one line naming the problem of a
     ConversionError; or (None, 128 + the signal's number) after Ctrl-C, or after SIGTERM or SIGHUP under

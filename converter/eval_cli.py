@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from . import budget_sweep
 from .cli import overrides_arg
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .interrupts import stops_cleanly
 from .versions import add_version_flag
 
@@ -227,8 +227,7 @@ def _load_step(what: str, spec: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, TypeError) as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise EvalError(f"cannot {what} {spec}: {first.strip()}") from None
+        raise EvalError(f"cannot {what} {spec}: {first_line(e)}") from None
 
 
 def _parser() -> argparse.ArgumentParser:

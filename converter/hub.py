@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 
 # What a conversion (and care-eval) reads from a repo: not `original/*.pth`, not GGUF/pickle weights;
 # the model card and licence files go into the output (converter/model_card.py).
@@ -84,8 +84,7 @@ def _snapshot(repo_id: str, revision: str | None) -> Resolved:
         raise HubError(f"{where}: no such local path, and the Hub repo is not in the local Hugging Face "
                        f"cache ({constants.HF_HUB_CACHE}) while {why}") from None
     except (hf.HfHubHTTPError, OSError) as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise HubError(f"{where}: cannot fetch from the Hub: {first.strip()}") from None
+        raise HubError(f"{where}: cannot fetch from the Hub: {first_line(e)}") from None
     return Resolved(folder, folder.name)
 
 
