@@ -313,6 +313,13 @@ class CareMLADecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def with_real_past(attention_mask: torch.Tensor, keys: int) -> torch.Tensor:
+    """A 2-D mask [B, n] over fewer than `keys` keys widened to `keys`: it covers the newest ones, and the cached
+    past before it was real (a decode step given its new tokens' mask only). Longer masks are returned as given."""
+    short = keys - attention_mask.shape[-1]
+    return F.pad(attention_mask, (short, 0), value=1) if short > 0 else attention_mask
+
+
 def build_attention_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, past_len: int,
                          device: torch.device) -> torch.Tensor:
     """Boolean [B, 1, T, past+T] mask (True = may attend): causal AND key not padding.
@@ -329,10 +336,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, batch: int, q_len:
         return allowed
     if attention_mask.ndim == 4:  # caller-built mask: bool keeps, float is additive
         return attention_mask
-    pad = attention_mask.to(device=device, dtype=torch.bool)
-    if pad.shape[-1] < kv_len:  # only the new tokens' mask given: the cached past was real
-        pad = F.pad(pad, (kv_len - pad.shape[-1], 0), value=True)
-    pad = pad[:, -kv_len:]
+    pad = with_real_past(attention_mask.to(device=device, dtype=torch.bool), kv_len)[:, -kv_len:]
     return (allowed & pad[:, None, None, :]) | (k_pos == q_pos)[None, None]
 
 
@@ -421,14 +425,11 @@ class CareMLAModel(CareMLAPreTrainedModel):
     @staticmethod
     def _default_position_ids(attention_mask, batch, q_len, past_len, device) -> torch.Tensor:
         """Positions count real tokens only, so a left-padded row is rotated exactly like the
-        same row without padding (generate() passes the same thing explicitly). A 2-D mask shorter than
-        past + new tokens covers the newest ones, the past before it real, as build_attention_mask reads it:
-        a decode step given the new token's mask alone sits at position past_len, not 0."""
+        same row without padding (generate() passes the same thing explicitly). A mask shorter than past + new
+        tokens is read as build_attention_mask reads it (with_real_past): a decode step given the new token's mask
+        alone sits at position past_len, not 0."""
         if attention_mask is not None and attention_mask.ndim == 2:
-            real = attention_mask.long()
-            short = past_len + q_len - real.shape[-1]
-            if short > 0:
-                real = F.pad(real, (short, 0), value=1)
+            real = with_real_past(attention_mask.long(), past_len + q_len)
             pos = (real.cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             return pos.to(device)
         return (torch.arange(q_len, device=device) + past_len)[None].expand(batch, q_len)
