@@ -179,10 +179,19 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
 
     tokenizer = AutoTokenizer.from_pretrained(converted)
     windows = pack_windows(tokenizer, docs, opts.seqlen)
+    if eval_docs is not None:   # (too short to score is found now, not at the step-0 evaluation after the models load)
+        from .eval_cli import EvalError, text_windows
+
+        try:
+            text_windows(tokenizer, eval_docs, opts.seqlen, opts.eval_tokens)
+        except EvalError as e:
+            raise HealError(f"--eval-text: {e}") from None
     per_step = opts.batch_size * opts.grad_accum
     tokens_per_step = per_step * opts.seqlen
     total_steps = max(1, math.ceil(opts.tokens / tokens_per_step))
-    warmup_steps = math.ceil(opts.warmup_ratio * total_steps)
+    # (the schedule's step 0 is at lr 0, the warmup's start; with warmup_steps == total_steps, a one-update run,
+    # nothing trained and the run still wrote HEALED: the last update is never a warmup step)
+    warmup_steps = min(math.ceil(opts.warmup_ratio * total_steps), total_steps - 1)
     eval_every = opts.eval_every or max(1, total_steps // 10)
     fingerprint = {"converted": str(converted.resolve()), "teacher": str(teacher),
                    "text": [str(Path(f).resolve()) for f in text_files], "windows": int(len(windows)),

@@ -14,6 +14,7 @@ from .errors import HealError
 
 TRAIN = ("attention", "all")     # --train: the MLA self_attn parameters only, or every parameter
 KV_BLOCKS = ("keep", "train")    # --kv-blocks: kv_b_proj's zero blocks kept zero, or trained
+FP32_MAX = 3.4028234663852886e38   # (torch.finfo(torch.float32).max, without importing torch)
 
 # what must be equal for --resume to continue the same run
 FINGERPRINT_KEYS = ("tokens", "tau", "beta", "lr", "weight_decay", "warmup_ratio", "seqlen", "batch_size",
@@ -53,9 +54,13 @@ class HealOptions:
             raise HealError(f"--tokens must be positive (got {self.tokens})")
         if self.seqlen < 2:
             raise HealError(f"--seqlen must be >= 2 (got {self.seqlen})")
-        for name in ("batch_size", "grad_accum", "eval_tokens"):
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise HealError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.eval_tokens < 2:   # (a perplexity scores each token after the first)
+            raise HealError(f"--eval-tokens must be >= 2 (got {self.eval_tokens})")
+        if not 0 <= self.seed < 2**32:   # (the data order seeds torch with seed * 1_000_003 + epoch, an int64)
+            raise HealError(f"--seed must be in [0, 2**32) (got {self.seed})")
         for name in ("eval_every", "save_every", "stop_after"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -64,9 +69,11 @@ class HealOptions:
         if not (math.isfinite(self.tau) and self.tau > 0):
             raise HealError(f"--tau must be a positive number (got {self.tau})")
         finite = all(math.isfinite(v) for v in (self.beta, self.lr, self.weight_decay, self.max_grad_norm))
-        if not finite or self.beta < 0 or self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise HealError(f"--beta, --weight-decay, --max-grad-norm must be >= 0 and --lr > 0, all finite (got "
-                            f"{self.beta}, {self.weight_decay}, {self.max_grad_norm}, {self.lr})")
+        # (the optimizer holds lr in fp32: above its range, 3.4e38, AdamW failed with a traceback)
+        if not finite or self.beta < 0 or not 0 < self.lr <= FP32_MAX or self.weight_decay < 0 \
+                or self.max_grad_norm < 0:
+            raise HealError(f"--beta, --weight-decay, --max-grad-norm must be >= 0 and --lr > 0, all finite and "
+                            f"--lr within fp32 (got {self.beta}, {self.weight_decay}, {self.max_grad_norm}, {self.lr})")
         if not 0 <= self.warmup_ratio < 1:
             raise HealError(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.train not in TRAIN:

@@ -235,6 +235,17 @@ def test_how_the_latent_scale_is_split_does_not_change_healing(tiny, healed, tmp
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
+def test_a_one_update_run_trains(tiny, tmp_path):
+    """The warmup's first step is at lr 0 (transformers' schedule). A run of one update with the default
+    --warmup-ratio was all warmup: it trained nothing and still wrote OUT. The last update is never a warmup step."""
+    out = tmp_path / "out"
+    assert heal_cli.main(heal_args(tiny, out, "--tokens", SEQLEN * BATCH * ACCUM, "--warmup-ratio", "0.03")) == 0
+    log = json.loads((out / "heal_log.json").read_text())
+    assert log["total_steps"] == 1 and log["warmup_steps"] == 0 and log["steps"][0]["lr"] == 2e-3, log["steps"]
+    before, after = load_file(tiny[2] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert (after["model.embed_tokens.weight"] - before["model.embed_tokens.weight"]).abs().max() > 1e-4
+
+
 def test_train_attention_only_touches_attention(tiny):
     _, _, conv, _, _ = tiny
     out = tiny[0] / "healed_attn"
@@ -512,6 +523,17 @@ def test_bad_input_exits_2_without_out(tiny, tmp_path, capsys):
     _refused(capsys, run("--resume"), out, "no checkpoint")
     for flag in ("--lr", "--tau", "--beta", "--max-grad-norm"):   # nan passed the range checks before
         _refused(capsys, run(flag, "nan"), out, flag)
+    # tracebacks before: AdamW's fp32 lr overflowed; the data order's int64 seed overflowed; a perplexity of 1 token
+    # failed at the step-0 evaluation, after both models had loaded
+    _refused(capsys, run("--lr", "1e39"), out, "--lr within fp32")
+    for seed in ("-1", str(2**32), "18446680276303437"):
+        _refused(capsys, run("--seed", seed), out, "--seed must be in [0, 2**32)")
+    _refused(capsys, run("--eval-tokens", "1"), out, "--eval-tokens must be >= 2")
+    one_token = tmp_path / "one_token.txt"
+    one_token.write_text("a")
+    a = heal_args(tiny, out)
+    a[a.index("--eval-text") + 1] = str(one_token)
+    _refused(capsys, heal_cli.main(a), out, "--eval-text: need at least 2 tokens to score, the text gives 1")
 
     out.mkdir()                                          # an existing OUT is kept untouched
     (out / "keep").write_text("x")
