@@ -68,19 +68,20 @@ def make_windows(token_ids: Sequence[int], seqlen: int, max_tokens: int | None =
 
 
 def perplexity(model, tokenizer, texts: Sequence, seqlen: int = 1024, max_tokens: int | None = None,
-               device: str | None = None, batch_size: int = 1) -> dict[str, Any]:
+               device: str | None = None, batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
     """Perplexity of `model` on `texts` under the protocol of this module.
 
     Returns {"ppl", "nll" (mean), "tokens", "input_tokens", "seqlen", "windows"}. "tokens" counts
     the scored (predicted) tokens, i.e. the NLL terms, so that results over several texts pool
     exactly when weighted by it; "input_tokens" counts the tokens fed (windows x their length).
-    `device` defaults to the model's device; the model itself is not moved.
+    `device` defaults to the model's device; the model itself is not moved. `progress`: a progress bar (care-heal's
+    --no-progress turns it off).
     """
     import torch.nn.functional as F
 
     windows = text_windows(tokenizer, texts, seqlen, max_tokens)
     nll_sum, count = 0.0, 0
-    for x, (logits,) in _batched_logits([model], windows, batch_size, device, "ppl"):
+    for x, (logits,) in _batched_logits([model], windows, batch_size, device, "ppl", progress):
         nll_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
         count += x[:, 1:].numel()
     mean = nll_sum / count
@@ -131,7 +132,8 @@ def text_windows(tokenizer, texts: Sequence, seqlen: int, max_tokens: int | None
     return make_windows(ids, seqlen, max_tokens)
 
 
-def _batched_logits(models: list, windows: list[list[int]], batch_size: int, device: str | None, desc: str):
+def _batched_logits(models: list, windows: list[list[int]], batch_size: int, device: str | None, desc: str,
+                    progress: bool = True):
     """Yield (input ids [B, S], each model's fp32 logits for positions 0..S-2) per batch of windows;
     `device` defaults to the first model's device (models are not moved)."""
     import torch
@@ -142,7 +144,7 @@ def _batched_logits(models: list, windows: list[list[int]], batch_size: int, dev
         m.eval()
     batches = [windows[i:i + batch_size] for i in range(0, len(windows), max(1, batch_size))]
     with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, disable=len(batches) < 2):
+        for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr, disable=not progress or len(batches) < 2):
             x = torch.tensor(batch, dtype=torch.long, device=device)  # all windows of a batch share a length
             yield x, [m(input_ids=x, use_cache=False).logits[:, :-1].float() for m in models]
 

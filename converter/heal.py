@@ -97,14 +97,15 @@ def heal_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: torch.Tenso
     return ce, kd
 
 
-def perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size) -> float:
+def perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size, progress: bool) -> float:
     was_training = model.training
     model.eval()
     try:
         from .eval_cli import perplexity as eval_perplexity
 
         with torch.no_grad(), _autocast(device):
-            return float(eval_perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size)["ppl"])
+            return float(eval_perplexity(model, tokenizer, texts, seqlen, max_tokens, device, batch_size,
+                                         progress)["ppl"])
     finally:
         model.train(was_training)
 
@@ -159,7 +160,21 @@ def balance_latents(model) -> None:
 
 
 def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: list, **kw) -> dict:
-    """Heal `converted` into `out` (see the module docstring); returns the heal log dict."""
+    """Heal `converted` into `out` (see the module docstring); returns the heal log dict. With progress=False
+    (--no-progress) the libraries' bars (transformers' weight loading) are off too, for the call only."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if not kw.get("progress", True):
+        hf_logging.disable_progress_bar()
+    try:
+        return _heal(converted, out, teacher=teacher, text_files=text_files, **kw)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _heal(converted: Path | str, out: Path | str, *, teacher: str, text_files: list, **kw) -> dict:
     t_start = time.perf_counter()
     opts = HealOptions(**kw)
     converted, out = Path(converted), Path(out)
@@ -273,8 +288,9 @@ def heal(converted: str | Path, out: str | Path, *, teacher: str, text_files: li
             return
         if log["teacher_ppl"] is None and opts.eval_teacher:
             log["teacher_ppl"] = perplexity(teacher_model, tokenizer, eval_docs, opts.seqlen, opts.eval_tokens,
-                                            device, opts.batch_size)
-        ppl = perplexity(student, tokenizer, eval_docs, opts.seqlen, opts.eval_tokens, device, opts.batch_size)
+                                            device, opts.batch_size, opts.progress)
+        ppl = perplexity(student, tokenizer, eval_docs, opts.seqlen, opts.eval_tokens, device, opts.batch_size,
+                         opts.progress)
         log["eval"].append({"step": at, "tokens": at * tokens_per_step, "ppl": ppl})
 
     def save(rng: dict | None = None) -> None:

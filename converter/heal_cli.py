@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial/checkpoint/")
     p.add_argument("--keep-checkpoint", action="store_true", help="also save the final trainer state (model, optimizer, scheduler, ...) as OUT/checkpoint/")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and discard an interrupted run)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_version_flag(p)
     return p
 

@@ -235,11 +235,13 @@ def test_how_the_latent_scale_is_split_does_not_change_healing(tiny, healed, tmp
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
-def test_a_one_update_run_trains(tiny, tmp_path):
+def test_a_one_update_run_trains(tiny, tmp_path, capsys):
     """The warmup's first step is at lr 0 (transformers' schedule). A run of one update with the default
-    --warmup-ratio was all warmup: it trained nothing and still wrote OUT. The last update is never a warmup step."""
+    --warmup-ratio was all warmup: it trained nothing and still wrote OUT. The last update is never a warmup step.
+    Also: --no-progress silences the evaluation's bars too (its 2 batches each drew one)."""
     out = tmp_path / "out"
     assert heal_cli.main(heal_args(tiny, out, "--tokens", SEQLEN * BATCH * ACCUM, "--warmup-ratio", "0.03")) == 0
+    assert "it/s" not in capsys.readouterr().err
     log = json.loads((out / "heal_log.json").read_text())
     assert log["total_steps"] == 1 and log["warmup_steps"] == 0 and log["steps"][0]["lr"] == 2e-3, log["steps"]
     before, after = load_file(tiny[2] / "model.safetensors"), load_file(out / "model.safetensors")
