@@ -1,5 +1,6 @@
 """What transformers' GGUF reader leaves out of a source that the conversion needs: the rope scaling, the
-head dimension, a MoE's expert width, a sliding window and Mixtral's experts (both refused), and the licence.
+head dimension, a MoE's expert width, a sliding window, Mixtral's experts, partial rotary and Phi-3's longrope
+(all four refused), and the licence.
 
 Why: llama.cpp's converter does not store Llama-3.1/3.2/3.3's `rope_type: llama3` as metadata but as a
 tensor, `rope_freqs.weight`, one divisor per rotary frequency; transformers (5.19) skips that tensor
@@ -13,7 +14,10 @@ refused otherwise. And transformers does not read a Qwen3 GGUF's head dimension
 head_dim would fail to load or load wrongly shaped. Nor a Qwen3-MoE GGUF's expert width
 (`<arch>.expert_feed_forward_length`): the config keeps Qwen3MoeConfig's default moe_intermediate_size 768
 (right for Qwen3-30B-A3B by coincidence; Qwen3-235B-A22B's is 1536) while the experts load with the file's
-shapes, so the model runs but its saved config does not describe its tensors.
+shapes, so the model runs but its saved config does not describe its tensors. Nor Phi-3's partial rotary
+(`<arch>.rope.dimension_count` below the head dimension: Phi-4-mini) or longrope (the `rope_factors_long/short`
+tensors and `rope.scaling.attn_factor`: Phi-3.5, Phi-4-mini): such a GGUF loaded with full, plain rope and converted
+without an error (a tiny Phi-3's logits off by up to 18), where the same model's folder is refused by name.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from .errors import ConversionError
 
 ROPE_FREQS = "rope_freqs.weight"
+LONGROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")   # llama.cpp's phi3 longrope
 # Llama 3.x's values: what the divisors are fitted against when they do not determine the bands themselves
 LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 # llama.cpp's yarn keys (after `<arch>.rope.scaling.`) -> transformers' yarn rope_parameters
@@ -44,6 +49,8 @@ class GgufMeta:
     sliding_window: int | None = None     # <arch>.attention.sliding_window (llama.cpp's phi3 writes Phi-3-4k's)
     expert_count: int | None = None       # <arch>.expert_count (llama.cpp stores Mixtral as "llama" with experts)
     arch: str = ""                        # general.architecture
+    rope_dims: int | None = None          # <arch>.rope.dimension_count: the rotated dimensions of a head
+    longrope_tensors: tuple = ()          # which of LONGROPE_FACTORS the file holds
 
 
 def read(path) -> GgufMeta:
@@ -58,11 +65,14 @@ def read(path) -> GgufMeta:
     scaling = {k[len(prefix):]: fields[k].contents() for k in fields if k.startswith(prefix)}
     factors = next((np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors
                     if t.name == ROPE_FREQS), None)
+    longrope = tuple(t.name for t in reader.tensors if t.name in LONGROPE_FACTORS)
+    rope_dims = fields.get(f"{arch}.rope.dimension_count")
     lengths = [int(fields[k].contents()) if k in fields else None
                for k in (f"{arch}.attention.key_length", f"{arch}.attention.value_length",
                          f"{arch}.expert_feed_forward_length", f"{arch}.attention.sliding_window",
                          f"{arch}.expert_count")]
-    return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling, *lengths, arch=arch)
+    return GgufMeta(str(entry.contents()) if entry is not None else None, factors, scaling, *lengths, arch=arch,
+                    rope_dims=int(rope_dims.contents()) if rope_dims is not None else None, longrope_tensors=longrope)
 
 
 def apply(config, meta: GgufMeta, where: str) -> None:
@@ -73,6 +83,10 @@ def apply(config, meta: GgufMeta, where: str) -> None:
             raise ConversionError(f"{where}: key and value head dimensions differ ({meta.key_length} vs "
                                   f"{meta.value_length}); care-convert needs one head_dim")
         config.head_dim = meta.key_length
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if meta.rope_dims is not None and meta.rope_dims != head_dim:   # (transformers' GGUF config drops the key)
+        raise ConversionError(f"{where}: partial rotary embeddings are not supported (rope.dimension_count="
+                              f"{meta.rope_dims} of head_dim {head_dim}); care-convert needs rope on the whole head")
     if meta.expert_ff_length is not None and hasattr(config, "moe_intermediate_size"):
         config.moe_intermediate_size = meta.expert_ff_length
     if meta.arch == "llama" and meta.expert_count:   # transformers reads it as a dense Llama
@@ -89,6 +103,10 @@ def apply_rope(config, meta: GgufMeta, where: str) -> None:
     """Set `config.rope_parameters` to what the GGUF's rope scaling is (unchanged when it has none)."""
     rope = dict(config.rope_parameters)
     kind = str(meta.rope_scaling.get("type", "none")).lower()
+    if meta.longrope_tensors or (kind == "none" and float(meta.rope_scaling.get("attn_factor", 1.0)) != 1.0):
+        what = " and ".join(meta.longrope_tensors) or f"rope.scaling.attn_factor={meta.rope_scaling['attn_factor']}"
+        raise ConversionError(f"{where}: rope scaling 'longrope' ({what}, GGUF) is not supported; care-convert "
+                              f"needs a static rope (default, llama3, linear, yarn)")
     if kind not in ("none", "linear", "yarn"):
         raise ConversionError(f"{where}: rope scaling {kind!r} (GGUF metadata) is not supported; care-convert "
                               f"needs a static rope (default, llama3, linear, yarn)")

@@ -14,12 +14,16 @@ import numpy as np
 
 
 def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[str, ...] = (),
-               sliding_window: int | None = None, expert_count: int | None = None) -> Path:
+               sliding_window: int | None = None, expert_count: int | None = None, rope_dims: int | None = None,
+               longrope: bool = False) -> Path:
     """An F32 GGUF of a tiny Qwen3, Qwen3-MoE (every layer sparse: GGUF has no dense layers in a MoE) or
     Llama folder (llama.cpp's tensor names via the gguf package; the llama3 BPE tokenizer stored as
     "gpt2"/"llama-bpe"). `drop`: transformers tensor names to leave out (a broken file). `sliding_window`: written
     as `<arch>.attention.sliding_window`, as llama.cpp's converter does for Phi-3-4k. `expert_count`: written as
-    `<arch>.expert_count` (metadata only: how a Mixtral GGUF, arch "llama", announces its experts)."""
+    `<arch>.expert_count` (metadata only: how a Mixtral GGUF, arch "llama", announces its experts). `rope_dims`:
+    `<arch>.rope.dimension_count` instead of the head dimension (what llama.cpp writes for Phi-4-mini's partial
+    rotary, head_dim x partial_rotary_factor). `longrope`: Phi-3.5's longrope as llama.cpp writes it, the
+    `rope_factors_long/short.weight` tensors and `rope.scaling.attn_factor` / `original_context_length`."""
     import gguf
     from safetensors.torch import load_file
 
@@ -45,8 +49,8 @@ def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[st
     w.add_head_count_kv(kv_heads)
     w.add_key_length(cfg["head_dim"])     # (llama.cpp writes them when the config has a head_dim)
     w.add_value_length(cfg["head_dim"])
-    if arch == "llama":
-        w.add_rope_dimension_count(cfg["head_dim"])
+    if arch in ("llama", "phi3") or rope_dims is not None:
+        w.add_rope_dimension_count(rope_dims or cfg["head_dim"])
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(V)
@@ -87,6 +91,12 @@ def write_gguf(src: Path, path: Path, license: str | None = None, drop: tuple[st
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    if longrope:
+        half = cfg["head_dim"] // 2
+        w.add_tensor("rope_factors_long.weight", np.linspace(1.0, 8.0, half, dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.linspace(1.0, 2.0, half, dtype=np.float32))
+        w.add_rope_scaling_attn_factors(1.19)
+        w.add_rope_scaling_orig_ctx_len(cfg["max_position_embeddings"] // 4)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -125,3 +125,21 @@ def test_phi3_gguf_with_a_sliding_window_is_refused(phi_and_twin, tmp_path):
     gguf = write_gguf(phi, tmp_path / "tiny-phi3-4k.F32.gguf", sliding_window=47)
     with pytest.raises(ConversionError, match=r"sliding-window attention is not supported \(attention.sliding_window=47"):
         load_source(gguf)
+
+
+@pytest.mark.parametrize("kind", ["partial_rotary", "longrope"])
+def test_phi3_gguf_with_a_rope_a_folder_would_be_refused_for_is_refused(phi_and_twin, tmp_path, kind):
+    """transformers' GGUF config reads neither `phi3.rope.dimension_count` (Phi-4-mini's partial rotary) nor
+    longrope's `rope_factors_long/short` tensors (Phi-3.5, Phi-4-mini): such a GGUF loaded with full, plain rope
+    and converted without an error, where the same model's folder is refused by name."""
+    from converter.errors import ConversionError
+
+    _, phi, _ = phi_and_twin
+    if kind == "partial_rotary":
+        gguf = write_gguf(phi, tmp_path / "tiny-phi4-mini.F32.gguf", rope_dims=16)
+        match = r"partial rotary embeddings are not supported \(rope.dimension_count=16 of head_dim 32\)"
+    else:
+        gguf = write_gguf(phi, tmp_path / "tiny-phi3.5.F32.gguf", longrope=True)
+        match = r"rope scaling 'longrope' \(rope_factors_long.weight and rope_factors_short.weight, GGUF\)"
+    with pytest.raises(ConversionError, match=match):
+        load_source(gguf)
