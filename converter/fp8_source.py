@@ -44,6 +44,18 @@ def block_size(raw_config: dict, where: str) -> tuple[int, int] | None:
                           f"weight_block_size, as Qwen3's -FP8 releases): convert from the bf16/fp16 checkpoint")
 
 
+def check_unquantized(entries: dict[str, tuple], where: str) -> None:
+    """A source whose config.json declares no quantization holds no fp8 or 8-bit integer weights. Why: a checkpoint
+    quantized by a tool that describes it elsewhere (ModelOpt's hf_quant_config.json) loads in transformers with
+    its codes read as the weights and their scales ignored (a tiny Llama's logits off by up to 21)."""
+    for name, (_, _, stored) in entries.items():
+        if stored.startswith(("F8", "F6", "F4")) or (stored in ("I8", "U8") and name.endswith(".weight")):
+            raise ConversionError(f"{where}: tensor {name} is stored as {stored}, but config.json declares no "
+                                  f"quantization (quantization_config); a checkpoint quantized by another tool "
+                                  f"(e.g. ModelOpt's hf_quant_config.json) is not supported: convert from the "
+                                  f"bf16/fp16 checkpoint")
+
+
 def check_scales(entries: dict[str, tuple], block: tuple[int, int], where: str) -> None:
     """Every fp8 tensor of the files has its block scales, shaped [ceil(rows/b0), ceil(cols/b1)]."""
     for name, (_, shape, stored) in entries.items():

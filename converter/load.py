@@ -282,6 +282,8 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
     entries, stored = _check_tensors(src, cfg)
     if fp8_block is not None:
         fp8_source.check_scales(entries, fp8_block, str(src))
+    else:
+        fp8_source.check_unquantized(entries, str(src))
     tok = AutoTokenizer.from_pretrained(src)
     store = None
     if (stream_experts and num_experts(cfg)) or fp8_block is not None:

@@ -112,3 +112,18 @@ def test_fp8_weight_without_its_scales_is_refused(tmp_path, calib_file):
     fp8 = write_fp8(src, tmp_path / "fp8", BLOCK, drop_scale=name)
     out = tmp_path / "out"
     assert_refused(run_convert(fp8, out, "--calib", calib_file), out, f"fp8 tensor {name} has no {name}_scale_inv")
+
+
+def test_fp8_weights_config_json_does_not_declare_are_refused(tmp_path, calib_file):
+    """fp8 codes with per-tensor scales described only outside config.json (ModelOpt's hf_quant_config.json):
+    transformers loads the codes as the weights and ignores the scales, and the conversion ran on that model
+    (exit 0, logits off by up to 21). Refused by the tensor's stored dtype."""
+    src = make_tiny_original(tmp_path / "orig", "llama", num_layers=2)
+    fp8 = write_fp8(src, tmp_path / "fp8", BLOCK)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    del cfg["quantization_config"]
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    (fp8 / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    out = tmp_path / "out"
+    assert_refused(run_convert(fp8, out, "--calib", calib_file), out, "is stored as F8_E4M3, but config.json declares "
+                   "no quantization", "convert from the bf16/fp16 checkpoint")
