@@ -10,7 +10,8 @@ adapter_model.safetensors) whose target modules are the converted model's, which
 model_defs) load as they load any other.
 
 Refused by name: anything but plain LoRA on the attention and dense-MLP linears (DoRA, biases,
-modules_to_save, embedding/lm_head or MoE-expert adapters, fan_in_fan_out).
+modules_to_save, embedding/lm_head or MoE-expert adapters, fan_in_fan_out, base-changing inits such as PiSSA,
+aLoRA, layer_replication, QALoRA, BD-LoRA: converter/lora_checks.py).
 """
 from __future__ import annotations
 

@@ -29,11 +29,27 @@ def read_adapter_config(path: Path) -> dict:
         (cfg.get("bias", "none") != "none", f"bias {cfg.get('bias')!r} (only 'none')"),
         (cfg.get("modules_to_save"), f"modules_to_save {cfg.get('modules_to_save')}"),
         (cfg.get("fan_in_fan_out"), "fan_in_fan_out (Conv1D-style weights)"),
+        # (what PEFT applies beside B A, or to other weights than the base's; rewritten, the result was a plain
+        # LoRA that served without these, so a different model: vLLM refuses each of them in the source adapter)
+        (not _plain_init(cfg.get("init_lora_weights", True)),
+         f"init_lora_weights {cfg.get('init_lora_weights')!r} (it changes the base weights PEFT loads the adapter "
+         f"on; save it as a plain LoRA with PEFT's path_initial_model_for_weight_conversion)"),
+        (cfg.get("alora_invocation_tokens"), "alora_invocation_tokens (Activated LoRA)"),
+        (cfg.get("layer_replication"), "layer_replication"),
+        (cfg.get("use_qalora"), "use_qalora"),
+        (cfg.get("use_bdlora"), "use_bdlora (block-diagonal LoRA)"),
     ]
     for bad, what in refusals:
         if bad:
             raise ConversionError(f"{cfg_file}: {what} is not supported")
     return cfg
+
+
+def _plain_init(init) -> bool:
+    """Whether `init_lora_weights` leaves the saved adapter a plain LoRA over the unchanged base: a boolean, or an
+    init that only draws the first A and B (the inits vLLM 0.32's PEFTHelper accepts). PiSSA, OLoRA, CorDA and LoftQ
+    move part of the base weights into the adapter, so PEFT changes the base as it loads one."""
+    return not isinstance(init, str) or init.lower() in ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
 def check_request(adapter: Path, checkpoint: Path, out: Path, source: str | None, revision: str | None,

@@ -208,12 +208,17 @@ def _copy(adapter, dest):
     return dest
 
 
-def _dora_copy(adapter, dest):
-    """A copy of `adapter` whose config asks for DoRA (refused: its magnitude vector does not map)."""
+def _config_copy(adapter, dest, **fields):
+    """A copy of `adapter` whose adapter_config.json also sets `fields`."""
     _copy(adapter, dest)
     cfg = json.loads((dest / "adapter_config.json").read_text())
-    (dest / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    (dest / "adapter_config.json").write_text(json.dumps({**cfg, **fields}))
     return dest
+
+
+def _dora_copy(adapter, dest):
+    """A copy of `adapter` whose config asks for DoRA (refused: its magnitude vector does not map)."""
+    return _config_copy(adapter, dest, use_dora=True)
 
 
 def test_refusals_write_nothing(lossy_case, tmp_path):
@@ -227,6 +232,13 @@ def test_refusals_write_nothing(lossy_case, tmp_path):
     refused(tmp_path / "nowhere", "no adapter_config.json")
     dora = _dora_copy(adapter, tmp_path / "dora")
     refused(dora, "use_dora")
+    # what PEFT applies beside B A (or on changed base weights): rewritten as a plain LoRA, they served as another
+    # model (exit 0 before; logits off by 11-16 from PEFT's adapted original)
+    for i, (fields, needle) in enumerate([({"init_lora_weights": "pissa"}, "init_lora_weights 'pissa'"),
+                                          ({"init_lora_weights": "olora"}, "init_lora_weights 'olora'"),
+                                          ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
+                                          ({"layer_replication": [[0, 1], [0, 2]]}, "layer_replication")]):
+        refused(_config_copy(adapter, tmp_path / f"variant{i}", **fields), needle, "is not supported")
     embed = _copy(adapter, tmp_path / "embed")
     tensors = load_file(embed / "adapter_model.safetensors")
     tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 16384)
