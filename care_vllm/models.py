@@ -412,6 +412,10 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
                 from .lora_quantized import install as lora_on_released_weights
 
                 lora_on_released_weights()
+            if current_platform.is_cpu():
+                from .cpu_lora_no_adapter import install as no_adapter_for_base_requests
+
+                no_adapter_for_base_requests()
         if current_platform.is_cpu():
             from .cpu_seeded_sampling import install as seeded_sampling_over_prefill_chunks
 

@@ -79,7 +79,9 @@ def adapted_conversion(root, arch: str, calib_file) -> tuple:
     proc = convert_lora(adapter, out, root / "adapter_mla")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank = json.loads(proc.stdout)["vllm_max_lora_rank"]
-    flags = ["--enable-lora", "--max-loras", "2", "--max-lora-rank", str(rank),
+    # (vLLM's default --max-loras 1: the adapter sits in the last slot, which vLLM's CPU ops gave the base requests
+    # batched with it, care_vllm/cpu_lora_no_adapter.py)
+    flags = ["--enable-lora", "--max-lora-rank", str(rank),
              "--lora-modules", f"care-ad={root / 'adapter_mla'}"]
     return out, cfg, flags
 

@@ -561,3 +561,46 @@ def test_load_weights_maps_every_tensor_and_names_bad_ones(tmp_path):
     codes = {**tensors, bad_name: tensors[bad_name].to(torch.int8)}   # quantized codes, config unquantized
     with pytest.raises(CareWeightError, match=r"k_latent_proj.*stored as torch.int8.*unquantized"):
         _bare_model(cfg)[0].load_weights(iter(codes.items()))
+
+
+def test_cpu_lora_ops_give_tokens_without_an_adapter_no_delta():
+    """vLLM marks a token whose request has no adapter with slot -1; its CPU LoRA ops (torch_ops.lora_ops) indexed
+    the stacked adapters with it, so base requests batched with adapter requests got the last slot's adapter
+    (care_vllm/cpu_lora_no_adapter.py). Reference: x A^T B^T * scale for the adapter's tokens, nothing for the
+    others, through the sgmv path vLLM 0.32's CPU runner takes (the whole batch as one 'prefill')."""
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from care_vllm.cpu_lora_no_adapter import OPS, install
+
+    torch.manual_seed(0)
+    slots, rank, d_in, d_out, scale = 2, 4, 16, 12, 0.5
+    a = torch.randn(slots, 1, rank, d_in)
+    b = torch.randn(slots, 1, d_out, rank)
+    seq = torch.tensor([3, 2, 4, 1])                 # four requests' tokens, in order
+    slot = torch.tensor([1, -1, 0, -1])              # their adapters (-1: none)
+    x = torch.randn(int(seq.sum()), d_in)
+    base = torch.randn(int(seq.sum()), d_out)
+    per_token = slot.repeat_interleave(seq)
+    want = base.clone()
+    for t, s in enumerate(per_token.tolist()):
+        if s >= 0:
+            want[t] += scale * (b[s, 0] @ (a[s, 0] @ x[t]))
+
+    def run():
+        starts = torch.cumsum(seq, 0) - seq
+        latent = torch.zeros(len(x), rank)
+        meta = (starts, seq, slot, len(seq), int(seq.max()), int(seq.sum()))
+        lora_ops.sgmv_shrink(x, a, latent, *meta, scale)
+        y = base.clone()
+        lora_ops.sgmv_expand(latent, b, y, *meta, add_inputs=True)
+        return y
+
+    stock = {n: getattr(lora_ops, n) for n in OPS}
+    if not any(getattr(f, "care_wrapped", False) for f in stock.values()):   # (a worker that has not installed it)
+        wrong = run()
+        assert (wrong - want)[per_token < 0].abs().max() > 0.1      # the last slot's adapter, on no-adapter tokens
+    install()
+    install()                                                       # (idempotent)
+    assert all(getattr(lora_ops, n).care_wrapped and getattr(punica_cpu, n) is getattr(lora_ops, n) for n in OPS)
+    torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
