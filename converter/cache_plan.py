@@ -118,6 +118,22 @@ def check_latent_room(cache_budget: int, num_layers: int, rope_dim: int, multipl
                               f"{rope_dim}): set --rope-dim, or a multiple that divides {rope_dim}")
 
 
+def check_joint_room(budget: int, num_layers: int, rope_dim: int, shape: AttentionShape, hidden_size: int) -> None:
+    """Refuse a joint latent (--latent joint) wider than it can be. Where the latent is a map of the layer input
+    alone (every source but Qwen3's, whose latent also reads the normed keys), its rank is at most the hidden size D
+    (and the outputs' width 2 g d_h - d_r), so a layer caches at most D + d_r values: below parity wherever the
+    source has as many KV heads as query heads (MHA: Phi-3-mini), where such a budget was refused only after the
+    calibration and factorization, as 'budget ... exceeds the lossless width'."""
+    most = min(hidden_size, shape.parity - rope_dim)
+    if budget - num_layers * rope_dim > num_layers * most:
+        width = most + rope_dim
+        raise ConversionError(f"a joint latent (--latent joint) of this model holds at most {most} values per layer "
+                              f"(its hidden size {hidden_size}: the latent is a map of the layer input), {width} with "
+                              f"the rope key, and the budget asks {budget / num_layers:g} per layer; use --kv-width "
+                              f"{width} (--kv-ratio {math.floor(width / shape.parity * 1000) / 1000:g}) or less, or "
+                              f"--latent separate")
+
+
 def cache_shape(opts: Options, shape: AttentionShape) -> tuple[int, int]:
     """(cache values per token over all layers, rope key width) of converting a model of `shape` with `opts`,
     or the refusal of a budget or rope key it cannot have."""

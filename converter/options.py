@@ -120,10 +120,12 @@ class Options:
             if self.latent != "joint" or self.objective != "attention":
                 raise ConversionError("--joint-key-weight sets how a joint latent's attention objective weighs keys "
                                       "against values: it needs --latent joint --objective attention")
+            # (beyond 1e6 either way one part's error no longer counts at all; at 1e305 the weighting overflowed
+            # and the checkpoint was NaN with exit 0)
             if self.joint_key_weight != AUTO and not (
                     isinstance(self.joint_key_weight, (int, float)) and math.isfinite(self.joint_key_weight)
-                    and self.joint_key_weight > 0):
-                raise ConversionError(f"--joint-key-weight must be a positive number or {AUTO} "
+                    and 1e-6 <= self.joint_key_weight <= 1e6):
+                raise ConversionError(f"--joint-key-weight must be a positive number in [1e-6, 1e6] or {AUTO} "
                                       f"(got {self.joint_key_weight})")
         if self.objective != "kv" and self.method != "care":
             raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")

@@ -174,6 +174,8 @@ def _convert_loaded(source: load.Source, windows: torch.Tensor, out: Path, opts:
     d_h, per_layer_orig = shape.head_dim, shape.parity
     budget, d_r = cache_plan.cache_shape(opts, shape)
     joint = opts.latent == "joint"
+    if joint and source.arch != "qwen3":   # (Qwen3's latent also reads the normed keys: never narrower than parity)
+        cache_plan.check_joint_room(budget, n_layers, d_r, shape, cfg.hidden_size)
     if joint and source.arch == "qwen3" and opts.method != "care":
         raise ConversionError(f"--latent joint with --method {opts.method} is not supported for "
                               f"{cfg.architectures[0] if cfg.architectures else source.arch} sources: their keys pass "

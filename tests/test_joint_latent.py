@@ -186,6 +186,35 @@ def test_what_a_joint_latent_cannot_do_is_refused(tmp_path, calib_file):
         ([llama, out, "--objective", "attention", "--joint-key-weight", "2"], ["--joint-key-weight",
                                                                                 "--latent joint --objective attention"]),
         ([llama, out, "--latent", "joint", "--joint-key-weight", "best"], ["'best' is neither a number nor 'auto'"]),
+        # (1e305 overflowed the weighting: a NaN checkpoint, exit 0)
+        ([llama, out, "--latent", "joint", "--objective", "attention", "--joint-key-weight", "1e305"],
+         ["--joint-key-weight must be a positive number in [1e-6, 1e6]"]),
     ]
     for args, needles in cases:
         assert_refused_by("care-convert", run_main(main, "care-convert", *args, *common), out, *needles)
+
+
+def test_a_joint_latent_wider_than_the_hidden_size_is_refused_before_calibration(tmp_path, calib_file, monkeypatch):
+    """On an MHA source (Phi-3-mini: as many KV heads as query heads) a joint latent, a map of the layer input, holds
+    at most hidden_size values, below parity: the default budget was refused only after the calibration and the
+    factorization, as 'budget of 336 latent values exceeds the lossless width 192'. Now before the calibration, with
+    the width that fits; and that width converts."""
+    from converter import pipeline
+    from converter.cli import main
+
+    mha = make_tiny_original(tmp_path / "mha", "llama", num_layers=3, hidden=64, heads=4, kv_heads=4, head_dim=16)
+    out = tmp_path / "out"
+    common = ["--calib", calib_file, "--calib-samples", "4", "--calib-seqlen", "32", "--latent", "joint",
+              "--rope-dim", "16"]
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_load_or_collect_stats", no_calibration)
+        for budget in ([], ["--kv-ratio", "0.75"], ["--kv-width", "81"]):
+            assert_refused_by("care-convert", run_main(main, "care-convert", mha, out, *common, *budget), out,
+                              "a joint latent (--latent joint) of this model holds at most 64 values per layer",
+                              "its hidden size 64", "use --kv-width 80 (--kv-ratio 0.625) or less")
+    assert run_main(main, "care-convert", mha, out, *common, "--kv-width", "80").returncode == 0
+    assert json.loads((out / "config.json").read_text())["v_ranks"] == [64, 64, 64]
