@@ -129,9 +129,12 @@ class Options:
                                       f"(got {self.joint_key_weight})")
         if self.objective != "kv" and self.method != "care":
             raise ConversionError(f"--objective {self.objective} needs --method care (got {self.method})")
-        if not (math.isfinite(self.o_proj_refit_ridge) and self.o_proj_refit_ridge > 0):
-            raise ConversionError(f"--o-proj-refit-ridge must be a positive number: the ridge that keeps o_proj "
-                                  f"near the original where calibration says little (got {self.o_proj_refit_ridge})")
+        # (above 1e6 the refit returns o_proj unchanged to 1e-6 and its reported errors cancel to 0.0; below 1e-9
+        # the fit of a rank-deficient moment gave o_proj entries of 6.5e7)
+        if not (math.isfinite(self.o_proj_refit_ridge) and 1e-9 <= self.o_proj_refit_ridge <= 1e6):
+            raise ConversionError(f"--o-proj-refit-ridge must be a positive number in [1e-9, 1e6]: the ridge that "
+                                  f"keeps o_proj near the original where calibration says little (got "
+                                  f"{self.o_proj_refit_ridge}; --no-o-proj-refit keeps the original o_proj)")
         if self.calib_dtype not in CALIB_DTYPES:
             raise ConversionError(f"unknown --calib-dtype {self.calib_dtype!r} (choose from {', '.join(CALIB_DTYPES)})")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:

@@ -321,7 +321,7 @@ def test_k_share_outside_unit_interval(tiny, tmp_path, share):
     assert_refused(run_convert(src, out, "--calib", calib, "--k-share", share), out, "--k-share", "(0, 1)")
 
 
-@pytest.mark.parametrize("ridge", ["0", "nan"])
+@pytest.mark.parametrize("ridge", ["0", "nan", "1e300", "1e-300"])   # (1e300: every reported error 0.0)
 def test_o_proj_refit_ridge_must_be_positive(tiny, tmp_path, ridge):
     _, src, calib = tiny
     out = tmp_path / "out"
