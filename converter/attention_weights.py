@@ -17,7 +17,8 @@ E||k - k̂||^2 and E||v - v̂||^2. But no one reads k and v directly:
   CARE on SmolLM2 at KV 0.25.
 
 `factorize.factorize(..., out_weight=M)` then minimizes tr(M (A - Â) C (A - Â)^T), the same
-closed-form problem after whitening by M^{1/2}. Everything here is fp64 on the device of the inputs.
+closed-form problem after whitening by M^{1/2} (with M and C damped as factorize.py damps them, so exactly the
+damped problem's optimum). Everything here is fp64 on the device of the inputs.
 """
 from __future__ import annotations
 
