@@ -613,3 +613,15 @@ def test_bad_max_shard_size(tiny, tmp_path, size):
     out = tmp_path / "out"
     assert_refused(run_convert(src, out, "--calib", calib, "--max-shard-size", size), out, "--max-shard-size",
                    repr(size))
+
+
+@pytest.mark.parametrize("ranks, share", [("uniform", "0.97"), ("adjusted", "0.99")])
+def test_a_k_share_that_leaves_the_values_no_rank_is_refused(tiny, tmp_path, ranks, share):
+    """Uniform ranks with --k-share 0.97 gave every layer v_rank 0 and exit 0: a config model_defs refuses to load
+    ('v_ranks must be >= 1'); adjusted ranks were refused with advice about --min/--max-rank-frac, which cannot
+    help. Both name the share now."""
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    assert_refused(run_convert(src, out, "--calib", calib, "--kv-ratio", "0.5", "--ranks", ranks, "--k-share", share,
+                               "--no-o-proj-refit"), out, f"--k-share {share} leaves the value latent",
+                   "every layer needs at least one", "lower --k-share")
