@@ -140,7 +140,8 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     with timer.stage("calibrate"):  # tokenization counts as calibration
         windows = calib_data.token_windows(source.tokenizer, docs, opts.calib_samples, opts.calib_seqlen, opts.seed)
     meta = {"stats_version": calibrate.STATS_VERSION, "source": str(src), "samples": opts.calib_samples,
-            "seqlen": opts.calib_seqlen, "seed": opts.seed, "files": [str(f) for f in calib_files]}
+            "seqlen": opts.calib_seqlen, "seed": opts.seed, "files": [str(f) for f in calib_files],
+            **_inputs_identity(src, windows)}
     if opts.calib_dtype != "float32":
         meta["calib_dtype"] = opts.calib_dtype
     if source.revision is not None:
@@ -148,6 +149,20 @@ def convert(src: str | Path, out: str | Path, *, calib_files: list[str | Path], 
     if opts.hf_overrides:   # another rope changes the forward, and so every layer's statistics but the first
         meta["hf_overrides"] = opts.hf_overrides
     return _convert_loaded(source, windows, out, opts, timer, meta, [str(f) for f in calib_files])
+
+
+def _inputs_identity(src: str | Path, windows: torch.Tensor) -> dict:
+    """What a --stats-cache is reused for besides the paths and options: the calibration's token windows (a digest:
+    the text's contents, the tokenizer) and the source's files as they are now (name, size, mtime; a Hub source is
+    pinned by its revision). Why: keyed on paths alone, a cache was reused after the calibration text or the model
+    at the same path changed (a Qwen3 put where a Llama had been was converted with the Llama's moments, exit 0)."""
+    import hashlib
+
+    path = Path(src)
+    files = [path] if path.is_file() else [*sorted(path.glob("*.safetensors")), path / "config.json"] \
+        if path.is_dir() else []
+    return {"windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "source_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
 
 
 def convert_source(source: load.Source, windows: torch.Tensor, out: str | Path, opts: Options) -> dict:

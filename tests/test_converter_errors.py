@@ -578,6 +578,18 @@ def test_a_stats_cache_made_for_other_inputs_is_refused(tiny, tmp_path):
     out = tmp_path / "out"
     assert_refused(run_convert(src, out, *small, "--calib-samples", "4"), out, str(cache),
                    "was made for other inputs", "delete it")
+    # the same paths and options, other contents: keyed on paths alone, both were reused (exit 0)
+    text, model, cache = tmp_path / "text.txt", tmp_path / "model", tmp_path / "same.pt"
+    text.write_text(Path(calib).read_text())
+    shutil.copytree(src, model)
+    same = ("--calib", text, "--calib-seqlen", "32", "--calib-samples", "2", "--stats-cache", cache)
+    assert run_convert(model, tmp_path / "second", *same).returncode == 0
+    text.write_text(Path(calib).read_text().upper())               # another text in the same file
+    assert_refused(run_convert(model, out, *same), out, "was made for other inputs")
+    text.write_text(Path(calib).read_text())
+    shutil.rmtree(model)
+    make_tiny_original(model, "qwen3", num_layers=2)               # another model in the same folder
+    assert_refused(run_convert(model, out, *same), out, "was made for other inputs")
 
 
 def test_a_stats_cache_is_written_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
