@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 
 if TYPE_CHECKING:   # torch is imported where windows are made: read_texts and check_files stay light
     import torch
@@ -72,11 +72,24 @@ def read_texts(files: list[str | Path], what: str = "calibration text") -> list[
                                           f'or a "messages" list')
                 docs.append(rec["text"])
         else:
-            docs.append(p.read_text(encoding="utf-8", errors="replace"))
+            docs.append(_utf8_text(p))
     docs = [d for d in docs if not isinstance(d, str) or d.strip()]
     if not docs:
         raise ConversionError(f"{what} is empty: {', '.join(str(f) for f in files)}")
     return docs
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text. A few undecodable bytes (a stray Latin-1 character) become U+FFFD; a file that is mostly
+    not UTF-8 (binary, gzip) is refused by name: it had been calibrated on, as replacement characters, with exit 0."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    nul = b"\x00" in raw
+    if nul or bad > max(8, len(raw) // 100):
+        what = "NUL bytes" if nul else f"{bad} bytes that are not UTF-8"
+        raise ConversionError(f"{path}: not UTF-8 text ({what}); give plain text, .jsonl or decompressed files")
+    return text
 
 
 def render(tokenizer, docs: list[str | Conversation]) -> list[str]:
@@ -88,7 +101,11 @@ def render(tokenizer, docs: list[str | Conversation]) -> list[str]:
     if not getattr(tokenizer, "chat_template", None):
         raise ConversionError('the text has chat "messages" records but the model\'s tokenizer has no chat '
                               'template to render them with; give plain "text" records instead')
-    return [d if isinstance(d, str) else tokenizer.apply_chat_template(d, tokenize=False) for d in docs]
+    try:
+        return [d if isinstance(d, str) else tokenizer.apply_chat_template(d, tokenize=False) for d in docs]
+    except Exception as e:  # noqa: BLE001  (jinja2's TemplateError, or a template's own raise_exception)
+        raise ConversionError(f"the model's chat template refused a \"messages\" record ({type(e).__name__}: "
+                              f"{first_line(e)}); give records it accepts, or plain \"text\" records") from None
 
 
 def token_windows(tokenizer, docs: list[str | Conversation], samples: int, seqlen: int,

@@ -23,7 +23,7 @@ import torch
 from . import fp8_source, gguf_cache, granite, model_card, phi3, source_rope
 from .architectures import MODEL_TYPES, SLIDING_WINDOW_ARCHS, STATIC_ROPE_TYPES, attention_family, check_stored_config
 from .cli_checks import read_json
-from .errors import ConversionError
+from .errors import ConversionError, first_line
 from .experts import PARTS, ExpertStore, SourceFiles, load_without_experts, mixtral_hub_name, transformers_name
 from .hub import SMOLLM2_ALIAS, smollm2_gguf_path
 from .options import DTYPE_NAMES
@@ -284,7 +284,12 @@ def _load_folder(src: Path, name: str, commit: str | None, stream_experts: bool,
         fp8_source.check_scales(entries, fp8_block, str(src))
     else:
         fp8_source.check_unquantized(entries, str(src))
-    tok = AutoTokenizer.from_pretrained(src)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # noqa: BLE001  (no tokenizer files, or ones transformers cannot read)
+        raise ConversionError(f"{src}: cannot load its tokenizer ({first_line(e)}); the source folder needs the "
+                              f"model's tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)"
+                              ) from None
     store = None
     if (stream_experts and num_experts(cfg)) or fp8_block is not None:
         # the converter's own reader: streams a MoE's experts, dequantizes an fp8 source (fp8_source.py)

@@ -80,6 +80,8 @@ class Options:
             source_rope.check_overrides(self.hf_overrides)
         if self.method not in METHODS:
             raise ConversionError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
+        if not 0 <= self.seed < 2**63:   # (torch's generator seed: beyond it an OverflowError traceback)
+            raise ConversionError(f"--seed must be in [0, 2**63) (got {self.seed})")
         if self.ranks not in POLICIES:
             raise ConversionError(f"unknown --ranks {self.ranks!r} (choose from {', '.join(POLICIES)})")
         if self.kv_ratio is not None and self.kv_width is not None:

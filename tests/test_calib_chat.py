@@ -103,6 +103,22 @@ def test_convert_refuses_conversations_without_a_chat_template(tiny, tmp_path):
     assert_refused(run_convert(bare, out, "--calib", chat), out, "chat template", '"messages"')
 
 
+def test_convert_refuses_conversations_the_chat_template_raises_on(tiny, tmp_path):
+    """A template that refuses a record (Mistral's 'Conversation roles must alternate') was a jinja2 traceback."""
+    root, src, chat = tiny
+    strict = tmp_path / "strict"
+    shutil.copytree(src, strict)
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}")
+    two_users = write_jsonl(tmp_path / "two_users.jsonl",
+                            [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}])
+    out = tmp_path / "mla"
+    assert_refused(run_convert(strict, out, "--calib", two_users), out, "chat template refused",
+                   "Conversation roles must alternate")
+
+
 def test_perplexity_of_conversations_is_that_of_their_rendered_text(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

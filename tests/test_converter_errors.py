@@ -239,6 +239,49 @@ def test_empty_calibration_text(tiny, tmp_path, content):
     assert_refused(run_convert(src, out, "--calib", empty), out, "calibration text is empty")
 
 
+def test_calibration_files_that_are_not_text_are_refused(tiny, tmp_path):
+    """A gzip file or random bytes were calibrated on as replacement characters, with exit 0; a stray Latin-1
+    byte in a text still reads (as U+FFFD)."""
+    import gzip
+    import random
+
+    _, src, calib = tiny
+    out = tmp_path / "out"
+    packed = tmp_path / "calib.txt.gz"
+    packed.write_bytes(gzip.compress(Path(calib).read_bytes()))
+    assert_refused(run_convert(src, out, "--calib", packed), out, f"{packed}: not UTF-8 text")
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(random.Random(0).randrange(128, 256) for _ in range(4000)))
+    assert_refused(run_convert(src, out, "--calib", noise), out, f"{noise}: not UTF-8 text", "bytes that are not")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9 " + Path(calib).read_bytes())
+    assert run_convert(src, out, "--calib", latin, "--calib-samples", "2", "--calib-seqlen", "32").returncode == 0
+
+
+@pytest.mark.parametrize("case", ["no_tokenizer", "zero_kv_heads", "heads_not_a_multiple", "seed"])
+def test_a_source_or_seed_that_failed_with_a_traceback_is_refused(tiny, tmp_path, case):
+    _, src, calib = tiny
+    bad = tmp_path / "src"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    extra, needle = [], {"no_tokenizer": "cannot load its tokenizer",
+                         "zero_kv_heads": "config.json's num_key_value_heads must be a positive integer (got 0)",
+                         "heads_not_a_multiple": "is not a multiple of num_key_value_heads 3",
+                         "seed": "--seed must be in [0, 2**63)"}[case]
+    if case == "no_tokenizer":
+        for f in bad.glob("tokenizer*"):
+            f.unlink()
+    elif case == "zero_kv_heads":
+        cfg["num_key_value_heads"] = 0
+    elif case == "heads_not_a_multiple":
+        cfg["num_key_value_heads"] = 3
+    else:
+        extra = ["--seed", str(10**20)]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert_refused(run_convert(bad, out, "--calib", calib, *extra), out, needle)
+
+
 def test_missing_calibration_file(tiny, tmp_path):
     _, src, _ = tiny
     out = tmp_path / "out"
