@@ -59,7 +59,7 @@ def parse_ratios(spec: str) -> list[float]:
     """'0.25,0.5,1' -> [0.25, 0.5, 1.0]: sorted, without repeats, each in (0, 1] (parity at most)."""
     return _parse_list(spec, "--kv-ratios", float, "a number", DEFAULT_RATIOS,
                        lambda r: 0 < r <= 1.0 and math.isfinite(r),
-                       "is outside (0, 1]: a budget above parity (1.0) is refused, as by care-convert")
+                       "is outside (0, 1]: the kept share of the cache, parity (1.0) at most, as in care-convert")
 
 
 def parse_rope_dims(spec: str) -> list[int]:

@@ -87,8 +87,8 @@ class Options:
         if self.kv_ratio is not None and self.kv_width is not None:
             raise ConversionError("give either --kv-ratio or --kv-width, not both")
         if self.kv_ratio is not None and not (0 < self.kv_ratio <= 1.0):
-            raise ConversionError(f"--kv-ratio must be in (0, 1]: a budget above parity (1.0) is refused "
-                                  f"(got {self.kv_ratio})")
+            why = "a budget above parity (1.0) is refused" if self.kv_ratio > 1 else "it is the kept share of the cache"
+            raise ConversionError(f"--kv-ratio must be in (0, 1]: {why} (got {self.kv_ratio})")
         if self.k_share is not None and self.k_share != AUTO and not (
                 isinstance(self.k_share, (int, float)) and 0 < self.k_share < 1):
             raise ConversionError(f"--k-share must be in (0, 1), the fraction of the latent given to K, or "

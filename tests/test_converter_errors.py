@@ -382,6 +382,8 @@ def test_o_proj_refit_ridge_must_be_positive(tiny, tmp_path, ridge):
     (["--rope-distance", "0"], ["--rope-distance", "positive"]),
     (["--rope-distance", "-5"], ["--rope-distance", "positive"]),
     (["--calib-seqlen", "1"], ["--calib-seqlen >= 2"]),
+    (["--kv-ratio", "0"], ["--kv-ratio must be in (0, 1]: it is the kept share"]),   # (said 'above parity')
+    (["--kv-ratio", "nan"], ["--kv-ratio must be in (0, 1]: it is the kept share"]),
     (["--device", "foo"], ["--device", "'foo'"]),                    # were torch tracebacks after loading
     (["--device", "meta"], ["--device", "'meta'"]),
 ])
