@@ -9,12 +9,17 @@ config.json records its source's shape (docs/FORMAT.md: the layers, hidden size,
 kept; `original_num_key_value_heads` and `original_head_dim` are the source's KV heads). That is compared with the
 original's: from its config.json or GGUF metadata before anything loads (converter/source_checks.py, torch-free),
 and from the loaded config afterwards (a repo id not in the local cache is only known then). Shapes cannot tell
-a base model from its instruct variant; they do tell every other mix-up within a family.
+a base model from its instruct variant; they do tell every other mix-up within a family. Across families the
+attention is compared too (converter/architectures.py SUPPORTED: Llama-like against Qwen3's k_norm'd keys), where
+both sides name their architecture: a Qwen3 of a Llama conversion's shape passed as its original was accepted
+(care-eval compare reported KL 5.9 against it, exit 0). Mistral against Llama passes: one attention (llama.cpp
+stores Mistral as "llama").
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from .architectures import MODEL_TYPES, SUPPORTED
 from .cache_plan import AttentionShape, stored_count
 from .source_checks import source_config
 
@@ -27,7 +32,8 @@ def recorded_source(converted: dict) -> dict[str, int | None] | None:
     """The source's shape as a converted (care_mla) config.json records it; None for any other checkpoint."""
     if converted.get("model_type") != "care_mla":
         return None
-    return {field: stored_count(converted.get(RECORDED_AS.get(field, field))) for field in FIELDS}
+    return {**{field: stored_count(converted.get(RECORDED_AS.get(field, field))) for field in FIELDS},
+            "architecture": converted.get("source_architecture")}
 
 
 def shape_of_json(raw: dict) -> dict[str, int | None]:
@@ -35,6 +41,7 @@ def shape_of_json(raw: dict) -> dict[str, int | None]:
     None for what it leaves to the config class's defaults (cache_plan.AttentionShape.of_json)."""
     attention = AttentionShape.of_json(raw)
     return {**{field: stored_count(raw.get(field)) for field in FIELDS},
+            "architecture": (raw.get("architectures") or [MODEL_TYPES.get(raw.get("model_type"))])[0],
             "num_key_value_heads": attention.num_kv_heads if attention else None,
             "head_dim": attention.head_dim if attention else None}
 
@@ -42,7 +49,8 @@ def shape_of_json(raw: dict) -> dict[str, int | None]:
 def shape_of_config(cfg) -> dict[str, int | None]:
     """A loaded original's shape (a transformers config)."""
     attention = AttentionShape.of_config(cfg)
-    return {"num_hidden_layers": attention.num_layers, "hidden_size": cfg.hidden_size,
+    return {"architecture": (getattr(cfg, "architectures", None) or [None])[0],
+            "num_hidden_layers": attention.num_layers, "hidden_size": cfg.hidden_size,
             "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": attention.num_kv_heads,
             "head_dim": attention.head_dim, "vocab_size": cfg.vocab_size}
 
@@ -56,6 +64,11 @@ def mismatch(converted: dict, original: dict[str, int | None], *, role: str, ori
         return None
     diffs = [f"{field} {original[field]} where the source's was {source[field]}" for field in FIELDS
              if original.get(field) is not None and source[field] is not None and original[field] != source[field]]
+    arch, source_arch = original.get("architecture"), source["architecture"]
+    family, source_family = SUPPORTED.get(arch), SUPPORTED.get(source_arch)
+    if family and source_family and family != source_family:
+        diffs.append(f"architecture {arch} ({family} attention) where the source's was {source_arch} "
+                     f"({source_family} attention)")
     if not diffs:
         return None
     return f"{role} {original_name} is not the model {converted_name} was converted from: {'; '.join(diffs)}"

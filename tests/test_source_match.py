@@ -35,7 +35,8 @@ def test_a_conversion_records_its_sources_shape(tmp_path, calib_file, arch):
     loaded = shape_of_config(AutoConfig.from_pretrained(src))
     assert recorded == loaded == shape_of_json(json.loads((src / "config.json").read_text()))
     assert loaded == {"num_hidden_layers": 2, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
-                      "head_dim": 16, "vocab_size": loaded["vocab_size"]}
+                      "head_dim": 16, "vocab_size": loaded["vocab_size"], "architecture": loaded["architecture"]}
+    assert loaded["architecture"] == json.loads((src / "config.json").read_text())["architectures"][0]
 
 
 def test_a_gguf_sources_metadata_gives_the_recorded_shape(tmp_path, calib_file):
@@ -91,12 +92,16 @@ def family(tmp_path_factory):
                                           rope=PLAIN_ROPE),
               "kv_heads": make_tiny_original(root / "kv_heads", "llama", num_layers=2, kv_heads=4, rope=PLAIN_ROPE)}
     others["gguf"] = write_gguf(others["deeper"], root / "deeper.gguf")
+    # (same shape, other attention: was accepted, care-eval compare reporting KL 5.9 against it)
+    others["qwen3"] = make_tiny_original(root / "qwen3", "qwen3", num_layers=2, rope=PLAIN_ROPE)
     return root, orig, conv, calib, others
 
 
 EXPECTED = {"deeper": "num_hidden_layers 3 where the source's was 2",
             "wider": "hidden_size 96 where the source's was 64; num_attention_heads 6 where the source's was 4",
             "kv_heads": "num_key_value_heads 4 where the source's was 2",
+            "qwen3": "architecture Qwen3ForCausalLM (qwen3 attention) where the source's was LlamaForCausalLM (llama "
+                     "attention)",
             "gguf": "num_hidden_layers 3 where the source's was 2"}
 
 
@@ -112,7 +117,7 @@ def test_only_the_source_matches(family):
                            converted_name="c") is None
 
 
-@pytest.mark.parametrize("other", ["deeper", "kv_heads", "gguf"])
+@pytest.mark.parametrize("other", ["deeper", "kv_heads", "gguf", "qwen3"])
 def test_each_tool_refuses_another_original_before_importing_torch(family, tmp_path, other):
     """care-heal, care-eval compare and care-bench, each in a process of its own: exit 2, one line naming the
     model and the fields, torch never imported, nothing written (a GGUF not dequantized into the cache)."""
