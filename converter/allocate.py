@@ -52,11 +52,12 @@ def split_budget(latent_total: int, full_k: list[int], full_v: list[int],
     return k_total, v_total
 
 
-def _check_values_kept(v_total: int, num_layers: int, fewest: int, k_share: float | None) -> None:
+def _check_values_kept(fewest: int, v_total: int, num_layers: int, k_share: float | None) -> None:
     """Every layer keeps at least one value rank (the values have no rope part to fall back on, and a care_mla
-    config with a v_rank of 0 does not load). Why here: a large --k-share under uniform ranks wrote such a config
-    with exit 0; under adjusted ranks it was refused as per-layer bounds that --min/--max-rank-frac cannot move."""
-    if fewest < 1 or v_total < num_layers:
+    config with a v_rank of 0 does not load): `fewest`, the smallest value rank the plan can give a layer, is >= 1.
+    Why here: a large --k-share under uniform ranks wrote such a config with exit 0; under adjusted ranks it was
+    refused as per-layer bounds that --min/--max-rank-frac cannot move."""
+    if fewest < 1:
         share, fix = ((f"--k-share {k_share:g}", "lower --k-share, raise the budget") if k_share is not None
                       else ("the proportional K/V split", "raise the budget"))
         raise ConversionError(f"{share} leaves the value latent {v_total} rank units for {num_layers} layers, and "
@@ -137,12 +138,11 @@ def plan_ranks(policy: str, cache_budget: int, rope_dim: int, full_k: list[int],
     if policy == "uniform":
         per_layer = uniform_ranks(latent, [fk + fv for fk, fv in zip(full_k, full_v)])
         split = [split_budget(lat, [fk], [fv], k_share) for lat, fk, fv in zip(per_layer, full_k, full_v)]
-        _check_values_kept(sum(v for _, v in split), n, min(v for _, v in split), k_share)
+        _check_values_kept(min(v for _, v in split), sum(v for _, v in split), n, k_share)
         return [k for k, _ in split], [v for _, v in split]
     k_total, v_total = split_budget(latent, full_k, full_v, k_share)
-    if policy in POLICIES:
-        _check_values_kept(v_total, n, v_total // n, k_share)
     if policy == "adjusted":
+        _check_values_kept(v_total // n, v_total, n, k_share)   # (one each is possible iff v_total >= n)
         return (adjusted_ranks(k_total, sig_k, full_k, min_frac, max_frac, 0),
                 adjusted_ranks(v_total, sig_v, full_v, min_frac, max_frac, 1))
     raise ConversionError(f"unknown rank policy {policy!r} (choose from {', '.join(POLICIES)})")

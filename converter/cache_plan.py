@@ -28,6 +28,11 @@ def stored_count(value) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def head_dim_of(cfg) -> int:
+    """A transformers config's head dimension (configs without `head_dim` imply hidden / heads)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     """What the cache budget depends on: layers, KV heads and their width."""
@@ -43,8 +48,7 @@ class AttentionShape:
     @classmethod
     def of_config(cls, cfg) -> AttentionShape:
         """Of a transformers config (configs without `head_dim` imply hidden / heads)."""
-        d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, d_h)
+        return cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim_of(cfg))
 
     @classmethod
     def of_json(cls, raw: dict) -> AttentionShape | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cache_plan import head_dim_of
 from .errors import ConversionError
 
 ROPE_FREQS = "rope_freqs.weight"
@@ -83,7 +84,7 @@ def apply(config, meta: GgufMeta, where: str) -> None:
             raise ConversionError(f"{where}: key and value head dimensions differ ({meta.key_length} vs "
                                   f"{meta.value_length}); care-convert needs one head_dim")
         config.head_dim = meta.key_length
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     if meta.rope_dims is not None and meta.rope_dims != head_dim:   # (transformers' GGUF config drops the key)
         raise ConversionError(f"{where}: partial rotary embeddings are not supported (rope.dimension_count="
                               f"{meta.rope_dims} of head_dim {head_dim}); care-convert needs rope on the whole head")
@@ -175,7 +176,7 @@ def _llama3_parameters(config, rope: dict, factors: np.ndarray, where: str) -> d
 
 def _plain_inv_freq(config, theta: float) -> torch.Tensor:
     """Unscaled inverse frequencies, as transformers computes them (fp32)."""
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim_of(config)
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
 
 
