@@ -84,7 +84,7 @@ def _utf8_text(path: Path) -> str:
     not UTF-8 (binary, gzip) is refused by name: it had been calibrated on, as replacement characters, with exit 0."""
     raw = path.read_bytes()
     text = raw.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())   # (less the file's own U+FFFD characters)
     nul = b"\x00" in raw
     if nul or bad > max(8, len(raw) // 100):
         what = "NUL bytes" if nul else f"{bad} bytes that are not UTF-8"
