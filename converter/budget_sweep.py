@@ -147,6 +147,9 @@ def sweep(src: str, calib_files: Sequence[str], texts: Sequence, ratios: Sequenc
         raise SweepError("give either --rope-dim or --rope-dims, not both")
     if k_shares and convert_options.get("k_share") is not None:
         raise SweepError("give either --k-share or --k-shares, not both")
+    if k_shares and convert_options.get("latent") == JOINT:
+        raise SweepError("--k-shares sweeps the K/V split of separate latents and, as 'joint' or 'joint:W', the joint "
+                         "latent: drop --latent joint")
     rope_options = [{"rope_dim": d} for d in rope_dims] if rope_dims else [{}]
     shares = list(k_shares) if k_shares else [_NOT_SWEPT]
     # (ratio, the conversion's own options, the K share asked for)

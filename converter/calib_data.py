@@ -45,8 +45,13 @@ def check_files(files: list[str | Path], what: str = "calibration text") -> list
         raise ConversionError(f"no {what} given")
     paths = [Path(f) for f in files]
     for p in paths:
+        if p.is_dir():
+            raise ConversionError(f"{what} {p} is a folder: name its files")
+        if p.exists() and not p.is_file():   # read more than once (checked, then converted): a pipe would be empty
+            raise ConversionError(f"{what} {p} is not a regular file (a device, pipe or socket): write the text to a "
+                                  f"file and name that")
         if not p.is_file():
-            raise ConversionError(f"{what} file not found: {p}" + (" (a folder: name its files)" if p.is_dir() else ""))
+            raise ConversionError(f"{what} file not found: {p}")
     return paths
 
 

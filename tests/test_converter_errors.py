@@ -286,7 +286,9 @@ def test_missing_calibration_file(tiny, tmp_path):
     _, src, _ = tiny
     out = tmp_path / "out"
     assert_refused(run_convert(src, out, "--calib", tmp_path / "nope.txt"), out, "not found", "nope.txt")
-    assert_refused(run_convert(src, out, "--calib", tmp_path), out, "not found", "a folder: name its files")
+    assert_refused(run_convert(src, out, "--calib", tmp_path), out, f"{tmp_path} is a folder: name its files")
+    assert_refused(run_convert(src, out, "--calib", "/dev/null"), out,
+                   "calibration text /dev/null is not a regular file (a device, pipe or socket)")
 
 
 @pytest.mark.parametrize("case", ["missing_source", "revision_with_local_path", "missing_calib", "calib_folder",
@@ -300,7 +302,7 @@ def test_what_needs_no_model_is_refused_before_torch_is_imported(tiny, tmp_path,
         "missing_source": ([tmp_path / "no-such-model", "--calib", calib], ["no-such-model", "no such file or folder"]),
         "revision_with_local_path": ([src, "--calib", calib, "--revision", "v1"], ["--revision v1", "local path"]),
         "missing_calib": ([src, "--calib", calib, tmp_path / "nope.txt"], ["not found", "nope.txt"]),
-        "calib_folder": ([src, "--calib", tmp_path], ["not found", "a folder: name its files"]),
+        "calib_folder": ([src, "--calib", tmp_path], [f"{tmp_path} is a folder: name its files"]),
         "kv_ratio_above_parity": ([src, "--calib", calib, "--kv-ratio", "1.5"], ["--kv-ratio", "above parity"]),
         "k_share_with_joint_latent": ([src, "--calib", calib, "--latent", "joint", "--k-share", "0.3"],
                                       ["--k-share", "joint latent"]),

@@ -198,7 +198,8 @@ def test_sweep_bad_input_exits_2_and_writes_nothing(case, original, held_out, ca
                 "k-share out of range": "--k-shares: 1 is outside (0, 1)",
                 "k-share and k-shares": "either --k-share or --k-shares",
                 "bad joint key weight": "--k-shares: 'joint:heavy': 'heavy' is neither a number nor 'auto'",
-                "joint with --k-share": "--k-share splits separate K and V latents"}[case]
+                "joint with --k-share": "--k-shares sweeps the K/V split of separate latents and, as 'joint' or "
+                                        "'joint:W', the joint latent: drop --latent joint"}[case]
     if case == "ratio above parity":
         ratios = "0.5,1.5"
     elif case == "not a number":
