@@ -232,52 +232,140 @@ def test_an_originals_cache_size_follows_its_config_class(tmp_path, model_type):
     assert (model_type != "qwen3") or head_dim == 128   # (the case hidden / heads got wrong)
 
 
-@pytest.mark.parametrize("case", ["not_a_checkpoint", "negative_prefix", "more_prefixes_than_prompts",
-                                  "missing_dataset", "range_ratio_of_1", "range_ratio_with_prefix",
-                                  "concurrency_0", "output_len_0", "request_rate_word", "ppl_seqlen_1",
-                                  "missing_ppl_text", "bad_ppl_jsonl", "unreachable_url", "out_is_a_file"])
-def test_bad_arguments_exit_2_and_write_nothing(case, tmp_path, calib_file):
-    """Refused before a server starts. (The last four: a bad --ppl-text was read after both servers had run, with a
-    traceback and no report; an unreachable --original-url and an OUT that is a file gave tracebacks.)"""
+BAD_ARGUMENTS = {   # case: (arguments after ORIGINAL CONVERTED OUT, the error's words)
+    "not_a_checkpoint": (None, "is not a checkpoint folder (no config.json)"),
+    "converted_not_care_mla": (None, "is not a care_mla checkpoint (model_type 'llama')"),
+    "negative_prefix": (["--prefix-len", "-1"], "--prefix-len must be >= 0"),
+    "more_prefixes_than_prompts": (["--prefix-len", "64", "--num-prefixes", "9", "--num-prompts", "8"],
+                                   "1 <= --num-prefixes <= --num-prompts"),
+    "num_prompts_0": (["--num-prompts", "0"], "--num-prompts must be >= 1 (got 0)"),
+    "missing_dataset": (["--dataset-path", "{tmp}/prompts.jsonl"], "prompts.jsonl: not a file"),
+    "dataset_without_prompts": (["--dataset-path", "{tmp}/bad.jsonl"],
+                                'bad.jsonl:1: each line needs a string "prompt" field'),
+    "range_ratio_of_1": (["--random-range-ratio", "1"], "expected 0 <= R < 1"),
+    "range_ratio_with_prefix": (["--random-range-ratio", "0.5", "--prefix-len", "64"], "for random prompts only"),
+    # without these checks each got as far as `vllm bench serve` or the quality pass, after both servers started
+    "concurrency_0": (["--concurrency", "1", "0"], "--concurrency levels and --agreement-tokens must be >= 1"),
+    "concurrency_twice": (["--concurrency", "2", "2"], "--concurrency 2 2: a level is given twice"),
+    "output_len_0": (["--output-len", "0"], "--input-len and --output-len must be >= 1"),
+    "request_rate_word": (["--request-rate", "fast"], "--request-rate must be a positive number"),
+    "ppl_seqlen_1": (["--ppl-seqlen", "1"], "--ppl-seqlen >= 2"),
+    "missing_ppl_text": (["--ppl-text", "{tmp}/held-out.txt"], "--ppl-text: held-out text file not found"),
+    "bad_ppl_jsonl": (["--ppl-text", "{tmp}/bad.jsonl"], 'a .jsonl line needs a string "text" field'),
+    "unreachable_url": (["--original-url", "http://127.0.0.1:{closed}"], "no OpenAI-compatible server answers"),
+    "out_is_a_file": ([], "exists and is not a folder"),
+    "out_holds_other_files": ([], "is a folder that holds other files and no care-bench report"),
+    # and these started a server that refused them, or ran with a workload vLLM cut short
+    "max_model_len_short": (["--input-len", "256", "--output-len", "64", "--max-model-len", "300"],
+                            "--max-model-len 300 is shorter than the workload's longest request, 320 tokens"),
+    "max_model_len_short_of_the_spread": (["--input-len", "100", "--output-len", "20", "--random-range-ratio", "0.5",
+                                           "--max-model-len", "170"], "longest request, 180 tokens"),
+    "negative_temperature": (["--temperature", "-1"], "--temperature must be >= 0 (got -1.0)"),
+    "unknown_dtype": (["--dtype", "foo"], "--dtype 'foo': choose from auto, half"),
+    "kv_bytes_word": (["--kv-cache-memory-bytes", "abc"], "--kv-cache-memory-bytes 'abc': expected a positive"),
+    "kv_bytes_0": (["--kv-cache-memory-bytes", "0"], "--kv-cache-memory-bytes '0': expected a positive"),
+    "unbalanced_quote": (['--serve-args=--enforce-eager "x'], "--serve-args '--enforce-eager \"x': No closing quotation"),
+    "level_timeout_0": (["--level-timeout", "0"], "--level-timeout must be a positive number of seconds"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_bad_arguments_exit_2_with_one_line_and_write_nothing(case, pair, tmp_path, capsys, calib_file):
+    """Refused before a server starts, with one line naming the problem. (A bad --ppl-text was read after both
+    servers had run, with a traceback and no report; an unreachable --original-url and an OUT that is a file gave
+    tracebacks; a bad --max-model-len, --dtype, --temperature, --kv-cache-memory-bytes or dataset line started a
+    server that refused it (exit 1, a traceback tail); an unbalanced quote in --serve-args was a traceback after
+    OUT was made.)"""
     from care_vllm.loadtest.cli import main
 
-    orig = varied_original(tmp_path / "orig", "llama")
+    src, conv = pair
     (tmp_path / "bad.jsonl").write_text('{"body": "no text"}\n')
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))   # (bound, never listening: a connection is refused)
-    args = {"not_a_checkpoint": [str(orig), str(calib_file.parent)],
-            "negative_prefix": [str(orig), str(orig), "--prefix-len", "-1"],
-            "more_prefixes_than_prompts": [str(orig), str(orig), "--prefix-len", "64", "--num-prefixes", "9",
-                                           "--num-prompts", "8"],
-            "missing_dataset": [str(orig), str(orig), "--dataset-path", str(tmp_path / "prompts.jsonl")],
-            "range_ratio_of_1": [str(orig), str(orig), "--random-range-ratio", "1"],
-            "range_ratio_with_prefix": [str(orig), str(orig), "--random-range-ratio", "0.5", "--prefix-len", "64"],
-            # without these checks each got as far as `vllm bench serve` or the quality pass, after both servers started
-            "concurrency_0": [str(orig), str(orig), "--concurrency", "1", "0"],
-            "output_len_0": [str(orig), str(orig), "--output-len", "0"],
-            "request_rate_word": [str(orig), str(orig), "--request-rate", "fast"],
-            "ppl_seqlen_1": [str(orig), str(orig), "--ppl-seqlen", "1"],
-            "missing_ppl_text": [str(orig), str(orig), "--ppl-text", str(tmp_path / "held-out.txt")],
-            "bad_ppl_jsonl": [str(orig), str(orig), "--ppl-text", str(tmp_path / "bad.jsonl")],
-            "unreachable_url": [str(orig), str(orig), "--original-url",
-                                f"http://127.0.0.1:{closed.getsockname()[1]}"],
-            "out_is_a_file": [str(orig), str(orig)]}[case]
+    extra, needle = BAD_ARGUMENTS[case]
+    models = {"not_a_checkpoint": [src, calib_file.parent], "converted_not_care_mla": [src, src]}.get(case, [src, conv])
     out = tmp_path / "report"
     if case == "out_is_a_file":
         out.write_text("kept")
+    elif case == "out_holds_other_files":
+        out.mkdir()
+        (out / "notes.txt").write_text("kept")
+    args = [a.format(tmp=tmp_path, closed=closed.getsockname()[1]) for a in extra or []]
     try:
-        assert main([*args[:2], str(out), *args[2:]]) == 2
+        assert main([*map(str, models), str(out), *args]) == 2
     finally:
         closed.close()
-    assert out.read_text() == "kept" if case == "out_is_a_file" else not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("care-bench: error: ") and needle in err, err
+    if case == "out_is_a_file":
+        assert out.read_text() == "kept"
+    elif case == "out_holds_other_files":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert not out.exists()
 
 
-def test_a_server_that_does_not_start_is_one_error_line_and_a_report_of_what_finished(tmp_path):
+@pytest.mark.parametrize("value", ["1G", "3T", "1024", "1K", "500m", "25.6k", "2.5g", "0"])
+def test_kv_cache_bytes_are_read_as_vllm_reads_them(value):
+    """care-bench checks --kv-cache-memory-bytes without importing vLLM: the same number as vLLM's own parser."""
+    from vllm.utils.argparse_utils import human_readable_int
+
+    from care_vllm.loadtest.cli import byte_count
+
+    assert byte_count(value) == human_readable_int(value)
+
+
+def test_a_rerun_into_an_earlier_reports_folder_replaces_all_of_its_files(tmp_path):
+    """A rerun left the earlier run's summary, plots and raw results of levels it did not run beside its own
+    report: they are removed first (only what care-bench writes; another file in the folder is kept)."""
+    from care_vllm.loadtest.cli import OUTPUTS, prepare_out
+
+    out = tmp_path / "report"
+    (out / "raw").mkdir(parents=True)
+    (out / "report.json").write_text(json.dumps({"command": ["care-bench", "a", "b", str(out)]}))
+    for name in ("summary.md", "throughput.png", "latency.png", "kv_usage.png", "raw/original_c16.json"):
+        (out / name).write_text("old")
+    (out / "notes.txt").write_text("kept")
+    prepare_out(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert set(OUTPUTS) == {"report.json", "summary.md", "throughput.png", "latency.png", "kv_usage.png", "raw"}
+
+
+def test_a_level_past_its_timeout_is_an_error_of_the_run_not_a_traceback(tmp_path):
+    """`vllm bench serve` past --level-timeout is killed and ends the run as care-bench's other failures do
+    (a RuntimeError: one error line, report.json of what finished), not with subprocess.TimeoutExpired's traceback
+    and no report. (The real `vllm bench serve` is still importing vLLM when 0.5 s are up; the endpoint only
+    answers the /metrics reads around the level, with no samples.)"""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from care_vllm.loadtest.workload import Workload, run_level
+
+    class EmptyMetrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), EmptyMetrics)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match=r"vllm bench serve at concurrency 1 ran past 0.5 s \(--level-timeout\)"):
+            run_level(f"http://127.0.0.1:{httpd.server_address[1]}", "m", str(tmp_path), Workload(1, 8, 4), 1,
+                      tmp_path / "raw", "original", timeout=0.5)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_server_that_does_not_start_is_one_error_line_and_a_report_of_what_finished(pair, tmp_path):
     """(It was a ServerError traceback; had the converted model's server failed, the original's finished results
     were lost with it.)"""
-    orig = varied_original(tmp_path / "orig", "llama", head_dim=HEAD_DIM)
+    orig, conv = pair
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "care_vllm.loadtest.cli", str(orig), str(orig), str(out),
+    r = subprocess.run([sys.executable, "-m", "care_vllm.loadtest.cli", str(orig), str(conv), str(out),
                         "--serve-args=--no-such-flag"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 1, r.stderr[-3000:]

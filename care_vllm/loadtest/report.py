@@ -2,6 +2,7 @@
 PNG plots (both models side by side) and the markdown summary with converted/original ratios."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from .workload import Workload
@@ -115,6 +116,18 @@ def _versions_line(report: dict) -> str:
     return f"- versions: vllm {v.get('vllm')}, care-vllm {v.get('care-vllm')}, torch {v.get('torch')}"
 
 
+def _server_line(role: str, model: dict) -> str:
+    """How a model's server ran: the `vllm serve` settings care-bench gave it (after the host, port and served
+    name), or that it was a running server whose settings care-bench does not know (its KV budget included)."""
+    args = model.get("server")
+    if not args:
+        return (f"- {role} server: running at {model.get('base_url')} (not started here: its settings, KV budget "
+                f"included, are not known)")
+    settings = args[args.index("--served-model-name") + 2:] if "--served-model-name" in args else args
+    return f"- {role} server: `vllm serve` with `{shlex.join(settings)}`" if settings else \
+        f"- {role} server: `vllm serve` with its defaults"
+
+
 def summary_markdown(report: dict) -> str:
     o, c = report["models"]["original"], report["models"]["converted"]
     wl = report["workload"]
@@ -128,6 +141,8 @@ def summary_markdown(report: dict) -> str:
         f"({_ratio(c.get('kv_cache_tokens'), o.get('kv_cache_tokens'))})",
         f"- KV values per token (all layers): original {o.get('cache_values_per_token')}, "
         f"converted {c.get('cache_values_per_token')}",
+        _server_line("original", o),
+        _server_line("converted", c),
         _reset_line(o, c),
         _versions_line(report),
         "", "| concurrency | model | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | prefix-cache hits |",
@@ -139,7 +154,7 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {lv['concurrency']} | {name} | {r['output_throughput']:.1f} | "
                          f"{r.get('p50_ttft_ms', 0):.1f} / {r.get('p99_ttft_ms', 0):.1f} | "
                          f"{r.get('p50_tpot_ms', 0):.1f} / {r.get('p99_tpot_ms', 0):.1f} | {_hit_rate(lv)} |")
-        lines.append(f"| {lo['concurrency']} | **converted / original** | "
+        lines.append(f"| {lo['concurrency']} | **converted / original** (TTFT, TPOT: p50) | "
                      f"{_ratio(lc['result']['output_throughput'], lo['result']['output_throughput'])} | "
                      f"{_ratio(lc['result'].get('p50_ttft_ms'), lo['result'].get('p50_ttft_ms'))} | "
                      f"{_ratio(lc['result'].get('p50_tpot_ms'), lo['result'].get('p50_tpot_ms'))} | |")

@@ -138,6 +138,9 @@ def run_level(base_url: str, served_name: str, tokenizer: str, wl: Workload, con
     scraper.start()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:   # (run() has killed it)
+        raise RuntimeError(f"vllm bench serve at concurrency {concurrency} ran past {timeout:g} s "
+                           f"(--level-timeout)") from None
     finally:
         timeline = scraper.stop()
     (result_dir / f"{tag}_c{concurrency}.log").write_text(proc.stdout + proc.stderr)
