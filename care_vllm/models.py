@@ -77,7 +77,8 @@ class CareMLAAttention(MLAAttention):
         out.view(-1, self.num_heads, self.v_head_dim).copy_(torch.bmm(x, self.W_UV).transpose(0, 1))
 
     def process_weights_after_loading(self, act_dtype: torch.dtype):
-        super().process_weights_after_loading(act_dtype)
+        super().process_weights_after_loading(act_dtype)   # (a reload too: the full W_UK_T and W_UV again)
+        self.decode_form = "joint latent"
         if use_key_value_split(self, self.k_rank):
             self.decode_form = f"key/value split {self.k_rank}+{self.kv_lora_rank - self.k_rank}"
 
@@ -418,8 +419,10 @@ class CareForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
                 no_adapter_for_base_requests()
         if current_platform.is_cpu():
             from .cpu_seeded_sampling import install as seeded_sampling_over_prefill_chunks
+            from .cpu_spec_decode_sampling import install as sampling_parameters_over_drafted_tokens
 
             seeded_sampling_over_prefill_chunks()
+            sampling_parameters_over_drafted_tokens()
         if bool(getattr(config, "use_qk_norm", False)) != self.expected_qk_norm:
             raise ValueError(f"{type(self).__name__} needs use_qk_norm={self.expected_qk_norm}, "
                              f"config has {getattr(config, 'use_qk_norm', None)}")

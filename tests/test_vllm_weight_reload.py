@@ -10,7 +10,9 @@ weight) conversions with per-layer ranks, in turn:
     perturbed; before the plugin allowed partial loads after the first, this failed with "missing tensor(s)"
     (HTTP 500);
   * every tensor perturbed;
-  * back to the converted weights.
+  * every tensor perturbed and kv_b_proj's zero blocks filled (as training fills them): the key/value split
+    decode the converted weights allowed gives way to the joint one;
+  * back to the converted weights (split again).
 After each (and a prefix-cache reset: cached latents belong to the old weights), greedy tokens equal model_defs on
 the checkpoint the server should now hold (the old weights overlaid with the update), logprobs within 1e-3.
 
@@ -87,9 +89,15 @@ def test_partial_and_full_reloads_serve_the_new_weights(served):
     update = {k: v for k, v in perturbed.items()
               if k.startswith("model.layers.1.self_attn.") or k in ("model.embed_tokens.weight", "lm_head.weight")}
     assert any(".kv_b_proj." in k for k in update)
+    # what training does to kv_b_proj: its zero blocks (keys read c_K only, values c_V only) fill in, and the
+    # plugin's key/value split decode must give way to the joint one (it kept the split and crashed the engine)
+    dense = {k: v + 0.02 * v.std() * torch.randn(v.shape, generator=g) if ".kv_b_proj." in k else v
+             for k, v in perturbed.items()}
+    assert any((v == 0).any() for k, v in perturbed.items() if ".kv_b_proj." in k)
     steps = [
         ("partial", _write(base, root / "partial", update), _write(base, root / "merged", {**weights, **update})),
         ("full", _write(base, root / "full", perturbed), root / "full"),
+        ("dense kv_b_proj", _write(base, root / "dense", dense), root / "dense"),
         ("back", base, base),
     ]
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=300, max_retries=0)

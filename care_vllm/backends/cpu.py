@@ -297,11 +297,14 @@ def use_key_value_split(layer, k_rank: int) -> bool:
     W_UV [N, r, V]: if keys read only the first `k_rank` latent columns and values only the rest
     (exact zeros elsewhere), narrow W_UK_T to [N, P, k_rank] and W_UV to [N, r - k_rank, V] and
     switch the decode to the split form (its output is the c_V part only; the layer's _v_up_proj
-    reads the width from W_UV). Returns whether it did."""
+    reads the width from W_UV). Returns whether it did. Called again after each weight reload, which re-absorbs
+    the full-width W_UK_T and W_UV: the decode form is decided afresh (a trained kv_b_proj need not keep the zero
+    blocks; the decode split at the first load's k_rank then crashed the engine on the next request)."""
     impl = layer.impl
     w_uk_t, w_uv = getattr(layer, "W_UK_T", None), getattr(layer, "W_UV", None)
     if not isinstance(impl, CareCPUMLAImpl) or w_uk_t is None or w_uv is None:
         return False
+    impl.k_rank = None   # (the full latent, as W_UK_T and W_UV now are)
     r = w_uk_t.shape[-1]
     if not 0 < k_rank < r or w_uk_t[..., k_rank:].any() or w_uv[:, :k_rank].any():
         return False
