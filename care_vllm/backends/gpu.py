@@ -1,7 +1,8 @@
 """GPU (CUDA/ROCm) latent-attention backend for widths the stock MLA backends do not take.
 
 * `CareTritonMLABackend`: vLLM's TRITON_MLA (its decode kernel handles any `r + d_r`: it tiles
-  the row as next_pow2(r) + next_pow2(d_r) masked to the width) with a metadata builder that skips
+  the row as next_pow2(r) + next_pow2(d_r) masked to the width, once triton_decode_widths.py has fixed the
+  launcher's tiles for widths 576 and 288 with another split and for ropes under 16) with a metadata builder that skips
   the global head-size whitelist {320, 512, 576} (see common.py). Layers of different widths get
   different KV specs, hence different attention groups and builders (one workspace each).
 * the chunked-context gather: `ops.gather_and_maybe_dequant_cache` (CUDA) only instantiates
@@ -32,7 +33,10 @@ class CareTritonMLAMetadataBuilder(RelaxedHeadSizeBuilderMixin, TritonMLAMetadat
 class CareTritonMLABackend(TritonMLABackend):
     @staticmethod
     def get_builder_cls():
+        from .triton_decode_widths import install as decode_tiles_for_every_width
+
         install_gather_fallback()
+        decode_tiles_for_every_width()
         return CareTritonMLAMetadataBuilder
 
 
