@@ -235,3 +235,103 @@ def test_sigterm_to_a_runner_stops_the_groups_it_started_down_to_the_last(tmp_pa
         assert not alive, "the innermost process outlived the runners"
     finally:
         outer.kill()
+
+
+def test_a_run_past_its_timeout_stops_the_sessions_a_runner_inside_started(tmp_path):
+    """A run killed at its time limit (run_logged's own timeout, no signal to anyone) whose command is itself a
+    runner (backlog.py runs correctness.py, which starts its vLLM worker in a session of its own): the worker ended
+    with it. Before, only the runner's group was killed and the worker went on, on the GPU, into the next call."""
+    import os
+    import signal
+    import time
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER.format(gpu=str(ROOT / "benchmarks" / "gpu")))
+    pid_file = tmp_path / "innermost.pid"
+    innermost = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    t0 = time.monotonic()
+    rc = perf.run_logged([sys.executable, str(runner), str(tmp_path / "inner.log"), sys.executable, "-c", innermost],
+                         tmp_path / "outer.log", 15)
+    assert rc == backlog.KILLED_RC and time.monotonic() - t0 < 60
+    assert pid_file.is_file(), "the innermost process never started: the test proves nothing"
+    pid = int(pid_file.read_text())
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.05)
+    alive = Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the innermost process outlived the run that timed out"
+
+
+def test_an_item_stopped_at_its_limit_is_estimated_longer_than_it_ran(tmp_path):
+    """The backlog's estimates learn from runs stopped at their limit: an item killed after 360 s (the item's whole
+    run, or one of perf.py's runs) needs more than that, so a later session does not start it again into the same
+    wall when less time is left. Estimates came only from runs that finished, and a killed item kept its default."""
+    I = backlog.Item
+    item = I("throughput", "llama3-8b:mixed@16384")
+    fresh = backlog.Results([tmp_path])
+    default = fresh.estimate_s(item)
+    assert default < 360
+    out = tmp_path / "call"
+    out.mkdir()
+    backlog.record_attempt(out, item, 360.0, backlog.KILLED_RC, 362.0, "cpu")   # a CPU dry run records nothing
+    assert not (out / backlog.ATTEMPTS).exists()
+    _write(out / backlog.ATTEMPTS, {"attempts": [
+        {"item": item.name, "wall_s": 360.0, "rc": backlog.KILLED_RC, "limit_s": 362.0,
+         "device_name": "NVIDIA H100", "date": "2026-12-08 10:00:00"},
+        {"item": "correctness:llama", "wall_s": 400.0, "rc": 1, "limit_s": 500.0,     # failed, not killed
+         "device_name": "NVIDIA H100", "date": "2026-12-08 10:07:00"}]})
+    r = backlog.Results([tmp_path, out])
+    assert r.estimate_s(item) == 360.0 + 90.0
+    assert r.estimate_s(I("correctness", "llama")) == backlog.DEFAULT_S["correctness"]
+    # one of perf.py's own runs stopped at its limit inside an item counts the same
+    _write(tmp_path / "perf_throughput.json", {"runs": [
+        {"key": "llama3-8b/care576/16384/throughput", "rc": backlog.KILLED_RC, "output_tok_s": None, "wall_s": 300.0,
+         "shape": "llama3-8b", "input_len": 16384, "device_name": "NVIDIA H100"}]})
+    assert backlog.Results([tmp_path]).estimate_s(I("throughput", "llama3-8b:gqa@16384")) == 300.0 + 75.0
+    # collect.py keeps every attempt brought back, across sessions
+    into = tmp_path / "results"
+    collect.main(["--from", str(out), "--into", str(into)])
+    later = tmp_path / "call2"
+    _write(later / backlog.ATTEMPTS, {"attempts": [
+        {"item": item.name, "wall_s": 420.0, "rc": backlog.KILLED_RC, "limit_s": 422.0,
+         "device_name": "NVIDIA H200", "date": "2026-12-09 10:00:00"}]})
+    collect.main(["--from", str(later), "--into", str(into)])
+    kept = json.loads((into / backlog.ATTEMPTS).read_text())["attempts"]
+    assert sorted(a["wall_s"] for a in kept) == [360.0, 400.0, 420.0]
+    assert backlog.Results([into]).estimate_s(item) == 420.0 + 105.0
+
+
+def test_collect_reports_a_gqa_run_at_16k_without_a_converted_one(tmp_path):
+    """A session may bring back the GQA original's 16K run alone (it is the first throughput item): the report has
+    its row and no verdict at 16K yet. collect.py stopped on max() of nothing, and every later call stopped too."""
+    src = tmp_path / "call"
+    _write(src / "perf_throughput.json", {"runs": [
+        {"key": "llama3-8b/gqa/16384/throughput", "shape": "llama3-8b", "model": "gqa", "input_len": 16384,
+         "output_len": 512, "kv_values_per_token": 65536, "rc": 0, "output_tok_s": 500.0,
+         "device_name": "NVIDIA H100"}]})
+    into = tmp_path / "results"
+    assert collect.main(["--from", str(src), "--into", str(into)]) == 0
+    report = (into / "REPORT.md").read_text()
+    assert "| gqa |" in report and "best converted width" not in report
+
+
+def test_collect_reports_a_model_whose_worker_failed_by_its_error(tmp_path):
+    """correctness.py records a model whose vLLM worker failed (its log's tail) and goes on with the others, where
+    the first failure ended the run and its reason stayed in the logs tarball: the report names it and the error."""
+    src = tmp_path / "call"
+    ok = {"prompt_logprob_mean_diff": 0.01, "prompt_logprob_max_diff": 0.2, "generated_logprob_max_diff": 0.1,
+          "greedy_exact": "8/8", "worst_gap": 0.0, "backends": [], "layer_widths": [576] * 4, "pass": True}
+    _write(src / "correctness_llama.json", {"dtype": "bfloat16", "device": "cuda", "device_name": "NVIDIA H100",
+                                            "complete": True, "failed": ["llama-mixed"], "models": {
+        "llama-orig": dict(ok), "llama-mixed": {"pass": False, "error": "vLLM worker failed (rc 1):\n...\n"
+                                                "ValueError: incompatible dimensions 1024 and 512"},
+        "llama-rope96": dict(ok)}})
+    into = tmp_path / "results"
+    assert collect.main(["--from", str(src), "--into", str(into)]) == 0
+    report = (into / "REPORT.md").read_text()
+    assert "| llama-mixed | - |" in report and "FAIL (worker error)" in report and "| llama-rope96 |" in report
+    assert "- llama-mixed: `ValueError: incompatible dimensions 1024 and 512`" in report
+    assert "correctness llama-mixed: FAIL" in report

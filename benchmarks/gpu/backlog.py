@@ -36,6 +36,8 @@ from perf import run_key, run_logged, stopping_cleanly  # noqa: E402
 RESULTS = HERE.parents[0] / "results" / "gpu"
 
 FULL_CALIBRATION_TOKENS = 256 * 2048          # the issue's conversion-speed setting
+ATTEMPTS = "gpu_attempts.json"   # every item started on a GPU: its seconds and exit code (collect.py keeps them all)
+KILLED_RC = -9                   # run_logged's exit code for a run it stopped at its time limit
 
 # (kind, argument); step v1 takes `convert` (needs no vLLM), step v2 everything else.
 BACKLOG = """
@@ -136,7 +138,10 @@ class Results:
         self.perf: dict[str, dict] = {}
         self.correctness: dict[str, dict] = {}
         self.convert: dict[str, dict] = {}
+        self.attempts: dict[tuple, dict] = {}   # (item, device, date) -> an item's start on a GPU, however it ended
         for d in folders:
+            for a in (_load(d / ATTEMPTS) or {}).get("attempts", []):
+                self.attempts[attempt_id(a)] = a
             for mode in ("throughput", "serve"):
                 for r in (_load(d / f"perf_{mode}.json") or {}).get("runs", []):
                     self.perf[r["key"]] = r
@@ -172,7 +177,13 @@ class Results:
         return [n for n, key in zip(lens, item.perf_keys()) if not measured(self.perf.get(key, {}))]
 
     def estimate_s(self, item: Item) -> float:
-        """Seconds the item should take: the slowest committed run like it, else the default."""
+        """Seconds the item should take: the slowest committed run like it, else the default; and more than the
+        longest time it ran before it was stopped at its limit (else a session would start it again, to be
+        stopped at the same point, in every session)."""
+        killed = [a["wall_s"] for a in self.attempts.values() if a["item"] == item.name and a["rc"] == KILLED_RC]
+        return beyond(self._estimate_s(item), killed)
+
+    def _estimate_s(self, item: Item) -> float:
         if item.kind == "convert":
             c = self.convert.get(item.arg)
             if c and on_gpu(c):
@@ -185,9 +196,11 @@ class Results:
         scale = SMALL_SHAPE_FACTOR.get(shape, 1.0)
 
         def like(n: int) -> float:
-            seen = [r["wall_s"] for r in self.perf.values() if r.get("shape") == shape and r.get("input_len") == n
-                    and r["key"].endswith(item.kind) and measured(r)]
-            return max(seen) if seen else DEFAULT_S[item.kind][n] * scale
+            same = [r for r in self.perf.values() if r.get("shape") == shape and r.get("input_len") == n
+                    and r["key"].endswith(item.kind)]
+            seen = [r["wall_s"] for r in same if measured(r)]
+            killed = [r["wall_s"] for r in same if r.get("rc") == KILLED_RC and on_gpu(r) and r.get("wall_s")]
+            return beyond(max(seen) if seen else DEFAULT_S[item.kind][n] * scale, killed)
 
         lens = self.pending_lens(item) or item.perf_parts()[2]
         if item.kind == "throughput":
@@ -195,6 +208,27 @@ class Results:
         starts = [r["server_start_s"] for r in self.perf.values() if r.get("shape") == shape
                   and r.get("server_start_s") and measured(r)]
         return (max(starts) if starts else DEFAULT_S["serve_start"] * scale) + sum(like(n) for n in lens)
+
+
+def beyond(estimate: float, killed_after_s: list[float]) -> float:
+    """An estimate, raised above the longest run that was stopped at its limit (it needs more than that)."""
+    return max(estimate, max(killed_after_s) + max(60.0, 0.25 * max(killed_after_s))) if killed_after_s else estimate
+
+
+def attempt_id(a: dict) -> tuple:
+    return a["item"], a.get("device_name"), a.get("date")
+
+
+def record_attempt(out: Path, item: Item, wall_s: float, rc: int, limit_s: float, device: str) -> None:
+    """Add an item's start on a GPU to $OUT/gpu_attempts.json (a CPU dry run records nothing)."""
+    if device == "cpu":
+        return
+    from perf import device_name
+
+    old = _load(out / ATTEMPTS) or {"attempts": []}
+    old["attempts"].append({"item": item.name, "wall_s": round(wall_s, 1), "rc": rc, "limit_s": round(limit_s, 1),
+                            "device_name": device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    (out / ATTEMPTS).write_text(json.dumps(old, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,6 +277,7 @@ def run(args) -> int:
         t1 = time.time()
         started += 1
         rc = run_logged(cmd, args.work / f"{item.name.replace(':', '_').replace('/', '_')}.log", left - 3)
+        record_attempt(args.out, item, time.time() - t1, rc, left - 3, args.device)
         for f in args.out.glob("*.json"):      # keep this call's results for the machine's next call
             (keep / f.name).write_text(f.read_text())
         after = Results(folders + [keep, args.out])
@@ -266,7 +301,8 @@ def show(args) -> int:
         total[item.step] += est
         print(f"{item.step}  {'done   ' if done else 'pending'}  {item.name:45s} {'' if done else f'~{est:.0f} s'}")
     print(f"\npending: v1 ~{total['v1']:.0f} s, v2 ~{total['v2']:.0f} s of runs "
-          f"(a 15-minute lease gives v1 ~210 s and v2 ~420 s of runs after the machine's start)")
+          f"(a 15-minute lease, after the machine's start: v1 up to ~270 s of runs, then v2 ~370 s; v2 ~540 s when "
+          f"v1 only stashes: benchmarks/gpu/README.md)")
     return 0
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import md_table  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backlog import on_gpu  # noqa: E402
+from backlog import ATTEMPTS, attempt_id, on_gpu  # noqa: E402
 
 
 MAX_COMMITTED_LOGS = 2 << 20   # a logs tarball above this stays out of the repository
@@ -53,6 +53,15 @@ def merge_runs(into: Path, name: str, new: dict | None) -> dict | None:
     return old if old["runs"] else None
 
 
+def merge_attempts(into: Path, new: dict | None) -> None:
+    """gpu_attempts.json: every item start ever brought back (backlog.py's estimates learn from the killed ones)."""
+    if not new:
+        return
+    old = load(into / ATTEMPTS) or {"attempts": []}
+    keyed = {attempt_id(a): a for a in old["attempts"] + new.get("attempts", [])}
+    (into / ATTEMPTS).write_text(json.dumps({"attempts": list(keyed.values())}, indent=1))
+
+
 def merged_correctness(into: Path) -> dict | None:
     """One report from the per-architecture files (each GPU session may bring one), newest file last."""
     files = sorted(into.glob("correctness_*.json"), key=lambda f: f.stat().st_mtime)
@@ -76,7 +85,12 @@ def device_names(into: Path) -> list[str]:
 
 def correctness_md(c: dict) -> str:
     rows = []
+    errors = []
     for name, m in c["models"].items():
+        if "error" in m:   # its vLLM worker failed: the reason, not numbers
+            rows.append([name, "-", "-", "-", "-", "-", "-", "-", "-", "FAIL (worker error)"])
+            errors.append(f"- {name}: `{m['error'].strip().splitlines()[-1][:300]}`")
+            continue
         widths = m.get("layer_widths") or []
         wtxt = (f"{min(widths)}..{max(widths)}" if widths and min(widths) != max(widths)
                 else (str(widths[0]) if widths else "GQA"))
@@ -94,6 +108,8 @@ def correctness_md(c: dict) -> str:
     out = (f"## Correctness ({c['dtype']} vLLM vs fp32 model_defs / transformers on {c['device']})\n\n"
            + md_table(["model", "backend", "prefill", "widths", "mean abs Δ prompt lp", "max abs Δ prompt lp",
                        "max abs Δ gen lp", "greedy exact", "worst greedy gap", "verdict"], rows))
+    if errors:
+        out += "\n\nWorker errors (last line; the whole tail is in the JSON):\n\n" + "\n".join(errors)
     if long_rows:
         out += ("\n\nLong prompts (prefix caching on, chunked prefill 2048): the second prompt shares 8192 "
                 "tokens with the first and reads them back through the chunked-context gather.\n\n"
@@ -126,8 +142,10 @@ def throughput_md(runs: list[dict]) -> tuple[str, list[str]]:
         if c576 and mla:
             verdicts.append(f"{shape} {n_in} in on {gpu}: care576 / stock MLA 576 = {c576 / mla:.3f} "
                             f"({'within' if c576 >= 0.95 * mla else 'NOT within'} 5 %)")
-        if n_in >= 16384 and base:
-            best = max(((r.get("output_tok_s") or 0) / base, n) for n, r in ms.items() if n not in ("gqa", "mla576"))
+        converted = [((r.get("output_tok_s") or 0) / base, n) for n, r in ms.items()
+                     if n not in ("gqa", "mla576")] if base else []
+        if n_in >= 16384 and converted:   # (a session may bring back the GQA run alone)
+            best = max(converted)
             verdicts.append(f"{shape} {n_in} in on {gpu}: best converted width {best[1]} = {best[0]:.2f}x GQA "
                             f"(target >= 1.3x: {'met' if best[0] >= 1.3 else 'NOT met'})")
             mixed = ms.get("mixed", {}).get("output_tok_s")
@@ -188,8 +206,9 @@ def main(argv=None) -> int:
     for src in map(Path, args.src):
         merge_runs(into, "perf_throughput.json", load(src / "perf_throughput.json"))
         merge_runs(into, "perf_serve.json", load(src / "perf_serve.json"))
+        merge_attempts(into, load(src / ATTEMPTS))
         for f in src.iterdir():
-            if f.name.startswith(("perf_throughput", "perf_serve")):
+            if f.name.startswith(("perf_throughput", "perf_serve")) or f.name == ATTEMPTS:
                 continue
             if f.suffix == ".gz" and f.stat().st_size > MAX_COMMITTED_LOGS:
                 print(f"not copied (over {MAX_COMMITTED_LOGS >> 20} MiB; the working tree travels with every "

@@ -295,7 +295,17 @@ def main(argv=None) -> int:
     floor = floor_gap = None
     try:
         for (arch, name, path, compiled), future in zip(runs, pending):
-            v = future.result()
+            try:
+                v = future.result()
+            except RuntimeError as e:   # one model's failure is its result: the others still run (blind GPU runs)
+                key = f"{arch}-{name}{'-compiled' if compiled else ''}"
+                failed.append(key)
+                report["models"][key] = {"pass": False, "error": str(e)[-4000:]}
+                print(f"FAILED {key}: {str(e).splitlines()[0]}", flush=True)
+                if args.out_json:
+                    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
+                continue
             refs = reference_logprobs(path, [r["prompt"] + r["generated"] for r in v["results"]], args.device)
             m = compare(v, refs)
             m.update(backends=v["backends"], prefill_backend=v["prefill_backend"],
@@ -322,7 +332,7 @@ def main(argv=None) -> int:
             if args.out_json:  # after every model: a call killed at its time limit keeps what finished
                 Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
-    finally:   # a failed worker ends the run: the queued ones are not started
+    finally:   # (an interrupted run: the queued workers are not started)
         pool.shutdown(wait=True, cancel_futures=True)
     report["failed"] = failed
     report["complete"] = True

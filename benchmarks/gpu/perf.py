@@ -123,7 +123,8 @@ def log_facts(text: str) -> dict:
 
 def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
     """Run `cmd` in its own process group with output to `log`; past `timeout` the whole group is
-    killed (vLLM's engine-core child must not keep the GPU for the next run). rc -9 = timed out.
+    killed, and the groups of its descendants in sessions of their own (vLLM's engine-core child, or a worker of a
+    runner inside, must not keep the GPU for the next run). rc -9 = timed out.
     Interrupted itself (Ctrl-C, or SIGTERM under main()'s stops_cleanly), it stops the group before it
     returns: SIGTERM first, so that a child that is itself a runner (backlog.py runs perf.py) stops its own
     groups, then SIGKILL. The device machine keeps a process of a session of its own running after the
@@ -137,13 +138,33 @@ def run_logged(cmd: list[str], log: Path, timeout: float) -> int:
             end_group(proc.pid, STOP_GRACE_S)   # (an engine core that outlives the command holds the GPU)
             return rc
         except subprocess.TimeoutExpired:
-            end_group(proc.pid, 0)   # (SIGKILL at once, but to Python's resource tracker: see end_group)
+            nested = _descendant_groups(proc.pid)   # (before the kill: orphans are no longer its descendants)
+            for group in (proc.pid, *nested):   # SIGKILL at once, but to Python's resource tracker: see end_group
+                end_group(group, 0)
             proc.wait()
             f.write(f"\nKILLED by perf.py after {timeout:.0f} s\n")
             return -9
         except BaseException:
             stop_group(proc, STOP_GRACE_S)   # (SIGTERM first, so that a runner inside stops its own groups)
             raise
+
+
+def _descendant_groups(pid: int) -> list[int]:
+    """The process groups of `pid`'s descendants other than its own and ours: a runner inside (correctness.py)
+    starts its workers in sessions of their own, which killing the runner's group alone left running on the GPU."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    groups = set()
+    for child in children:
+        try:
+            groups.add(os.getpgid(child.pid))
+        except OSError:   # (gone since the listing)
+            continue
+    return sorted(groups - {pid, os.getpgrp()})
 
 
 def device_name() -> str:
