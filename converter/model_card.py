@@ -138,8 +138,9 @@ vllm serve path/to/{name}
 transformers (the modeling code is in this folder):
 
 ```python
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("path/to/{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/{name}", trust_remote_code=True)
 ```
 
 How far it is from the original on your own text (perplexities, KL per token, top-1 agreement):

@@ -395,3 +395,22 @@ def test_a_mistyped_folder_is_refused_before_torch_is_imported(tmp_path, calib_f
     assert proc.stderr.strip().splitlines()[-1] == \
         f"care-bench: error: {tmp_path / 'no-original'} is not a checkpoint folder (no config.json)"
     assert not torch_imported and not out.exists()
+
+
+def test_the_summary_gives_the_servers_settings_and_no_ratio_over_a_chunked_stream():
+    """From the committed SmolLM2 report: each server's `vllm serve` settings are in the summary (they were only in
+    report.json), and a p50 TPOT of 0.004 ms (a stream whose tokens all came in one chunk, as vLLM measured on a
+    tiny workload) gives 'n/a', not a ratio over it (the summary read 3224.94x)."""
+    from care_vllm.loadtest.report import summary_markdown
+
+    rep = json.loads((ROOT / "benchmarks" / "results" / "care_bench_smollm2" / "report.json").read_text())
+    rep["models"]["original"]["levels"][0]["result"]["p50_tpot_ms"] = 0.0039
+    text = summary_markdown(rep)
+    assert "- original server: `vllm serve` with `--dtype float32 --kv-cache-memory-bytes 1G`" in text
+    assert "- converted server: `vllm serve` with `--dtype float32 --kv-cache-memory-bytes 1G`" in text
+    rows = [line for line in text.splitlines() if "**converted / original**" in line]
+    assert rows[0].split(" | ")[2:5] == ["0.82x", "1.25x", "n/a"], rows[0]      # output tok/s, TTFT, TPOT
+    assert rows[1].split(" | ")[2:5] == ["0.80x", "1.27x", "1.22x"], rows[1]
+    rep["models"]["original"].update(server=None, base_url="http://127.0.0.1:8000")
+    assert "- original server: running at http://127.0.0.1:8000 (not started here: its settings, KV budget " \
+           "included, are not known)" in summary_markdown(rep)

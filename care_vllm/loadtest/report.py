@@ -93,8 +93,13 @@ def _hit_rate(level: dict) -> str:
     return "n/a" if rate is None else f"{100 * rate:.0f} %"
 
 
-def _ratio(a, b) -> str:
-    return f"{a / b:.2f}x" if a and b else "n/a"
+LATENCY_FLOOR_MS = 0.1   # a p50 below this is a stream delivered in one chunk, not a time per token
+
+
+def _ratio(a, b, floor: float = 0.0) -> str:
+    """a / b, or 'n/a' where either is missing, zero, or below `floor` (vLLM reports a TPOT of ~0.004 ms for a
+    request whose tokens all came in one chunk: a ratio over it read 3224.94x)."""
+    return f"{a / b:.2f}x" if a and b and min(a, b) >= floor else "n/a"
 
 
 def _reset_line(o: dict, c: dict) -> str:
@@ -156,8 +161,9 @@ def summary_markdown(report: dict) -> str:
                          f"{r.get('p50_tpot_ms', 0):.1f} / {r.get('p99_tpot_ms', 0):.1f} | {_hit_rate(lv)} |")
         lines.append(f"| {lo['concurrency']} | **converted / original** (TTFT, TPOT: p50) | "
                      f"{_ratio(lc['result']['output_throughput'], lo['result']['output_throughput'])} | "
-                     f"{_ratio(lc['result'].get('p50_ttft_ms'), lo['result'].get('p50_ttft_ms'))} | "
-                     f"{_ratio(lc['result'].get('p50_tpot_ms'), lo['result'].get('p50_tpot_ms'))} | |")
+                     f"{_ratio(lc['result'].get('p50_ttft_ms'), lo['result'].get('p50_ttft_ms'), LATENCY_FLOOR_MS)} | "
+                     f"{_ratio(lc['result'].get('p50_tpot_ms'), lo['result'].get('p50_tpot_ms'), LATENCY_FLOOR_MS)} "
+                     f"| |")
     spec = [(lv["concurrency"], name, lv["spec_decode"]) for lo, lc in zip(_levels(o), _levels(c))
             for name, lv in (("original", lo), ("converted", lc)) if lv.get("spec_decode")]
     if spec:
