@@ -55,6 +55,18 @@ def check_files(files: list[str | Path], what: str = "calibration text") -> list
     return paths
 
 
+def jsonl_records(path: str | Path, error: type[Exception] = ConversionError, named: str = ""):
+    """(line number from 1, record) of each non-blank line of a JSONL file; `error` names a line that is not JSON
+    (prefixed with `named`, e.g. "--dataset-path ")."""
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{named}{path}:{i}: not valid JSON ({e.msg})") from None
+
+
 def read_texts(files: list[str | Path], what: str = "calibration text") -> list[str | Conversation]:
     """Read documents from .txt / .jsonl files: plain strings, and conversations (lists of
     messages) from "messages" records. Raise ConversionError naming a bad file or line (`what`
@@ -62,18 +74,12 @@ def read_texts(files: list[str | Path], what: str = "calibration text") -> list[
     docs: list[str | Conversation] = []
     for p in check_files(files, what):
         if p.suffix == ".jsonl":
-            for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConversionError(f"{p}:{i + 1}: not valid JSON ({e.msg})") from None
+            for i, rec in jsonl_records(p):
                 if isinstance(rec, dict) and "messages" in rec:
-                    docs.append(_conversation(rec, f"{p}:{i + 1}"))
+                    docs.append(_conversation(rec, f"{p}:{i}"))
                     continue
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ConversionError(f'{p}:{i + 1}: a .jsonl line needs a string "text" field '
+                    raise ConversionError(f'{p}:{i}: a .jsonl line needs a string "text" field '
                                           f'or a "messages" list')
                 docs.append(rec["text"])
         else:

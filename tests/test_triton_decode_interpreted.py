@@ -101,15 +101,20 @@ def _triton_site() -> Path:
     return TRITON_SITE
 
 
-def test_triton_mla_decode_kernel_matches_paged_reference_at_care_widths():
-    site = _triton_site()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES), "care"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=900)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+def _worker_result(script: str, marker: str, *args: str, interpret: bool = True):
+    """Run `script` with the real Triton (its interpreter unless `interpret` is False) and return the JSON it prints
+    after `marker`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_triton_site()), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           **({"TRITON_INTERPRET": "1"} if interpret else {})}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=900)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(marker + " ")), None)
     assert proc.returncode == 0 and line, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = json.loads(line[len("RESULT "):])
+    return json.loads(line[len(marker) + 1:])
+
+
+def test_triton_mla_decode_kernel_matches_paged_reference_at_care_widths():
+    results = _worker_result(WORKER, "RESULT", json.dumps(CASES), "care")
     assert len(results) == len(CASES)
     for res in results:
         r, dr = res["case"][:2]
@@ -121,14 +126,8 @@ def test_triton_mla_decode_kernel_matches_paged_reference_at_care_widths():
 def test_vllms_own_launcher_fails_at_the_widths_the_plugin_tiles_itself():
     """Why triton_decode_widths.py exists: vLLM's launcher, unwrapped, fails on widths 576 and 288 whose latent is
     not DeepSeek's 512 / 256 (it fixes their tiles to 512 + 64 and 256 + 32)."""
-    site = _triton_site()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(CASES), "stock"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=900)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("STOCK ")), None)
-    assert proc.returncode == 0 and line, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert sorted(case[:2] for case in json.loads(line[len("STOCK "):])) == [[272, 16], [544, 32]]
+    failed = _worker_result(WORKER, "STOCK", json.dumps(CASES), "stock")
+    assert sorted(case[:2] for case in failed) == [[272, 16], [544, 32]]
 
 
 SM90_WORKER = r"""
@@ -166,11 +165,5 @@ def test_the_plugins_tiles_compile_for_sm90():
     """The tiles triton_decode_widths.py launches, compiled by Triton for an H100 (sm_90, PTX assembled by the ptxas
     Triton bundles) on this CPU: the interpreter accepts what NVIDIA's compiler refuses (a rope tile of 8 in
     `tl.dot`), so the interpreted test alone would not show it."""
-    site = _triton_site()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cases = [[544, 32], [272, 16], [120, 8]]
-    proc = subprocess.run([sys.executable, "-c", SM90_WORKER, json.dumps(cases)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=900)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SM90 ")), None)
-    assert proc.returncode == 0 and line, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert json.loads(line[len("SM90 "):]) == [[r, dr, "ok"] for r, dr in cases]
+    assert _worker_result(SM90_WORKER, "SM90", json.dumps(cases), interpret=False) == [[r, dr, "ok"] for r, dr in cases]

@@ -102,13 +102,9 @@ def _tokens_needed(args) -> int:
 def _check_dataset(path: str) -> None:
     """--dataset-path: a JSONL file with a string "prompt" on every line (vllm bench serve's custom dataset, which
     otherwise refuses it only once the original's server has loaded)."""
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--dataset-path {path}:{i}: not valid JSON ({e.msg})") from None
+    from converter.calib_data import jsonl_records
+
+    for i, rec in jsonl_records(path, ValueError, "--dataset-path "):
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
             raise ValueError(f'--dataset-path {path}:{i}: each line needs a string "prompt" field')
 
