@@ -43,9 +43,11 @@ def check_stored_config(raw: dict, where: str) -> None:
     archs = raw.get("architectures") or []
     attention_family(archs[0] if archs else f"model_type={raw.get('model_type')!r}", where)
     # (a zero or negative count divided by zero, or shaped nothing, in transformers or the rope map: tracebacks)
+    from .cache_plan import stored_count
+
     for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "head_dim"):
         v = raw.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        if v is not None and stored_count(v) is None:
             raise ConversionError(f"{where}: config.json's {key} must be a positive integer (got {v!r})")
     heads, kv_heads = raw.get("num_attention_heads"), raw.get("num_key_value_heads")
     if heads and kv_heads and heads % kv_heads:

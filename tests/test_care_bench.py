@@ -234,7 +234,8 @@ def test_an_originals_cache_size_follows_its_config_class(tmp_path, model_type):
 
 BAD_ARGUMENTS = {   # case: (arguments after ORIGINAL CONVERTED OUT, the error's words)
     "not_a_checkpoint": (None, "is not a checkpoint folder (no config.json)"),
-    "converted_not_care_mla": (None, "is not a care_mla checkpoint (model_type 'llama')"),
+    "converted_not_care_mla": (None, "not a care_mla checkpoint (model_type 'llama'); convert it with care-convert "
+                                     "first"),
     "negative_prefix": (["--prefix-len", "-1"], "--prefix-len must be >= 0"),
     "more_prefixes_than_prompts": (["--prefix-len", "64", "--num-prefixes", "9", "--num-prompts", "8"],
                                    "1 <= --num-prefixes <= --num-prompts"),

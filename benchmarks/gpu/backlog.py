@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from perf import run_key, run_logged, stopping_cleanly  # noqa: E402
+from perf import device_name, run_key, run_logged, stopping_cleanly  # noqa: E402
 RESULTS = HERE.parents[0] / "results" / "gpu"
 
 FULL_CALIBRATION_TOKENS = 256 * 2048          # the issue's conversion-speed setting
@@ -223,8 +223,6 @@ def record_attempt(out: Path, item: Item, wall_s: float, rc: int, limit_s: float
     """Add an item's start on a GPU to $OUT/gpu_attempts.json (a CPU dry run records nothing)."""
     if device == "cpu":
         return
-    from perf import device_name
-
     old = _load(out / ATTEMPTS) or {"attempts": []}
     old["attempts"].append({"item": item.name, "wall_s": round(wall_s, 1), "rc": rc, "limit_s": round(limit_s, 1),
                             "device_name": device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -42,24 +42,16 @@ def run_id(run: dict) -> tuple[str, str]:
     return run["key"], gpu_of(run)
 
 
-def merge_runs(into: Path, name: str, new: dict | None) -> dict | None:
-    """perf files: keep every run ever brought back, newest wins per key and device."""
-    old = load(into / name) or {"runs": []}
+def merge_records(into: Path, name: str, new: dict | None, field: str = "runs", ident=run_id) -> dict | None:
+    """A results file that accumulates over sessions (perf files: runs, newest wins per key and device;
+    gpu_attempts.json: every item start, from which backlog.py's estimates learn): keep every record ever brought
+    back, the newest per `ident`."""
+    old = load(into / name) or {field: []}
     if new:
-        keyed = {run_id(r): r for r in old["runs"]}
-        keyed.update({run_id(r): r for r in new.get("runs", [])})
-        old["runs"] = list(keyed.values())
+        keyed = {ident(r): r for r in old[field] + new.get(field, [])}
+        old[field] = list(keyed.values())
         (into / name).write_text(json.dumps(old, indent=1))
-    return old if old["runs"] else None
-
-
-def merge_attempts(into: Path, new: dict | None) -> None:
-    """gpu_attempts.json: every item start ever brought back (backlog.py's estimates learn from the killed ones)."""
-    if not new:
-        return
-    old = load(into / ATTEMPTS) or {"attempts": []}
-    keyed = {attempt_id(a): a for a in old["attempts"] + new.get("attempts", [])}
-    (into / ATTEMPTS).write_text(json.dumps({"attempts": list(keyed.values())}, indent=1))
+    return old if old[field] else None
 
 
 def merged_correctness(into: Path) -> dict | None:
@@ -204,9 +196,9 @@ def main(argv=None) -> int:
     into = Path(args.into)
     into.mkdir(parents=True, exist_ok=True)
     for src in map(Path, args.src):
-        merge_runs(into, "perf_throughput.json", load(src / "perf_throughput.json"))
-        merge_runs(into, "perf_serve.json", load(src / "perf_serve.json"))
-        merge_attempts(into, load(src / ATTEMPTS))
+        merge_records(into, "perf_throughput.json", load(src / "perf_throughput.json"))
+        merge_records(into, "perf_serve.json", load(src / "perf_serve.json"))
+        merge_records(into, ATTEMPTS, load(src / ATTEMPTS), "attempts", attempt_id)
         for f in src.iterdir():
             if f.name.startswith(("perf_throughput", "perf_serve")) or f.name == ATTEMPTS:
                 continue

@@ -293,6 +293,12 @@ def main(argv=None) -> int:
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     pending = [pool.submit(run_vllm, path, ps, work, args, compiled) for _, _, path, compiled in runs]
     floor = floor_gap = None
+
+    def save_so_far() -> None:   # after every model: a call killed at its time limit keeps what finished
+        if args.out_json:
+            Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
+
     try:
         for (arch, name, path, compiled), future in zip(runs, pending):
             try:
@@ -302,9 +308,7 @@ def main(argv=None) -> int:
                 failed.append(key)
                 report["models"][key] = {"pass": False, "error": str(e)[-4000:]}
                 print(f"FAILED {key}: {str(e).splitlines()[0]}", flush=True)
-                if args.out_json:
-                    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
+                save_so_far()
                 continue
             refs = reference_logprobs(path, [r["prompt"] + r["generated"] for r in v["results"]], args.device)
             m = compare(v, refs)
@@ -329,9 +333,7 @@ def main(argv=None) -> int:
                 failed.append(v["tag"])
             report["models"][f"{arch}-{v['tag'].split('-', 1)[1]}"] = m
             print(json.dumps({k: m[k] for k in m if k != "per_prompt"}), flush=True)
-            if args.out_json:  # after every model: a call killed at its time limit keeps what finished
-                Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out_json).write_text(json.dumps(dict(report, complete=False, failed=failed), indent=1))
+            save_so_far()
     finally:   # (an interrupted run: the queued workers are not started)
         pool.shutdown(wait=True, cancel_futures=True)
     report["failed"] = failed

@@ -110,8 +110,9 @@ def _check_dataset(path: str) -> None:
 
 
 def check_options(args) -> None:
-    """The workload and server options, checked before anything is written or started (each used to reach `vllm
-    serve` or `vllm bench serve`, and fail there with exit 1 after a server had loaded). Raises ValueError."""
+    """The workload and server options, checked before anything is written or started (the first eight each used
+    to reach `vllm serve` or `vllm bench serve`, and fail there with exit 1 after a server had loaded). Raises
+    ValueError. (Workload checks the lengths, request rate and range ratio.)"""
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1 (got {args.num_prompts})")
     if len(set(args.concurrency)) != len(args.concurrency):
@@ -124,9 +125,10 @@ def check_options(args) -> None:
     if not byte_count(args.kv_cache_memory_bytes):
         raise ValueError(f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes!r}: expected a positive number of "
                          f"bytes, e.g. 1G (2**30) or 500m (5e8)")
-    if args.max_model_len is not None and args.max_model_len < _tokens_needed(args):
+    needed = _tokens_needed(args)
+    if args.max_model_len is not None and args.max_model_len < needed:
         raise ValueError(f"--max-model-len {args.max_model_len} is shorter than the workload's longest request, "
-                         f"{_tokens_needed(args)} tokens (prompt + output)")
+                         f"{needed} tokens (prompt + output)")
     if not 0 < args.level_timeout < math.inf:
         raise ValueError(f"--level-timeout must be a positive number of seconds (got {args.level_timeout})")
     try:
@@ -135,6 +137,18 @@ def check_options(args) -> None:
         raise ValueError(f"--serve-args {args.serve_args!r}: {e}") from None
     if args.dataset_path and Path(args.dataset_path).is_file():
         _check_dataset(args.dataset_path)
+    if args.prefix_len < 0 or args.num_prefixes < 1 or args.num_prompts < args.num_prefixes:
+        raise ValueError(f"--prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
+                         f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})")
+    if min(args.concurrency) < 1 or args.agreement_tokens < 1 or args.ppl_tokens < 2 or args.ppl_seqlen < 2:
+        raise ValueError(f"--concurrency levels and --agreement-tokens must be >= 1, --ppl-tokens and "
+                         f"--ppl-seqlen >= 2 (got {args.concurrency}, {args.agreement_tokens}, {args.ppl_tokens}, "
+                         f"{args.ppl_seqlen})")
+    if args.dataset_path:
+        problem = ("not a file" if not Path(args.dataset_path).is_file()
+                   else "cannot be combined with --prefix-len" if args.prefix_len else None)
+        if problem:
+            raise ValueError(f"--dataset-path {args.dataset_path}: {problem}")
 
 
 def prepare_out(out: Path) -> None:
@@ -277,10 +291,11 @@ def original_folder(spec: str) -> str:
 
 
 def check_pair(original: str, converted: str) -> None:
-    """ORIGINAL must be the model CONVERTED was converted from (converter/source_match.py): compared from their
-    config.json (or ORIGINAL's GGUF metadata) before a server starts or a GGUF is dequantized. Raises ValueError
-    with a message for the user."""
-    from converter.cli_checks import read_json
+    """ORIGINAL must be the model CONVERTED was converted from (converter/source_match.py; the two swapped are
+    named as such), and CONVERTED a care_mla checkpoint (two GQA models were compared, both labelled "GQA
+    original"): compared from their config.json (or ORIGINAL's GGUF metadata) before a server starts or a GGUF is
+    dequantized. Raises ValueError with a message for the user."""
+    from converter.cli_checks import read_converted_config, read_json
     from converter.errors import ConversionError
     from converter.source_match import stored_mismatch
 
@@ -289,6 +304,8 @@ def check_pair(original: str, converted: str) -> None:
         return   # (main says so)
     try:
         problem = stored_mismatch(read_json(config), original, role="ORIGINAL", converted_name=converted)
+        if not problem:
+            read_converted_config(Path(converted))   # (its refusal of another model_type)
     except ConversionError as e:
         raise ValueError(str(e)) from None
     if problem:
@@ -310,34 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"care-bench: error: {p} is not a checkpoint folder (no config.json)", file=sys.stderr)
             return 2
     try:
-        converted_type = json.loads((Path(args.converted) / "config.json").read_text()).get("model_type")
-    except (ValueError, AttributeError):
-        converted_type = None
-    if converted_type != "care_mla":
-        print(f"care-bench: error: CONVERTED {args.converted} is not a care_mla checkpoint (model_type "
-              f"{converted_type!r}): care-bench compares a conversion with its original", file=sys.stderr)
-        return 2
-    try:
         check_options(args)
-    except ValueError as e:
-        print(f"care-bench: error: {e}", file=sys.stderr)
-        return 2
-    if args.prefix_len < 0 or args.num_prefixes < 1 or args.num_prompts < args.num_prefixes:
-        print(f"care-bench: error: --prefix-len must be >= 0 and 1 <= --num-prefixes <= --num-prompts "
-              f"(got {args.prefix_len}, {args.num_prefixes}, {args.num_prompts})", file=sys.stderr)
-        return 2
-    if min(args.concurrency) < 1 or args.agreement_tokens < 1 or args.ppl_tokens < 2 or args.ppl_seqlen < 2:
-        print(f"care-bench: error: --concurrency levels and --agreement-tokens must be >= 1, --ppl-tokens and "
-              f"--ppl-seqlen >= 2 (got {args.concurrency}, {args.agreement_tokens}, {args.ppl_tokens}, "
-              f"{args.ppl_seqlen})", file=sys.stderr)
-        return 2
-    if args.dataset_path:
-        problem = ("not a file" if not Path(args.dataset_path).is_file()
-                   else "cannot be combined with --prefix-len" if args.prefix_len else None)
-        if problem:
-            print(f"care-bench: error: --dataset-path {args.dataset_path}: {problem}", file=sys.stderr)
-            return 2
-    try:
         wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
                       args.prefix_len, args.num_prefixes,
                       str(Path(args.dataset_path).resolve()) if args.dataset_path else "", args.temperature,
