@@ -21,7 +21,9 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from converter.interrupts import stops_cleanly   # (converter: the same distribution)
+from converter.cli_checks import read_converted_config   # (converter: the same distribution)
+from converter.errors import ConversionError
+from converter.interrupts import stops_cleanly
 
 from . import quality, report as report_mod
 from .server import ServerError, VllmServer, fetch, kv_cache_tokens, reset_prefix_cache
@@ -291,11 +293,10 @@ def original_folder(spec: str) -> str:
 
 
 def check_pair(original: str, converted: str) -> None:
-    """ORIGINAL must be the model CONVERTED was converted from (converter/source_match.py; the two swapped are
-    named as such), and CONVERTED a care_mla checkpoint (two GQA models were compared, both labelled "GQA
-    original"): compared from their config.json (or ORIGINAL's GGUF metadata) before a server starts or a GGUF is
-    dequantized. Raises ValueError with a message for the user."""
-    from converter.cli_checks import read_converted_config, read_json
+    """ORIGINAL must be the model CONVERTED was converted from (converter/source_match.py): compared from their
+    config.json (or ORIGINAL's GGUF metadata) before a server starts or a GGUF is dequantized. Raises ValueError
+    with a message for the user."""
+    from converter.cli_checks import read_json
     from converter.errors import ConversionError
     from converter.source_match import stored_mismatch
 
@@ -304,8 +305,6 @@ def check_pair(original: str, converted: str) -> None:
         return   # (main says so)
     try:
         problem = stored_mismatch(read_json(config), original, role="ORIGINAL", converted_name=converted)
-        if not problem:
-            read_converted_config(Path(converted))   # (its refusal of another model_type)
     except ConversionError as e:
         raise ValueError(str(e)) from None
     if problem:
@@ -326,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(p) / "config.json").is_file():
             print(f"care-bench: error: {p} is not a checkpoint folder (no config.json)", file=sys.stderr)
             return 2
+    try:   # CONVERTED a care_mla checkpoint: two GQA models were compared, both labelled "GQA original"
+        read_converted_config(Path(args.converted))
+    except ConversionError as e:
+        print(f"care-bench: error: {e}", file=sys.stderr)
+        return 2
     try:
         check_options(args)
         wl = Workload(args.num_prompts, args.input_len, args.output_len, args.request_rate, args.seed,
